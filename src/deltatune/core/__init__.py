@@ -1,0 +1,1 @@
+"""Method-independent machinery: configs, targeting, injection, layers, state mapping, IO, provenance."""

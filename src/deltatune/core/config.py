@@ -1,0 +1,131 @@
+"""AdapterConfig: the base of every method's config, with PEFT field names and a JSON round trip.
+
+Loading rules (what PEFT does, made stricter where silence would give wrong numbers):
+- a key deltatune has never heard of: warn and ignore;
+- a PEFT field for a feature deltatune lacks, left at PEFT's neutral default: ignore quietly;
+- the same field set to something that changes the math: error, since ignoring it would give other outputs;
+- a required key missing: error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import AdapterConfigError
+
+CONFIG_NAME = "adapter_config.json"
+
+# PEFT bookkeeping fields that never change the math.
+_PEFT_BOOKKEEPING = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+
+
+def _is_neutral(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares. `peft_type` is set by `@register` on the method."""
+
+    peft_type: ClassVar[str] = ""
+    # Keys that must be present in an adapter_config.json for it to be interpreted unambiguously.
+    required_keys: ClassVar[tuple[str, ...]] = ()
+    # PEFT fields deltatune does not implement; harmless at neutral values, an error otherwise.
+    peft_only_fields: ClassVar[frozenset[str]] = frozenset()
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise AdapterConfigError on values no model could use. Subclasses extend."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"peft_type": self.peft_type}
+        data.update(dataclasses.asdict(self))
+        return data
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
+        """Build a config of this class from a PEFT-style dict, applying the loading rules above."""
+        data = dict(data)
+        declared = data.pop("peft_type", cls.peft_type)
+        if str(declared).upper() != cls.peft_type:
+            raise AdapterConfigError(f"{source}: peft_type is {declared!r}, expected {cls.peft_type!r}")
+        missing = [k for k in cls.required_keys if k not in data]
+        if missing:
+            raise AdapterConfigError(
+                f"{source}: required key(s) {missing} missing; a {cls.peft_type} config needs "
+                f"{list(cls.required_keys)}. Re-save the adapter or add the keys by hand."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown, unsupported = {}, [], []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_BOOKKEEPING or (key in cls.peft_only_fields and _is_neutral(value)):
+                continue
+            elif key in cls.peft_only_fields:
+                unsupported.append(f"{key}={value!r}")
+            else:
+                unknown.append(key)
+        if unsupported:
+            raise AdapterConfigError(
+                f"{source}: uses PEFT feature(s) deltatune does not implement: {', '.join(unsupported)}. "
+                "Ignoring them would silently change the outputs; remove them only if you know they are unused."
+            )
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown key(s) {sorted(unknown)}", UserWarning, stacklevel=2)
+        return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
+    """Dispatch on `peft_type` to the registered method's config class."""
+    from .registry import get_method
+
+    if "peft_type" not in data:
+        raise AdapterConfigError(f"{source}: required key 'peft_type' missing (e.g. \"LORA\")")
+    return get_method(data["peft_type"]).config_class.from_dict(data, source=source)
+
+
+def load_config_file(path: str | Path) -> AdapterConfig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterConfigError(f"{path}: not valid JSON ({exc}); the file is corrupted or truncated") from exc
+    if not isinstance(data, dict):
+        raise AdapterConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return config_from_dict(data, source=str(path))
+
+
+def replace(config: AdapterConfig, **changes: Any) -> AdapterConfig:
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["AdapterConfig", "CONFIG_NAME", "config_from_dict", "load_config_file", "replace", "field"]

@@ -1,0 +1,41 @@
+"""Exceptions with messages that name the problem and the fix.
+
+Every error deltatune raises on bad input derives from `DeltatuneError`, and also from the builtin type a
+caller would naturally catch (ValueError, FileNotFoundError, ...), so both styles of handling work.
+"""
+
+
+class DeltatuneError(Exception):
+    """Base class of all deltatune errors."""
+
+
+class AdapterConfigError(DeltatuneError, ValueError):
+    """An adapter config is invalid: wrong values, missing required keys, unsupported features."""
+
+
+class TargetingError(DeltatuneError, ValueError):
+    """`target_modules` / `exclude_modules` match nothing, or match modules the method cannot wrap."""
+
+
+class AdapterNameError(DeltatuneError, ValueError):
+    """An adapter name is unknown, already used, or collides with parameter names."""
+
+
+class AdapterFormatError(DeltatuneError, ValueError):
+    """Adapter files on disk are missing, corrupted, or do not fit the model (keys, shapes)."""
+
+
+class AdapterNotFoundError(DeltatuneError, FileNotFoundError):
+    """The adapter folder or one of its required files does not exist."""
+
+
+class UnsafeFormatError(DeltatuneError, ValueError):
+    """A pickle-based file was offered where only safetensors is accepted without an explicit opt-in."""
+
+
+class BaseModelMismatchError(DeltatuneError, ValueError):
+    """The adapter was trained on a different base model than the one it is being loaded onto."""
+
+
+class MergeError(DeltatuneError, RuntimeError):
+    """A merge/unmerge request cannot be carried out safely."""

@@ -1,0 +1,68 @@
+"""Export a merged, plain model folder that loads without deltatune.
+
+The merged weights are computed out of place, so the live model (and its adapters) is left as it was.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import MergeError
+from .inject import _check_untied, adapter_layers, all_wrappers
+from .io import commit_folder, staging_dir
+from .layer import AdapterLayer
+from .state import plain_state_dict
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with the active adapters folded in."""
+    layers = list(adapter_layers(model))
+    _check_untied(model, layers)
+    state = plain_state_dict(model)
+    for name, wrapper in all_wrappers(model):
+        if isinstance(wrapper, AdapterLayer):
+            if not wrapper.unmerged_active:
+                continue
+            if not wrapper.mergeable:
+                raise MergeError(f"{name}: {type(wrapper).__name__} cannot be merged, so it cannot be exported merged")
+            weight = wrapper.base_weight
+            merged = weight.detach().float()
+            for adapter in wrapper.unmerged_active:
+                merged = wrapper.merged_weight(adapter, merged)
+            state[f"{name}.weight"] = merged.to(weight.dtype)
+        else:
+            for key, tensor in wrapper.current().state_dict().items():
+                state[f"{name}.{key}"] = tensor
+    return state
+
+
+def export_merged(model: nn.Module, path: str | Path) -> Path:
+    """Write the model with active adapters merged to `path`: a transformers folder (config + safetensors)
+    for transformers models, else `model.safetensors` with the plain module's keys."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MergeError(f"{path} exists and is a file; export_merged writes a folder")
+    state = merged_state_dict(model)
+    staging = staging_dir(path)
+    try:
+        if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+            model.save_pretrained(staging, state_dict=state)
+        else:
+            # safetensors refuses tensors sharing memory; store each once under its own key.
+            seen: dict[int, str] = {}
+            unique = {}
+            for key, tensor in state.items():
+                ptr = tensor.data_ptr()
+                unique[key] = tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
+                seen.setdefault(ptr, key)
+            save_file(unique, staging / "model.safetensors", metadata={"format": "pt"})
+        commit_folder(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path

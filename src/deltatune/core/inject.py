@@ -1,0 +1,239 @@
+"""inject / eject and the model-level operations on injected adapters.
+
+`inject` resolves targets, wraps each one (`setattr(parent, child, wrapper)`), and freezes everything but the
+new adapter. All other functions here walk the model's wrappers; none of them merges as a side effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterNameError, MergeError, TargetingError
+from .layer import AdapterLayer, ModulesToSaveWrapper
+from .registry import get_method
+from .targeting import TargetPreview, select_targets
+
+_STATE_ATTR = "_deltatune_adapters"  # model attribute: {adapter_name: AdapterConfig}
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    return getattr(model, _STATE_ATTR, {})
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def all_wrappers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            yield name, module
+
+
+def preview_targets(model: nn.Module, config: AdapterConfig) -> TargetPreview:
+    """What `inject(model, config)` would wrap, without changing the model."""
+    method = get_method(config.peft_type)
+    return select_targets(
+        model,
+        config,
+        method.can_wrap,
+        method.supported_modules,
+        is_wrapped=lambda m: isinstance(m, method.layer_class),
+    )
+
+
+def _check_adapter_name(model: nn.Module, name: str, reserved: set[str]) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise AdapterNameError(f"adapter name {name!r} must be a Python identifier (letters, digits, '_')")
+    if name in adapter_configs(model):
+        raise AdapterNameError(
+            f"adapter {name!r} already exists on this model; delete_adapter(model, {name!r}) or use another name"
+        )
+    parts = {p for n, _ in model.named_parameters() for p in n.split(".")}
+    parts |= {p for n, _ in model.named_modules() for p in n.split(".") if n}
+    clash = reserved & {name} or parts & {name}
+    if clash:
+        raise AdapterNameError(
+            f"adapter name {name!r} collides with a parameter or module name in the model (or a reserved name: "
+            f"{sorted(reserved)}); state-dict keys would be ambiguous. Pick another name, e.g. {name + '_adapter'!r}"
+        )
+
+
+def _set_child(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter `adapter_name` described by `config` to `model` in place; make it the active, trainable one."""
+    method = get_method(config.peft_type)
+    _check_adapter_name(model, adapter_name, method.reserved_names())
+    preview = preview_targets(model, config)
+    for other in config.modules_to_save or []:
+        if other in preview.targets:
+            raise TargetingError(f"{other!r} is both targeted and in modules_to_save; choose one")
+    for module_name in preview.targets:
+        module = model.get_submodule(module_name)
+        if isinstance(module, AdapterLayer):
+            if not isinstance(module, method.layer_class):
+                raise TargetingError(
+                    f"{module_name!r} already carries a {type(module).__name__}; "
+                    f"stacking a {config.peft_type} adapter on it is not supported"
+                )
+            wrapper = module
+        else:
+            wrapper = method.wrap(module, module_name)
+            _set_child(model, module_name, wrapper)
+        wrapper.add_adapter(adapter_name, config, module_name)
+    _wrap_modules_to_save(model, config, adapter_name)
+    configs = dict(adapter_configs(model))
+    configs[adapter_name] = config
+    object.__setattr__(model, _STATE_ATTR, configs)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
+    for key in config.modules_to_save or []:
+        found = [
+            n
+            for n, m in model.named_modules()
+            if (n == key or n.endswith("." + key)) and ".modules_to_save." not in n and not n.endswith("original_module")
+        ]
+        if not found:
+            names = [n for n, _ in model.named_modules() if n]
+            from .targeting import _suggest
+
+            raise TargetingError(f"modules_to_save entry {key!r} matches no module; nearest: {_suggest(key, names)}")
+        for name in found:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                _set_child(model, name, module)
+            module.add_adapter(adapter_name)
+
+
+def set_adapter(model: nn.Module, adapter_name: str | Iterable[str]) -> None:
+    """Make these adapters active (summed if several) and the only trainable parameters."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    known = adapter_configs(model)
+    for n in names:
+        if n not in known:
+            raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
+    for _, wrapper in all_wrappers(model):
+        wrapper.set_active(names)
+    _freeze_all_but(model, names)
+
+
+def _freeze_all_but(model: nn.Module, names: list[str]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, wrapper in all_wrappers(model):
+        for name in names:
+            for p in wrapper.adapter_parameters(name):
+                p.requires_grad_(True)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, wrapper in all_wrappers(model):
+        return list(wrapper.active_adapters)
+    return []
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    configs = dict(adapter_configs(model))
+    if adapter_name not in configs:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; this model has {sorted(configs)}")
+    for _, wrapper in all_wrappers(model):
+        wrapper.delete_adapter(adapter_name)
+    del configs[adapter_name]
+    object.__setattr__(model, _STATE_ATTR, configs)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes the base output. Refuses if adapters are merged (unmerge first)."""
+    wrappers = [w for _, w in all_wrappers(model)]
+    merged = sorted({a for w in wrappers if isinstance(w, AdapterLayer) for a in w.merged_adapters})
+    if merged:
+        raise MergeError(f"adapters {merged} are merged into the weights; call unmerge(model) before disabling")
+    previous = [w.adapters_disabled for w in wrappers]
+    for w in wrappers:
+        w.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for w, was in zip(wrappers, previous):
+            w.adapters_disabled = was
+
+
+def _check_untied(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, layer in layers:
+        shared = owners.get(id(layer.base_weight), [])
+        if len(shared) > 1:
+            raise MergeError(
+                f"{name}.weight is tied to {[s for s in shared if not s.startswith(name + '.')]}; merging would "
+                "change those too. Untie the weights first or leave this module out of target_modules."
+            )
+
+
+def merge(model: nn.Module, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> list[str]:
+    """Fold the active (or named) adapters into the base weights. Idempotent; returns the adapters merged now."""
+    layers = list(adapter_layers(model))
+    _check_untied(model, layers)
+    names = None if adapter_names is None else list(adapter_names)
+    merged: set[str] = set()
+    if safe_merge:
+        # Compute everything first so a non-finite result leaves the model untouched.
+        for _, layer in layers:
+            for n in names or layer.active_adapters:
+                if n not in layer.merged_adapters and n in layer.adapter_configs:
+                    w = layer.merged_weight(n, layer.base_weight.detach().float())
+                    if not w.isfinite().all():
+                        raise MergeError(f"merging adapter {n!r} gives non-finite weights; nothing was changed")
+    for _, layer in layers:
+        merged.update(layer.merge(names))
+    return sorted(merged)
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    undone: set[str] = set()
+    for _, layer in adapter_layers(model):
+        undone.update(layer.unmerge())
+    return sorted(undone)
+
+
+def eject(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every wrapper. With merge=True the active adapters are folded in first (and modules_to_save
+    copies replace their originals); with merge=False the base model comes back unchanged."""
+    if merge:
+        globals()["merge"](model)
+    else:
+        unmerge(model)
+    for name, wrapper in list(all_wrappers(model)):
+        if isinstance(wrapper, AdapterLayer):
+            replacement = wrapper.base_layer
+        else:
+            replacement = wrapper.current() if merge else wrapper.original_module
+        _set_child(model, name, replacement)
+    if hasattr(model, _STATE_ATTR):
+        object.__delattr__(model, _STATE_ATTR)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

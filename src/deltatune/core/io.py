@@ -1,0 +1,259 @@
+"""Save and load adapters: PEFT's two files plus deltatune.json, written atomically and read back to check.
+
+Layout of an adapter folder:
+  adapter_config.json        PEFT's config, field names unchanged
+  adapter_model.safetensors  PEFT's keys (state.py)
+  deltatune.json             provenance: schema version, base fingerprint, hashes, environment, metrics
+Folders written by PEFT (no deltatune.json) load too; their base model cannot be checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import provenance
+from .config import CONFIG_NAME, AdapterConfig, load_config_file
+from .errors import (
+    AdapterFormatError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    UnsafeFormatError,
+)
+from .inject import adapter_configs, adapter_layers, delete_adapter, inject, set_adapter
+from .state import adapter_state_dict, load_adapter_state_dict
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PROVENANCE_NAME = "deltatune.json"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _targets_of(model: nn.Module, adapter_name: str) -> list[str]:
+    return [name for name, layer in adapter_layers(model) if adapter_name in layer.adapter_configs]
+
+
+def _check_destination(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise AdapterFormatError(f"{path} exists and is a file; an adapter is saved as a folder. Pick another path.")
+
+
+def commit_folder(staging: Path, path: Path) -> None:
+    """Move a fully written staging folder into place. New folder: one rename. Existing folder: each file is
+    replaced atomically (os.replace), so a reader sees either the old or the new version of every file."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    for item in staging.iterdir():
+        os.replace(item, path / item.name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_dir(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter_name: str = "default",
+    *,
+    tokenizer: Any = None,
+    training_config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    data_sha256: str | None = None,
+) -> Path:
+    """Write one adapter to the folder `path` (created if needed) and verify what was written."""
+    path = Path(path)
+    _check_destination(path)
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterNameError(f"no adapter named {adapter_name!r} to save; this model has {sorted(configs)}")
+    merged = sorted({a for _, layer in adapter_layers(model) for a in layer.merged_adapters})
+    if merged:
+        raise AdapterFormatError(
+            f"adapters {merged} are merged into the base weights, so the base cannot be fingerprinted; "
+            "call deltatune.unmerge(model) before saving"
+        )
+    config = configs[adapter_name]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    if not tensors:
+        raise AdapterFormatError(f"adapter {adapter_name!r} has no tensors; refusing to write an empty adapter")
+    staging = staging_dir(path)
+    try:
+        config_dict = config.to_dict()
+        if config_dict.get("base_model_name_or_path") is None:
+            config_dict["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        record = {
+            "schema_version": provenance.SCHEMA_VERSION,
+            "created_at": provenance.now_utc(),
+            "adapter_name": adapter_name,
+            "peft_type": config.peft_type,
+            "base_model": provenance.base_fingerprint(model, _targets_of(model, adapter_name)),
+            "tokenizer_sha256": provenance.tokenizer_hash(tokenizer) if tokenizer is not None else None,
+            "data_sha256": data_sha256,
+            "training_config": training_config,
+            "metrics": metrics,
+            "environment": provenance.environment(),
+            "files": {WEIGHTS_NAME: {"sha256": _sha256_file(staging / WEIGHTS_NAME),
+                                     "bytes": (staging / WEIGHTS_NAME).stat().st_size}},
+        }
+        (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        _verify_written(staging / WEIGHTS_NAME, tensors)
+        commit_folder(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _verify_written(file: Path, expected: dict[str, torch.Tensor]) -> None:
+    with safe_open(str(file), framework="pt") as handle:
+        keys = set(handle.keys())
+        if keys != set(expected):
+            raise AdapterFormatError(f"{file}: read-back keys differ from what was written: {keys ^ set(expected)}")
+        for key in keys:
+            tensor = handle.get_tensor(key)
+            if tensor.numel() == 0 or not torch.equal(tensor, expected[key]):
+                raise AdapterFormatError(f"{file}: tensor {key} did not read back identical; disk problem?")
+
+
+def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load the weights file of an adapter folder, refusing pickles unless explicitly allowed."""
+    file = folder / WEIGHTS_NAME
+    if not file.exists():
+        pickled = folder / PICKLE_WEIGHTS_NAME
+        if pickled.exists() and not allow_pickle:
+            raise UnsafeFormatError(
+                f"{pickled} is a pickle file, which can run arbitrary code when loaded. Convert it to safetensors, "
+                "or pass allow_pickle=True if you trust its origin (it is then read with weights_only=True)."
+            )
+        if pickled.exists():
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        raise AdapterNotFoundError(f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in the adapter folder")
+    try:
+        state = load_file(file)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise AdapterFormatError(
+            f"{file}: cannot be read as safetensors ({type(exc).__name__}: {exc}); the file is truncated or "
+            "corrupted. Re-download or re-save the adapter."
+        ) from exc
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise AdapterFormatError(f"{file}: zero-size tensor(s) {empty[:3]}; the adapter was saved incorrectly")
+    return state
+
+
+def read_provenance(folder: Path) -> dict[str, Any] | None:
+    file = folder / PROVENANCE_NAME
+    if not file.exists():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{file}: not valid JSON ({exc})") from exc
+    version = record.get("schema_version")
+    if not isinstance(version, int) or version > provenance.SCHEMA_VERSION:
+        raise AdapterFormatError(
+            f"{file}: schema_version {version!r} is newer than this deltatune understands "
+            f"({provenance.SCHEMA_VERSION}); upgrade deltatune"
+        )
+    return record
+
+
+def _resolve_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise AdapterNotFoundError(f"adapter folder {folder} does not exist")
+    if not folder.is_dir():
+        raise AdapterFormatError(
+            f"{folder} is a file; load_adapter expects the folder that contains {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    if not (folder / CONFIG_NAME).exists():
+        raise AdapterNotFoundError(f"{folder}: no {CONFIG_NAME}; is this an adapter folder?")
+    return folder
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter_name: str = "default",
+    *,
+    allow_base_mismatch: bool = False,
+    allow_pickle: bool = False,
+    is_trainable: bool = False,
+) -> nn.Module:
+    """Inject the adapter saved at `path` into `model` and load its weights; it becomes the active adapter.
+
+    With deltatune.json present, the model must be the base the adapter was trained on (same architecture,
+    shapes, and targeted weights) unless `allow_base_mismatch=True`.
+    """
+    folder = _resolve_folder(path)
+    config = load_config_file(folder / CONFIG_NAME)
+    record = read_provenance(folder)
+    state = read_adapter_weights(folder, allow_pickle=allow_pickle)
+    if record is not None:
+        expected = record.get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
+        if expected and (folder / WEIGHTS_NAME).exists() and _sha256_file(folder / WEIGHTS_NAME) != expected:
+            raise AdapterFormatError(f"{folder / WEIGHTS_NAME}: contents changed since saving (sha256 mismatch)")
+    merged = sorted({a for _, layer in adapter_layers(model) for a in layer.merged_adapters})
+    if merged:
+        raise AdapterFormatError(f"adapters {merged} are merged into the model; unmerge before loading another")
+    previous = [n for n in adapter_configs(model)]
+    inject(model, config, adapter_name)
+    try:
+        if record is not None:
+            _check_base(model, record, adapter_name, allow_base_mismatch, folder)
+        load_adapter_state_dict(model, state, adapter_name, source=str(folder / WEIGHTS_NAME))
+    except Exception:
+        delete_adapter(model, adapter_name)
+        if previous:
+            set_adapter(model, previous[0])
+        raise
+    if not is_trainable:
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
+    return model
+
+
+def _check_base(model: nn.Module, record: dict, adapter_name: str, allow: bool, folder: Path) -> None:
+    saved = record.get("base_model") or {}
+    current = provenance.base_fingerprint(model, _targets_of(model, adapter_name))
+    problems, notes = provenance.compare_fingerprints(saved, current)
+    for note in notes:
+        warnings.warn(f"{folder}: {note}", UserWarning, stacklevel=3)
+    if problems and not allow:
+        raise BaseModelMismatchError(
+            f"{folder} was trained on a different base model: " + "; ".join(problems[:5])
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+            + ". Load the base it was trained on, or pass allow_base_mismatch=True to load it anyway."
+        )
+    if problems:
+        warnings.warn(f"{folder}: loading onto a different base model: {'; '.join(problems[:3])}", stacklevel=3)
+
+
+def load_config(path: str | Path) -> AdapterConfig:
+    return load_config_file(_resolve_folder(path) / CONFIG_NAME)

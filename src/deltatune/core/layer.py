@@ -1,0 +1,200 @@
+"""AdapterLayer: a wrapper that keeps the original module as `base_layer` and adds named adapters.
+
+The wrapper never modifies `base_layer` except inside an explicit `merge()`, and `unmerge()` undoes it.
+Merge state is tracked per adapter so that merging twice is a no-op and unmerge only touches what merge did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterNameError, MergeError
+
+
+class AdapterLayer(nn.Module):
+    """Base class of method wrappers. Subclasses implement the adapter math; this class owns the bookkeeping."""
+
+    # Attribute names that hold adapter parameters (ModuleDict / ParameterDict keyed by adapter name).
+    adapter_attributes: tuple[str, ...] = ()
+    # Whether the update can be folded into base_layer.weight.
+    mergeable: bool = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+
+    # ---- adapters ---------------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    def add_adapter(self, name: str, config: AdapterConfig, module_name: str) -> None:
+        if name in self.adapter_configs:
+            raise AdapterNameError(f"{module_name}: adapter {name!r} already exists; delete it or pick a new name")
+        self.adapter_configs[name] = config
+        self.create_adapter(name, config, module_name)
+
+    def create_adapter(self, name: str, config: AdapterConfig, module_name: str) -> None:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() before deleting it")
+        for attr in self.adapter_attributes:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.adapter_configs.pop(name, None)
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        names = tuple(n for n in names if n in self.adapter_configs)
+        if self.merged_adapters and set(self.merged_adapters) - set(names):
+            raise MergeError(
+                f"adapters {self.merged_adapters} are merged; unmerge() before switching to {list(names)}"
+            )
+        self.active_adapters = names
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for attr in self.adapter_attributes:
+            container = getattr(self, attr)
+            if name in container:
+                item = container[name]
+                if isinstance(item, nn.Parameter):
+                    yield item
+                else:
+                    yield from item.parameters()
+
+    @property
+    def unmerged_active(self) -> tuple[str, ...]:
+        """Adapters whose update the forward must still compute."""
+        if self.adapters_disabled:
+            return ()
+        if not self.merged_adapters:
+            return self.active_adapters
+        return tuple(a for a in self.active_adapters if a not in self.merged_adapters)
+
+    # ---- on-disk state (keys local to this layer, in PEFT's naming) ------------------------------------------
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # ---- merging ----------------------------------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with adapter `name` folded in (float32 math, same shape as `weight`)."""
+        raise NotImplementedError
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of `merged_weight`."""
+        raise NotImplementedError
+
+    def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> list[str]:
+        """Fold adapters into base_layer.weight. Already-merged adapters are skipped; returns those merged now."""
+        if not self.mergeable:
+            raise MergeError(f"{type(self).__name__} cannot be merged into the base weights")
+        names = self.active_adapters if names is None else tuple(names)
+        done = []
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            if name not in self.adapter_configs:
+                raise AdapterNameError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
+            weight = self.base_weight
+            new = self.merged_weight(name, weight.detach().float())
+            if safe and not torch.isfinite(new).all():
+                raise MergeError(
+                    f"merging adapter {name!r} produces non-finite weights; nothing was changed. "
+                    "The adapter weights are probably corrupted (check for NaN/inf)."
+                )
+            with torch.no_grad():
+                weight.copy_(new.to(weight.dtype))
+            self.merged_adapters.append(name)
+            done.append(name)
+        return done
+
+    def unmerge(self) -> list[str]:
+        """Undo every merge, last merged first. Returns the names unmerged."""
+        undone = []
+        weight = self.base_weight
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            with torch.no_grad():
+                weight.copy_(self.unmerged_weight(name, weight.detach().float()).to(weight.dtype))
+            self.merged_adapters.pop()
+            undone.append(name)
+        return undone
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module and one trainable copy per adapter (PEFT's `modules_to_save`).
+
+    On disk the copy's parameters appear under the original module's name, as PEFT writes them.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        copied = copy.deepcopy(self.original_module)
+        for p in copied.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copied
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise AdapterNameError(f"modules_to_save copies cannot be combined; activate one of {present}")
+        self.active_adapters = tuple(present)
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        if name in self.modules_to_save:
+            yield from self.modules_to_save[name].parameters()
+
+    def current(self) -> nn.Module:
+        if self.adapters_disabled or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self.modules_to_save[name].load_state_dict(state, strict=True)
+
+    def __getattr__(self, name: str):
+        # Callers such as transformers read attributes (e.g. `.weight`, `.out_features`) of the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.original_module, name)

@@ -1,0 +1,101 @@
+"""Where an adapter came from: a fingerprint of its base model, the environment, and hashes of inputs.
+
+The fingerprint is what lets `load_adapter` refuse a different base model: architecture, the shapes of all
+base parameters, and a hash of the exact bytes of the weights the adapter modifies.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+from torch import nn
+
+from .state import iter_base_weights, plain_state_dict
+
+SCHEMA_VERSION = 1
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def hash_tensors(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
+    """Identify the base model an adapter was (or is about to be) attached to."""
+    shapes = sorted((k, tuple(v.shape)) for k, v in plain_state_dict(model).items())
+    config = getattr(model, "config", None)
+    weights = list(iter_base_weights(model, sorted(target_names)))
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "num_parameters": sum(p.numel() for k, p in plain_state_dict(model).items()),
+        "shapes_sha256": hashlib.sha256(repr(shapes).encode()).hexdigest(),
+        "targets": {n: {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch.")} for n, w in weights},
+        "target_weights_sha256": hash_tensors(weights),
+    }
+
+
+def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Return (problems, warnings): problems mean a different base model, warnings an expected difference."""
+    problems, warnings = [], []
+    if saved.get("architecture") != current.get("architecture"):
+        problems.append(f"architecture {saved.get('architecture')} (adapter) vs {current.get('architecture')} (model)")
+    s_t, c_t = saved.get("targets", {}), current.get("targets", {})
+    for name in sorted(set(s_t) | set(c_t)):
+        if name not in c_t or name not in s_t:
+            where = "the model" if name not in c_t else "the adapter's base"
+            problems.append(f"module {name} missing from {where}")
+        elif s_t[name]["shape"] != c_t[name]["shape"]:
+            problems.append(f"{name}.weight shape {s_t[name]['shape']} (adapter) vs {c_t[name]['shape']} (model)")
+    if problems:
+        return problems, warnings
+    dtypes = {(s_t[n]["dtype"], c_t[n]["dtype"]) for n in s_t if s_t[n]["dtype"] != c_t[n]["dtype"]}
+    if dtypes:
+        warnings.append(
+            f"base weights are stored as {sorted(dtypes)[0][1]} here but were {sorted(dtypes)[0][0]} when the "
+            "adapter was saved; the exact-weights check is skipped and outputs will differ slightly"
+        )
+    elif saved.get("target_weights_sha256") != current.get("target_weights_sha256"):
+        problems.append(
+            "the targeted base weights differ (sha256 "
+            f"{str(saved.get('target_weights_sha256'))[:12]}... vs {str(current.get('target_weights_sha256'))[:12]}...)"
+        )
+    return problems, warnings
+
+
+def environment() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("deltatune", "torch", "transformers", "safetensors", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Hash of the tokenizer's full serialisation (vocab, merges, special tokens) where available."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

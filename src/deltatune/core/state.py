@@ -1,0 +1,114 @@
+"""Adapter state <-> on-disk keys, in Hugging Face PEFT's scheme.
+
+On disk a key is "base_model.model." + the module's path in the user's model + the layer-local key with the
+adapter name removed, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Each wrapper
+knows its own local keys (`adapter_state_dict`), so no key is recognised by guessing from substrings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import AdapterFormatError
+from .inject import all_wrappers
+from .layer import AdapterLayer, ModulesToSaveWrapper
+
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Tensors of one adapter under PEFT's on-disk keys (tensors are the live parameters, not copies)."""
+    state = {}
+    for name, wrapper in all_wrappers(model):
+        for key, tensor in wrapper.adapter_state_dict(adapter_name).items():
+            state[f"{PREFIX}{name}.{key}"] = tensor
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+    """Copy on-disk tensors into adapter `adapter_name`; every key must be used and every slot filled."""
+    foreign = [k for k in state if not k.startswith(PREFIX)]
+    if foreign:
+        raise AdapterFormatError(
+            f"{source}: {len(foreign)} key(s) lack the '{PREFIX}' prefix PEFT writes, e.g. {foreign[0]!r}; "
+            "this is not a PEFT-format adapter file"
+        )
+    owners = {
+        name: w
+        for name, w in all_wrappers(model)
+        if (isinstance(w, AdapterLayer) and adapter_name in w.adapter_configs)
+        or (isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save)
+    }
+    grouped: dict[str, dict[str, torch.Tensor]] = {name: {} for name in owners}
+    unexpected = []
+    for key, tensor in state.items():
+        path = key[len(PREFIX) :]
+        owner = _owner_of(path, owners)
+        if owner is None:
+            unexpected.append(key)
+        else:
+            grouped[owner][path[len(owner) + 1 :]] = tensor
+    missing = [name for name, local in grouped.items() if not local]
+    if unexpected or missing:
+        raise AdapterFormatError(
+            f"{source}: the file does not fit the adapter its config describes: "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} module(s) without weights "
+            f"{missing[:3]}. Check target_modules in adapter_config.json, or that this is the right base model."
+        )
+    for name, local in grouped.items():
+        wrapper = owners[name]
+        if isinstance(wrapper, AdapterLayer):
+            wrapper.load_adapter_state(adapter_name, local, where=f"{source}: {name}")
+        else:
+            try:
+                wrapper.load_adapter_state(adapter_name, local)
+            except RuntimeError as exc:
+                raise AdapterFormatError(f"{source}: modules_to_save {name!r}: {exc}") from exc
+
+
+def _owner_of(path: str, owners: dict[str, nn.Module]) -> str | None:
+    # Longest module path that prefixes the key at a '.' boundary.
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:cut])
+        if candidate in owners:
+            return candidate
+    return None
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original key names, as if no wrapper were present."""
+    state = model.state_dict()
+    wrappers = dict(all_wrappers(model))
+    plain = {}
+    for key, tensor in state.items():
+        clean = _clean_key(key, wrappers)
+        if clean is not None:
+            plain[clean] = tensor
+    return plain
+
+
+def _clean_key(key: str, wrappers: dict[str, nn.Module]) -> str | None:
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:cut])
+        wrapper = wrappers.get(name)
+        if wrapper is None:
+            continue
+        inner = "base_layer" if isinstance(wrapper, AdapterLayer) else "original_module"
+        if parts[cut] != inner:
+            return None  # an adapter tensor, not part of the base model
+        return _clean_key(".".join(parts[:cut] + parts[cut + 1 :]), wrappers)
+    return key
+
+
+def iter_base_weights(model: nn.Module, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base weights of the named (possibly wrapped) modules, unaffected by adapters unless merged."""
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            module = module.base_layer
+        yield name, module.weight

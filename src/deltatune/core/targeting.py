@@ -1,0 +1,154 @@
+"""Which modules an adapter config selects, with PEFT's matching rules and helpful errors.
+
+- `target_modules` as a string: regular expression that must match the full module name (re.fullmatch).
+- as a list: a module matches when its name equals an entry or ends with "." + entry.
+- "all-linear": every linear layer (nn.Linear, transformers' Conv1D) except the model's output head.
+- `exclude_modules`: the same rules, applied after.
+- `layers_to_transform`: keep only modules inside those layer indices (found via `layers_pattern`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import TargetingError
+
+ALL_LINEAR = "all-linear"
+_DEFAULT_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers")
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style transformers Conv1D (a linear layer with weight stored as (in, out))."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return mod is not None and isinstance(module, mod.Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+@dataclass
+class TargetPreview:
+    """What a config selects: `targets` maps module name -> module type name."""
+
+    targets: dict[str, str]
+    excluded: list[str]
+    skipped_by_layer: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.targets)} module(s) targeted:"]
+        by_type: dict[str, int] = {}
+        for type_name in self.targets.values():
+            by_type[type_name] = by_type.get(type_name, 0) + 1
+        lines.append("  by type: " + ", ".join(f"{t} x{n}" for t, n in sorted(by_type.items())))
+        names = list(self.targets)
+        shown = names if len(names) <= 12 else names[:6] + ["..."] + names[-5:]
+        lines += [f"  {n}" for n in shown]
+        if self.excluded:
+            lines.append(f"  excluded by exclude_modules: {len(self.excluded)}")
+        if self.skipped_by_layer:
+            lines.append(f"  outside layers_to_transform: {len(self.skipped_by_layer)}")
+        return "\n".join(lines)
+
+
+def _matches(name: str, spec: str | list[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        return {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "output_layer")}
+    return {n for n, m in model.named_modules() if m is head}
+
+
+def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
+    if patterns is None:
+        patterns = list(_DEFAULT_LAYER_CONTAINERS)
+    elif isinstance(patterns, str):
+        patterns = [patterns]
+    for pattern in patterns:
+        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _suggest(missing: str, names: list[str]) -> list[str]:
+    leaves = sorted({n.split(".")[-1] for n in names if n})
+    pool = leaves + [n for n in names if n]
+    return difflib.get_close_matches(missing, pool, n=5, cutoff=0.4)
+
+
+def select_targets(
+    model: nn.Module,
+    config: AdapterConfig,
+    can_wrap: Callable[[nn.Module], bool],
+    supported: str,
+    is_wrapped: Callable[[nn.Module], bool] = lambda m: False,
+) -> TargetPreview:
+    """Resolve `config` against `model`. Raises TargetingError when the result would surprise the user."""
+    spec = config.target_modules
+    if spec is None or spec == [] or spec == "":
+        raise TargetingError(
+            "target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'], a regex, or 'all-linear'"
+        )
+    named = [(n, m) for n, m in model.named_modules() if n]
+    # Modules inside an existing wrapper (base_layer, lora_A, ...) are not candidates; the wrapper is.
+    inside: set[str] = set()
+    for n, m in named:
+        if is_wrapped(m):
+            inside.update(f"{n}.{c}" for c, _ in m.named_modules() if c)
+    named = [(n, m) for n, m in named if n not in inside]
+    names = [n for n, _ in named]
+    all_linear = spec == ALL_LINEAR or (isinstance(spec, list) and spec == [ALL_LINEAR])
+    if all_linear:
+        heads = _output_head_names(model) | set(config.modules_to_save or [])
+        hits = [(n, m) for n, m in named if (is_linear_like(m) or is_wrapped(m)) and n not in heads]
+        hits = [(n, m) for n, m in hits if not any(n == h or n.endswith("." + h) for h in heads)]
+    else:
+        hits = [(n, m) for n, m in named if _matches(n, spec)]
+        if isinstance(spec, list):
+            unmatched = [key for key in spec if not any(n == key or n.endswith("." + key) for n in names)]
+            if unmatched:
+                key = unmatched[0]
+                raise TargetingError(
+                    f"target_modules entry {key!r} matches no module of {type(model).__name__}; "
+                    f"nearest module names: {_suggest(key, names)}"
+                )
+    if not hits:
+        raise TargetingError(
+            f"target_modules={spec!r} matches no module of {type(model).__name__}; "
+            f"nearest module names: {_suggest(str(spec), names)}"
+        )
+    excluded = []
+    if config.exclude_modules:
+        excluded = [n for n, _ in hits if _matches(n, config.exclude_modules)]
+        hits = [(n, m) for n, m in hits if n not in excluded]
+    skipped = []
+    if config.layers_to_transform is not None:
+        keep = set(config.layers_to_transform)
+        skipped = [n for n, _ in hits if _layer_index(n, config.layers_pattern) not in keep]
+        hits = [(n, m) for n, m in hits if n not in skipped]
+    bad = [(n, m) for n, m in hits if not (can_wrap(m) or is_wrapped(m))]
+    if bad:
+        n, m = bad[0]
+        raise TargetingError(
+            f"target_modules={spec!r} selects {n!r} of type {type(m).__name__}, which this method cannot wrap "
+            f"({len(bad)} such module(s)); it supports {supported}. Narrow target_modules to those layers."
+        )
+    if not hits:
+        raise TargetingError(
+            f"target_modules={spec!r} matched modules, but exclude_modules / layers_to_transform removed all of them"
+        )
+    return TargetPreview({n: type(m).__name__ for n, m in hits}, excluded, skipped)

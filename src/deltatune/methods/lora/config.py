@@ -1,0 +1,82 @@
+"""LoraConfig with Hugging Face PEFT's field names and defaults."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ...core.config import AdapterConfig
+from ...core.errors import AdapterConfigError
+
+# PEFT LoRA fields for features deltatune does not implement (harmless only at their neutral default).
+_PEFT_ONLY = frozenset(
+    {
+        "alora_invocation_tokens", "arrow_config", "corda_config", "ensure_weight_tying", "eva_config",
+        "kasa_config", "layer_replication", "loftq_config", "lora_bias", "lora_ga_config", "megatron_config",
+        "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+        "velora_config",
+    }
+)  # fmt: skip
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+def _pattern_value(patterns: dict[str, float], module_name: str) -> float | None:
+    """PEFT's rule: a key matches when it matches the end of the module name at a '.' boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return None
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, A: (r, in), B: (out, r), B = 0 at init.
+
+    use_rslora: scale by alpha / sqrt(r) (Kalajdzievski 2023). use_dora: DoRA (Liu et al. 2024),
+    W' = m * (W + s B A) / ||W + s B A||, with the norm taken per output feature and treated as a constant
+    in the backward pass (the paper's section 4.3, as PEFT does).
+    """
+
+    required_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "target_modules")
+    peft_only_fields: ClassVar[frozenset[str]] = _PEFT_ONLY
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise AdapterConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias != "none":
+            raise AdapterConfigError(
+                f"bias={self.bias!r} is not supported: training base biases in place makes disable/unmerge "
+                "inexact. Use bias='none', and put layers whose bias must train in modules_to_save."
+            )
+        if self.init_lora_weights not in _INIT_CHOICES:
+            raise AdapterConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of {list(_INIT_CHOICES)}"
+            )
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise AdapterConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        value = _pattern_value(self.rank_pattern, module_name)
+        return self.r if value is None else int(value)
+
+    def scaling_for(self, module_name: str) -> float:
+        r = self.rank_for(module_name)
+        alpha = _pattern_value(self.alpha_pattern, module_name)
+        alpha = self.lora_alpha if alpha is None else alpha
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r

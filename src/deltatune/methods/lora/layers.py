@@ -1,0 +1,304 @@
+"""LoRA wrappers for linear, embedding and convolution layers.
+
+Two forward paths compute the same function:
+- low-rank path (plain nn.Linear, transformers Conv1D, nn.Embedding): base output plus s * B(A x), never
+  materialising the full-size delta; the add is fused into one GEMM (`addmm`), so it costs no extra pass over
+  the output in forward or backward.
+- weight path (convolutions, and subclasses that override `forward`): call the base module's own forward
+  with its weight replaced by W + dW. The layer's forward is linear in its weight, so this equals
+  base(x) + delta(x) for any padding or preprocessing the subclass does (e.g. static "same" padding).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ...core.errors import AdapterFormatError
+from ...core.layer import AdapterLayer
+from .config import LoraConfig
+from .dora import along, column_norm, magnitude_scale
+
+
+class _Weight(nn.Module):
+    """Holds one tensor as `.weight`, so state-dict keys read `lora_A.<adapter>.weight` as in PEFT."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(tensor)
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases get float32 adapters: tiny in size, and they train far more stably.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class LoraLayer(AdapterLayer):
+    """Shared LoRA bookkeeping. Subclasses define factor shapes, `delta_weight`, and the low-rank forward."""
+
+    adapter_attributes = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    out_axis = 0  # axis of base_layer.weight that indexes output features
+    weight_path = True  # subclasses with a low-rank forward set this per instance
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self._norm_at_merge: dict[str, torch.Tensor] = {}
+
+    # ---- factors, per kind ---------------------------------------------------------------------------------
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _store_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.lora_A[name] = _Weight(a)
+        self.lora_B[name] = _Weight(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A laid out like base_layer.weight."""
+        raise NotImplementedError
+
+    def magnitude_shape(self, out: int) -> tuple[int, ...]:
+        return (out,)
+
+    def _init_factors(self, a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:  # non-identity start: used by tests so equalities cannot pass trivially
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    def create_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        r = config.rank_for(module_name)
+        weight = self.base_weight
+        kw = {"dtype": _adapter_dtype(weight), "device": weight.device}
+        shape_a, shape_b = self.factor_shapes(r)
+        a, b = torch.empty(shape_a, **kw), torch.empty(shape_b, **kw)
+        self._init_factors(a, b, config.init_lora_weights, r)
+        self._store_factors(name, a, b)
+        self.scaling[name] = config.scaling_for(module_name)
+        self.dropout[name] = float(config.lora_dropout)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = column_norm(weight.float() + self.delta_weight(name).float(), self.out_axis)
+            shape = self.magnitude_shape(norm.numel())
+            self.lora_magnitude_vector[name] = _Weight(norm.to(kw["dtype"]).reshape(shape))
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    # ---- state on disk --------------------------------------------------------------------------------------
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.factors(name)
+        keys = ("lora_A.weight", "lora_B.weight") if name in self.lora_A else ("lora_embedding_A", "lora_embedding_B")
+        state = {keys[0]: a, keys[1]: b}
+        if self.is_dora(name):
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return state
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str = "") -> None:
+        own = self.adapter_state_dict(name)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            hint = " (the file has DoRA magnitudes but the config says use_dora=false, or vice versa)" if any(
+                "magnitude" in k for k in missing + unexpected
+            ) else ""
+            raise AdapterFormatError(f"{where}: missing keys {missing}, unexpected keys {unexpected}{hint}")
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise AdapterFormatError(
+                    f"{where}.{key}: shape {tuple(state[key].shape)} in the file, {tuple(target.shape)} expected by "
+                    "the model. A rank mismatch means `r`/`rank_pattern` in adapter_config.json disagrees with the "
+                    "tensors; other dims mean a different base model."
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key])
+
+    # ---- merge ----------------------------------------------------------------------------------------------
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(name).detach().float()
+        if not self.is_dora(name):
+            return weight + delta
+        norm = column_norm(weight + delta, self.out_axis)
+        self._norm_at_merge[name] = norm
+        magnitude = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1)
+        return along(magnitude / norm, weight.dim(), self.out_axis) * (weight + delta)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(name).detach().float()
+        if not self.is_dora(name):
+            return weight - delta
+        norm = self._norm_at_merge.pop(name)
+        magnitude = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1)
+        return weight * along(norm / magnitude, weight.dim(), self.out_axis) - delta
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        active = self.unmerged_active
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self.weight_path:
+            return self._weight_path_forward(x, active, *args, **kwargs)
+        return self._lowrank_forward(x, active)
+
+    def _weight_path_forward(self, x: torch.Tensor, active: tuple[str, ...], *args, **kwargs):
+        weight = self.base_weight
+        effective = weight
+        separate = []  # adapters with live dropout need their own pass over the dropped-out input
+        for name in active:
+            delta = self.delta_weight(name).to(weight.dtype)
+            if self.is_dora(name):
+                scale = magnitude_scale(self.lora_magnitude_vector[name].weight, weight, delta, self.out_axis)
+                scale = along(scale.to(weight.dtype), weight.dim(), self.out_axis)
+                effective = effective + (scale - 1) * weight
+                delta = scale * delta
+            if self.training and self.dropout[name] > 0:
+                separate.append((name, delta))
+            else:
+                effective = effective + delta
+        out = functional_call(self.base_layer, {"weight": effective}, (x, *args), kwargs)
+        for name, delta in separate:
+            dropped = F.dropout(x, self.dropout[name], training=True)
+            override = {"weight": delta}
+            if getattr(self.base_layer, "bias", None) is not None:
+                override["bias"] = None
+            out = out + functional_call(self.base_layer, override, (dropped, *args), kwargs)
+        return out
+
+    def lowrank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """A x (or the embedding lookup of A) for the low-rank path, shape (..., r)."""
+        raise NotImplementedError
+
+    def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
+        result = self.base_layer(x)
+        base_out = result
+        for name in active:
+            a, b = self.factors(name)
+            p = self.dropout[name]
+            h = self.lowrank(F.dropout(x, p, training=True) if self.training and p > 0 else x, name)
+            if not self.is_dora(name):
+                # One fused GEMM: result + s * h @ B^T. No separate scale/add passes over the output.
+                flat = torch.addmm(
+                    result.reshape(-1, result.shape[-1]),
+                    h.reshape(-1, h.shape[-1]),
+                    b.to(h.dtype).t(),
+                    alpha=self.scaling[name],
+                )
+                result = flat.view(result.shape)
+                continue
+            weight = self.base_weight
+            delta = self.delta_weight(name)
+            scale = magnitude_scale(self.lora_magnitude_vector[name].weight, weight.to(delta.dtype), delta, self.out_axis)
+            bias = getattr(self.base_layer, "bias", None)
+            plain = base_out if bias is None else base_out - bias
+            update = F.linear(h, b.to(h.dtype)) * self.scaling[name]
+            result = result + ((scale - 1) * plain + scale * update).to(result.dtype)
+        return result
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear (weight (out, in)) or transformers Conv1D (weight (in, out), `fan_in_fan_out`).
+
+    y = W x + b + s * B (A x);  A: (r, in), B: (out, r);  x: (..., in) -> y: (..., out).
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.out_axis = 1 if fan_in_fan_out else 0
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        plain = type(base_layer).forward is nn.Linear.forward
+        if fan_in_fan_out:
+            plain = type(base_layer).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
+        self.weight_path = not plain
+
+    def factor_shapes(self, r: int):
+        return (r, self.in_features), (self.out_features, r)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        delta = (b @ a) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def lowrank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        return F.linear(x, a if a.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else a.to(x.dtype))
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding (weight (num, dim)): y = E[x] + s * (A^T[x]) B^T;  A: (r, num), B: (dim, r)."""
+
+    out_axis = 1
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.weight_path = type(base_layer).forward is not nn.Embedding.forward
+
+    def factor_shapes(self, r: int):
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def factors(self, name: str):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _store_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+
+    def _init_factors(self, a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+        # The lookup side starts at zero (so the model is unchanged), the projection random; False: both random.
+        nn.init.normal_(a) if init is False else nn.init.zeros_(a)
+        nn.init.normal_(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return (b @ a).t() * self.scaling[name]
+
+    def lowrank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.embedding(x, self.lora_embedding_A[name].t())
+
+
+class LoraConv(LoraLayer):
+    """LoRA on nn.Conv1d/2d/3d and subclasses: dW = s * B A, A: (r, in, *kernel), B: (out, r, 1, ...).
+
+    A acts like the base convolution (same kernel, stride, padding, dilation) and B as a 1x1 mixing, so
+    dW = B.view(out, r) @ A.view(r, -1) has the base weight's shape and the forward uses the weight path.
+    """
+
+    out_axis = 0
+
+    def factor_shapes(self, r: int):
+        out, cin, *kernel = self.base_layer.weight.shape
+        return (r, cin, *kernel), (out, r, *([1] * len(kernel)))
+
+    def magnitude_shape(self, out: int) -> tuple[int, ...]:
+        return (1, out, *([1] * (self.base_layer.weight.dim() - 2)))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        delta = b.flatten(1) @ a.flatten(1)
+        return delta.view(self.base_layer.weight.shape) * self.scaling[name]
