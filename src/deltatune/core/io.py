@@ -89,12 +89,6 @@ def save_adapter(
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r} to save; this model has {sorted(configs)}")
-    merged = sorted({a for _, layer in adapter_layers(model) for a in layer.merged_adapters})
-    if merged:
-        raise AdapterFormatError(
-            f"adapters {merged} are merged into the base weights, so the base cannot be fingerprinted; "
-            "call deltatune.unmerge(model) before saving"
-        )
     config = configs[adapter_name]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
     if not tensors:

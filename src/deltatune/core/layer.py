@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterNameError, MergeError
+from .hashing import tensor_sha256
 
 
 class AdapterLayer(nn.Module):
@@ -30,6 +31,14 @@ class AdapterLayer(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        self._base_digest: str | None = None
+
+    def base_digest(self) -> str:
+        """Hash of the pristine base weight, taken before any merge (merge/unmerge round trips are not
+        bit-exact in floating point, so the fingerprint must not depend on them)."""
+        if self._base_digest is None:
+            self._base_digest = tensor_sha256(self.base_weight)
+        return self._base_digest
 
     # ---- adapters ---------------------------------------------------------------------------------------------
     @property
@@ -107,6 +116,8 @@ class AdapterLayer(nn.Module):
         if not self.mergeable:
             raise MergeError(f"{type(self).__name__} cannot be merged into the base weights")
         names = self.active_adapters if names is None else tuple(names)
+        if not self.merged_adapters:
+            self.base_digest()
         done = []
         for name in names:
             if name in self.merged_adapters:

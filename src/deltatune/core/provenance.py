@@ -1,7 +1,7 @@
 """Where an adapter came from: a fingerprint of its base model, the environment, and hashes of inputs.
 
 The fingerprint is what lets `load_adapter` refuse a different base model: architecture, the shapes of all
-base parameters, and a hash of the exact bytes of the weights the adapter modifies.
+base parameters, and a hash of the exact bytes of the weights the adapter modifies (hashed by each wrapper before any merge).
 """
 
 from __future__ import annotations
@@ -12,40 +12,31 @@ import platform
 from importlib import metadata
 from typing import Any
 
-import torch
 from torch import nn
 
-from .state import iter_base_weights, plain_state_dict
+from .state import plain_state_dict
 
 SCHEMA_VERSION = 1
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def hash_tensors(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in tensors:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
-        digest.update(_tensor_bytes(tensor))
-    return digest.hexdigest()
 
 
 def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     """Identify the base model an adapter was (or is about to be) attached to."""
     shapes = sorted((k, tuple(v.shape)) for k, v in plain_state_dict(model).items())
     config = getattr(model, "config", None)
-    weights = list(iter_base_weights(model, sorted(target_names)))
+    names = sorted(target_names)
+    layers = [model.get_submodule(n) for n in names]
+    digests = "".join(f"{n}:{layer.base_digest()}\n" for n, layer in zip(names, layers))
     return {
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "num_parameters": sum(p.numel() for k, p in plain_state_dict(model).items()),
         "shapes_sha256": hashlib.sha256(repr(shapes).encode()).hexdigest(),
-        "targets": {n: {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch.")} for n, w in weights},
-        "target_weights_sha256": hash_tensors(weights),
+        "targets": {
+            n: {"shape": list(layer.base_weight.shape), "dtype": str(layer.base_weight.dtype).removeprefix("torch.")}
+            for n, layer in zip(names, layers)
+        },
+        "target_weights_sha256": hashlib.sha256(digests.encode()).hexdigest(),
     }
 
 

@@ -7,8 +7,6 @@ knows its own local keys (`adapter_state_dict`), so no key is recognised by gues
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -103,12 +101,3 @@ def _clean_key(key: str, wrappers: dict[str, nn.Module]) -> str | None:
             return None  # an adapter tensor, not part of the base model
         return _clean_key(".".join(parts[:cut] + parts[cut + 1 :]), wrappers)
     return key
-
-
-def iter_base_weights(model: nn.Module, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Base weights of the named (possibly wrapped) modules, unaffected by adapters unless merged."""
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer):
-            module = module.base_layer
-        yield name, module.weight
