@@ -90,14 +90,20 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _clean_key(key: str, wrappers: dict[str, nn.Module]) -> str | None:
+    """Drop the wrapper's inner segment (base_layer / original_module); None for adapter tensors."""
     parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        name = ".".join(parts[:cut])
-        wrapper = wrappers.get(name)
-        if wrapper is None:
-            continue
-        inner = "base_layer" if isinstance(wrapper, AdapterLayer) else "original_module"
-        if parts[cut] != inner:
-            return None  # an adapter tensor, not part of the base model
-        return _clean_key(".".join(parts[:cut] + parts[cut + 1 :]), wrappers)
-    return key
+    raw: list[str] = []
+    kept: list[str] = []
+    i = 0
+    while i < len(parts):
+        raw.append(parts[i])
+        kept.append(parts[i])
+        i += 1
+        wrapper = wrappers.get(".".join(raw))
+        if wrapper is not None and i < len(parts):
+            inner = "base_layer" if isinstance(wrapper, AdapterLayer) else "original_module"
+            if parts[i] != inner:
+                return None  # an adapter tensor, not part of the base model
+            raw.append(parts[i])
+            i += 1
+    return ".".join(kept)

@@ -265,6 +265,10 @@ class LoraEmbedding(LoraLayer):
     def factors(self, name: str):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
+    def create_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        super().create_adapter(name, config, module_name)
+        self.dropout[name] = 0.0  # inputs are token ids: there is nothing to drop out (PEFT skips it too)
+
     def _store_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)

@@ -1,0 +1,135 @@
+"""Tiny random-initialised models (llama-, gpt2-, bert-shaped, and a CNN with a Conv2d subclass) and the
+LoRA variants the contract suite runs over. Everything is seeded, so failures reproduce."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    """EfficientNet-style conv: pads in forward with a fixed ZeroPad2d, then convolves with padding=0.
+    HF PEFT's LoRA breaks on it (its lora_A conv does not see the static padding)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, image_size: int, stride: int = 1) -> None:
+        super().__init__(cin, cout, kernel_size, stride=stride, bias=True)
+        pad = max((math.ceil(image_size / stride) - 1) * stride + kernel_size - image_size, 0)
+        self.static_padding = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.seq = nn.Conv1d(8, 6, 3, padding=1)
+        self.stem = Conv2dStaticSamePadding(3, 6, 3, image_size=8, stride=2)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, dilation=1)
+        self.head = nn.Linear(6 + 6, 4)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        image = F.relu(self.conv(F.relu(self.stem(inputs["image"])))).mean(dim=(2, 3))
+        tokens = self.seq(self.embed(inputs["ids"]).transpose(1, 2)).mean(dim=2)
+        return self.head(torch.cat([image, tokens], dim=1))
+
+
+@dataclass
+class Case:
+    """A model family: how to build it, feed it, and which modules the contract suite targets."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], dict[str, torch.Tensor]]
+    run: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    targets: list[str] | str
+    modules_to_save: list[str] | None = None
+    peft_compatible: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _hf_run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+def build_llama(hidden: int = 32) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+
+
+def build_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, num_labels=3, max_position_embeddings=32)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def build_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+def _tokens(batch: int = 2, length: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(0, 96, (batch, length), generator=g)}
+
+
+def _cnn_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.randn(2, 3, 8, 8, generator=g), "ids": torch.randint(0, 11, (2, 5), generator=g)}
+
+
+CASES = {
+    "llama": Case("llama", build_llama, _tokens, _hf_run,
+                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]),
+    "gpt2": Case("gpt2", build_gpt2, _tokens, _hf_run, ["c_attn", "c_proj", "c_fc", "wpe"]),
+    "bert": Case("bert", build_bert, _tokens, _hf_run, ["query", "value", "dense"], modules_to_save=["classifier"]),
+    "cnn": Case("cnn", build_cnn, _cnn_inputs, lambda m, x: m(x), ["embed", "seq", "stem", "conv", "head"],
+                peft_compatible=False),
+}
+
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+}
+
+
+def lora_config(case: Case, variant: str, **overrides):
+    from deltatune import LoraConfig
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=case.targets, modules_to_save=case.modules_to_save,
+                  init_lora_weights=False)
+    kwargs.update(VARIANTS[variant])
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+@pytest.fixture(params=list(CASES))
+def case(request) -> Case:
+    return CASES[request.param]
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param

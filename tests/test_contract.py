@@ -1,0 +1,141 @@
+"""The contract every registered method must pass (DESIGN.md rule 10), on four model families.
+
+Adapters start from a non-identity init (init_lora_weights=False) so equalities cannot pass trivially;
+`test_adapter_changes_output` guards that assumption. float32 tolerance for merge/export: atol 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VARIANTS, lora_config
+
+import deltatune as dt
+
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+CONTRACT_CONFIGS = {"LORA": list(VARIANTS)}
+
+
+def test_every_registered_method_has_contract_configs():
+    assert set(dt.registered_methods()) <= set(CONTRACT_CONFIGS), "add the new method to CONTRACT_CONFIGS"
+
+
+@pytest.fixture
+def setup(case, variant):
+    model = case.build()
+    inputs = case.inputs()
+    with torch.no_grad():
+        base = case.run(model, inputs)
+    pristine = copy.deepcopy(model.state_dict())
+    dt.inject(model, lora_config(case, variant))
+    return case, model, inputs, base, pristine
+
+
+def _out(case, model, inputs):
+    with torch.no_grad():
+        return case.run(model, inputs)
+
+
+def test_identity_at_default_init(case, variant):
+    model = case.build()
+    inputs = case.inputs()
+    base = _out(case, model, inputs)
+    dt.inject(model, lora_config(case, variant, init_lora_weights=True, modules_to_save=None))
+    torch.testing.assert_close(_out(case, model, inputs), base, atol=1e-6, rtol=0)
+
+
+def test_adapter_changes_output(setup):
+    case, model, inputs, base, _ = setup
+    assert (_out(case, model, inputs) - base).abs().max() > 1e-3
+
+
+def test_disable_gives_base_output_exactly(setup):
+    case, model, inputs, base, _ = setup
+    with dt.disable_adapter(model):
+        assert torch.equal(_out(case, model, inputs), base)
+    assert not torch.equal(_out(case, model, inputs), base)
+
+
+def test_merge_unmerge_eject_agree(setup):
+    case, model, inputs, base, pristine = setup
+    adapted = _out(case, model, inputs)
+    assert dt.merge(model) == ["default"]
+    merged = _out(case, model, inputs)
+    torch.testing.assert_close(merged, adapted, **TOL)
+    assert dt.merge(model) == []  # idempotent: nothing merged twice
+    assert torch.equal(_out(case, model, inputs), merged)
+    assert dt.unmerge(model) == ["default"]
+    torch.testing.assert_close(_out(case, model, inputs), adapted, **TOL)
+    plain = dt.eject(model, merge=True)
+    assert not any(isinstance(m, dt.core.layer.AdapterLayer) for m in plain.modules())
+    torch.testing.assert_close(_out(case, plain, inputs), adapted, **TOL)
+
+
+def test_eject_without_merge_restores_base(setup):
+    case, model, inputs, base, pristine = setup
+    plain = dt.eject(model, merge=False)
+    assert set(plain.state_dict()) == set(pristine)
+    assert torch.equal(_out(case, plain, inputs), base)
+
+
+def test_save_load_round_trip_is_bit_exact(setup, tmp_path):
+    case, model, inputs, base, pristine = setup
+    adapted = _out(case, model, inputs)
+    dt.save_adapter(model, tmp_path / "adapter")
+    fresh = case.build()
+    fresh.load_state_dict(pristine)
+    dt.load_adapter(fresh, tmp_path / "adapter")
+    saved = dt.core.state.adapter_state_dict(model, "default")
+    loaded = dt.core.state.adapter_state_dict(fresh, "default")
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert torch.equal(_out(case, fresh, inputs), adapted)
+
+
+def test_export_merged_loads_without_deltatune(setup, tmp_path):
+    case, model, inputs, base, pristine = setup
+    adapted = _out(case, model, inputs)
+    dt.export_merged(model, tmp_path / "merged")
+    if hasattr(model, "save_pretrained"):
+        plain, info = type(model).from_pretrained(tmp_path / "merged", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        plain.eval()
+    else:
+        from safetensors.torch import load_file
+
+        plain = case.build()
+        plain.load_state_dict(load_file(tmp_path / "merged" / "model.safetensors"))
+    torch.testing.assert_close(_out(case, plain, inputs), adapted, **TOL)
+    torch.testing.assert_close(_out(case, model, inputs), adapted, atol=0, rtol=0)  # live model untouched
+
+
+def test_optimizer_step_changes_only_adapter_parameters(setup):
+    case, model, inputs, base, _ = setup
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".base_layer." not in n and ".original_module." not in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    case.run(model, inputs).float().pow(2).mean().backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any(".lora_" in n for n in changed)
+
+
+def test_dropout_training_forward_matches_eval_when_disabled(case, variant):
+    # With dropout live, training outputs are stochastic but the eval output is unchanged by dropout settings.
+    model = case.build()
+    inputs = case.inputs()
+    dt.inject(model, lora_config(case, variant, lora_dropout=0.5))
+    reference = case.build()
+    dt.inject(reference, lora_config(case, variant, lora_dropout=0.0))
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_out(case, model.eval(), inputs), _out(case, reference.eval(), inputs), atol=0, rtol=0)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        noisy = case.run(model, inputs)
+    assert not torch.allclose(noisy, _out(case, reference, inputs))
