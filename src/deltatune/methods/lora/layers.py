@@ -119,6 +119,13 @@ class LoraLayer(AdapterLayer):
         return state
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str = "") -> None:
+        state = dict(state)
+        full = state.pop("base_layer.weight", None)  # PEFT's save_embedding_layers writes the whole matrix
+        if full is not None and not torch.equal(full.to(self.base_weight.dtype), self.base_weight.detach().cpu()):
+            raise AdapterFormatError(
+                f"{where}: the file carries its own full base weight (PEFT save_embedding_layers), and it differs "
+                "from this model's; load the base model it was trained with (e.g. with the resized vocabulary)"
+            )
         own = self.adapter_state_dict(name)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:

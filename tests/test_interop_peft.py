@@ -1,0 +1,88 @@
+"""Interop with the pinned Hugging Face PEFT (pyproject: peft==0.21.2), both directions, same logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import CASES, VARIANTS, lora_config
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+PEFT_CASES = [name for name, case in CASES.items() if case.peft_compatible]
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def _logits(case, model, inputs):
+    with torch.no_grad():
+        return case.run(model, inputs)
+
+
+def _peft_config(case, variant):
+    ours = lora_config(case, variant)
+    return peft.LoraConfig(
+        r=ours.r, lora_alpha=ours.lora_alpha, target_modules=ours.target_modules,
+        modules_to_save=ours.modules_to_save, use_rslora=ours.use_rslora, use_dora=ours.use_dora,
+        init_lora_weights=False,
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", PEFT_CASES)
+def test_peft_loads_deltatune_adapter(name, variant, tmp_path):
+    case = CASES[name]
+    model = case.build()
+    pristine = copy.deepcopy(model.state_dict())
+    dt.inject(model, lora_config(case, variant))
+    ours = _logits(case, model.eval(), case.inputs())
+    dt.save_adapter(model, tmp_path / "a")
+    base = case.build()
+    base.load_state_dict(pristine)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(case, theirs, case.inputs()), ours, **TOL)
+    assert not torch.allclose(ours, _logits(case, case.build(), case.inputs()))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", PEFT_CASES)
+def test_deltatune_loads_peft_adapter(name, variant, tmp_path):
+    case = CASES[name]
+    model = case.build()
+    pristine = copy.deepcopy(model.state_dict())
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(model, _peft_config(case, variant)).eval()
+    expected = _logits(case, theirs, case.inputs())
+    theirs.save_pretrained(tmp_path / "p")
+    assert not (tmp_path / "p" / "deltatune.json").exists()
+    base = case.build()
+    base.load_state_dict(pristine)
+    dt.load_adapter(base, tmp_path / "p")
+    torch.testing.assert_close(_logits(case, base.eval(), case.inputs()), expected, **TOL)
+
+
+def test_saved_config_uses_peft_field_names(tmp_path):
+    case = CASES["llama"]
+    model = case.build()
+    dt.inject(model, lora_config(case, "dora"))
+    dt.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["use_dora"] is True
+    loaded = peft.PeftConfig.from_pretrained(tmp_path / "a")
+    assert (loaded.r, loaded.lora_alpha, loaded.use_dora) == (4, 8, True)
+
+
+def test_peft_fails_on_static_same_padding_conv_but_deltatune_works(tmp_path):
+    case = CASES["cnn"]
+    inputs = case.inputs()
+    with pytest.raises((TypeError, RuntimeError)):  # PEFT builds lora_A with the subclass's constructor
+        theirs = peft.get_peft_model(case.build(), peft.LoraConfig(r=2, target_modules=["stem"]))
+        _logits(case, theirs, inputs)
+    model = case.build()
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["stem"], init_lora_weights=False))
+    adapted = _logits(case, model, inputs)
+    dt.merge(model)
+    torch.testing.assert_close(_logits(case, model, inputs), adapted, **TOL)
