@@ -4,8 +4,8 @@ LoRA variants the contract suite runs over. Everything is seeded, so failures re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -23,7 +23,9 @@ class Conv2dStaticSamePadding(nn.Conv2d):
         self.static_padding = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(
+            self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+        )
 
 
 class SmallCNN(nn.Module):
@@ -63,8 +65,15 @@ def build_llama(hidden: int = 32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -79,8 +88,15 @@ def build_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=48, num_labels=3, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=3,
+        max_position_embeddings=32,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -100,12 +116,25 @@ def _cnn_inputs() -> dict[str, torch.Tensor]:
 
 
 CASES = {
-    "llama": Case("llama", build_llama, _tokens, _hf_run,
-                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]),
+    "llama": Case(
+        "llama",
+        build_llama,
+        _tokens,
+        _hf_run,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
+    ),
     "gpt2": Case("gpt2", build_gpt2, _tokens, _hf_run, ["c_attn", "c_proj", "c_fc", "wpe"]),
-    "bert": Case("bert", build_bert, _tokens, _hf_run, ["query", "value", "dense"], modules_to_save=["classifier"]),
-    "cnn": Case("cnn", build_cnn, _cnn_inputs, lambda m, x: m(x), ["embed", "seq", "stem", "conv", "head"],
-                peft_compatible=False),
+    "bert": Case(
+        "bert", build_bert, _tokens, _hf_run, ["query", "value", "dense"], modules_to_save=["classifier"]
+    ),
+    "cnn": Case(
+        "cnn",
+        build_cnn,
+        _cnn_inputs,
+        lambda m, x: m(x),
+        ["embed", "seq", "stem", "conv", "head"],
+        peft_compatible=False,
+    ),
 }
 
 VARIANTS = {
@@ -118,8 +147,13 @@ VARIANTS = {
 def lora_config(case: Case, variant: str, **overrides):
     from deltatune import LoraConfig
 
-    kwargs = dict(r=4, lora_alpha=8, target_modules=case.targets, modules_to_save=case.modules_to_save,
-                  init_lora_weights=False)
+    kwargs = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=case.targets,
+        modules_to_save=case.modules_to_save,
+        init_lora_weights=False,
+    )
     kwargs.update(VARIANTS[variant])
     kwargs.update(overrides)
     return LoraConfig(**kwargs)

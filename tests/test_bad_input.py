@@ -40,7 +40,9 @@ def test_different_base_weights_are_refused_then_overridable(saved):
     other = case.build()
     with torch.no_grad():
         other.model.layers[0].self_attn.q_proj.weight.add_(0.01)
-    with pytest.raises(dt.BaseModelMismatchError, match="targeted base weights differ.*allow_base_mismatch=True"):
+    with pytest.raises(
+        dt.BaseModelMismatchError, match="targeted base weights differ.*allow_base_mismatch=True"
+    ):
         dt.load_adapter(other, folder)
     assert not dt.adapter_configs(other)  # nothing left behind by the failed load
     with pytest.warns(UserWarning, match="different base model"):
@@ -50,7 +52,10 @@ def test_different_base_weights_are_refused_then_overridable(saved):
 def test_different_shapes_are_named(saved):
     _, _, _, folder = saved
     wider = build_llama(hidden=64)
-    with pytest.raises(dt.BaseModelMismatchError, match=r"embed_tokens.weight shape \[96, 32\] \(adapter\) vs \[96, 64\] \(model\).*\(\+10 more\)"):
+    with pytest.raises(
+        dt.BaseModelMismatchError,
+        match=r"embed_tokens.weight shape \[96, 32\] \(adapter\) vs \[96, 64\] \(model\).*\(\+10 more\)",
+    ):
         dt.load_adapter(wider, folder)
 
 
@@ -67,7 +72,10 @@ def test_rank_mismatch_names_r(saved):
     config = json.loads((folder / "adapter_config.json").read_text())
     config["r"] = 8
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(dt.AdapterFormatError, match=r"shape \(4, 96\) in the file, \(8, 96\) expected.*rank mismatch means `r`"):
+    with pytest.raises(
+        dt.AdapterFormatError,
+        match=r"shape \(4, 96\) in the file, \(8, 96\) expected.*rank mismatch means `r`",
+    ):
         dt.load_adapter(_fresh(case, pristine), folder)
 
 
@@ -196,7 +204,9 @@ def test_failed_save_leaves_nothing_half_written(saved, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         dt.save_adapter(model, folder.parent / "new_one")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]  # no temp folders, no partial new one
+    assert sorted(p.name for p in folder.parent.iterdir()) == [
+        "adapter"
+    ]  # no temp folders, no partial new one
 
 
 def test_safe_merge_refuses_non_finite_and_changes_nothing():
@@ -226,9 +236,8 @@ def test_disable_while_merged_is_refused():
     model = case.build()
     dt.inject(model, lora_config(case, "lora"))
     dt.merge(model)
-    with pytest.raises(dt.MergeError, match="unmerge"):
-        with dt.disable_adapter(model):
-            pass
+    with pytest.raises(dt.MergeError, match="unmerge"), dt.disable_adapter(model):
+        pass
 
 
 def test_unsupported_lora_options_are_named():

@@ -133,7 +133,9 @@ def test_dropout_training_forward_matches_eval_when_disabled(case, variant):
     reference = case.build()
     dt.inject(reference, lora_config(case, variant, lora_dropout=0.0))
     reference.load_state_dict(model.state_dict())
-    torch.testing.assert_close(_out(case, model.eval(), inputs), _out(case, reference.eval(), inputs), atol=0, rtol=0)
+    torch.testing.assert_close(
+        _out(case, model.eval(), inputs), _out(case, reference.eval(), inputs), atol=0, rtol=0
+    )
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():

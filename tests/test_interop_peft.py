@@ -24,8 +24,12 @@ def _logits(case, model, inputs):
 def _peft_config(case, variant):
     ours = lora_config(case, variant)
     return peft.LoraConfig(
-        r=ours.r, lora_alpha=ours.lora_alpha, target_modules=ours.target_modules,
-        modules_to_save=ours.modules_to_save, use_rslora=ours.use_rslora, use_dora=ours.use_dora,
+        r=ours.r,
+        lora_alpha=ours.lora_alpha,
+        target_modules=ours.target_modules,
+        modules_to_save=ours.modules_to_save,
+        use_rslora=ours.use_rslora,
+        use_dora=ours.use_dora,
         init_lora_weights=False,
     )
 

@@ -25,7 +25,7 @@ def two():
         dt.inject(model, lora_config(case, "lora", r=r), adapter_name=name)
         singles[name] = (model, _out(case, model, inputs))
     combined = case.build()
-    for name, (single, _) in singles.items():
+    for name, (_single, _) in singles.items():
         torch.manual_seed({"alpha": 1, "beta": 2}[name])
         dt.inject(combined, lora_config(case, "lora", r=4 if name == "alpha" else 8), adapter_name=name)
     return case, inputs, singles, combined

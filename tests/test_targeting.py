@@ -21,7 +21,9 @@ def test_suffix_list_matches_at_dot_boundaries():
 def test_regex_is_fullmatch():
     model = build_llama()
     assert _targets(model, target_modules=r".*\.1\.self_attn\.(q|v)_proj") == [
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
     with pytest.raises(dt.TargetingError, match="matches no module"):
         _targets(model, target_modules=r"q_proj")  # a partial match is not enough
 
@@ -37,8 +39,9 @@ def test_all_linear_skips_output_head_and_covers_conv1d():
 
 def test_exclude_and_layers_to_transform():
     model = build_llama()
-    names = _targets(model, target_modules="all-linear", exclude_modules=["down_proj", "o_proj"],
-                     layers_to_transform=[1])
+    names = _targets(
+        model, target_modules="all-linear", exclude_modules=["down_proj", "o_proj"], layers_to_transform=[1]
+    )
     assert len(names) == 5 and all(".layers.1." in n for n in names)
     assert not any(n.endswith(("down_proj", "o_proj")) for n in names)
     preview = dt.preview_targets(model, dt.LoraConfig(target_modules="all-linear", layers_to_transform=0))
@@ -69,8 +72,13 @@ def test_grouped_conv_is_refused_clearly():
 
 def test_rank_and_alpha_patterns():
     model = build_llama()
-    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                           rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"v_proj": 32})
+    config = dt.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"v_proj": 32},
+    )
     dt.inject(model, config)
     q1 = model.model.layers[1].self_attn.q_proj
     assert q1.lora_A["default"].weight.shape == (2, 32) and q1.scaling["default"] == 4.0

@@ -118,7 +118,9 @@ def load_config_file(path: str | Path) -> AdapterConfig:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise AdapterConfigError(f"{path}: not valid JSON ({exc}); the file is corrupted or truncated") from exc
+        raise AdapterConfigError(
+            f"{path}: not valid JSON ({exc}); the file is corrupted or truncated"
+        ) from exc
     if not isinstance(data, dict):
         raise AdapterConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return config_from_dict(data, source=str(path))

@@ -29,7 +29,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if not wrapper.unmerged_active:
                 continue
             if not wrapper.mergeable:
-                raise MergeError(f"{name}: {type(wrapper).__name__} cannot be merged, so it cannot be exported merged")
+                raise MergeError(
+                    f"{name}: {type(wrapper).__name__} cannot be merged, so it cannot be exported merged"
+                )
             weight = wrapper.base_weight
             merged = weight.detach().float()
             for adapter in wrapper.unmerged_active:
@@ -58,7 +60,9 @@ def export_merged(model: nn.Module, path: str | Path) -> Path:
             unique = {}
             for key, tensor in state.items():
                 ptr = tensor.data_ptr()
-                unique[key] = tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
+                unique[key] = (
+                    tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
+                )
                 seen.setdefault(ptr, key)
             save_file(unique, staging / "model.safetensors", metadata={"format": "pt"})
         commit_folder(staging, path)

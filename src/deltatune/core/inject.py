@@ -111,13 +111,17 @@ def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name:
         found = [
             n
             for n, m in model.named_modules()
-            if (n == key or n.endswith("." + key)) and ".modules_to_save." not in n and not n.endswith("original_module")
+            if (n == key or n.endswith("." + key))
+            and ".modules_to_save." not in n
+            and not n.endswith("original_module")
         ]
         if not found:
             names = [n for n, _ in model.named_modules() if n]
             from .targeting import _suggest
 
-            raise TargetingError(f"modules_to_save entry {key!r} matches no module; nearest: {_suggest(key, names)}")
+            raise TargetingError(
+                f"modules_to_save entry {key!r} matches no module; nearest: {_suggest(key, names)}"
+            )
         for name in found:
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -169,14 +173,16 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     wrappers = [w for _, w in all_wrappers(model)]
     merged = sorted({a for w in wrappers if isinstance(w, AdapterLayer) for a in w.merged_adapters})
     if merged:
-        raise MergeError(f"adapters {merged} are merged into the weights; call unmerge(model) before disabling")
+        raise MergeError(
+            f"adapters {merged} are merged into the weights; call unmerge(model) before disabling"
+        )
     previous = [w.adapters_disabled for w in wrappers]
     for w in wrappers:
         w.adapters_disabled = True
     try:
         yield model
     finally:
-        for w, was in zip(wrappers, previous):
+        for w, was in zip(wrappers, previous, strict=True):
             w.adapters_disabled = was
 
 
@@ -193,7 +199,9 @@ def _check_untied(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> N
             )
 
 
-def merge(model: nn.Module, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> list[str]:
+def merge(
+    model: nn.Module, adapter_names: Iterable[str] | None = None, safe_merge: bool = False
+) -> list[str]:
     """Fold the active (or named) adapters into the base weights. Idempotent; returns the adapters merged now."""
     layers = list(adapter_layers(model))
     _check_untied(model, layers)
@@ -206,7 +214,9 @@ def merge(model: nn.Module, adapter_names: Iterable[str] | None = None, safe_mer
                 if n not in layer.merged_adapters and n in layer.adapter_configs:
                     w = layer.merged_weight(n, layer.base_weight.detach().float())
                     if not w.isfinite().all():
-                        raise MergeError(f"merging adapter {n!r} gives non-finite weights; nothing was changed")
+                        raise MergeError(
+                            f"merging adapter {n!r} gives non-finite weights; nothing was changed"
+                        )
     for _, layer in layers:
         merged.update(layer.merge(names))
     return sorted(merged)

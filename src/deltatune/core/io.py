@@ -54,7 +54,9 @@ def _targets_of(model: nn.Module, adapter_name: str) -> list[str]:
 
 def _check_destination(path: Path) -> None:
     if path.exists() and not path.is_dir():
-        raise AdapterFormatError(f"{path} exists and is a file; an adapter is saved as a folder. Pick another path.")
+        raise AdapterFormatError(
+            f"{path} exists and is a file; an adapter is saved as a folder. Pick another path."
+        )
 
 
 def commit_folder(staging: Path, path: Path) -> None:
@@ -90,14 +92,20 @@ def save_adapter(
     if adapter_name not in configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r} to save; this model has {sorted(configs)}")
     config = configs[adapter_name]
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = {
+        k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()
+    }
     if not tensors:
-        raise AdapterFormatError(f"adapter {adapter_name!r} has no tensors; refusing to write an empty adapter")
+        raise AdapterFormatError(
+            f"adapter {adapter_name!r} has no tensors; refusing to write an empty adapter"
+        )
     staging = staging_dir(path)
     try:
         config_dict = config.to_dict()
         if config_dict.get("base_model_name_or_path") is None:
-            config_dict["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            config_dict["base_model_name_or_path"] = (
+                getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            )
         (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
         record = {
@@ -111,10 +119,16 @@ def save_adapter(
             "training_config": training_config,
             "metrics": metrics,
             "environment": provenance.environment(),
-            "files": {WEIGHTS_NAME: {"sha256": _sha256_file(staging / WEIGHTS_NAME),
-                                     "bytes": (staging / WEIGHTS_NAME).stat().st_size}},
+            "files": {
+                WEIGHTS_NAME: {
+                    "sha256": _sha256_file(staging / WEIGHTS_NAME),
+                    "bytes": (staging / WEIGHTS_NAME).stat().st_size,
+                }
+            },
         }
-        (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        (staging / PROVENANCE_NAME).write_text(
+            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        )
         _verify_written(staging / WEIGHTS_NAME, tensors)
         commit_folder(staging, path)
     finally:
@@ -127,7 +141,9 @@ def _verify_written(file: Path, expected: dict[str, torch.Tensor]) -> None:
     with safe_open(str(file), framework="pt") as handle:
         keys = set(handle.keys())
         if keys != set(expected):
-            raise AdapterFormatError(f"{file}: read-back keys differ from what was written: {keys ^ set(expected)}")
+            raise AdapterFormatError(
+                f"{file}: read-back keys differ from what was written: {keys ^ set(expected)}"
+            )
         for key in keys:
             tensor = handle.get_tensor(key)
             if tensor.numel() == 0 or not torch.equal(tensor, expected[key]):
@@ -146,7 +162,9 @@ def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, 
             )
         if pickled.exists():
             return torch.load(pickled, map_location="cpu", weights_only=True)
-        raise AdapterNotFoundError(f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in the adapter folder")
+        raise AdapterNotFoundError(
+            f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in the adapter folder"
+        )
     try:
         state = load_file(file)
     except Exception as exc:  # safetensors raises several types for damaged files
@@ -156,7 +174,9 @@ def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, 
         ) from exc
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
-        raise AdapterFormatError(f"{file}: zero-size tensor(s) {empty[:3]}; the adapter was saved incorrectly")
+        raise AdapterFormatError(
+            f"{file}: zero-size tensor(s) {empty[:3]}; the adapter was saved incorrectly"
+        )
     return state
 
 
@@ -211,10 +231,14 @@ def load_adapter(
     if record is not None:
         expected = record.get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
         if expected and (folder / WEIGHTS_NAME).exists() and _sha256_file(folder / WEIGHTS_NAME) != expected:
-            raise AdapterFormatError(f"{folder / WEIGHTS_NAME}: contents changed since saving (sha256 mismatch)")
+            raise AdapterFormatError(
+                f"{folder / WEIGHTS_NAME}: contents changed since saving (sha256 mismatch)"
+            )
     merged = sorted({a for _, layer in adapter_layers(model) for a in layer.merged_adapters})
     if merged:
-        raise AdapterFormatError(f"adapters {merged} are merged into the model; unmerge before loading another")
+        raise AdapterFormatError(
+            f"adapters {merged} are merged into the model; unmerge before loading another"
+        )
     previous = [n for n in adapter_configs(model)]
     inject(model, config, adapter_name)
     try:
@@ -241,12 +265,15 @@ def _check_base(model: nn.Module, record: dict, adapter_name: str, allow: bool, 
         warnings.warn(f"{folder}: {note}", UserWarning, stacklevel=3)
     if problems and not allow:
         raise BaseModelMismatchError(
-            f"{folder} was trained on a different base model: " + "; ".join(problems[:5])
+            f"{folder} was trained on a different base model: "
+            + "; ".join(problems[:5])
             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
             + ". Load the base it was trained on, or pass allow_base_mismatch=True to load it anyway."
         )
     if problems:
-        warnings.warn(f"{folder}: loading onto a different base model: {'; '.join(problems[:3])}", stacklevel=3)
+        warnings.warn(
+            f"{folder}: loading onto a different base model: {'; '.join(problems[:3])}", stacklevel=3
+        )
 
 
 def load_config(path: str | Path) -> AdapterConfig:

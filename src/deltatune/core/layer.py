@@ -47,7 +47,9 @@ class AdapterLayer(nn.Module):
 
     def add_adapter(self, name: str, config: AdapterConfig, module_name: str) -> None:
         if name in self.adapter_configs:
-            raise AdapterNameError(f"{module_name}: adapter {name!r} already exists; delete it or pick a new name")
+            raise AdapterNameError(
+                f"{module_name}: adapter {name!r} already exists; delete it or pick a new name"
+            )
         self.adapter_configs[name] = config
         self.create_adapter(name, config, module_name)
 
@@ -56,7 +58,9 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() before deleting it")
+            raise MergeError(
+                f"adapter {name!r} is merged into the base weights; unmerge() before deleting it"
+            )
         for attr in self.adapter_attributes:
             container = getattr(self, attr)
             if name in container:

@@ -25,7 +25,7 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any
     config = getattr(model, "config", None)
     names = sorted(target_names)
     layers = [model.get_submodule(n) for n in names]
-    digests = "".join(f"{n}:{layer.base_digest()}\n" for n, layer in zip(names, layers))
+    digests = "".join(f"{n}:{layer.base_digest()}\n" for n, layer in zip(names, layers, strict=True))
     return {
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
@@ -33,8 +33,11 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any
         "num_parameters": sum(p.numel() for k, p in plain_state_dict(model).items()),
         "shapes_sha256": hashlib.sha256(repr(shapes).encode()).hexdigest(),
         "targets": {
-            n: {"shape": list(layer.base_weight.shape), "dtype": str(layer.base_weight.dtype).removeprefix("torch.")}
-            for n, layer in zip(names, layers)
+            n: {
+                "shape": list(layer.base_weight.shape),
+                "dtype": str(layer.base_weight.dtype).removeprefix("torch."),
+            }
+            for n, layer in zip(names, layers, strict=True)
         },
         "target_weights_sha256": hashlib.sha256(digests.encode()).hexdigest(),
     }
@@ -44,14 +47,18 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> tupl
     """Return (problems, warnings): problems mean a different base model, warnings an expected difference."""
     problems, warnings = [], []
     if saved.get("architecture") != current.get("architecture"):
-        problems.append(f"architecture {saved.get('architecture')} (adapter) vs {current.get('architecture')} (model)")
+        problems.append(
+            f"architecture {saved.get('architecture')} (adapter) vs {current.get('architecture')} (model)"
+        )
     s_t, c_t = saved.get("targets", {}), current.get("targets", {})
     for name in sorted(set(s_t) | set(c_t)):
         if name not in c_t or name not in s_t:
             where = "the model" if name not in c_t else "the adapter's base"
             problems.append(f"module {name} missing from {where}")
         elif s_t[name]["shape"] != c_t[name]["shape"]:
-            problems.append(f"{name}.weight shape {s_t[name]['shape']} (adapter) vs {c_t[name]['shape']} (model)")
+            problems.append(
+                f"{name}.weight shape {s_t[name]['shape']} (adapter) vs {c_t[name]['shape']} (model)"
+            )
     if problems:
         return problems, warnings
     dtypes = {(s_t[n]["dtype"], c_t[n]["dtype"]) for n in s_t if s_t[n]["dtype"] != c_t[n]["dtype"]}
@@ -81,10 +88,7 @@ def environment() -> dict[str, str]:
 def tokenizer_hash(tokenizer: Any) -> str:
     """Hash of the tokenizer's full serialisation (vocab, merges, special tokens) where available."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:
-        text = repr(sorted(tokenizer.get_vocab().items()))
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -26,7 +26,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return state
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, source: str
+) -> None:
     """Copy on-disk tensors into adapter `adapter_name`; every key must be used and every slot filled."""
     foreign = [k for k in state if not k.startswith(PREFIX)]
     if foreign:

