@@ -1,11 +1,13 @@
 """peft_type -> method: the one extension point.
 
-A method module ends with `@register("LORA")` on its `AdapterMethod` subclass; nothing else in deltatune
-needs editing to add a method.
+A method module ends with `register("LORA")(ItsMethod)`; nothing else in deltatune needs editing to add a
+method. Built-in methods register when `deltatune` is imported (its __init__ imports `deltatune.methods`), so
+core never imports a method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import AdapterConfigError
@@ -17,7 +19,7 @@ _METHODS: dict[str, type[AdapterMethod]] = {}
 M = TypeVar("M", bound="type[AdapterMethod]")
 
 
-def register(peft_type: str):
+def register(peft_type: str) -> Callable[[M], M]:
     """Class decorator that makes a method available under `peft_type` (PEFT's spelling, e.g. "LORA")."""
 
     def decorator(cls: M) -> M:
@@ -33,7 +35,6 @@ def register(peft_type: str):
 
 
 def get_method(peft_type: str) -> type[AdapterMethod]:
-    _ensure_builtin_methods()
     key = str(peft_type).upper()
     if key not in _METHODS:
         raise AdapterConfigError(
@@ -44,12 +45,4 @@ def get_method(peft_type: str) -> type[AdapterMethod]:
 
 
 def registered_methods() -> list[str]:
-    _ensure_builtin_methods()
     return sorted(_METHODS)
-
-
-def _ensure_builtin_methods() -> None:
-    # Import for the side effect of registration; core never imports methods at module level.
-    import importlib
-
-    importlib.import_module("deltatune.methods")

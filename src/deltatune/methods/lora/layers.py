@@ -23,6 +23,7 @@ from ...core.errors import AdapterFormatError
 from ...core.layer import AdapterLayer
 from .config import LoraConfig
 from .dora import along, column_norm, magnitude_scale
+from .fused import fused_lora_linear
 
 
 class _Weight(nn.Module):
@@ -257,6 +258,30 @@ class LoraLinear(LoraLayer):
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
+
+    def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
+        if not self._fusable(active):
+            return super()._lowrank_forward(x, active)
+        name = active[0]
+        p = self.dropout[name]
+        x_d = F.dropout(x, p, training=True) if self.training and p > 0 else x
+        a, b = self.factors(name)
+        base = self.base_layer
+        return fused_lora_linear(
+            x, x_d, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
+        )
+
+    def _fusable(self, active: tuple[str, ...]) -> bool:
+        """The fused kernel skips base_layer.__call__ and weight gradients: use it only when that changes
+        nothing (one plain LoRA adapter, frozen base, no hooks on the base layer)."""
+        base = self.base_layer
+        return (
+            len(active) == 1
+            and not self.is_dora(active[0])
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        )
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.factors(name)

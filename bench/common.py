@@ -1,0 +1,83 @@
+"""Shared pieces of the benchmarks: the SmolLM2-135M shape (random init), variants, timing helpers."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune as dt
+
+QV = ["q_proj", "v_proj"]
+
+
+def smollm2_shape() -> LlamaConfig:
+    """The architecture of SmolLM2-135M-Instruct (134.5M parameters), without needing its weights."""
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0,
+    )  # fmt: skip
+
+
+def base_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(smollm2_shape())
+    model.requires_grad_(False)
+    return model
+
+
+LORA_SETTINGS = {
+    "qv-r8": dict(r=8, lora_alpha=16, target_modules=QV),
+    "all-r16": dict(r=16, lora_alpha=32, target_modules="all-linear"),
+}
+
+
+def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
+    """Variants: floor (all frozen, backward to activations only), full, dt:<setting>, peft:<setting>,
+    and for inference dt-merged:<setting>."""
+    model = copy.deepcopy(base)
+    if name == "floor":
+        model.enable_input_require_grads()
+        return model
+    if name == "full":
+        model.requires_grad_(True)
+        return model
+    library, setting = name.split(":")
+    kwargs = LORA_SETTINGS[setting]
+    if library.startswith("dt"):
+        dt.inject(model, dt.LoraConfig(**kwargs, init_lora_weights=False))
+        if library == "dt-merged":
+            dt.merge(model)
+        return model
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(**kwargs, init_lora_weights=False))
+
+
+def batch(batch_size: int = 4, length: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49152, (batch_size, length), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every function `warmup` times, then `reps` rounds in rotating order; seconds per call."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for rep in range(reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,139 @@
+"""Training-step, peak-memory and inference benchmarks: deltatune LoRA vs HF PEFT LoRA vs the frozen floor vs
+full fine-tuning, on the SmolLM2-135M shape (random init), batch 4 x 128. Ratios of medians, side by side.
+
+    python bench/train_step.py train --dtype fp32 --reps 7
+    python bench/train_step.py train --dtype bf16 --reps 7
+    python bench/train_step.py memory
+    python bench/train_step.py inference --reps 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import base_model, batch, interleaved, make_variant, median  # noqa: E402
+
+TRAIN_VARIANTS = ["floor", "full", "dt:qv-r8", "peft:qv-r8", "dt:all-r16", "peft:all-r16"]
+
+
+def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    model.train()
+
+    def step() -> None:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+        with ctx:
+            loss = model(**inputs).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_train(args) -> None:
+    base = base_model()
+    inputs = batch()
+    fns = {name: train_step_fn(make_variant(name, base), inputs, args.dtype) for name in args.variants}
+    times = interleaved(fns, args.reps)
+    floor = median(times["floor"])
+    print(
+        f"## training step, {args.dtype}, batch 4x128, {args.reps} interleaved reps, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print("| variant | median s | x floor |")
+    print("|---|---|---|")
+    for name in args.variants:
+        print(f"| {name} | {median(times[name]):.3f} | {median(times[name]) / floor:.3f} |")
+    for setting in ("qv-r8", "all-r16"):
+        if f"dt:{setting}" in times and f"peft:{setting}" in times:
+            ratio = median(times[f"dt:{setting}"]) / median(times[f"peft:{setting}"])
+            print(f"\ndeltatune / PEFT, {setting}: {ratio:.3f}")
+
+
+def run_memory_one(args) -> None:
+    base = base_model()
+    model = make_variant(args.variant, base)
+    del base
+    step = train_step_fn(model, batch(), args.dtype)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps({"variant": args.variant, "peak_rss_mib": peak / 1024, "before_steps_mib": before / 1024})
+    )
+
+
+def run_memory(args) -> None:
+    rows = []
+    for variant in args.variants:
+        out = subprocess.run(
+            [sys.executable, __file__, "memory-one", "--variant", variant, "--dtype", args.dtype],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    floor = next(r for r in rows if r["variant"] == "floor")["peak_rss_mib"]
+    print(f"## peak RSS of 3 training steps, {args.dtype}, fresh process per variant (includes model build)")
+    print("| variant | peak RSS MiB | x floor |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / floor:.3f} |")
+
+
+def run_inference(args) -> None:
+    base = base_model()
+    inputs = {"input_ids": batch()["input_ids"]}
+    variants = ["base", "dt:all-r16", "dt-merged:all-r16", "peft:all-r16", "peft-merged:all-r16"]
+    models = {}
+    for name in variants:
+        if name == "base":
+            models[name] = base
+        elif name.startswith("peft-merged"):
+            models[name] = make_variant("peft:all-r16", base).merge_and_unload()
+        else:
+            models[name] = make_variant(name, base)
+    fns = {}
+    for name, model in models.items():
+        model.eval()
+        fns[name] = (lambda m: lambda: m(**inputs))(model)
+    with torch.inference_mode():
+        times = interleaved(fns, args.reps)
+    reference = median(times["base"])
+    print(f"## inference forward, fp32, batch 4x128, {args.reps} interleaved reps")
+    print("| variant | median s | x base |")
+    print("|---|---|---|")
+    for name in variants:
+        print(f"| {name} | {median(times[name]):.3f} | {median(times[name]) / reference:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "what", choices=["train", "memory", "memory-one", "inference"], nargs="?", default="train"
+    )
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", default=TRAIN_VARIANTS)
+    parser.add_argument("--variant")
+    args = parser.parse_args()
+    {"train": run_train, "memory": run_memory, "memory-one": run_memory_one, "inference": run_inference}[
+        args.what
+    ](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Fused LoRA linear for a frozen base: y = x W^T + b + s (x_d A^T) B^T in one autograd node.
+
+Why: with plain autograd, each adapted layer adds several graph nodes and, in backward, a separate pass that
+adds the adapter's input gradient to the base's. Here backward computes
+    dx = g W + (s g B) A        (one GEMM, then one accumulating GEMM into the same buffer)
+    dA = (s g B)^T x_d,  dB = s g^T h,  h = x_d A^T
+and nothing for the frozen W and b. Shapes: x, x_d (..., in); W (out, in) (or (in, out) for Conv1D);
+A (r, in); B (out, r). x_d is the dropped-out input (the same tensor as x when dropout is off).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_d, weight, bias, a, b, scaling: float, fan_in_fan_out: bool):
+        w = weight.t() if fan_in_fan_out else weight  # (out, in) view either way
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if x_d is x else x_d.reshape(-1, x_d.shape[-1])
+        y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+        h = xd2 @ a.t()
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(xd2, h, w, a, b)
+        ctx.scaling, ctx.same_input = scaling, x_d is x
+        ctx.x_shape, ctx.xd_shape = x.shape, x_d.shape
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd2, h, w, a, b = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gh = (g2 @ b).mul_(ctx.scaling)  # (N, r)
+        need_x, need_xd, _, _, need_a, need_b = ctx.needs_input_grad[:6]
+        dx = dxd = da = db = None
+        if need_x or (ctx.same_input and need_xd):
+            dx = g2 @ w
+            if ctx.same_input:
+                dx.addmm_(gh, a)
+            dx = dx.view(ctx.x_shape)
+        if not ctx.same_input and need_xd:
+            dxd = (gh @ a).view(ctx.xd_shape)
+        if need_a:
+            da = gh.t() @ xd2
+        if need_b:
+            db = (g2.t() @ h).mul_(ctx.scaling)
+        return dx, dxd, None, None, da, db, None, None
+
+
+def fused_lora_linear(x, x_d, weight, bias, a, b, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """Apply FusedLoraLinear, casting like autocast would (to the autocast dtype) when it is enabled."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [t.to(dtype) if t is not None else None for t in (x, weight, bias, a, b)]
+        x_cast = cast[0]
+        x_d_cast = x_cast if x_d is x else x_d.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return FusedLoraLinear.apply(
+                x_cast, x_d_cast, cast[1], cast[2], cast[3], cast[4], scaling, fan_in_fan_out
+            )
+    dtype = x.dtype
+    a, b = a.to(dtype), b.to(dtype)
+    return FusedLoraLinear.apply(x, x_d, weight, bias, a, b, scaling, fan_in_fan_out)
