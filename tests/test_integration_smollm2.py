@@ -55,12 +55,14 @@ def test_smollm2_adapter_round_trip_and_peft_interop(smollm2, tmp_path):
     dt.load_adapter(fresh, tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, adapted)
+    # Logits reach ~30 in magnitude; 30 fp32 layers summed in another order differ by ~1e-4 (~4e-6 relative).
+    tol = {"atol": 5e-4, "rtol": 1e-4}
     theirs = peft.PeftModel.from_pretrained(load(), tmp_path / "a").eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(**batch).logits, adapted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(theirs(**batch).logits, adapted, **tol)
 
     dt.merge(fresh)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch).logits, adapted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fresh(**batch).logits, adapted, **tol)
         out = fresh.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 4
