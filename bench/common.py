@@ -35,10 +35,10 @@ LORA_SETTINGS = {
 }
 
 
-def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
+def make_variant(name: str, base: torch.nn.Module, in_place: bool = False) -> torch.nn.Module:
     """Variants: floor (all frozen, backward to activations only), full, dt:<setting>, peft:<setting>,
-    and for inference dt-merged:<setting>."""
-    model = copy.deepcopy(base)
+    and for inference dt-merged:<setting>. `in_place` adapts `base` itself (memory runs: no second copy)."""
+    model = base if in_place else copy.deepcopy(base)
     if name == "floor":
         model.enable_input_require_grads()
         return model

@@ -217,10 +217,11 @@ class LoraLayer(AdapterLayer):
             h = self.lowrank(F.dropout(x, p, training=True) if self.training and p > 0 else x, name)
             if not self.is_dora(name):
                 # One fused GEMM: result + s * h @ B^T. No separate scale/add passes over the output.
+                # Adapters may be float32 on a half-precision base: compute in the output's dtype.
                 flat = torch.addmm(
                     result.reshape(-1, result.shape[-1]),
-                    h.reshape(-1, h.shape[-1]),
-                    b.to(h.dtype).t(),
+                    h.reshape(-1, h.shape[-1]).to(result.dtype),
+                    b.to(result.dtype).t(),
                     alpha=self.scaling[name],
                 )
                 result = flat.view(result.shape)
