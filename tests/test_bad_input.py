@@ -247,3 +247,20 @@ def test_unsupported_lora_options_are_named():
         dt.LoraConfig(init_lora_weights="pissa")
     with pytest.raises(dt.AdapterConfigError, match="r must be a positive integer"):
         dt.LoraConfig(r=0)
+
+
+def test_different_tokenizer_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltatune.models import minilm_path
+
+    case = CASES["llama"]
+    model = case.build()
+    pristine = copy.deepcopy(model.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    dt.inject(model, lora_config(case, "lora"))
+    folder = dt.save_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    dt.load_adapter(_fresh(case, pristine), folder, tokenizer=tokenizer)  # same tokenizer: fine
+    tokenizer.add_tokens(["<new_token>"])
+    with pytest.raises(dt.BaseModelMismatchError, match="tokenizer differs"):
+        dt.load_adapter(_fresh(case, pristine), folder, tokenizer=tokenizer)

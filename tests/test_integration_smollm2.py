@@ -61,6 +61,16 @@ def test_smollm2_adapter_round_trip_and_peft_interop(smollm2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, adapted, **tol)
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dt.export_merged(model, tmp_path / "merged", tokenizer=tokenizer)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    exported_batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(prompt, return_tensors="pt")
+    assert torch.equal(exported_batch["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**exported_batch).logits, adapted, **tol)
+    del exported
+
     dt.merge(fresh)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, adapted, **tol)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -43,9 +44,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_merged(model: nn.Module, path: str | Path) -> Path:
-    """Write the model with active adapters merged to `path`: a transformers folder (config + safetensors)
-    for transformers models, else `model.safetensors` with the plain module's keys."""
+def export_merged(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
+    """Write the model with active adapters merged to `path`: a transformers folder (config + safetensors,
+    and the tokenizer if given) for transformers models, else `model.safetensors` with the plain keys."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MergeError(f"{path} exists and is a file; export_merged writes a folder")
@@ -54,6 +55,8 @@ def export_merged(model: nn.Module, path: str | Path) -> Path:
     try:
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
             model.save_pretrained(staging, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         else:
             # safetensors refuses tensors sharing memory; store each once under its own key.
             seen: dict[int, str] = {}

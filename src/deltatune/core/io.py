@@ -218,11 +218,13 @@ def load_adapter(
     allow_base_mismatch: bool = False,
     allow_pickle: bool = False,
     is_trainable: bool = False,
+    tokenizer: Any = None,
 ) -> nn.Module:
     """Inject the adapter saved at `path` into `model` and load its weights; it becomes the active adapter.
 
     With deltatune.json present, the model must be the base the adapter was trained on (same architecture,
-    shapes, and targeted weights) unless `allow_base_mismatch=True`.
+    shapes, and targeted weights), and `tokenizer`, if given, the tokenizer it was saved with, unless
+    `allow_base_mismatch=True`.
     """
     folder = _resolve_folder(path)
     config = load_config_file(folder / CONFIG_NAME)
@@ -243,7 +245,7 @@ def load_adapter(
     inject(model, config, adapter_name)
     try:
         if record is not None:
-            _check_base(model, record, adapter_name, allow_base_mismatch, folder)
+            _check_base(model, record, adapter_name, allow_base_mismatch, folder, tokenizer)
         load_adapter_state_dict(model, state, adapter_name, source=str(folder / WEIGHTS_NAME))
     except Exception:
         delete_adapter(model, adapter_name)
@@ -257,10 +259,17 @@ def load_adapter(
     return model
 
 
-def _check_base(model: nn.Module, record: dict, adapter_name: str, allow: bool, folder: Path) -> None:
+def _check_base(
+    model: nn.Module, record: dict, adapter_name: str, allow: bool, folder: Path, tokenizer: Any = None
+) -> None:
     saved = record.get("base_model") or {}
     current = provenance.base_fingerprint(model, _targets_of(model, adapter_name))
     problems, notes = provenance.compare_fingerprints(saved, current)
+    saved_tokenizer = record.get("tokenizer_sha256")
+    if tokenizer is not None and saved_tokenizer and provenance.tokenizer_hash(tokenizer) != saved_tokenizer:
+        problems.append(
+            "the tokenizer differs from the one saved with the adapter (vocabulary or special tokens)"
+        )
     for note in notes:
         warnings.warn(f"{folder}: {note}", UserWarning, stacklevel=3)
     if problems and not allow:
