@@ -49,6 +49,18 @@ def test_different_base_weights_are_refused_then_overridable(saved):
         dt.load_adapter(other, folder, allow_base_mismatch=True)
 
 
+def test_failed_load_keeps_the_previously_active_adapters(saved):
+    case, _, pristine, folder = saved
+    other = _fresh(case, pristine)
+    dt.inject(other, lora_config(case, "lora"), adapter_name="first")
+    with torch.no_grad():
+        other.model.layers[0].self_attn.k_proj.base_layer.weight.add_(0.01)
+    other.model.layers[0].self_attn.k_proj._base_digest = None  # as if this had been the pristine weight
+    with pytest.raises(dt.BaseModelMismatchError):
+        dt.load_adapter(other, folder, adapter_name="second")
+    assert dt.active_adapters(other) == ["first"] and list(dt.adapter_configs(other)) == ["first"]
+
+
 def test_different_shapes_are_named(saved):
     _, _, _, folder = saved
     wider = build_llama(hidden=64)

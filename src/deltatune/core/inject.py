@@ -15,7 +15,7 @@ from .config import AdapterConfig
 from .errors import AdapterNameError, MergeError, TargetingError
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
-from .targeting import TargetPreview, select_targets
+from .targeting import TargetPreview, candidate_modules, name_matches, select_targets, suggest_names
 
 _STATE_ATTR = "_deltatune_adapters"  # model attribute: {adapter_name: AdapterConfig}
 
@@ -107,20 +107,13 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
 
 
 def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
+    candidates = candidate_modules(model, lambda m: isinstance(m, (AdapterLayer, ModulesToSaveWrapper)))
     for key in config.modules_to_save or []:
-        found = [
-            n
-            for n, m in model.named_modules()
-            if (n == key or n.endswith("." + key))
-            and ".modules_to_save." not in n
-            and not n.endswith("original_module")
-        ]
+        found = [n for n, _ in candidates if name_matches(n, [key])]
         if not found:
-            names = [n for n, _ in model.named_modules() if n]
-            from .targeting import _suggest
-
+            names = [n for n, _ in candidates]
             raise TargetingError(
-                f"modules_to_save entry {key!r} matches no module; nearest: {_suggest(key, names)}"
+                f"modules_to_save entry {key!r} matches no module; nearest: {suggest_names(key, names)}"
             )
         for name in found:
             module = model.get_submodule(name)
@@ -202,21 +195,25 @@ def _check_untied(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> N
 def merge(
     model: nn.Module, adapter_names: Iterable[str] | None = None, safe_merge: bool = False
 ) -> list[str]:
-    """Fold the active (or named) adapters into the base weights. Idempotent; returns the adapters merged now."""
+    """Fold the active (or named) adapters into the base weights. Idempotent; returns the adapters merged now.
+    With safe_merge, every merged weight is computed and checked for NaN/inf before any is written."""
+    return _merge(model, None if adapter_names is None else list(adapter_names), safe_merge)
+
+
+def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[str]:
     layers = list(adapter_layers(model))
     _check_untied(model, layers)
-    names = None if adapter_names is None else list(adapter_names)
-    merged: set[str] = set()
     if safe_merge:
-        # Compute everything first so a non-finite result leaves the model untouched.
         for _, layer in layers:
             for n in names or layer.active_adapters:
                 if n not in layer.merged_adapters and n in layer.adapter_configs:
                     w = layer.merged_weight(n, layer.base_weight.detach().float())
                     if not w.isfinite().all():
                         raise MergeError(
-                            f"merging adapter {n!r} gives non-finite weights; nothing was changed"
+                            f"merging adapter {n!r} gives non-finite weights; nothing was changed. "
+                            "The adapter weights are probably corrupted (check for NaN/inf)."
                         )
+    merged: set[str] = set()
     for _, layer in layers:
         merged.update(layer.merge(names))
     return sorted(merged)
@@ -233,7 +230,7 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every wrapper. With merge=True the active adapters are folded in first (and modules_to_save
     copies replace their originals); with merge=False the base model comes back unchanged."""
     if merge:
-        globals()["merge"](model)
+        _merge(model, None, safe_merge=False)
     else:
         unmerge(model)
     for name, wrapper in list(all_wrappers(model)):

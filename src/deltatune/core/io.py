@@ -32,7 +32,7 @@ from .errors import (
     BaseModelMismatchError,
     UnsafeFormatError,
 )
-from .inject import adapter_configs, adapter_layers, delete_adapter, inject, set_adapter
+from .inject import active_adapters, adapter_configs, adapter_layers, delete_adapter, inject, set_adapter
 from .state import adapter_state_dict, load_adapter_state_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -241,7 +241,7 @@ def load_adapter(
         raise AdapterFormatError(
             f"adapters {merged} are merged into the model; unmerge before loading another"
         )
-    previous = [n for n in adapter_configs(model)]
+    previously_active = active_adapters(model)
     inject(model, config, adapter_name)
     try:
         if record is not None:
@@ -249,8 +249,8 @@ def load_adapter(
         load_adapter_state_dict(model, state, adapter_name, source=str(folder / WEIGHTS_NAME))
     except Exception:
         delete_adapter(model, adapter_name)
-        if previous:
-            set_adapter(model, previous[0])
+        if previously_active:
+            set_adapter(model, previously_active)
         raise
     if not is_trainable:
         for _, layer in adapter_layers(model):

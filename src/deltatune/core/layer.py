@@ -115,7 +115,7 @@ class AdapterLayer(nn.Module):
         """Inverse of `merged_weight`."""
         raise NotImplementedError
 
-    def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> list[str]:
+    def merge(self, names: Iterable[str] | None = None) -> list[str]:
         """Fold adapters into base_layer.weight. Already-merged adapters are skipped; returns those merged now."""
         if not self.mergeable:
             raise MergeError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -130,11 +130,6 @@ class AdapterLayer(nn.Module):
                 raise AdapterNameError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
             weight = self.base_weight
             new = self.merged_weight(name, weight.detach().float())
-            if safe and not torch.isfinite(new).all():
-                raise MergeError(
-                    f"merging adapter {name!r} produces non-finite weights; nothing was changed. "
-                    "The adapter weights are probably corrupted (check for NaN/inf)."
-                )
             with torch.no_grad():
                 weight.copy_(new.to(weight.dtype))
             self.merged_adapters.append(name)

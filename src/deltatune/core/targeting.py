@@ -58,7 +58,8 @@ class TargetPreview:
         return "\n".join(lines)
 
 
-def _matches(name: str, spec: str | list[str]) -> bool:
+def name_matches(name: str, spec: str | list[str]) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list matches by dotted suffix."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)
@@ -84,10 +85,23 @@ def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
     return None
 
 
-def _suggest(missing: str, names: list[str]) -> list[str]:
+def suggest_names(missing: str, names: list[str]) -> list[str]:
     leaves = sorted({n.split(".")[-1] for n in names if n})
     pool = leaves + [n for n in names if n]
     return difflib.get_close_matches(missing, pool, n=5, cutoff=0.4)
+
+
+def candidate_modules(
+    model: nn.Module, is_wrapper: Callable[[nn.Module], bool]
+) -> list[tuple[str, nn.Module]]:
+    """Named submodules, leaving out everything inside a wrapper (base_layer, lora_A, ...): the wrapper
+    itself stands for the module it wraps."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    inside: set[str] = set()
+    for n, m in named:
+        if is_wrapper(m):
+            inside.update(f"{n}.{c}" for c, _ in m.named_modules() if c)
+    return [(n, m) for n, m in named if n not in inside]
 
 
 def select_targets(
@@ -103,37 +117,31 @@ def select_targets(
         raise TargetingError(
             "target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'], a regex, or 'all-linear'"
         )
-    named = [(n, m) for n, m in model.named_modules() if n]
-    # Modules inside an existing wrapper (base_layer, lora_A, ...) are not candidates; the wrapper is.
-    inside: set[str] = set()
-    for n, m in named:
-        if is_wrapped(m):
-            inside.update(f"{n}.{c}" for c, _ in m.named_modules() if c)
-    named = [(n, m) for n, m in named if n not in inside]
+    named = candidate_modules(model, is_wrapped)
     names = [n for n, _ in named]
     all_linear = spec == ALL_LINEAR or (isinstance(spec, list) and spec == [ALL_LINEAR])
     if all_linear:
         heads = _output_head_names(model) | set(config.modules_to_save or [])
         hits = [(n, m) for n, m in named if (is_linear_like(m) or is_wrapped(m)) and n not in heads]
-        hits = [(n, m) for n, m in hits if not any(n == h or n.endswith("." + h) for h in heads)]
+        hits = [(n, m) for n, m in hits if not name_matches(n, sorted(heads))]
     else:
-        hits = [(n, m) for n, m in named if _matches(n, spec)]
+        hits = [(n, m) for n, m in named if name_matches(n, spec)]
         if isinstance(spec, list):
-            unmatched = [key for key in spec if not any(n == key or n.endswith("." + key) for n in names)]
+            unmatched = [key for key in spec if not any(name_matches(n, [key]) for n in names)]
             if unmatched:
                 key = unmatched[0]
                 raise TargetingError(
                     f"target_modules entry {key!r} matches no module of {type(model).__name__}; "
-                    f"nearest module names: {_suggest(key, names)}"
+                    f"nearest module names: {suggest_names(key, names)}"
                 )
     if not hits:
         raise TargetingError(
             f"target_modules={spec!r} matches no module of {type(model).__name__}; "
-            f"nearest module names: {_suggest(str(spec), names)}"
+            f"nearest module names: {suggest_names(str(spec), names)}"
         )
     excluded = []
     if config.exclude_modules:
-        excluded = [n for n, _ in hits if _matches(n, config.exclude_modules)]
+        excluded = [n for n, _ in hits if name_matches(n, config.exclude_modules)]
         hits = [(n, m) for n, m in hits if n not in excluded]
     skipped = []
     if config.layers_to_transform is not None:
