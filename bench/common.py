@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -63,8 +64,11 @@ def batch(batch_size: int = 4, length: int = 128, seed: int = 1) -> dict[str, to
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every function `warmup` times, then `reps` rounds in rotating order; seconds per call."""
+def interleaved(
+    fns: dict[str, callable], reps: int, warmup: int = 1, progress: bool = True
+) -> dict[str, list[float]]:
+    """Run every function `warmup` times, then `reps` rounds in rotating order; seconds per call.
+    After each round the running medians go to stderr, so an interrupted slow run still leaves numbers."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -76,6 +80,9 @@ def interleaved(fns: dict[str, callable], reps: int, warmup: int = 1) -> dict[st
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+        if progress:
+            summary = ", ".join(f"{k} {statistics.median(v):.3f}s" for k, v in times.items())
+            print(f"round {rep + 1}/{reps}: {summary}", file=sys.stderr, flush=True)
     return times
 
 
