@@ -276,3 +276,8 @@ def test_different_tokenizer_is_refused(tmp_path):
     tokenizer.add_tokens(["<new_token>"])
     with pytest.raises(dt.BaseModelMismatchError, match="tokenizer differs"):
         dt.load_adapter(_fresh(case, pristine), folder, tokenizer=tokenizer)
+
+
+def test_saved_folder_is_readable_by_others(saved):
+    *_, folder = saved
+    assert folder.stat().st_mode & 0o755 == 0o755

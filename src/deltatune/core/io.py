@@ -61,7 +61,9 @@ def _check_destination(path: Path) -> None:
 
 def commit_folder(staging: Path, path: Path) -> None:
     """Move a fully written staging folder into place. New folder: one rename. Existing folder: each file is
-    replaced atomically (os.replace), so a reader sees either the old or the new version of every file."""
+    replaced atomically (os.replace), so a reader sees either the old or the new version of every file; a
+    crash between two replaces leaves a weights file whose sha256 disagrees with deltatune.json, which
+    `load_adapter` reports instead of loading."""
     if not path.exists():
         os.replace(staging, path)
         return
@@ -72,7 +74,9 @@ def commit_folder(staging: Path, path: Path) -> None:
 
 def staging_dir(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; it becomes the published folder
+    return staging
 
 
 def save_adapter(
