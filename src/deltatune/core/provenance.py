@@ -21,7 +21,8 @@ SCHEMA_VERSION = 1
 
 def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     """Identify the base model an adapter was (or is about to be) attached to."""
-    shapes = sorted((k, tuple(v.shape)) for k, v in plain_state_dict(model).items())
+    plain = plain_state_dict(model)
+    shapes = sorted((k, tuple(v.shape)) for k, v in plain.items())
     config = getattr(model, "config", None)
     names = sorted(target_names)
     layers = [model.get_submodule(n) for n in names]
@@ -30,7 +31,7 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
-        "num_parameters": sum(p.numel() for k, p in plain_state_dict(model).items()),
+        "num_parameters": sum(v.numel() for v in plain.values()),
         "shapes_sha256": hashlib.sha256(repr(shapes).encode()).hexdigest(),
         "targets": {
             n: {
