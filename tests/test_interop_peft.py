@@ -34,17 +34,21 @@ def _peft_config(case, variant):
     )
 
 
+def _two_identical_bases(case):
+    """One model to attach an adapter to and an untouched twin with the same weights to load it onto."""
+    model, twin = case.build(), case.build()
+    twin.load_state_dict(copy.deepcopy(model.state_dict()))
+    return model, twin
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", PEFT_CASES)
 def test_peft_loads_deltatune_adapter(name, variant, tmp_path):
     case = CASES[name]
-    model = case.build()
-    pristine = copy.deepcopy(model.state_dict())
+    model, base = _two_identical_bases(case)
     dt.inject(model, lora_config(case, variant))
     ours = _logits(case, model.eval(), case.inputs())
     dt.save_adapter(model, tmp_path / "a")
-    base = case.build()
-    base.load_state_dict(pristine)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
     torch.testing.assert_close(_logits(case, theirs, case.inputs()), ours, **TOL)
     assert not torch.allclose(ours, _logits(case, case.build(), case.inputs()))
@@ -54,15 +58,12 @@ def test_peft_loads_deltatune_adapter(name, variant, tmp_path):
 @pytest.mark.parametrize("name", PEFT_CASES)
 def test_deltatune_loads_peft_adapter(name, variant, tmp_path):
     case = CASES[name]
-    model = case.build()
-    pristine = copy.deepcopy(model.state_dict())
+    model, base = _two_identical_bases(case)
     torch.manual_seed(3)
     theirs = peft.get_peft_model(model, _peft_config(case, variant)).eval()
     expected = _logits(case, theirs, case.inputs())
     theirs.save_pretrained(tmp_path / "p")
     assert not (tmp_path / "p" / "deltatune.json").exists()
-    base = case.build()
-    base.load_state_dict(pristine)
     dt.load_adapter(base, tmp_path / "p")
     torch.testing.assert_close(_logits(case, base.eval(), case.inputs()), expected, **TOL)
 

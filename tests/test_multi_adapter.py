@@ -78,3 +78,17 @@ def test_save_and_load_named_adapters(two, tmp_path):
     for name in ("alpha", "beta"):
         dt.set_adapter(fresh, name)
         torch.testing.assert_close(_out(case, fresh, inputs), singles[name][1], atol=1e-6, rtol=0)
+
+
+def test_merge_by_name_when_adapters_target_different_modules():
+    case = CASES["llama"]
+    inputs = case.inputs()
+    model = case.build()
+    dt.inject(model, lora_config(case, "lora", target_modules=["q_proj"]), adapter_name="on_q")
+    dt.inject(model, lora_config(case, "lora", target_modules=["v_proj"]), adapter_name="on_v")
+    dt.set_adapter(model, "on_q")
+    adapted = _out(case, model, inputs)
+    assert dt.merge(model, adapter_names=["on_q"]) == ["on_q"]
+    torch.testing.assert_close(_out(case, model, inputs), adapted, atol=1e-5, rtol=1e-4)
+    with pytest.raises(dt.AdapterNameError, match="no adapter named 'nope'"):
+        dt.merge(model, adapter_names=["nope"])

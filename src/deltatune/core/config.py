@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -126,8 +126,4 @@ def load_config_file(path: str | Path) -> AdapterConfig:
     return config_from_dict(data, source=str(path))
 
 
-def replace(config: AdapterConfig, **changes: Any) -> AdapterConfig:
-    return dataclasses.replace(config, **changes)
-
-
-__all__ = ["AdapterConfig", "CONFIG_NAME", "config_from_dict", "load_config_file", "replace", "field"]
+__all__ = ["AdapterConfig", "CONFIG_NAME", "config_from_dict", "load_config_file"]

@@ -30,12 +30,6 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
-def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            yield name, module
-
-
 def all_wrappers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
     for name, module in model.named_modules():
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
@@ -63,8 +57,7 @@ def _check_adapter_name(model: nn.Module, name: str, reserved: set[str]) -> None
         )
     parts = {p for n, _ in model.named_parameters() for p in n.split(".")}
     parts |= {p for n, _ in model.named_modules() for p in n.split(".") if n}
-    clash = reserved & {name} or parts & {name}
-    if clash:
+    if name in reserved or name in parts:
         raise AdapterNameError(
             f"adapter name {name!r} collides with a parameter or module name in the model (or a reserved name: "
             f"{sorted(reserved)}); state-dict keys would be ambiguous. Pick another name, e.g. {name + '_adapter'!r}"
@@ -164,7 +157,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes the base output. Refuses if adapters are merged (unmerge first)."""
     wrappers = [w for _, w in all_wrappers(model)]
-    merged = sorted({a for w in wrappers if isinstance(w, AdapterLayer) for a in w.merged_adapters})
+    merged = merged_adapter_names(model)
     if merged:
         raise MergeError(
             f"adapters {merged} are merged into the weights; call unmerge(model) before disabling"
@@ -201,22 +194,39 @@ def merge(
 
 
 def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[str]:
+    known = adapter_configs(model)
+    for n in names or []:
+        if n not in known:
+            raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
     layers = list(adapter_layers(model))
     _check_untied(model, layers)
+    # Each wrapper merges only the requested adapters it carries (adapters may target different modules).
+    pending = [
+        (
+            layer,
+            [n for n in (layer.active_adapters if names is None else names) if n in layer.adapter_configs],
+        )
+        for _, layer in layers
+    ]
     if safe_merge:
-        for _, layer in layers:
-            for n in names or layer.active_adapters:
-                if n not in layer.merged_adapters and n in layer.adapter_configs:
-                    w = layer.merged_weight(n, layer.base_weight.detach().float())
-                    if not w.isfinite().all():
-                        raise MergeError(
-                            f"merging adapter {n!r} gives non-finite weights; nothing was changed. "
-                            "The adapter weights are probably corrupted (check for NaN/inf)."
-                        )
+        for layer, todo in pending:
+            for n in todo:
+                if n in layer.merged_adapters:
+                    continue
+                if not layer.merged_weight(n, layer.base_weight.detach().float()).isfinite().all():
+                    raise MergeError(
+                        f"merging adapter {n!r} gives non-finite weights; nothing was changed. "
+                        "The adapter weights are probably corrupted (check for NaN/inf)."
+                    )
     merged: set[str] = set()
-    for _, layer in layers:
-        merged.update(layer.merge(names))
+    for layer, todo in pending:
+        merged.update(layer.merge(todo))
     return sorted(merged)
+
+
+def merged_adapter_names(model: nn.Module) -> list[str]:
+    """Adapters currently folded into base weights anywhere in the model."""
+    return sorted({a for _, layer in adapter_layers(model) for a in layer.merged_adapters})
 
 
 def unmerge(model: nn.Module) -> list[str]:

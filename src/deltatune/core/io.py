@@ -32,7 +32,15 @@ from .errors import (
     BaseModelMismatchError,
     UnsafeFormatError,
 )
-from .inject import active_adapters, adapter_configs, adapter_layers, delete_adapter, inject, set_adapter
+from .inject import (
+    active_adapters,
+    adapter_configs,
+    adapter_layers,
+    delete_adapter,
+    inject,
+    merged_adapter_names,
+    set_adapter,
+)
 from .state import adapter_state_dict, load_adapter_state_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -240,7 +248,7 @@ def load_adapter(
             raise AdapterFormatError(
                 f"{folder / WEIGHTS_NAME}: contents changed since saving (sha256 mismatch)"
             )
-    merged = sorted({a for _, layer in adapter_layers(model) for a in layer.merged_adapters})
+    merged = merged_adapter_names(model)
     if merged:
         raise AdapterFormatError(
             f"adapters {merged} are merged into the model; unmerge before loading another"
