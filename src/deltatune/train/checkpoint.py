@@ -1,0 +1,165 @@
+"""Resumable training checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+
+Tensors go through safetensors and everything else through JSON, so resuming never unpickles a file. A
+checkpoint is written into a hidden staging folder and renamed into place, so a kill at any moment leaves
+either the previous checkpoints or a complete new one, never a half-written `step-*` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.errors import DeltatuneError
+from ..core.hashing import sha256_file
+
+PREFIX = "step-"
+
+
+class CheckpointError(DeltatuneError, RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the current run."""
+
+
+def fault_point(name: str, step: int) -> None:
+    """Crash-test hook: DELTATUNE_FAULT=name:step makes this process SIGKILL itself at that point."""
+    if os.environ.get("DELTATUNE_FAULT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for index, slots in state["state"].items():
+        entry = {}
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                name = f"state.{index}.{key}"
+                tensors[name] = value.detach().to("cpu").contiguous()
+                entry[key] = {"__tensor__": name}
+            else:
+                entry[key] = value
+        skeleton["state"][str(index)] = entry
+    return tensors, skeleton
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for index, slots in skeleton["state"].items():
+        state[int(index)] = {
+            key: tensors[value["__tensor__"]] if isinstance(value, dict) and "__tensor__" in value else value
+            for key, value in slots.items()
+        }
+    return {"state": state, "param_groups": skeleton["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], list[Any]]:
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    return tensors, list(random.getstate())
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], python_state: list[Any]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        optim_tensors, optim_skeleton = _flatten_optimizer(optimizer.state_dict())
+        rng_tensors, python_rng = rng_state()
+        save_file(trainable_tensors(model), staging / "trainable.safetensors")
+        fault_point("checkpoint", step)  # after one file, before the rest: the worst moment to die
+        save_file({**optim_tensors, **rng_tensors}, staging / "state.safetensors")
+        meta = {
+            "step": step,
+            "optimizer": optim_skeleton,
+            "scheduler": scheduler.state_dict(),
+            "python_rng": python_rng,
+            "trainer": trainer_state,
+            "sha256": {f: sha256_file(staging / f) for f in ("trainable.safetensors", "state.safetensors")},
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_staging(root: Path) -> None:
+    """Hidden staging folders left by a process killed mid-write; never read, safe to delete."""
+    if root.is_dir():
+        for stale in root.glob(f".{PREFIX}*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore everything in place; returns the trainer state (step, data position, best metric, ...)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{folder} is not a complete checkpoint ({exc}); delete it to resume from the one before"
+        ) from None
+    for name, digest in meta["sha256"].items():
+        if sha256_file(folder / name) != digest:
+            raise CheckpointError(f"{folder / name} does not match its recorded sha256; the file is corrupt")
+    weights = load_file(folder / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        diff = sorted(set(weights) ^ trainable)[:5]
+        raise CheckpointError(
+            f"{folder} was written for a different set of trainable parameters (differing: {diff}); "
+            "resume with the same config the run started with"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    state = load_file(folder / "state.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    restore_rng(state, meta["python_rng"])
+    return meta["trainer"]

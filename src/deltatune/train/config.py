@@ -1,0 +1,199 @@
+"""The training YAML, validated: every section is a pydantic model that forbids unknown keys, so a typo is an
+error that names the key and the keys allowed there, never a silently ignored setting."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..core.errors import DeltatuneError
+
+
+class ConfigError(DeltatuneError, ValueError):
+    """The training config is malformed: unknown key, wrong type or value, bad override."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(Section):
+    # A local folder, a hub id (loaded with from_pretrained), or a bundled name: "smollm2" | "minilm".
+    path: str
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataSpec(Section):
+    # A .jsonl / .json / .csv / .tsv / .parquet file, or "bundled:tweets".
+    train: str
+    validation: str | None = None
+    format: Literal["classification", "instruction", "chat", "text"]
+    encoding: str = "utf-8"
+    # Canonical field -> column in the file, e.g. {label: sentiment}.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Build instruction/output from any columns with str.format (instruction format only).
+    instruction_template: str | None = None
+    output_template: str | None = None
+    system_prompt: str | None = None
+    labels: list[str] | None = None  # classification label order; default: sorted labels of the train file
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_samples: int | None = Field(None, gt=0)
+    max_validation_samples: int | None = Field(None, gt=0)
+    dedupe: bool = True  # drop exact duplicate inputs before splitting (retweets would leak across the split)
+    max_length: int = Field(256, gt=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class AdapterSpec(Section):
+    """`method: full` trains every parameter; otherwise the remaining keys are the method's config fields
+    (for LoRA: r, lora_alpha, target_modules, use_dora, use_rslora, ...), validated by that method."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str = "lora"
+
+
+class OptimSpec(Section):
+    name: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.0
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class TrainingSpec(Section):
+    max_steps: int = Field(gt=0)
+    batch_size: int = Field(8, gt=0)  # per process, per micro-step
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    # 0: off. N: batch the examples of each N consecutive steps by length (less padding, same examples).
+    length_grouping_steps: int = Field(0, ge=0)
+    seed: int = 0
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    progress: bool = True
+    device: str = "auto"  # auto: cuda (this rank's GPU) when available, else cpu
+
+
+class EvalSpec(Section):
+    every: int | None = Field(None, gt=0)  # None: evaluate once, at the end
+    batch_size: int = Field(16, gt=0)
+    loss_samples: int | None = Field(None, gt=0)  # cap on validation rows for the loss (None: all)
+    metric: str = "loss"  # what early stopping and "best" watch
+    generate_metrics: list[Literal["exact_match", "json_valid", "json_match"]] = Field(default_factory=list)
+    generate_samples: int = Field(64, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Section):
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    training: TrainingSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output_dir: str = "outputs/run"
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> TrainConfig:
+        classification = self.data.format == "classification"
+        if classification != (self.model.task == "classification"):
+            raise ValueError(
+                f"data.format={self.data.format!r} needs model.task="
+                f"{'classification' if classification else 'causal_lm'!r}, got {self.model.task!r}"
+            )
+        allowed = {"loss"} | set(self.eval.generate_metrics)
+        allowed |= {"accuracy", "f1"} if classification else set()
+        if self.eval.metric not in allowed:
+            raise ValueError(
+                f"eval.metric={self.eval.metric!r} is not computed by this config; choose one of "
+                f"{sorted(allowed)} (generation metrics must also be listed in eval.generate_metrics)"
+            )
+        if classification and self.eval.generate_metrics:
+            raise ValueError("eval.generate_metrics apply to generative formats, not classification")
+        return self
+
+    @property
+    def metric_mode(self) -> Literal["min", "max"]:
+        return "min" if self.eval.metric == "loss" else "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_steps=100` -> (["training", "max_steps"], 100); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. training.max_steps=100")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid training config ({source}):"]
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(error["loc"][:-1])
+            lines.append(f"  unknown key {key!r}; allowed here: {', '.join(allowed)}")
+        elif error["type"] == "missing":
+            lines.append(f"  missing required key {key!r}")
+        else:
+            lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return validate_config(apply_overrides(raw, overrides or []), str(path))

@@ -1,0 +1,140 @@
+"""Validation: loss, classification metrics, and metrics on generated answers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.formats import IGNORE, Example
+from .batching import collate, collate_prompts
+
+
+def task_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], classification: bool
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(summed loss, number of loss terms, logits). Summing lets evaluation weight every token equally."""
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = outputs.logits.float()
+    if classification:
+        return F.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel(), logits
+    targets = batch["labels"][:, 1:]
+    count = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return loss, count, logits
+
+
+def macro_f1(predictions: list[int], labels: list[int], n_classes: int) -> float:
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels, strict=True))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels, strict=True))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / n_classes
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    classification: bool,
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+    n_classes: int = 0,
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    total, count, predictions = 0.0, 0, [0] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([examples[i] for i in rows], pad_id, classification)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            loss, n, logits = task_loss(model, batch, classification)
+        if classification:
+            for row, prediction in zip(rows, logits.argmax(-1).tolist(), strict=True):
+                predictions[row] = prediction
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    metrics = {"loss": total / max(count, 1)}
+    if classification:
+        labels = [e.labels for e in examples]
+        metrics["accuracy"] = sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
+        metrics["f1"] = macro_f1(predictions, labels, n_classes)
+    return metrics
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[str]:
+    """Greedy, batched, left-padded generation; returns the decoded new text of each prompt."""
+    was_training = model.training
+    model.eval()
+    answers: list[str] = [""] * len(prompts)
+    order = sorted(
+        range(len(prompts)), key=lambda i: len(prompts[i])
+    )  # similar lengths share a batch: less padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {
+            k: v.to(device)
+            for k, v in collate_prompts([prompts[i] for i in rows], tokenizer.pad_token_id).items()
+        }
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for row, text in zip(rows, texts, strict=True):
+            answers[row] = text
+    model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def _as_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def answer_metrics(answers: list[str], references: list[str], names: list[str]) -> dict[str, float]:
+    """exact_match: identical after stripping; json_valid: a JSON object with the reference's keys (the
+    required shape); json_match: equal as JSON values (whitespace and key order do not matter)."""
+    n = max(len(answers), 1)
+    metrics = {}
+    if "exact_match" in names:
+        metrics["exact_match"] = sum(a == r.strip() for a, r in zip(answers, references, strict=True)) / n
+    parsed = [(_as_json(a), _as_json(r)) for a, r in zip(answers, references, strict=True)]
+    if "json_valid" in names:
+        metrics["json_valid"] = (
+            sum(isinstance(a, dict) and isinstance(r, dict) and a.keys() == r.keys() for a, r in parsed) / n
+        )
+    if "json_match" in names:
+        metrics["json_match"] = sum(a is not None and a == r for a, r in parsed) / n
+    return metrics

@@ -1,0 +1,83 @@
+"""What a run leaves for people: metrics.jsonl (one JSON object per log or eval event), a progress bar with
+loss, tokens/s and ETA, and curves.png at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop events from steps the resumed run will redo."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+    )
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path | None:
+    """Training loss and validation loss / metric against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "validation"]
+    if not train and not evals:
+        return None
+    extra = metric != "loss" and any(metric in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
+    loss_ax = axes[0][0]
+    if train:
+        loss_ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.8)
+    if evals:
+        loss_ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    if extra:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in evals if metric in r], [r[metric] for r in evals if metric in r], "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {metric}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,132 @@
+"""Build what a run trains: tokenizer, base model (with a classification head when asked), and the delta."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.inject import inject
+from ..core.registry import get_method, registered_methods
+from .config import AdapterSpec, ConfigError, ModelSpec
+
+BUNDLED_MODELS = ("smollm2", "minilm")
+CLASSIFIER_HEADS = ("classifier", "score")  # BERT-style and decoder-style sequence classification heads
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> str:
+    """A bundled name -> its prepared local folder; anything else is passed to from_pretrained unchanged
+    (a local folder, or a hub id: the same code path users take online)."""
+    from ..models.bundled import minilm_path, smollm2_path
+
+    if name == "smollm2":
+        return str(smollm2_path())
+    if name == "minilm":
+        return str(minilm_path())
+    return name
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(spec.path), trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer of {spec.path} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, tokenizer: Any, label_names: list[str] | None = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(spec.path)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], "trust_remote_code": spec.trust_remote_code}
+    if spec.task == "classification":
+        assert label_names is not None
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model
+
+
+def _method_config_class(method: str) -> type[AdapterConfig]:
+    try:
+        return get_method(method.upper()).config_class
+    except Exception:
+        known = ", ".join(["full", *sorted(m.lower() for m in registered_methods())])
+        raise ConfigError(
+            f"adapter.method={method!r} is not a known method; choose one of: {known}"
+        ) from None
+
+
+def build_adapter_config(spec: AdapterSpec, task: str, model: nn.Module) -> AdapterConfig:
+    """The YAML's adapter section -> the method's own config. Unknown keys are errors here (unlike when reading
+    a PEFT file, where they only warn), because in a config the user writes they are typos."""
+    cls = _method_config_class(spec.method)
+    fields = dict(spec.model_extra or {})
+    allowed = {f.name for f in dataclasses.fields(cls)} - {
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+    }
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in adapter (method {spec.method}); allowed: {', '.join(sorted(allowed))}"
+        )
+    if task == "classification" and fields.get("modules_to_save") is None:
+        heads = [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+        fields["modules_to_save"] = heads  # the new head is randomly initialised: it must train in full
+    fields.setdefault("task_type", "SEQ_CLS" if task == "classification" else "CAUSAL_LM")
+    try:
+        return cls.from_dict({"peft_type": cls.peft_type, **fields}, source="adapter section")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"adapter section: {exc}") from None
+
+
+def prepare_trainable(model: nn.Module, spec: AdapterSpec, task: str) -> AdapterConfig | None:
+    """Full fine-tuning unfreezes everything; any other method injects its delta (which freezes the base)."""
+    if spec.method == "full":
+        if spec.model_extra:
+            raise ConfigError(f"adapter.method=full takes no other keys, got {sorted(spec.model_extra)}")
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return None
+    config = build_adapter_config(spec, task, model)
+    inject(model, config)
+    return config
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing: it recomputes through frozen embeddings without the reentrant variant's
+    "element 0 of tensors does not require grad" failure, so no input-grad hook is needed."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); gradient checkpointing is "
+            "supported for transformers models"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+
+def model_size_bytes(path: str) -> int | None:
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) or None

@@ -1,0 +1,69 @@
+"""The `deltatune` command line: inspect, eval and generate on a trained tiny adapter; errors exit with 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_helpers import causal_config, instruction_rows, write_config, write_jsonl
+
+from deltatune.cli.main import main
+from deltatune.train import train, validate_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_causal_lm):
+    root = tmp_path_factory.mktemp("cli")
+    data = write_jsonl(root / "d.jsonl", instruction_rows(80, 5))
+    raw = causal_config(tiny_causal_lm, data, root / "run", max_steps=6)
+    raw["eval"]["generate_metrics"] = ["json_valid"]
+    config = write_config(root / "c.yaml", raw)
+    return config, train(validate_config(raw))
+
+
+def test_inspect_prints_config_provenance_and_counts(trained, capsys):
+    _, result = trained
+    assert main(["inspect", str(result.saved_to)]) == 0
+    out = capsys.readouterr().out
+    n = result.trainable.trainable
+    assert "method: LORA" in out and "r: 4" in out
+    assert f"{n:,} parameters" in out
+    assert (
+        f"trainable: {n:,} of {result.trainable.total:,} parameters ({result.trainable.percent:.4f}%)" in out
+    )
+    assert "data sha256: " in out and "LlamaForCausalLM" in out
+
+
+def test_eval_reports_the_same_metrics_as_training(trained, capsys):
+    config, result = trained
+    assert main(["eval", str(config), "--adapter", str(result.saved_to)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["loss"] == pytest.approx(result.validation["loss"], rel=1e-5)
+    assert metrics["json_valid"] == pytest.approx(result.validation["json_valid"])
+    assert main(["eval", str(config), "--base-only"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert base["loss"] > metrics["loss"]
+
+
+def test_generate_with_adapter(trained, tiny_causal_lm, capsys):
+    _, result = trained
+    args = [
+        "generate",
+        "--base",
+        str(tiny_causal_lm),
+        "--adapter",
+        str(result.saved_to),
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main([*args, "Sentiment of: good day", "Sentiment of: bad day"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    bad = write_config(tmp_path / "bad.yaml", {"model": {"path": "x"}, "training": {"max_steps": 1}})
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "deltatune train: error: invalid training config" in err and "missing required key 'data'" in err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""The training loop on tiny local models: it learns, writes its outputs, keeps the best weights, stops early,
+stops on a non-finite loss, and mixed precision / gradient checkpointing / full fine-tuning work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import causal_config, instruction_rows, sentiment_rows, write_jsonl
+
+from deltatune.train import NonFiniteLossError, evaluate_adapter, train, validate_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", instruction_rows(240, 0))
+
+
+def config(tiny_causal_lm, data, out, **training):
+    return causal_config(tiny_causal_lm, data, out, **training)
+
+
+def test_lora_training_lowers_held_out_loss_and_touches_only_the_adapter(tiny_causal_lm, data, tmp_path):
+    raw = config(tiny_causal_lm, data, tmp_path / "run", max_steps=40)
+    raw["optim"]["lr"] = 2e-2
+    cfg = validate_config(raw)
+    before = evaluate_adapter(cfg, None)["loss"]
+    result = train(cfg)
+    after = evaluate_adapter(cfg, result.saved_to)["loss"]
+    assert after < 0.6 * before, (before, after)  # ln(vocab) ~ 6 -> well under 3.6
+    assert after == pytest.approx(result.validation["loss"], rel=1e-5)  # eval CLI path == in-loop eval
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+    }
+    assert validate_config(__import__("yaml").safe_load((out / "config.yaml").read_text())) == cfg
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [6, 12, 18, 24, 30, 36, 40]
+    assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    provenance = json.loads((result.saved_to / "deltatune.json").read_text())
+    assert provenance["metrics"]["step"] == result.best_step
+    assert provenance["training_config"]["optim"]["lr"] == 2e-2 and len(provenance["data_sha256"]) == 64
+    # The frozen base is untouched: checkpoints hold only LoRA tensors.
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert all(".lora_" in k for k in load_file(ckpt / "trainable.safetensors"))
+
+
+def test_best_weights_are_kept_and_patience_stops_the_run(tiny_causal_lm, data, tmp_path, monkeypatch):
+    from deltatune.train import loop
+
+    sequence = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    saved_at = []
+    monkeypatch.setattr(loop.Trainer, "_evaluate", lambda self, step: {"loss": next(sequence)})
+    original_save = loop.Trainer._save_weights
+    monkeypatch.setattr(
+        loop.Trainer,
+        "_save_weights",
+        lambda self, step, m: (saved_at.append(step), original_save(self, step, m)),
+    )
+    raw = config(tiny_causal_lm, data, tmp_path / "run", max_steps=50)
+    raw["eval"] |= {"every": 2, "early_stopping_patience": 2}
+    result = train(validate_config(raw))
+    assert result.stopped_early and result.steps == 8
+    assert (result.best_step, result.best_metric) == (4, 2.0)
+    assert saved_at == [2, 4]
+    assert json.loads((result.saved_to / "deltatune.json").read_text())["metrics"]["step"] == 4
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
+    tiny_causal_lm, data, tmp_path, monkeypatch
+):
+    from deltatune.train import evaluate as ev
+    from deltatune.train import loop
+
+    calls = {"n": 0}
+    real = ev.task_loss
+
+    def poisoned(model, batch, classification):
+        calls["n"] += 1
+        loss, count, logits = real(model, batch, classification)
+        return (loss * float("nan") if calls["n"] == 5 else loss), count, logits
+
+    monkeypatch.setattr(loop, "task_loss", poisoned)
+    raw = config(tiny_causal_lm, data, tmp_path / "run", max_steps=10, checkpoint_every=2)
+    raw["eval"]["every"] = None
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"training loss is nan at step 5; stopped\. the last good checkpoint is .*step-00000004",
+    ):
+        train(validate_config(raw))
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "meta.json").exists()
+
+
+def test_mixed_precision_and_gradient_checkpointing_run(tiny_causal_lm, data, tmp_path):
+    raw = config(
+        tiny_causal_lm, data, tmp_path / "run", max_steps=4, precision="bf16", gradient_checkpointing=True
+    )
+    result = train(validate_config(raw))
+    assert result.steps == 4 and torch.isfinite(torch.tensor(result.validation["loss"]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(tiny_causal_lm):
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.train.setup import enable_gradient_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+        torch.manual_seed(0)  # same random LoRA init in both models
+        dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        ids = torch.arange(2, 26).reshape(2, 12)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert not model.model.embed_tokens.weight.requires_grad
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+    assert all(
+        g.abs().sum() > 0 for n, g in grads[1].items() if "lora_B" in n
+    )  # B starts at 0: A gets none yet
+
+
+def test_classification_lora_and_full_fine_tuning_learn_the_rule(tiny_bert, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(400, 0))
+    accuracies = {}
+    for method in ("lora", "full"):
+        adapter = {"method": "full"} if method == "full" else {
+            "method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value", "dense"]}  # fmt: skip
+        raw = {
+            "model": {"path": str(tiny_bert), "task": "classification"},
+            "data": {"train": str(data), "format": "classification", "max_length": 32},
+            "adapter": adapter,
+            "optim": {"lr": 3e-3 if method == "lora" else 1e-3},
+            "training": {"max_steps": 150, "batch_size": 16, "progress": False},
+            "eval": {"every": 30, "metric": "accuracy"},
+            "output_dir": str(tmp_path / method),
+        }
+        result = train(validate_config(raw))
+        accuracies[method] = result.validation["accuracy"]
+        assert result.validation["f1"] > 0.8, (method, result.validation)  # chance: 0.5
+        if method == "lora":  # the randomly initialised head trains in full (modules_to_save)
+            saved = load_file(result.saved_to / "adapter_model.safetensors")
+            assert any("classifier.modules_to_save" in k or "classifier" in k for k in saved)
+            assert result.trainable.percent < 50
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            reloaded = AutoModelForSequenceClassification.from_pretrained(result.saved_to)
+            assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+    assert min(accuracies.values()) > 0.85, accuracies

@@ -1,0 +1,150 @@
+"""Tiny local model folders (a llama-shaped causal LM with a BPE tokenizer and chat template, a BERT-shaped
+classifier) and small synthetic datasets with a learnable rule, for fast training tests on CPU."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import yaml
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+POSITIVE = ["good", "great", "lovely", "happy", "superb"]
+NEGATIVE = ["bad", "awful", "sad", "terrible", "angry"]
+FILLER = ["the", "day", "phone", "movie", "was", "my", "a", "today", "food", "very", "so", "it", "is"]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Short texts whose label is set by one keyword among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def _train_tokenizer(corpus: list[str], specials: list[str], kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        from tokenizers import decoders
+
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _corpus() -> list[str]:
+    words = (
+        POSITIVE + NEGATIVE + FILLER + ["positive", "negative", "sentiment", "user", "assistant", "system"]
+    )
+    return [" ".join(words), '{"sentiment": "positive"} {"sentiment": "negative"}'] * 20 + [
+        r["text"] for r in sentiment_rows(200, 1)
+    ]
+
+
+def make_tiny_causal_lm(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(_corpus(), ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"], "bpe")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.3,  # pretrained-like logit scale; at 0.02 a frozen head caps what LoRA can learn
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(_corpus(), ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "wordpiece")
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def instruction_rows(n: int, seed: int) -> list[dict[str, str]]:
+    return [
+        {"instruction": "Sentiment of: " + r["text"], "output": json.dumps({"sentiment": r["label"]})}
+        for r in sentiment_rows(n, seed)
+    ]
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def causal_config(model: Path, data: Path, out: Path, **training) -> dict:
+    return {
+        "model": {"path": str(model), "task": "causal_lm"},
+        "data": {"train": str(data), "format": "instruction", "validation_fraction": 0.2, "max_length": 64},
+        "adapter": {
+            "method": "lora",
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": "all-linear",
+            "lora_dropout": 0.0,
+        },
+        "optim": {"lr": 5e-3, "warmup_steps": 2},
+        "training": {"max_steps": 12, "batch_size": 4, "progress": False, "log_every": 1, **training},
+        "eval": {"every": 6},
+        "output_dir": str(out),
+    }
