@@ -160,3 +160,40 @@ def test_classification_lora_and_full_fine_tuning_learn_the_rule(tiny_bert, tmp_
             reloaded = AutoModelForSequenceClassification.from_pretrained(result.saved_to)
             assert reloaded.config.id2label == {0: "negative", 1: "positive"}
     assert min(accuracies.values()) > 0.85, accuracies
+
+
+def test_trimmed_logits_give_the_same_loss_and_gradients(tiny_causal_lm):
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.data.formats import Example
+    from deltatune.train.batching import collate
+    from deltatune.train.evaluate import task_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    torch.manual_seed(0)
+    dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    examples = [  # answers start at different positions; right padding
+        Example(list(range(5, 25)), [-100] * 14 + list(range(19, 25))),
+        Example(list(range(7, 19)), [-100] * 9 + list(range(16, 19))),
+    ]
+    batch = collate(examples, pad_id=0, classification=False)
+    results = []
+    for trim in (False, True):
+        model.zero_grad()
+        loss, count, logits = task_loss(model, batch, False, trim_logits=trim)
+        loss.backward()
+        results.append(
+            (
+                loss.detach(),
+                count,
+                logits.shape[1],
+                [p.grad.clone() for p in model.parameters() if p.requires_grad],
+            )
+        )
+    (full, n_full, width_full, grads_full), (trim, n_trim, width_trim, grads_trim) = results
+    assert n_full == n_trim == 9
+    assert width_trim < width_full  # the head really ran on fewer positions
+    torch.testing.assert_close(trim, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_full, grads_trim, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
