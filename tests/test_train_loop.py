@@ -4,6 +4,7 @@ stops on a non-finite loss, and mixed precision / gradient checkpointing / full 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -98,12 +99,19 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "meta.json").exists()
 
 
-def test_mixed_precision_and_gradient_checkpointing_run(tiny_causal_lm, data, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_gradient_checkpointing_run(tiny_causal_lm, data, tmp_path, precision):
     raw = config(
-        tiny_causal_lm, data, tmp_path / "run", max_steps=4, precision="bf16", gradient_checkpointing=True
+        tiny_causal_lm, data, tmp_path / "run", max_steps=6, precision=precision, gradient_checkpointing=True
     )
+    raw["optim"]["lr"] = 2e-2
     result = train(validate_config(raw))
-    assert result.steps == 4 and torch.isfinite(torch.tensor(result.validation["loss"]))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert result.steps == 6 and all(map(math.isfinite, losses))
+    assert losses[-1] < losses[0]  # it trains, not just runs
+    adapter = load_file(result.saved_to / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapter.values())  # autocast leaves the weights in fp32
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(tiny_causal_lm):
@@ -119,6 +127,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(
         dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
         if checkpointing:
             enable_gradient_checkpointing(model)
+            assert model.is_gradient_checkpointing
         model.train()
         ids = torch.arange(2, 26).reshape(2, 12)
         model(input_ids=ids, labels=ids).loss.backward()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,18 +114,15 @@ def prepare_trainable(model: nn.Module, spec: AdapterSpec, task: str) -> Adapter
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing: it recomputes through frozen embeddings without the reentrant variant's
     "element 0 of tensors does not require grad" failure, so no input-grad hook is needed."""
-    if not hasattr(model, "gradient_checkpointing_enable"):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         raise ConfigError(
-            f"{type(model).__name__} has no gradient_checkpointing_enable(); gradient checkpointing is "
-            "supported for transformers models"
+            f"{type(model).__name__} has no activation/gradient checkpointing switch; gradient checkpointing "
+            "is supported for transformers models"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-
-
-def model_size_bytes(path: str) -> int | None:
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) or None
