@@ -95,7 +95,7 @@ def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool
     """Evaluate the base (adapter=None) or base + adapter on the config's validation split: the loss (unless
     loss=False) and the generation metrics the config lists."""
     from ..core.io import load_adapter
-    from .evaluate import answer_metrics, evaluate, generate_answers
+    from .evaluate import validation_metrics
 
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -105,32 +105,14 @@ def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool
         load_adapter(model, adapter, tokenizer=tokenizer)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
-    metrics: dict[str, Any] = {}
-    if loss:
-        metrics |= evaluate(
-            model,
-            splits.validation[: cfg.eval.loss_samples],
-            batch_size=cfg.eval.batch_size,
-            pad_id=tokenizer.pad_token_id,
-            classification=cfg.model.task == "classification",
-            device=device,
-            n_classes=len(splits.label_names or []),
-        )
-    if cfg.eval.generate_metrics:
-        sample = splits.validation[: cfg.eval.generate_samples]
-        answers = generate_answers(
-            model,
-            tokenizer,
-            [e.prompt_ids for e in sample],
-            max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            device=device,
-        )
-        metrics |= answer_metrics(answers, [e.reference or "" for e in sample], cfg.eval.generate_metrics)
-        metrics["generated"] = len(sample)
-        metrics["sample_answers"] = answers[:3]
-    metrics["examples"] = len(splits.validation)
-    return metrics
+    metrics, answers = validation_metrics(
+        model, tokenizer, splits.validation, cfg.eval, classification=cfg.model.task == "classification",
+        n_classes=len(splits.label_names or []), device=device, with_loss=loss,
+    )  # fmt: skip
+    result: dict[str, Any] = {**metrics, "examples": len(splits.validation)}
+    if answers:
+        result |= {"generated": len(answers), "sample_answers": answers[:3]}
+    return result
 
 
 __all__ = [

@@ -154,3 +154,36 @@ def answer_metrics(answers: list[str], references: list[str], names: list[str]) 
     if "json_match" in names:
         metrics["json_match"] = sum(a is not None and a == r for a, r in parsed) / n
     return metrics
+
+
+def validation_metrics(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: Any,
+    *,
+    classification: bool,
+    n_classes: int,
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+    with_loss: bool = True,
+) -> tuple[dict[str, float], list[str]]:
+    """What an evaluation reports for an `eval` config section: the loss (and accuracy / F1) on the first
+    `loss_samples` examples, and the generation metrics on the first `generate_samples`. Also returns the
+    generated answers, for display."""
+    metrics: dict[str, float] = {}
+    if with_loss:
+        metrics |= evaluate(
+            model, examples[: spec.loss_samples], batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id,
+            classification=classification, device=device, autocast=autocast, n_classes=n_classes,
+        )  # fmt: skip
+    answers: list[str] = []
+    if spec.generate_metrics:
+        sample = examples[: spec.generate_samples]
+        with autocast():
+            answers = generate_answers(
+                model, tokenizer, [e.prompt_ids for e in sample], max_new_tokens=spec.max_new_tokens,
+                batch_size=spec.batch_size, device=device,
+            )  # fmt: skip
+        metrics |= answer_metrics(answers, [e.reference or "" for e in sample], spec.generate_metrics)
+    return metrics, answers

@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import Dist, all_mean, barrier, wrap_model
-from .evaluate import answer_metrics, evaluate, generate_answers, task_loss
+from .evaluate import task_loss, validation_metrics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 
 
@@ -180,29 +180,11 @@ class Trainer:
         )
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        metrics = evaluate(
-            self.model,
-            self.splits.validation[: cfg.eval.loss_samples],
-            batch_size=cfg.eval.batch_size,
-            pad_id=self.tokenizer.pad_token_id,
-            classification=self.classification,
-            device=self.device,
-            autocast=self.autocast,
-            n_classes=len(self.splits.label_names or []),
-        )
-        if cfg.eval.generate_metrics:
-            sample = self.splits.validation[: cfg.eval.generate_samples]
-            with self.autocast():
-                answers = generate_answers(
-                    self.model,
-                    self.tokenizer,
-                    [e.prompt_ids for e in sample],
-                    max_new_tokens=cfg.eval.max_new_tokens,
-                    batch_size=cfg.eval.batch_size,
-                    device=self.device,
-                )
-            metrics |= answer_metrics(answers, [e.reference or "" for e in sample], cfg.eval.generate_metrics)
+        metrics, _ = validation_metrics(
+            self.model, self.tokenizer, self.splits.validation, self.cfg.eval,
+            classification=self.classification, n_classes=len(self.splits.label_names or []),
+            device=self.device, autocast=self.autocast,
+        )  # fmt: skip
         self.log.write({"step": step, "split": "validation", **metrics})
         return metrics
 
