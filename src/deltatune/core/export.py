@@ -5,7 +5,6 @@ The merged weights are computed out of place, so the live model (and its adapter
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from .errors import MergeError
 from .inject import _check_untied, adapter_layers, all_wrappers
-from .io import commit_folder, staging_dir
+from .io import staged_folder
 from .layer import AdapterLayer
 from .state import plain_state_dict
 
@@ -51,8 +50,7 @@ def export_merged(model: nn.Module, path: str | Path, tokenizer: Any = None) -> 
     if path.exists() and not path.is_dir():
         raise MergeError(f"{path} exists and is a file; export_merged writes a folder")
     state = merged_state_dict(model)
-    staging = staging_dir(path)
-    try:
+    with staged_folder(path) as staging:
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
             model.save_pretrained(staging, state_dict=state)
             if tokenizer is not None:
@@ -68,8 +66,4 @@ def export_merged(model: nn.Module, path: str | Path, tokenizer: Any = None) -> 
                 )
                 seen.setdefault(ptr, key)
             save_file(unique, staging / "model.safetensors", metadata={"format": "pt"})
-        commit_folder(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return path

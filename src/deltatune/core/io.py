@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +74,19 @@ def commit_folder(staging: Path, path: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def staging_dir(path: Path) -> Path:
+@contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to write into; on success it replaces `path` (commit_folder), on any
+    error it is deleted, so a failed write never leaves a half-written folder or temp files behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; it becomes the published folder
-    return staging
+    try:
+        yield staging
+        commit_folder(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_adapter(
@@ -103,8 +113,7 @@ def save_adapter(
         raise AdapterFormatError(
             f"adapter {adapter_name!r} has no tensors; refusing to write an empty adapter"
         )
-    staging = staging_dir(path)
-    try:
+    with staged_folder(path) as staging:
         config_dict = config.to_dict()
         if config_dict.get("base_model_name_or_path") is None:
             config_dict["base_model_name_or_path"] = (
@@ -138,10 +147,6 @@ def save_adapter(
             json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
         )
         _verify_written(staging / WEIGHTS_NAME, tensors)
-        commit_folder(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

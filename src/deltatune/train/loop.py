@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
-from ..core.io import commit_folder, save_adapter, staging_dir
+from ..core.io import save_adapter, staged_folder
 from ..core.provenance import environment, now_utc
 from ..core.summary import TrainableSummary, trainable_summary
 from ..data.dataset import DataSplits
@@ -218,25 +218,14 @@ class Trainer:
         barrier(self.info)
 
     def _save_full_model(self, metrics: dict[str, Any]) -> None:
-        staging = staging_dir(self.saved_to)
-        try:
+        with staged_folder(self.saved_to) as staging:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             provenance = {
-                "created_at": now_utc(),
-                "method": "full",
-                "training_config": self.cfg.to_dict(),
-                "metrics": metrics,
-                "data_sha256": self.splits.data_sha256,
-                "environment": environment(),
-            }
+                "created_at": now_utc(), "method": "full", "training_config": self.cfg.to_dict(),
+                "metrics": metrics, "data_sha256": self.splits.data_sha256, "environment": environment(),
+            }  # fmt: skip
             (staging / "deltatune.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-            commit_folder(staging, self.saved_to)
-        finally:
-            if staging.exists():
-                import shutil
-
-                shutil.rmtree(staging, ignore_errors=True)
 
     def _checkpoint(self, step: int, state: dict[str, Any]) -> None:
         if self.info.is_main:
