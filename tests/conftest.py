@@ -160,6 +160,32 @@ def lora_config(case: Case, variant: str, **overrides):
     return LoraConfig(**kwargs)
 
 
+# IA3 wraps Linear / Conv1D only: per case, its targets and the feed-forward subset (input scaling).
+IA3_TARGETS = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], r".*\.layer\.\d+\.output\.dense"),
+}
+# Every registered method's configs for the contract suite (DESIGN.md rule 10).
+CONTRACT_VARIANTS = {"LORA": list(VARIANTS), "IA3": ["ia3"]}
+
+
+def method_config(case: Case, variant: str, *, identity: bool = False, **overrides):
+    """The contract suite's config for `variant`: non-identity init unless `identity`."""
+    if variant != "ia3":
+        return lora_config(case, variant, init_lora_weights=identity, **overrides)
+    from deltatune.methods.ia3 import Ia3Config
+
+    if case.name not in IA3_TARGETS:
+        pytest.skip(f"IA3 wraps Linear / Conv1D only; the {case.name} case targets other layer kinds")
+    targets, feedforward = IA3_TARGETS[case.name]
+    kwargs = dict(
+        target_modules=targets, feedforward_modules=feedforward, modules_to_save=case.modules_to_save,
+        init_ia3_weights=identity,
+    )  # fmt: skip
+    return Ia3Config(**(kwargs | overrides))
+
+
 @pytest.fixture(params=list(CASES))
 def case(request) -> Case:
     return CASES[request.param]

@@ -92,3 +92,21 @@ def test_merge_by_name_when_adapters_target_different_modules():
     torch.testing.assert_close(_out(case, model, inputs), adapted, atol=1e-5, rtol=1e-4)
     with pytest.raises(dt.AdapterNameError, match="no adapter named 'nope'"):
         dt.merge(model, adapter_names=["nope"])
+
+
+def test_save_one_adapter_when_another_targets_more_modules(tmp_path):
+    """Regression: saving adapter "a" walked every wrapper and failed on layers only "b" wraps."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), adapter_name="a")
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False), adapter_name="b")
+    dt.save_adapter(model, tmp_path / "a", adapter_name="a")
+    dt.save_adapter(model, tmp_path / "b", adapter_name="b")
+    from safetensors.torch import load_file
+
+    assert {k.split(".lora_")[0] for k in load_file(tmp_path / "a" / "adapter_model.safetensors")} == {
+        "base_model.model.0"
+    }
+    assert len(load_file(tmp_path / "b" / "adapter_model.safetensors")) == 4

@@ -2,7 +2,7 @@
 
 Public API (everything else is internal):
     inject, preview_targets, trainable_summary, save_adapter, load_adapter, set_adapter, delete_adapter,
-    disable_adapter, merge, unmerge, eject, export_merged, LoraConfig
+    disable_adapter, merge, unmerge, eject, export_merged, LoraConfig, Ia3Config
 """
 
 from .core.config import AdapterConfig, config_from_dict
@@ -33,13 +33,14 @@ from .core.inject import (
 from .core.io import load_adapter, load_config, save_adapter
 from .core.registry import register, registered_methods
 from .core.summary import TrainableSummary, trainable_summary
+from .methods.ia3 import Ia3Config
 from .methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterConfigError", "AdapterFormatError", "AdapterNameError", "AdapterNotFoundError",
-    "BaseModelMismatchError", "DeltatuneError", "LoraConfig", "MergeError", "TargetingError",
+    "BaseModelMismatchError", "DeltatuneError", "Ia3Config", "LoraConfig", "MergeError", "TargetingError",
     "TrainableSummary", "UnsafeFormatError", "active_adapters", "adapter_configs", "config_from_dict",
     "delete_adapter", "disable_adapter", "eject", "export_merged", "inject", "load_adapter", "load_config",
     "merge", "merged_state_dict", "preview_targets", "register", "registered_methods", "save_adapter",

@@ -24,7 +24,16 @@ def describe_adapter(folder: Path) -> str:
         )
     config = json.loads((folder / CONFIG_NAME).read_text())
     lines = [f"adapter: {folder}", f"method: {config.get('peft_type')}"]
-    keys = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "target_modules", "modules_to_save")
+    keys = (
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "use_dora",
+        "lora_dropout",
+        "target_modules",
+        "feedforward_modules",
+        "modules_to_save",
+    )
     lines += [f"  {k}: {config[k]}" for k in keys if k in config]
     weights = folder / WEIGHTS_NAME
     if weights.is_file():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import AdapterNameError, MergeError
+from .errors import AdapterFormatError, AdapterNameError, MergeError
 from .hashing import tensor_sha256
 
 
@@ -102,6 +102,25 @@ class AdapterLayer(nn.Module):
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def copy_checked(
+        own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str, hint: str = ""
+    ) -> None:
+        """Copy `state` into the adapter tensors `own` after checking keys and shapes, naming what differs."""
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise AdapterFormatError(f"{where}: missing keys {missing}, unexpected keys {unexpected}{hint}")
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise AdapterFormatError(
+                    f"{where}.{key}: shape {tuple(state[key].shape)} in the file, {tuple(target.shape)} expected by "
+                    "the model. A rank mismatch means `r`/`rank_pattern` in adapter_config.json disagrees with the "
+                    "tensors; other dims mean a different base model."
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key])
+
     # ---- merging ----------------------------------------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:
@@ -114,6 +133,13 @@ class AdapterLayer(nn.Module):
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of `merged_weight`."""
         raise NotImplementedError
+
+    def merged_bias(self, name: str, bias: torch.Tensor) -> torch.Tensor | None:
+        """The bias with adapter `name` folded in, or None when the adapter leaves the bias alone."""
+        return None
+
+    def unmerged_bias(self, name: str, bias: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def merge(self, names: Iterable[str] | None = None) -> list[str]:
         """Fold adapters into base_layer.weight. Already-merged adapters are skipped; returns those merged now."""
@@ -130,8 +156,12 @@ class AdapterLayer(nn.Module):
                 raise AdapterNameError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
             weight = self.base_weight
             new = self.merged_weight(name, weight.detach().float())
+            bias = getattr(self.base_layer, "bias", None)
+            new_bias = self.merged_bias(name, bias.detach().float()) if bias is not None else None
             with torch.no_grad():
                 weight.copy_(new.to(weight.dtype))
+                if new_bias is not None:
+                    bias.copy_(new_bias.to(bias.dtype))
             self.merged_adapters.append(name)
             done.append(name)
         return done
@@ -142,8 +172,12 @@ class AdapterLayer(nn.Module):
         weight = self.base_weight
         while self.merged_adapters:
             name = self.merged_adapters[-1]
+            bias = getattr(self.base_layer, "bias", None)
+            new_bias = self.unmerged_bias(name, bias.detach().float()) if bias is not None else None
             with torch.no_grad():
                 weight.copy_(self.unmerged_weight(name, weight.detach().float()).to(weight.dtype))
+                if new_bias is not None:
+                    bias.copy_(new_bias.to(bias.dtype))
             self.merged_adapters.pop()
             undone.append(name)
         return undone

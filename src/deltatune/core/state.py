@@ -21,6 +21,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     """Tensors of one adapter under PEFT's on-disk keys (tensors are the live parameters, not copies)."""
     state = {}
     for name, wrapper in all_wrappers(model):
+        if isinstance(wrapper, AdapterLayer) and adapter_name not in wrapper.adapter_configs:
+            continue  # another adapter's layer (adapters may target different modules)
         for key, tensor in wrapper.adapter_state_dict(adapter_name).items():
             state[f"{PREFIX}{name}.{key}"] = tensor
     return state

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import TargetingError
+from .layer import AdapterLayer
 
 ALL_LINEAR = "all-linear"
 _DEFAULT_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers")
@@ -95,11 +96,12 @@ def candidate_modules(
     model: nn.Module, is_wrapper: Callable[[nn.Module], bool]
 ) -> list[tuple[str, nn.Module]]:
     """Named submodules, leaving out everything inside a wrapper (base_layer, lora_A, ...): the wrapper
-    itself stands for the module it wraps."""
+    itself stands for the module it wraps. Any method's wrapper counts, so one method never wraps another's
+    base_layer from the inside."""
     named = [(n, m) for n, m in model.named_modules() if n]
     inside: set[str] = set()
     for n, m in named:
-        if is_wrapper(m):
+        if is_wrapper(m) or isinstance(m, AdapterLayer):
             inside.update(f"{n}.{c}" for c, _ in m.named_modules() if c)
     return [(n, m) for n, m in named if n not in inside]
 
@@ -122,7 +124,9 @@ def select_targets(
     all_linear = spec == ALL_LINEAR or (isinstance(spec, list) and spec == [ALL_LINEAR])
     if all_linear:
         heads = _output_head_names(model) | set(config.modules_to_save or [])
-        hits = [(n, m) for n, m in named if (is_linear_like(m) or is_wrapped(m)) and n not in heads]
+        hits = [
+            (n, m) for n, m in named if (is_linear_like(m) or isinstance(m, AdapterLayer)) and n not in heads
+        ]
         hits = [(n, m) for n, m in hits if not name_matches(n, sorted(heads))]
     else:
         hits = [(n, m) for n, m in named if name_matches(n, spec)]
@@ -148,6 +152,14 @@ def select_targets(
         keep = set(config.layers_to_transform)
         skipped = [n for n, _ in hits if _layer_index(n, config.layers_pattern) not in keep]
         hits = [(n, m) for n, m in hits if n not in skipped]
+    foreign = [(n, m) for n, m in hits if isinstance(m, AdapterLayer) and not is_wrapped(m)]
+    if foreign:
+        n, m = foreign[0]
+        raise TargetingError(
+            f"{n!r} is already wrapped by {type(m).__name__} (adapters {m.adapter_names}); one method per layer. "
+            "Leave it out of target_modules, or eject the other method first. Different methods on different "
+            "layers of one model work together."
+        )
     bad = [(n, m) for n, m in hits if not (can_wrap(m) or is_wrapped(m))]
     if bad:
         n, m = bad[0]

@@ -1,3 +1,3 @@
 """Built-in methods. Importing a method module registers it."""
 
-from . import lora  # noqa: F401
+from . import ia3, lora  # noqa: F401

@@ -133,25 +133,11 @@ class LoraLayer(AdapterLayer):
                 f"{where}: the file carries its own full base weight (PEFT save_embedding_layers), and it differs "
                 "from this model's; load the base model it was trained with (e.g. with the resized vocabulary)"
             )
+        hint = " (the file has DoRA magnitudes but the config says use_dora=false, or vice versa)"
         own = self.adapter_state_dict(name)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            hint = (
-                " (the file has DoRA magnitudes but the config says use_dora=false, or vice versa)"
-                if any("magnitude" in k for k in missing + unexpected)
-                else ""
-            )
-            raise AdapterFormatError(f"{where}: missing keys {missing}, unexpected keys {unexpected}{hint}")
-        for key, target in own.items():
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise AdapterFormatError(
-                    f"{where}.{key}: shape {tuple(state[key].shape)} in the file, {tuple(target.shape)} expected by "
-                    "the model. A rank mismatch means `r`/`rank_pattern` in adapter_config.json disagrees with the "
-                    "tensors; other dims mean a different base model."
-                )
-        with torch.no_grad():
-            for key, target in own.items():
-                target.copy_(state[key])
+        self.copy_checked(
+            own, state, where, hint if any("magnitude" in k for k in set(own) ^ set(state)) else ""
+        )
 
     # ---- merge ----------------------------------------------------------------------------------------------
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
