@@ -31,23 +31,32 @@ def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def _train_tokenizer(corpus: list[str], specials: list[str], kind: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _bpe_tokenizer(corpus: list[str], specials: list[str]):
+    """Byte-level BPE trained on `corpus` (the BPE trainer is deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=None))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        from tokenizers import decoders
-
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-    else:
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _wordpiece_tokenizer(corpus: list[str], specials: list[str]):
+    """WordPiece over an explicit sorted vocabulary: every corpus word, and single characters as fallback.
+    (The WordPiece *trainer* breaks ties differently from run to run, which made test results vary.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for text in corpus for w, _ in pre.pre_tokenize_str(text.lower())})
+    chars = sorted({c for w in words for c in w})
+    vocab = specials + [w for w in words if w not in specials] + [f"##{c}" for c in chars]
+    vocab += [c for c in chars if c not in vocab]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre
     return tok
 
 
@@ -63,7 +72,7 @@ def _corpus() -> list[str]:
 def make_tiny_causal_lm(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = _train_tokenizer(_corpus(), ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"], "bpe")
+    tok = _bpe_tokenizer(_corpus(), ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
     )
@@ -90,7 +99,7 @@ def make_tiny_causal_lm(folder: Path) -> Path:
 def make_tiny_bert(folder: Path) -> Path:
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    tok = _train_tokenizer(_corpus(), ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "wordpiece")
+    tok = _wordpiece_tokenizer(_corpus(), ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(
