@@ -62,6 +62,16 @@ def _hf_run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**inputs).logits
 
 
+def _random_biases(model: nn.Module) -> nn.Module:
+    """transformers initialises biases to zero; non-zero ones let the contract suite see whether a method
+    (IA3 rescales outputs) handles the bias in merge and export."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    return model
+
+
 def build_llama(hidden: int = 32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,7 +92,9 @@ def build_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    return _random_biases(
+        GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    )
 
 
 def build_bert() -> nn.Module:
@@ -98,7 +110,7 @@ def build_bert() -> nn.Module:
         num_labels=3,
         max_position_embeddings=32,
     )
-    return BertForSequenceClassification(cfg).eval()
+    return _random_biases(BertForSequenceClassification(cfg).eval())
 
 
 def build_cnn() -> nn.Module:

@@ -33,6 +33,9 @@ def test_formula_output_and_input_scaling():
     hidden = torch.relu(reference.up(x) * torch.linspace(0.5, 2, 6))  # output (and bias) scaled
     expected = reference.down(hidden * torch.linspace(2, 0.5, 6))  # input scaled
     torch.testing.assert_close(model(x), expected)
+    exported = Mlp()  # the merged export carries the scaled bias too (the Mlp's biases are non-zero)
+    exported.load_state_dict(dt.merged_state_dict(model))
+    torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-5)
     dt.merge(model)
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(up.base_layer.bias, reference.up.bias * torch.linspace(0.5, 2, 6))

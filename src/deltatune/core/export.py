@@ -33,10 +33,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                     f"{name}: {type(wrapper).__name__} cannot be merged, so it cannot be exported merged"
                 )
             weight = wrapper.base_weight
+            bias = getattr(wrapper.base_layer, "bias", None)
             merged = weight.detach().float()
+            merged_bias = bias.detach().float() if bias is not None else None
             for adapter in wrapper.unmerged_active:
                 merged = wrapper.merged_weight(adapter, merged)
+                if merged_bias is not None:  # methods that rescale outputs (IA3) fold into the bias too
+                    new_bias = wrapper.merged_bias(adapter, merged_bias)
+                    merged_bias = merged_bias if new_bias is None else new_bias
             state[f"{name}.weight"] = merged.to(weight.dtype)
+            if bias is not None:
+                state[f"{name}.bias"] = merged_bias.to(bias.dtype)
         else:
             for key, tensor in wrapper.current().state_dict().items():
                 state[f"{name}.{key}"] = tensor
