@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from .checkpoint import CheckpointError, list_checkpoints
 from .config import ConfigError, TrainConfig, load_train_config, validate_config
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import NonFiniteLossError, RunResult, Trainer
+from .reporting import write_text_atomic
 from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
 
 RESOLVED_CONFIG = "config.yaml"
@@ -29,9 +29,7 @@ def seed_everything(seed: int) -> None:
 
 def _write_resolved_config(cfg: TrainConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RESOLVED_CONFIG}.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, out / RESOLVED_CONFIG)
+    write_text_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

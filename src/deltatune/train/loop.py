@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
-from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
+from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar, write_text_atomic
 
 
 class NonFiniteLossError(DeltatuneError, FloatingPointError):
@@ -66,9 +65,7 @@ def write_summary(result: RunResult, path: Path) -> None:
         "trainable_params": t.trainable if t else None, "total_params": t.total if t else None,
         "trainable_percent": t.percent if t else None,
     }  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

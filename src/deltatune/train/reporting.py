@@ -12,6 +12,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a hidden sibling, then rename: a reader (or a crash) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path = path
@@ -24,9 +31,7 @@ class MetricsLog:
         kept = [
             line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
