@@ -179,11 +179,23 @@ IA3_TARGETS = {
     "bert": (["key", "value", "output.dense"], r".*\.layer\.\d+\.output\.dense"),
 }
 # Every registered method's configs for the contract suite (DESIGN.md rule 10).
-CONTRACT_VARIANTS = {"LORA": list(VARIANTS), "IA3": ["ia3"]}
+CONTRACT_VARIANTS = {
+    "LORA": list(VARIANTS),
+    "IA3": ["ia3"],
+    "BOTTLENECK": ["bottleneck", "bottleneck_linear"],
+    "PROMPT_TUNING": ["prompt"],
+    "PREFIX_TUNING": ["prefix", "prefix_projection"],
+}
+VIRTUAL_TOKEN_VARIANTS = {"prompt", "prefix", "prefix_projection"}
+NON_MERGEABLE_VARIANTS = VIRTUAL_TOKEN_VARIANTS | {"bottleneck"}
 
 
 def method_config(case: Case, variant: str, *, identity: bool = False, **overrides):
     """The contract suite's config for `variant`: non-identity init unless `identity`."""
+    if variant in VIRTUAL_TOKEN_VARIANTS:
+        return _virtual_token_config(case, variant, **overrides)
+    if variant.startswith("bottleneck"):
+        return _bottleneck_config(case, variant, identity, **overrides)
     if variant != "ia3":
         return lora_config(case, variant, init_lora_weights=identity, **overrides)
     from deltatune.methods.ia3 import Ia3Config
@@ -196,6 +208,32 @@ def method_config(case: Case, variant: str, *, identity: bool = False, **overrid
         init_ia3_weights=identity,
     )  # fmt: skip
     return Ia3Config(**(kwargs | overrides))
+
+
+def _virtual_token_config(case: Case, variant: str, **overrides):
+    import deltatune as dt
+
+    if case.name == "cnn":
+        pytest.skip("prompt and prefix tuning need a transformers model (input embeddings, KV cache)")
+    kwargs = dict(num_virtual_tokens=3, modules_to_save=case.modules_to_save) | overrides
+    if variant == "prompt":
+        return dt.PromptTuningConfig(**kwargs)
+    if variant == "prefix_projection":
+        kwargs |= dict(prefix_projection=True, encoder_hidden_size=8)
+    return dt.PrefixTuningConfig(**kwargs)
+
+
+def _bottleneck_config(case: Case, variant: str, identity: bool, **overrides):
+    """ "bottleneck": ReLU (cannot merge); "bottleneck_linear": identity without biases (merges exactly). The
+    architecture preset picks the layers, except for the CNN, which has no preset."""
+    import deltatune as dt
+
+    kwargs = dict(reduction_factor=4, init_weights=identity, modules_to_save=case.modules_to_save)
+    if variant == "bottleneck_linear":
+        kwargs |= dict(non_linearity="identity", use_bias=False)
+    if case.name == "cnn":
+        kwargs |= dict(target_modules=["head"], bottleneck_size=2)
+    return dt.BottleneckConfig(**(kwargs | overrides))
 
 
 @pytest.fixture(params=list(CASES))

@@ -10,7 +10,14 @@ import copy
 
 import pytest
 import torch
-from conftest import CONTRACT_VARIANTS, VARIANTS, lora_config, method_config
+from conftest import (
+    CONTRACT_VARIANTS,
+    NON_MERGEABLE_VARIANTS,
+    VARIANTS,
+    VIRTUAL_TOKEN_VARIANTS,
+    lora_config,
+    method_config,
+)
 
 import deltatune as dt
 
@@ -43,6 +50,8 @@ def _out(case, model, inputs):
 
 
 def test_identity_at_default_init(case, variant):
+    if variant in VIRTUAL_TOKEN_VARIANTS:
+        pytest.skip("virtual tokens change the output from the first step; no init is the identity")
     model = case.build()
     inputs = case.inputs()
     base = _out(case, model, inputs)
@@ -52,8 +61,9 @@ def test_identity_at_default_init(case, variant):
 
 def test_adapter_changes_output(setup):
     case, model, inputs, base, _ = setup
-    # Relative: the tiny BERT's logits are ~5e-3, and IA3's rescaling passes through LayerNorms.
-    assert (_out(case, model, inputs) - base).abs().max() > 1e-2 * base.abs().max()
+    # Relative to the spread of the base logits: the tiny BERT's are ~5e-3 around its (random) classifier bias,
+    # and IA3's rescaling or a bottleneck's update passes through LayerNorms.
+    assert (_out(case, model, inputs) - base).abs().max() > 1e-2 * base.std()
 
 
 def test_disable_gives_base_output_exactly(setup):
@@ -63,9 +73,18 @@ def test_disable_gives_base_output_exactly(setup):
     assert not torch.equal(_out(case, model, inputs), base)
 
 
-def test_merge_unmerge_eject_agree(setup):
+def test_merge_unmerge_eject_agree(setup, variant):
     case, model, inputs, base, pristine = setup
     adapted = _out(case, model, inputs)
+    if variant in NON_MERGEABLE_VARIANTS:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for attempt in (lambda: dt.merge(model), lambda: dt.eject(model, merge=True)):
+            with pytest.raises(dt.MergeError, match="cannot be merged") as err:
+                attempt()
+            assert "default" in str(err.value) and ": " in str(err.value)  # names the adapter and why
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed
+        assert torch.equal(_out(case, model, inputs), adapted)
+        return
     assert dt.merge(model) == ["default"]
     merged = _out(case, model, inputs)
     torch.testing.assert_close(merged, adapted, **TOL)
@@ -99,9 +118,14 @@ def test_save_load_round_trip_is_bit_exact(setup, tmp_path):
     assert torch.equal(_out(case, fresh, inputs), adapted)
 
 
-def test_export_merged_loads_without_deltatune(setup, tmp_path):
+def test_export_merged_loads_without_deltatune(setup, variant, tmp_path):
     case, model, inputs, base, pristine = setup
     adapted = _out(case, model, inputs)
+    if variant in NON_MERGEABLE_VARIANTS:
+        with pytest.raises(dt.MergeError, match="cannot be exported merged"):
+            dt.export_merged(model, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+        return
     dt.export_merged(model, tmp_path / "merged")
     if hasattr(model, "save_pretrained"):
         plain, info = type(model).from_pretrained(tmp_path / "merged", output_loading_info=True)
@@ -127,7 +151,15 @@ def test_optimizer_step_changes_only_adapter_parameters(setup):
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
-    assert any(".lora_" in n or ".ia3_l." in n for n in changed)
+    adapter_tensors = (
+        ".lora_",
+        ".ia3_l.",
+        ".adapter_down.",
+        ".adapter_up.",
+        ".prompt_embeddings.",
+        ".prefix_",
+    )
+    assert any(marker in n for n in changed for marker in adapter_tensors)
 
 
 def test_dropout_training_forward_matches_eval_when_disabled(case, variant):

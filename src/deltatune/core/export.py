@@ -22,16 +22,20 @@ from .state import plain_state_dict
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's state dict with the active adapters folded in."""
     layers = list(adapter_layers(model))
+    for name, layer in layers:
+        for adapter in layer.unmerged_active:
+            reason = layer.merge_refusal(adapter)
+            if reason:
+                raise MergeError(
+                    f"adapter {adapter!r} cannot be exported merged ({type(layer).__name__} at {name!r}): "
+                    f"{reason}. Save it with save_adapter and load it onto the base instead."
+                )
     _check_untied(model, layers)
     state = plain_state_dict(model)
     for name, wrapper in all_wrappers(model):
         if isinstance(wrapper, AdapterLayer):
             if not wrapper.unmerged_active:
                 continue
-            if not wrapper.mergeable:
-                raise MergeError(
-                    f"{name}: {type(wrapper).__name__} cannot be merged, so it cannot be exported merged"
-                )
             weight = wrapper.base_weight
             bias = getattr(wrapper.base_layer, "bias", None)
             merged = weight.detach().float()

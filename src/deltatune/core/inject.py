@@ -13,9 +13,10 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterNameError, MergeError, TargetingError
+from .input_hooks import remove_input_hooks
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
-from .targeting import TargetPreview, candidate_modules, name_matches, select_targets, suggest_names
+from .targeting import TargetPreview, candidate_modules, name_matches, suggest_names
 
 _STATE_ATTR = "_deltatune_adapters"  # model attribute: {adapter_name: AdapterConfig}
 
@@ -39,13 +40,7 @@ def all_wrappers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer | Modules
 def preview_targets(model: nn.Module, config: AdapterConfig) -> TargetPreview:
     """What `inject(model, config)` would wrap, without changing the model."""
     method = get_method(config.peft_type)
-    return select_targets(
-        model,
-        config,
-        method.can_wrap,
-        method.supported_modules,
-        is_wrapped=lambda m: isinstance(m, method.layer_class),
-    )
+    return method.preview(model, method.resolve_config(model, config))
 
 
 def _check_adapter_name(model: nn.Module, name: str, reserved: set[str]) -> None:
@@ -74,10 +69,12 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     """Add adapter `adapter_name` described by `config` to `model` in place; make it the active, trainable one."""
     method = get_method(config.peft_type)
     _check_adapter_name(model, adapter_name, method.reserved_names())
-    preview = preview_targets(model, config)
+    config = method.resolve_config(model, config)
+    preview = method.preview(model, config)
     for other in config.modules_to_save or []:
         if other in preview.targets:
             raise TargetingError(f"{other!r} is both targeted and in modules_to_save; choose one")
+    wrappers = []
     for module_name in preview.targets:
         module = model.get_submodule(module_name)
         if isinstance(module, AdapterLayer):
@@ -91,6 +88,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             wrapper = method.wrap(module, module_name)
             _set_child(model, module_name, wrapper)
         wrapper.add_adapter(adapter_name, config, module_name)
+        wrappers.append(wrapper)
+    method.attach(model, wrappers)
     _wrap_modules_to_save(model, config, adapter_name)
     configs = dict(adapter_configs(model))
     configs[adapter_name] = config
@@ -199,7 +198,6 @@ def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[
         if n not in known:
             raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
     layers = list(adapter_layers(model))
-    _check_untied(model, layers)
     # Each wrapper merges only the requested adapters it carries (adapters may target different modules).
     pending = [
         (
@@ -208,6 +206,15 @@ def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[
         )
         for _, layer in layers
     ]
+    for (name, layer), (_, todo) in zip(layers, pending, strict=True):
+        for n in todo:
+            reason = layer.merge_refusal(n) if n not in layer.merged_adapters else None
+            if reason:
+                raise MergeError(
+                    f"adapter {n!r} cannot be merged ({type(layer).__name__} at {name!r}): {reason}. Nothing was "
+                    "changed; serve it unmerged, or merge the other adapters by name with merge(model, [names])."
+                )
+    _check_untied(model, layers)
     if safe_merge:
         for layer, todo in pending:
             for n in todo:
@@ -251,6 +258,7 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_child(model, name, replacement)
     if hasattr(model, _STATE_ATTR):
         object.__delattr__(model, _STATE_ATTR)
+    remove_input_hooks(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -21,8 +21,8 @@ class AdapterLayer(nn.Module):
 
     # Attribute names that hold adapter parameters (ModuleDict / ParameterDict keyed by adapter name).
     adapter_attributes: tuple[str, ...] = ()
-    # Whether the update can be folded into base_layer.weight.
-    mergeable: bool = True
+    # True when the on-disk keys are model-level (PEFT's "prompt_embeddings"), not prefixed by the module path.
+    global_state_keys: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -141,11 +141,17 @@ class AdapterLayer(nn.Module):
     def unmerged_bias(self, name: str, bias: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def merge_refusal(self, name: str) -> str | None:
+        """Why adapter `name` cannot be folded into the base weights, or None when it can."""
+        return None
+
     def merge(self, names: Iterable[str] | None = None) -> list[str]:
         """Fold adapters into base_layer.weight. Already-merged adapters are skipped; returns those merged now."""
-        if not self.mergeable:
-            raise MergeError(f"{type(self).__name__} cannot be merged into the base weights")
         names = self.active_adapters if names is None else tuple(names)
+        for name in names:
+            reason = self.merge_refusal(name) if name in self.adapter_configs else None
+            if reason:
+                raise MergeError(f"adapter {name!r} cannot be merged into the base weights: {reason}")
         if not self.merged_adapters:
             self.base_digest()
         done = []

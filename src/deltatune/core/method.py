@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer
+from .targeting import TargetPreview, select_targets
 
 
 class AdapterMethod:
@@ -18,6 +19,28 @@ class AdapterMethod:
     layer_class: ClassVar[type[AdapterLayer]] = AdapterLayer
     # Human-readable list of wrappable module types, used in error messages.
     supported_modules: ClassVar[str] = ""
+
+    @classmethod
+    def resolve_config(cls, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+        """The config with everything the model implies filled in (shapes, default targets). Returns a new
+        object when it changes anything, so the caller's config is never mutated."""
+        return config
+
+    @classmethod
+    def preview(cls, model: nn.Module, config: AdapterConfig) -> TargetPreview:
+        """Which modules `inject` would wrap. Layer methods resolve `target_modules`; model-level methods
+        override this with the one module they live in."""
+        return select_targets(
+            model,
+            config,
+            cls.can_wrap,
+            cls.supported_modules,
+            is_wrapped=lambda m: isinstance(m, cls.layer_class),
+        )
+
+    @classmethod
+    def attach(cls, model: nn.Module, wrappers: list[AdapterLayer]) -> None:
+        """Called after `inject` wrapped its targets; model-level methods install their hooks here."""
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:

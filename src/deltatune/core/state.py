@@ -24,26 +24,38 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
         if isinstance(wrapper, AdapterLayer) and adapter_name not in wrapper.adapter_configs:
             continue  # another adapter's layer (adapters may target different modules)
         for key, tensor in wrapper.adapter_state_dict(adapter_name).items():
-            state[f"{PREFIX}{name}.{key}"] = tensor
+            state[key if _global_keys(wrapper) else f"{PREFIX}{name}.{key}"] = tensor
     return state
+
+
+def _global_keys(wrapper: nn.Module) -> bool:
+    return isinstance(wrapper, AdapterLayer) and wrapper.global_state_keys
 
 
 def load_adapter_state_dict(
     model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, source: str
 ) -> None:
     """Copy on-disk tensors into adapter `adapter_name`; every key must be used and every slot filled."""
-    foreign = [k for k in state if not k.startswith(PREFIX)]
-    if foreign:
-        raise AdapterFormatError(
-            f"{source}: {len(foreign)} key(s) lack the '{PREFIX}' prefix PEFT writes, e.g. {foreign[0]!r}; "
-            "this is not a PEFT-format adapter file"
-        )
     owners = {
         name: w
         for name, w in all_wrappers(model)
         if (isinstance(w, AdapterLayer) and adapter_name in w.adapter_configs)
         or (isinstance(w, ModulesToSaveWrapper) and adapter_name in w.modules_to_save)
     }
+    # Model-level methods (prompt / prefix tuning) own un-prefixed keys such as PEFT's "prompt_embeddings".
+    global_owners = {name: w for name, w in owners.items() if _global_keys(w)}
+    global_keys = {k: name for name, w in global_owners.items() for k in w.adapter_state_dict(adapter_name)}
+    for name, wrapper in global_owners.items():
+        local = {k: state[k] for k, owner in global_keys.items() if owner == name and k in state}
+        wrapper.load_adapter_state(adapter_name, local, where=f"{source}: {name}")
+        del owners[name]
+    state = {k: v for k, v in state.items() if k not in global_keys}
+    foreign = [k for k in state if not k.startswith(PREFIX)]
+    if foreign:
+        raise AdapterFormatError(
+            f"{source}: {len(foreign)} key(s) lack the '{PREFIX}' prefix PEFT writes, e.g. {foreign[0]!r}; "
+            "this is not a PEFT-format adapter file"
+        )
     grouped: dict[str, dict[str, torch.Tensor]] = {name: {} for name in owners}
     unexpected = []
     for key, tensor in state.items():

@@ -1,3 +1,3 @@
 """Built-in methods. Importing a method module registers it."""
 
-from . import ia3, lora  # noqa: F401
+from . import bottleneck, ia3, lora, prefix_tuning, prompt_tuning  # noqa: F401

@@ -1,0 +1,196 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"): learned key
+and value vectors for `num_virtual_tokens` positions in front of every attention layer. Registered as
+"PREFIX_TUNING".
+
+The prefix goes in through the model's KV-cache interface: on the first call of a sequence the hook seeds the
+cache with the prefix of every layer, prepends `n` ones to the attention mask and shifts explicit positions by
+`n` (the model itself then numbers the real tokens n, n+1, ..., as PEFT does). Generation works unchanged:
+later steps only extend the mask and shift positions.
+
+Reparametrization (`prefix_projection`, Li & Liang's fix for unstable training): while training, the prefix is
+`MLP(embedding)` with a tanh MLP of width `encoder_hidden_size`. Saving folds it away: the file holds the
+prefix itself, PEFT's `prompt_embeddings` of shape (n, num_layers * 2 * kv_heads * head_dim), laid out per
+token as [layer 0 key, layer 0 value, layer 1 key, ...] with heads inside each. Loading such a file gives the
+folded (plain) form.
+
+Incompatible with gradient checkpointing (the recomputed forward would write the cache twice); the training
+config refuses that combination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.errors import AdapterConfigError, AdapterFormatError, TargetingError
+from ..core.input_hooks import (
+    InputRewritingLayer,
+    OutputFix,
+    cached_length,
+    extend_attention_mask,
+    shift_positions,
+)
+from ..core.registry import register
+from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, model_shape, text_config
+
+
+@dataclass
+class PrefixTuningConfig(VirtualTokenConfig):
+    peft_only_fields: ClassVar[frozenset[str]] = frozenset()
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None  # PEFT's field; only None (random) is implemented
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init_weights is not None:
+            raise AdapterConfigError(
+                f"init_weights={self.init_weights!r} is not implemented; leave it unset (random init)"
+            )
+
+
+class PrefixEncoder(nn.Module):
+    """The training-time reparametrization: virtual-token embeddings through a two-layer tanh MLP."""
+
+    def __init__(self, tokens: int, token_dim: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(tokens, token_dim))
+        self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding)
+
+
+class PrefixTuningLayer(InputRewritingLayer):
+    adapter_attributes = ("prefix_embeddings", "prefix_encoders")
+    merge_refusal_reason = (
+        "prefix tuning adds learned keys and values to every attention layer; attention over extra positions "
+        "is not a weight change"
+    )
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.prefix_embeddings = nn.ParameterDict()
+        self.prefix_encoders = nn.ModuleDict()
+        self.layouts: dict[
+            str, tuple[int, int, int, int]
+        ] = {}  # name -> (tokens, layers, kv heads, head dim)
+
+    def create_adapter(self, name: str, config: AdapterConfig, module_name: str) -> None:
+        assert isinstance(config, PrefixTuningConfig)
+        heads, dim = config.num_attention_heads, config.token_dim
+        if dim % heads:
+            raise AdapterConfigError(f"token_dim={dim} is not divisible by num_attention_heads={heads}")
+        n, layers = config.num_virtual_tokens, config.num_layers
+        self.layouts[name] = (n, layers, heads, dim // heads)
+        width = layers * 2 * dim
+        device = self.base_layer.weight.device
+        if config.prefix_projection:
+            hidden = config.encoder_hidden_size or dim
+            self.prefix_encoders[name] = PrefixEncoder(n, dim, hidden, width).to(device)
+        else:
+            self.prefix_embeddings[name] = nn.Parameter(torch.randn(n, width, device=device))
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.layouts.pop(name, None)
+
+    def prefix(self, name: str) -> torch.Tensor:
+        """(n, layers * 2 * kv_dim): the learned prefix, through the MLP while it is still there."""
+        if name in self.prefix_encoders:
+            return self.prefix_encoders[name]()
+        return self.prefix_embeddings[name]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.prefix(name)}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str = "") -> None:
+        if set(state) != {"prompt_embeddings"}:
+            raise AdapterFormatError(
+                f"{where}: expected the single key 'prompt_embeddings', got {sorted(state)}"
+            )
+        tensor = state["prompt_embeddings"]
+        expected = tuple(self.prefix(name).shape)
+        if tuple(tensor.shape) != expected:
+            raise AdapterFormatError(
+                f"{where}.prompt_embeddings: shape {tuple(tensor.shape)} in the file, {expected} expected: "
+                "num_virtual_tokens, num_layers, num_attention_heads or token_dim disagree with the base model"
+            )
+        if name in self.prefix_encoders:  # a saved prefix is already folded: keep the plain form
+            del self.prefix_encoders[name]
+            device = self.base_layer.weight.device
+            self.prefix_embeddings[name] = nn.Parameter(torch.empty(expected, device=device))
+        with torch.no_grad():
+            self.prefix_embeddings[name].copy_(tensor)
+
+    def rewrite_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> OutputFix | None:
+        name = self.unmerged_active[0]
+        n, layers, heads, head_dim = self.layouts[name]
+        extend_attention_mask(inputs, n)
+        shift_positions(inputs, n, prepend=False)
+        cache = inputs.get("past_key_values")
+        if cached_length(cache) > 0:  # a generation step: the prefix is already in the cache
+            return None
+        reference = inputs.get("inputs_embeds")
+        if reference is None:
+            reference = inputs["input_ids"]
+        dtype = self.base_layer.weight.dtype
+        # (n, layers*2*heads*head_dim) -> (layers*2, 1, heads, n, head_dim)
+        kv = self.prefix(name).to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
+        kv = kv.expand(-1, reference.shape[0], -1, -1, -1)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=text_config(model))
+        for layer in range(layers):
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        inputs["past_key_values"] = cache
+        return None
+
+
+class PrefixTuningMethod(VirtualTokenMethod):
+    config_class = PrefixTuningConfig
+    layer_class = PrefixTuningLayer
+
+    @classmethod
+    def shape_fields(cls, model: nn.Module, config: VirtualTokenConfig) -> dict[str, Any]:
+        """The prefix is keys/values, so its width is that of the KV heads (grouped-query attention has fewer
+        KV heads than query heads), as PEFT computes it."""
+        fields = super().shape_fields(model, config)
+        text = text_config(model)
+        kv_heads = getattr(text, "num_key_value_heads", None)
+        if kv_heads is not None and config.token_dim is None and config.num_attention_heads is None:
+            shape = model_shape(model)
+            head_dim = getattr(text, "head_dim", None) or shape["token_dim"] // shape["num_attention_heads"]
+            fields["token_dim"] = int(head_dim) * int(kv_heads)
+            fields["num_attention_heads"] = int(kv_heads)
+        if config.encoder_hidden_size is None:
+            fields["encoder_hidden_size"] = fields.get("token_dim", config.token_dim)
+        return fields
+
+    @classmethod
+    def preview(cls, model: nn.Module, config: AdapterConfig):
+        if "past_key_values" not in _forward_parameters(model):
+            raise TargetingError(
+                f"{type(model).__name__}.forward takes no past_key_values, which prefix tuning feeds the "
+                "prefix through; use prompt tuning for this model"
+            )
+        return super().preview(model, config)
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters.values()
+    names = {p.name for p in params}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        names.add("past_key_values")  # **kwargs forwarded to the backbone; checked by the first forward
+    return names
+
+
+register("PREFIX_TUNING")(PrefixTuningMethod)
