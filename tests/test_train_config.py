@@ -95,7 +95,8 @@ def test_adapter_section_is_validated_by_the_method(tmp_path, tiny_causal_lm):
     raw = base(tmp_path)
     raw["adapter"]["method"] = "lorax"
     with pytest.raises(
-        ConfigError, match="adapter.method=.lorax. is not a known method; choose one of: full, bottleneck, ia3, lora, prefix_tuning, prompt_tuning"
+        ConfigError,
+        match="adapter.method=.lorax. is not a known method; choose one of: full, bottleneck, ia3, lora, prefix_tuning, prompt_tuning",
     ):
         build_adapter_config(validate_config(raw).adapter, "causal_lm", model)
     raw = base(tmp_path)

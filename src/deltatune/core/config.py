@@ -37,6 +37,9 @@ class AdapterConfig:
     required_keys: ClassVar[tuple[str, ...]] = ()
     # PEFT fields deltatune does not implement; harmless at neutral values, an error otherwise.
     peft_only_fields: ClassVar[frozenset[str]] = frozenset()
+    # What PEFT puts in front of a module path in the weights file. Its prompt-learning methods wrap the model
+    # one level less deep, so theirs is "base_model." (e.g. `base_model.classifier.weight`).
+    state_key_prefix: ClassVar[str] = "base_model.model."
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

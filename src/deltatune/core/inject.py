@@ -7,6 +7,7 @@ new adapter. All other functions here walk the model's wrappers; none of them me
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 
 from torch import nn
@@ -100,13 +101,17 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
 
 def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
     candidates = candidate_modules(model, lambda m: isinstance(m, (AdapterLayer, ModulesToSaveWrapper)))
-    for key in config.modules_to_save or []:
-        found = [n for n, _ in candidates if name_matches(n, [key])]
-        if not found:
-            names = [n for n, _ in candidates]
-            raise TargetingError(
-                f"modules_to_save entry {key!r} matches no module; nearest: {suggest_names(key, names)}"
-            )
+    keys = list(dict.fromkeys(config.modules_to_save or []))
+    found_by_key = {key: [n for n, _ in candidates if name_matches(n, [key])] for key in keys}
+    unmatched = [key for key, found in found_by_key.items() if not found]
+    if unmatched:
+        names = [n for n, _ in candidates]
+        message = f"modules_to_save entry {unmatched[0]!r} matches no module; nearest: {suggest_names(unmatched[0], names)}"
+        if len(unmatched) == len(keys):
+            raise TargetingError(message)
+        # PEFT writes alternatives for classification heads (["classifier", "score"]); one of them matching is enough.
+        warnings.warn(message + " (ignored: other entries matched)", UserWarning, stacklevel=3)
+    for found in found_by_key.values():
         for name in found:
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSaveWrapper):

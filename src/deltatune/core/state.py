@@ -11,20 +11,26 @@ import torch
 from torch import nn
 
 from .errors import AdapterFormatError
-from .inject import all_wrappers
+from .inject import adapter_configs, all_wrappers
 from .layer import AdapterLayer, ModulesToSaveWrapper
 
 PREFIX = "base_model.model."
 
 
+def _key_prefix(model: nn.Module, adapter_name: str) -> str:
+    config = adapter_configs(model).get(adapter_name)
+    return config.state_key_prefix if config is not None else PREFIX
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """Tensors of one adapter under PEFT's on-disk keys (tensors are the live parameters, not copies)."""
+    prefix = _key_prefix(model, adapter_name)
     state = {}
     for name, wrapper in all_wrappers(model):
         if isinstance(wrapper, AdapterLayer) and adapter_name not in wrapper.adapter_configs:
             continue  # another adapter's layer (adapters may target different modules)
         for key, tensor in wrapper.adapter_state_dict(adapter_name).items():
-            state[key if _global_keys(wrapper) else f"{PREFIX}{name}.{key}"] = tensor
+            state[key if _global_keys(wrapper) else f"{prefix}{name}.{key}"] = tensor
     return state
 
 
@@ -50,16 +56,17 @@ def load_adapter_state_dict(
         wrapper.load_adapter_state(adapter_name, local, where=f"{source}: {name}")
         del owners[name]
     state = {k: v for k, v in state.items() if k not in global_keys}
-    foreign = [k for k in state if not k.startswith(PREFIX)]
+    prefix = _key_prefix(model, adapter_name)
+    foreign = [k for k in state if not k.startswith(prefix)]
     if foreign:
         raise AdapterFormatError(
-            f"{source}: {len(foreign)} key(s) lack the '{PREFIX}' prefix PEFT writes, e.g. {foreign[0]!r}; "
+            f"{source}: {len(foreign)} key(s) lack the '{prefix}' prefix PEFT writes, e.g. {foreign[0]!r}; "
             "this is not a PEFT-format adapter file"
         )
     grouped: dict[str, dict[str, torch.Tensor]] = {name: {} for name in owners}
     unexpected = []
     for key, tensor in state.items():
-        path = key[len(PREFIX) :]
+        path = key[len(prefix) :]
         owner = _owner_of(path, owners)
         if owner is None:
             unexpected.append(key)

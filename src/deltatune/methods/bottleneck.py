@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ PLACEMENT_CHOICES = ("attention", "feedforward", "both")
 
 @dataclass
 class BottleneckConfig(AdapterConfig):
-    required_keys: ClassVar[tuple[str, ...]] = ("target_modules",)
+    """Without `target_modules`, `placement` picks the layers; saved configs hold the resolved targets."""
 
     placement: str = "both"
     reduction_factor: int = 16

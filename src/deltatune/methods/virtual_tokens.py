@@ -30,6 +30,7 @@ class VirtualTokenConfig(AdapterConfig):
     so that PEFT reads the file without the model at hand."""
 
     required_keys: ClassVar[tuple[str, ...]] = ("num_virtual_tokens",)
+    state_key_prefix: ClassVar[str] = "base_model."
 
     num_virtual_tokens: int = 20
     token_dim: int | None = None

@@ -122,6 +122,12 @@ class TrainConfig(Section):
             )
         if classification and self.eval.generate_metrics:
             raise ValueError("eval.generate_metrics apply to generative formats, not classification")
+        if self.adapter.method == "prefix_tuning" and self.training.gradient_checkpointing:
+            raise ValueError(
+                "adapter.method=prefix_tuning cannot use training.gradient_checkpointing: the prefix travels in the "
+                "KV cache, which the recomputed forward would extend twice. Turn checkpointing off or use "
+                "prompt_tuning."
+            )
         return self
 
     @property

@@ -92,6 +92,8 @@ def build_adapter_config(spec: AdapterSpec, task: str, model: nn.Module) -> Adap
         heads = [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module)]
         fields["modules_to_save"] = heads  # the new head is randomly initialised: it must train in full
     fields.setdefault("task_type", "SEQ_CLS" if task == "classification" else "CAUSAL_LM")
+    if str(fields.get("prompt_tuning_init") or "").upper() == "TEXT":  # embedded with the model's tokenizer
+        fields.setdefault("tokenizer_name_or_path", getattr(model.config, "_name_or_path", None))
     try:
         return cls.from_dict({"peft_type": cls.peft_type, **fields}, source="adapter section")
     except (TypeError, ValueError) as exc:
