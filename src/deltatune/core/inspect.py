@@ -24,17 +24,9 @@ def describe_adapter(folder: Path) -> str:
         )
     config = json.loads((folder / CONFIG_NAME).read_text())
     lines = [f"adapter: {folder}", f"method: {config.get('peft_type')}"]
-    keys = (
-        "r",
-        "lora_alpha",
-        "use_rslora",
-        "use_dora",
-        "lora_dropout",
-        "target_modules",
-        "feedforward_modules",
-        "modules_to_save",
-    )
-    lines += [f"  {k}: {config[k]}" for k in keys if k in config]
+    # Every field that shapes the adapter, whatever the method; bookkeeping and unset fields are left out.
+    skip = {"peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+    lines += [f"  {k}: {v}" for k, v in sorted(config.items()) if k not in skip and v not in (None, [], {}, "")]
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as handle:
