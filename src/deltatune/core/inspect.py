@@ -25,8 +25,17 @@ def describe_adapter(folder: Path) -> str:
     config = json.loads((folder / CONFIG_NAME).read_text())
     lines = [f"adapter: {folder}", f"method: {config.get('peft_type')}"]
     # Every field that shapes the adapter, whatever the method; bookkeeping and unset fields are left out.
-    skip = {"peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
-    lines += [f"  {k}: {v}" for k, v in sorted(config.items()) if k not in skip and v not in (None, [], {}, "")]
+    skip = {
+        "peft_type",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+    }
+    lines += [
+        f"  {k}: {v}" for k, v in sorted(config.items()) if k not in skip and v not in (None, [], {}, "")
+    ]
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as handle:
