@@ -182,19 +182,20 @@ def test_dropout_training_forward_matches_eval_when_disabled(case, variant):
     assert not torch.allclose(noisy, _out(case, reference, inputs))
 
 
-def test_half_precision_base_keeps_float32_adapters():
+def test_half_precision_base_keeps_float32_adapters(variant):
     from conftest import CASES
 
     case = CASES["llama"]
     model = case.build().to(torch.bfloat16)
     inputs = case.inputs()
-    dt.inject(model, lora_config(case, "lora"))
+    dt.inject(model, method_config(case, variant))
     assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
     adapted = _out(case, model, inputs)
     assert adapted.dtype == torch.bfloat16
-    dt.merge(model)
-    torch.testing.assert_close(_out(case, model, inputs), adapted, atol=0.1, rtol=0.05)  # bf16 resolution
-    dt.unmerge(model)
+    if variant not in NON_MERGEABLE_VARIANTS:
+        dt.merge(model)
+        torch.testing.assert_close(_out(case, model, inputs), adapted, atol=0.1, rtol=0.05)  # bf16 resolution
+        dt.unmerge(model)
     model.train()
     case.run(model, inputs).float().pow(2).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
