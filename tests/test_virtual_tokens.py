@@ -266,3 +266,22 @@ def test_trains_through_the_pipeline(adapter, tiny_causal_lm, tmp_path):
     assert result.validation["loss"] < 0.9 * before, (before, result.validation["loss"])
     after = evaluate_adapter(cfg, tmp_path / "run" / "adapter")["loss"]  # reloaded from disk: same numbers
     assert after == pytest.approx(result.validation["loss"], rel=1e-5)
+
+
+def test_lora_merges_and_exports_beside_prompt_tuning_on_tied_embeddings(tmp_path):
+    case = CASES["gpt2"]  # wte is tied to lm_head; the prompt wrapper sits on wte
+    model = case.build()
+    ids = case.inputs()["input_ids"]
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False), "lora")
+    dt.inject(model, _config("prompt", case), adapter_name="prompt")
+    dt.set_adapter(model, "lora")
+    expected = _logits(model, ids)
+    dt.export_merged(
+        model, tmp_path / "merged"
+    )  # the inactive prompt wrapper does not count as a merge target
+    plain = type(model).from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(plain, ids), expected, **TOL)
+    dt.set_adapter(model, ["lora", "prompt"])
+    both = _logits(model, ids)
+    assert dt.merge(model, ["lora"]) == ["lora"]
+    torch.testing.assert_close(_logits(model, ids), both, **TOL)

@@ -30,7 +30,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                     f"adapter {adapter!r} cannot be exported merged ({type(layer).__name__} at {name!r}): "
                     f"{reason}. Save it with save_adapter and load it onto the base instead."
                 )
-    _check_untied(model, layers)
+    _check_untied(model, [(name, layer) for name, layer in layers if layer.unmerged_active])
     state = plain_state_dict(model)
     for name, wrapper in all_wrappers(model):
         if isinstance(wrapper, AdapterLayer):

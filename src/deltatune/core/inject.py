@@ -219,7 +219,8 @@ def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[
                     f"adapter {n!r} cannot be merged ({type(layer).__name__} at {name!r}): {reason}. Nothing was "
                     "changed; serve it unmerged, or merge the other adapters by name with merge(model, [names])."
                 )
-    _check_untied(model, layers)
+    # Only layers that will change matter: a prompt-tuning wrapper on tied embeddings must not block merging LoRA.
+    _check_untied(model, [(n, layer) for (n, layer), (_, todo) in zip(layers, pending, strict=True) if todo])
     if safe_merge:
         for layer, todo in pending:
             for n in todo:
