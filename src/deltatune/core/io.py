@@ -43,6 +43,7 @@ from .inject import (
     merged_adapter_names,
     set_adapter,
 )
+from .quantized import model_quantization
 from .state import adapter_state_dict, load_adapter_state_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -128,6 +129,7 @@ def save_adapter(
             "peft_type": config.peft_type,
             "base_model": provenance.base_fingerprint(model, _targets_of(model, adapter_name)),
             "tokenizer_sha256": provenance.tokenizer_hash(tokenizer) if tokenizer is not None else None,
+            "quantization": model_quantization(model),  # None: a float base
             "data_sha256": data_sha256,
             "parameters": {
                 "adapter": sum(t.numel() for t in tensors.values()),

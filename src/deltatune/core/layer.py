@@ -14,6 +14,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterFormatError, AdapterNameError, MergeError
 from .hashing import tensor_sha256
+from .quantized import float_weight, is_quantized
 
 
 class AdapterLayer(nn.Module):
@@ -27,6 +28,9 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.quantized = is_quantized(
+            base_layer
+        )  # stored packed; math on it goes through base_weight_float()
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
@@ -143,7 +147,16 @@ class AdapterLayer(nn.Module):
 
     def merge_refusal(self, name: str) -> str | None:
         """Why adapter `name` cannot be folded into the base weights, or None when it can."""
+        if is_quantized(self.base_layer):
+            return (
+                f"the base weight is stored quantized ({type(self.base_layer).__name__}); folding an update into "
+                "it in place would re-quantize it and lose the update. Serve it unmerged"
+            )
         return None
+
+    def base_weight_float(self) -> torch.Tensor:
+        """The base weight as float32, dequantized when the base is quantized (detached)."""
+        return float_weight(self.base_layer)
 
     def merge(self, names: Iterable[str] | None = None) -> list[str]:
         """Fold adapters into base_layer.weight. Already-merged adapters are skipped; returns those merged now."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from .quantized import logical_shape, storage_dtype
 from .state import plain_state_dict
 
 SCHEMA_VERSION = 1
@@ -35,8 +36,8 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any
         "shapes_sha256": hashlib.sha256(repr(shapes).encode()).hexdigest(),
         "targets": {
             n: {
-                "shape": list(layer.base_weight.shape),
-                "dtype": str(layer.base_weight.dtype).removeprefix("torch."),
+                "shape": logical_shape(layer.base_layer),
+                "dtype": storage_dtype(layer.base_layer),
             }
             for n, layer in zip(names, layers, strict=True)
         },

@@ -81,7 +81,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     splits = load_data(cfg.data, tokenizer, cfg.training.seed)
-    model = load_model(cfg.model, tokenizer, splits.label_names)
+    model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
     prepare_trainable(model, cfg.adapter, cfg.model.task)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -98,7 +98,7 @@ def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     splits = load_data(cfg.data, tokenizer, cfg.training.seed)
-    model = load_model(cfg.model, tokenizer, splits.label_names)
+    model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
     if adapter is not None:
         load_adapter(model, adapter, tokenizer=tokenizer)
     device = pick_device(cfg.training.device, Dist())

@@ -29,6 +29,14 @@ class ModelSpec(Section):
     trust_remote_code: bool = False
 
 
+class QuantSpec(Section):
+    # Store the frozen base's linear layers in 4-bit NF4 / FP4 or 8-bit (QLoRA; bitsandbytes, the `quant` extra).
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    skip_modules: list[str] | None = None  # default: the output head and classification heads
+
+
 class DataSpec(Section):
     # A .jsonl / .json / .csv / .tsv / .parquet file, or "bundled:tweets".
     train: str
@@ -103,6 +111,7 @@ class TrainConfig(Section):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     training: TrainingSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    quantization: QuantSpec | None = None
     output_dir: str = "outputs/run"
 
     @model_validator(mode="after")
@@ -122,6 +131,11 @@ class TrainConfig(Section):
             )
         if classification and self.eval.generate_metrics:
             raise ValueError("eval.generate_metrics apply to generative formats, not classification")
+        if self.quantization is not None and self.adapter.method == "full":
+            raise ValueError(
+                "quantization needs a frozen base: adapter.method=full would train the quantized weights. "
+                "Pick an adapter method (e.g. lora) or remove the quantization section."
+            )
         if self.adapter.method == "prefix_tuning" and self.training.gradient_checkpointing:
             raise ValueError(
                 "adapter.method=prefix_tuning cannot use training.gradient_checkpointing: the prefix travels in the "

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.inject import inject
 from ..core.registry import get_method, registered_methods
-from .config import AdapterSpec, ConfigError, ModelSpec
+from .config import AdapterSpec, ConfigError, ModelSpec, QuantSpec
 
 BUNDLED_MODELS = ("smollm2", "minilm")
 CLASSIFIER_HEADS = ("classifier", "score")  # BERT-style and decoder-style sequence classification heads
@@ -43,7 +43,22 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tokenizer
 
 
-def load_model(spec: ModelSpec, tokenizer: Any, label_names: list[str] | None = None) -> nn.Module:
+def load_model(
+    spec: ModelSpec,
+    tokenizer: Any,
+    label_names: list[str] | None = None,
+    quantization: QuantSpec | None = None,
+) -> nn.Module:
+    """The base model as the config describes it, quantized in place when `quantization` is given."""
+    model = _load_float_model(spec, tokenizer, label_names)
+    if quantization is not None:
+        from ..quant import quantize_base
+
+        quantize_base(model, **quantization.model_dump())
+    return model
+
+
+def _load_float_model(spec: ModelSpec, tokenizer: Any, label_names: list[str] | None) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec.path)

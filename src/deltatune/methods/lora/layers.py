@@ -35,8 +35,10 @@ class _Weight(nn.Module):
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision bases get float32 adapters: tiny in size, and they train far more stably.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    # Half-precision and quantized bases get float32 adapters: tiny in size, and they train far more stably.
+    if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype
 
 
 class LoraLayer(AdapterLayer):
@@ -98,7 +100,7 @@ class LoraLayer(AdapterLayer):
         self.dropout[name] = float(config.lora_dropout)
         if config.use_dora:
             with torch.no_grad():
-                norm = column_norm(weight.float() + self.delta_weight(name).float(), self.out_axis)
+                norm = column_norm(self.base_weight_float() + self.delta_weight(name).float(), self.out_axis)
             shape = self.magnitude_shape(norm.numel())
             self.lora_magnitude_vector[name] = _Weight(norm.to(kw["dtype"]).reshape(shape))
 
@@ -212,7 +214,7 @@ class LoraLayer(AdapterLayer):
                 )
                 result = flat.view(result.shape)
                 continue
-            weight = self.base_weight
+            weight = self.base_weight_float() if self.quantized else self.base_weight
             delta = self.delta_weight(name)
             scale = magnitude_scale(
                 self.lora_magnitude_vector[name].weight, weight.to(delta.dtype), delta, self.out_axis
@@ -238,10 +240,13 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = (
             (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
         )
+        if self.quantized:  # packed storage: the logical shape is on the layer
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         plain = type(base_layer).forward is nn.Linear.forward
         if fan_in_fan_out:
             plain = type(base_layer).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
-        self.weight_path = not plain
+        # A quantized layer's own forward is the only way to use its weight: take the low-rank path.
+        self.weight_path = not plain and not self.quantized
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -264,6 +269,7 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         return (
             len(active) == 1
+            and not self.quantized  # the kernel multiplies by base.weight, which is packed
             and not self.is_dora(active[0])
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)

@@ -1,0 +1,150 @@
+"""quantize_base: replace a model's frozen nn.Linear layers by bitsandbytes 4-bit / 8-bit layers, in place.
+
+Each layer is quantized from its own weight and the float weight is dropped right away (the new layer is built
+on the meta device first), so at no point does the model hold a second full-precision copy.
+Skipped by default: the output head (its error lands directly on the logits), classification heads, and
+everything that is not an nn.Linear (embeddings, norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import DeltatuneError
+from ..core.inject import _set_child, adapter_configs
+from ..core.quantized import QUANTIZATION_ATTR, register_dequantizer
+
+DEFAULT_SKIP = ("lm_head", "classifier", "score")
+
+
+class QuantizationError(DeltatuneError, ValueError):
+    """A quantization request that cannot be carried out as asked."""
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    bits: int
+    quant_type: str  # "nf4" | "fp4" for 4 bits, "int8" for 8
+    double_quant: bool
+    compute_dtype: str
+    skipped: tuple[str, ...]
+    library: str = "bitsandbytes"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped"] = list(self.skipped)
+        return data
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise QuantizationError("quantize_base needs bitsandbytes: pip install bitsandbytes") from exc
+    return bitsandbytes
+
+
+def _skip_names(model: nn.Module, skip_modules: list[str] | None) -> set[str]:
+    keys = list(DEFAULT_SKIP) if skip_modules is None else list(skip_modules)
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    names = {n for n, m in model.named_modules() if m is head and head is not None}
+    names |= {n for n, _ in model.named_modules() if n and any(n == k or n.endswith("." + k) for k in keys)}
+    return names
+
+
+def _quantized_linear(linear: nn.Linear, bits: int, quant_type: str, double_quant: bool, dtype: torch.dtype):
+    bnb = _bnb()
+    device, bias = linear.weight.device, linear.bias
+    if bits == 4:
+        new = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=dtype,
+            compress_statistics=double_quant, quant_type=quant_type, device="meta",
+        )  # fmt: skip
+        new.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
+        ).to(device)
+    else:
+        new = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False,
+            threshold=0.0, device="meta",
+        )  # fmt: skip
+        new.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False).to(
+            device
+        )
+    if bias is not None:
+        new.bias = nn.Parameter(bias.data, requires_grad=False)
+    return new
+
+
+def quantize_base(
+    model: nn.Module,
+    bits: int = 4,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    skip_modules: list[str] | None = None,
+) -> nn.Module:
+    """Quantize `model`'s nn.Linear layers in place (before `inject`); returns the model.
+
+    `skip_modules` (suffixes, as in target_modules) replaces the default skip list; the output head is always
+    kept in full precision. Settings are recorded on the model (`quantization_settings`) and in saved adapters.
+    """
+    if bits not in (4, 8):
+        raise QuantizationError(f"bits must be 4 or 8, got {bits!r}")
+    if bits == 4 and quant_type not in ("nf4", "fp4"):
+        raise QuantizationError(f"quant_type must be 'nf4' or 'fp4' for 4 bits, got {quant_type!r}")
+    if adapter_configs(model):
+        raise QuantizationError(
+            "the model already carries adapters; quantize the base first, then inject (QLoRA trains on top)"
+        )
+    if quantization_settings(model) is not None:
+        raise QuantizationError("the model is already quantized")
+    skipped = _skip_names(model, skip_modules)
+    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skipped]
+    if not targets:
+        raise QuantizationError("no nn.Linear layer left to quantize after skip_modules")
+    for name in targets:
+        linear = model.get_submodule(name)
+        _set_child(model, name, _quantized_linear(linear, bits, quant_type, double_quant, compute_dtype))
+        del linear
+    settings = QuantizationSettings(
+        bits=bits, quant_type=quant_type if bits == 4 else "int8", double_quant=double_quant and bits == 4,
+        compute_dtype=str(compute_dtype).removeprefix("torch."), skipped=tuple(sorted(skipped)),
+    )  # fmt: skip
+    object.__setattr__(model, QUANTIZATION_ATTR, settings)
+    return model
+
+
+def quantization_settings(model: nn.Module) -> QuantizationSettings | None:
+    return getattr(model, QUANTIZATION_ATTR, None)
+
+
+def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def _dequantize_8bit(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    scale = getattr(weight, "SCB", None)
+    if scale is None:
+        scale = module.state.SCB
+    return weight.data.float() * (scale.float().unsqueeze(1) / 127.0)
+
+
+def _register() -> None:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return
+    register_dequantizer(bnb.nn.Linear4bit, _dequantize_4bit)
+    register_dequantizer(bnb.nn.Linear8bitLt, _dequantize_8bit)
+
+
+_register()

@@ -1,0 +1,167 @@
+"""Quantized frozen base (issue 6, first part): bitsandbytes NF4 / int8 layers under LoRA and DoRA.
+
+The reference for "quantized LoRA matches float LoRA" is a float model whose weights are the *dequantized*
+weights: the two must agree to float32 rounding (atol 1e-4 on logits of order 1), which isolates our code
+from the quantization error itself. That error is reported separately with a documented bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import build_llama
+
+import deltatune as dt
+
+bnb = pytest.importorskip("bitsandbytes")
+from deltatune.core.quantized import float_weight  # noqa: E402
+from deltatune.quant import quantization_settings, quantize_base  # noqa: E402
+from deltatune.quant.bnb import QuantizationError  # noqa: E402
+
+IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+# Max |logit error| of the quantized base vs float, relative to max |logit|, on the tiny random llama.
+QUANT_ERROR_BOUND = {4: 0.15, 8: 0.02}
+
+
+def _lora(**kwargs):
+    return dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **kwargs)
+
+
+def _dequantized_twin(quantized) -> torch.nn.Module:
+    """A float llama whose linear weights equal the quantized model's dequantized weights."""
+    twin = build_llama()
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if type(module) is torch.nn.Linear:
+                module.weight.copy_(float_weight(quantized.get_submodule(name)))
+    return twin
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_base_replaces_linears_and_keeps_the_head(bits):
+    model = build_llama()
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantize_base(model, bits)
+    kind = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    assert isinstance(model.model.layers[0].mlp.down_proj, kind)
+    assert type(model.lm_head) is torch.nn.Linear  # the output head stays float
+    after = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert after < before
+    settings = quantization_settings(model)
+    assert settings.bits == bits and "lm_head" in settings.skipped
+    base = build_llama()(input_ids=IDS).logits
+    error = (model(input_ids=IDS).logits - base).abs().max() / base.abs().max()
+    assert error < QUANT_ERROR_BOUND[bits], float(error)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lora_on_quantized_base_matches_lora_on_the_dequantized_weights(bits, dora):
+    quantized = quantize_base(build_llama(), bits)
+    twin = _dequantized_twin(quantized)
+    torch.manual_seed(0)
+    dt.inject(quantized, _lora(use_dora=dora))
+    torch.manual_seed(0)
+    dt.inject(twin, _lora(use_dora=dora))
+    twin.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
+    torch.testing.assert_close(
+        quantized(input_ids=IDS).logits, twin(input_ids=IDS).logits, atol=1e-4, rtol=1e-4
+    )
+    quantized(input_ids=IDS).logits.pow(2).mean().backward()
+    with_grad = {n for n, p in quantized.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in n for n in with_grad)  # gradients reach only the adapter
+    assert all(not p.requires_grad for n, p in quantized.named_parameters() if ".base_layer." in n)
+
+
+def _train(model, steps: int = 40) -> list[float]:
+    dt.inject(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    vocab = model.config.vocab_size
+    batch = torch.randint(0, vocab, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_on_a_4bit_base_lowers_the_loss_like_a_float_base(tiny_causal_lm):
+    from transformers import AutoModelForCausalLM
+
+    # The session's tiny llama (initializer_range 0.3: pretrained-like logit scale, so LoRA can learn).
+    quantized = _train(quantize_base(AutoModelForCausalLM.from_pretrained(tiny_causal_lm), 4))
+    floating = _train(AutoModelForCausalLM.from_pretrained(tiny_causal_lm))
+    assert quantized[-1] < 0.8 * quantized[0], quantized
+    assert quantized[-1] < 1.1 * floating[-1], (quantized[-1], floating[-1])
+
+
+def test_save_load_round_trip_records_quantization_and_warns_on_another_base(tmp_path):
+    model = quantize_base(build_llama(), 4)
+    dt.inject(model, _lora())
+    expected = model(input_ids=IDS).logits
+    dt.save_adapter(model, tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "deltatune.json").read_text())
+    assert record["quantization"]["bits"] == 4 and record["quantization"]["quant_type"] == "nf4"
+    fresh = quantize_base(build_llama(), 4)
+    dt.load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(fresh(input_ids=IDS).logits, expected)
+    for other in (build_llama(), quantize_base(build_llama(), 8)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dt.load_adapter(other, tmp_path / "a")
+        assert any("outputs will differ slightly" in str(w.message) for w in caught)
+
+
+def test_merge_and_export_refuse_a_quantized_base_without_changing_it(tmp_path):
+    model = quantize_base(build_llama(), 4)
+    dt.inject(model, _lora())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(dt.MergeError, match="stored quantized .*Linear4bit"):
+        dt.merge(model)
+    with pytest.raises(dt.MergeError, match="stored quantized"):
+        dt.export_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(QuantizationError, match="bits must be 4 or 8"):
+        quantize_base(build_llama(), 3)
+    model = build_llama()
+    dt.inject(model, _lora())
+    with pytest.raises(QuantizationError, match="quantize the base first, then inject"):
+        quantize_base(model, 4)
+    model = quantize_base(build_llama(), 4)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_base(model, 4)
+
+
+def test_deltatune_train_with_a_quantization_section(tiny_causal_lm, tmp_path):
+    from train_helpers import causal_config, instruction_rows, write_jsonl
+
+    from deltatune.train import ConfigError, evaluate_adapter, train, validate_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(200, 0))
+    raw = causal_config(tiny_causal_lm, data, tmp_path / "run", max_steps=30)
+    raw["quantization"] = {"bits": 4}
+    cfg = validate_config(raw)
+    before = evaluate_adapter(cfg, None)["loss"]
+    result = train(cfg)
+    assert result.validation["loss"] < 0.8 * before, (before, result.validation["loss"])
+    record = json.loads((tmp_path / "run" / "adapter" / "deltatune.json").read_text())
+    assert record["quantization"]["bits"] == 4
+    reloaded = evaluate_adapter(cfg, tmp_path / "run" / "adapter")[
+        "loss"
+    ]  # same quantized base, same numbers
+    assert reloaded == pytest.approx(result.validation["loss"], rel=1e-5)
+    raw["adapter"] = {"method": "full"}
+    with pytest.raises(ConfigError, match="quantization needs a frozen base"):
+        validate_config(raw)
