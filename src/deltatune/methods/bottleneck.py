@@ -140,8 +140,9 @@ class BottleneckLayer(AdapterLayer):
 
     # ---- merge (identity non-linearity only) ------------------------------------------------------------------
     def merge_refusal(self, name: str) -> str | None:
-        if super().merge_refusal(name):
-            return super().merge_refusal(name)
+        quantized = super().merge_refusal(name)
+        if quantized:
+            return quantized
         if not isinstance(self.adapter_act[name], nn.Identity):
             activation = type(self.adapter_act[name]).__name__
             return f"its non-linearity ({activation}) is not linear; only non_linearity='identity' merges"
