@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import MergeError
-from .inject import _check_untied, adapter_layers, all_wrappers
+from .inject import _check_untied, adapter_layers, all_wrappers, refuse_unmergeable
 from .io import staged_folder
 from .layer import AdapterLayer
 from .state import plain_state_dict
@@ -22,14 +22,11 @@ from .state import plain_state_dict
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's state dict with the active adapters folded in."""
     layers = list(adapter_layers(model))
-    for name, layer in layers:
-        for adapter in layer.unmerged_active:
-            reason = layer.merge_refusal(adapter)
-            if reason:
-                raise MergeError(
-                    f"adapter {adapter!r} cannot be exported merged ({type(layer).__name__} at {name!r}): "
-                    f"{reason}. Save it with save_adapter and load it onto the base instead."
-                )
+    refuse_unmergeable(
+        [(name, layer, list(layer.unmerged_active)) for name, layer in layers],
+        "be exported merged",
+        "Save it with save_adapter and load it onto the base instead.",
+    )
     _check_untied(model, [(name, layer) for name, layer in layers if layer.unmerged_active])
     state = plain_state_dict(model)
     for name, wrapper in all_wrappers(model):

@@ -211,14 +211,12 @@ def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[
         )
         for _, layer in layers
     ]
-    for (name, layer), (_, todo) in zip(layers, pending, strict=True):
-        for n in todo:
-            reason = layer.merge_refusal(n) if n not in layer.merged_adapters else None
-            if reason:
-                raise MergeError(
-                    f"adapter {n!r} cannot be merged ({type(layer).__name__} at {name!r}): {reason}. Nothing was "
-                    "changed; serve it unmerged, or merge the other adapters by name with merge(model, [names])."
-                )
+    refuse_unmergeable(
+        [(name, layer, [n for n in todo if n not in layer.merged_adapters])
+         for (name, layer), (_, todo) in zip(layers, pending, strict=True)],
+        "be merged",
+        "Nothing was changed; serve it unmerged, or merge the other adapters by name with merge(model, [names]).",
+    )  # fmt: skip
     # Only layers that will change matter: a prompt-tuning wrapper on tied embeddings must not block merging LoRA.
     _check_untied(model, [(n, layer) for (n, layer), (_, todo) in zip(layers, pending, strict=True) if todo])
     if safe_merge:
@@ -235,6 +233,18 @@ def _merge(model: nn.Module, names: list[str] | None, safe_merge: bool) -> list[
     for layer, todo in pending:
         merged.update(layer.merge(todo))
     return sorted(merged)
+
+
+def refuse_unmergeable(pending: list[tuple[str, AdapterLayer, list[str]]], action: str, advice: str) -> None:
+    """Raise MergeError for the first (layer name, layer, adapters) entry holding an adapter that cannot merge,
+    naming it, the layer and the method's reason; checked before anything is changed."""
+    for name, layer, adapters in pending:
+        for adapter in adapters:
+            reason = layer.merge_refusal(adapter)
+            if reason:
+                raise MergeError(
+                    f"adapter {adapter!r} cannot {action} ({type(layer).__name__} at {name!r}): {reason}. {advice}"
+                )
 
 
 def merged_adapter_names(model: nn.Module) -> list[str]:

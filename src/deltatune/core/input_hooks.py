@@ -21,9 +21,8 @@ from .layer import AdapterLayer
 
 OutputFix = Callable[[Any], Any]
 
-_HOOKS_ATTR = (
-    "_deltatune_input_hooks"  # model attribute: (pre-hook handle, post-hook handle, [layers], [fixes])
-)
+# Model attribute: (pre-hook handle, post-hook handle, [layers], [fixes]).
+_HOOKS_ATTR = "_deltatune_input_hooks"
 
 
 class InputRewritingLayer(AdapterLayer):

@@ -28,9 +28,8 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.quantized = is_quantized(
-            base_layer
-        )  # stored packed; math on it goes through base_weight_float()
+        # A quantized base is stored packed: math on its weight goes through base_weight_float().
+        self.quantized = is_quantized(base_layer)
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
@@ -147,7 +146,7 @@ class AdapterLayer(nn.Module):
 
     def merge_refusal(self, name: str) -> str | None:
         """Why adapter `name` cannot be folded into the base weights, or None when it can."""
-        if is_quantized(self.base_layer):
+        if self.quantized:
             return (
                 f"the base weight is stored quantized ({type(self.base_layer).__name__}); folding an update into "
                 "it in place would re-quantize it and lose the update. Serve it unmerged"

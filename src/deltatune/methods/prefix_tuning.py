@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.errors import AdapterConfigError, AdapterFormatError, TargetingError
+from ..core.errors import AdapterConfigError, TargetingError
 from ..core.input_hooks import (
     InputRewritingLayer,
     OutputFix,
@@ -35,7 +35,7 @@ from ..core.input_hooks import (
     shift_positions,
 )
 from ..core.registry import register
-from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, model_shape, text_config
+from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, text_config
 
 
 @dataclass
@@ -110,23 +110,15 @@ class PrefixTuningLayer(InputRewritingLayer):
         return {"prompt_embeddings": self.prefix(name)}
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str = "") -> None:
-        if set(state) != {"prompt_embeddings"}:
-            raise AdapterFormatError(
-                f"{where}: expected the single key 'prompt_embeddings', got {sorted(state)}"
-            )
-        tensor = state["prompt_embeddings"]
-        expected = tuple(self.prefix(name).shape)
-        if tuple(tensor.shape) != expected:
-            raise AdapterFormatError(
-                f"{where}.prompt_embeddings: shape {tuple(tensor.shape)} in the file, {expected} expected: "
-                "num_virtual_tokens, num_layers, num_attention_heads or token_dim disagree with the base model"
-            )
-        if name in self.prefix_encoders:  # a saved prefix is already folded: keep the plain form
+        if name in self.prefix_encoders:  # a saved prefix is already folded: load it into the plain form
+            n, layers, heads, head_dim = self.layouts[name]
             del self.prefix_encoders[name]
             device = self.base_layer.weight.device
-            self.prefix_embeddings[name] = nn.Parameter(torch.empty(expected, device=device))
-        with torch.no_grad():
-            self.prefix_embeddings[name].copy_(tensor)
+            self.prefix_embeddings[name] = nn.Parameter(
+                torch.empty(n, layers * 2 * heads * head_dim, device=device)
+            )
+        hint = " (num_virtual_tokens, num_layers, num_attention_heads or token_dim)"
+        self.copy_checked(self.adapter_state_dict(name), state, where, hint)
 
     def rewrite_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> OutputFix | None:
         name = self.unmerged_active[0]
@@ -165,8 +157,8 @@ class PrefixTuningMethod(VirtualTokenMethod):
         text = text_config(model)
         kv_heads = getattr(text, "num_key_value_heads", None)
         if kv_heads is not None and config.token_dim is None and config.num_attention_heads is None:
-            shape = model_shape(model)
-            head_dim = getattr(text, "head_dim", None) or shape["token_dim"] // shape["num_attention_heads"]
+            # both fields came from the model's shape in `fields`
+            head_dim = getattr(text, "head_dim", None) or fields["token_dim"] // fields["num_attention_heads"]
             fields["token_dim"] = int(head_dim) * int(kv_heads)
             fields["num_attention_heads"] = int(kv_heads)
         if config.encoder_hidden_size is None:
