@@ -165,3 +165,94 @@ def test_deltatune_train_with_a_quantization_section(tiny_causal_lm, tmp_path):
     raw["adapter"] = {"method": "full"}
     with pytest.raises(ConfigError, match="quantization needs a frozen base"):
         validate_config(raw)
+
+
+def _bnb_config(bits: int):
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )  # fmt: skip
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+
+
+def _prequantized_folder(tmp_path, bits: int):
+    """A transformers folder holding bitsandbytes-packed weights, as `save_pretrained` of a 4/8-bit model writes."""
+    from transformers import AutoModelForCausalLM
+
+    build_llama().save_pretrained(tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=_bnb_config(bits))
+    loaded.save_pretrained(tmp_path / f"prequantized-{bits}")
+    return tmp_path / f"prequantized-{bits}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_prequantized_transformers_checkpoint_takes_lora(tmp_path, bits):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_prequantized_folder(tmp_path, bits))
+    settings = quantization_settings(model)
+    assert settings.bits == bits and settings.skipped == ("lm_head",)
+    assert settings.library == "bitsandbytes (loaded by transformers)"
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_base(model, 4)
+    twin = _dequantized_twin(model)
+    torch.manual_seed(0)
+    dt.inject(model, _lora())
+    torch.manual_seed(0)
+    dt.inject(twin, _lora())
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    # transformers' 8-bit layers run the int8 matmul on float16-cast activations: 1e-3-level rounding.
+    tolerance = 1e-4 if bits == 4 else 5e-3
+    torch.testing.assert_close(
+        model(input_ids=IDS).logits, twin(input_ids=IDS).logits, atol=tolerance, rtol=tolerance
+    )
+    dt.save_adapter(model, tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / "deltatune.json").read_text())
+    assert record["quantization"]["bits"] == bits
+    assert record["quantization"]["library"] == "bitsandbytes (loaded by transformers)"
+
+
+def test_a_prequantized_checkpoint_is_recognised_without_importing_deltatune_quant(tmp_path):
+    """LoRA must not treat a packed bitsandbytes weight as a float one just because nobody imported our backend."""
+    import subprocess
+    import sys
+
+    folder = _prequantized_folder(tmp_path, 4)
+    script = (
+        "import sys, deltatune as dt\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert 'deltatune.quant' not in sys.modules\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+        "dt.inject(model, dt.LoraConfig(r=2, target_modules=['q_proj']))\n"
+        "layer = model.model.layers[0].self_attn.q_proj\n"
+        "assert layer.quantized and not layer.weight_path, 'packed weight taken for a float one'\n"
+        "assert dt.core.quantized.model_quantization(model)['bits'] == 4\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_deltatune_train_on_a_prequantized_checkpoint(tiny_causal_lm, tmp_path):
+    from train_helpers import causal_config, instruction_rows, write_jsonl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.train import ConfigError, evaluate_adapter, train, validate_config
+
+    folder = tmp_path / "prequantized"
+    AutoModelForCausalLM.from_pretrained(tiny_causal_lm, quantization_config=_bnb_config(4)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_causal_lm).save_pretrained(folder)
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(200, 0))
+    raw = causal_config(str(folder), data, tmp_path / "run", max_steps=30)
+    cfg = validate_config(raw)
+    before = evaluate_adapter(cfg, None)["loss"]
+    result = train(cfg)
+    assert result.validation["loss"] < 0.8 * before, (before, result.validation["loss"])
+    record = json.loads((tmp_path / "run" / "adapter" / "deltatune.json").read_text())
+    assert record["quantization"]["bits"] == 4 and "transformers" in record["quantization"]["library"]
+    raw["quantization"], raw["output_dir"] = {"bits": 8}, str(tmp_path / "run2")
+    with pytest.raises(ConfigError, match="pre-quantized checkpoint .*remove the quantization section"):
+        train(validate_config(raw))

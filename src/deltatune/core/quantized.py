@@ -1,33 +1,58 @@
 """Frozen weights stored quantized (QLoRA): how core gets a float view of a weight it cannot do math on.
 
 A quantization backend (deltatune.quant) registers, per module type, a function returning the dequantized
-float32 weight laid out like `nn.Linear.weight`. Core never imports a backend; unregistered modules are plain.
+float32 weight laid out like `nn.Linear.weight`, and a reader that describes how a model was quantized. Core
+never imports a backend library itself: a module from a known quantization package loads its deltatune
+backend on first sight, so a model quantized by transformers (`from_pretrained(quantization_config=...)`)
+is recognised without the user importing deltatune.quant.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 _DEQUANTIZERS: dict[type[nn.Module], Callable[[nn.Module], torch.Tensor]] = {}
+_SETTINGS_READERS: list[Callable[[nn.Module], Any]] = []
+# Top-level package of a quantized layer type -> the deltatune module that registers it (imported lazily).
+_BACKENDS = {"bitsandbytes": "deltatune.quant.bnb"}
 
 
 def register_dequantizer(module_type: type[nn.Module], fn: Callable[[nn.Module], torch.Tensor]) -> None:
     _DEQUANTIZERS[module_type] = fn
 
 
+def register_settings_reader(fn: Callable[[nn.Module], Any]) -> None:
+    """`fn(model)` returns an object with to_dict() describing the model's quantization, or None."""
+    _SETTINGS_READERS.append(fn)
+
+
+def _load_backend_for(module: nn.Module) -> None:
+    backend = _BACKENDS.pop(type(module).__module__.partition(".")[0], None)
+    if backend is not None:
+        importlib.import_module(backend)
+
+
+def _dequantizer(module: nn.Module) -> Callable[[nn.Module], torch.Tensor] | None:
+    _load_backend_for(module)
+    for module_type, fn in _DEQUANTIZERS.items():
+        if isinstance(module, module_type):
+            return fn
+    return None
+
+
 def is_quantized(module: nn.Module) -> bool:
-    return any(isinstance(module, t) for t in _DEQUANTIZERS)
+    return _dequantizer(module) is not None
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight as float32 (dequantized if it is stored quantized), detached."""
-    for module_type, fn in _DEQUANTIZERS.items():
-        if isinstance(module, module_type):
-            return fn(module).float()
-    return module.weight.detach().float()
+    fn = _dequantizer(module)
+    return (fn(module) if fn is not None else module.weight.detach()).float()
 
 
 def logical_shape(module: nn.Module) -> list[int]:
@@ -47,7 +72,24 @@ def storage_dtype(module: nn.Module) -> str:
 QUANTIZATION_ATTR = "_deltatune_quantization"  # model attribute set by the backend: an object with to_dict()
 
 
+def quantization_of(model: nn.Module) -> Any:
+    """The backend's settings object for a quantized model (deltatune- or transformers-quantized), or None."""
+    settings = getattr(model, QUANTIZATION_ATTR, None)
+    if settings is not None:
+        return settings
+    for module in model.modules():
+        if is_quantized(module):  # loads the backend, which registers its reader
+            break
+    else:
+        return None
+    for reader in _SETTINGS_READERS:
+        settings = reader(model)
+        if settings is not None:
+            return settings
+    return None
+
+
 def model_quantization(model: nn.Module) -> dict | None:
     """The settings the base was quantized with (for provenance), or None for a float base."""
-    settings = getattr(model, QUANTIZATION_ATTR, None)
+    settings = quantization_of(model)
     return settings.to_dict() if settings is not None else None

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.errors import DeltatuneError
 from ..core.inject import _set_child, adapter_configs
-from ..core.quantized import QUANTIZATION_ATTR, register_dequantizer
+from ..core.quantized import QUANTIZATION_ATTR, quantization_of, register_dequantizer, register_settings_reader
 
 DEFAULT_SKIP = ("lm_head", "classifier", "score")
 
@@ -33,6 +33,7 @@ class QuantizationSettings:
     compute_dtype: str
     skipped: tuple[str, ...]
     library: str = "bitsandbytes"
+    int8_threshold: float | None = None  # 8 bits: outlier threshold of LLM.int8() (0: pure int8 matmul)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,13 +117,35 @@ def quantize_base(
     settings = QuantizationSettings(
         bits=bits, quant_type=quant_type if bits == 4 else "int8", double_quant=double_quant and bits == 4,
         compute_dtype=str(compute_dtype).removeprefix("torch."), skipped=tuple(sorted(skipped)),
+        int8_threshold=0.0 if bits == 8 else None,
     )  # fmt: skip
     object.__setattr__(model, QUANTIZATION_ATTR, settings)
     return model
 
 
 def quantization_settings(model: nn.Module) -> QuantizationSettings | None:
-    return getattr(model, QUANTIZATION_ATTR, None)
+    """How `model` was quantized: by quantize_base, or by transformers from a BitsAndBytesConfig."""
+    return quantization_of(model)
+
+
+def _settings_from_transformers(model: nn.Module) -> QuantizationSettings | None:
+    """Settings of a model transformers loaded with a BitsAndBytesConfig (or from a pre-quantized folder)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if data.get("quant_method") != "bitsandbytes":
+        return None
+    bits = 4 if data.get("load_in_4bit") else 8
+    return QuantizationSettings(
+        bits=bits,
+        quant_type=data.get("bnb_4bit_quant_type", "nf4") if bits == 4 else "int8",
+        double_quant=bits == 4 and bool(data.get("bnb_4bit_use_double_quant")),
+        compute_dtype=str(data.get("bnb_4bit_compute_dtype", "float32")).removeprefix("torch."),
+        skipped=tuple(sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)),
+        library="bitsandbytes (loaded by transformers)",
+        int8_threshold=float(data.get("llm_int8_threshold", 6.0)) if bits == 8 else None,
+    )
 
 
 def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
@@ -145,6 +168,7 @@ def _register() -> None:
         return
     register_dequantizer(bnb.nn.Linear4bit, _dequantize_4bit)
     register_dequantizer(bnb.nn.Linear8bitLt, _dequantize_8bit)
+    register_settings_reader(_settings_from_transformers)
 
 
 _register()

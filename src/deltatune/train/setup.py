@@ -52,8 +52,14 @@ def load_model(
     """The base model as the config describes it, quantized in place when `quantization` is given."""
     model = _load_float_model(spec, tokenizer, label_names)
     if quantization is not None:
-        from ..quant import quantize_base
+        from ..quant import quantization_settings, quantize_base
 
+        already = quantization_settings(model)
+        if already is not None:
+            raise ConfigError(
+                f"model.path {spec.path} is a pre-quantized checkpoint ({already.bits}-bit {already.quant_type}, "
+                "bitsandbytes); it trains as it is: remove the quantization section"
+            )
         quantize_base(model, **quantization.model_dump())
     return model
 
