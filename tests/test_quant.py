@@ -243,7 +243,9 @@ def test_deltatune_train_on_a_prequantized_checkpoint(tiny_causal_lm, tmp_path):
     from deltatune.train import ConfigError, evaluate_adapter, train, validate_config
 
     folder = tmp_path / "prequantized"
-    AutoModelForCausalLM.from_pretrained(tiny_causal_lm, quantization_config=_bnb_config(4)).save_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(tiny_causal_lm, quantization_config=_bnb_config(4)).save_pretrained(
+        folder
+    )
     AutoTokenizer.from_pretrained(tiny_causal_lm).save_pretrained(folder)
     data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(200, 0))
     raw = causal_config(str(folder), data, tmp_path / "run", max_steps=30)

@@ -16,7 +16,12 @@ from torch import nn
 
 from ..core.errors import DeltatuneError
 from ..core.inject import _set_child, adapter_configs
-from ..core.quantized import QUANTIZATION_ATTR, quantization_of, register_dequantizer, register_settings_reader
+from ..core.quantized import (
+    QUANTIZATION_ATTR,
+    quantization_of,
+    register_dequantizer,
+    register_settings_reader,
+)
 
 DEFAULT_SKIP = ("lm_head", "classifier", "score")
 
