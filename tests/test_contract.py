@@ -162,6 +162,15 @@ def test_optimizer_step_changes_only_adapter_parameters(setup):
     assert any(marker in n for n in changed for marker in adapter_tensors)
 
 
+def test_inject_follows_the_models_train_or_eval_mode(setup):
+    """New adapter modules start in training mode in torch; an eval model must not start dropping out."""
+    case, model, inputs, base, pristine = setup
+    assert not any(m.training for m in case.build().modules())  # the cases build eval models
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
 def test_dropout_training_forward_matches_eval_when_disabled(case, variant):
     # With dropout live, training outputs are stochastic but the eval output is unchanged by dropout settings.
     if variant not in VARIANTS:
@@ -169,6 +178,7 @@ def test_dropout_training_forward_matches_eval_when_disabled(case, variant):
     model = case.build()
     inputs = case.inputs()
     dt.inject(model, lora_config(case, variant, lora_dropout=0.5))
+    assert torch.equal(_out(case, model, inputs), _out(case, model, inputs))  # injected into an eval model
     reference = case.build()
     dt.inject(reference, lora_config(case, variant, lora_dropout=0.0))
     reference.load_state_dict(model.state_dict())

@@ -1,10 +1,18 @@
-"""Export a merged, plain model folder that loads without deltatune.
+"""Export a merged, plain model folder that loads without deltatune, with a measured merge error.
 
-The merged weights are computed out of place, so the live model (and its adapters) is left as it was.
+The merge happens on a copy, so the live model (and its adapters) is left as it was. On a quantized base the
+copy is dequantized first and the update folded in full precision; `requantize=True` then quantizes the merged
+weights again with the base's settings. Either way the merged copy is run on a sample next to the live model
+and the logit difference is reported, because re-quantizing can silently erase an update smaller than the
+quantization step (the failure mode of merging into a 4-bit base).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,65 +21,212 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import MergeError
-from .inject import _check_untied, adapter_layers, all_wrappers, refuse_unmergeable
+from .inject import _set_child, adapter_layers, disable_adapter, eject, refuse_unmergeable
+from .input_hooks import strip_copied_input_hooks
 from .io import staged_folder
-from .layer import AdapterLayer
-from .state import plain_state_dict
+from .quantized import QUANTIZATION_ATTR, dequantized_linear, is_quantized, quantization_of
+
+REPORT_NAME = "merge_report.json"
+DEFAULT_SAMPLE_SHAPE = (4, 32)  # random token ids when no sample is given (transformers models)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's state dict with the active adapters folded in."""
-    layers = list(adapter_layers(model))
+@dataclass(frozen=True)
+class MergeReport:
+    """What export_merged wrote, and how far the merged model is from the unmerged adapter on a sample."""
+
+    path: Path
+    quantization: dict | None  # the base's quantization; None for a float base
+    requantized: bool
+    sample: str | None  # what the numbers below were measured on
+    max_abs_error: float | None  # |logits(merged) - logits(base + unmerged adapters)|
+    mean_abs_error: float | None
+    # |logits(base + unmerged adapters) - logits(base alone)|: the scale to read the error against. An error
+    # close to this means the merge lost most of what the adapter learned.
+    adapter_max_abs_effect: float | None
+    adapter_mean_abs_effect: float | None
+
+    @property
+    def error_to_effect(self) -> float | None:
+        if self.mean_abs_error is None or not self.adapter_mean_abs_effect:
+            return None
+        return self.mean_abs_error / self.adapter_mean_abs_effect
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"path": str(self.path), "error_to_effect": self.error_to_effect}
+
+
+def merged_model(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """A plain copy of `model` (no wrappers, no hooks) with its active adapters folded in.
+
+    On a quantized base every quantized layer of the copy is dequantized (to the dtype of the input
+    embeddings, float32 for non-transformers models) before merging; `requantize` quantizes the merged copy
+    again with the base's settings. The live model is not touched.
+    """
+    settings = quantization_of(model)
+    if requantize and settings is None:
+        raise MergeError("requantize=True needs a quantized base; this model's weights are not quantized")
+    if settings is None:
+        _refuse_unmergeable(model)  # before paying for the copy
+    merged = copy.deepcopy(model)
+    strip_copied_input_hooks(merged)
+    if settings is not None:
+        _dequantize(merged)
+        _refuse_unmergeable(merged)  # the methods' own reasons, now that the base is float
+    eject(merged, merge=True)
+    if requantize:
+        settings.apply(merged)
+    return merged.eval()
+
+
+def _refuse_unmergeable(model: nn.Module) -> None:
     refuse_unmergeable(
-        [(name, layer, list(layer.unmerged_active)) for name, layer in layers],
+        [(name, layer, list(layer.unmerged_active)) for name, layer in adapter_layers(model)],
         "be exported merged",
         "Save it with save_adapter and load it onto the base instead.",
     )
-    _check_untied(model, [(name, layer) for name, layer in layers if layer.unmerged_active])
-    state = plain_state_dict(model)
-    for name, wrapper in all_wrappers(model):
-        if isinstance(wrapper, AdapterLayer):
-            if not wrapper.unmerged_active:
-                continue
-            weight = wrapper.base_weight
-            bias = getattr(wrapper.base_layer, "bias", None)
-            merged = weight.detach().float()
-            merged_bias = bias.detach().float() if bias is not None else None
-            for adapter in wrapper.unmerged_active:
-                merged = wrapper.merged_weight(adapter, merged)
-                if merged_bias is not None:  # methods that rescale outputs (IA3) fold into the bias too
-                    new_bias = wrapper.merged_bias(adapter, merged_bias)
-                    merged_bias = merged_bias if new_bias is None else new_bias
-            state[f"{name}.weight"] = merged.to(weight.dtype)
-            if bias is not None:
-                state[f"{name}.bias"] = merged_bias.to(bias.dtype)
-        else:
-            for key, tensor in wrapper.current().state_dict().items():
-                state[f"{name}.{key}"] = tensor
-    return state
 
 
-def export_merged(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
-    """Write the model with active adapters merged to `path`: a transformers folder (config + safetensors,
-    and the tokenizer if given) for transformers models, else `model.safetensors` with the plain keys."""
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with the active adapters folded in (dequantized on a quantized base)."""
+    return merged_model(model).state_dict()
+
+
+def _dequantize(model: nn.Module) -> None:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            _set_child(model, name, dequantized_linear(module, dtype))
+    for _, layer in adapter_layers(model):
+        layer.quantized = False
+    model.__dict__.pop(QUANTIZATION_ATTR, None)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config  # a transformers model loaded quantized: the copy is a float one now
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        # transformers replays the load-time weight conversions backwards on save; the quantizer's own
+        # (deserialising packed weights) have no reverse and no longer apply to float weights.
+        model._weight_conversions = [c for c in model._weight_conversions or [] if _reversible(c)] or None
+
+
+def _reversible(conversion: Any) -> bool:
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _sample_inputs(model: nn.Module, sample: Any) -> tuple[dict[str, Any], str] | None:
+    if sample is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is None:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, DEFAULT_SAMPLE_SHAPE, generator=generator)
+        return {"input_ids": ids}, f"random token ids {list(DEFAULT_SAMPLE_SHAPE)} (seed 0)"
+    if isinstance(sample, torch.Tensor):
+        return {"input_ids": sample}, f"given input_ids {list(sample.shape)}"
+    if isinstance(sample, Mapping):
+        return dict(sample), f"given inputs {sorted(sample)}"
+    raise MergeError(
+        f"sample must be an input_ids tensor or a dict of model inputs, got {type(sample).__name__}"
+    )
+
+
+def _logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    out = model(**inputs)
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.detach().float().cpu()
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, merged: nn.Module, inputs: dict[str, Any]) -> dict[str, float]:
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        adapted = _logits(model, inputs)
+        with disable_adapter(model):
+            base = _logits(model, inputs)
+    finally:
+        for module, training in modes:
+            module.training = training
+    error, effect = (_logits(merged, inputs) - adapted).abs(), (adapted - base).abs()
+    return {
+        "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
+        "adapter_max_abs_effect": float(effect.max()), "adapter_mean_abs_effect": float(effect.mean()),
+    }  # fmt: skip
+
+
+def export_merged(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    *,
+    requantize: bool = False,
+    sample: torch.Tensor | Mapping[str, Any] | None = None,
+    max_error: float | None = None,
+) -> MergeReport:
+    """Write the model with active adapters merged to `path`, and report the merge error.
+
+    A transformers model becomes a transformers folder (config + safetensors, and the tokenizer if given; with
+    `requantize`, a pre-quantized bitsandbytes folder that from_pretrained reloads as such); any other model
+    `model.safetensors` with the plain keys. The error is measured on `sample` (input_ids, or a dict of inputs;
+    by default random token ids for a transformers model) and written to `merge_report.json` beside the
+    weights. With `max_error`, a larger max |logit difference| raises MergeError and nothing is written.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MergeError(f"{path} exists and is a file; export_merged writes a folder")
-    state = merged_state_dict(model)
+    settings = quantization_of(model)
+    is_transformers = hasattr(model, "save_pretrained") and hasattr(model, "config")
+    if requantize and not is_transformers:
+        raise MergeError(
+            "requantize=True writes a pre-quantized transformers folder; this is not a transformers model"
+        )
+    prepared = _sample_inputs(model, sample)
+    if prepared is None and (settings is not None or max_error is not None):
+        raise MergeError(
+            "cannot measure the merge error without inputs: pass sample= (input_ids or a dict of model inputs)"
+        )
+    merged = merged_model(model, requantize)
+    numbers = _measure(model, merged, prepared[0]) if prepared is not None else dict.fromkeys(
+        ("max_abs_error", "mean_abs_error", "adapter_max_abs_effect", "adapter_mean_abs_effect")
+    )  # fmt: skip
+    report = MergeReport(
+        path=path, quantization=settings.to_dict() if settings is not None else None, requantized=requantize,
+        sample=prepared[1] if prepared is not None else None, **numbers,
+    )  # fmt: skip
+    if max_error is not None and report.max_abs_error > max_error:
+        raise MergeError(
+            f"the merged model differs from the unmerged adapter by up to {report.max_abs_error:.4g} in the logits "
+            f"(mean {report.mean_abs_error:.4g}; the adapter itself moves them by {report.adapter_mean_abs_effect:.4g}"
+            f" on average), above max_error={max_error}; nothing was written. "
+            + ("Export without requantize=True, or serve the adapter unmerged." if requantize else "")
+        )
     with staged_folder(path) as staging:
-        if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-            model.save_pretrained(staging, state_dict=state)
+        if is_transformers:
+            merged.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
         else:
-            # safetensors refuses tensors sharing memory; store each once under its own key.
-            seen: dict[int, str] = {}
-            unique = {}
-            for key, tensor in state.items():
-                ptr = tensor.data_ptr()
-                unique[key] = (
-                    tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
-                )
-                seen.setdefault(ptr, key)
-            save_file(unique, staging / "model.safetensors", metadata={"format": "pt"})
-    return path
+            _save_plain(merged.state_dict(), staging / "model.safetensors")
+        (staging / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _save_plain(state: dict[str, torch.Tensor], file: Path) -> None:
+    # safetensors refuses tensors sharing memory; store each once under its own key.
+    seen: set[int] = set()
+    unique = {}
+    for key, tensor in state.items():
+        ptr = tensor.data_ptr()
+        unique[key] = tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
+        seen.add(ptr)
+    save_file(unique, file, metadata={"format": "pt"})

@@ -78,6 +78,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     wrappers = []
     for module_name in preview.targets:
         module = model.get_submodule(module_name)
+        mode = module.training
         if isinstance(module, AdapterLayer):
             if not isinstance(module, method.layer_class):
                 raise TargetingError(
@@ -89,6 +90,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             wrapper = method.wrap(module, module_name)
             _set_child(model, module_name, wrapper)
         wrapper.add_adapter(adapter_name, config, module_name)
+        wrapper.train(
+            mode
+        )  # new modules start in training mode; an eval model must not get dropout at inference
         wrappers.append(wrapper)
     method.attach(model, wrappers)
     _wrap_modules_to_save(model, config, adapter_name)
@@ -114,10 +118,12 @@ def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name:
     for found in found_by_key.values():
         for name in found:
             module = model.get_submodule(name)
+            mode = module.training
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
                 _set_child(model, name, module)
             module.add_adapter(adapter_name)
+            module.train(mode)
 
 
 def set_adapter(model: nn.Module, adapter_name: str | Iterable[str]) -> None:

@@ -102,6 +102,20 @@ def remove_input_hooks(model: nn.Module) -> None:
         object.__delattr__(model, _HOOKS_ATTR)
 
 
+def strip_copied_input_hooks(copied: nn.Module) -> None:
+    """Drop the input hooks a `copy.deepcopy` carried over. They close over the original model's layers and
+    handles, so they must never run on, or be removed through, the copy."""
+    state = copied.__dict__.pop(_HOOKS_ATTR, None)
+    if state is None:
+        return
+    for handle in state[:2]:
+        for hooks in (copied._forward_pre_hooks, copied._forward_hooks):
+            hooks.pop(handle.id, None)
+        copied._forward_pre_hooks_with_kwargs.pop(handle.id, None)
+        copied._forward_hooks_with_kwargs.pop(handle.id, None)
+        copied._forward_hooks_always_called.pop(handle.id, None)
+
+
 def _positional_names(model: nn.Module) -> list[str]:
     params = inspect.signature(model.forward).parameters.values()
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

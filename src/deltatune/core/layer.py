@@ -149,7 +149,8 @@ class AdapterLayer(nn.Module):
         if self.quantized:
             return (
                 f"the base weight is stored quantized ({type(self.base_layer).__name__}); folding an update into "
-                "it in place would re-quantize it and lose the update. Serve it unmerged"
+                "it in place would re-quantize it and lose the update. Serve it unmerged, or write a merged "
+                "full-precision copy with export_merged (which measures the merge error)"
             )
         return None
 

@@ -69,7 +69,19 @@ def storage_dtype(module: nn.Module) -> str:
     return str(module.weight.dtype).removeprefix("torch.")
 
 
-QUANTIZATION_ATTR = "_deltatune_quantization"  # model attribute set by the backend: an object with to_dict()
+def dequantized_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A plain nn.Linear holding the quantized module's dequantized weight (and its bias), frozen."""
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(float_weight(module).to(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return linear
+
+
+# Model attribute set by a backend: its settings object, with to_dict() (for provenance) and apply(model)
+# (quantize another float model the same way: export_merged(requantize=True) uses it).
+QUANTIZATION_ATTR = "_deltatune_quantization"
 
 
 def quantization_of(model: nn.Module) -> Any:

@@ -45,6 +45,30 @@ class QuantizationSettings:
         data["skipped"] = list(self.skipped)
         return data
 
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Quantize float `model` the same way, and mark a transformers model so that `save_pretrained` writes a
+        pre-quantized folder `from_pretrained` reloads as bitsandbytes layers."""
+        quantize_base(
+            model, self.bits, quant_type=self.quant_type if self.bits == 4 else "nf4",
+            double_quant=self.double_quant, compute_dtype=getattr(torch, self.compute_dtype),
+            skip_modules=list(self.skipped),
+        )  # fmt: skip
+        if hasattr(model, "config"):
+            model.config.quantization_config = self.transformers_config()
+        return model
+
+    def transformers_config(self) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 4:
+            return BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=self.quant_type, bnb_4bit_use_double_quant=self.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype), llm_int8_skip_modules=list(self.skipped),
+            )  # fmt: skip
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=list(self.skipped)
+        )
+
 
 def _bnb():
     try:
@@ -84,7 +108,7 @@ def _quantized_linear(linear: nn.Linear, bits: int, quant_type: str, double_quan
         )
     if bias is not None:
         new.bias = nn.Parameter(bias.data, requires_grad=False)
-    return new
+    return new.train(linear.training)  # bitsandbytes' 8-bit matmul takes another path in training mode
 
 
 def quantize_base(
