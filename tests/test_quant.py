@@ -355,3 +355,44 @@ def test_deltatune_train_on_a_prequantized_checkpoint(tiny_causal_lm, tmp_path):
     raw["quantization"], raw["output_dir"] = {"bits": 8}, str(tmp_path / "run2")
     with pytest.raises(ConfigError, match="pre-quantized checkpoint .*remove the quantization section"):
         train(validate_config(raw))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_load_quantized_streams_to_the_same_model_as_quantize_base(tmp_path, bits):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.quant import load_quantized
+
+    build_llama().save_pretrained(tmp_path / "float", max_shard_size="20KB")  # sharded, with an index
+    assert (tmp_path / "float" / "model.safetensors.index.json").is_file()
+    streamed = load_quantized(tmp_path / "float", bits)
+    reference = quantize_base(AutoModelForCausalLM.from_pretrained(tmp_path / "float").eval(), bits)
+    assert quantization_settings(streamed) == quantization_settings(reference)
+    ours, theirs = streamed.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # packed bytes and quantization state alike
+    assert torch.equal(streamed(input_ids=IDS).logits, reference(input_ids=IDS).logits)
+    assert not any(m.training for m in streamed.modules())
+
+
+def test_load_quantized_refuses_what_it_cannot_read(tmp_path):
+    from deltatune.quant import QuantizationError, load_quantized
+
+    model = build_llama()
+    model.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(QuantizationError, match="pickle checkpoints are not read"):
+        load_quantized(tmp_path / "pickled")
+    with pytest.raises(QuantizationError, match="already a quantized checkpoint"):
+        load_quantized(_prequantized_folder(tmp_path, 4))
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path / "partial")
+    state = load_file(tmp_path / "partial" / "model.safetensors")
+    save_file(
+        {k: v for k, v in state.items() if "layers.1.mlp" not in k},
+        tmp_path / "partial" / "model.safetensors",
+    )
+    with pytest.raises(QuantizationError, match="lacks 3 weights"):
+        load_quantized(tmp_path / "partial")

@@ -5,6 +5,13 @@ bitsandbytes was chosen by measurement (one SmolLM2 MLP projection, forward + ba
 float32 time, against 1.58x for torchao's NF4 tensor, at the same NF4 error.
 """
 
-from .bnb import QuantizationSettings, quantization_settings, quantize_base
+from .bnb import QuantizationError, QuantizationSettings, quantization_settings, quantize_base
+from .loading import load_quantized
 
-__all__ = ["QuantizationSettings", "quantization_settings", "quantize_base"]
+__all__ = [
+    "QuantizationError",
+    "QuantizationSettings",
+    "load_quantized",
+    "quantization_settings",
+    "quantize_base",
+]

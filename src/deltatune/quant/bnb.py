@@ -87,25 +87,31 @@ def _skip_names(model: nn.Module, skip_modules: list[str] | None) -> set[str]:
     return names
 
 
-def _quantized_linear(linear: nn.Linear, bits: int, quant_type: str, double_quant: bool, dtype: torch.dtype):
+def _quantized_linear(
+    linear: nn.Linear,
+    weight: torch.Tensor,
+    bits: int,
+    quant_type: str,
+    double_quant: bool,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """A bitsandbytes layer shaped like `linear`, holding `weight` quantized (linear may live on the meta device)."""
     bnb = _bnb()
-    device, bias = linear.weight.device, linear.bias
+    device, bias = weight.device, linear.bias
     if bits == 4:
         new = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=dtype,
             compress_statistics=double_quant, quant_type=quant_type, device="meta",
         )  # fmt: skip
         new.weight = bnb.nn.Params4bit(
-            linear.weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
+            weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
         ).to(device)
     else:
         new = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False,
             threshold=0.0, device="meta",
         )  # fmt: skip
-        new.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False).to(
-            device
-        )
+        new.weight = bnb.nn.Int8Params(weight.data, requires_grad=False, has_fp16_weights=False).to(device)
     if bias is not None:
         new.bias = nn.Parameter(bias.data, requires_grad=False)
     return new.train(linear.training)  # bitsandbytes' 8-bit matmul takes another path in training mode
@@ -125,31 +131,53 @@ def quantize_base(
     `skip_modules` (suffixes, as in target_modules) replaces the default skip list; the output head is always
     kept in full precision. Settings are recorded on the model (`quantization_settings`) and in saved adapters.
     """
-    if bits not in (4, 8):
-        raise QuantizationError(f"bits must be 4 or 8, got {bits!r}")
-    if bits == 4 and quant_type not in ("nf4", "fp4"):
-        raise QuantizationError(f"quant_type must be 'nf4' or 'fp4' for 4 bits, got {quant_type!r}")
+    check_request(bits, quant_type)
     if adapter_configs(model):
         raise QuantizationError(
             "the model already carries adapters; quantize the base first, then inject (QLoRA trains on top)"
         )
     if quantization_settings(model) is not None:
         raise QuantizationError("the model is already quantized")
+    targets, skipped = quantization_targets(model, skip_modules)
+    for name in targets:
+        linear = model.get_submodule(name)
+        new = _quantized_linear(linear, linear.weight, bits, quant_type, double_quant, compute_dtype)
+        _set_child(model, name, new)
+        del linear
+    record_settings(model, bits, quant_type, double_quant, compute_dtype, skipped)
+    return model
+
+
+def check_request(bits: int, quant_type: str) -> None:
+    if bits not in (4, 8):
+        raise QuantizationError(f"bits must be 4 or 8, got {bits!r}")
+    if bits == 4 and quant_type not in ("nf4", "fp4"):
+        raise QuantizationError(f"quant_type must be 'nf4' or 'fp4' for 4 bits, got {quant_type!r}")
+
+
+def quantization_targets(model: nn.Module, skip_modules: list[str] | None) -> tuple[list[str], set[str]]:
+    """The nn.Linear layers to quantize, and the module names kept in full precision."""
     skipped = _skip_names(model, skip_modules)
     targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skipped]
     if not targets:
         raise QuantizationError("no nn.Linear layer left to quantize after skip_modules")
-    for name in targets:
-        linear = model.get_submodule(name)
-        _set_child(model, name, _quantized_linear(linear, bits, quant_type, double_quant, compute_dtype))
-        del linear
+    return targets, skipped
+
+
+def record_settings(
+    model: nn.Module,
+    bits: int,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    skipped: set[str],
+) -> None:
     settings = QuantizationSettings(
         bits=bits, quant_type=quant_type if bits == 4 else "int8", double_quant=double_quant and bits == 4,
         compute_dtype=str(compute_dtype).removeprefix("torch."), skipped=tuple(sorted(skipped)),
         int8_threshold=0.0 if bits == 8 else None,
     )  # fmt: skip
     object.__setattr__(model, QUANTIZATION_ATTR, settings)
-    return model
 
 
 def quantization_settings(model: nn.Module) -> QuantizationSettings | None:

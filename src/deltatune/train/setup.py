@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +52,17 @@ def load_model(
     quantization: QuantSpec | None = None,
 ) -> nn.Module:
     """The base model as the config describes it, quantized in place when `quantization` is given."""
+    path = resolve_model_path(spec.path)
+    if quantization is not None and spec.task != "classification" and _streamable(path):
+        from ..quant import load_quantized
+
+        # Straight from the float checkpoint into quantized layers: the full-precision model is never resident.
+        return load_quantized(
+            path,
+            **quantization.model_dump(),
+            dtype=DTYPES[spec.dtype],
+            trust_remote_code=spec.trust_remote_code,
+        )
     model = _load_float_model(spec, tokenizer, label_names)
     if quantization is not None:
         from ..quant import quantization_settings, quantize_base
@@ -62,6 +75,18 @@ def load_model(
             )
         quantize_base(model, **quantization.model_dump())
     return model
+
+
+def _streamable(path: str) -> bool:
+    """A local float safetensors checkpoint, which load_quantized reads tensor by tensor."""
+    folder = Path(path)
+    if (
+        not (folder / "model.safetensors").is_file()
+        and not (folder / "model.safetensors.index.json").is_file()
+    ):
+        return False
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return "quantization_config" not in config
 
 
 def _load_float_model(spec: ModelSpec, tokenizer: Any, label_names: list[str] | None) -> nn.Module:
