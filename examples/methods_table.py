@@ -65,7 +65,13 @@ METHODS: dict[str, dict[str, tuple[dict, float]]] = {
     },
     "full": {"minilm": ({"method": "full"}, 5e-5), "smollm2": ({"method": "full"}, 5e-5)},
 }  # fmt: skip
+# QLoRA rows: a method above on a quantized frozen base (the YAML's quantization section), same everything else.
+QUANTIZED = {"lora-nf4": ("lora", {"bits": 4}), "lora-int8": ("lora", {"bits": 8})}
 METRICS = {"minilm": ("accuracy", "f1"), "smollm2": ("json_match", "json_valid")}
+
+
+def adapter_and_lr(method: str, task: str) -> tuple[dict, float]:
+    return METHODS[QUANTIZED[method][0] if method in QUANTIZED else method][task]
 
 
 NOTES = """
@@ -107,7 +113,9 @@ def run(task: str, method: str, out: Path, force: bool) -> dict:
     if summary.exists() and not force:
         return json.loads(summary.read_text())
     raw = yaml.safe_load(TASKS[task].read_text())
-    raw["adapter"], raw["optim"]["lr"] = METHODS[method][task]
+    raw["adapter"], raw["optim"]["lr"] = adapter_and_lr(method, task)
+    if method in QUANTIZED:
+        raw["quantization"] = QUANTIZED[method][1]
     raw["output_dir"] = str(folder)
     raw["training"]["checkpoint_every"] = None  # resumability is not what this table measures
     shutil.rmtree(folder, ignore_errors=True)
@@ -183,7 +191,7 @@ def render(task: str, results: dict[str, dict], base: dict | None) -> list[str]:
         lines.append(
             f"| {method} | {v[main]:.3f} | {v[second]:.3f} | {r['trainable_params']:,} | {r['trainable_percent']:.3f}% "
             f"| {size / 2**20:.2f} MiB | {r['seconds_per_step']:.2f} | {r['peak_rss_mib']:.0f} "
-            f"| {METHODS[method][task][1]:g} |"
+            f"| {adapter_and_lr(method, task)[1]:g} |"
         )
     return lines + [""]
 
@@ -193,7 +201,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=[*METHODS, *QUANTIZED], default=[*METHODS, *QUANTIZED]
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/methods-table"))
     parser.add_argument("--table", type=Path, default=HERE / "methods_table.md")
     parser.add_argument("--force", action="store_true", help="rerun cached runs")
