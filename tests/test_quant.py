@@ -396,3 +396,39 @@ def test_load_quantized_refuses_what_it_cannot_read(tmp_path):
     )
     with pytest.raises(QuantizationError, match="lacks 3 weights"):
         load_quantized(tmp_path / "partial")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_adapter_gradients_on_a_4bit_base_match_the_float_twin_and_checkpointing_dequantizes_twice(
+    checkpointing, monkeypatch
+):
+    from deltatune.core import quantized as registry
+    from deltatune.train.setup import enable_gradient_checkpointing
+
+    quantized = quantize_base(build_llama(), 4)
+    twin = _dequantized_twin(quantized)
+    for model in (quantized, twin):
+        torch.manual_seed(0)
+        dt.inject(model, _lora())
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+    twin.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
+    calls: dict[int, int] = {}
+    dequantize = registry._DEQUANTIZERS[bnb.nn.Linear4bit]
+
+    def counting(module):
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        return dequantize(module)
+
+    monkeypatch.setitem(registry._DEQUANTIZERS, bnb.nn.Linear4bit, counting)
+    for model in (quantized, twin):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in quantized.named_parameters() if p.grad is not None}
+    expected = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], atol=1e-4, rtol=1e-3)
+    # Layer 1 sees inputs that need gradients: forward + backward without checkpointing; with it, forward +
+    # recompute, the backward reusing the recomputed weight instead of a third dequantization.
+    assert calls[id(quantized.model.layers[1].mlp.down_proj.base_layer)] == 2

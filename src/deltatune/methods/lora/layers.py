@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from ...core.errors import AdapterFormatError
 from ...core.layer import AdapterLayer
+from ...core.quantized import quantized_forward
 from .config import LoraConfig
 from .dora import along, column_norm, magnitude_scale
 from .fused import fused_lora_linear
@@ -197,7 +198,7 @@ class LoraLayer(AdapterLayer):
         raise NotImplementedError
 
     def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
-        result = self.base_layer(x)
+        result = quantized_forward(self.base_layer, x) if self.quantized else self.base_layer(x)
         base_out = result
         for name in active:
             a, b = self.factors(name)
