@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.quant import load_quantized
+from deltatune.quant.allocator import return_large_blocks_to_os
 from deltatune.train.setup import enable_gradient_checkpointing
 
 DT_CONFIGS = ["lora-fp32", "lora-nf4", "lora-int8"]
@@ -138,7 +139,9 @@ def _memory_now() -> dict[str, float]:
     return {k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
-def run_one(config: str, shape: str, steps: int) -> None:
+def run_one(config: str, shape: str, steps: int, lean_heap: bool) -> None:
+    if lean_heap:
+        return_large_blocks_to_os()
     model = build(config, shape)
     loaded = _memory_now()["VmHWM"]
     step = step_fn(model, inputs(shape))
@@ -156,7 +159,8 @@ def run_memory(args) -> None:
     rows = []
     for config in args.configs:
         out = subprocess.run(
-            [sys.executable, __file__, "one", config, "--shape", args.shape, "--steps", str(args.steps)],
+            [sys.executable, __file__, "one", config, "--shape", args.shape, "--steps", str(args.steps)]
+            + (["--lean-heap"] if args.lean_heap else []),
             capture_output=True, text=True,
         )  # fmt: skip
         if out.returncode != 0:
@@ -171,6 +175,7 @@ def run_memory(args) -> None:
     print(
         f"## peak RSS, fresh process per configuration, {args.shape} shape, batch {rows_}x{length}, "
         f"{args.steps} training steps{', gradient checkpointing' if SHAPES[args.shape]['checkpointing'] else ''}"
+        f"{', lean heap' if args.lean_heap else ''}"
     )
     print("| configuration | weights as stored MiB | peak after load MiB | peak MiB | at end: anon / file MiB "
           "| x lora-fp32 | x peft-lora-fp32 |")  # fmt: skip
@@ -214,9 +219,10 @@ def main() -> None:
         p.add_argument("--shape", choices=SHAPES, default="smollm2")
     for p in (memory, one):
         p.add_argument("--steps", type=int, default=3)
+        p.add_argument("--lean-heap", action="store_true", help="glibc mmap threshold 1 MiB in every process")
     args = parser.parse_args()
     if args.command == "one":
-        run_one(args.config, args.shape, args.steps)
+        run_one(args.config, args.shape, args.steps, args.lean_heap)
     elif args.command == "memory":
         run_memory(args)
     else:
