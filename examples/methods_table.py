@@ -104,6 +104,11 @@ NOTES = """
   1.2-1.5 GiB (MiniLM) and 2.9-3.3 GiB (SmolLM2) against full fine-tuning's 1.6 and 4.3 GiB (AdamW's two
   moment buffers plus gradients for every weight). DoRA is the exception (2.3 and 5.0 GiB): the per-layer
   norm of W + BA materializes a full-size weight in the graph.
+- **QLoRA** (`lora-nf4`: the LoRA row on an NF4 base through the YAML's `quantization:` section, same lr, steps and
+  seed): 0.643 against LoRA's 0.669 on the float32 base, with the format fully learned. Its `trainable %` is off
+  (5.66%): the total counts the packed 4-bit storage (two weights per byte element), not the logical weights.
+  Its s/step and peak RSS come from a later session than the LoRA row, so compare them with bench/README.md's
+  side-by-side QLoRA numbers instead.
 - **Bytes on disk** follow the trainable counts, except prefix tuning (folded at save) and the MiniLM runs,
   whose counts include the new classification head (1,155 parameters, trained in full by every method).
 """
