@@ -105,8 +105,8 @@ NOTES = """
   moment buffers plus gradients for every weight). DoRA is the exception (2.3 and 5.0 GiB): the per-layer
   norm of W + BA materializes a full-size weight in the graph.
 - **QLoRA** (`lora-nf4`: the LoRA row on an NF4 base through the YAML's `quantization:` section, same lr, steps and
-  seed): 0.643 against LoRA's 0.669 on the float32 base, with the format fully learned. Its `trainable %` is off
-  (5.66%): the total counts the packed 4-bit storage (two weights per byte element), not the logical weights.
+  seed): 0.643 against LoRA's 0.669 on the float32 base, with the format fully learned. Its `trainable %` (5.66%) was
+  recorded before trainable_summary counted quantized weights logically (the same 3.50% as LoRA since).
   Its s/step and peak RSS come from a later session than the LoRA row, so compare them with bench/README.md's
   side-by-side QLoRA numbers instead.
 - **Bytes on disk** follow the trainable counts, except prefix tuning (folded at save) and the MiniLM runs,

@@ -432,3 +432,13 @@ def test_adapter_gradients_on_a_4bit_base_match_the_float_twin_and_checkpointing
     # Layer 1 sees inputs that need gradients: forward + backward without checkpointing; with it, forward +
     # recompute, the backward reusing the recomputed weight instead of a third dequantization.
     assert calls[id(quantized.model.layers[1].mlp.down_proj.base_layer)] == 2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_trainable_summary_counts_the_logical_weights_of_a_quantized_base(bits):
+    reference = build_llama()
+    dt.inject(reference, _lora())
+    model = quantize_base(build_llama(), bits)
+    dt.inject(model, _lora())
+    summary, expected = dt.trainable_summary(model), dt.trainable_summary(reference)
+    assert summary.total == expected.total and summary.trainable == expected.trainable

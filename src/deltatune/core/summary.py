@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .quantized import is_quantized
+
 
 @dataclass(frozen=True)
 class TrainableSummary:
@@ -33,11 +35,13 @@ def _human(n: int) -> str:
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
-    """Count each parameter once (tied weights are shared), trainable ones and their bytes."""
+    """Count each parameter once (tied weights are shared), trainable ones and their bytes. A quantized weight
+    counts as the weights it stands for, not its packed storage elements (4-bit: two per element)."""
     params = list(model.parameters())  # nn.Module deduplicates shared parameters
     trainable = [p for p in params if p.requires_grad]
+    logical = {id(m.weight): m.in_features * m.out_features for m in model.modules() if is_quantized(m)}
     return TrainableSummary(
         trainable=sum(p.numel() for p in trainable),
-        total=sum(p.numel() for p in params),
+        total=sum(logical.get(id(p), p.numel()) for p in params),
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
     )
