@@ -207,8 +207,8 @@ def export_merged(
         raise MergeError(
             f"the merged model differs from the unmerged adapter by up to {report.max_abs_error:.4g} in the logits "
             f"(mean {report.mean_abs_error:.4g}; the adapter itself moves them by {report.adapter_mean_abs_effect:.4g}"
-            f" on average), above max_error={max_error}; nothing was written. "
-            + ("Export without requantize=True, or serve the adapter unmerged." if requantize else "")
+            f" on average), above max_error={max_error}; nothing was written."
+            + (" Export without requantize=True, or serve the adapter unmerged." if requantize else "")
         )
     with staged_folder(path) as staging:
         if is_transformers:

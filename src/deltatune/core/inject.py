@@ -90,9 +90,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             wrapper = method.wrap(module, module_name)
             _set_child(model, module_name, wrapper)
         wrapper.add_adapter(adapter_name, config, module_name)
-        wrapper.train(
-            mode
-        )  # new modules start in training mode; an eval model must not get dropout at inference
+        # New modules start in training mode; an eval model must not get adapter dropout at inference.
+        wrapper.train(mode)
         wrappers.append(wrapper)
     method.attach(model, wrappers)
     _wrap_modules_to_save(model, config, adapter_name)

@@ -108,12 +108,13 @@ def strip_copied_input_hooks(copied: nn.Module) -> None:
     state = copied.__dict__.pop(_HOOKS_ATTR, None)
     if state is None:
         return
+    registries = (
+        copied._forward_pre_hooks, copied._forward_pre_hooks_with_kwargs, copied._forward_hooks,
+        copied._forward_hooks_with_kwargs, copied._forward_hooks_always_called,
+    )  # fmt: skip
     for handle in state[:2]:
-        for hooks in (copied._forward_pre_hooks, copied._forward_hooks):
-            hooks.pop(handle.id, None)
-        copied._forward_pre_hooks_with_kwargs.pop(handle.id, None)
-        copied._forward_hooks_with_kwargs.pop(handle.id, None)
-        copied._forward_hooks_always_called.pop(handle.id, None)
+        for registry in registries:
+            registry.pop(handle.id, None)
 
 
 def _positional_names(model: nn.Module) -> list[str]:
