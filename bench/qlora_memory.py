@@ -14,6 +14,9 @@ one process, interleaved, median seconds per step. fp32 compute throughout.
 
     python bench/qlora_memory.py memory --shape 1b
     python bench/qlora_memory.py speed --shape 1b --reps 3
+
+`memory --lean-heap` sets glibc's mmap threshold to 2 MiB in every process first, as `deltatune train` does for a
+quantized base (deltatune.quant.allocator.return_large_blocks_to_os).
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def main() -> None:
         p.add_argument("--shape", choices=SHAPES, default="smollm2")
     for p in (memory, one):
         p.add_argument("--steps", type=int, default=3)
-        p.add_argument("--lean-heap", action="store_true", help="glibc mmap threshold 1 MiB in every process")
+        p.add_argument("--lean-heap", action="store_true", help="glibc mmap threshold 2 MiB in every process")
     args = parser.parse_args()
     if args.command == "one":
         run_one(args.config, args.shape, args.steps, args.lean_heap)

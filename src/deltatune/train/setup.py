@@ -53,6 +53,10 @@ def load_model(
 ) -> nn.Module:
     """The base model as the config describes it, quantized in place when `quantization` is given."""
     path = resolve_model_path(spec.path)
+    if quantization is not None:
+        from ..quant.allocator import return_large_blocks_to_os
+
+        return_large_blocks_to_os()  # with the weights small, held heap is much of the peak (measured 0.44 -> 0.32x)
     if quantization is not None and spec.task != "classification" and _streamable(path):
         from ..quant import load_quantized
 
