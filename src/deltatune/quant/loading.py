@@ -98,9 +98,8 @@ def load_quantized(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise QuantizationError(f"{folder} is already a quantized checkpoint: load it with from_pretrained")
-    with init_empty_weights(
-        include_buffers=False
-    ):  # parameters on meta; buffers such as RoPE tables computed
+    # Parameters on the meta device; buffers (RoPE tables) computed for real, as from_pretrained would.
+    with init_empty_weights(include_buffers=False):
         model = (model_class or AutoModelForCausalLM).from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code
         )
@@ -109,23 +108,22 @@ def load_quantized(
     weights_to_quantize = {f"{name}.weight": name for name in targets}
     for key, file in tensors.items():
         tensor = _read(file, key)
-        if key in weights_to_quantize:
-            name = weights_to_quantize[key]
-            linear = model.get_submodule(name)
-            _set_child(
-                model, name, _quantized_linear(linear, tensor, bits, quant_type, double_quant, compute_dtype)
+        name = weights_to_quantize.get(key)
+        if name is not None:
+            layer = _quantized_linear(
+                model.get_submodule(name), tensor, bits, quant_type, double_quant, compute_dtype
             )
-        else:
-            try:
-                _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-            except (KeyError, AttributeError):
-                raise QuantizationError(
-                    f"checkpoint tensor {key!r} has no place in {type(model).__name__}; this checkpoint's names "
-                    "need transformers' own loading: use from_pretrained and then quantize_base"
-                ) from None
-        del tensor
-        if key in weights_to_quantize:
+            _set_child(model, name, layer)
+            del tensor
             release_freed_memory()  # quantization temporaries; measured ~650 MiB held at 1.1B otherwise
+            continue
+        try:
+            _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        except (KeyError, AttributeError):
+            raise QuantizationError(
+                f"checkpoint tensor {key!r} has no place in {type(model).__name__}; this checkpoint's names "
+                "need transformers' own loading: use from_pretrained and then quantize_base"
+            ) from None
     model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
