@@ -51,8 +51,10 @@ def _check_adapter_name(model: nn.Module, name: str, reserved: set[str]) -> None
         raise AdapterNameError(
             f"adapter {name!r} already exists on this model; delete_adapter(model, {name!r}) or use another name"
         )
-    parts = {p for n, _ in model.named_parameters() for p in n.split(".")}
-    parts |= {p for n, _ in model.named_modules() for p in n.split(".") if n}
+    parts: set[str] = set()
+    for module_name, module in model.named_modules():  # one walk: module path segments and parameter names
+        parts.update(module_name.split(".") if module_name else ())
+        parts.update(module._parameters)
     if name in reserved or name in parts:
         raise AdapterNameError(
             f"adapter name {name!r} collides with a parameter or module name in the model (or a reserved name: "
@@ -103,6 +105,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
 
 
 def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
+    if not config.modules_to_save:
+        return
     candidates = candidate_modules(model, lambda m: isinstance(m, (AdapterLayer, ModulesToSaveWrapper)))
     keys = list(dict.fromkeys(config.modules_to_save or []))
     found_by_key = {key: [n for n, _ in candidates if name_matches(n, [key])] for key in keys}
@@ -132,15 +136,16 @@ def set_adapter(model: nn.Module, adapter_name: str | Iterable[str]) -> None:
     for n in names:
         if n not in known:
             raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
-    for _, wrapper in all_wrappers(model):
+    wrappers = [w for _, w in all_wrappers(model)]
+    for wrapper in wrappers:
         wrapper.set_active(names)
-    _freeze_all_but(model, names)
+    _freeze_all_but(model, wrappers, names)
 
 
-def _freeze_all_but(model: nn.Module, names: list[str]) -> None:
+def _freeze_all_but(model: nn.Module, wrappers: list[nn.Module], names: list[str]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, wrapper in all_wrappers(model):
+    for wrapper in wrappers:
         for name in names:
             for p in wrapper.adapter_parameters(name):
                 p.requires_grad_(True)

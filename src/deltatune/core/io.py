@@ -43,6 +43,7 @@ from .inject import (
     merged_adapter_names,
     set_adapter,
 )
+from .layer import weights_follow
 from .quantized import model_quantization
 from .state import adapter_state_dict, load_adapter_state_dict
 
@@ -257,7 +258,8 @@ def load_adapter(
             f"adapters {merged} are merged into the model; unmerge before loading another"
         )
     previously_active = active_adapters(model)
-    inject(model, config, adapter_name)
+    with weights_follow():  # every tensor is overwritten below, or the adapter is deleted again
+        inject(model, config, adapter_name)
     try:
         if record is not None:
             _check_base(model, record, adapter_name, allow_base_mismatch, folder, tokenizer)

@@ -7,6 +7,8 @@ Merge state is tracked per adapter so that merging twice is a no-op and unmerge 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -15,6 +17,23 @@ from .config import AdapterConfig
 from .errors import AdapterFormatError, AdapterNameError, MergeError
 from .hashing import tensor_sha256
 from .quantized import float_weight, is_quantized
+
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("deltatune_weights_follow", default=False)
+
+
+@contextmanager
+def weights_follow() -> Iterator[None]:
+    """Adapters created inside the block may skip random initialisation: a loader is about to overwrite
+    every tensor (and checks that it did). Initialising ~20 MB of LoRA factors costs more than loading them."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
+def initialization_skipped() -> bool:
+    return _WEIGHTS_FOLLOW.get()
 
 
 class AdapterLayer(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ...core.errors import AdapterFormatError
-from ...core.layer import AdapterLayer
+from ...core.layer import AdapterLayer, initialization_skipped
 from ...core.quantized import quantized_forward
 from .config import LoraConfig
 from .dora import along, column_norm, magnitude_scale
@@ -95,7 +95,8 @@ class LoraLayer(AdapterLayer):
         kw = {"dtype": _adapter_dtype(weight), "device": weight.device}
         shape_a, shape_b = self.factor_shapes(r)
         a, b = torch.empty(shape_a, **kw), torch.empty(shape_b, **kw)
-        self._init_factors(a, b, config.init_lora_weights, r)
+        if not initialization_skipped():
+            self._init_factors(a, b, config.init_lora_weights, r)
         self._store_factors(name, a, b)
         self.scaling[name] = config.scaling_for(module_name)
         self.dropout[name] = float(config.lora_dropout)

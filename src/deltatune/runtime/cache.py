@@ -1,0 +1,242 @@
+"""An adapter cache over one frozen base model: load adapters from a folder by name, keep them within a byte
+budget, evict the least recently used, unload on request.
+
+Loading adds the adapter's tensors to the wrappers already in the model (wrapping only modules no loaded
+adapter targeted before); it never copies or re-wraps base weights. Adapters of different ranks and target sets
+live side by side. Adapter names are folder names inside one directory, checked so that no name can reach a
+path outside it (no '..', no absolute paths, no symlinks that lead out).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.config import CONFIG_NAME
+from ..core.errors import AdapterNotFoundError, DeltatuneError
+from ..core.inject import adapter_configs, all_wrappers, delete_adapter
+from ..core.io import PROVENANCE_NAME, WEIGHTS_NAME, load_adapter
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class AdapterNameInvalid(DeltatuneError, ValueError):
+    """A requested adapter name is not a plain folder name inside the adapters directory."""
+
+
+class CacheFullError(DeltatuneError, RuntimeError):
+    """The adapters a batch needs do not fit the cache's byte budget at the same time."""
+
+
+@dataclass
+class CachedAdapter:
+    name: str  # the folder name users ask for
+    key: str  # the adapter's name inside the model (a Python identifier)
+    path: Path
+    bytes: int
+    peft_type: str
+    loaded_at: float
+    last_used: float
+
+
+def adapter_bytes(model: nn.Module, key: str) -> int:
+    """Bytes of the tensors adapter `key` adds to the model."""
+    return sum(
+        p.numel() * p.element_size() for _, w in all_wrappers(model) for p in w.adapter_parameters(key)
+    )
+
+
+def _tensor_bytes(weights: Path) -> int:
+    """Bytes of tensor data in a safetensors file: its size less the 8-byte length and the JSON header."""
+    if not weights.is_file():
+        return 0  # load_adapter names what is missing
+    with weights.open("rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+    return max(weights.stat().st_size - 8 - header, 0)
+
+
+class AdapterCache:
+    """Adapters loaded on demand into `model`, least recently used evicted beyond `budget_bytes` (None: no limit).
+
+    Thread-safe; `pinned(names)` keeps the adapters of a batch in flight from being evicted by its own loads.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        directory: str | Path | None = None,
+        *,
+        budget_bytes: int | None = None,
+        tokenizer: Any = None,
+        allow_base_mismatch: bool = False,
+    ) -> None:
+        self.model = model
+        self.directory = Path(directory).resolve() if directory is not None else None
+        self.budget_bytes = budget_bytes
+        self.tokenizer = tokenizer
+        self.allow_base_mismatch = allow_base_mismatch
+        self._entries: OrderedDict[str, CachedAdapter] = OrderedDict()  # least recently used first
+        self._pins: dict[str, int] = {}
+        self._counter = 0
+        self._lock = threading.RLock()
+
+    # ---- names and paths -------------------------------------------------------------------------------------
+    def resolve(self, name: str) -> Path:
+        """The folder of adapter `name` inside the directory; refuses anything that would leave it."""
+        if self.directory is None:
+            raise AdapterNotFoundError("this cache has no adapters directory; pass a path to load()")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+            raise AdapterNameInvalid(
+                f"adapter name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit, naming a folder directly inside the adapters directory"
+            )
+        folder = self.directory / name
+        if not folder.exists():
+            raise AdapterNotFoundError(f"no adapter {name!r} in {self.directory}")
+        resolved = folder.resolve()
+        files = [resolved] + [resolved / f for f in (CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_NAME)]
+        for item in files:
+            if item.exists() and not item.resolve().is_relative_to(self.directory):
+                raise AdapterNameInvalid(
+                    f"adapter {name!r} is a symlink (or holds one) that leads outside {self.directory}; "
+                    "copy the adapter into the directory instead"
+                )
+        return resolved
+
+    def available(self) -> list[str]:
+        """Names of the adapter folders in the directory (loaded or not)."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        found = []
+        for child in sorted(self.directory.iterdir()):
+            if NAME_PATTERN.fullmatch(child.name) and (child / CONFIG_NAME).is_file():
+                try:
+                    self.resolve(child.name)
+                except DeltatuneError:
+                    continue
+                found.append(child.name)
+        return found
+
+    # ---- loading and eviction --------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    @property
+    def loaded(self) -> list[CachedAdapter]:
+        return list(self._entries.values())
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(e.bytes for e in self._entries.values())
+
+    def key_of(self, name: str) -> str:
+        """The model-side adapter name of a loaded adapter (touching it as recently used)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+            entry.last_used = time.monotonic()
+            self._entries.move_to_end(name)
+            return entry.key
+
+    def load(self, name: str, path: str | Path | None = None) -> CachedAdapter:
+        """Make adapter `name` resident (a no-op if it is), evicting least recently used unpinned adapters
+        to stay within the budget. `path` defaults to the folder `name` inside the directory."""
+        with self._lock:
+            if name in self._entries:
+                self.key_of(name)
+                return self._entries[name]
+            folder = self.resolve(name) if path is None else Path(path)
+            self._make_room(_tensor_bytes(folder / WEIGHTS_NAME), name)
+            key = self._next_key()
+            load_adapter(
+                self.model,
+                folder,
+                adapter_name=key,
+                tokenizer=self.tokenizer,
+                allow_base_mismatch=self.allow_base_mismatch,
+            )
+            now = time.monotonic()
+            entry = CachedAdapter(
+                name=name,
+                key=key,
+                path=folder,
+                bytes=adapter_bytes(self.model, key),
+                peft_type=adapter_configs(self.model)[key].peft_type,
+                loaded_at=now,
+                last_used=now,
+            )
+            self._entries[name] = entry
+            try:
+                self._make_room(0, name)  # the file size was an estimate; settle on the real size
+            except CacheFullError:
+                delete_adapter(self.model, key)
+                del self._entries[name]
+                raise
+            return entry
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+            if self._pins.get(name):
+                raise CacheFullError(f"adapter {name!r} is in use by a running batch; unload it afterwards")
+            delete_adapter(self.model, entry.key)
+            del self._entries[name]
+
+    @contextmanager
+    def pinned(self, names: Iterable[str]) -> Iterator[dict[str, str]]:
+        """Load `names` (None entries ignored) and keep them resident inside the block; yields name -> key."""
+        names = list(dict.fromkeys(n for n in names if n is not None))
+        with self._lock:
+            for name in names:
+                self._pins[name] = self._pins.get(name, 0) + 1
+            try:
+                keys = {name: self.load(name).key for name in names}
+            except BaseException:
+                self._unpin(names)
+                raise
+        try:
+            yield keys
+        finally:
+            with self._lock:
+                self._unpin(names)
+
+    def _unpin(self, names: list[str]) -> None:
+        for name in names:
+            self._pins[name] -= 1
+            if not self._pins[name]:
+                del self._pins[name]
+
+    def _make_room(self, incoming: int, keep: str) -> None:
+        """Evict least recently used unpinned adapters (never `keep`) until `incoming` more bytes fit."""
+        if self.budget_bytes is None:
+            return
+        while self.bytes_used + incoming > self.budget_bytes:
+            victim = next((n for n in self._entries if n != keep and not self._pins.get(n)), None)
+            if victim is None:
+                size = incoming or self._entries[keep].bytes
+                raise CacheFullError(
+                    f"adapter {keep!r} ({size} bytes) does not fit the cache budget of {self.budget_bytes} "
+                    f"bytes next to the adapters in use; raise the budget or send fewer distinct adapters "
+                    "per batch"
+                )
+            self.unload(victim)
+
+    def _next_key(self) -> str:
+        existing = adapter_configs(self.model)
+        while True:
+            self._counter += 1
+            key = f"served_{self._counter}"
+            if key not in existing:
+                return key

@@ -1,0 +1,120 @@
+"""Batched generation where every row may use a different adapter: left padding, the model's KV cache, and
+one forward per new token for the whole batch.
+
+Rows are planned into as few forwards as possible: every row whose adapter is plain LoRA (or the base) goes
+into one mixed batch (`mixed_adapters`); a row set that all uses one adapter runs with that adapter active,
+which is the ordinary single-adapter path; adapters that cannot be mixed (prompt tuning, IA3, DoRA, ...) run
+as one batch per adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.inject import active_adapters, adapter_layers, disable_adapter, set_adapter
+from .mixed import mixable_refusal, mixed_adapters
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # new tokens only, without the end-of-sequence token
+    finish_reason: str  # "stop": the model ended the sequence; "length": max_new_tokens reached
+    prompt_tokens: int
+
+
+def plan_batches(model: nn.Module, adapters: Sequence[str | None]) -> list[list[int]]:
+    """Row indices grouped into batches that can share one forward."""
+    layers = list(adapter_layers(model))
+    mixable: list[int] = []
+    alone: dict[str, list[int]] = {}
+    verdicts: dict[str, bool] = {}
+    for i, name in enumerate(adapters):
+        if name is not None and name not in verdicts:
+            verdicts[name] = mixable_refusal(model, name, layers) is None
+        if name is None or verdicts[name]:
+            mixable.append(i)
+        else:
+            alone.setdefault(name, []).append(i)
+    return ([mixable] if mixable else []) + list(alone.values())
+
+
+@contextmanager
+def _rows_use(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None]:
+    distinct = set(adapters)
+    if len(distinct) > 1:
+        with mixed_adapters(model, adapters):
+            yield
+        return
+    (only,) = distinct
+    if only is None:
+        with disable_adapter(model):
+            yield
+        return
+    previous = active_adapters(model)
+    set_adapter(model, only)
+    try:
+        yield
+    finally:
+        set_adapter(model, previous)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, padded on the left so every row's next token is in the last column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[i, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    adapters: Sequence[str | None],
+    *,
+    max_new_tokens: int | Sequence[int],
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int] | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[Completion]:
+    """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
+    None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode."""
+    if len(prompts) != len(adapters):
+        raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per row")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt has no tokens; every row needs at least one")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    results: list[Completion | None] = [None] * len(prompts)
+    for rows in plan_batches(model, adapters):
+        ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        with _rows_use(model, [adapters[i] for i in rows]):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(limits[i] for i in rows),
+                pad_token_id=pad_token_id,
+                eos_token_id=sorted(eos) or None,
+                **({"do_sample": False} | sampling),
+            )
+        for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+            results[row] = _finish(new, limits[row], eos, len(prompts[row]))
+    return results  # type: ignore[return-value]
+
+
+def _finish(new: list[int], limit: int, eos: set[int], prompt_tokens: int) -> Completion:
+    for position, token in enumerate(new[:limit]):
+        if token in eos:
+            return Completion(new[:position], "stop", prompt_tokens)
+    return Completion(new[:limit], "length", prompt_tokens)

@@ -1,0 +1,231 @@
+"""Multi-adapter runtime: mixed-adapter batches equal each row run alone, batched generation with left
+padding and a KV cache, and the adapter cache (LRU within a byte budget, safe names, no base copies)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import build_gpt2, build_llama
+
+import deltatune as dt
+from deltatune.core.layer import AdapterLayer
+from deltatune.runtime import (
+    AdapterCache,
+    AdapterNameInvalid,
+    CacheFullError,
+    MixedBatchError,
+    generate,
+    mixed_adapters,
+)
+from deltatune.runtime.generate import plan_batches
+
+# Three LoRA adapters with different ranks and different target sets.
+ADAPTERS = {"a": (2, ["q_proj", "v_proj"]), "b": (4, "all-linear"), "c": (8, ["down_proj", "o_proj"])}
+ROWS = ["a", "b", None, "c", "a", "b"]
+
+
+def _with_adapters(build=build_llama, adapters=ADAPTERS):
+    model = build()
+    for seed, (name, (r, targets)) in enumerate(adapters.items()):
+        torch.manual_seed(seed + 10)
+        config = dt.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        dt.inject(model, config, adapter_name=name)
+    return model.eval()
+
+
+def _single(model, ids, name):
+    """One row through the ordinary path: its adapter active (or all disabled)."""
+    with torch.no_grad():
+        if name is None:
+            with dt.disable_adapter(model):
+                return model(ids).logits
+        dt.set_adapter(model, name)
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("build", [build_llama, build_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_mixed_batch_equals_each_row_alone(build):
+    adapters = (
+        ADAPTERS if build is build_llama else {"a": (2, ["c_attn"]), "b": (4, ["c_attn", "c_fc", "c_proj"])}
+    )
+    rows = ROWS if build is build_llama else ["a", None, "b", "a"]
+    model = _with_adapters(build, adapters)
+    ids = torch.randint(0, 96, (len(rows), 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), mixed_adapters(model, rows):
+        mixed = model(ids).logits
+    base = _single(model, ids, None)
+    for i, name in enumerate(rows):
+        alone = _single(model, ids[i : i + 1], name)[0]
+        torch.testing.assert_close(mixed[i], alone, atol=2e-6, rtol=0)
+        if name is not None:  # the adapters really change the output, so the equality above is not vacuous
+            assert (alone - base[i]).abs().max() > 1e-2
+
+
+def test_mixed_batch_leaves_model_as_it_was():
+    model = _with_adapters()
+    dt.set_adapter(model, "b")
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(4))
+    before = _single(model, ids, "b")
+    hooks = {n: len(m._forward_hooks) for n, m in model.named_modules()}
+    with torch.no_grad(), mixed_adapters(model, ["a", "c"]):
+        model(ids)
+    assert dt.active_adapters(model) == ["b"]
+    assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == hooks
+    torch.testing.assert_close(_single(model, ids, "b"), before, atol=0, rtol=0)
+
+
+def test_mixed_batch_refuses_what_it_cannot_batch():
+    model = _with_adapters()
+    torch.manual_seed(0)
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), adapter_name="dora")
+    model.eval()
+    with pytest.raises(MixedBatchError, match="DoRA"), mixed_adapters(model, ["a", "dora"]):
+        pass
+    with pytest.raises(dt.AdapterNameError, match="no adapter named 'nope'"), mixed_adapters(model, ["nope"]):
+        pass
+    ids = torch.randint(0, 96, (3, 4))
+    # A forward with another batch size (what beam search would do) inside the block:
+    with (
+        pytest.raises(MixedBatchError, match="set up for 2 rows but a forward got 3"),
+        torch.no_grad(),
+        mixed_adapters(model, ["a", "b"]),
+    ):
+        model(ids)
+    model.train()
+    with pytest.raises(MixedBatchError, match="eval"), mixed_adapters(model, ["a", "b"]):
+        pass
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 7, 5, 1, 6, 4)]
+
+
+def test_generate_mixed_rows_equal_each_row_alone():
+    """Left padding (prompts of 1-7 tokens), KV cache, per-row max_new_tokens: each row's greedy tokens are
+    those of the row generated alone, unpadded, with its adapter active."""
+    model = _with_adapters()
+    prompts, limits = _prompts(), [6, 8, 8, 8, 3, 5]
+    mixed = generate(model, prompts, ROWS, max_new_tokens=limits, pad_token_id=0, eos_token_id=None)
+    assert plan_batches(model, ROWS) == [list(range(len(ROWS)))]  # one batch for all rows
+    outputs = set()
+    for i, name in enumerate(ROWS):
+        (alone,) = generate(
+            model, [prompts[i]], [name], max_new_tokens=limits[i], pad_token_id=0, eos_token_id=None
+        )
+        assert mixed[i].tokens == alone.tokens and len(alone.tokens) == limits[i]
+        assert mixed[i].finish_reason == "length" and mixed[i].prompt_tokens == len(prompts[i])
+        outputs.add((tuple(prompts[i]), tuple(alone.tokens)))
+    assert len(outputs) == len(ROWS)
+
+
+def test_generate_stops_rows_at_end_of_sequence():
+    model = _with_adapters()
+    prompts = _prompts()[:2]
+    free = generate(model, prompts, ["a", "b"], max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    stop = free[1].tokens[2]  # make row 1's third token the end-of-sequence token
+    ended = generate(model, prompts, ["a", "b"], max_new_tokens=6, pad_token_id=0, eos_token_id=stop)
+    assert (
+        ended[1].finish_reason == "stop" and ended[1].tokens == free[1].tokens[: free[1].tokens.index(stop)]
+    )
+    if stop not in free[0].tokens:
+        assert ended[0].tokens == free[0].tokens and ended[0].finish_reason == "length"
+
+
+def test_generate_runs_unmixable_adapters_in_their_own_batch():
+    model = _with_adapters()
+    torch.manual_seed(0)
+    dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3, token_dim=32), adapter_name="prompt")
+    model.eval()
+    rows = ["a", "prompt", "b", "prompt"]
+    assert plan_batches(model, rows) == [[0, 2], [1, 3]]
+    prompts = _prompts()[:4]
+    mixed = generate(model, prompts, rows, max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    for i, name in enumerate(rows):
+        (alone,) = generate(model, [prompts[i]], [name], max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+        assert mixed[i].tokens == alone.tokens
+
+
+# ---- the adapter cache ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory):
+    """Folders r2, r4, r8 (different ranks and targets) saved from the tiny llama."""
+    root = tmp_path_factory.mktemp("adapters")
+    model = _with_adapters()
+    for name, folder in (("a", "r2"), ("b", "r4"), ("c", "r8")):
+        dt.save_adapter(model, root / folder, adapter_name=name)
+    return root
+
+
+def _logits(model, name_or_key, ids):
+    return _single(model, ids, name_or_key)
+
+
+def test_cache_loads_by_name_and_matches_the_saved_adapter(adapters_dir):
+    reference = _with_adapters()
+    model = build_llama()
+    base_ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    cache = AdapterCache(model, adapters_dir)
+    assert cache.available() == ["r2", "r4", "r8"]
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(6))
+    for folder, name in (("r2", "a"), ("r4", "b"), ("r8", "c")):
+        key = cache.load(folder).key
+        torch.testing.assert_close(_logits(model, key, ids), _logits(reference, name, ids), atol=0, rtol=0)
+    wrappers = {n: id(m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    cache.unload("r4")
+    cache.load("r4")  # reloading reuses the wrappers; base weights are never copied
+    assert {n: id(m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)} == wrappers
+    after = {
+        n.replace(".base_layer", ""): p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n
+    }
+    assert after == base_ptrs
+
+
+def test_cache_evicts_least_recently_used_within_budget(adapters_dir):
+    probe = AdapterCache(build_llama(), adapters_dir)
+    sizes = {name: probe.load(name).bytes for name in ("r2", "r4", "r8")}
+    model = build_llama()
+    cache = AdapterCache(model, adapters_dir, budget_bytes=sizes["r4"] + sizes["r8"])
+    cache.load("r4")
+    cache.load("r8")
+    cache.key_of("r4")  # r4 used more recently than r8
+    cache.load("r2")  # r4 + r8 + r2 exceeds the budget: r8 goes
+    assert [e.name for e in cache.loaded] == ["r4", "r2"]
+    assert cache.bytes_used == sizes["r4"] + sizes["r2"] <= cache.budget_bytes
+    assert len(dt.adapter_configs(model)) == 2  # evicted means deleted from the model, not only forgotten
+    with cache.pinned(["r4", "r2"]):
+        with pytest.raises(CacheFullError, match="does not fit"):
+            cache.load("r8")  # both residents are pinned by a batch in flight
+        assert [e.name for e in cache.loaded] == ["r4", "r2"]
+    cache.load("r8")  # unpinned again: r4 is least recently used and goes
+    assert {e.name for e in cache.loaded} == {"r2", "r8"}
+    tiny = AdapterCache(build_llama(), adapters_dir, budget_bytes=sizes["r2"] - 1)
+    with pytest.raises(CacheFullError, match="r2"):
+        tiny.load("r2")
+    assert tiny.loaded == [] and dt.adapter_configs(tiny.model) == {}
+
+
+def test_cache_names_cannot_leave_the_directory(adapters_dir, tmp_path):
+    outside = tmp_path / "outside"
+    dt.save_adapter(_with_adapters(), outside, adapter_name="a")
+    root = tmp_path / "served"
+    root.mkdir()
+    os.symlink(outside, root / "escape")
+    os.symlink(adapters_dir / "r2", root / "inside")  # a link to another place is fine only if inside
+    (root / "mixed").mkdir()
+    for item in ("adapter_config.json", "adapter_model.safetensors"):
+        os.symlink(outside / item, root / "mixed" / item)
+    cache = AdapterCache(build_llama(), root)
+    for bad in ("../outside", "/etc", "..", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(AdapterNameInvalid):
+            cache.load(bad)
+    with pytest.raises(AdapterNameInvalid, match="symlink"):
+        cache.load("escape")
+    with pytest.raises(AdapterNameInvalid, match="symlink"):
+        cache.load("mixed")
+    with pytest.raises(dt.AdapterNotFoundError):
+        cache.load("missing")
+    assert cache.available() == []  # "inside" leads out of root too: root is the boundary
+    assert dt.adapter_configs(cache.model) == {}
