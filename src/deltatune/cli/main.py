@@ -1,4 +1,4 @@
-"""deltatune train | eval | generate | inspect."""
+"""deltatune train | eval | generate | inspect | serve."""
 
 from __future__ import annotations
 
@@ -76,6 +76,41 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from ..serve import Limits, build_server
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise SystemExit(f"deltatune serve: ${args.api_key_env} is empty; set it or drop --api-key-env")
+    limits = Limits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        max_request_bytes=args.max_request_bytes,
+    )
+    app, engine = build_server(
+        args.base,
+        args.adapters_dir,
+        base_name=args.base_name,
+        api_key=api_key,
+        cache_bytes=int(args.cache_mb * 2**20),
+        max_batch=args.max_batch,
+        batch_window_s=args.batch_window_ms / 1000,
+        limits=limits,
+        preload=args.preload,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print("deltatune serve: warning: listening beyond loopback without an API key", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
     p.add_argument("adapter")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser(
+        "serve", help="OpenAI-style HTTP server: one base model, the adapters of one directory"
+    )
+    p.add_argument("--base", required=True, help="model folder, hub id, or a bundled name (smollm2)")
+    p.add_argument(
+        "--adapters-dir",
+        required=True,
+        type=Path,
+        help="each adapter is a folder in it; its name is the model id",
+    )
+    p.add_argument(
+        "--base-name", help="model id that selects the base without adapter (default: the --base name)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key-env", help="name of an environment variable holding the API key clients must send"
+    )
+    p.add_argument("--cache-mb", type=float, default=1024, help="memory budget for loaded adapters")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows in one batched forward")
+    p.add_argument("--batch-window-ms", type=float, default=10, help="how long to wait for requests to batch")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
     return parser
 
 

@@ -1,0 +1,48 @@
+"""`deltatune serve`: one frozen base, the adapters of one directory, OpenAI-style HTTP endpoints.
+
+Needs the `serve` extra (FastAPI and uvicorn).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .app import Limits, create_app
+from .engine import Engine
+
+
+def build_server(
+    base: str,
+    adapters_dir: str | Path,
+    *,
+    base_name: str | None = None,
+    api_key: str | None = None,
+    cache_bytes: int | None = 1 << 30,
+    max_batch: int = 16,
+    batch_window_s: float = 0.01,
+    limits: Limits | None = None,
+    preload: list[str] | None = None,
+) -> tuple[Any, Engine]:
+    """Load the base model and tokenizer, and return (FastAPI app, engine)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..runtime import AdapterCache
+    from ..train.setup import resolve_model_path
+
+    directory = Path(adapters_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapters directory {directory} does not exist; create it or pass another")
+    path = resolve_model_path(base)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cache = AdapterCache(model, directory, budget_bytes=cache_bytes, tokenizer=tokenizer)
+    for name in preload or []:
+        cache.load(name)
+    engine = Engine(model, tokenizer, cache, max_batch=max_batch, batch_window_s=batch_window_s)
+    app = create_app(engine, base_name=base_name or Path(str(base)).name, api_key=api_key, limits=limits)
+    return app, engine
+
+
+__all__ = ["Engine", "Limits", "build_server", "create_app"]
