@@ -2,8 +2,8 @@
 
 Each targeted linear layer gets, for the duration of the batch, two row-ordered stacks of its adapters'
 factors, padded with zeros to the largest rank among them and with the LoRA scale folded into B:
-  A_rows: (batch, in, r_max)   B_rows: (batch, r_max, out)
-and its output becomes  y = base(x) + bmm(bmm(x, A_rows), B_rows),  two batched GEMMs over the whole batch
+  A_rows: (batch, r_max, in)   B_rows: (batch, out, r_max)
+and its output becomes  y = base(x) + bmm(bmm(x, A_rows^T), B_rows^T),  two batched GEMMs over the whole batch
 (the BGMV idea from Punica / S-LoRA), instead of a Python loop that splits the batch per adapter. A row with
 no adapter, or whose adapter does not target this layer, has zero factors. Zero padding adds exact zeros, so
 each row equals that row run alone with its adapter, up to float summation order.
@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import AdapterNameError
@@ -48,25 +49,40 @@ def mixable_refusal(
     return None
 
 
+def _pad_rank(factor: torch.Tensor, r_max: int, axis: int) -> torch.Tensor:
+    missing = r_max - factor.shape[axis]
+    if not missing:
+        return factor
+    return F.pad(factor, (0, 0, 0, missing) if axis == 0 else (0, missing))
+
+
 def _row_stacks(
     layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A_rows (batch, in, r_max) and B_rows (batch, r_max, out) for one layer, or None if no row uses it."""
-    present = [n for n in rows if n is not None and n in layer.adapter_configs]
-    if not present:
+    """A_rows (batch, r_max, in) and B_rows (batch, out, r_max) for one layer, or None if no row uses it.
+
+    The distinct adapters are stacked once (a zero slot last, for rows without one) and gathered per row
+    with one index; when every row has its own adapter in stack order the stack is used as it is."""
+    distinct = list(dict.fromkeys(n for n in rows if n is not None and n in layer.adapter_configs))
+    if not distinct:
         return None
-    r_max = max(layer.factors(n)[0].shape[0] for n in present)
-    device = layer.lora_A[present[0]].weight.device
-    a_rows = torch.zeros(len(rows), layer.in_features, r_max, dtype=dtype, device=device)
-    b_rows = torch.zeros(len(rows), r_max, layer.out_features, dtype=dtype, device=device)
-    for i, name in enumerate(rows):
-        if name is None or name not in layer.adapter_configs:
-            continue
-        a, b = layer.factors(name)
-        r = a.shape[0]
-        a_rows[i, :, :r] = a.detach().t()
-        b_rows[i, :r, :] = b.detach().t() * layer.scaling[name]
-    return a_rows, b_rows
+    factors = [layer.factors(n) for n in distinct]
+    r_max = max(a.shape[0] for a, _ in factors)
+    a_stack = torch.stack([_pad_rank(a.detach(), r_max, 0) for a, _ in factors]).to(dtype)
+    b_stack = torch.stack(
+        [
+            _pad_rank(b.detach() * layer.scaling[n], r_max, 1)
+            for n, (_, b) in zip(distinct, factors, strict=True)
+        ]
+    ).to(dtype)
+    slot = {name: i for i, name in enumerate(distinct)}
+    index = [slot.get(name, len(distinct)) for name in rows]
+    if len(distinct) == len(rows) and index == list(range(len(rows))):
+        return a_stack, b_stack
+    a_stack = torch.cat([a_stack, a_stack.new_zeros(1, *a_stack.shape[1:])])
+    b_stack = torch.cat([b_stack, b_stack.new_zeros(1, *b_stack.shape[1:])])
+    index_t = torch.tensor(index, device=a_stack.device)
+    return a_stack.index_select(0, index_t), b_stack.index_select(0, index_t)
 
 
 def _add_rowwise_update(a_rows: torch.Tensor, b_rows: torch.Tensor):
@@ -79,9 +95,9 @@ def _add_rowwise_update(a_rows: torch.Tensor, b_rows: torch.Tensor):
                 f"a mixed batch was set up for {batch} rows but a forward got {x.shape[0]}; beam search and "
                 "num_return_sequences > 1 change the batch size and are not supported with per-row adapters"
             )
-        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype), a_rows)
+        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype), a_rows.transpose(1, 2))
         out = output.reshape(batch, -1, output.shape[-1])
-        return torch.baddbmm(out, h.to(out.dtype), b_rows.to(out.dtype)).view(output.shape)
+        return torch.baddbmm(out, h.to(out.dtype), b_rows.transpose(1, 2).to(out.dtype)).view(output.shape)
 
     return hook
 

@@ -1,0 +1,202 @@
+"""Many adapters on one base, side by side in one process (SmolLM2-135M shape, random init, LoRA r=16 on all
+linear layers, eval mode, no_grad, medians of interleaved rounds).
+
+  mixed   N rows, N different adapters, one batch:
+            dt-single   deltatune, one adapter active for all rows (the baseline the target is against)
+            dt-mixed    deltatune mixed batch (runtime.mixed_adapters: batched per-row LoRA)
+            peft-single PEFT 0.21.2, one adapter for all rows
+            peft-mixed  PEFT's `adapter_names=` (splits the batch per adapter in Python)
+          for `forward` (prompt of --length tokens) and `generate` (greedy, --new-tokens, KV cache).
+  swap    time to load an adapter folder from disk and make it the one used:
+            dt-cache    runtime.AdapterCache.load (then usable in any batch; no activation step)
+            dt-load     deltatune.load_adapter + set_adapter
+            peft-load   PeftModel.load_adapter + set_adapter
+            peft-hotswap PEFT's hotswap_adapter (overwrites a loaded adapter of the same shape in place)
+            reload      from_pretrained of the whole base from disk + load_adapter
+
+python bench/multi_adapter.py mixed --adapters 8 32 --reps 3
+python bench/multi_adapter.py swap --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import base_model, interleaved, median
+
+import deltatune as dt
+from deltatune.runtime import AdapterCache, mixed_adapters
+
+SETTING = dict(r=16, lora_alpha=32, target_modules="all-linear")
+
+
+def save_adapters(root: Path, count: int) -> list[Path]:
+    """`count` different r=16 all-linear adapters saved in PEFT's format (deltatune writes it)."""
+    model = base_model()
+    folders = []
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        name = f"a{i}"
+        dt.inject(model, dt.LoraConfig(**SETTING, init_lora_weights=False), adapter_name=name)
+        folders.append(dt.save_adapter(model, root / name, adapter_name=name))
+        dt.delete_adapter(model, name)
+    return folders
+
+
+def dt_model(folders: list[Path]):
+    model = base_model().eval()
+    for i, folder in enumerate(folders):
+        dt.load_adapter(model, folder, adapter_name=f"a{i}")
+    return model
+
+
+def peft_model(folders: list[Path]):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model().eval(), folders[0], adapter_name="a0")
+    for i, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"a{i}")
+    return model.eval()
+
+
+def inputs(rows: int, length: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 49152, (rows, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run_mixed(args) -> dict:
+    results = {}
+    for count in args.adapters:
+        with tempfile.TemporaryDirectory() as tmp:
+            folders = save_adapters(Path(tmp), count)
+            dtm, pm = dt_model(folders), peft_model(folders)
+        names = [f"a{i}" for i in range(count)]
+        fwd, gen = inputs(count, args.length), inputs(count, args.prompt_length)
+
+        def dt_call(kind: str, mixed: bool):
+            def call():
+                with torch.no_grad(), (mixed_adapters(dtm, names) if mixed else contextlib.nullcontext()):
+                    if not mixed:
+                        dt.set_adapter(dtm, "a0")
+                    if kind == "forward":
+                        dtm(**fwd)
+                    else:
+                        dtm.generate(**gen, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+            return call
+
+        def peft_call(kind: str, mixed: bool):
+            extra = {"adapter_names": names} if mixed else {}
+
+            def call():
+                if not mixed:
+                    pm.set_adapter("a0")
+                with torch.no_grad():
+                    if kind == "forward":
+                        pm(**fwd, **extra)
+                    else:
+                        pm.generate(**gen, **extra, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+            return call
+
+        for kind in ("forward", "generate"):
+            fns = {
+                "dt-single": dt_call(kind, False),
+                "dt-mixed": dt_call(kind, True),
+                "peft-single": peft_call(kind, False),
+                "peft-mixed": peft_call(kind, True),
+            }
+            print(f"{count} adapters, {kind}", file=sys.stderr)
+            times = interleaved(fns, args.reps)
+            med = {k: median(v) for k, v in times.items()}
+            results[f"{count}/{kind}"] = {
+                "median_s": med,
+                "dt_mixed_x_dt_single": med["dt-mixed"] / med["dt-single"],
+                "peft_mixed_x_peft_single": med["peft-mixed"] / med["peft-single"],
+                "peft_mixed_x_dt_mixed": med["peft-mixed"] / med["dt-mixed"],
+            }
+            print(json.dumps({f"{count}/{kind}": results[f"{count}/{kind}"]}, indent=1), flush=True)
+        del dtm, pm
+        gc.collect()
+    return results
+
+
+def run_swap(args) -> dict:
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "adapters"
+        root.mkdir()
+        folders = save_adapters(root, 2)
+        base_dir = Path(tmp) / "base"
+        base_model().save_pretrained(base_dir)
+        dtm = base_model().eval()
+        cache = AdapterCache(dtm, root)
+        cache.load("a0")  # wrappers exist from here on, as in a server that has served one adapter
+        plain = dt_model(folders[:1])
+        pm = peft_model(folders[:1])
+        counter = iter(range(10**6))
+
+        def dt_cache():
+            cache.load("a1")
+            cache.unload("a1")  # unload is not timed separately; it is a dict delete
+
+        def dt_load():
+            name = f"x{next(counter)}"
+            dt.load_adapter(plain, folders[1], adapter_name=name)
+            dt.set_adapter(plain, name)
+            dt.delete_adapter(plain, name)
+
+        def peft_load():
+            pm.load_adapter(folders[1], adapter_name="b")
+            pm.set_adapter("b")
+            pm.delete_adapter("b")
+            pm.set_adapter("a0")
+
+        def peft_hotswap():
+            hotswap_adapter(pm, str(folders[next(counter) % 2]), adapter_name="a0")
+
+        def reload():
+            model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+            dt.load_adapter(model, folders[1])
+
+        fns = {"dt-cache": dt_cache, "dt-load": dt_load, "peft-load": peft_load, "peft-hotswap": peft_hotswap, "reload": reload}
+        times = interleaved(fns, args.reps)
+        med = {k: median(v) for k, v in times.items()}
+        size = (folders[1] / "adapter_model.safetensors").stat().st_size
+        out = {"adapter_bytes": size, "median_s": med, "x_dt_cache": {k: v / med["dt-cache"] for k, v in med.items()}}
+        print(json.dumps(out, indent=1))
+        # the part of dt-cache that is the load itself, timed alone
+        started = time.perf_counter()
+        cache.load("a1")
+        out["dt_cache_load_only_s"] = time.perf_counter() - started
+        print(json.dumps({"dt_cache_load_only_s": out["dt_cache_load_only_s"]}))
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["mixed", "swap"])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--length", type=int, default=128, help="tokens per row in the forward benchmark")
+    parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row for generate")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(json.dumps(run_mixed(args) if args.what == "mixed" else run_swap(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
