@@ -76,62 +76,80 @@ def inputs(rows: int, length: int) -> dict[str, torch.Tensor]:
 def run_mixed(args) -> dict:
     results = {}
     for count in args.adapters:
-        with tempfile.TemporaryDirectory() as tmp:
-            folders = save_adapters(Path(tmp), count)
-            dtm, pm = dt_model(folders), peft_model(folders)
-        names = [f"a{i}" for i in range(count)]
-        fwd, gen = inputs(count, args.length), inputs(count, args.prompt_length)
-
-        def dt_call(kind: str, mixed: bool):
-            def call():
-                with torch.no_grad(), (mixed_adapters(dtm, names) if mixed else contextlib.nullcontext()):
-                    if not mixed:
-                        dt.set_adapter(dtm, "a0")
-                    if kind == "forward":
-                        dtm(**fwd)
-                    else:
-                        dtm.generate(**gen, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-
-            return call
-
-        def peft_call(kind: str, mixed: bool):
-            extra = {"adapter_names": names} if mixed else {}
-
-            def call():
-                if not mixed:
-                    pm.set_adapter("a0")
-                with torch.no_grad():
-                    if kind == "forward":
-                        pm(**fwd, **extra)
-                    else:
-                        pm.generate(**gen, **extra, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-
-            return call
-
-        for kind in ("forward", "generate"):
-            fns = {
-                "dt-single": dt_call(kind, False),
-                "dt-mixed": dt_call(kind, True),
-                "peft-single": peft_call(kind, False),
-                "peft-mixed": peft_call(kind, True),
-            }
-            print(f"{count} adapters, {kind}", file=sys.stderr)
-            times = interleaved(fns, args.reps)
-            med = {k: median(v) for k, v in times.items()}
-            results[f"{count}/{kind}"] = {
-                "median_s": med,
-                "dt_mixed_x_dt_single": med["dt-mixed"] / med["dt-single"],
-                "peft_mixed_x_peft_single": med["peft-mixed"] / med["peft-single"],
-                "peft_mixed_x_dt_mixed": med["peft-mixed"] / med["dt-mixed"],
-            }
-            print(json.dumps({f"{count}/{kind}": results[f"{count}/{kind}"]}, indent=1), flush=True)
-        del dtm, pm
+        results.update(mixed_for(args, count))
         gc.collect()
     return results
 
 
+def mixed_for(args, count: int) -> dict:
+    """`count` rows with `count` adapters: forward and generate, four variants side by side."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = save_adapters(Path(tmp), count)
+        dtm, pm = dt_model(folders), peft_model(folders)
+    names = [f"a{i}" for i in range(count)]
+    fwd, gen = inputs(count, args.length), inputs(count, args.prompt_length)
+
+    def dt_call(kind: str, mixed: bool):
+        def call():
+            with torch.no_grad(), mixed_adapters(dtm, names) if mixed else contextlib.nullcontext():
+                if not mixed:
+                    dt.set_adapter(dtm, "a0")
+                if kind == "forward":
+                    dtm(**fwd)
+                else:
+                    dtm.generate(
+                        **gen,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+        return call
+
+    def peft_call(kind: str, mixed: bool):
+        extra = {"adapter_names": names} if mixed else {}
+
+        def call():
+            if not mixed:
+                pm.set_adapter("a0")
+            with torch.no_grad():
+                if kind == "forward":
+                    pm(**fwd, **extra)
+                else:
+                    pm.generate(
+                        **gen,
+                        **extra,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+        return call
+
+    for kind in ("forward", "generate"):
+        fns = {
+            "dt-single": dt_call(kind, False),
+            "dt-mixed": dt_call(kind, True),
+            "peft-single": peft_call(kind, False),
+            "peft-mixed": peft_call(kind, True),
+        }
+        print(f"{count} adapters, {kind}", file=sys.stderr)
+        times = interleaved(fns, args.reps)
+        med = {k: median(v) for k, v in times.items()}
+        results[f"{count}/{kind}"] = {
+            "median_s": med,
+            "dt_mixed_x_dt_single": med["dt-mixed"] / med["dt-single"],
+            "peft_mixed_x_peft_single": med["peft-mixed"] / med["peft-single"],
+            "peft_mixed_x_dt_mixed": med["peft-mixed"] / med["dt-mixed"],
+        }
+        print(json.dumps({f"{count}/{kind}": results[f"{count}/{kind}"]}, indent=1), flush=True)
+    return results
+
+
 def run_swap(args) -> dict:
-    from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter
     from transformers import LlamaForCausalLM
 
@@ -171,11 +189,21 @@ def run_swap(args) -> dict:
             model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
             dt.load_adapter(model, folders[1])
 
-        fns = {"dt-cache": dt_cache, "dt-load": dt_load, "peft-load": peft_load, "peft-hotswap": peft_hotswap, "reload": reload}
+        fns = {
+            "dt-cache": dt_cache,
+            "dt-load": dt_load,
+            "peft-load": peft_load,
+            "peft-hotswap": peft_hotswap,
+            "reload": reload,
+        }
         times = interleaved(fns, args.reps)
         med = {k: median(v) for k, v in times.items()}
         size = (folders[1] / "adapter_model.safetensors").stat().st_size
-        out = {"adapter_bytes": size, "median_s": med, "x_dt_cache": {k: v / med["dt-cache"] for k, v in med.items()}}
+        out = {
+            "adapter_bytes": size,
+            "median_s": med,
+            "x_dt_cache": {k: v / med["dt-cache"] for k, v in med.items()},
+        }
         print(json.dumps(out, indent=1))
         # the part of dt-cache that is the load itself, timed alone
         started = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFormatError
-from .inject import adapter_configs, all_wrappers
+from .inject import adapter_configs, all_wrappers, modules_outside_adapters
 from .layer import AdapterLayer, ModulesToSaveWrapper
 
 PREFIX = "base_model.model."
@@ -102,13 +102,18 @@ def _owner_of(path: str, owners: dict[str, nn.Module]) -> str | None:
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict under its original key names, as if no wrapper were present."""
-    state = model.state_dict()
     wrappers = dict(all_wrappers(model))
     plain = {}
-    for key, tensor in state.items():
-        clean = _clean_key(key, wrappers)
-        if clean is not None:
-            plain[clean] = tensor
+    # The keys model.state_dict() has, without building the adapters' part of it (large with many adapters).
+    for module_name, module in modules_outside_adapters(model, dedupe=False):
+        prefix = f"{module_name}." if module_name else ""
+        tensors = list(module._parameters.items()) + [
+            (k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set
+        ]
+        for key, tensor in tensors:
+            clean = _clean_key(prefix + key, wrappers) if tensor is not None else None
+            if clean is not None:
+                plain[clean] = tensor.detach()
     return plain
 
 
