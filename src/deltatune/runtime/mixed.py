@@ -1,9 +1,9 @@
 """Mixed-adapter batches: one forward in which every row of the batch uses its own LoRA adapter (or none).
 
 Each targeted linear layer gets, for the duration of the batch, two row-ordered stacks of its adapters'
-factors, padded with zeros to the largest rank among them and with the LoRA scale folded into B:
-  A_rows: (batch, r_max, in)   B_rows: (batch, out, r_max)
-and its output becomes  y = base(x) + bmm(bmm(x, A_rows^T), B_rows^T),  two batched GEMMs over the whole batch
+factors, padded with zeros to the largest rank among them, and each row's LoRA scale s:
+  A_rows: (batch, r_max, in)   B_rows: (batch, out, r_max)   s: (batch, 1, 1)
+and its output becomes  y = base(x) + bmm(s * bmm(x, A_rows^T), B_rows^T),  two batched GEMMs over the batch
 (the BGMV idea from Punica / S-LoRA), instead of a Python loop that splits the batch per adapter. A row with
 no adapter, or whose adapter does not target this layer, has zero factors. Zero padding adds exact zeros, so
 each row equals that row run alone with its adapter, up to float summation order.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,37 +57,44 @@ def _pad_rank(factor: torch.Tensor, r_max: int, axis: int) -> torch.Tensor:
     return F.pad(factor, (0, 0, 0, missing) if axis == 0 else (0, missing))
 
 
-def _row_stacks(
-    layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A_rows (batch, r_max, in) and B_rows (batch, out, r_max) for one layer, or None if no row uses it.
+def _row_stacks(layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtype) -> RowFactors | None:
+    """One layer's factors in row order, or None if no row's adapter targets it.
 
     The distinct adapters are stacked once (a zero slot last, for rows without one) and gathered per row
-    with one index; when every row has its own adapter in stack order the stack is used as it is."""
+    with one index; when every row has its own adapter in stack order the stack is used as it is. The LoRA
+    scale is applied to the rank-r intermediate, per row, so B is stacked without an extra scaled copy."""
     distinct = list(dict.fromkeys(n for n in rows if n is not None and n in layer.adapter_configs))
     if not distinct:
         return None
     factors = [layer.factors(n) for n in distinct]
     r_max = max(a.shape[0] for a, _ in factors)
     a_stack = torch.stack([_pad_rank(a.detach(), r_max, 0) for a, _ in factors]).to(dtype)
-    b_stack = torch.stack(
-        [
-            _pad_rank(b.detach() * layer.scaling[n], r_max, 1)
-            for n, (_, b) in zip(distinct, factors, strict=True)
-        ]
-    ).to(dtype)
+    b_stack = torch.stack([_pad_rank(b.detach(), r_max, 1) for _, b in factors]).to(dtype)
+    scale = torch.tensor(
+        [layer.scaling[n] if n is not None and n in layer.adapter_configs else 0.0 for n in rows],
+        dtype=dtype,
+        device=a_stack.device,
+    ).view(-1, 1, 1)
     slot = {name: i for i, name in enumerate(distinct)}
     index = [slot.get(name, len(distinct)) for name in rows]
     if len(distinct) == len(rows) and index == list(range(len(rows))):
-        return a_stack, b_stack
+        return RowFactors(a_stack, b_stack, scale)
     a_stack = torch.cat([a_stack, a_stack.new_zeros(1, *a_stack.shape[1:])])
     b_stack = torch.cat([b_stack, b_stack.new_zeros(1, *b_stack.shape[1:])])
     index_t = torch.tensor(index, device=a_stack.device)
-    return a_stack.index_select(0, index_t), b_stack.index_select(0, index_t)
+    return RowFactors(a_stack.index_select(0, index_t), b_stack.index_select(0, index_t), scale)
 
 
-def _add_rowwise_update(a_rows: torch.Tensor, b_rows: torch.Tensor):
-    batch = a_rows.shape[0]
+class RowFactors(NamedTuple):
+    a: torch.Tensor  # (batch, r_max, in)
+    b: torch.Tensor  # (batch, out, r_max)
+    scale: torch.Tensor  # (batch, 1, 1): the row's LoRA scale, 0 for rows without an update here
+
+
+def _add_rowwise_update(factors: RowFactors):
+    """Forward hook adding row i's update s_i B_i A_i x_i to the base output."""
+    batch = factors.a.shape[0]
+    a_t = factors.a.transpose(1, 2)
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -95,9 +103,13 @@ def _add_rowwise_update(a_rows: torch.Tensor, b_rows: torch.Tensor):
                 f"a mixed batch was set up for {batch} rows but a forward got {x.shape[0]}; beam search and "
                 "num_return_sequences > 1 change the batch size and are not supported with per-row adapters"
             )
-        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype), a_rows.transpose(1, 2))
+        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_t.dtype), a_t) * factors.scale
         out = output.reshape(batch, -1, output.shape[-1])
-        return torch.baddbmm(out, h.to(out.dtype), b_rows.transpose(1, 2).to(out.dtype)).view(output.shape)
+        h, b_t = h.to(out.dtype), factors.b.transpose(1, 2).to(out.dtype)
+        if torch.is_grad_enabled():
+            return torch.baddbmm(out, h, b_t).view(output.shape)
+        # Inference: add into the base output in place (a fresh tensor): a pass over the output saved.
+        return out.baddbmm_(h, b_t).view(output.shape)
 
     return hook
 
@@ -126,7 +138,7 @@ def mixed_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.
             dtype = layer.lora_A[next(iter(layer.lora_A))].weight.dtype if len(layer.lora_A) else None
             stacks = _row_stacks(layer, rows, dtype) if dtype is not None else None
             if stacks is not None:
-                handles.append(layer.register_forward_hook(_add_rowwise_update(*stacks)))
+                handles.append(layer.register_forward_hook(_add_rowwise_update(stacks)))
         try:
             yield model
         finally:
