@@ -15,7 +15,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterNameError, MergeError, TargetingError
 from .input_hooks import remove_input_hooks
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .layer import AdapterLayer, ModulesToSaveWrapper, modules_outside_adapters
 from .registry import get_method
 from .targeting import TargetPreview, candidate_modules, name_matches, suggest_names
 
@@ -24,27 +24,6 @@ _STATE_ATTR = "_deltatune_adapters"  # model attribute: {adapter_name: AdapterCo
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return getattr(model, _STATE_ATTR, {})
-
-
-def modules_outside_adapters(model: nn.Module, dedupe: bool = True) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() without the adapter containers inside wrappers. A wrapper holds two small modules per
-    LoRA adapter and layer, so with many adapters loaded those would dominate every walk; wrappers are never
-    nested inside them."""
-    stack, seen = [("", model)], set()
-    while stack:
-        name, module = stack.pop()
-        if dedupe and id(module) in seen:  # reported once, as named_modules does (state_dict does not)
-            continue
-        seen.add(id(module))
-        yield name, module
-        if isinstance(module, AdapterLayer):
-            children = [("base_layer", module.base_layer)]
-        else:
-            children = list(module._modules.items())
-        prefix = f"{name}." if name else ""
-        stack.extend(
-            (prefix + child_name, child) for child_name, child in reversed(children) if child is not None
-        )
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -73,9 +52,10 @@ def _check_adapter_name(model: nn.Module, name: str, reserved: set[str]) -> None
             f"adapter {name!r} already exists on this model; delete_adapter(model, {name!r}) or use another name"
         )
     parts: set[str] = set()
-    for module_name, module in model.named_modules():  # one walk: module path segments and parameter names
+    for module_name, module in modules_outside_adapters(model):  # path segments and parameter names
         parts.update(module_name.split(".") if module_name else ())
         parts.update(module._parameters)
+        parts.update(module._modules)  # a wrapper's own children (lora_A, ...), which the walk skips
     if name in reserved or name in parts:
         raise AdapterNameError(
             f"adapter name {name!r} collides with a parameter or module name in the model (or a reserved name: "
@@ -164,12 +144,19 @@ def set_adapter(model: nn.Module, adapter_name: str | Iterable[str]) -> None:
 
 
 def _freeze_all_but(model: nn.Module, wrappers: list[nn.Module], names: list[str]) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Walks the base model and each wrapper's adapters once, without model.parameters()'s walk through
+    # every adapter container (slow with many adapters loaded).
+    for _, module in modules_outside_adapters(model):
+        for p in module._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
     for wrapper in wrappers:
-        for name in names:
-            for p in wrapper.adapter_parameters(name):
-                p.requires_grad_(True)
+        present = (
+            wrapper.adapter_names if isinstance(wrapper, AdapterLayer) else list(wrapper.modules_to_save)
+        )
+        for adapter in present:
+            for p in wrapper.adapter_parameters(adapter):
+                p.requires_grad_(adapter in names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:

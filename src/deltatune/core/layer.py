@@ -280,3 +280,24 @@ class ModulesToSaveWrapper(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.original_module, name)
+
+
+def modules_outside_adapters(model: nn.Module, dedupe: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the adapter containers inside wrappers. A wrapper holds two small modules per
+    LoRA adapter and layer, so with many adapters loaded those would dominate every walk; wrappers are never
+    nested inside them."""
+    stack, seen = [("", model)], set()
+    while stack:
+        name, module = stack.pop()
+        if dedupe and id(module) in seen:  # reported once, as named_modules does (state_dict does not)
+            continue
+        seen.add(id(module))
+        yield name, module
+        if isinstance(module, AdapterLayer):
+            children = [("base_layer", module.base_layer)]
+        else:
+            children = list(module._modules.items())
+        prefix = f"{name}." if name else ""
+        stack.extend(
+            (prefix + child_name, child) for child_name, child in reversed(children) if child is not None
+        )

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .errors import AdapterFormatError
-from .inject import adapter_configs, all_wrappers, modules_outside_adapters
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .inject import adapter_configs, all_wrappers
+from .layer import AdapterLayer, ModulesToSaveWrapper, modules_outside_adapters
 
 PREFIX = "base_model.model."
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import TargetingError
-from .layer import AdapterLayer
+from .layer import AdapterLayer, modules_outside_adapters
 
 ALL_LINEAR = "all-linear"
 _DEFAULT_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers")
@@ -70,8 +70,10 @@ def _output_head_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     if head is None:
-        return {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "output_layer")}
-    return {n for n, m in model.named_modules() if m is head}
+        return {
+            n for n, _ in modules_outside_adapters(model) if n.split(".")[-1] in ("lm_head", "output_layer")
+        }
+    return {n for n, m in modules_outside_adapters(model) if m is head}
 
 
 def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
@@ -98,12 +100,20 @@ def candidate_modules(
     """Named submodules, leaving out everything inside a wrapper (base_layer, lora_A, ...): the wrapper
     itself stands for the module it wraps. Any method's wrapper counts, so one method never wraps another's
     base_layer from the inside."""
-    named = [(n, m) for n, m in model.named_modules() if n]
-    inside: set[str] = set()
-    for n, m in named:
-        if is_wrapper(m) or isinstance(m, AdapterLayer):
-            inside.update(f"{n}.{c}" for c, _ in m.named_modules() if c)
-    return [(n, m) for n, m in named if n not in inside]
+    found, seen = [], set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:  # named_modules' order, without descending into wrappers
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if name:
+            found.append((name, module))
+            if is_wrapper(module) or isinstance(module, AdapterLayer):
+                continue
+        prefix = f"{name}." if name else ""
+        stack.extend((prefix + c, m) for c, m in reversed(module._modules.items()) if m is not None)
+    return found
 
 
 def select_targets(

@@ -2,7 +2,7 @@
 
 Each targeted linear layer gets, for the duration of the batch, two row-ordered stacks of its adapters'
 factors, padded with zeros to the largest rank among them, and each row's LoRA scale s:
-  A_rows: (batch, r_max, in)   B_rows: (batch, out, r_max)   s: (batch, 1, 1)
+  A_rows^T: (batch, in, r_max)   B_rows^T: (batch, r_max, out)   s: (batch, 1, 1)
 and its output becomes  y = base(x) + bmm(s * bmm(x, A_rows^T), B_rows^T),  two batched GEMMs over the batch
 (the BGMV idea from Punica / S-LoRA), instead of a Python loop that splits the batch per adapter. A row with
 no adapter, or whose adapter does not target this layer, has zero factors. Zero padding adds exact zeros, so
@@ -68,8 +68,10 @@ def _row_stacks(layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtyp
         return None
     factors = [layer.factors(n) for n in distinct]
     r_max = max(a.shape[0] for a, _ in factors)
-    a_stack = torch.stack([_pad_rank(a.detach(), r_max, 0) for a, _ in factors]).to(dtype)
-    b_stack = torch.stack([_pad_rank(b.detach(), r_max, 1) for _, b in factors]).to(dtype)
+    # Transposed and contiguous, (in, r) and (r, out): the per-token GEMMs of generation run far faster on
+    # contiguous operands, and the copy is made once per batch.
+    a_stack = torch.stack([_pad_rank(a.detach(), r_max, 0).t() for a, _ in factors]).to(dtype)
+    b_stack = torch.stack([_pad_rank(b.detach(), r_max, 1).t() for _, b in factors]).to(dtype)
     scale = torch.tensor(
         [layer.scaling[n] if n is not None and n in layer.adapter_configs else 0.0 for n in rows],
         dtype=dtype,
@@ -86,15 +88,14 @@ def _row_stacks(layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtyp
 
 
 class RowFactors(NamedTuple):
-    a: torch.Tensor  # (batch, r_max, in)
-    b: torch.Tensor  # (batch, out, r_max)
+    a_t: torch.Tensor  # (batch, in, r_max): A^T per row
+    b_t: torch.Tensor  # (batch, r_max, out): B^T per row
     scale: torch.Tensor  # (batch, 1, 1): the row's LoRA scale, 0 for rows without an update here
 
 
 def _add_rowwise_update(factors: RowFactors):
     """Forward hook adding row i's update s_i B_i A_i x_i to the base output."""
-    batch = factors.a.shape[0]
-    a_t = factors.a.transpose(1, 2)
+    batch, a_t = factors.a_t.shape[0], factors.a_t
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -105,7 +106,7 @@ def _add_rowwise_update(factors: RowFactors):
             )
         h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_t.dtype), a_t) * factors.scale
         out = output.reshape(batch, -1, output.shape[-1])
-        h, b_t = h.to(out.dtype), factors.b.transpose(1, 2).to(out.dtype)
+        h, b_t = h.to(out.dtype), factors.b_t.to(out.dtype)
         if torch.is_grad_enabled():
             return torch.baddbmm(out, h, b_t).view(output.shape)
         # Inference: add into the base output in place (a fresh tensor): a pass over the output saved.

@@ -270,7 +270,8 @@ class LoraLinear(LoraLayer):
         nothing (one plain LoRA adapter, frozen base, no hooks on the base layer)."""
         base = self.base_layer
         return (
-            len(active) == 1
+            torch.is_grad_enabled()  # its gain is in backward; inference is faster through F.linear + addmm
+            and len(active) == 1
             and not self.quantized  # the kernel multiplies by base.weight, which is packed
             and not self.is_dora(active[0])
             and not base.weight.requires_grad
