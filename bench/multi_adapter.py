@@ -90,21 +90,19 @@ def mixed_for(args, count: int) -> dict:
     names = [f"a{i}" for i in range(count)]
     fwd, gen = inputs(count, args.length), inputs(count, args.prompt_length)
 
+    def run(model, kind: str, **extra) -> None:
+        if kind == "forward":
+            model(**fwd, **extra)
+            return
+        n = args.new_tokens
+        model.generate(**gen, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
     def dt_call(kind: str, mixed: bool):
         def call():
             with torch.no_grad(), mixed_adapters(dtm, names) if mixed else contextlib.nullcontext():
                 if not mixed:
                     dt.set_adapter(dtm, "a0")
-                if kind == "forward":
-                    dtm(**fwd)
-                else:
-                    dtm.generate(
-                        **gen,
-                        max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
+                run(dtm, kind)
 
         return call
 
@@ -115,17 +113,7 @@ def mixed_for(args, count: int) -> dict:
             if not mixed:
                 pm.set_adapter("a0")
             with torch.no_grad():
-                if kind == "forward":
-                    pm(**fwd, **extra)
-                else:
-                    pm.generate(
-                        **gen,
-                        **extra,
-                        max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
+                run(pm, kind, **extra)
 
         return call
 
