@@ -146,12 +146,12 @@ class Engine:
                     group[0].future.set_exception(exc)
                     continue
                 for row in group:  # find the row that fails; the others still get their answer
-                    self._run_rows_alone(row)
+                    self._run_row_alone(row)
                 continue
             for row, result in zip(group, results, strict=True):
                 row.future.set_result(result)
 
-    def _run_rows_alone(self, row: Row) -> None:
+    def _run_row_alone(self, row: Row) -> None:
         try:
             (result,) = self._generate([row])
         except Exception as exc:
