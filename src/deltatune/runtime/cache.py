@@ -177,7 +177,7 @@ class AdapterCache:
             )
             self._entries[name] = entry
             try:
-                self._make_room(0, name)  # the file size was an estimate; settle on the real size
+                self._make_room(0, name)  # the model may hold the tensors in another dtype than the file
             except CacheFullError:
                 delete_adapter(self.model, key)
                 del self._entries[name]

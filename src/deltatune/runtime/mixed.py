@@ -45,8 +45,14 @@ def mixable_refusal(
     if config.modules_to_save:
         return f"adapter {name!r} has modules_to_save (a full module copy per adapter)"
     for layer_name, layer in adapter_layers(model) if layers is None else layers:
-        if name in layer.adapter_configs and not isinstance(layer, LoraLinear):
+        if name not in layer.adapter_configs:
+            continue
+        if not isinstance(layer, LoraLinear):
             return f"adapter {name!r} wraps {layer_name} ({type(layer).__name__}); mixed batches cover linear layers"
+        if (
+            layer.weight_path
+        ):  # a subclass with its own forward: the update on the raw input may not be its own
+            return f"adapter {name!r} wraps {layer_name}, a {type(layer.base_layer).__name__} with its own forward"
     return None
 
 
@@ -57,7 +63,7 @@ def _pad_rank(factor: torch.Tensor, r_max: int, axis: int) -> torch.Tensor:
     return F.pad(factor, (0, 0, 0, missing) if axis == 0 else (0, missing))
 
 
-def _row_stacks(layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtype) -> RowFactors | None:
+def _row_stacks(layer: LoraLinear, rows: Sequence[str | None]) -> RowFactors | None:
     """One layer's factors in row order, or None if no row's adapter targets it.
 
     The distinct adapters are stacked once (a zero slot last, for rows without one) and gathered per row
@@ -68,6 +74,7 @@ def _row_stacks(layer: LoraLinear, rows: Sequence[str | None], dtype: torch.dtyp
         return None
     factors = [layer.factors(n) for n in distinct]
     r_max = max(a.shape[0] for a, _ in factors)
+    dtype = factors[0][0].dtype
     # Transposed and contiguous, (in, r) and (r, out): the per-token GEMMs of generation run far faster on
     # contiguous operands, and the copy is made once per batch.
     a_stack = torch.stack([_pad_rank(a.detach(), r_max, 0).t() for a, _ in factors]).to(dtype)
@@ -125,19 +132,23 @@ def mixed_adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.
     """
     if model.training:
         raise MixedBatchError("mixed-adapter batches are for inference; call model.eval() first")
+    known = adapter_configs(model)
+    named = list(dict.fromkeys(n for n in rows if n is not None))
+    unknown = [n for n in named if n not in known]
+    if unknown:
+        raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(known)}")
     layers = list(adapter_layers(model))
-    for name in dict.fromkeys(n for n in rows if n is not None):
+    for name in named:
         reason = mixable_refusal(model, name, layers)
         if reason:
-            raise (AdapterNameError if "no adapter named" in reason else MixedBatchError)(reason)
+            raise MixedBatchError(reason)
     rows = list(rows)
     handles = []
     with disable_adapter(model), torch.no_grad():
         for _, layer in layers:
             if not isinstance(layer, LoraLinear):
                 continue
-            dtype = layer.lora_A[next(iter(layer.lora_A))].weight.dtype if len(layer.lora_A) else None
-            stacks = _row_stacks(layer, rows, dtype) if dtype is not None else None
+            stacks = _row_stacks(layer, rows)
             if stacks is not None:
                 handles.append(layer.register_forward_hook(_add_rowwise_update(stacks)))
         try:
