@@ -229,3 +229,15 @@ def test_cache_names_cannot_leave_the_directory(adapters_dir, tmp_path):
         cache.load("missing")
     assert cache.available() == []  # "inside" leads out of root too: root is the boundary
     assert dt.adapter_configs(cache.model) == {}
+
+
+def test_mixed_batch_refuses_linear_subclasses_with_their_own_forward():
+    class Doubling(torch.nn.Linear):  # the base preprocesses its input, so x A^T B^T is not its update
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    model = torch.nn.Sequential(Doubling(4, 4)).eval()
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["0"]), adapter_name="x")
+    model.eval()
+    with pytest.raises(MixedBatchError, match="own forward"), mixed_adapters(model, ["x"]):
+        pass
