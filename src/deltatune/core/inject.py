@@ -151,10 +151,7 @@ def _freeze_all_but(model: nn.Module, wrappers: list[nn.Module], names: list[str
             if p is not None:
                 p.requires_grad_(False)
     for wrapper in wrappers:
-        present = (
-            wrapper.adapter_names if isinstance(wrapper, AdapterLayer) else list(wrapper.modules_to_save)
-        )
-        for adapter in present:
+        for adapter in wrapper.adapter_names:
             for p in wrapper.adapter_parameters(adapter):
                 p.requires_grad_(adapter in names)
 

@@ -6,7 +6,7 @@ Merge state is tracked per adapter so that merging twice is a no-op and unmerge 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -237,6 +237,10 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.adapters_disabled = False
 
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
     def add_adapter(self, name: str) -> None:
         import copy
 
@@ -282,10 +286,12 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.original_module, name)
 
 
-def modules_outside_adapters(model: nn.Module, dedupe: bool = True) -> Iterator[tuple[str, nn.Module]]:
+def modules_outside_adapters(
+    model: nn.Module, dedupe: bool = True, stop_at: Callable[[nn.Module], bool] | None = None
+) -> Iterator[tuple[str, nn.Module]]:
     """named_modules() without the adapter containers inside wrappers. A wrapper holds two small modules per
     LoRA adapter and layer, so with many adapters loaded those would dominate every walk; wrappers are never
-    nested inside them."""
+    nested inside them. Modules below the root for which `stop_at` is true are yielded but not entered."""
     stack, seen = [("", model)], set()
     while stack:
         name, module = stack.pop()
@@ -293,6 +299,8 @@ def modules_outside_adapters(model: nn.Module, dedupe: bool = True) -> Iterator[
             continue
         seen.add(id(module))
         yield name, module
+        if name and stop_at is not None and stop_at(module):
+            continue
         if isinstance(module, AdapterLayer):
             children = [("base_layer", module.base_layer)]
         else:

@@ -100,20 +100,11 @@ def candidate_modules(
     """Named submodules, leaving out everything inside a wrapper (base_layer, lora_A, ...): the wrapper
     itself stands for the module it wraps. Any method's wrapper counts, so one method never wraps another's
     base_layer from the inside."""
-    found, seen = [], set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:  # named_modules' order, without descending into wrappers
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if name:
-            found.append((name, module))
-            if is_wrapper(module) or isinstance(module, AdapterLayer):
-                continue
-        prefix = f"{name}." if name else ""
-        stack.extend((prefix + c, m) for c, m in reversed(module._modules.items()) if m is not None)
-    return found
+
+    def wraps(module: nn.Module) -> bool:
+        return is_wrapper(module) or isinstance(module, AdapterLayer)
+
+    return [(n, m) for n, m in modules_outside_adapters(model, stop_at=wraps) if n]
 
 
 def select_targets(

@@ -95,10 +95,10 @@ def generate(
         raise ValueError("a prompt has no tokens; every row needs at least one")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     results: list[Completion | None] = [None] * len(prompts)
     for rows in plan_batches(model, adapters):
         ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         with _rows_use(model, [adapters[i] for i in rows]):
             out = model.generate(
                 input_ids=ids,
@@ -106,7 +106,7 @@ def generate(
                 max_new_tokens=max(limits[i] for i in rows),
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(eos) or None,
-                **({"do_sample": False} | sampling),
+                **(sampling or {"do_sample": False}),
             )
         for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
             results[row] = _finish(new, limits[row], eos, len(prompts[row]))
