@@ -2,7 +2,7 @@
 
 from .cache import AdapterCache, AdapterNameInvalid, CachedAdapter, CacheFullError
 from .generate import Completion, generate
-from .mixed import MixedBatchError, mixable_refusal, mixed_adapters
+from .mixed import MixedBatchError, mixable_refusal, mixed_adapters, release_workspace
 
 __all__ = [
     "AdapterCache",
@@ -14,4 +14,5 @@ __all__ = [
     "generate",
     "mixable_refusal",
     "mixed_adapters",
+    "release_workspace",
 ]
