@@ -67,7 +67,8 @@ def batch(batch_size: int = 4, length: int = 128, seed: int = 1) -> dict[str, to
 def interleaved(
     fns: dict[str, callable], reps: int, warmup: int = 1, progress: bool = True
 ) -> dict[str, list[float]]:
-    """Run every function `warmup` times, then `reps` rounds in rotating order; seconds per call.
+    """Run every function `warmup` times, then `reps` rounds in rotating order; seconds per call, or the
+    seconds a function returns when it times only part of its work (e.g. not the cleanup after a load).
     After each round the running medians go to stderr, so an interrupted slow run still leaves numbers."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -78,8 +79,8 @@ def interleaved(
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            timed = fns[name]()
+            times[name].append(timed if isinstance(timed, float) else time.perf_counter() - start)
         if progress:
             summary = ", ".join(f"{k} {statistics.median(v):.3f}s" for k, v in times.items())
             print(f"round {rep + 1}/{reps}: {summary}", file=sys.stderr, flush=True)

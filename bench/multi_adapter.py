@@ -7,12 +7,15 @@ linear layers, eval mode, no_grad, medians of interleaved rounds).
             peft-single PEFT 0.21.2, one adapter for all rows
             peft-mixed  PEFT's `adapter_names=` (splits the batch per adapter in Python)
           for `forward` (prompt of --length tokens) and `generate` (greedy, --new-tokens, KV cache).
-  swap    time to load an adapter folder from disk and make it the one used:
-            dt-cache    runtime.AdapterCache.load (then usable in any batch; no activation step)
-            dt-load     deltatune.load_adapter + set_adapter
-            peft-load   PeftModel.load_adapter + set_adapter
+  swap    time to load an adapter folder from disk and make it the active one (cleanup after it not timed):
+            dt-cache     runtime.AdapterCache.load + set_adapter, reusing the free slot an unloaded adapter of
+                         the same shapes left (the steady state of a server that evicts and loads)
+            dt-cache-fresh the same with max_free_slots=0: every load builds the adapter's modules
+            dt-overwrite core.hotswap.overwrite_adapter into a loaded adapter (what peft-hotswap does)
+            dt-load      deltatune.load_adapter + set_adapter
+            peft-load    PeftModel.load_adapter + set_adapter
             peft-hotswap PEFT's hotswap_adapter (overwrites a loaded adapter of the same shape in place)
-            reload      from_pretrained of the whole base from disk + load_adapter
+            reload       from_pretrained of the whole base from disk + load_adapter
 
 python bench/multi_adapter.py mixed --adapters 8 32 --reps 3
 python bench/multi_adapter.py swap --reps 5
@@ -141,48 +144,71 @@ def run_swap(args) -> dict:
     from peft.utils.hotswap import hotswap_adapter
     from transformers import LlamaForCausalLM
 
+    from deltatune.core.hotswap import overwrite_adapter
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "adapters"
         root.mkdir()
-        folders = save_adapters(root, 2)
+        folders = save_adapters(root, 3)
         base_dir = Path(tmp) / "base"
         base_model().save_pretrained(base_dir)
-        dtm = base_model().eval()
-        cache = AdapterCache(dtm, root)
-        cache.load("a0")  # wrappers exist from here on, as in a server that has served one adapter
+        caches = {}
+        for variant, free_slots in (("dt-cache", 4), ("dt-cache-fresh", 0)):
+            cache = caches[variant] = AdapterCache(base_model().eval(), root, max_free_slots=free_slots)
+            cache.load("a0")  # a server that has served one adapter: the wrappers exist
         plain = dt_model(folders[:1])
+        swapped = dt_model(folders[:1])
         pm = peft_model(folders[:1])
         counter = iter(range(10**6))
 
-        def dt_cache():
-            cache.load("a1")
-            cache.unload("a1")  # unload is not timed separately; it is a dict delete
+        def timed(load, cleanup=None):
+            def call() -> float:
+                started = time.perf_counter()
+                result = load()
+                elapsed = time.perf_counter() - started
+                if cleanup is not None:
+                    cleanup(result)
+                return elapsed
+
+            return call
+
+        def cache_load(variant):
+            cache = caches[variant]
+
+            def load():
+                key = cache.load("a1").key
+                dt.set_adapter(cache.model, key)
+
+            return timed(load, lambda _: cache.unload("a1"))
 
         def dt_load():
             name = f"x{next(counter)}"
             dt.load_adapter(plain, folders[1], adapter_name=name)
             dt.set_adapter(plain, name)
-            dt.delete_adapter(plain, name)
+            return name
 
         def peft_load():
             pm.load_adapter(folders[1], adapter_name="b")
             pm.set_adapter("b")
+
+        def peft_cleanup(_):
             pm.delete_adapter("b")
             pm.set_adapter("a0")
 
-        def peft_hotswap():
-            hotswap_adapter(pm, str(folders[next(counter) % 2]), adapter_name="a0")
-
-        def reload():
-            model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-            dt.load_adapter(model, folders[1])
-
         fns = {
-            "dt-cache": dt_cache,
-            "dt-load": dt_load,
-            "peft-load": peft_load,
-            "peft-hotswap": peft_hotswap,
-            "reload": reload,
+            "dt-cache": cache_load("dt-cache"),
+            "dt-cache-fresh": cache_load("dt-cache-fresh"),
+            "dt-overwrite": timed(
+                lambda: overwrite_adapter(swapped, "a0", folders[1 + next(counter) % 2])
+            ),
+            "dt-load": timed(dt_load, lambda name: dt.delete_adapter(plain, name)),
+            "peft-load": timed(peft_load, peft_cleanup),
+            "peft-hotswap": timed(lambda: hotswap_adapter(pm, str(folders[1 + next(counter) % 2]), "a0")),
+            "reload": timed(
+                lambda: dt.load_adapter(
+                    LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval(), folders[1]
+                )
+            ),
         }
         times = interleaved(fns, args.reps)
         med = {k: median(v) for k, v in times.items()}
@@ -193,11 +219,6 @@ def run_swap(args) -> dict:
             "x_dt_cache": {k: v / med["dt-cache"] for k, v in med.items()},
         }
         print(json.dumps(out, indent=1))
-        # the part of dt-cache that is the load itself, timed alone
-        started = time.perf_counter()
-        cache.load("a1")
-        out["dt_cache_load_only_s"] = time.perf_counter() - started
-        print(json.dumps({"dt_cache_load_only_s": out["dt_cache_load_only_s"]}))
         return out
 
 

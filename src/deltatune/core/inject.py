@@ -26,6 +26,16 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return getattr(model, _STATE_ATTR, {})
 
 
+def store_config(model: nn.Module, adapter_name: str, config: AdapterConfig | None) -> None:
+    """Record (None: forget) the config of adapter `adapter_name` on the model."""
+    configs = dict(adapter_configs(model))
+    if config is None:
+        configs.pop(adapter_name, None)
+    else:
+        configs[adapter_name] = config
+    object.__setattr__(model, _STATE_ATTR, configs)
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in modules_outside_adapters(model):
         if isinstance(module, AdapterLayer):
@@ -98,9 +108,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         wrappers.append(wrapper)
     method.attach(model, wrappers)
     _wrap_modules_to_save(model, config, adapter_name)
-    configs = dict(adapter_configs(model))
-    configs[adapter_name] = config
-    object.__setattr__(model, _STATE_ATTR, configs)
+    store_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
     return model
 
@@ -163,13 +171,12 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    configs = dict(adapter_configs(model))
+    configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r}; this model has {sorted(configs)}")
     for _, wrapper in all_wrappers(model):
         wrapper.delete_adapter(adapter_name)
-    del configs[adapter_name]
-    object.__setattr__(model, _STATE_ATTR, configs)
+    store_config(model, adapter_name, None)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ Folders written by PEFT (no deltatune.json) load too; their base model cannot be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import provenance
@@ -166,8 +168,13 @@ def _verify_written(file: Path, expected: dict[str, torch.Tensor]) -> None:
                 raise AdapterFormatError(f"{file}: tensor {key} did not read back identical; disk problem?")
 
 
-def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load the weights file of an adapter folder, refusing pickles unless explicitly allowed."""
+def read_adapter_weights(
+    folder: Path, allow_pickle: bool = False, record: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load the weights file of an adapter folder, refusing pickles unless explicitly allowed.
+
+    The safetensors file is read once: parsed, then checked against the sha256 in `record` (deltatune.json)
+    when it has one."""
     file = folder / WEIGHTS_NAME
     if not file.exists():
         pickled = folder / PICKLE_WEIGHTS_NAME
@@ -181,8 +188,9 @@ def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, 
         raise AdapterNotFoundError(
             f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in the adapter folder"
         )
+    data = file.read_bytes()
     try:
-        state = load_file(file)
+        state = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises several types for damaged files
         raise AdapterFormatError(
             f"{file}: cannot be read as safetensors ({type(exc).__name__}: {exc}); the file is truncated or "
@@ -193,6 +201,9 @@ def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, 
         raise AdapterFormatError(
             f"{file}: zero-size tensor(s) {empty[:3]}; the adapter was saved incorrectly"
         )
+    expected = (record or {}).get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise AdapterFormatError(f"{file}: contents changed since saving (sha256 mismatch)")
     return state
 
 
@@ -245,13 +256,7 @@ def load_adapter(
     folder = _resolve_folder(path)
     config = load_config_file(folder / CONFIG_NAME)
     record = read_provenance(folder)
-    state = read_adapter_weights(folder, allow_pickle=allow_pickle)
-    if record is not None:
-        expected = record.get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
-        if expected and (folder / WEIGHTS_NAME).exists() and sha256_file(folder / WEIGHTS_NAME) != expected:
-            raise AdapterFormatError(
-                f"{folder / WEIGHTS_NAME}: contents changed since saving (sha256 mismatch)"
-            )
+    state = read_adapter_weights(folder, allow_pickle=allow_pickle, record=record)
     merged = merged_adapter_names(model)
     if merged:
         raise AdapterFormatError(
@@ -262,7 +267,7 @@ def load_adapter(
         inject(model, config, adapter_name)
     try:
         if record is not None:
-            _check_base(model, record, adapter_name, allow_base_mismatch, folder, tokenizer)
+            check_base(model, record, adapter_name, allow_base_mismatch, folder, tokenizer)
         load_adapter_state_dict(model, state, adapter_name, source=str(folder / WEIGHTS_NAME))
     except Exception:
         delete_adapter(model, adapter_name)
@@ -276,11 +281,20 @@ def load_adapter(
     return model
 
 
-def _check_base(
-    model: nn.Module, record: dict, adapter_name: str, allow: bool, folder: Path, tokenizer: Any = None
+def check_base(
+    model: nn.Module,
+    record: dict,
+    adapter_name: str,
+    allow: bool,
+    folder: Path,
+    tokenizer: Any = None,
+    current: dict[str, Any] | None = None,
 ) -> None:
+    """Refuse (or with `allow`, warn about) an adapter whose recorded base differs from `model`. `current` is
+    the model's fingerprint for this adapter's targets, for callers that computed it already."""
     saved = record.get("base_model") or {}
-    current = provenance.base_fingerprint(model, _targets_of(model, adapter_name))
+    if current is None:
+        current = provenance.base_fingerprint(model, _targets_of(model, adapter_name))
     problems, notes = provenance.compare_fingerprints(saved, current)
     saved_tokenizer = record.get("tokenizer_sha256")
     if tokenizer is not None and saved_tokenizer and provenance.tokenizer_hash(tokenizer) != saved_tokenizer:

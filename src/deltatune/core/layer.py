@@ -90,6 +90,12 @@ class AdapterLayer(nn.Module):
         self.adapter_configs.pop(name, None)
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
+    def reconfigure(self, name: str, config: AdapterConfig, module_name: str) -> None:
+        """Adopt `config` for adapter `name`, whose tensors were just overwritten in place by another saved
+        adapter of the same shapes (hot-swap). Layers keeping per-adapter settings outside their tensors
+        (LoRA's scaling) override this."""
+        raise NotImplementedError(f"{type(self).__name__} adapters cannot be overwritten in place")
+
     def set_active(self, names: Iterable[str]) -> None:
         names = tuple(n for n in names if n in self.adapter_configs)
         if self.merged_adapters and set(self.merged_adapters) - set(names):

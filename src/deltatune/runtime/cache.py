@@ -3,7 +3,9 @@ budget, evict the least recently used, unload on request.
 
 Loading adds the adapter's tensors to the wrappers already in the model (wrapping only modules no loaded
 adapter targeted before); it never copies or re-wraps base weights. Adapters of different ranks and target sets
-live side by side. Adapter names are folder names inside one directory, checked so that no name can reach a
+live side by side. An unloaded or evicted LoRA adapter's tensors are kept as a free slot (within the budget):
+the next adapter with the same tensor shapes is copied into them (`core.hotswap`), which costs little more
+than reading its file, instead of building new modules. Adapter names are folder names inside one directory, checked so that no name can reach a
 path outside it (no '..', no absolute paths, no symlinks that lead out).
 """
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from ..core.config import CONFIG_NAME
 from ..core.errors import AdapterNotFoundError, DeltatuneError
+from ..core.hotswap import AdapterSlot, LayoutMismatch, saved_layout
 from ..core.inject import adapter_configs, all_wrappers, delete_adapter
 from ..core.io import PROVENANCE_NAME, WEIGHTS_NAME, load_adapter
 
@@ -68,6 +71,8 @@ class AdapterCache:
     """Adapters loaded on demand into `model`, least recently used evicted beyond `budget_bytes` (None: no limit).
 
     Thread-safe; `pinned(names)` keeps the adapters of a batch in flight from being evicted by its own loads.
+    Up to `max_free_slots` unloaded adapters' tensors are kept for reuse; they count against the budget and
+    are the first memory given up when room is needed (`release_free_slots` frees them now).
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class AdapterCache:
         budget_bytes: int | None = None,
         tokenizer: Any = None,
         allow_base_mismatch: bool = False,
+        max_free_slots: int = 4,
     ) -> None:
         self.model = model
         self.directory = Path(directory).resolve() if directory is not None else None
@@ -86,6 +92,9 @@ class AdapterCache:
         self.allow_base_mismatch = allow_base_mismatch
         self._entries: OrderedDict[str, CachedAdapter] = OrderedDict()  # least recently used first
         self._pins: dict[str, int] = {}
+        self.max_free_slots = max_free_slots
+        self._free: OrderedDict[str, AdapterSlot] = OrderedDict()  # model key -> slot, oldest first
+        self._fingerprints: dict[tuple[str, ...], dict] = {}  # shared by the slots (the base stays frozen)
         self._counter = 0
         self._lock = threading.RLock()
 
@@ -136,7 +145,12 @@ class AdapterCache:
 
     @property
     def bytes_used(self) -> int:
-        return sum(e.bytes for e in self._entries.values())
+        """Bytes of the loaded adapters and of the free slots."""
+        return sum(e.bytes for e in self._entries.values()) + self.free_slot_bytes
+
+    @property
+    def free_slot_bytes(self) -> int:
+        return sum(slot.nbytes for slot in self._free.values())
 
     def key_of(self, name: str) -> str:
         """The model-side adapter name of a loaded adapter (touching it as recently used)."""
@@ -156,21 +170,26 @@ class AdapterCache:
                 self.key_of(name)
                 return self._entries[name]
             folder = self.resolve(name) if path is None else Path(path)
-            self._make_room(_tensor_bytes(folder / WEIGHTS_NAME), name)
-            key = self._next_key()
-            load_adapter(
-                self.model,
-                folder,
-                adapter_name=key,
-                tokenizer=self.tokenizer,
-                allow_base_mismatch=self.allow_base_mismatch,
-            )
+            incoming = _tensor_bytes(folder / WEIGHTS_NAME)
+            slot = self._free_slot_for(saved_layout(folder), incoming, name)
+            if slot is not None:
+                key = self._overwrite(slot, folder)
+            else:
+                self._make_room(incoming, name)
+                key = self._next_key()
+                load_adapter(
+                    self.model,
+                    folder,
+                    adapter_name=key,
+                    tokenizer=self.tokenizer,
+                    allow_base_mismatch=self.allow_base_mismatch,
+                )
             now = time.monotonic()
             entry = CachedAdapter(
                 name=name,
                 key=key,
                 path=folder,
-                bytes=adapter_bytes(self.model, key),
+                bytes=adapter_bytes(self.model, key) if slot is None else slot.nbytes,
                 peft_type=adapter_configs(self.model)[key].peft_type,
                 loaded_at=now,
                 last_used=now,
@@ -179,20 +198,50 @@ class AdapterCache:
             try:
                 self._make_room(0, name)  # the model may hold the tensors in another dtype than the file
             except CacheFullError:
-                delete_adapter(self.model, key)
-                del self._entries[name]
+                self._drop(name)
                 raise
             return entry
 
+    def _overwrite(self, slot: AdapterSlot, folder: Path) -> str:
+        """Copy the adapter at `folder` into a free slot; a refused copy leaves the slot free and unchanged."""
+        try:
+            slot.overwrite(folder, allow_base_mismatch=self.allow_base_mismatch, tokenizer=self.tokenizer)
+        except BaseException:
+            self._free[slot.adapter_name] = slot
+            raise
+        return slot.adapter_name
+
     def unload(self, name: str) -> None:
+        """Unload adapter `name`; its tensors are kept as a free slot for the next adapter of their shape."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
             if self._pins.get(name):
                 raise CacheFullError(f"adapter {name!r} is in use by a running batch; unload it afterwards")
-            delete_adapter(self.model, entry.key)
             del self._entries[name]
+            try:
+                self._free[entry.key] = AdapterSlot(self.model, entry.key, self._fingerprints)
+            except LayoutMismatch:  # not plain LoRA: nothing to reuse
+                delete_adapter(self.model, entry.key)
+            while len(self._free) > self.max_free_slots:
+                self._delete_free_slot()
+
+    def release_free_slots(self) -> int:
+        """Delete every free slot's tensors now; returns the bytes released."""
+        with self._lock:
+            released = self.free_slot_bytes
+            while self._free:
+                self._delete_free_slot()
+            return released
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name)
+        delete_adapter(self.model, entry.key)
+
+    def _delete_free_slot(self) -> None:
+        key, _ = self._free.popitem(last=False)
+        delete_adapter(self.model, key)
 
     @contextmanager
     def pinned(self, names: Iterable[str]) -> Iterator[dict[str, str]]:
@@ -218,12 +267,37 @@ class AdapterCache:
             if not self._pins[name]:
                 del self._pins[name]
 
+    def _over_budget(self, incoming: int, count_free_slots: bool = True) -> bool:
+        used = self.bytes_used if count_free_slots else self.bytes_used - self.free_slot_bytes
+        return self.budget_bytes is not None and used + incoming > self.budget_bytes
+
+    def _lru_victim(self, keep: str) -> str | None:
+        return next((n for n in self._entries if n != keep and not self._pins.get(n)), None)
+
+    def _free_slot_for(self, layout: dict | None, incoming: int, keep: str) -> AdapterSlot | None:
+        """A free slot whose tensors have `layout`, taken out of the free list, or None. While the budget is
+        short, least recently used adapters are unloaded into free slots in the hope that one fits."""
+        if layout is None:
+            return None
+        while True:
+            key = next((k for k, slot in self._free.items() if slot.fits(layout)), None)
+            if key is not None:
+                return self._free.pop(key)
+            # Free slots can be deleted to make room; evict only while the loaded adapters alone are too many.
+            short = self._over_budget(incoming, count_free_slots=False)
+            victim = self._lru_victim(keep) if short else None
+            if victim is None:
+                return None
+            self.unload(victim)
+
     def _make_room(self, incoming: int, keep: str) -> None:
-        """Evict least recently used unpinned adapters (never `keep`) until `incoming` more bytes fit."""
-        if self.budget_bytes is None:
-            return
-        while self.bytes_used + incoming > self.budget_bytes:
-            victim = next((n for n in self._entries if n != keep and not self._pins.get(n)), None)
+        """Free memory until `incoming` more bytes fit: free slots first (oldest first), then least recently
+        used unpinned adapters (never `keep`)."""
+        while self._over_budget(incoming):
+            if self._free:
+                self._delete_free_slot()
+                continue
+            victim = self._lru_victim(keep)
             if victim is None:
                 size = incoming or self._entries[keep].bytes
                 raise CacheFullError(
@@ -231,7 +305,7 @@ class AdapterCache:
                     f"bytes next to the adapters in use; raise the budget or send fewer distinct adapters "
                     "per batch"
                 )
-            self.unload(victim)
+            self._drop(victim)
 
     def _next_key(self) -> str:
         existing = adapter_configs(self.model)

@@ -208,6 +208,7 @@ def create_app(
             "uptime_s": round(time.time() - started, 1),
             "loaded_adapters": [e.name for e in cache.loaded],
             "cache_bytes": cache.bytes_used,
+            "free_slot_bytes": cache.free_slot_bytes,
             "stats": asdict(engine.stats),
         }
 

@@ -111,6 +111,11 @@ class LoraLayer(AdapterLayer):
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
 
+    def reconfigure(self, name: str, config: LoraConfig, module_name: str) -> None:
+        self.adapter_configs[name] = config
+        self.scaling[name] = config.scaling_for(module_name)
+        self.dropout[name] = float(config.lora_dropout)
+
     def is_dora(self, name: str) -> bool:
         return name in self.lora_magnitude_vector
 
