@@ -17,8 +17,13 @@ linear layers, eval mode, no_grad, medians of interleaved rounds).
             peft-hotswap PEFT's hotswap_adapter (overwrites a loaded adapter of the same shape in place)
             reload       from_pretrained of the whole base from disk + load_adapter
 
+  floor   the least extra time a mixed generate can take over the single-adapter one on this machine: each
+          forward pass must read every row's adapter (N x adapter bytes) where the single-adapter batch reads
+          one; timed as a sum over a float32 tensor of (N - 1) adapters' bytes, times the forward passes.
+
 python bench/multi_adapter.py mixed --adapters 8 32 --reps 3
-python bench/multi_adapter.py swap --reps 5
+python bench/multi_adapter.py swap --reps 7
+python bench/multi_adapter.py floor --adapters 8 32
 """
 
 from __future__ import annotations
@@ -198,9 +203,7 @@ def run_swap(args) -> dict:
         fns = {
             "dt-cache": cache_load("dt-cache"),
             "dt-cache-fresh": cache_load("dt-cache-fresh"),
-            "dt-overwrite": timed(
-                lambda: overwrite_adapter(swapped, "a0", folders[1 + next(counter) % 2])
-            ),
+            "dt-overwrite": timed(lambda: overwrite_adapter(swapped, "a0", folders[1 + next(counter) % 2])),
             "dt-load": timed(dt_load, lambda name: dt.delete_adapter(plain, name)),
             "peft-load": timed(peft_load, peft_cleanup),
             "peft-hotswap": timed(lambda: hotswap_adapter(pm, str(folders[1 + next(counter) % 2]), "a0")),
@@ -222,9 +225,28 @@ def run_swap(args) -> dict:
         return out
 
 
+def run_floor(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_bytes = (save_adapters(Path(tmp), 1)[0] / "adapter_model.safetensors").stat().st_size
+    out = {"adapter_bytes": adapter_bytes}
+    for count in args.adapters:
+        extra = torch.ones((count - 1) * adapter_bytes // 4)
+        times = interleaved({"read": lambda extra=extra: extra.sum()}, reps=7, progress=False)["read"]
+        per_pass = median(times)
+        out[f"{count}/generate"] = {
+            "extra_bytes_per_pass": (count - 1) * adapter_bytes,
+            "read_s_per_pass": per_pass,
+            "forward_passes": args.new_tokens,
+            "least_extra_s": per_pass * args.new_tokens,
+            "bandwidth_GBps": (count - 1) * adapter_bytes / per_pass / 1e9,
+        }
+        del extra
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["mixed", "swap"])
+    parser.add_argument("what", choices=["mixed", "swap", "floor"])
     parser.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--length", type=int, default=128, help="tokens per row in the forward benchmark")
     parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row for generate")
@@ -232,7 +254,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    print(json.dumps(run_mixed(args) if args.what == "mixed" else run_swap(args), indent=1))
+    run = {"mixed": run_mixed, "swap": run_swap, "floor": run_floor}[args.what]
+    print(json.dumps(run(args), indent=1))
 
 
 if __name__ == "__main__":

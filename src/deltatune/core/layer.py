@@ -105,14 +105,23 @@ class AdapterLayer(nn.Module):
         self.active_adapters = names
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        # Called per layer and adapter by set_adapter and freezing, hence the direct dict lookups: with many
+        # adapters loaded, Module.__getattr__ and parameters() dominated activating one of them.
         for attr in self.adapter_attributes:
-            container = getattr(self, attr)
-            if name in container:
+            container = self._modules.get(attr)
+            if container is None:
+                container = getattr(self, attr)
+            item = container._modules.get(name) if isinstance(container, nn.ModuleDict) else None
+            if item is None:
+                if name not in container:
+                    continue
                 item = container[name]
-                if isinstance(item, nn.Parameter):
-                    yield item
-                else:
-                    yield from item.parameters()
+            if isinstance(item, nn.Parameter):
+                yield item
+            elif item._modules:
+                yield from item.parameters()
+            else:
+                yield from (p for p in item._parameters.values() if p is not None)
 
     @property
     def unmerged_active(self) -> tuple[str, ...]:
