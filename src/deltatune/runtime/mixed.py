@@ -1,12 +1,12 @@
 """Mixed-adapter batches: one forward in which every row of the batch uses its own LoRA adapter (or none).
 
 Each targeted linear layer gets, for the duration of the batch, two row-ordered stacks of its adapters'
-factors, padded with zeros to the largest rank among them, and each row's LoRA scale s:
-  A_rows^T: (batch, in, r_max)   B_rows^T: (batch, r_max, out)   s: (batch, 1, 1)
-and its output becomes  y = base(x) + bmm(s * bmm(x, A_rows^T), B_rows^T),  two batched GEMMs over the batch
+factors, padded with zeros to the largest rank among them, B scaled by each row's LoRA scale s:
+  A_rows^T: (batch, in, r_max)   (s B)_rows^T: (batch, r_max, out)
+and its output becomes  y = base(x) + bmm(bmm(x, A_rows^T), (s B)_rows^T),  two batched GEMMs over the batch
 (the BGMV idea from Punica / S-LoRA), instead of a Python loop that splits the batch per adapter. A row with
 no adapter, or whose adapter does not target this layer, has zero factors. Zero padding adds exact zeros, so
-each row equals that row run alone with its adapter, up to float summation order.
+each row equals that row run alone with its adapter, up to float rounding.
 
 The stacks are built once per batch (`mixed_adapters` context) and reused by every forward inside it, so a
 `generate` call with a KV cache pays for them once, not per new token. They are written into buffers kept per
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -101,9 +101,8 @@ def _row_stacks(
 ) -> RowFactors | None:
     """One layer's factors in row order, or None if no row's adapter targets it.
 
-    Each distinct adapter's factors are transposed and padded once, then stacked per row into `workspace`
-    when given (a zero block for rows without an update here). The LoRA scale is applied to the rank-r
-    intermediate, per row, so B is stacked without an extra scaled copy."""
+    Each distinct adapter's factors are padded once, then stacked per row into `workspace` when given (a
+    zero block for rows without an update here), and each row's B is scaled by its adapter's LoRA scale."""
     distinct = list(dict.fromkeys(n for n in rows if n is not None and n in layer.adapter_configs))
     if not distinct:
         return None
@@ -130,35 +129,37 @@ def _row_stacks(
     scale = torch.tensor(
         [layer.scaling[n] if n in factors else 0.0 for n in rows], dtype=dtype, device=device
     ).view(-1, 1, 1)
-    return RowFactors(a_stack.transpose(1, 2), b_stack.transpose(1, 2), scale)
+    b_stack.mul_(scale)  # each row's B scaled once per batch, not its intermediate at every forward
+    return RowFactors(a_stack.transpose(1, 2), b_stack.transpose(1, 2))
 
 
 class RowFactors(NamedTuple):
     a_t: torch.Tensor  # (batch, in, r_max): A^T per row (a transposed view of stacked A)
-    b_t: torch.Tensor  # (batch, r_max, out): B^T per row (a transposed view of stacked B)
-    scale: torch.Tensor  # (batch, 1, 1): the row's LoRA scale, 0 for rows without an update here
+    b_t: torch.Tensor  # (batch, r_max, out): s B^T per row, s its LoRA scale (a transposed view of stacked B)
 
 
-def _add_rowwise_update(factors: RowFactors):
-    """Forward hook adding row i's update s_i B_i A_i x_i to the base output."""
-    batch, a_t = factors.a_t.shape[0], factors.a_t
+def _rowwise_update(factors: RowFactors) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Adds row i's update s_i B_i A_i x_i to the base output (LoraLayer.rowwise_update)."""
+    a_t, b_t = factors
+    batch = a_t.shape[0]
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+    def update(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != batch:
             raise MixedBatchError(
                 f"a mixed batch was set up for {batch} rows but a forward got {x.shape[0]}; beam search and "
                 "num_return_sequences > 1 change the batch size and are not supported with per-row adapters"
             )
-        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_t.dtype), a_t) * factors.scale
+        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_t.dtype), a_t)
         out = output.reshape(batch, -1, output.shape[-1])
-        h, b_t = h.to(out.dtype), factors.b_t.to(out.dtype)
+        if h.dtype != out.dtype:
+            h = h.to(out.dtype)
+        factor = b_t if b_t.dtype == out.dtype else b_t.to(out.dtype)
         if torch.is_grad_enabled():
-            return torch.baddbmm(out, h, b_t).view(output.shape)
+            return torch.baddbmm(out, h, factor).view(output.shape)
         # Inference: add into the base output in place (a fresh tensor): a pass over the output saved.
-        return out.baddbmm_(h, b_t).view(output.shape)
+        return out.baddbmm_(h, factor).view(output.shape)
 
-    return hook
+    return update
 
 
 @contextmanager
@@ -188,7 +189,7 @@ def mixed_adapters(
     workspace = _WORKSPACES.setdefault(model, _Workspace()) if keep_workspace else None
     if workspace is not None and workspace.in_use:  # a nested block: the outer block's stacks live there
         workspace = None
-    handles = []
+    updated = []
     with disable_adapter(model), torch.no_grad():
         try:
             if workspace is not None:
@@ -198,10 +199,11 @@ def mixed_adapters(
                     continue
                 stacks = _row_stacks(layer, rows, workspace)
                 if stacks is not None:
-                    handles.append(layer.register_forward_hook(_add_rowwise_update(stacks)))
+                    layer.rowwise_update = _rowwise_update(stacks)
+                    updated.append(layer)
             yield model
         finally:
-            for handle in handles:
-                handle.remove()
+            for layer in updated:
+                layer.rowwise_update = None
             if workspace is not None:
                 workspace.in_use = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,13 @@ class LoraLayer(AdapterLayer):
         return weight * along(norm / magnitude, weight.dim(), self.out_axis) - delta
 
     # ---- forward --------------------------------------------------------------------------------------------
+    # Set by runtime.mixed_adapters for one mixed batch: adds each row's own adapter update to the base output.
+    # An attribute checked here rather than a forward hook: hooks cost ~20 us per call, ~4 ms per decode step.
+    rowwise_update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.rowwise_update is not None:
+            return self.rowwise_update(x, self.base_layer(x, *args, **kwargs))
         active = self.unmerged_active
         if not active:
             return self.base_layer(x, *args, **kwargs)
