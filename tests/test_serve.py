@@ -173,7 +173,7 @@ def test_chat_and_prompt_lists(server, expected):
         ({"model": "alpha"}, 400, "prompt"),
         ({"model": "alpha", "prompt": "hi", "max_tokens": 100}, 400, "limit of 8"),
         ({"model": "alpha", "prompt": "hi " * 40}, 400, "limit is 32"),
-        ({"model": "alpha", "prompt": "hi", "stream": True}, 400, "stream"),
+        ({"model": "alpha", "prompt": "hi", "stream": True, "max_tokens": 100}, 400, "limit of 8"),
         ({"model": "alpha", "prompt": "hi", "n": 2}, 400, "n"),
         ({"model": "alpha", "prompt": "x" * 5000}, 413, "over the limit"),
         ({"model": "broken", "prompt": "hi"}, 409, "sha256"),
@@ -205,3 +205,83 @@ def test_load_and_unload(server):
     assert server.post("/v1/adapters", json={"name": "../../etc"}).status_code == 400
     assert _complete(server, "beta-v2", "good day").status_code == 200  # loads again on demand
     assert json.loads(server.get("/health").text)["status"] == "ok"
+
+
+def _events(client, path: str, body: dict) -> list[dict]:
+    with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_streamed_pieces_add_up_to_the_answer(server, expected):
+    for model_id in ("base", "beta-v2"):
+        for prompt in PROMPTS[:2]:
+            body = {"model": model_id, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
+            choices = [c["choices"][0] for c in _events(server, "/v1/completions", body)]
+            assert "".join(c["text"] for c in choices) == expected[(model_id, prompt)]
+            assert [c["finish_reason"] for c in choices[:-1]] == [None] * (len(choices) - 1)
+            assert choices[-1]["finish_reason"] in ("length", "stop") and choices[-1]["text"] == ""
+            assert len([c for c in choices if c["text"]]) >= 2  # in pieces, not all at the end
+
+
+def test_streaming_with_a_stop_string_and_in_chat(server, expected):
+    (model_id, prompt), text = next(
+        (job, text) for job, text in expected.items() if len(text) >= 6 and job[0] == "alpha"
+    )
+    stop = text[3:5]
+    plain = _complete(server, model_id, prompt, stop=stop).json()["choices"][0]
+    body = {"model": model_id, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stop": stop}
+    choices = [c["choices"][0] for c in _events(server, "/v1/completions", body | {"stream": True})]
+    assert "".join(c["text"] for c in choices) == plain["text"] == text[: text.index(stop)]
+    assert choices[-1]["finish_reason"] == plain["finish_reason"] == "stop"
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "good day"}], "max_tokens": 6}
+    whole = server.post("/v1/chat/completions", json=chat | {"temperature": 0}).json()["choices"][0]
+    chunks = _events(server, "/v1/chat/completions", chat | {"temperature": 0, "stream": True})
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+    assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
+    assert chunks[-1]["object"] == "chat.completion.chunk" and chunks[-1]["choices"][0]["finish_reason"]
+
+
+def test_streaming_and_plain_requests_share_batches(server, expected):
+    jobs = [("alpha", p, True) for p in PROMPTS[:2]] + [("beta-v2", p, False) for p in PROMPTS[:2]]
+
+    def run(job):
+        model_id, prompt, streaming = job
+        if not streaming:
+            return _complete(server, model_id, prompt).json()["choices"][0]["text"]
+        body = {"model": model_id, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
+        return "".join(c["choices"][0]["text"] for c in _events(server, "/v1/completions", body))
+
+    before = server.get("/health").json()["stats"]["batches"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(run, jobs))
+    assert texts == [expected[(m, p)] for m, p, _ in jobs]
+    assert server.get("/health").json()["stats"]["batches"] - before < len(jobs)
+
+
+class _ByteTokenizer:
+    """Token i is byte i: a character of several UTF-8 bytes spans several tokens."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def test_text_deltas_hold_back_split_characters_and_possible_stops():
+    from deltatune.serve.streaming import TextDeltas
+
+    def pieces(text: str, stops: list[str]) -> list[str]:
+        deltas = TextDeltas(_ByteTokenizer(), stops)
+        out = [deltas.add(b) for b in text.encode()]
+        final = text[: min([text.index(s) for s in stops if s in text], default=len(text))]
+        return out + [deltas.rest(final)]
+
+    got = pieces("café!", [])
+    assert got == ["c", "a", "f", "", "é", "!", ""]  # the first byte of é alone decodes to U+FFFD: held
+    got = pieces("ab END cd", ["END"])
+    assert "".join(got) == "ab " and "E" not in "".join(got[:5])  # "E", "EN" waited: they could start END
+    got = pieces("ab EX", ["END"])
+    assert "".join(got) == "ab EX" and got[3:5] == ["", "EX"]  # released once it cannot be END

@@ -9,12 +9,13 @@ as one batch per adapter.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.generation.streamers import BaseStreamer
 
 from ..core.inject import active_adapters, adapter_layers, disable_adapter, set_adapter
 from .mixed import mixable_refusal, mixed_adapters
@@ -63,6 +64,33 @@ def _rows_use(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None
         set_adapter(model, previous)
 
 
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new tokens to `on_token(row, token)` as `model.generate` produces them, up to the
+    row's own end: its end-of-sequence token (not passed on) or its token limit."""
+
+    def __init__(
+        self, rows: list[int], limits: list[int], eos: set[int], on_token: Callable[[int, int], None]
+    ) -> None:
+        self.rows, self.left, self.eos, self.on_token = rows, [limits[i] for i in rows], eos, on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for j, token in enumerate(value.reshape(-1).tolist()):
+            if self.left[j] <= 0:
+                continue
+            if token in self.eos:
+                self.left[j] = 0
+                continue
+            self.left[j] -= 1
+            self.on_token(self.rows[j], token)
+
+    def end(self) -> None:
+        pass
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask, padded on the left so every row's next token is in the last column."""
     width = max(len(p) for p in prompts)
@@ -86,9 +114,12 @@ def generate(
     eos_token_id: int | Sequence[int] | None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
-    None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode."""
+    None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode.
+    `on_token(row, token)` receives each row's new tokens as they are generated (for streaming); together
+    they are that row's `Completion.tokens`."""
     if len(prompts) != len(adapters):
         raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per row")
     if any(len(p) == 0 for p in prompts):
@@ -99,6 +130,7 @@ def generate(
     results: list[Completion | None] = [None] * len(prompts)
     for rows in plan_batches(model, adapters):
         ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
+        streamer = _RowStreamer(rows, limits, eos, on_token) if on_token is not None else None
         with _rows_use(model, [adapters[i] for i in rows]):
             out = model.generate(
                 input_ids=ids,
@@ -106,6 +138,7 @@ def generate(
                 max_new_tokens=max(limits[i] for i in rows),
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(eos) or None,
+                streamer=streamer,
                 **(sampling or {"do_sample": False}),
             )
         for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):

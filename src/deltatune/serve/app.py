@@ -3,6 +3,7 @@
 Every error is JSON in OpenAI's shape ({"error": {"message", "type", "code"}}) with a 4xx status for what the
 client can fix: malformed JSON or fields (400), missing or wrong API key (401), unknown adapter (404), body
 too large (413), a full queue or cache (503). Anything unexpected is a 500 for that request only.
+With stream=true the same checks run before the stream starts; an error after that is a final error event.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import asyncio
 import hmac
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..runtime import AdapterNameInvalid, CacheFullError, Completion
 from .engine import Engine, Row, ServerBusy
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
+from .streaming import TextDeltas, TokenFeed, event
 
 
 @dataclass
@@ -150,17 +153,10 @@ def create_app(
             ) from None
         return model
 
-    async def complete(
-        request: CompletionRequest | ChatRequest, prompts: list[list[int]]
-    ) -> list[Completion]:
+    def checked(request: CompletionRequest | ChatRequest, prompts: list[list[int]]) -> list[Row]:
+        """The engine rows for a request, after every limit is checked."""
         adapter = adapter_for(request.model)
         max_tokens = request.max_tokens if request.max_tokens is not None else min(16, limits.max_tokens)
-        if request.stream:
-            raise ApiError(
-                400,
-                "stream=true is not supported by this server; send stream=false",
-                code="stream_unsupported",
-            )
         if max_tokens > limits.max_tokens:
             raise ApiError(
                 400,
@@ -180,14 +176,56 @@ def create_app(
                     f"a prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}",
                     code="prompt_too_long",
                 )
-        futures = [
-            engine.submit(Row(ids, adapter, max_tokens, request.temperature, request.top_p))
-            for ids in prompts
-        ]
+        return [Row(ids, adapter, max_tokens, request.temperature, request.top_p) for ids in prompts]
+
+    async def complete(
+        request: CompletionRequest | ChatRequest, prompts: list[list[int]]
+    ) -> list[Completion]:
+        futures = [engine.submit(row) for row in checked(request, prompts)]
         try:
             return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         except Exception as exc:
             raise _status_of(exc) from exc
+
+    def stream(
+        request: CompletionRequest | ChatRequest, prompts: list[list[int]], chunk: Callable[..., dict]
+    ) -> StreamingResponse:
+        """Server-sent events: `chunk(index, text, finish_reason)` per piece of text, then [DONE]. Limits
+        and a full queue are refused before the stream starts; a row failing later ends with an error event."""
+        rows = checked(request, prompts)
+        feed = TokenFeed(asyncio.get_running_loop())
+        for i, row in enumerate(rows):
+            row.on_token = feed.on_token(i)
+        try:
+            futures = [engine.submit(row) for row in rows]
+        except Exception as exc:
+            raise _status_of(exc) from exc
+        for i, future in enumerate(futures):
+            feed.watch(i, future)
+        stops = request.stops()
+
+        async def events() -> AsyncIterator[str]:
+            deltas = [TextDeltas(tokenizer, stops) for _ in rows]
+            async for i, token in feed.items(len(rows)):
+                if token is not None:
+                    piece = deltas[i].add(token)
+                    if piece:
+                        yield event(chunk(i, piece, None))
+                    continue
+                try:
+                    result = futures[i].result()
+                except Exception as exc:
+                    err = _status_of(exc)
+                    yield event({"error": {"message": err.message, "type": err.kind, "code": err.code}})
+                    continue
+                text, reason = text_of(result, stops)
+                piece = deltas[i].rest(text)
+                if piece:
+                    yield event(chunk(i, piece, None))
+                yield event(chunk(i, "", reason))
+            yield event("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def text_of(result: Completion, stops: list[str]) -> tuple[str, str]:
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
@@ -229,9 +267,23 @@ def create_app(
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: CompletionRequest) -> dict:
+    async def completions(request: CompletionRequest) -> Any:
         texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if request.stream:
+            name, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+            def chunk(index: int, text: str, reason: str | None) -> dict:
+                choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+                return {
+                    "id": name,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": request.model,
+                    "choices": [choice],
+                }
+
+            return stream(request, prompts, chunk)
         results = await complete(request, prompts)
         choices = []
         for i, result in enumerate(results):
@@ -247,12 +299,29 @@ def create_app(
         }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(request: ChatRequest) -> dict:
+    async def chat(request: ChatRequest) -> Any:
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "the base model's tokenizer has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in request.messages]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if request.stream:
+            name, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            first = [True]
+
+            def chunk(index: int, text: str, reason: str | None) -> dict:
+                delta = {"content": text} if text else {}
+                if first[0]:  # OpenAI's first delta names the role
+                    delta, first[0] = {"role": "assistant", **delta}, False
+                return {
+                    "id": name,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": request.model,
+                    "choices": [{"index": index, "delta": delta, "finish_reason": reason}],
+                }
+
+            return stream(request, [prompt], chunk)
         (result,) = await complete(request, [prompt])
         text, reason = text_of(result, request.stops())
         return {

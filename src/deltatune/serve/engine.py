@@ -31,7 +31,9 @@ class Row:
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
     future: Future = field(default_factory=Future)
+    streamed: int = 0  # tokens handed to on_token so far; a row that streamed some cannot be rerun
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -146,7 +148,11 @@ class Engine:
                     group[0].future.set_exception(exc)
                     continue
                 for row in group:  # find the row that fails; the others still get their answer
-                    self._run_row_alone(row)
+                    if row.streamed:  # its client has part of an answer already: a rerun would repeat it
+                        self.stats.failed_rows += 1
+                        row.future.set_exception(exc)
+                    else:
+                        self._run_row_alone(row)
                 continue
             for row, result in zip(group, results, strict=True):
                 row.future.set_result(result)
@@ -172,9 +178,30 @@ class Engine:
                 eos_token_id=self.eos_token_id,
                 temperature=temperature,
                 top_p=top_p,
+                on_token=_streaming(rows),
             )
         self.stats.rows += len(rows)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         self.stats.most_adapters_in_batch = max(self.stats.most_adapters_in_batch, len(keys))
         return results
+
+
+def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:
+    """The generate callback passing each streaming row its tokens; a callback that fails (the client went
+    away) is dropped, and the row still completes."""
+    if not any(r.on_token for r in rows):
+        return None
+
+    def on_token(index: int, token: int) -> None:
+        row = rows[index]
+        if row.on_token is None:
+            return
+        try:
+            row.on_token(token)
+        except Exception:
+            row.on_token = None
+            return
+        row.streamed += 1
+
+    return on_token
