@@ -10,6 +10,7 @@ is recognised without the user importing deltatune.quant.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 _DEQUANTIZERS: dict[type[nn.Module], Callable[[nn.Module], torch.Tensor]] = {}
+# Optional per type: write the float weight into a given tensor (its dtype), returning False when it cannot.
+_INTO: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], bool]] = {}
 _SETTINGS_READERS: list[Callable[[nn.Module], Any]] = []
 # Top-level package of a quantized layer type -> the deltatune module that registers it (imported lazily).
 _BACKENDS = {"bitsandbytes": "deltatune.quant.bnb"}
 
 
-def register_dequantizer(module_type: type[nn.Module], fn: Callable[[nn.Module], torch.Tensor]) -> None:
+def register_dequantizer(
+    module_type: type[nn.Module],
+    fn: Callable[[nn.Module], torch.Tensor],
+    into: Callable[[nn.Module, torch.Tensor], bool] | None = None,
+) -> None:
     _DEQUANTIZERS[module_type] = fn
+    if into is not None:
+        _INTO[module_type] = into
 
 
 def register_settings_reader(fn: Callable[[nn.Module], Any]) -> None:
@@ -70,35 +79,47 @@ def storage_dtype(module: nn.Module) -> str:
     return str(module.weight.dtype).removeprefix("torch.")
 
 
-def _inside_activation_checkpoint() -> bool:
-    """True inside torch.utils.checkpoint's non-reentrant region: its first forward (where saved tensors are
-    dropped) or its recompute (where they live only until that block's backward)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # no public query exists
-    hooks = top(False) if top is not None else None
-    name = getattr(hooks[0], "__qualname__", "") if hooks else ""
-    return name.startswith(("_checkpoint_hook.", "_recomputation_hook."))
+_SCRATCH = threading.local()  # (shape, dtype, device) -> a buffer, per thread
+
+
+def scratch_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The module's dequantized weight in `dtype`, written into a buffer shared by every layer of the same
+    shape on this thread: valid until the next call for that shape.
+
+    A fresh float weight per call costs more than the dequantization itself on CPU: blocks that large are
+    fresh pages from the OS (measured for a 5632 x 2048 NF4 weight: 20 ms fresh, 3.4 ms into a reused
+    buffer). Backends without an `into` function, and non-CPU devices, get a fresh tensor."""
+    packed = module.weight
+    into = next((fn for t, fn in _INTO.items() if isinstance(module, t)), None)
+    if into is not None and packed.device.type == "cpu":
+        buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+        key = (int(module.out_features), int(module.in_features), dtype)
+        buffer = buffers.get(key)
+        if buffer is None:
+            buffer = buffers[key] = torch.empty(key[:2], dtype=dtype)
+        if into(module, buffer):
+            return buffer
+    return float_weight(module).to(dtype)
+
+
+def release_scratch() -> None:
+    """Drop this thread's dequantization buffers (about one float weight per distinct layer shape)."""
+    _SCRATCH.__dict__.pop("buffers", None)
 
 
 class _DequantizedLinear(torch.autograd.Function):
-    """x W^T with W frozen and stored quantized: dequantized on the fly in forward and again in backward.
-
-    Under activation checkpointing the dequantized W is saved instead: the first forward drops it, and the
-    recompute keeps it only until the same block's backward. That saves one of the three dequantizations per
-    step for one block's float weights.
-    """
+    """x W^T with W frozen and stored quantized: dequantized on the fly in forward and again in backward,
+    into a reused buffer (`scratch_weight`), so no float weight outlives the op that needs it (also not
+    under activation checkpointing, where a layer's forward runs twice)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        weight = float_weight(module).to(x.dtype)
-        ctx.module, ctx.kept = module, _inside_activation_checkpoint()
-        if ctx.kept:
-            ctx.save_for_backward(weight)
-        return F.linear(x, weight)
+        ctx.module = module
+        return F.linear(x, scratch_weight(module, x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        weight = ctx.saved_tensors[0] if ctx.kept else float_weight(ctx.module).to(grad.dtype)
-        return grad @ weight, None
+        return grad @ scratch_weight(ctx.module, grad.dtype), None
 
 
 def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

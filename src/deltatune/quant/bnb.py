@@ -8,6 +8,7 @@ everything that is not an nn.Linear (embeddings, norms).
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -210,12 +211,53 @@ def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
     return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
-def _dequantize_8bit(module: nn.Module) -> torch.Tensor:
-    weight = module.weight
-    scale = getattr(weight, "SCB", None)
+_KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _dequantize_4bit_into(module: nn.Module, out: torch.Tensor) -> bool:
+    """bitsandbytes' CPU 4-bit kernel writing into `out`. Its Python op always allocates the result and has no
+    CPU `out=` variant, so the kernel is called as that op calls it; False (use the op) where the op itself
+    would not use this kernel, or where this bitsandbytes lacks it."""
+    from bitsandbytes.cextension import lib
+    from bitsandbytes.functional import dequantize_blockwise, get_ptr
+
+    weight, state = module.weight, module.weight.quant_state
+    kernel = getattr(
+        lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{_KERNEL_DTYPES.get(out.dtype)}", None
+    )
+    rows, cols = (int(n) for n in state.shape)
+    if kernel is None or state.blocksize >= 2048 or cols % 2 or tuple(out.shape) != (rows, cols):
+        return False
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float().contiguous()
+    packed = weight.data.view(torch.uint8).contiguous()
+    kernel(
+        get_ptr(packed),
+        get_ptr(absmax),
+        get_ptr(out),
+        ctypes.c_longlong(state.blocksize),
+        ctypes.c_longlong(rows),
+        ctypes.c_longlong(cols),
+    )
+    return True
+
+
+def _int8_scale(module: nn.Module) -> torch.Tensor:
+    scale = getattr(module.weight, "SCB", None)
     if scale is None:
         scale = module.state.SCB
-    return weight.data.float() * (scale.float().unsqueeze(1) / 127.0)
+    return scale.float().unsqueeze(1) / 127.0
+
+
+def _dequantize_8bit(module: nn.Module) -> torch.Tensor:
+    return module.weight.data.float() * _int8_scale(module)
+
+
+def _dequantize_8bit_into(module: nn.Module, out: torch.Tensor) -> bool:
+    torch.mul(module.weight.data, _int8_scale(module), out=out)
+    return True
 
 
 def _register() -> None:
@@ -223,8 +265,8 @@ def _register() -> None:
         import bitsandbytes as bnb
     except ImportError:  # pragma: no cover
         return
-    register_dequantizer(bnb.nn.Linear4bit, _dequantize_4bit)
-    register_dequantizer(bnb.nn.Linear8bitLt, _dequantize_8bit)
+    register_dequantizer(bnb.nn.Linear4bit, _dequantize_4bit, _dequantize_4bit_into)
+    register_dequantizer(bnb.nn.Linear8bitLt, _dequantize_8bit, _dequantize_8bit_into)
     register_settings_reader(_settings_from_transformers)
 
 
