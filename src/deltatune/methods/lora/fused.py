@@ -6,24 +6,30 @@ adds the adapter's input gradient to the base's. Here backward computes
     dA = (s g B)^T x_d,  dB = s g^T h,  h = x_d A^T
 and nothing for the frozen W and b. Shapes: x, x_d (..., in); W (out, in) (or (in, out) for Conv1D);
 A (r, in); B (out, r). x_d is the dropped-out input (the same tensor as x when dropout is off).
+A base stored quantized passes `weight_of(dtype)` instead of W: the float weight is then produced in forward
+and again in backward (into a reused buffer, core.quantized.scratch_weight), never saved between them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 
 class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_d, weight, bias, a, b, scaling: float, fan_in_fan_out: bool):
-        w = weight.t() if fan_in_fan_out else weight  # (out, in) view either way
+    def forward(ctx, x, x_d, weight, bias, a, b, scaling: float, fan_in_fan_out: bool, weight_of=None):
+        # (out, in) either way; a quantized base passes no weight but weight_of
+        transposed = weight.t() if fan_in_fan_out and weight is not None else weight
+        w = weight_of(x.dtype) if weight is None else transposed
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if x_d is x else x_d.reshape(-1, x_d.shape[-1])
         y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
         h = xd2 @ a.t()
         y.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(xd2, h, w, a, b)
-        ctx.scaling, ctx.same_input = scaling, x_d is x
+        ctx.save_for_backward(xd2, h, w if weight_of is None else None, a, b)
+        ctx.scaling, ctx.same_input, ctx.weight_of = scaling, x_d is x, weight_of
         ctx.x_shape, ctx.xd_shape = x.shape, x_d.shape
         return y.view(*x.shape[:-1], w.shape[0])
 
@@ -35,7 +41,7 @@ class FusedLoraLinear(torch.autograd.Function):
         need_x, need_xd, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         dx = dxd = da = db = None
         if need_x or (ctx.same_input and need_xd):
-            dx = g2 @ w
+            dx = g2 @ (w if ctx.weight_of is None else ctx.weight_of(g2.dtype))
             if ctx.same_input:
                 dx.addmm_(gh, a)
             dx = dx.view(ctx.x_shape)
@@ -45,10 +51,20 @@ class FusedLoraLinear(torch.autograd.Function):
             da = gh.t() @ xd2
         if need_b:
             db = (g2.t() @ h).mul_(ctx.scaling)
-        return dx, dxd, None, None, da, db, None, None
+        return dx, dxd, None, None, da, db, None, None, None
 
 
-def fused_lora_linear(x, x_d, weight, bias, a, b, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+def fused_lora_linear(
+    x,
+    x_d,
+    weight,
+    bias,
+    a,
+    b,
+    scaling: float,
+    fan_in_fan_out: bool,
+    weight_of: Callable[[torch.dtype], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Apply FusedLoraLinear, casting like autocast would (to the autocast dtype) when it is enabled."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -58,8 +74,8 @@ def fused_lora_linear(x, x_d, weight, bias, a, b, scaling: float, fan_in_fan_out
         x_d_cast = x_cast if x_d is x else x_d.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return FusedLoraLinear.apply(
-                x_cast, x_d_cast, cast[1], cast[2], cast[3], cast[4], scaling, fan_in_fan_out
+                x_cast, x_d_cast, cast[1], cast[2], cast[3], cast[4], scaling, fan_in_fan_out, weight_of
             )
     dtype = x.dtype
     a, b = a.to(dtype), b.to(dtype)
-    return FusedLoraLinear.apply(x, x_d, weight, bias, a, b, scaling, fan_in_fan_out)
+    return FusedLoraLinear.apply(x, x_d, weight, bias, a, b, scaling, fan_in_fan_out, weight_of)

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from ...core.errors import AdapterFormatError
 from ...core.layer import AdapterLayer, initialization_skipped
-from ...core.quantized import quantized_forward
+from ...core.quantized import quantized_forward, scratch_weight
 from .config import LoraConfig
 from .dora import along, column_norm, magnitude_scale
 from .fused import fused_lora_linear
@@ -266,25 +266,38 @@ class LoraLinear(LoraLayer):
         return (r, self.in_features), (self.out_features, r)
 
     def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
-        if not self._fusable(active):
+        if not self._fusable(active, x):
             return super()._lowrank_forward(x, active)
         name = active[0]
         p = self.dropout[name]
         x_d = F.dropout(x, p, training=True) if self.training and p > 0 else x
         a, b = self.factors(name)
         base = self.base_layer
+        if self.quantized:
+            return fused_lora_linear(
+                x,
+                x_d,
+                None,
+                base.bias,
+                a,
+                b,
+                self.scaling[name],
+                False,
+                lambda dtype: scratch_weight(base, dtype),
+            )
         return fused_lora_linear(
             x, x_d, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
         )
 
-    def _fusable(self, active: tuple[str, ...]) -> bool:
+    def _fusable(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
         """The fused kernel skips base_layer.__call__ and weight gradients: use it only when that changes
-        nothing (one plain LoRA adapter, frozen base, no hooks on the base layer)."""
+        nothing (one plain LoRA adapter, frozen base, no hooks on the base layer; a quantized base computing
+        in x's dtype, as quantized_forward would)."""
         base = self.base_layer
         return (
             torch.is_grad_enabled()  # its gain is in backward; inference is faster through F.linear + addmm
             and len(active) == 1
-            and not self.quantized  # the kernel multiplies by base.weight, which is packed
+            and (not self.quantized or getattr(base, "compute_dtype", None) in (None, x.dtype))
             and not self.is_dora(active[0])
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
