@@ -39,8 +39,8 @@ def _pair(bias: bool, conv1d: bool, dropout: float = 0.0, dtype=torch.float64):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_matches_plain_autograd(bias, conv1d, dropout):
     fused, plain = _pair(bias, conv1d, dropout)
-    plain._fusable = lambda active: False  # force the unfused path on the reference copy
-    assert fused._fusable(fused.active_adapters)
+    plain._fusable = lambda active, x: False  # force the unfused path on the reference copy
+    assert fused._fusable(fused.active_adapters, torch.ones(1, 10))
     x = torch.randn(2, 5, 10, dtype=torch.float64)
     outs, grads = [], []
     for layer in (fused, plain):
@@ -69,7 +69,7 @@ def test_fused_gradcheck():
 
 def test_fused_under_bf16_autocast_matches_plain():
     fused, plain = _pair(True, False, dtype=torch.float32)
-    plain._fusable = lambda active: False
+    plain._fusable = lambda active, x: False
     x = torch.randn(4, 10)
     results = []
     for layer in (fused, plain):
@@ -87,6 +87,6 @@ def test_hooks_on_base_layer_disable_fusion():
     fused, _ = _pair(True, False)
     seen = []
     fused.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    assert not fused._fusable(fused.active_adapters)
+    assert not fused._fusable(fused.active_adapters, torch.ones(1, 10))
     fused(torch.randn(2, 10, dtype=torch.float64))
     assert seen == [torch.Size([2, 12])]
