@@ -18,14 +18,24 @@ from deltatune.runtime import AdapterCache
 IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
 
 
-def _save(folder, seed, r=4, alpha=8, targets=("q_proj", "v_proj"), base=None, **extra):
+class _Vocab:
+    """A stand-in tokenizer: provenance hashes its vocabulary."""
+
+    def __init__(self, size: int) -> None:
+        self.vocab = {f"t{i}": i for i in range(size)}
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+
+def _save(folder, seed, r=4, alpha=8, targets=("q_proj", "v_proj"), base=None, tokenizer=None, **extra):
     model = base if base is not None else build_llama()
     torch.manual_seed(seed)
     config = dt.LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, **extra
     )
     dt.inject(model, config, adapter_name="x")
-    return dt.save_adapter(model, folder, adapter_name="x")
+    return dt.save_adapter(model, folder, adapter_name="x", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +48,8 @@ def saved(tmp_path_factory):
         "s3": _save(root / "s3", 6),
         "rank8": _save(root / "rank8", 3, r=8),
         "targets": _save(root / "targets", 4, targets=("q_proj", "o_proj")),
+        "tok96": _save(root / "tok96", 8, tokenizer=_Vocab(96)),
+        "tok97": _save(root / "tok97", 9, tokenizer=_Vocab(97)),
     }
     other_base = build_llama()
     with torch.no_grad():
@@ -158,3 +170,18 @@ def test_saved_layout_reads_only_config_and_header(saved, tmp_path):
     config["modules_to_save"] = ["lm_head"]
     (folder / "adapter_config.json").write_text(json.dumps(config))
     assert saved_layout(folder) is None  # modules_to_save: a full module copy is not a slot
+
+
+def test_cache_swaps_check_the_tokenizer_hashing_it_once(saved, monkeypatch):
+    from deltatune.runtime import cache as cache_module
+
+    hashed = []
+    real = cache_module.tokenizer_hash
+    monkeypatch.setattr(cache_module, "tokenizer_hash", lambda t: hashed.append(t) or real(t))
+    cache = AdapterCache(build_llama(), saved["s1"].parent, tokenizer=_Vocab(96))
+    key = cache.load("tok96").key
+    cache.unload("tok96")
+    with pytest.raises(dt.BaseModelMismatchError, match="tokenizer differs"):
+        cache.load("tok97")  # same shapes, saved with another vocabulary: refused, the slot stays free
+    assert cache.free_slot_bytes > 0 and cache.loaded == []
+    assert cache.load("tok96").key == key and len(hashed) == 1

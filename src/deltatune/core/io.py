@@ -289,15 +289,19 @@ def check_base(
     folder: Path,
     tokenizer: Any = None,
     current: dict[str, Any] | None = None,
+    tokenizer_sha256: str | None = None,
 ) -> None:
-    """Refuse (or with `allow`, warn about) an adapter whose recorded base differs from `model`. `current` is
-    the model's fingerprint for this adapter's targets, for callers that computed it already."""
+    """Refuse (or with `allow`, warn about) an adapter whose recorded base differs from `model`. `current`
+    (the model's fingerprint for this adapter's targets) and `tokenizer_sha256` (the tokenizer's hash) are
+    for callers that computed them already."""
     saved = record.get("base_model") or {}
     if current is None:
         current = provenance.base_fingerprint(model, _targets_of(model, adapter_name))
     problems, notes = provenance.compare_fingerprints(saved, current)
     saved_tokenizer = record.get("tokenizer_sha256")
-    if tokenizer is not None and saved_tokenizer and provenance.tokenizer_hash(tokenizer) != saved_tokenizer:
+    if tokenizer_sha256 is None and tokenizer is not None and saved_tokenizer:
+        tokenizer_sha256 = provenance.tokenizer_hash(tokenizer)
+    if saved_tokenizer and tokenizer_sha256 is not None and tokenizer_sha256 != saved_tokenizer:
         problems.append(
             "the tokenizer differs from the one saved with the adapter (vocabulary or special tokens)"
         )

@@ -5,8 +5,9 @@ Loading adds the adapter's tensors to the wrappers already in the model (wrappin
 adapter targeted before); it never copies or re-wraps base weights. Adapters of different ranks and target sets
 live side by side. An unloaded or evicted LoRA adapter's tensors are kept as a free slot (within the budget):
 the next adapter with the same tensor shapes is copied into them (`core.hotswap`), which costs little more
-than reading its file, instead of building new modules. Adapter names are folder names inside one directory, checked so that no name can reach a
-path outside it (no '..', no absolute paths, no symlinks that lead out).
+than reading its file, instead of building new modules. Adapter names are folder names inside one
+directory, checked so that no name can reach a path outside it (no '..', no absolute paths, no symlinks
+that lead out).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..core.hotswap import AdapterSlot, LayoutMismatch, saved_layout
 from ..core.inject import adapter_configs, all_wrappers, delete_adapter
 from ..core.io import PROVENANCE_NAME, WEIGHTS_NAME, load_adapter
+from ..core.provenance import tokenizer_hash
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -95,6 +97,7 @@ class AdapterCache:
         self.max_free_slots = max_free_slots
         self._free: OrderedDict[str, AdapterSlot] = OrderedDict()  # model key -> slot, oldest first
         self._fingerprints: dict[tuple[str, ...], dict] = {}  # shared by the slots (the base stays frozen)
+        self._tokenizer_sha256: str | None = None  # hashed once, at the first swap
         self._counter = 0
         self._lock = threading.RLock()
 
@@ -205,7 +208,11 @@ class AdapterCache:
     def _overwrite(self, slot: AdapterSlot, folder: Path) -> str:
         """Copy the adapter at `folder` into a free slot; a refused copy leaves the slot free and unchanged."""
         try:
-            slot.overwrite(folder, allow_base_mismatch=self.allow_base_mismatch, tokenizer=self.tokenizer)
+            if self.tokenizer is not None and self._tokenizer_sha256 is None:
+                self._tokenizer_sha256 = tokenizer_hash(self.tokenizer)
+            slot.overwrite(
+                folder, allow_base_mismatch=self.allow_base_mismatch, tokenizer_sha256=self._tokenizer_sha256
+            )
         except BaseException:
             self._free[slot.adapter_name] = slot
             raise
