@@ -435,7 +435,9 @@ def test_adapter_gradients_on_a_4bit_base_match_the_float_twin_and_dequantize_in
     # Layer 1 sees inputs that need gradients: forward + backward, and with checkpointing the recompute too;
     # every one writes into the buffer that all layers of that shape share, none allocates a float weight.
     layer = quantized.model.layers[1].mlp.down_proj
-    assert layer._fusable(("default",), torch.ones(1, layer.in_features))  # one autograd node: the fused kernel
+    assert layer._fusable(
+        ("default",), torch.ones(1, layer.in_features)
+    )  # one autograd node: the fused kernel
     down = [id(quantized.model.layers[i].mlp.down_proj.base_layer) for i in (0, 1)]
     assert len(calls[down[1]]) == (3 if checkpointing else 2)
     assert len(set(calls[down[0]] + calls[down[1]])) == 1 and not fresh

@@ -18,6 +18,7 @@ from deltatune.runtime import (
     MixedBatchError,
     generate,
     mixed_adapters,
+    release_workspace,
 )
 from deltatune.runtime.generate import plan_batches
 
@@ -75,6 +76,24 @@ def test_mixed_batch_leaves_model_as_it_was():
     assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == hooks
     assert all(getattr(m, "rowwise_update", None) is None for m in model.modules())
     torch.testing.assert_close(_single(model, ids, "b"), before, atol=0, rtol=0)
+
+
+def test_mixed_batches_reuse_their_workspace_and_nest_safely():
+    model = _with_adapters()
+    ids = torch.randint(0, 96, (len(ROWS), 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), mixed_adapters(model, ROWS):
+        first = model(ids).logits
+    with torch.no_grad(), mixed_adapters(model, ROWS):
+        again = model(ids).logits  # the same buffers, refilled
+        with mixed_adapters(model, list(reversed(ROWS))):  # nested: must not disturb the outer block
+            inner = model(ids).logits
+        after_inner = model(ids).logits
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(after_inner, first, atol=0, rtol=0)
+    for i, name in enumerate(reversed(ROWS)):
+        torch.testing.assert_close(inner[i], _single(model, ids[i : i + 1], name)[0], atol=2e-6, rtol=0)
+    held = release_workspace(model)
+    assert held > 0 and release_workspace(model) == 0
 
 
 def test_mixed_batch_refuses_what_it_cannot_batch():

@@ -189,7 +189,7 @@ def mixed_adapters(
     workspace = _WORKSPACES.setdefault(model, _Workspace()) if keep_workspace else None
     if workspace is not None and workspace.in_use:  # a nested block: the outer block's stacks live there
         workspace = None
-    updated = []
+    replaced = []  # (layer, the update it had before): a nested block hands the outer one back on exit
     with disable_adapter(model), torch.no_grad():
         try:
             if workspace is not None:
@@ -198,12 +198,11 @@ def mixed_adapters(
                 if not isinstance(layer, LoraLinear):
                     continue
                 stacks = _row_stacks(layer, rows, workspace)
-                if stacks is not None:
-                    layer.rowwise_update = _rowwise_update(stacks)
-                    updated.append(layer)
+                replaced.append((layer, layer.rowwise_update))
+                layer.rowwise_update = None if stacks is None else _rowwise_update(stacks)
             yield model
         finally:
-            for layer in updated:
-                layer.rowwise_update = None
+            for layer, previous in replaced:
+                layer.rowwise_update = previous
             if workspace is not None:
                 workspace.in_use = False
