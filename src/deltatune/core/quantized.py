@@ -1,7 +1,8 @@
 """Frozen weights stored quantized (QLoRA): how core gets a float view of a weight it cannot do math on.
 
 A quantization backend (deltatune.quant) registers, per module type, a function returning the dequantized
-float32 weight laid out like `nn.Linear.weight`, and a reader that describes how a model was quantized. Core
+float32 weight laid out like `nn.Linear.weight` (optionally one writing it into a given buffer, which training
+uses: see `scratch_weight`), and a reader that describes how a model was quantized. Core
 never imports a backend library itself: a module from a known quantization package loads its deltatune
 backend on first sight, so a model quantized by transformers (`from_pretrained(quantization_config=...)`)
 is recognised without the user importing deltatune.quant.
