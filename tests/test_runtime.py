@@ -154,6 +154,26 @@ def test_generate_stops_rows_at_end_of_sequence():
         assert ended[0].tokens == free[0].tokens and ended[0].finish_reason == "length"
 
 
+def test_generate_streams_tokens_and_ends_cancelled_rows_early():
+    model = _with_adapters()
+    prompts = _prompts()[:2]
+    full = generate(model, prompts, ["a", "b"], max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    done = generate(
+        model,
+        prompts,
+        ["a", "b"],
+        max_new_tokens=12,
+        pad_token_id=0,
+        eos_token_id=None,
+        on_token=lambda row, token: seen[row].append(token),
+        stop_rows=lambda row: row == 0 and len(seen[0]) >= 3,  # row 0's reader leaves after 3 tokens
+    )
+    assert seen[1] == done[1].tokens == full[1].tokens and done[1].finish_reason == "length"
+    # asked after each token: row 0 ends with the token generated when its reader had left
+    assert seen[0] == done[0].tokens == full[0].tokens[:4] and done[0].finish_reason == "cancelled"
+
+
 def test_generate_runs_unmixable_adapters_in_their_own_batch():
     model = _with_adapters()
     torch.manual_seed(0)

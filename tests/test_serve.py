@@ -285,3 +285,25 @@ def test_text_deltas_hold_back_split_characters_and_possible_stops():
     assert "".join(got) == "ab " and "E" not in "".join(got[:5])  # "E", "EN" waited: they could start END
     got = pieces("ab EX", ["END"])
     assert "".join(got) == "ab EX" and got[3:5] == ["", "EX"]  # released once it cannot be END
+
+
+def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine, Row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.5)
+    ids = tokenizer("good day", add_special_tokens=False)["input_ids"]
+    leaving, staying = Row(ids, "alpha", 8), Row(ids, "alpha", 8)
+    # the stream's reader goes away after its second token (the app sets `cancelled` when the client closes)
+    leaving.on_token = lambda token: setattr(leaving, "cancelled", leaving.streamed >= 1)
+    try:
+        left, stayed = (f.result(timeout=60) for f in [engine.submit(leaving), engine.submit(staying)])
+    finally:
+        engine.close()
+    assert stayed.finish_reason == "length" and len(stayed.tokens) == 8  # same batch, not held back
+    assert left.finish_reason == "cancelled" and left.tokens == stayed.tokens[:3]
+    assert engine.stats.cancelled_rows == 1 and engine.stats.batches == 1

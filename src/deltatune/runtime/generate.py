@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..core.inject import active_adapters, adapter_layers, disable_adapter, set_adapter
@@ -24,7 +25,8 @@ from .mixed import mixable_refusal, mixed_adapters
 @dataclass
 class Completion:
     tokens: list[int]  # new tokens only, without the end-of-sequence token
-    finish_reason: str  # "stop": the model ended the sequence; "length": max_new_tokens reached
+    finish_reason: str  # "stop": the model ended the sequence; "length": max_new_tokens reached;
+    # "cancelled": ended early on request (stop_rows), tokens up to then
     prompt_tokens: int
 
 
@@ -64,14 +66,37 @@ def _rows_use(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None
         set_adapter(model, previous)
 
 
+class _RowsCancelled(StoppingCriteria):
+    """Ends the rows for which `cancelled(row)` has become true, noting how many new tokens each had then
+    (the others carry on; a row that ended may still run along, and its tokens past that count are dropped)."""
+
+    def __init__(self, rows: list[int], cancelled: Callable[[int], bool], prompt_width: int) -> None:
+        self.rows, self.cancelled, self.prompt_width = rows, cancelled, prompt_width
+        self.ended_at: dict[int, int] = {}  # row -> new tokens it has
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        for row in self.rows:
+            if row not in self.ended_at and self.cancelled(row):
+                self.ended_at[row] = input_ids.shape[1] - self.prompt_width
+        return torch.tensor(
+            [r in self.ended_at for r in self.rows], dtype=torch.bool, device=input_ids.device
+        )
+
+
 class _RowStreamer(BaseStreamer):
     """Hands each row's new tokens to `on_token(row, token)` as `model.generate` produces them, up to the
-    row's own end: its end-of-sequence token (not passed on) or its token limit."""
+    row's own end: its end-of-sequence token (not passed on), its token limit, or its cancellation."""
 
     def __init__(
-        self, rows: list[int], limits: list[int], eos: set[int], on_token: Callable[[int, int], None]
+        self,
+        rows: list[int],
+        limits: list[int],
+        eos: set[int],
+        on_token: Callable[[int, int], None],
+        ended_at: dict[int, int],
     ) -> None:
         self.rows, self.left, self.eos, self.on_token = rows, [limits[i] for i in rows], eos, on_token
+        self.ended_at, self.sent = ended_at, [0] * len(rows)
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -79,12 +104,14 @@ class _RowStreamer(BaseStreamer):
             self.prompt_seen = True
             return
         for j, token in enumerate(value.reshape(-1).tolist()):
-            if self.left[j] <= 0:
+            ended = self.ended_at.get(self.rows[j])
+            if self.left[j] <= 0 or (ended is not None and self.sent[j] >= ended):
                 continue
             if token in self.eos:
                 self.left[j] = 0
                 continue
             self.left[j] -= 1
+            self.sent[j] += 1
             self.on_token(self.rows[j], token)
 
     def end(self) -> None:
@@ -115,11 +142,13 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
+    stop_rows: Callable[[int], bool] | None = None,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode.
     `on_token(row, token)` receives each row's new tokens as they are generated (for streaming); together
-    they are that row's `Completion.tokens`."""
+    they are that row's `Completion.tokens`. `stop_rows(row)`, asked after every new token, ends a row early
+    when true (its client went away), so a batch is not held up by rows nobody reads."""
     if len(prompts) != len(adapters):
         raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per row")
     if any(len(p) == 0 for p in prompts):
@@ -130,7 +159,8 @@ def generate(
     results: list[Completion | None] = [None] * len(prompts)
     for rows in plan_batches(model, adapters):
         ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
-        streamer = _RowStreamer(rows, limits, eos, on_token) if on_token is not None else None
+        cancelled = _RowsCancelled(rows, stop_rows or (lambda _: False), ids.shape[1])
+        streamer = _RowStreamer(rows, limits, eos, on_token, cancelled.ended_at) if on_token else None
         with _rows_use(model, [adapters[i] for i in rows]):
             out = model.generate(
                 input_ids=ids,
@@ -139,10 +169,18 @@ def generate(
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(eos) or None,
                 streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([cancelled]) if stop_rows is not None else None,
                 **(sampling or {"do_sample": False}),
             )
         for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+            if row in cancelled.ended_at:
+                new = new[: min(cancelled.ended_at[row], limits[row])]
             results[row] = _finish(new, limits[row], eos, len(prompts[row]))
+            if (
+                cancelled.ended_at.get(row, limits[row]) < limits[row]
+                and results[row].finish_reason == "length"
+            ):
+                results[row].finish_reason = "cancelled"
     return results  # type: ignore[return-value]
 
 

@@ -206,24 +206,29 @@ def create_app(
 
         async def events() -> AsyncIterator[str]:
             deltas = [TextDeltas(tokenizer, stops) for _ in rows]
-            async for i, token in feed.items(len(rows)):
-                if token is not None:
-                    piece = deltas[i].add(token)
+            try:
+                async for i, token in feed.items(len(rows)):
+                    if token is not None:
+                        piece = deltas[i].add(token)
+                        rows[i].cancelled = deltas[i].stopped  # past a stop string nothing more is sent
+                        if piece:
+                            yield event(chunk(i, piece, None))
+                        continue
+                    try:
+                        result = futures[i].result()
+                    except Exception as exc:
+                        err = _status_of(exc)
+                        yield event({"error": {"message": err.message, "type": err.kind, "code": err.code}})
+                        continue
+                    text, reason = text_of(result, stops)
+                    piece = deltas[i].rest(text)
                     if piece:
                         yield event(chunk(i, piece, None))
-                    continue
-                try:
-                    result = futures[i].result()
-                except Exception as exc:
-                    err = _status_of(exc)
-                    yield event({"error": {"message": err.message, "type": err.kind, "code": err.code}})
-                    continue
-                text, reason = text_of(result, stops)
-                piece = deltas[i].rest(text)
-                if piece:
-                    yield event(chunk(i, piece, None))
-                yield event(chunk(i, "", reason))
-            yield event("[DONE]")
+                    yield event(chunk(i, "", reason))
+                yield event("[DONE]")
+            finally:  # also when the client went away mid-stream: its rows stop at their next token
+                for row in rows:
+                    row.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -34,6 +34,7 @@ class Row:
     on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
     future: Future = field(default_factory=Future)
     streamed: int = 0  # tokens handed to on_token so far; a row that streamed some cannot be rerun
+    cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -55,6 +56,7 @@ class Stats:
     largest_batch: int = 0
     most_adapters_in_batch: int = 0
     failed_rows: int = 0
+    cancelled_rows: int = 0
 
 
 class ServerBusy(RuntimeError):
@@ -179,7 +181,9 @@ class Engine:
                 temperature=temperature,
                 top_p=top_p,
                 on_token=_streaming(rows),
+                stop_rows=lambda i: rows[i].cancelled,
             )
+        self.stats.cancelled_rows += sum(r.finish_reason == "cancelled" for r in results)
         self.stats.rows += len(rows)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
