@@ -35,13 +35,18 @@ class LayoutMismatch(DeltatuneError, ValueError):
     """The saved adapter's tensors do not correspond one to one to the loaded adapter's; load it fresh."""
 
 
+def _plain_lora(peft_type: str | None, modules_to_save: object) -> bool:
+    """What hot-swapping covers: LoRA without modules_to_save (whose full module copies are no slot)."""
+    return peft_type == "LORA" and not modules_to_save
+
+
 def saved_layout(path: str | Path) -> Layout | None:
     """Keys and shapes of a saved adapter that can be hot-swapped (plain LoRA without modules_to_save), read
     from the config and the safetensors header only; None for anything else."""
     folder = Path(path)
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
-        if config.get("peft_type") != "LORA" or config.get("modules_to_save"):
+        if not _plain_lora(config.get("peft_type"), config.get("modules_to_save")):
             return None
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not iterable)
@@ -64,7 +69,7 @@ class AdapterSlot:
             raise AdapterNameError(
                 f"no adapter named {adapter_name!r}; this model has {sorted(adapter_configs(model))}"
             )
-        if config.peft_type != "LORA" or config.modules_to_save:
+        if not _plain_lora(config.peft_type, config.modules_to_save):
             raise LayoutMismatch(
                 f"adapter {adapter_name!r} is {config.peft_type}"
                 + (" with modules_to_save" if config.modules_to_save else "")
@@ -100,7 +105,7 @@ class AdapterSlot:
         hashing it per swap (~20 ms for a 49k vocabulary)."""
         folder = _resolve_folder(path)
         config = load_config_file(folder / CONFIG_NAME)
-        if config.peft_type != "LORA" or config.modules_to_save:
+        if not _plain_lora(config.peft_type, config.modules_to_save):
             raise LayoutMismatch(f"{folder} is not plain LoRA; load it fresh")
         config = get_method(config.peft_type).resolve_config(self.model, config)
         record = read_provenance(folder)

@@ -181,7 +181,8 @@ class Engine:
                 temperature=temperature,
                 top_p=top_p,
                 on_token=_streaming(rows),
-                stop_rows=lambda i: rows[i].cancelled,
+                # only streamed rows can be cancelled; a plain batch gets no per-token check
+                stop_rows=(lambda i: rows[i].cancelled) if any(r.on_token for r in rows) else None,
             )
         self.stats.cancelled_rows += sum(r.finish_reason == "cancelled" for r in results)
         self.stats.rows += len(rows)
