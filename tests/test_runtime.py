@@ -154,6 +154,28 @@ def test_generate_stops_rows_at_end_of_sequence():
         assert ended[0].tokens == free[0].tokens and ended[0].finish_reason == "length"
 
 
+def test_generate_batch_ends_when_every_row_has_ended():
+    """A short row at its own limit and a long row at end-of-sequence: the batch stops there, not at the
+    long row's limit (model.generate alone would run on for the row that has not seen end-of-sequence)."""
+    model = _with_adapters()
+    prompts = _prompts()[:2]
+    free = generate(model, prompts, ["a", "b"], max_new_tokens=[2, 12], pad_token_id=0, eos_token_id=None)
+    tokens = free[1].tokens
+    at = next(k for k in range(2, 12) if tokens[k] not in tokens[:k] + free[0].tokens)
+    stop = tokens[at]  # row 1 ends with this token, the first new one from the 3rd on
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        ended = generate(
+            model, prompts, ["a", "b"], max_new_tokens=[2, 12], pad_token_id=0, eos_token_id=stop
+        )
+    finally:
+        hook.remove()
+    assert ended[1].tokens == tokens[:at] and ended[1].finish_reason == "stop"
+    assert ended[0].tokens == free[0].tokens and ended[0].finish_reason == "length"
+    assert at < 11 and len(forwards) == at + 1  # the batch ended with row 1's end-of-sequence, not its 12th
+
+
 def test_generate_streams_tokens_and_ends_cancelled_rows_early():
     model = _with_adapters()
     prompts = _prompts()[:2]
@@ -167,11 +189,10 @@ def test_generate_streams_tokens_and_ends_cancelled_rows_early():
         pad_token_id=0,
         eos_token_id=None,
         on_token=lambda row, token: seen[row].append(token),
-        stop_rows=lambda row: row == 0 and len(seen[0]) >= 3,  # row 0's reader leaves after 3 tokens
+        stop_rows=lambda row, new: row == 0 and len(new) >= 3,  # row 0's reader leaves at its 3rd token
     )
     assert seen[1] == done[1].tokens == full[1].tokens and done[1].finish_reason == "length"
-    # asked after each token: row 0 ends with the token generated when its reader had left
-    assert seen[0] == done[0].tokens == full[0].tokens[:4] and done[0].finish_reason == "cancelled"
+    assert seen[0] == done[0].tokens == full[0].tokens[:3] and done[0].finish_reason == "cancelled"
 
 
 def test_generate_runs_unmixable_adapters_in_their_own_batch():

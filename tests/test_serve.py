@@ -232,7 +232,10 @@ def test_streaming_with_a_stop_string_and_in_chat(server, expected):
         (job, text) for job, text in expected.items() if len(text) >= 6 and job[0] == "alpha"
     )
     stop = text[3:5]
-    plain = _complete(server, model_id, prompt, stop=stop).json()["choices"][0]
+    answer = _complete(server, model_id, prompt, stop=stop).json()
+    plain = answer["choices"][0]
+    # generation ended with the token completing the stop string, not at max_tokens (6)
+    assert answer["usage"]["completion_tokens"] < 6
     body = {"model": model_id, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stop": stop}
     choices = [c["choices"][0] for c in _events(server, "/v1/completions", body | {"stream": True})]
     assert "".join(c["text"] for c in choices) == plain["text"] == text[: text.index(stop)]
@@ -307,3 +310,30 @@ def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     assert stayed.finish_reason == "length" and len(stayed.tokens) == 8  # same batch, not held back
     assert left.finish_reason == "cancelled" and left.tokens == stayed.tokens[:3]
     assert engine.stats.cancelled_rows == 1 and engine.stats.batches == 1
+
+
+def test_engine_ends_a_row_at_its_stop_string(tiny_causal_lm, adapters_dir):
+    """Not streamed and not cut afterwards: the row stops generating at the token that completes its stop
+    string, while a row without one in the same batch runs to its limit."""
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine, Row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.5)
+    ids = tokenizer("good day", add_special_tokens=False)["input_ids"]
+    try:
+        free = engine.submit(Row(ids, "alpha", 12)).result(timeout=60)
+        texts = [tokenizer.decode(free.tokens[:n], skip_special_tokens=True) for n in range(13)]
+        # a stop string that the 3rd-7th new token completes
+        n, stop = next((n, t[-2:]) for n, t in enumerate(texts) if 3 <= n <= 7 and t[-2:] not in texts[n - 1])
+        stopping, plain = Row(ids, "alpha", 12, stops=[stop]), Row(ids, "alpha", 12)
+        stopped, ran = (f.result(timeout=60) for f in [engine.submit(stopping), engine.submit(plain)])
+    finally:
+        engine.close()
+    assert stopped.tokens == free.tokens[:n] and stopped.finish_reason == "stop"
+    assert ran.tokens == free.tokens and ran.finish_reason == "length"
+    assert engine.stats.rows_ended_at_stop_string == 1 and engine.stats.cancelled_rows == 0
+    assert engine.stats.batches == 2  # the two rows shared one batch

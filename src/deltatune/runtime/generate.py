@@ -66,18 +66,31 @@ def _rows_use(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None
         set_adapter(model, previous)
 
 
-class _RowsCancelled(StoppingCriteria):
-    """Ends the rows for which `cancelled(row)` has become true, noting how many new tokens each had then
-    (the others carry on; a row that ended may still run along, and its tokens past that count are dropped)."""
+class _RowsEnd(StoppingCriteria):
+    """Ends each row at its own token limit or when `cancelled(row, new_tokens)` becomes true, noting how many
+    new tokens it had then. `model.generate` knows one limit for the batch and ends rows only at end-of-sequence; without
+    this, a batch whose long row has stopped early would run on for its short rows' sake, or the other way
+    round. A row that ended may still run along with the rest; its tokens past that count are dropped."""
 
-    def __init__(self, rows: list[int], cancelled: Callable[[int], bool], prompt_width: int) -> None:
-        self.rows, self.cancelled, self.prompt_width = rows, cancelled, prompt_width
+    def __init__(
+        self,
+        rows: list[int],
+        limits: list[int],
+        cancelled: Callable[[int, list[int]], bool] | None,
+        prompt_width: int,
+    ) -> None:
+        self.rows, self.limits, self.cancelled, self.prompt_width = rows, limits, cancelled, prompt_width
         self.ended_at: dict[int, int] = {}  # row -> new tokens it has
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for row in self.rows:
-            if row not in self.ended_at and self.cancelled(row):
-                self.ended_at[row] = input_ids.shape[1] - self.prompt_width
+        new = input_ids.shape[1] - self.prompt_width
+        for j, row in enumerate(self.rows):
+            if row in self.ended_at:
+                continue
+            if new >= self.limits[row] or (
+                self.cancelled is not None and self.cancelled(row, input_ids[j, self.prompt_width :].tolist())
+            ):
+                self.ended_at[row] = min(new, self.limits[row])
         return torch.tensor(
             [r in self.ended_at for r in self.rows], dtype=torch.bool, device=input_ids.device
         )
@@ -142,13 +155,15 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
-    stop_rows: Callable[[int], bool] | None = None,
+    stop_rows: Callable[[int, list[int]], bool] | None = None,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode.
     `on_token(row, token)` receives each row's new tokens as they are generated (for streaming); together
-    they are that row's `Completion.tokens`. `stop_rows(row)`, asked after every new token, ends a row early
-    when true (its client went away), so a batch is not held up by rows nobody reads."""
+    they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
+    the row's new tokens so far, ends the row there when true (its client went away, its stop string
+    appeared), so a batch is not held up by rows nobody needs. Each row also ends at its own
+    `max_new_tokens`: the batch runs only as long as its longest live row."""
     if len(prompts) != len(adapters):
         raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per row")
     if any(len(p) == 0 for p in prompts):
@@ -159,8 +174,9 @@ def generate(
     results: list[Completion | None] = [None] * len(prompts)
     for rows in plan_batches(model, adapters):
         ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
-        cancelled = _RowsCancelled(rows, stop_rows or (lambda _: False), ids.shape[1])
-        streamer = _RowStreamer(rows, limits, eos, on_token, cancelled.ended_at) if on_token else None
+        ends = _RowsEnd(rows, limits, stop_rows, ids.shape[1])
+        per_row_ends = stop_rows is not None or len({limits[i] for i in rows}) > 1
+        streamer = _RowStreamer(rows, limits, eos, on_token, ends.ended_at) if on_token else None
         with _rows_use(model, [adapters[i] for i in rows]):
             out = model.generate(
                 input_ids=ids,
@@ -169,17 +185,13 @@ def generate(
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(eos) or None,
                 streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([cancelled]) if stop_rows is not None else None,
+                stopping_criteria=StoppingCriteriaList([ends]) if per_row_ends else None,
                 **(sampling or {"do_sample": False}),
             )
         for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
-            if row in cancelled.ended_at:
-                new = new[: min(cancelled.ended_at[row], limits[row])]
-            results[row] = _finish(new, limits[row], eos, len(prompts[row]))
-            if (
-                cancelled.ended_at.get(row, limits[row]) < limits[row]
-                and results[row].finish_reason == "length"
-            ):
+            ended_at = ends.ended_at.get(row, limits[row])
+            results[row] = _finish(new[:ended_at], limits[row], eos, len(prompts[row]))
+            if ended_at < limits[row] and results[row].finish_reason == "length":
                 results[row].finish_reason = "cancelled"
     return results  # type: ignore[return-value]
 

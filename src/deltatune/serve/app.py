@@ -24,6 +24,7 @@ from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..runtime import AdapterNameInvalid, CacheFullError, Completion
 from .engine import Engine, Row, ServerBusy
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
+from .stops import first_stop
 from .streaming import TextDeltas, TokenFeed, event
 
 
@@ -176,7 +177,10 @@ def create_app(
                     f"a prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}",
                     code="prompt_too_long",
                 )
-        return [Row(ids, adapter, max_tokens, request.temperature, request.top_p) for ids in prompts]
+        return [
+            Row(ids, adapter, max_tokens, request.temperature, request.top_p, stops=request.stops())
+            for ids in prompts
+        ]
 
     async def complete(
         request: CompletionRequest | ChatRequest, prompts: list[list[int]]
@@ -209,8 +213,7 @@ def create_app(
             try:
                 async for i, token in feed.items(len(rows)):
                     if token is not None:
-                        piece = deltas[i].add(token)
-                        rows[i].cancelled = deltas[i].stopped  # past a stop string nothing more is sent
+                        piece = deltas[i].add(token)  # the engine ends the row at a stop string
                         if piece:
                             yield event(chunk(i, piece, None))
                         continue
@@ -234,9 +237,9 @@ def create_app(
 
     def text_of(result: Completion, stops: list[str]) -> tuple[str, str]:
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-        cuts = [text.index(s) for s in stops if s in text]
-        if cuts:
-            return text[: min(cuts)], "stop"
+        cut = first_stop(text, stops)
+        if cut is not None:
+            return text[:cut], "stop"
         return text, result.finish_reason
 
     def usage(results: list[Completion]) -> dict[str, int]:

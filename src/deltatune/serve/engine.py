@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..runtime import AdapterCache, Completion, generate
+from .stops import reaches_stop
 
 
 @dataclass
@@ -32,9 +33,11 @@ class Row:
     temperature: float = 0.0
     top_p: float = 1.0
     on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
+    stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
     future: Future = field(default_factory=Future)
     streamed: int = 0  # tokens handed to on_token so far; a row that streamed some cannot be rerun
     cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
+    stop_reached: bool = False  # ended at a stop string (its finish_reason is then "stop")
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -57,6 +60,7 @@ class Stats:
     most_adapters_in_batch: int = 0
     failed_rows: int = 0
     cancelled_rows: int = 0
+    rows_ended_at_stop_string: int = 0
 
 
 class ServerBusy(RuntimeError):
@@ -181,15 +185,35 @@ class Engine:
                 temperature=temperature,
                 top_p=top_p,
                 on_token=_streaming(rows),
-                # only streamed rows can be cancelled; a plain batch gets no per-token check
-                stop_rows=(lambda i: rows[i].cancelled) if any(r.on_token for r in rows) else None,
+                stop_rows=self._row_ends(rows),
             )
-        self.stats.cancelled_rows += sum(r.finish_reason == "cancelled" for r in results)
+        for row, result in zip(rows, results, strict=True):
+            if row.stop_reached:  # its tokens run up to the one that completed the stop string
+                result.finish_reason = "stop"
+                self.stats.rows_ended_at_stop_string += 1
+            elif result.finish_reason == "cancelled":
+                self.stats.cancelled_rows += 1
         self.stats.rows += len(rows)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         self.stats.most_adapters_in_batch = max(self.stats.most_adapters_in_batch, len(keys))
         return results
+
+    def _row_ends(self, rows: list[Row]) -> Callable[[int, list[int]], bool] | None:
+        """When a row of this batch ends early: its client went away or its text reached a stop string.
+        None (no check per token) when no row streams or has stop strings."""
+        for row in rows:
+            row.stop_reached = False  # a row rerun alone after its batch failed starts over
+        if not any(r.on_token or r.stops for r in rows):
+            return None
+
+        def ends(index: int, new_tokens: list[int]) -> bool:
+            row = rows[index]
+            if row.stops and not row.stop_reached:
+                row.stop_reached = reaches_stop(self.tokenizer, new_tokens, row.stops)
+            return row.cancelled or row.stop_reached
+
+        return ends
 
 
 def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:

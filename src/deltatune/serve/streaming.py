@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
+from .stops import first_stop
+
 
 class TextDeltas:
     """The growing text of one row, handed out in pieces that never need to be taken back."""
@@ -28,10 +30,10 @@ class TextDeltas:
             return ""
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cuts = [text.index(s) for s in self.stops if s in text]
-        if cuts:
+        cut = first_stop(text, self.stops)
+        if cut is not None:
             self.stopped = True
-            return self._release(text[: min(cuts)])
+            return self._release(text[:cut])
         end = len(text.rstrip("\ufffd"))  # the first bytes of a character the next token completes
         held = [  # a tail that is the start of a stop string waits for the next token
             size
