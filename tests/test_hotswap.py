@@ -172,16 +172,22 @@ def test_saved_layout_reads_only_config_and_header(saved, tmp_path):
     assert saved_layout(folder) is None  # modules_to_save: a full module copy is not a slot
 
 
-def test_cache_swaps_check_the_tokenizer_hashing_it_once(saved, monkeypatch):
+def test_cache_loads_and_swaps_check_the_tokenizer_hashing_it_once(saved, monkeypatch):
+    from deltatune.core import provenance
     from deltatune.runtime import cache as cache_module
 
     hashed = []
-    real = cache_module.tokenizer_hash
-    monkeypatch.setattr(cache_module, "tokenizer_hash", lambda t: hashed.append(t) or real(t))
+    real = provenance.tokenizer_hash
+    counted = lambda t: hashed.append(t) or real(t)  # noqa: E731
+    monkeypatch.setattr(cache_module, "tokenizer_hash", counted)
+    monkeypatch.setattr(provenance, "tokenizer_hash", counted)  # what load_adapter would call
     cache = AdapterCache(build_llama(), saved["s1"].parent, tokenizer=_Vocab(96))
     key = cache.load("tok96").key
     cache.unload("tok96")
     with pytest.raises(dt.BaseModelMismatchError, match="tokenizer differs"):
         cache.load("tok97")  # same shapes, saved with another vocabulary: refused, the slot stays free
     assert cache.free_slot_bytes > 0 and cache.loaded == []
-    assert cache.load("tok96").key == key and len(hashed) == 1
+    assert cache.load("tok96").key == key
+    with pytest.raises(dt.BaseModelMismatchError, match="tokenizer differs"):
+        cache.load("tok97")  # no free slot now: the fresh path checks the tokenizer too
+    assert len(hashed) == 1

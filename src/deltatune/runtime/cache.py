@@ -97,7 +97,7 @@ class AdapterCache:
         self.max_free_slots = max_free_slots
         self._free: OrderedDict[str, AdapterSlot] = OrderedDict()  # model key -> slot, oldest first
         self._fingerprints: dict[tuple[str, ...], dict] = {}  # shared by the slots (the base stays frozen)
-        self._tokenizer_sha256: str | None = None  # hashed once, at the first swap
+        self._tokenizer_sha256: str | None = None  # hashed once, at the first load
         self._counter = 0
         self._lock = threading.RLock()
 
@@ -185,6 +185,7 @@ class AdapterCache:
                     folder,
                     adapter_name=key,
                     tokenizer=self.tokenizer,
+                    tokenizer_sha256=self._tokenizer_digest(),
                     allow_base_mismatch=self.allow_base_mismatch,
                 )
             now = time.monotonic()
@@ -208,15 +209,20 @@ class AdapterCache:
     def _overwrite(self, slot: AdapterSlot, folder: Path) -> str:
         """Copy the adapter at `folder` into a free slot; a refused copy leaves the slot free and unchanged."""
         try:
-            if self.tokenizer is not None and self._tokenizer_sha256 is None:
-                self._tokenizer_sha256 = tokenizer_hash(self.tokenizer)
             slot.overwrite(
-                folder, allow_base_mismatch=self.allow_base_mismatch, tokenizer_sha256=self._tokenizer_sha256
+                folder,
+                allow_base_mismatch=self.allow_base_mismatch,
+                tokenizer_sha256=self._tokenizer_digest(),
             )
         except BaseException:
             self._free[slot.adapter_name] = slot
             raise
         return slot.adapter_name
+
+    def _tokenizer_digest(self) -> str | None:
+        if self.tokenizer is not None and self._tokenizer_sha256 is None:
+            self._tokenizer_sha256 = tokenizer_hash(self.tokenizer)
+        return self._tokenizer_sha256
 
     def unload(self, name: str) -> None:
         """Unload adapter `name`; its tensors are kept as a free slot for the next adapter of their shape."""
