@@ -66,7 +66,7 @@ def _pad_rank(factor: torch.Tensor, r_max: int, axis: int) -> torch.Tensor:
     return F.pad(factor, (0, 0, 0, missing) if axis == 0 else (0, missing))
 
 
-class _Workspace:
+class StackWorkspace:
     """Per-layer stack buffers kept between mixed batches of one model.
 
     Fresh stacks for every batch (627 MB for 32 rows of r=16 all-linear adapters on SmolLM2) cost more in page
@@ -87,7 +87,7 @@ class _Workspace:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-_WORKSPACES: weakref.WeakKeyDictionary[nn.Module, _Workspace] = weakref.WeakKeyDictionary()
+_WORKSPACES: weakref.WeakKeyDictionary[nn.Module, StackWorkspace] = weakref.WeakKeyDictionary()
 
 
 def release_workspace(model: nn.Module) -> int:
@@ -97,7 +97,7 @@ def release_workspace(model: nn.Module) -> int:
 
 
 def _row_stacks(
-    layer: LoraLinear, rows: Sequence[str | None], workspace: _Workspace | None
+    layer: LoraLinear, rows: Sequence[str | None], workspace: StackWorkspace | None
 ) -> RowFactors | None:
     """One layer's factors in row order, or None if no row's adapter targets it.
 
@@ -162,6 +162,58 @@ def _rowwise_update(factors: RowFactors) -> Callable[[torch.Tensor, torch.Tensor
     return update
 
 
+def check_mixable(model: nn.Module, rows: Sequence[str | None]) -> list[tuple[str, nn.Module]]:
+    """Refuse rows naming unknown or unmixable adapters; returns the model's adapter layers."""
+    known = adapter_configs(model)
+    named = list(dict.fromkeys(n for n in rows if n is not None))
+    unknown = [n for n in named if n not in known]
+    if unknown:
+        raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(known)}")
+    layers = list(adapter_layers(model))
+    for name in named:
+        reason = mixable_refusal(model, name, layers)
+        if reason:
+            raise MixedBatchError(reason)
+    return layers
+
+
+class RowUpdates:
+    """Every LoRA layer's per-row updates for one row order: built once, then installed around each forward
+    that uses them (`installed`), so a decode loop pays for the stacks when its rows change, not per step.
+    Build with `check_mixable` passed; `workspace` keeps the stacks' memory between builds (a decode loop
+    has its own, since its stacks outlive any one `mixed_adapters` block)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: Sequence[str | None],
+        layers: Sequence[tuple[str, nn.Module]],
+        workspace: StackWorkspace | None,
+    ) -> None:
+        self.model = model
+        self.updates: list[tuple[LoraLinear, Callable | None]] = []
+        with torch.no_grad():
+            for _, layer in layers:
+                if isinstance(layer, LoraLinear):
+                    stacks = _row_stacks(layer, rows, workspace)
+                    self.updates.append((layer, None if stacks is None else _rowwise_update(stacks)))
+
+    @contextmanager
+    def installed(self) -> Iterator[nn.Module]:
+        """Inside the block each row gets its update and no adapter is otherwise active; a block nested in
+        another hands the outer one's updates back on exit."""
+        replaced = []
+        with disable_adapter(self.model):
+            try:
+                for layer, update in self.updates:
+                    replaced.append((layer, layer.rowwise_update))
+                    layer.rowwise_update = update
+                yield self.model
+            finally:
+                for layer, previous in replaced:
+                    layer.rowwise_update = previous
+
+
 @contextmanager
 def mixed_adapters(
     model: nn.Module, rows: Sequence[str | None], keep_workspace: bool = True
@@ -175,34 +227,15 @@ def mixed_adapters(
     """
     if model.training:
         raise MixedBatchError("mixed-adapter batches are for inference; call model.eval() first")
-    known = adapter_configs(model)
-    named = list(dict.fromkeys(n for n in rows if n is not None))
-    unknown = [n for n in named if n not in known]
-    if unknown:
-        raise AdapterNameError(f"no adapter named {unknown[0]!r}; this model has {sorted(known)}")
-    layers = list(adapter_layers(model))
-    for name in named:
-        reason = mixable_refusal(model, name, layers)
-        if reason:
-            raise MixedBatchError(reason)
-    rows = list(rows)
-    workspace = _WORKSPACES.setdefault(model, _Workspace()) if keep_workspace else None
+    layers = check_mixable(model, rows)
+    workspace = _WORKSPACES.setdefault(model, StackWorkspace()) if keep_workspace else None
     if workspace is not None and workspace.in_use:  # a nested block: the outer block's stacks live there
         workspace = None
-    replaced = []  # (layer, the update it had before): a nested block hands the outer one back on exit
-    with disable_adapter(model), torch.no_grad():
-        try:
-            if workspace is not None:
-                workspace.in_use = True
-            for _, layer in layers:
-                if not isinstance(layer, LoraLinear):
-                    continue
-                stacks = _row_stacks(layer, rows, workspace)
-                replaced.append((layer, layer.rowwise_update))
-                layer.rowwise_update = None if stacks is None else _rowwise_update(stacks)
+    try:
+        if workspace is not None:
+            workspace.in_use = True
+        with torch.no_grad(), RowUpdates(model, list(rows), layers, workspace).installed():
             yield model
-        finally:
-            for layer, previous in replaced:
-                layer.rowwise_update = previous
-            if workspace is not None:
-                workspace.in_use = False
+    finally:
+        if workspace is not None:
+            workspace.in_use = False

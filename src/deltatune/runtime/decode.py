@@ -1,0 +1,253 @@
+"""Continuous batching: rows decode together, one token per row per step, and join or leave between steps.
+
+`runtime.generate` runs a fixed batch until its last row ends, so a request arriving meanwhile waits for the
+whole batch, and a batch whose rows end at different times keeps computing for the ones still going. A
+`DecodeBatch` keeps the rows' KV cache itself instead:
+- new rows are prefilled as a mixed batch of their own and merged into the running cache, both sides padded
+  on the left to a common length (the attention mask hides the padding; positions are passed per row);
+- a row that ends (end-of-sequence, its token limit, or `end(row)`) leaves the batch at once, and columns no
+  live row needs any more are cut from the front of the cache;
+- each step is one forward for all live rows, every row with its own LoRA adapter (`mixed.RowUpdates`,
+  rebuilt only when the rows change) and its own sampling settings.
+
+Rows must use plain LoRA adapters (or none) and the model a `DynamicCache` of plain layers (most decoder-only
+transformers); `DecodeBatch.add` refuses others with `ContinuousBatchingUnsupported`. Sampling uses the row's
+temperature and top-p only: processors from the model's generation_config (repetition penalty, ...) are not
+applied, as a request states its own settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .generate import Completion, left_pad
+from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
+
+
+class ContinuousBatchingUnsupported(MixedBatchError):
+    """This model or adapter cannot join a continuous batch; run it through `runtime.generate`."""
+
+
+@dataclass
+class Step:
+    """What one row got from `add` or `step`: its new token (None when the row ended at end-of-sequence) and
+    its finish reason once it has ended ("stop", "length")."""
+
+    row: int
+    token: int | None
+    finished: str | None = None
+
+
+@dataclass
+class _Row:
+    handle: int
+    adapter: str | None
+    limit: int
+    temperature: float
+    top_p: float
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+
+
+class DecodeBatch:
+    """The live rows of one model, decoded together. Not thread-safe: one thread drives it (the engine's)."""
+
+    def __init__(
+        self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | Sequence[int] | None
+    ) -> None:
+        if model.training:
+            raise MixedBatchError("decoding is for inference; call model.eval() first")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        self.rows: list[_Row] = []  # in batch order
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cache length): 1 where the cache holds a real token
+        self.finished: dict[int, Completion] = {}  # ended rows' results, until taken with `completion`
+        self._updates: RowUpdates | None = None  # the per-row LoRA stacks for the current row order
+        self._workspace = StackWorkspace()
+        self._handles = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def adapters(self) -> set[str | None]:
+        return {r.adapter for r in self.rows}
+
+    # ---- rows joining ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(
+        self,
+        prompts: Sequence[Sequence[int]],
+        adapters: Sequence[str | None],
+        *,
+        max_new_tokens: Sequence[int],
+        temperature: Sequence[float] | None = None,
+        top_p: Sequence[float] | None = None,
+    ) -> list[Step]:
+        """Prefill new rows and merge them into the batch; returns each one's first token. Their handles are
+        the `row` of those steps. Refuses (changing nothing) rows it cannot take."""
+        count = len(prompts)
+        if len(adapters) != count or len(max_new_tokens) != count:
+            raise ValueError("give one adapter name and one max_new_tokens per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt has no tokens; every row needs at least one")
+        if any(n < 1 for n in max_new_tokens):
+            raise ValueError("max_new_tokens must be at least 1 for every row")
+        try:
+            check_mixable(self.model, adapters)
+        except MixedBatchError as exc:
+            raise ContinuousBatchingUnsupported(str(exc)) from exc
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        cache = DynamicCache(config=self.model.config)
+        with mixed_adapters(self.model, list(adapters), keep_workspace=False):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=_positions(mask),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        cache = out.past_key_values
+        unsupported = [type(layer).__name__ for layer in getattr(cache, "layers", [None])]
+        if not isinstance(cache, DynamicCache) or any(
+            type(layer) is not DynamicLayer for layer in cache.layers
+        ):
+            raise ContinuousBatchingUnsupported(
+                f"the model keeps a {type(cache).__name__} with {sorted(set(unsupported))} layers; continuous "
+                "batching merges plain DynamicCache layers only"
+            )
+        temperature = list(temperature) if temperature is not None else [0.0] * count
+        top_p = list(top_p) if top_p is not None else [1.0] * count
+        joining = []
+        for i in range(count):
+            joining.append(
+                _Row(self._handles, adapters[i], max_new_tokens[i], temperature[i], top_p[i], len(prompts[i]))
+            )
+            self._handles += 1
+        self._merge(cache, mask)
+        self.rows += joining
+        self._updates = None
+        return self._advance(joining, out.logits[:, -1])
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self.cache is None or not self.rows:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+
+    # ---- decoding ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Step]:
+        """One forward for every live row: each gets its next token; rows that end leave the batch."""
+        if not self.rows:
+            return []
+        if self._updates is None:
+            adapters = [r.adapter for r in self.rows]
+            layers = check_mixable(self.model, adapters)  # an adapter may have been unloaded since it joined
+            self._updates = RowUpdates(self.model, adapters, layers, self._workspace)
+        last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        with self._updates.installed():
+            out = self.model(
+                input_ids=last,
+                attention_mask=self.mask,
+                position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.cache = out.past_key_values
+        return self._advance(list(self.rows), out.logits[:, -1])
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[Step]:
+        tokens = _sample(logits, [r.temperature for r in rows], [r.top_p for r in rows]).tolist()
+        steps, ended = [], []
+        for row, token in zip(rows, tokens, strict=True):
+            if token in self.eos:
+                steps.append(Step(row.handle, None, "stop"))
+                ended.append((row, "stop"))
+                continue
+            row.tokens.append(token)
+            done = "length" if len(row.tokens) >= row.limit else None
+            steps.append(Step(row.handle, token, done))
+            if done:
+                ended.append((row, done))
+        for row, reason in ended:
+            self._remove(row, reason)
+        return steps
+
+    # ---- rows leaving -----------------------------------------------------------------------------------------
+    def end(self, handle: int, reason: str = "cancelled") -> None:
+        """End a live row now (its client went away, its stop string appeared); its tokens so far stand."""
+        row = next((r for r in self.rows if r.handle == handle), None)
+        if row is not None:
+            self._remove(row, reason)
+
+    def completion(self, handle: int) -> Completion:
+        """An ended row's result (once; it is forgotten afterwards)."""
+        return self.finished.pop(handle)
+
+    def clear(self) -> list[int]:
+        """Drop every live row (after a failed step); returns their handles."""
+        handles = [r.handle for r in self.rows]
+        self.rows, self.cache, self.mask, self._updates = [], None, None, None
+        return handles
+
+    def _remove(self, row: _Row, reason: str) -> None:
+        index = self.rows.index(row)
+        self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens)
+        del self.rows[index]
+        self._updates = None
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        keep = [i for i in range(len(self.rows) + 1) if i != index]
+        mask = self.mask[keep]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns before this are padding in every live row
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's real tokens (left padding gets position 0, masked anyway)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if not missing:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _sample(logits: torch.Tensor, temperature: list[float], top_p: list[float]) -> torch.Tensor:
+    """Greedy where a row's temperature is 0, else a sample from its temperature-scaled distribution cut to
+    its top-p nucleus (the fewest most likely tokens whose probabilities reach top_p)."""
+    chosen = logits.argmax(-1)
+    sampled = [i for i, t in enumerate(temperature) if t > 0]
+    if not sampled:
+        return chosen
+    scale = torch.tensor([temperature[i] for i in sampled], dtype=torch.float32).unsqueeze(1)
+    probs = torch.softmax(logits[sampled].float() / scale, dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    mass_before = ordered.cumsum(-1) - ordered
+    nucleus = mass_before < torch.tensor([top_p[i] for i in sampled]).unsqueeze(1)  # keeps the top token
+    ordered = ordered * nucleus
+    picks = order.gather(-1, torch.multinomial(ordered, 1)).squeeze(1)
+    chosen[sampled] = picks
+    return chosen

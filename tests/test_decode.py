@@ -1,0 +1,130 @@
+"""Continuous batching: rows that join a running batch at different steps, with different adapters, prompt
+lengths and token limits, get exactly the tokens they get alone; rows leave as they end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_gpt2, build_llama
+from test_runtime import ADAPTERS, ROWS, _prompts, _with_adapters
+
+import deltatune as dt
+from deltatune.runtime import generate
+from deltatune.runtime.decode import ContinuousBatchingUnsupported, DecodeBatch
+
+
+def _alone(model, prompt, adapter, limit, eos=None):
+    (done,) = generate(model, [prompt], [adapter], max_new_tokens=limit, pad_token_id=0, eos_token_id=eos)
+    return done
+
+
+def _drive(batch: DecodeBatch, arrivals: dict[int, list[tuple]]) -> dict[int, list[int]]:
+    """Run steps, adding arrivals[step] = [(prompt, adapter, limit), ...] before that step; returns each
+    row's streamed tokens, keyed by the order rows were added."""
+    streamed: dict[int, list[int]] = {}
+    order: list[int] = []
+    step = 0
+    while step <= max(arrivals) or len(batch):
+        steps = []
+        if step in arrivals:
+            prompts, adapters, limits = zip(*arrivals[step], strict=True)
+            steps += batch.add(prompts, adapters, max_new_tokens=limits)
+        steps += batch.step()
+        for s in steps:
+            if s.row not in streamed:
+                order.append(s.row)
+            streamed.setdefault(s.row, [])
+            if s.token is not None:
+                streamed[s.row].append(s.token)
+        step += 1
+    return {i: streamed[handle] for i, handle in enumerate(order)}
+
+
+@pytest.mark.parametrize("build", [build_llama, build_gpt2], ids=["llama", "gpt2"])
+def test_rows_joining_a_running_batch_equal_each_row_alone(build):
+    adapters = ADAPTERS if build is build_llama else {"a": (2, ["c_attn"]), "b": (4, ["c_attn", "c_fc"])}
+    rows = ROWS if build is build_llama else ["a", None, "b", "a", "b", None]
+    model = _with_adapters(build, adapters)
+    prompts, limits = _prompts(), [6, 9, 3, 8, 5, 7]
+    jobs = list(zip(prompts, rows, limits, strict=True))
+    # two rows at first, one after 2 steps, three more after 4 (while the 3-token row has already left)
+    arrivals = {0: jobs[:2], 2: jobs[2:3], 4: jobs[3:]}
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
+    streamed = _drive(batch, arrivals)
+    assert len(batch) == 0 and batch.cache is None
+    handles = sorted(batch.finished)
+    for i, (prompt, adapter, limit) in enumerate(jobs):
+        alone = _alone(model, prompt, adapter, limit)
+        done = batch.completion(handles[i])
+        assert streamed[i] == done.tokens == alone.tokens and len(done.tokens) == limit
+        assert done.finish_reason == "length" and done.prompt_tokens == len(prompt)
+    assert batch.finished == {}
+
+
+def test_rows_leave_at_end_of_sequence_and_on_request():
+    model = _with_adapters()
+    prompts = _prompts()[:3]
+    free = [_alone(model, p, a, 10) for p, a in zip(prompts, ["a", "b", "c"], strict=True)]
+    tokens = free[1].tokens
+    at = next(k for k in range(1, 10) if tokens[k] not in tokens[:k] + free[0].tokens[:4])
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=tokens[at])  # row 1 ends at its token `at`
+    first = batch.add(prompts, ["a", "b", "c"], max_new_tokens=[10, 10, 10])
+    handles = [s.row for s in first]
+    steps = 1
+    while len(batch):
+        if steps == 4:
+            batch.end(handles[0])  # row 0's client goes away with 4 tokens
+        live = len(batch)
+        batch.step()
+        steps += 1
+        assert len(batch) <= live
+    ended = [batch.completion(h) for h in handles]
+    assert ended[0].tokens == free[0].tokens[:4] and ended[0].finish_reason == "cancelled"
+    assert ended[1].tokens == tokens[:at] and ended[1].finish_reason == "stop"
+    assert ended[2].tokens == free[2].tokens and ended[2].finish_reason == "length"
+
+
+def test_cache_is_cut_to_what_live_rows_need():
+    model = _with_adapters()
+    long_prompt, short_prompt = list(range(1, 21)), [5, 6]
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
+    (long_row,) = batch.add([long_prompt], ["a"], max_new_tokens=[3])
+    batch.add([short_prompt], ["b"], max_new_tokens=[8])
+    assert batch.mask.shape == (2, 20) and batch.cache.get_seq_length() == 20
+    batch.step()
+    batch.step()  # the long row ends with its 3rd token
+    assert len(batch) == 1 and batch.finished[long_row.row].finish_reason == "length"
+    # only the short row is left: its 2 prompt tokens + 2 new ones fed back, no padding columns
+    assert batch.mask.shape == (1, 4) and batch.cache.get_seq_length() == 4 and bool(batch.mask.all())
+
+
+def test_sampling_follows_each_rows_settings():
+    model = _with_adapters()
+    prompts = _prompts()[:2]
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    steps = batch.add(prompts, ["a", "b"], max_new_tokens=[6, 6], temperature=[0.0, 1.5], top_p=[1.0, 0.9])
+    while len(batch):
+        steps += batch.step()
+    greedy = batch.completion(steps[0].row)
+    assert greedy.tokens == _alone(model, prompts[0], "a", 6).tokens  # temperature 0 stays greedy
+    # top_p so small that only the most likely token is left: sampling equals greedy
+    batch.add([prompts[1]], ["b"], max_new_tokens=[6], temperature=[1.0], top_p=[1e-6])
+    while len(batch):
+        batch.step()
+    (handle,) = batch.finished.keys() - {steps[1].row}
+    assert batch.completion(handle).tokens == _alone(model, prompts[1], "b", 6).tokens
+
+
+def test_refuses_what_it_cannot_batch():
+    model = _with_adapters()
+    dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3, token_dim=32), adapter_name="prompt")
+    model.eval()
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
+    with pytest.raises(ContinuousBatchingUnsupported, match="PROMPT_TUNING"):
+        batch.add([[1, 2]], ["prompt"], max_new_tokens=[3])
+    with pytest.raises(dt.AdapterNameError):
+        batch.add([[1, 2]], ["nope"], max_new_tokens=[3])
+    with pytest.raises(ValueError, match="no tokens"):
+        batch.add([[]], ["a"], max_new_tokens=[3])
+    assert len(batch) == 0 and batch.cache is None
