@@ -308,7 +308,7 @@ def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     finally:
         engine.close()
     assert stayed.finish_reason == "length" and len(stayed.tokens) == 8  # same batch, not held back
-    assert left.finish_reason == "cancelled" and left.tokens == stayed.tokens[:3]
+    assert left.finish_reason == "cancelled" and left.tokens == stayed.tokens[:2]
     assert engine.stats.cancelled_rows == 1 and engine.stats.batches == 1
 
 
@@ -337,3 +337,71 @@ def test_engine_ends_a_row_at_its_stop_string(tiny_causal_lm, adapters_dir):
     assert ran.tokens == free.tokens and ran.finish_reason == "length"
     assert engine.stats.rows_ended_at_stop_string == 1 and engine.stats.cancelled_rows == 0
     assert engine.stats.batches == 2  # the two rows shared one batch
+
+
+def test_engine_rows_join_a_running_batch_and_leave_when_done(tiny_causal_lm, adapters_dir):
+    """Continuous batching: a short request arriving while a long one decodes joins at the next step and is
+    answered long before the long one ends, with the tokens it gets alone."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine, Row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.05)
+    long_ids, short_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROMPTS[:2])
+    try:
+        alone = engine.submit(Row(short_ids, "beta-v2", 3)).result(timeout=60)
+        long_alone = engine.submit(Row(long_ids, "alpha", 40)).result(timeout=60)
+        started = threading.Event()
+        long_row = Row(long_ids, "alpha", 40, on_token=lambda _: started.set())
+        long_future = engine.submit(long_row)
+        assert started.wait(timeout=60)
+        short = Row(short_ids, "beta-v2", 3)
+        long_progress = []  # the long row's tokens when the short one is answered (on the engine thread)
+        short_future = engine.submit(short)
+        short_future.add_done_callback(lambda _: long_progress.append(long_row.streamed))
+        joined, ran = short_future.result(timeout=60), long_future.result(timeout=60)
+    finally:
+        engine.close()
+    assert joined.tokens == alone.tokens and joined.finish_reason == alone.finish_reason
+    assert ran.tokens == long_alone.tokens and len(ran.tokens) == 40
+    assert 1 <= long_progress[0] < 40 - 3  # answered while the long row was still decoding
+    assert engine.stats.largest_batch == 2 and engine.stats.batches == 4
+
+
+def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm, adapters_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine, Row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    torch.manual_seed(3)
+    config = dt.Ia3Config(target_modules=["k_proj", "down_proj"], init_ia3_weights=False)
+    dt.inject(model, config, "s")  # random scaling vectors: an IA3 adapter that changes the output
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters_dir / "alpha", root / "alpha")
+    dt.save_adapter(model, root / "scaled", adapter_name="s")
+    dt.delete_adapter(model, "s")
+    engine = Engine(model, tokenizer, AdapterCache(model, root), batch_window_s=0.3)
+    ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    try:
+        rows = [Row(ids, "scaled", 6), Row(ids, "alpha", 6), Row(ids, None, 6)]
+        scaled, alpha, base = (f.result(timeout=60) for f in [engine.submit(r) for r in rows])
+    finally:
+        engine.close()
+    reference = _model(tiny_causal_lm)
+    dt.load_adapter(reference, root / "scaled", adapter_name="s")
+    dt.load_adapter(reference, root / "alpha", adapter_name="a")
+    expected = generate(
+        reference, [ids] * 3, ["s", "a", None], max_new_tokens=6, pad_token_id=0,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    assert [scaled.tokens, alpha.tokens, base.tokens] == [e.tokens for e in expected]
+    assert scaled.tokens != base.tokens
+    assert engine.stats.batches == 2  # the LoRA and base rows joined the decode batch; the IA3 row ran apart

@@ -1,10 +1,14 @@
 """The serving engine: one thread owns the model and runs everything that touches it.
 
-HTTP handlers only queue work. The engine thread takes what has arrived, waits `batch_window_s` for more (up
-to `max_batch` rows), groups rows by sampling settings and runs each group as one batched `generate`, rows of
-different adapters together (mixed LoRA batches). Loading and unloading adapters go through the same queue,
-so the model never changes under a running forward. A failing group is retried row by row, so one bad
-request fails alone and the thread carries on.
+HTTP handlers only queue work. Rows are decoded by continuous batching (`runtime.decode.DecodeBatch`): before
+every decode step the engine takes what has arrived, prefills the new rows and merges them into the running
+batch (up to `max_batch` live rows, any mix of adapters and sampling settings), and a row leaves the batch as
+soon as it ends, so a request never waits for another's whole generation. When the batch is empty the first
+arrival waits `batch_window_s` for company. Rows the decode loop cannot take (adapters that are not plain
+LoRA, a model whose KV cache it cannot merge) run as fixed batches through `runtime.generate`, grouped by
+sampling settings. Loading and unloading adapters go through the same queue, between steps, so the model
+never changes under a running forward. A failing prefill or step is retried row by row, so one bad request
+fails alone and the thread carries on.
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ..runtime import AdapterCache, Completion, generate
+from ..runtime import AdapterCache, CacheFullError, Completion, generate
+from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
+from ..runtime.mixed import mixable_refusal
 from .stops import reaches_stop
 
 
@@ -55,12 +63,22 @@ class Call:
 @dataclass
 class Stats:
     rows: int = 0
-    batches: int = 0
-    largest_batch: int = 0
+    batches: int = 0  # prefills of rows joining the decode batch, and fixed batches
+    decode_steps: int = 0
+    largest_batch: int = 0  # most rows in one forward
     most_adapters_in_batch: int = 0
     failed_rows: int = 0
     cancelled_rows: int = 0
     rows_ended_at_stop_string: int = 0
+
+
+@dataclass
+class _Live:
+    """A row in the decode batch: its adapter held resident (`pin`) and its new tokens so far."""
+
+    row: Row
+    pin: ExitStack
+    tokens: list[int] = field(default_factory=list)
 
 
 class ServerBusy(RuntimeError):
@@ -88,6 +106,14 @@ class Engine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.eos_token_id = tokenizer.eos_token_id
+        self.decoding = DecodeBatch(
+            self.model, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id
+        )
+        self.continuous = (
+            True  # False once the model turned out to keep a KV cache the decode loop cannot merge
+        )
+        self._live: dict[int, _Live] = {}  # decode-batch handle -> row
+        self._waiting: deque[Row] = deque()  # arrived while the batch was full
         self._queue: queue.Queue[Row | Call | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
         self._thread.start()
@@ -110,27 +136,51 @@ class Engine:
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            idle = not self._live and not self._waiting
+            arrived = self._collect(block=idle)
+            if arrived is None:
+                self._shut_down()
                 return
-            if isinstance(item, Call):
-                self._run_call(item)
-                continue
-            rows = [item]
-            deadline = time.monotonic() + self.batch_window_s
-            calls = []
-            while len(rows) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                (calls if isinstance(nxt, Call) else rows).append(nxt)
-            self._run_rows(rows)
-            for call in calls:
+            rows = [r for r in arrived if isinstance(r, Row) and r.future.set_running_or_notify_cancel()]
+            for call in (c for c in arrived if isinstance(c, Call)):
                 self._run_call(call)
+            self._waiting.extend(rows)
+            self._admit()
+            if self._live:
+                self._step()
+
+    def _collect(self, block: bool) -> list[Row | Call] | None:
+        """What has arrived: blocking for the first item and then `batch_window_s` for more when idle, else
+        whatever is queued now. None: the engine is closing."""
+        items: list[Row | Call] = []
+        if block:
+            first = self._queue.get()
+            if first is None:
+                return None
+            items.append(first)
+            deadline = time.monotonic() + self.batch_window_s
+        while sum(isinstance(i, Row) for i in items) < self.max_batch:
+            try:
+                if block:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # seen on the next round, after what arrived with it
+                break
+            items.append(item)
+        return items
+
+    def _shut_down(self) -> None:
+        closing = RuntimeError("the server is shutting down")
+        for handle in self.decoding.clear():
+            live = self._live.pop(handle)
+            live.pin.close()
+            live.row.future.set_exception(closing)
+        while self._waiting:
+            self._waiting.popleft().future.set_exception(closing)
 
     def _run_call(self, call: Call) -> None:
         if not call.future.set_running_or_notify_cancel():
@@ -140,8 +190,122 @@ class Engine:
         except BaseException as exc:  # reported to the caller; the engine carries on
             call.future.set_exception(exc)
 
+    # ---- continuous batching ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move waiting rows into the decode batch while it has room; rows it cannot take run apart."""
+        joining: list[tuple[Row, ExitStack, str | None]] = []
+        apart: list[Row] = []
+        while self._waiting and len(self._live) + len(joining) < self.max_batch:
+            row = self._waiting.popleft()
+            pin = ExitStack()
+            try:
+                key = pin.enter_context(self.cache.pinned([row.adapter])).get(row.adapter)
+            except CacheFullError:
+                if self._live or joining:  # every resident adapter is in use: wait for rows to end
+                    self._waiting.appendleft(row)
+                    break
+                self._fail(row, CacheFullError("no room to load the adapter; retry shortly"))
+                continue
+            except Exception as exc:
+                self._fail(row, exc)
+                continue
+            if not self.continuous or (key is not None and mixable_refusal(self.model, key) is not None):
+                pin.close()
+                apart.append(row)
+            else:
+                joining.append((row, pin, key))
+        if apart:
+            self._run_rows(apart)
+        if joining:
+            self._join(joining)
+
+    def _join(self, joining: list[tuple[Row, ExitStack, str | None]]) -> None:
+        try:
+            steps = self.decoding.add(
+                [r.prompt for r, _, _ in joining],
+                [key for _, _, key in joining],
+                max_new_tokens=[r.max_new_tokens for r, _, _ in joining],
+                temperature=[r.sampling[0] for r, _, _ in joining],
+                top_p=[r.sampling[1] for r, _, _ in joining],
+            )
+        except ContinuousBatchingUnsupported:
+            self.continuous = False  # the model's cache: every row from now on runs as fixed batches
+            for _, pin, _ in joining:
+                pin.close()
+            self._run_rows([r for r, _, _ in joining])
+            return
+        except Exception as exc:
+            if len(joining) > 1:  # find the row that fails; the others still join
+                for one in joining:
+                    self._join([one])
+            else:
+                (row, pin, _) = joining[0]
+                pin.close()
+                self._fail(row, exc)
+            return
+        self.stats.batches += 1
+        for step, (row, pin, _) in zip(steps, joining, strict=True):
+            row.stop_reached = False
+            self._live[step.row] = _Live(row, pin)
+        self._note_batch_size()
+        self._deliver(steps)
+
+    def _step(self) -> None:
+        try:
+            steps = self.decoding.step()
+        except Exception as exc:
+            # the batch is lost; rows that streamed nothing yet are rerun alone, the others fail
+            for handle in self.decoding.clear():
+                live = self._live.pop(handle)
+                live.pin.close()
+                if live.row.streamed:
+                    self._fail(live.row, exc)
+                else:
+                    self._run_row_alone(live.row)
+            return
+        self.stats.decode_steps += 1
+        self._deliver(steps)
+
+    def _deliver(self, steps: list[Step]) -> None:
+        """Hand each row its new token, end rows whose client left or whose stop string appeared, and answer
+        rows that ended."""
+        for step in steps:
+            live = self._live[step.row]
+            row = live.row
+            if step.token is not None:
+                live.tokens.append(step.token)
+                _stream(row, step.token)
+                if row.stops and not row.stop_reached:
+                    row.stop_reached = reaches_stop(self.tokenizer, live.tokens, row.stops)
+            finished = step.finished
+            if finished is None and (row.cancelled or row.stop_reached):
+                self.decoding.end(step.row)
+                finished = "cancelled"
+            if finished is not None:
+                del self._live[step.row]
+                live.pin.close()
+                self._answer(row, self.decoding.completion(step.row))
+
+    def _answer(self, row: Row, result: Completion) -> None:
+        if row.stop_reached:  # its tokens run up to the one that completed the stop string
+            result.finish_reason = "stop"
+            self.stats.rows_ended_at_stop_string += 1
+        elif result.finish_reason == "cancelled":
+            self.stats.cancelled_rows += 1
+        self.stats.rows += 1
+        row.future.set_result(result)
+
+    def _fail(self, row: Row, exc: BaseException) -> None:
+        self.stats.failed_rows += 1
+        row.future.set_exception(exc)
+
+    def _note_batch_size(self) -> None:
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._live))
+        adapters = {live.row.adapter for live in self._live.values()}
+        self.stats.most_adapters_in_batch = max(self.stats.most_adapters_in_batch, len(adapters))
+
+    # ---- fixed batches (runtime.generate) --------------------------------------------------------------------
     def _run_rows(self, rows: list[Row]) -> None:
-        rows = [r for r in rows if r.future.set_running_or_notify_cancel()]
         groups: dict[tuple[float, float], list[Row]] = {}
         for row in rows:
             groups.setdefault(row.sampling, []).append(row)
@@ -150,27 +314,24 @@ class Engine:
                 results = self._generate(group)
             except Exception as exc:
                 if len(group) == 1:
-                    self.stats.failed_rows += 1
-                    group[0].future.set_exception(exc)
+                    self._fail(group[0], exc)
                     continue
                 for row in group:  # find the row that fails; the others still get their answer
                     if row.streamed:  # its client has part of an answer already: a rerun would repeat it
-                        self.stats.failed_rows += 1
-                        row.future.set_exception(exc)
+                        self._fail(row, exc)
                     else:
                         self._run_row_alone(row)
                 continue
             for row, result in zip(group, results, strict=True):
-                row.future.set_result(result)
+                self._answer(row, result)
 
     def _run_row_alone(self, row: Row) -> None:
         try:
             (result,) = self._generate([row])
         except Exception as exc:
-            self.stats.failed_rows += 1
-            row.future.set_exception(exc)
+            self._fail(row, exc)
         else:
-            row.future.set_result(result)
+            self._answer(row, result)
 
     def _generate(self, rows: list[Row]) -> list[Completion]:
         with self.cache.pinned(r.adapter for r in rows) as keys:
@@ -187,13 +348,6 @@ class Engine:
                 on_token=_streaming(rows),
                 stop_rows=self._row_ends(rows),
             )
-        for row, result in zip(rows, results, strict=True):
-            if row.stop_reached:  # its tokens run up to the one that completed the stop string
-                result.finish_reason = "stop"
-                self.stats.rows_ended_at_stop_string += 1
-            elif result.finish_reason == "cancelled":
-                self.stats.cancelled_rows += 1
-        self.stats.rows += len(rows)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         self.stats.most_adapters_in_batch = max(self.stats.most_adapters_in_batch, len(keys))
@@ -217,20 +371,20 @@ class Engine:
 
 
 def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:
-    """The generate callback passing each streaming row its tokens; a callback that fails (the client went
-    away) is dropped, and the row still completes."""
+    """The generate callback passing each streaming row its tokens."""
     if not any(r.on_token for r in rows):
         return None
+    return lambda index, token: _stream(rows[index], token)
 
-    def on_token(index: int, token: int) -> None:
-        row = rows[index]
-        if row.on_token is None:
-            return
-        try:
-            row.on_token(token)
-        except Exception:
-            row.on_token = None
-            return
-        row.streamed += 1
 
-    return on_token
+def _stream(row: Row, token: int) -> None:
+    """Pass a streaming row its next token; a callback that fails (the client went away) is dropped, and the
+    row still completes."""
+    if row.on_token is None:
+        return
+    try:
+        row.on_token(token)
+    except Exception:
+        row.on_token = None
+        return
+    row.streamed += 1
