@@ -2,9 +2,13 @@
 requests spread over M adapters; reports throughput, latency percentiles and errors (which must be zero).
 
 The base is the bundled SmolLM2-135M-Instruct; the M adapters are LoRA r=16 on all linear layers with random
-(non-zero) weights, saved against that base. The server runs as its own process, as in production.
+(non-zero) weights, saved against that base. The server runs as its own process, as in production. With
+`--modes continuous fixed` two servers run side by side, one with continuous batching (the default) and one
+with `--fixed-batches`, and each load is sent to one then the other. `--max-tokens 8 32` cycles the
+requests' max_tokens, as real traffic mixes short and long answers.
 
 python bench/serve_load.py --clients 1 16 --adapters 8 --requests 64 --max-tokens 16
+python bench/serve_load.py --clients 16 --adapters 8 --requests 64 --max-tokens 4 32 --modes continuous fixed
 """
 
 from __future__ import annotations
@@ -54,14 +58,14 @@ def make_adapters(root: Path, count: int) -> None:
         dt.delete_adapter(model, f"t{i}")
 
 
-def start_server(adapters: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(adapters: Path, max_batch: int, mode: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
         sys.executable, "-m", "deltatune", "serve", "--base", "smollm2", "--base-name", "base",
         "--adapters-dir", str(adapters), "--port", str(port), "--max-batch", str(max_batch),
-        "--log-level", "warning",
+        "--log-level", "warning", *(["--fixed-batches"] if mode == "fixed" else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
@@ -75,7 +79,7 @@ def start_server(adapters: Path, max_batch: int) -> tuple[subprocess.Popen, str]
     raise SystemExit("server did not start")
 
 
-def run_load(url: str, clients: int, requests: int, adapters: int, max_tokens: int) -> dict:
+def run_load(url: str, clients: int, requests: int, adapters: int, max_tokens: list[int]) -> dict:
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -92,7 +96,7 @@ def run_load(url: str, clients: int, requests: int, adapters: int, max_tokens: i
                 body = {
                     "model": f"tenant-{i % adapters}",
                     "prompt": PROMPTS[i % len(PROMPTS)],
-                    "max_tokens": max_tokens,
+                    "max_tokens": max_tokens[i % len(max_tokens)],
                     "temperature": 0,
                 }
                 started = time.perf_counter()
@@ -132,22 +136,31 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[16], help="cycled over requests")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", choices=["continuous", "fixed"], default=["continuous"])
     args = parser.parse_args()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         make_adapters(Path(tmp), args.adapters)
-        process, url = start_server(Path(tmp), args.max_batch)
+        servers = {mode: start_server(Path(tmp), args.max_batch, mode) for mode in args.modes}
         try:
-            run_load(url, 1, args.adapters, args.adapters, 2)  # warm-up: every adapter loaded once
-            results = []
+            for _, url in servers.values():
+                run_load(url, 1, args.adapters, args.adapters, [2])  # warm-up: every adapter loaded once
             for clients in args.clients:
-                results.append(run_load(url, clients, args.requests, args.adapters, args.max_tokens))
-                results[-1]["server_stats"] = httpx.get(f"{url}/health").json()["stats"]
-                print(json.dumps(results[-1]), flush=True)
+                for mode, (_, url) in servers.items():  # one after the other, under the same conditions
+                    result = run_load(url, clients, args.requests, args.adapters, args.max_tokens)
+                    result = {
+                        "mode": mode,
+                        **result,
+                        "server_stats": httpx.get(f"{url}/health").json()["stats"],
+                    }
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(timeout=60)
     print(json.dumps(results, indent=1))
 
 

@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_mb * 2**20),
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
+        continuous=not args.fixed_batches,
         limits=limits,
         preload=args.preload,
     )
@@ -167,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=1024, help="memory budget for loaded adapters")
     p.add_argument("--max-batch", type=int, default=16, help="most rows in one batched forward")
     p.add_argument("--batch-window-ms", type=float, default=10, help="how long to wait for requests to batch")
+    p.add_argument(
+        "--fixed-batches",
+        action="store_true",
+        help="run each batch to its end before the next starts (no continuous batching)",
+    )
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)

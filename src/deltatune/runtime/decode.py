@@ -184,8 +184,7 @@ class DecodeBatch:
             steps.append(Step(row.handle, token, done))
             if done:
                 ended.append((row, done))
-        for row, reason in ended:
-            self._remove(row, reason)
+        self._drop(ended)
         return steps
 
     # ---- rows leaving -----------------------------------------------------------------------------------------
@@ -193,7 +192,7 @@ class DecodeBatch:
         """End a live row now (its client went away, its stop string appeared); its tokens so far stand."""
         row = next((r for r in self.rows if r.handle == handle), None)
         if row is not None:
-            self._remove(row, reason)
+            self._drop([(row, reason)])
 
     def completion(self, handle: int) -> Completion:
         """An ended row's result (once; it is forgotten afterwards)."""
@@ -205,15 +204,20 @@ class DecodeBatch:
         self.rows, self.cache, self.mask, self._updates = [], None, None, None
         return handles
 
-    def _remove(self, row: _Row, reason: str) -> None:
-        index = self.rows.index(row)
-        self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens)
-        del self.rows[index]
+    def _drop(self, ended: list[tuple[_Row, str]]) -> None:
+        """Rows leave: their results are kept, their cache rows and leading all-padding columns cut."""
+        if not ended:
+            return
+        gone = set()
+        for row, reason in ended:
+            self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens)
+            gone.add(row.handle)
+        keep = [i for i, r in enumerate(self.rows) if r.handle not in gone]
+        self.rows = [self.rows[i] for i in keep]
         self._updates = None
         if not self.rows:
             self.cache, self.mask = None, None
             return
-        keep = [i for i in range(len(self.rows) + 1) if i != index]
         mask = self.mask[keep]
         start = int((mask.sum(0) > 0).nonzero()[0])  # columns before this are padding in every live row
         self.mask = mask[:, start:]

@@ -21,6 +21,7 @@ def build_server(
     cache_bytes: int | None = 1 << 30,
     max_batch: int = 16,
     batch_window_s: float = 0.01,
+    continuous: bool = True,
     limits: Limits | None = None,
     preload: list[str] | None = None,
 ) -> tuple[Any, Engine]:
@@ -40,7 +41,9 @@ def build_server(
     cache = AdapterCache(model, directory, budget_bytes=cache_bytes, tokenizer=tokenizer)
     for name in preload or []:
         cache.load(name)
-    engine = Engine(model, tokenizer, cache, max_batch=max_batch, batch_window_s=batch_window_s)
+    engine = Engine(
+        model, tokenizer, cache, max_batch=max_batch, batch_window_s=batch_window_s, continuous=continuous
+    )
     app = create_app(engine, base_name=base_name or Path(str(base)).name, api_key=api_key, limits=limits)
     return app, engine
 

@@ -95,6 +95,7 @@ class Engine:
         max_batch: int = 16,
         batch_window_s: float = 0.01,
         max_queue: int = 256,
+        continuous: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -109,9 +110,8 @@ class Engine:
         self.decoding = DecodeBatch(
             self.model, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id
         )
-        self.continuous = (
-            True  # False once the model turned out to keep a KV cache the decode loop cannot merge
-        )
+        # False: fixed batches only (asked for, or the model keeps a KV cache the decode loop cannot merge)
+        self.continuous = continuous
         self._live: dict[int, _Live] = {}  # decode-batch handle -> row
         self._waiting: deque[Row] = deque()  # arrived while the batch was full
         self._queue: queue.Queue[Row | Call | None] = queue.Queue(maxsize=max_queue)
