@@ -128,3 +128,31 @@ def test_refuses_what_it_cannot_batch():
     with pytest.raises(ValueError, match="no tokens"):
         batch.add([[]], ["a"], max_new_tokens=[3])
     assert len(batch) == 0 and batch.cache is None
+
+
+def test_row_stacks_updated_in_place_equal_a_fresh_build():
+    """Rows joining (adapters of larger ranks, targeting layers no row used yet) and leaving (the last row
+    moving into the gap) leave each row the same update as stacks built from scratch for the final rows."""
+    from deltatune.runtime.mixed import RowUpdates, StackWorkspace, check_mixable
+
+    model = _with_adapters()
+    for capacity in (8, 3):  # room for every row; too little, so joining rebuilds everything
+        rows = ["a", None, "a"]
+        updates = RowUpdates(model, rows, check_mixable(model, rows), StackWorkspace(), capacity=capacity)
+        updates.append(["b", None], check_mixable(model, ["b"]))  # b: rank 4 > 2, and more layers
+        updates.remove(1)  # the last row (None) takes its place
+        updates.append(["c"], check_mixable(model, ["c"]))  # c: rank 8
+        updates.remove(0)
+        updates.remove(3)
+        assert updates.rows == ["c", None, "a"]
+        fresh = RowUpdates(model, updates.rows, check_mixable(model, updates.rows), None)
+        compared = 0
+        for (layer, mine), (same, theirs) in zip(updates.stacks, fresh.stacks, strict=True):
+            assert layer is same
+            if theirs is None:
+                continue
+            for row in range(3):  # the row's update s B A, whatever rank its stack is padded to
+                (a_mine, b_mine), (a_fresh, b_fresh) = mine.factors(3), theirs.factors(3)
+                torch.testing.assert_close(a_mine[row] @ b_mine[row], a_fresh[row] @ b_fresh[row])
+            compared += 1
+        assert compared == len([1 for _, t in fresh.stacks if t is not None]) > 0

@@ -60,8 +60,14 @@ class DecodeBatch:
     """The live rows of one model, decoded together. Not thread-safe: one thread drives it (the engine's)."""
 
     def __init__(
-        self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | Sequence[int] | None
+        self,
+        model: nn.Module,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int] | None,
+        capacity: int = 16,
     ) -> None:
+        """`capacity`: the rows the LoRA stacks make room for up front (more are fine, at one rebuild)."""
         if model.training:
             raise MixedBatchError("decoding is for inference; call model.eval() first")
         self.model = model
@@ -71,7 +77,8 @@ class DecodeBatch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 where the cache holds a real token
         self.finished: dict[int, Completion] = {}  # ended rows' results, until taken with `completion`
-        self._updates: RowUpdates | None = None  # the per-row LoRA stacks for the current row order
+        self.capacity = capacity
+        self._updates: RowUpdates | None = None  # the per-row LoRA stacks, in the rows' order
         self._workspace = StackWorkspace()
         self._handles = 0
 
@@ -103,7 +110,7 @@ class DecodeBatch:
         if any(n < 1 for n in max_new_tokens):
             raise ValueError("max_new_tokens must be at least 1 for every row")
         try:
-            check_mixable(self.model, adapters)
+            layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
             raise ContinuousBatchingUnsupported(str(exc)) from exc
         ids, mask = left_pad(prompts, self.pad_token_id)
@@ -135,7 +142,8 @@ class DecodeBatch:
             self._handles += 1
         self._merge(cache, mask)
         self.rows += joining
-        self._updates = None
+        if self._updates is not None:
+            self._updates.append(list(adapters), layers)
         return self._advance(joining, out.logits[:, -1])
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -156,8 +164,8 @@ class DecodeBatch:
             return []
         if self._updates is None:
             adapters = [r.adapter for r in self.rows]
-            layers = check_mixable(self.model, adapters)  # an adapter may have been unloaded since it joined
-            self._updates = RowUpdates(self.model, adapters, layers, self._workspace)
+            layers = check_mixable(self.model, adapters)
+            self._updates = RowUpdates(self.model, adapters, layers, self._workspace, self.capacity)
         last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         with self._updates.installed():
@@ -205,24 +213,33 @@ class DecodeBatch:
         return handles
 
     def _drop(self, ended: list[tuple[_Row, str]]) -> None:
-        """Rows leave: their results are kept, their cache rows and leading all-padding columns cut."""
+        """Rows leave: their results are kept; the last row moves into each gap (in the cache, the mask and
+        the LoRA stacks alike, so only its own entries are copied), and leading all-padding columns are cut."""
         if not ended:
             return
-        gone = set()
         for row, reason in ended:
             self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens)
-            gone.add(row.handle)
-        keep = [i for i, r in enumerate(self.rows) if r.handle not in gone]
-        self.rows = [self.rows[i] for i in keep]
-        self._updates = None
-        if not self.rows:
+        gone = {row.handle for row, _ in ended}
+        for index in sorted((i for i, r in enumerate(self.rows) if r.handle in gone), reverse=True):
+            last = len(self.rows) - 1
+            if index != last:
+                self.rows[index] = self.rows[last]
+                self.mask[index] = self.mask[last]
+                for layer in self.cache.layers:
+                    layer.keys[index] = layer.keys[last]
+                    layer.values[index] = layer.values[last]
+            self.rows.pop()
+            if self._updates is not None:
+                self._updates.remove(index)
+        count = len(self.rows)
+        if not count:
             self.cache, self.mask = None, None
             return
-        mask = self.mask[keep]
+        mask = self.mask[:count]
         start = int((mask.sum(0) > 0).nonzero()[0])  # columns before this are padding in every live row
         self.mask = mask[:, start:]
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
+            layer.keys, layer.values = layer.keys[:count, :, start:], layer.values[:count, :, start:]
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

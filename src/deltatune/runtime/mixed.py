@@ -96,41 +96,74 @@ def release_workspace(model: nn.Module) -> int:
     return 0 if workspace is None else workspace.nbytes()
 
 
-def _row_stacks(
-    layer: LoraLinear, rows: Sequence[str | None], workspace: StackWorkspace | None
-) -> RowFactors | None:
-    """One layer's factors in row order, or None if no row's adapter targets it.
+class _LayerStacks:
+    """One layer's factors in row order, in buffers with room for `capacity` rows:
+      a: (capacity, r_max, in)   A per row, zero-padded to the largest rank among the rows' adapters
+      b: (capacity, out, r_max)  s B per row, s its adapter's LoRA scale (scaled once, not per forward)
+    a zero block for rows whose adapter does not target this layer. Stacked as stored, (r, in) and (out, r): a
+    plain copy, several times faster than a transposing one; the GEMMs take transposed views at the same speed.
+    Rows can be written one at a time (`write`, `move`), so rows joining or leaving a running batch cost a
+    copy of their own factors only."""
 
-    Each distinct adapter's factors are padded once, then stacked per row into `workspace` when given (a
-    zero block for rows without an update here), and each row's B is scaled by its adapter's LoRA scale."""
-    distinct = list(dict.fromkeys(n for n in rows if n is not None and n in layer.adapter_configs))
-    if not distinct:
-        return None
-    factors = {n: layer.factors(n) for n in distinct}
-    r_max = max(a.shape[0] for a, _ in factors.values())
-    a_any, b_any = next(iter(factors.values()))
-    dtype, device = a_any.dtype, a_any.device
-    in_features, out_features = a_any.shape[1], b_any.shape[0]
-    # Stacked as stored, (r, in) and (out, r): a plain copy, several times faster than a transposing one, and
-    # the GEMMs take the transposed views at the same speed.
-    a_padded = {n: _pad_rank(a.detach(), r_max, 0).to(dtype) for n, (a, _) in factors.items()}
-    b_padded = {n: _pad_rank(b.detach(), r_max, 1).to(dtype) for n, (_, b) in factors.items()}
-    a_zero = torch.zeros(r_max, in_features, dtype=dtype, device=device)
-    b_zero = torch.zeros(out_features, r_max, dtype=dtype, device=device)
-    batch = len(rows)
-    a_shape, b_shape = (batch, r_max, in_features), (batch, out_features, r_max)
-    a_out = b_out = None
-    if workspace is not None:
+    def __init__(
+        self, layer: LoraLinear, rows: Sequence[str | None], capacity: int, workspace: StackWorkspace | None
+    ) -> None:
+        self.layer = layer
+        distinct = list(dict.fromkeys(n for n in rows if n is not None and n in layer.adapter_configs))
+        factors = {n: layer.factors(n) for n in distinct}
+        self.r_max = max(a.shape[0] for a, _ in factors.values())
+        a_any, b_any = next(iter(factors.values()))
+        dtype, device = a_any.dtype, a_any.device
+        in_features, out_features = a_any.shape[1], b_any.shape[0]
+        a_shape, b_shape = (capacity, self.r_max, in_features), (capacity, out_features, self.r_max)
         a_numel, b_numel = math.prod(a_shape), math.prod(b_shape)
-        buffer = workspace.buffer(layer, a_numel + b_numel, dtype, device)
-        a_out, b_out = buffer[:a_numel].view(a_shape), buffer[a_numel : a_numel + b_numel].view(b_shape)
-    a_stack = torch.stack([a_padded.get(n, a_zero) for n in rows], out=a_out)
-    b_stack = torch.stack([b_padded.get(n, b_zero) for n in rows], out=b_out)
-    scale = torch.tensor(
-        [layer.scaling[n] if n in factors else 0.0 for n in rows], dtype=dtype, device=device
-    ).view(-1, 1, 1)
-    b_stack.mul_(scale)  # each row's B scaled once per batch, not its intermediate at every forward
-    return RowFactors(a_stack.transpose(1, 2), b_stack.transpose(1, 2))
+        if workspace is not None:
+            buffer = workspace.buffer(layer, a_numel + b_numel, dtype, device)
+        else:
+            buffer = torch.empty(a_numel + b_numel, dtype=dtype, device=device)
+        self.a = buffer[:a_numel].view(a_shape)
+        self.b = buffer[a_numel : a_numel + b_numel].view(b_shape)
+        # All rows at once: each distinct adapter padded once, then one stacking copy per factor.
+        a_padded = {n: _pad_rank(a.detach(), self.r_max, 0).to(dtype) for n, (a, _) in factors.items()}
+        b_padded = {n: _pad_rank(b.detach(), self.r_max, 1).to(dtype) for n, (_, b) in factors.items()}
+        a_zero = torch.zeros(a_shape[1:], dtype=dtype, device=device)
+        b_zero = torch.zeros(b_shape[1:], dtype=dtype, device=device)
+        batch = len(rows)
+        torch.stack([a_padded.get(n, a_zero) for n in rows], out=self.a[:batch])
+        torch.stack([b_padded.get(n, b_zero) for n in rows], out=self.b[:batch])
+        scale = torch.tensor([layer.scaling[n] if n in factors else 0.0 for n in rows], dtype=dtype)
+        self.b[:batch].mul_(scale.to(device).view(-1, 1, 1))
+
+    @staticmethod
+    def targets(layer: LoraLinear, rows: Sequence[str | None]) -> bool:
+        return any(n is not None and n in layer.adapter_configs for n in rows)
+
+    def fits(self, names: Sequence[str | None]) -> bool:
+        """Whether these adapters' factors fit the stacks as laid out (rank at most r_max)."""
+        configs = self.layer.adapter_configs
+        return all(
+            n is None or n not in configs or self.layer.factors(n)[0].shape[0] <= self.r_max for n in names
+        )
+
+    def write(self, row: int, name: str | None) -> None:
+        if name is None or name not in self.layer.adapter_configs:
+            self.a[row].zero_()
+            self.b[row].zero_()
+            return
+        a, b = self.layer.factors(name)
+        r = a.shape[0]
+        self.a[row, :r].copy_(a.detach())
+        self.b[row, :, :r].copy_(b.detach()).mul_(self.layer.scaling[name])
+        if r < self.r_max:
+            self.a[row, r:].zero_()
+            self.b[row, :, r:].zero_()
+
+    def move(self, source: int, target: int) -> None:
+        self.a[target].copy_(self.a[source])
+        self.b[target].copy_(self.b[source])
+
+    def factors(self, rows: int) -> RowFactors:
+        return RowFactors(self.a[:rows].transpose(1, 2), self.b[:rows].transpose(1, 2))
 
 
 class RowFactors(NamedTuple):
@@ -180,6 +213,8 @@ def check_mixable(model: nn.Module, rows: Sequence[str | None]) -> list[tuple[st
 class RowUpdates:
     """Every LoRA layer's per-row updates for one row order: built once, then installed around each forward
     that uses them (`installed`), so a decode loop pays for the stacks when its rows change, not per step.
+    Rows joining (`append`) or leaving (`remove`, the last row taking the gap) copy only their own factors;
+    a full rebuild happens only when the stacks run out of room or a joining adapter has a larger rank.
     Build with `check_mixable` passed; `workspace` keeps the stacks' memory between builds (a decode loop
     has its own, since its stacks outlive any one `mixed_adapters` block)."""
 
@@ -189,25 +224,67 @@ class RowUpdates:
         rows: Sequence[str | None],
         layers: Sequence[tuple[str, nn.Module]],
         workspace: StackWorkspace | None,
+        capacity: int = 0,
     ) -> None:
         self.model = model
-        self.updates: list[tuple[LoraLinear, Callable | None]] = []
+        self.rows = list(rows)
+        self.capacity = max(capacity, len(self.rows))
+        self.workspace = workspace
+        self.stacks: list[tuple[LoraLinear, _LayerStacks | None]] = []
         with torch.no_grad():
             for _, layer in layers:
                 if isinstance(layer, LoraLinear):
-                    stacks = _row_stacks(layer, rows, workspace)
-                    self.updates.append((layer, None if stacks is None else _rowwise_update(stacks)))
+                    self.stacks.append((layer, self._build(layer)))
+
+    def _build(self, layer: LoraLinear) -> _LayerStacks | None:
+        if not _LayerStacks.targets(layer, self.rows):
+            return None
+        return _LayerStacks(layer, self.rows, self.capacity, self.workspace)
+
+    @torch.no_grad()
+    def append(self, names: Sequence[str | None], layers: Sequence[tuple[str, nn.Module]]) -> None:
+        """Rows joining at the end; `layers` is what `check_mixable` returned for them (loading an adapter
+        may have wrapped layers that no adapter targeted before)."""
+        start = len(self.rows)
+        self.rows += names
+        known = {id(layer) for layer, _ in self.stacks}
+        self.stacks += [
+            (layer, None) for _, layer in layers if isinstance(layer, LoraLinear) and id(layer) not in known
+        ]
+        if len(self.rows) > self.capacity:  # out of room: everything anew, with room to spare
+            self.capacity = max(len(self.rows), 2 * self.capacity)
+            self.stacks = [(layer, self._build(layer)) for layer, _ in self.stacks]
+            return
+        for i, (layer, stacks) in enumerate(self.stacks):
+            if stacks is None or not stacks.fits(names):
+                if stacks is not None or _LayerStacks.targets(layer, names):
+                    self.stacks[i] = (layer, self._build(layer))
+                continue
+            for row, name in enumerate(names, start):
+                stacks.write(row, name)
+
+    @torch.no_grad()
+    def remove(self, row: int) -> None:
+        """Row `row` leaves; the last row moves into its place (as the caller's batch must do too)."""
+        last = len(self.rows) - 1
+        if row != last:
+            for _, stacks in self.stacks:
+                if stacks is not None:
+                    stacks.move(last, row)
+            self.rows[row] = self.rows[last]
+        self.rows.pop()
 
     @contextmanager
     def installed(self) -> Iterator[nn.Module]:
         """Inside the block each row gets its update and no adapter is otherwise active; a block nested in
         another hands the outer one's updates back on exit."""
+        count = len(self.rows)
         replaced = []
         with disable_adapter(self.model):
             try:
-                for layer, update in self.updates:
+                for layer, stacks in self.stacks:
                     replaced.append((layer, layer.rowwise_update))
-                    layer.rowwise_update = update
+                    layer.rowwise_update = None if stacks is None else _rowwise_update(stacks.factors(count))
                 yield self.model
             finally:
                 for layer, previous in replaced:
