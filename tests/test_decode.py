@@ -156,3 +156,18 @@ def test_row_stacks_updated_in_place_equal_a_fresh_build():
                 torch.testing.assert_close(a_mine[row] @ b_mine[row], a_fresh[row] @ b_fresh[row])
             compared += 1
         assert compared == len([1 for _, t in fresh.stacks if t is not None]) > 0
+
+
+def test_decoding_leaves_the_models_adapter_state_alone():
+    """Steps switch adapters by attribute writes (core.inject.activated), restored after every forward."""
+    model = _with_adapters()
+    dt.set_adapter(model, "b")
+    before = [(w.active_adapters, w.adapters_disabled) for _, w in dt.core.inject.all_wrappers(model)]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
+    batch.add(_prompts()[:2], ["a", None], max_new_tokens=[2, 4])  # mixed rows, then one base row
+    while len(batch):
+        batch.step()
+    assert [(w.active_adapters, w.adapters_disabled) for _, w in dt.core.inject.all_wrappers(model)] == before
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(layer.rowwise_update is None for _, layer in dt.core.inject.adapter_layers(model))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -162,6 +162,24 @@ def _freeze_all_but(model: nn.Module, wrappers: list[nn.Module], names: list[str
         for adapter in wrapper.adapter_names:
             for p in wrapper.adapter_parameters(adapter):
                 p.requires_grad_(adapter in names)
+
+
+@contextlib.contextmanager
+def activated(wrappers: Sequence[AdapterLayer | ModulesToSaveWrapper], name: str | None) -> Iterator[None]:
+    """Inside the block `name` is the one active adapter of `wrappers` (None: every adapter disabled), for
+    forwards without gradients. Unlike set_adapter it leaves requires_grad alone, so switching is a few
+    attribute writes per wrapper, cheap enough around every decode step (set_adapter: 12 ms on SmolLM2).
+    The caller collects `wrappers` once (`all_wrappers`) and makes sure no adapter is merged."""
+    saved = [(w, w.active_adapters, w.adapters_disabled) for w in wrappers]
+    try:
+        for w in wrappers:
+            w.adapters_disabled = name is None
+            if name is not None:
+                w.active_adapters = (name,) if name in w.adapter_names else ()
+        yield
+    finally:
+        for w, active, disabled in saved:
+            w.active_adapters, w.adapters_disabled = active, disabled
 
 
 def active_adapters(model: nn.Module) -> list[str]:

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..core.inject import activated, all_wrappers, merged_adapter_names
 from .generate import Completion, left_pad
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
 
@@ -79,6 +80,7 @@ class DecodeBatch:
         self.finished: dict[int, Completion] = {}  # ended rows' results, until taken with `completion`
         self.capacity = capacity
         self._updates: RowUpdates | None = None  # the per-row LoRA stacks, in the rows' order
+        self._wrappers: list[nn.Module] = []  # the model's adapter wrappers, collected at each join
         self._workspace = StackWorkspace()
         self._handles = 0
 
@@ -113,9 +115,20 @@ class DecodeBatch:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
             raise ContinuousBatchingUnsupported(str(exc)) from exc
+        merged = merged_adapter_names(self.model)
+        if merged:
+            raise ContinuousBatchingUnsupported(
+                f"adapters {merged} are merged into the base; unmerge them first"
+            )
         ids, mask = left_pad(prompts, self.pad_token_id)
         cache = DynamicCache(config=self.model.config)
-        with mixed_adapters(self.model, list(adapters), keep_workspace=False):
+        wrappers = [w for _, w in all_wrappers(self.model)]
+        distinct = set(adapters)
+        if len(distinct) == 1:
+            rows_use = activated(wrappers, next(iter(distinct)))
+        else:
+            rows_use = mixed_adapters(self.model, list(adapters), keep_workspace=False)
+        with rows_use:
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -141,6 +154,7 @@ class DecodeBatch:
             )
             self._handles += 1
         self._merge(cache, mask)
+        self._wrappers = wrappers
         self.rows += joining
         if self._updates is not None:
             self._updates.append(list(adapters), layers)
@@ -168,7 +182,13 @@ class DecodeBatch:
             self._updates = RowUpdates(self.model, adapters, layers, self._workspace, self.capacity)
         last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        with self._updates.installed():
+        adapters = self.adapters
+        # rows that all use one adapter take the ordinary path (the fused LoRA kernel), not per-row updates
+        if len(adapters) == 1:
+            rows_use = activated(self._wrappers, next(iter(adapters)))
+        else:
+            rows_use = self._updates.installed(self._wrappers)
+        with rows_use:
             out = self.model(
                 input_ids=last,
                 attention_mask=self.mask,

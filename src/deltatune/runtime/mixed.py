@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import AdapterNameError
-from ..core.inject import adapter_configs, adapter_layers, disable_adapter
+from ..core.inject import activated, adapter_configs, adapter_layers, disable_adapter
 from ..methods.lora.layers import LoraLinear
 
 
@@ -275,12 +275,13 @@ class RowUpdates:
         self.rows.pop()
 
     @contextmanager
-    def installed(self) -> Iterator[nn.Module]:
+    def installed(self, wrappers: Sequence[nn.Module] | None = None) -> Iterator[nn.Module]:
         """Inside the block each row gets its update and no adapter is otherwise active; a block nested in
-        another hands the outer one's updates back on exit."""
+        another hands the outer one's updates back on exit. `wrappers` (the model's `all_wrappers`, no adapter
+        merged) spares walking the model to disable them, for a decode loop that installs every step."""
         count = len(self.rows)
         replaced = []
-        with disable_adapter(self.model):
+        with disable_adapter(self.model) if wrappers is None else activated(wrappers, None):
             try:
                 for layer, stacks in self.stacks:
                     replaced.append((layer, layer.rowwise_update))
