@@ -371,6 +371,7 @@ def test_engine_rows_join_a_running_batch_and_leave_when_done(tiny_causal_lm, ad
     assert ran.tokens == long_alone.tokens and len(ran.tokens) == 40
     assert 1 <= long_progress[0] < 40 - 3  # answered while the long row was still decoding
     assert engine.stats.largest_batch == 2 and engine.stats.batches == 4
+    assert engine.decoding.stack_bytes > 0 and len(engine.decoding) == 0  # stacks kept for the next rows
 
 
 def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm, adapters_dir, tmp_path):

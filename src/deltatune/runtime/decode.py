@@ -91,6 +91,11 @@ class DecodeBatch:
     def adapters(self) -> set[str | None]:
         return {r.adapter for r in self.rows}
 
+    @property
+    def stack_bytes(self) -> int:
+        """Memory held by the per-row LoRA stacks (room for `capacity` rows, kept between batches)."""
+        return self._workspace.nbytes()
+
     # ---- rows joining ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def add(

@@ -255,6 +255,7 @@ def create_app(
             "loaded_adapters": [e.name for e in cache.loaded],
             "cache_bytes": cache.bytes_used,
             "free_slot_bytes": cache.free_slot_bytes,
+            "decode_stack_bytes": engine.decoding.stack_bytes,
             "stats": asdict(engine.stats),
         }
 

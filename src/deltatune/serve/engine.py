@@ -108,12 +108,12 @@ class Engine:
         )
         self.eos_token_id = tokenizer.eos_token_id
         self.decoding = DecodeBatch(
-            self.model, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id
+            self.model, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, capacity=max_batch
         )
         # False: fixed batches only (asked for, or the model keeps a KV cache the decode loop cannot merge)
         self.continuous = continuous
         self._live: dict[int, _Live] = {}  # decode-batch handle -> row
-        self._waiting: deque[Row] = deque()  # arrived while the batch was full
+        self._waiting: deque[Row] = deque()  # taken from the queue, not yet in the batch
         self._queue: queue.Queue[Row | Call | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
         self._thread.start()
@@ -137,7 +137,10 @@ class Engine:
     def _loop(self) -> None:
         while True:
             idle = not self._live and not self._waiting
-            arrived = self._collect(block=idle)
+            # rows stay in the queue while the batch has no room for them, so a full queue still turns
+            # requests away (ServerBusy) instead of piling them up here
+            room = self.max_batch - len(self._live) - len(self._waiting)
+            arrived = self._collect(block=idle, room=room)
             if arrived is None:
                 self._shut_down()
                 return
@@ -149,9 +152,9 @@ class Engine:
             if self._live:
                 self._step()
 
-    def _collect(self, block: bool) -> list[Row | Call] | None:
-        """What has arrived: blocking for the first item and then `batch_window_s` for more when idle, else
-        whatever is queued now. None: the engine is closing."""
+    def _collect(self, block: bool, room: int) -> list[Row | Call] | None:
+        """What has arrived, up to `room` rows: blocking for the first item and then `batch_window_s` for more
+        when idle, else whatever is queued now. None: the engine is closing."""
         items: list[Row | Call] = []
         if block:
             first = self._queue.get()
@@ -159,7 +162,7 @@ class Engine:
                 return None
             items.append(first)
             deadline = time.monotonic() + self.batch_window_s
-        while sum(isinstance(i, Row) for i in items) < self.max_batch:
+        while sum(isinstance(i, Row) for i in items) < room:
             try:
                 if block:
                     item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
@@ -197,6 +200,9 @@ class Engine:
         apart: list[Row] = []
         while self._waiting and len(self._live) + len(joining) < self.max_batch:
             row = self._waiting.popleft()
+            if row.cancelled:  # its client left before it started
+                self._answer(row, Completion([], "cancelled", len(row.prompt)))
+                continue
             pin = ExitStack()
             try:
                 key = pin.enter_context(self.cache.pinned([row.adapter])).get(row.adapter)
