@@ -406,3 +406,26 @@ def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm
     assert [scaled.tokens, alpha.tokens, base.tokens] == [e.tokens for e in expected]
     assert scaled.tokens != base.tokens
     assert engine.stats.batches == 2  # the LoRA and base rows joined the decode batch; the IA3 row ran apart
+
+
+def test_engine_a_row_failing_its_prefill_fails_alone(tiny_causal_lm, adapters_dir):
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine, Row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.3)
+    ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    try:
+        alone = engine.submit(Row(ids, "alpha", 4)).result(timeout=60)
+        good, bad = Row(ids, "alpha", 4), Row([10**6], "beta-v2", 4)  # a token id outside the vocabulary
+        futures = [engine.submit(good), engine.submit(bad)]
+        with pytest.raises(IndexError):
+            futures[1].result(timeout=60)
+        assert futures[0].result(timeout=60).tokens == alone.tokens
+        assert engine.submit(Row(ids, None, 2)).result(timeout=60).finish_reason in ("length", "stop")
+    finally:
+        engine.close()
+    assert engine.stats.failed_rows == 1
