@@ -129,6 +129,15 @@ def test_refuses_what_it_cannot_batch():
         batch.add([[]], ["a"], max_new_tokens=[3])
     assert len(batch) == 0 and batch.cache is None
 
+    class NoPositions(torch.nn.Module):  # e.g. ALiBi models (Bloom): positions come from the mask alone
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ContinuousBatchingUnsupported, match="position_ids"):
+        DecodeBatch(NoPositions().eval(), pad_token_id=0, eos_token_id=None).add(
+            [[1]], [None], max_new_tokens=[1]
+        )
+
 
 def test_row_stacks_updated_in_place_equal_a_fresh_build():
     """Rows joining (adapters of larger ranks, targeting layers no row used yet) and leaving (the last row

@@ -18,6 +18,7 @@ applied, as a request states its own settings.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -120,6 +121,11 @@ class DecodeBatch:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
             raise ContinuousBatchingUnsupported(str(exc)) from exc
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+            raise ContinuousBatchingUnsupported(
+                f"{type(self.model).__name__}.forward takes no position_ids, which rows padded to a common "
+                "length need"
+            )
         merged = merged_adapter_names(self.model)
         if merged:
             raise ContinuousBatchingUnsupported(
