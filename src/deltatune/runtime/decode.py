@@ -73,6 +73,8 @@ class DecodeBatch:
         if model.training:
             raise MixedBatchError("decoding is for inference; call model.eval() first")
         self.model = model
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.pad_token_id = pad_token_id
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         self.rows: list[_Row] = []  # in batch order
@@ -131,7 +133,7 @@ class DecodeBatch:
             raise ContinuousBatchingUnsupported(
                 f"adapters {merged} are merged into the base; unmerge them first"
             )
-        ids, mask = left_pad(prompts, self.pad_token_id)
+        ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         cache = DynamicCache(config=self.model.config)
         wrappers = [w for _, w in all_wrappers(self.model)]
         distinct = set(adapters)
@@ -148,10 +150,10 @@ class DecodeBatch:
                 use_cache=True,
             )
         cache = out.past_key_values
-        unsupported = [type(layer).__name__ for layer in getattr(cache, "layers", [None])]
         if not isinstance(cache, DynamicCache) or any(
             type(layer) is not DynamicLayer for layer in cache.layers
         ):
+            unsupported = [type(layer).__name__ for layer in getattr(cache, "layers", [None])]
             raise ContinuousBatchingUnsupported(
                 f"the model keeps a {type(cache).__name__} with {sorted(set(unsupported))} layers; continuous "
                 "batching merges plain DynamicCache layers only"
@@ -191,7 +193,7 @@ class DecodeBatch:
             adapters = [r.adapter for r in self.rows]
             layers = check_mixable(self.model, adapters)
             self._updates = RowUpdates(self.model, adapters, layers, self._workspace, self.capacity)
-        last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)
+        last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         adapters = self.adapters
         # rows that all use one adapter take the ordinary path (the fused LoRA kernel), not per-row updates
@@ -294,11 +296,12 @@ def _sample(logits: torch.Tensor, temperature: list[float], top_p: list[float]) 
     sampled = [i for i, t in enumerate(temperature) if t > 0]
     if not sampled:
         return chosen
-    scale = torch.tensor([temperature[i] for i in sampled], dtype=torch.float32).unsqueeze(1)
+    scale = torch.tensor([temperature[i] for i in sampled], device=logits.device).unsqueeze(1)
     probs = torch.softmax(logits[sampled].float() / scale, dim=-1)
     ordered, order = probs.sort(dim=-1, descending=True)
     mass_before = ordered.cumsum(-1) - ordered
-    nucleus = mass_before < torch.tensor([top_p[i] for i in sampled]).unsqueeze(1)  # keeps the top token
+    cut = torch.tensor([top_p[i] for i in sampled], device=logits.device).unsqueeze(1)
+    nucleus = mass_before < cut  # the most likely token always stays
     ordered = ordered * nucleus
     picks = order.gather(-1, torch.multinomial(ordered, 1)).squeeze(1)
     chosen[sampled] = picks
