@@ -75,10 +75,11 @@ def only_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
 
 
 class _RowsEnd(StoppingCriteria):
-    """Ends each row at its own token limit or when `cancelled(row, new_tokens)` becomes true, noting how many
-    new tokens it had then. `model.generate` knows one limit for the batch and ends rows only at end-of-sequence; without
-    this, a batch whose long row has stopped early would run on for its short rows' sake, or the other way
-    round. A row that ended may still run along with the rest; its tokens past that count are dropped."""
+    """Ends each row at its own token limit or when `cancelled(row, new_tokens)` becomes true, noting how
+    many new tokens it had then. `model.generate` knows one limit for the batch and ends rows only at
+    end-of-sequence; without this, a batch whose long row has stopped early would run on for its short rows'
+    sake, or the other way round. A row that ended may still run along with the rest; its tokens past that
+    count are dropped."""
 
     def __init__(
         self,
