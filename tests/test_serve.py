@@ -429,3 +429,34 @@ def test_engine_a_row_failing_its_prefill_fails_alone(tiny_causal_lm, adapters_d
     finally:
         engine.close()
     assert engine.stats.failed_rows == 1
+
+
+def test_engine_falls_back_to_fixed_batches_for_a_model_it_cannot_decode(
+    tiny_causal_lm, adapters_dir, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.runtime.decode import ContinuousBatchingUnsupported, DecodeBatch
+    from deltatune.serve.engine import Engine, Row
+
+    def refuse(self, *args, **kwargs):
+        raise ContinuousBatchingUnsupported("this model's KV cache cannot be merged")
+
+    monkeypatch.setattr(DecodeBatch, "add", refuse)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.3)
+    ids = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    try:
+        answers = [f.result(timeout=60) for f in [engine.submit(Row(ids, "alpha", 5)) for _ in range(2)]]
+        later = engine.submit(Row(ids, "alpha", 5)).result(timeout=60)
+    finally:
+        engine.close()
+    reference = _model(tiny_causal_lm)
+    dt.load_adapter(reference, adapters_dir / "alpha", adapter_name="a")
+    (expected,) = generate(
+        reference, [ids], ["a"], max_new_tokens=5, pad_token_id=0, eos_token_id=tokenizer.eos_token_id
+    )
+    assert [a.tokens for a in answers] == [expected.tokens] * 2 and later.tokens == expected.tokens
+    assert not engine.continuous and engine.stats.decode_steps == 0 and engine.stats.batches == 2
