@@ -8,7 +8,7 @@ whole batch, and a batch whose rows end at different times keeps computing for t
 - a row that ends (end-of-sequence, its token limit, or `end(row)`) leaves the batch at once, and columns no
   live row needs any more are cut from the front of the cache;
 - each step is one forward for all live rows, every row with its own LoRA adapter (`mixed.RowUpdates`,
-  rebuilt only when the rows change) and its own sampling settings.
+  whose per-row stacks change in place as rows join and leave) and its own sampling settings.
 
 Rows must use plain LoRA adapters (or none) and the model a `DynamicCache` of plain layers (most decoder-only
 transformers); `DecodeBatch.add` refuses others with `ContinuousBatchingUnsupported`. Sampling uses the row's

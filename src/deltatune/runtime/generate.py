@@ -54,20 +54,12 @@ def _rows_use(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None
             yield
         return
     (only,) = distinct
-    with only_adapter(model, only):
-        yield
-
-
-@contextmanager
-def only_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
-    """Inside the block `name` is the only active adapter (None: none); the ordinary single-adapter path,
-    which a batch whose rows all use one adapter takes instead of per-row updates."""
-    if name is None:
+    if only is None:
         with disable_adapter(model):
             yield
         return
     previous = active_adapters(model)
-    set_adapter(model, name)
+    set_adapter(model, only)
     try:
         yield
     finally:

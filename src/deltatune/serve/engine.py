@@ -281,10 +281,8 @@ class Engine:
             if step.token is not None:
                 live.tokens.append(step.token)
                 _stream(row, step.token)
-                if row.stops and not row.stop_reached:
-                    row.stop_reached = reaches_stop(self.tokenizer, live.tokens, row.stops)
             finished = step.finished
-            if finished is None and (row.cancelled or row.stop_reached):
+            if finished is None and self._ends_early(row, live.tokens):
                 self.decoding.end(step.row)
                 finished = "cancelled"
             if finished is not None:
@@ -367,13 +365,13 @@ class Engine:
         if not any(r.on_token or r.stops for r in rows):
             return None
 
-        def ends(index: int, new_tokens: list[int]) -> bool:
-            row = rows[index]
-            if row.stops and not row.stop_reached:
-                row.stop_reached = reaches_stop(self.tokenizer, new_tokens, row.stops)
-            return row.cancelled or row.stop_reached
+        return lambda index, new_tokens: self._ends_early(rows[index], new_tokens)
 
-        return ends
+    def _ends_early(self, row: Row, new_tokens: list[int]) -> bool:
+        """Whether a row must end now: its client went away, or its text has reached a stop string."""
+        if row.stops and not row.stop_reached:
+            row.stop_reached = reaches_stop(self.tokenizer, new_tokens, row.stops)
+        return row.cancelled or row.stop_reached
 
 
 def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:
