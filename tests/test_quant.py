@@ -19,7 +19,7 @@ import deltatune as dt
 
 bnb = pytest.importorskip("bitsandbytes")
 from deltatune.core.quantized import float_weight  # noqa: E402
-from deltatune.quant import quantization_settings, quantize_base  # noqa: E402
+from deltatune.quant import make_exact, quantization_settings, quantize_base  # noqa: E402
 from deltatune.quant.bnb import QuantizationError  # noqa: E402
 
 IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -177,6 +177,7 @@ def test_export_merged_requantized_reloads_as_4bit_with_the_reported_error(tmp_p
     report = dt.export_merged(model, tmp_path / "merged", requantize=True, sample=IDS)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    make_exact(reloaded)  # this tiny model's rows are not whole blocks: see quant/linear4bit.py
     assert type(reloaded.lm_head) is torch.nn.Linear
     error = (reloaded(input_ids=IDS).logits - live).detach().abs()
     # Re-quantizing W + BA costs a real error, and the report measures exactly what reloading gives.
@@ -472,3 +473,47 @@ def test_trainable_summary_counts_the_logical_weights_of_a_quantized_base(bits):
     dt.inject(model, _lora())
     summary, expected = dt.trainable_summary(model), dt.trainable_summary(reference)
     assert summary.total == expected.total and summary.trainable == expected.trainable
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (64, 128)])
+def test_4bit_layers_decode_and_run_exactly_whatever_the_cpu(shape):
+    """bitsandbytes' vectorized CPU kernel gets rows that are not whole blocks wrong (32 x 48 in blocks of 64),
+    and repacks weights on AVX512-BF16 CPUs at the first no-grad forward; neither may show through."""
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    model = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=True))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    quantize_base(model, 4, double_quant=False)
+    layer = model[0].eval()
+    decoded = float_weight(layer)
+    # Each weight is its block's absmax times the nearest NF4 level: off by at most half the widest gap.
+    table = bnb.functional.get_4bit_type("nf4", device="cpu").float()
+    absmax = weight.reshape(-1, 64).abs().amax(1, keepdim=True)
+    error = (decoded - weight).reshape(-1, 64).abs() / absmax
+    assert float(error.max()) <= float(table.diff().max()) / 2 + 1e-6
+    if shape[1] % 64 == 0:  # whole blocks per row: bitsandbytes' own kernel agrees exactly
+        state = layer.weight.quant_state
+        assert torch.equal(decoded, bnb.functional.dequantize_4bit(layer.weight.data, state).float())
+    x = torch.randn(3, shape[1])
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, decoded, layer.bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(float_weight(layer), decoded)  # no repacking behind our back
+
+
+def test_keep_exact_undoes_a_cpu_repacking_and_turns_it_off():
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from deltatune.quant.linear4bit import ExactLinear4bit, keep_exact
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4").to("cpu")
+    before = float_weight(layer)  # makes it exact too; undo that to repack it as bitsandbytes would
+    layer.__class__, layer.support_avx512bf16_for_cpu = bnb.nn.Linear4bit, True
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state
+    )
+    keep_exact(layer)
+    assert type(layer) is ExactLinear4bit and layer.support_avx512bf16_for_cpu is False
+    # back in the standard layout; only the block scales keep their bfloat16 rounding
+    torch.testing.assert_close(float_weight(layer), before, rtol=1e-2, atol=0)

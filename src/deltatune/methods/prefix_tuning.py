@@ -34,6 +34,7 @@ from ..core.input_hooks import (
     extend_attention_mask,
     shift_positions,
 )
+from ..core.kv_cache import cache_in, new_dynamic_cache, put_cache, takes_cache
 from ..core.registry import register
 from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, text_config
 
@@ -125,7 +126,7 @@ class PrefixTuningLayer(InputRewritingLayer):
         n, layers, heads, head_dim = self.layouts[name]
         extend_attention_mask(inputs, n)
         shift_positions(inputs, n, prepend=False)
-        cache = inputs.get("past_key_values")
+        cache = cache_in(inputs)
         if cached_length(cache) > 0:  # a generation step: the prefix is already in the cache
             return None
         reference = inputs.get("inputs_embeds")
@@ -136,12 +137,10 @@ class PrefixTuningLayer(InputRewritingLayer):
         kv = self.prefix(name).to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
         kv = kv.expand(-1, reference.shape[0], -1, -1, -1)
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=text_config(model))
+            cache = new_dynamic_cache(text_config(model))
         for layer in range(layers):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
-        inputs["past_key_values"] = cache
+        put_cache(model, inputs, cache)
         return None
 
 
@@ -167,22 +166,12 @@ class PrefixTuningMethod(VirtualTokenMethod):
 
     @classmethod
     def preview(cls, model: nn.Module, config: AdapterConfig):
-        if "past_key_values" not in _forward_parameters(model):
+        if not takes_cache(model):
             raise TargetingError(
-                f"{type(model).__name__}.forward takes no past_key_values, which prefix tuning feeds the "
-                "prefix through; use prompt tuning for this model"
+                f"{type(model).__name__}.forward takes no KV cache (`cache` or `past_key_values`), which prefix "
+                "tuning feeds the prefix through; use prompt tuning for this model"
             )
         return super().preview(model, config)
-
-
-def _forward_parameters(model: nn.Module) -> set[str]:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters.values()
-    names = {p.name for p in params}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        names.add("past_key_values")  # **kwargs forwarded to the backbone; checked by the first forward
-    return names
 
 
 register("PREFIX_TUNING")(PrefixTuningMethod)

@@ -32,6 +32,7 @@ from ..core.input_hooks import (
     extend_attention_mask,
     shift_positions,
 )
+from ..core.kv_cache import cache_in
 from ..core.registry import register
 from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod
 
@@ -110,7 +111,7 @@ class PromptTuningLayer(InputRewritingLayer):
         prompt = self.prompt_embeddings[self.unmerged_active[0]]
         n = prompt.shape[0]
         extend_attention_mask(inputs, n)
-        if cached_length(inputs.get("past_key_values")) > 0:  # a generation step: the prompt is in the cache
+        if cached_length(cache_in(inputs)) > 0:  # a generation step: the prompt is in the cache
             shift_positions(inputs, n, prepend=False)
             return None
         ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")

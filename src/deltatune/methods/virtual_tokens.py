@@ -2,7 +2,8 @@
 model's shape into them, and where the method lives (a wrapper around the input embeddings).
 
 Supported models: transformers decoder-only and encoder-only models that accept `inputs_embeds` (and, for
-prefix tuning, `past_key_values`). Encoder-decoder models are refused with an error.
+prefix tuning, a KV cache: `cache`, or `past_key_values` before transformers 5.24). Encoder-decoder models
+are refused with an error.
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ float32 time, against 1.58x for torchao's NF4 tensor, at the same NF4 error.
 """
 
 from .bnb import QuantizationError, QuantizationSettings, quantization_settings, quantize_base
+from .linear4bit import make_exact
 from .loading import load_quantized
 
 __all__ = [
     "QuantizationError",
     "QuantizationSettings",
     "load_quantized",
+    "make_exact",
     "quantization_settings",
     "quantize_base",
 ]

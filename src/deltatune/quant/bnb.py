@@ -100,13 +100,16 @@ def _quantized_linear(
     bnb = _bnb()
     device, bias = weight.device, linear.bias
     if bits == 4:
-        new = bnb.nn.Linear4bit(
+        from .linear4bit import ExactLinear4bit
+
+        new = ExactLinear4bit(
             linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=dtype,
             compress_statistics=double_quant, quant_type=quant_type, device="meta",
         )  # fmt: skip
         new.weight = bnb.nn.Params4bit(
             weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
         ).to(device)
+        new.support_avx512bf16_for_cpu = False  # see linear4bit.py: no in-place repacking
     else:
         new = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False,
@@ -194,6 +197,9 @@ def _settings_from_transformers(model: nn.Module) -> QuantizationSettings | None
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     if data.get("quant_method") != "bitsandbytes":
         return None
+    from .linear4bit import make_exact
+
+    make_exact(model)  # deltatune takes charge of the layers it reads settings of
     bits = 4 if data.get("load_in_4bit") else 8
     return QuantizationSettings(
         bits=bits,
@@ -207,7 +213,12 @@ def _settings_from_transformers(model: nn.Module) -> QuantizationSettings | None
 
 
 def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
+    from .linear4bit import decode_4bit, keep_exact, kernel_is_exact
+
+    keep_exact(module)
     weight = module.weight
+    if weight.device.type == "cpu" and not kernel_is_exact(weight.quant_state):
+        return decode_4bit(module)
     return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
@@ -221,6 +232,9 @@ def _dequantize_4bit_into(module: nn.Module, out: torch.Tensor) -> bool:
     from bitsandbytes.cextension import lib
     from bitsandbytes.functional import dequantize_blockwise, get_ptr
 
+    from .linear4bit import decode_4bit, keep_exact, kernel_is_exact
+
+    keep_exact(module)
     weight, state = module.weight, module.weight.quant_state
     kernel = getattr(
         lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{_KERNEL_DTYPES.get(out.dtype)}", None
@@ -228,6 +242,9 @@ def _dequantize_4bit_into(module: nn.Module, out: torch.Tensor) -> bool:
     rows, cols = (int(n) for n in state.shape)
     if kernel is None or state.blocksize >= 2048 or cols % 2 or tuple(out.shape) != (rows, cols):
         return False
+    if not kernel_is_exact(state):
+        decode_4bit(module, out=out)
+        return True
     absmax = state.absmax
     if state.nested:
         absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset

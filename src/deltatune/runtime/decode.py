@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..core.inject import activated, all_wrappers, merged_adapter_names
+from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
 from .generate import Completion, left_pad
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
 
@@ -134,7 +135,7 @@ class DecodeBatch:
                 f"adapters {merged} are merged into the base; unmerge them first"
             )
         ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
-        cache = DynamicCache(config=self.model.config)
+        cache = new_dynamic_cache(self.model.config)
         wrappers = [w for _, w in all_wrappers(self.model)]
         distinct = set(adapters)
         if len(distinct) == 1:
@@ -146,10 +147,10 @@ class DecodeBatch:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=_positions(mask),
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_argument(self.model): cache},
             )
-        cache = out.past_key_values
+        cache = cache_of(out)
         if not isinstance(cache, DynamicCache) or any(
             type(layer) is not DynamicLayer for layer in cache.layers
         ):
@@ -206,10 +207,10 @@ class DecodeBatch:
                 input_ids=last,
                 attention_mask=self.mask,
                 position_ids=self.mask.sum(-1, keepdim=True) - 1,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{cache_argument(self.model): self.cache},
             )
-        self.cache = out.past_key_values
+        self.cache = cache_of(out)
         return self._advance(list(self.rows), out.logits[:, -1])
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[Step]:

@@ -105,6 +105,10 @@ def _load_float_model(spec: ModelSpec, tokenizer: Any, label_names: list[str] | 
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if getattr(model, "is_quantized", False):  # a pre-quantized checkpoint
+        from ..quant import make_exact
+
+        make_exact(model)
     return model
 
 
