@@ -17,6 +17,8 @@ import deltatune as dt
 
 peft = pytest.importorskip("peft")
 TOL = {"atol": 1e-5, "rtol": 1e-4}
+# PEFT 0.21.2 passes the KV cache as `past_key_values`, which transformers >= 5.24 deprecates.
+PEFT_PASSES_OLD_CACHE_NAME = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 VIRTUAL = {"prompt": dt.PromptTuningConfig, "prefix": dt.PrefixTuningConfig}
 
 
@@ -44,6 +46,7 @@ def _peft_prefix_cannot_run(model: torch.nn.Module) -> bool:
     return not any("past_key_values" in params for params in declared)
 
 
+@PEFT_PASSES_OLD_CACHE_NAME
 @pytest.mark.parametrize("kind", list(VIRTUAL))
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_interop_both_ways(kind, name, tmp_path):
@@ -171,6 +174,7 @@ def test_text_and_vocab_initialisation(tiny_causal_lm):
         dt.PromptTuningConfig(prompt_tuning_init="TEXT")
 
 
+@PEFT_PASSES_OLD_CACHE_NAME
 def test_prefix_projection_is_folded_at_save_and_peft_reads_it(tmp_path):
     case = CASES["llama"]
     model = case.build()

@@ -167,9 +167,12 @@ class PrefixTuningMethod(VirtualTokenMethod):
     @classmethod
     def preview(cls, model: nn.Module, config: AdapterConfig):
         if not takes_cache(model):
+            import transformers
+
             raise TargetingError(
-                f"{type(model).__name__}.forward takes no KV cache (`cache` or `past_key_values`), which prefix "
-                "tuning feeds the prefix through; use prompt tuning for this model"
+                f"{type(model).__name__}.forward takes no KV cache (`cache` or `past_key_values`) in "
+                f"transformers {transformers.__version__}, and prefix tuning feeds the prefix through it; use "
+                "prompt tuning for this model"
             )
         return super().preview(model, config)
 
