@@ -45,7 +45,9 @@ def pins_of(lock: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("python", help="the venv's python")
     parser.add_argument("out", help="the lock file to write, or - for standard output")
     parser.add_argument("--diff", type=Path, help="print how the venv differs from this lock instead")

@@ -18,7 +18,9 @@ import deltatune as dt
 peft = pytest.importorskip("peft")
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 # PEFT 0.21.2 passes the KV cache as `past_key_values`, which transformers >= 5.24 deprecates.
-PEFT_PASSES_OLD_CACHE_NAME = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+PEFT_PASSES_OLD_CACHE_NAME = pytest.mark.filterwarnings(
+    "ignore:`past_key_values` is deprecated:FutureWarning"
+)
 VIRTUAL = {"prompt": dt.PromptTuningConfig, "prefix": dt.PrefixTuningConfig}
 
 
