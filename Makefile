@@ -1,7 +1,7 @@
 # `make demo` and `make test` each run `make setup` first; setup is idempotent (re-runs only when
 # pyproject.toml, the lock or this Makefile changes, or the venv is missing).
 #
-# Versions: `make setup` installs exactly the versions in requirements/lock.txt (tested; CI uses it), so an
+# Versions: `make setup` installs exactly the versions in requirements/constraints.txt (tested; CI uses it), so an
 # upstream release cannot change what CI runs. `make lock` regenerates the lock from the newest releases
 # pyproject.toml allows. `make test-latest` runs the suite on those newest releases in .venv-latest, without
 # the lock, so drift shows the day it happens; `make test-oldest` runs it on the lowest versions
@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deltatune-setup
-LOCK := requirements/lock.txt
+LOCK := requirements/constraints.txt
 OLDEST := requirements/oldest.txt
 # torch first, pinned: it installs the CPU build from local disk; an unpinned torch pulls CUDA (GBs).
 TORCH := torch==2.13.0

@@ -1,8 +1,8 @@
 """Write the exact versions installed in a venv as a pip constraints file (`make lock`), or show how they
 differ from the committed lock (`make test-latest`).
 
-    python requirements/write_lock.py VENV_PYTHON requirements/lock.txt   # write, atomically
-    python requirements/write_lock.py VENV_PYTHON - --diff requirements/lock.txt
+    python requirements/write_lock.py VENV_PYTHON requirements/constraints.txt   # write, atomically
+    python requirements/write_lock.py VENV_PYTHON - --diff requirements/constraints.txt
 
 Local version labels are dropped (`torch==2.13.0+cpu` -> `torch==2.13.0`): a constraint without one accepts
 the CPU build on disk and the CUDA build alike. deltatune itself (installed editable) is left out.
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 HEADER = """\
-# Exact versions `make setup` installs (pip constraints: `pip install -c requirements/lock.txt ...`).
+# Exact versions `make setup` installs (pip constraints: `pip install -c requirements/constraints.txt ...`).
 # Tested with the full suite on Python {python}, {system} {machine}. Regenerate with `make lock`, then run
 # `make test` and commit both; never edit by hand.
 """

@@ -19,12 +19,14 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
 def cache_argument(model: nn.Module) -> str:
-    """The name `model.forward` takes its KV cache by (`cache` on transformers >= 5.24)."""
-    params = inspect.signature(model.forward).parameters
-    for name in CACHE_ARGUMENTS:
-        if name in params:
-            return name
-    return CACHE_ARGUMENTS[-1]  # a forward taking **kwargs: the name every version still accepts
+    """The name `model.forward` takes its KV cache by (`cache` on transformers >= 5.24). A head whose forward
+    passes **kwargs on (BertForSequenceClassification) answers for its backbone (`model.base_model`)."""
+    for module in (model, getattr(model, "base_model", None)):
+        params = inspect.signature(module.forward).parameters if module is not None else {}
+        for name in CACHE_ARGUMENTS:
+            if name in params:
+                return name
+    return CACHE_ARGUMENTS[-1]  # the name every version still accepts
 
 
 def takes_cache(model: nn.Module) -> bool:
