@@ -100,7 +100,7 @@ def _quantized_linear(
     bnb = _bnb()
     device, bias = weight.device, linear.bias
     if bits == 4:
-        from .linear4bit import ExactLinear4bit
+        from .linear4bit import ExactLinear4bit, keep_exact
 
         new = ExactLinear4bit(
             linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=dtype,
@@ -109,7 +109,7 @@ def _quantized_linear(
         new.weight = bnb.nn.Params4bit(
             weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
         ).to(device)
-        new.support_avx512bf16_for_cpu = False  # see linear4bit.py: no in-place repacking
+        keep_exact(new)  # no in-place repacking (linear4bit.py)
     else:
         new = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False,
