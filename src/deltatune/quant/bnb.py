@@ -230,9 +230,9 @@ def _dequantize_4bit_into(module: nn.Module, out: torch.Tensor) -> bool:
     CPU `out=` variant, so the kernel is called as that op calls it; False (use the op) where the op itself
     would not use this kernel, or where this bitsandbytes lacks it."""
     from bitsandbytes.cextension import lib
-    from bitsandbytes.functional import dequantize_blockwise, get_ptr
+    from bitsandbytes.functional import get_ptr
 
-    from .linear4bit import decode_4bit, keep_exact, kernel_is_exact
+    from .linear4bit import block_scales, decode_4bit, keep_exact, kernel_is_exact
 
     keep_exact(module)
     weight, state = module.weight, module.weight.quant_state
@@ -245,10 +245,7 @@ def _dequantize_4bit_into(module: nn.Module, out: torch.Tensor) -> bool:
     if not kernel_is_exact(state):
         decode_4bit(module, out=out)
         return True
-    absmax = state.absmax
-    if state.nested:
-        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
-    absmax = absmax.float().contiguous()
+    absmax = block_scales(state).contiguous()
     packed = weight.data.view(torch.uint8).contiguous()
     kernel(
         get_ptr(packed),

@@ -32,6 +32,14 @@ def kernel_is_exact(state: Any) -> bool:
     return int(state.shape[-1]) % int(state.blocksize) == 0
 
 
+def block_scales(state: Any) -> torch.Tensor:
+    """Each block's absmax as float32, dequantized first under double quantization (8-bit absmax)."""
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return absmax.float()
+
+
 def decode_4bit(
     layer: nn.Module, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -42,11 +50,8 @@ def decode_4bit(
     packed = layer.weight.data.view(torch.uint8).reshape(-1)
     codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()
     table = get_4bit_type(state.quant_type, device=packed.device).float()
-    absmax = state.absmax
-    if state.nested:
-        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
     count = torch.Size(state.shape).numel()
-    scales = absmax.float().repeat_interleave(int(state.blocksize))[:count]
+    scales = block_scales(state).repeat_interleave(int(state.blocksize))[:count]
     weight = (table[codes[:count]] * scales).reshape(tuple(state.shape))
     if out is None:
         return weight.to(dtype)
