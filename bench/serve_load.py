@@ -153,7 +153,7 @@ def main() -> None:
                     result = {
                         "mode": mode,
                         **result,
-                        "server_stats": httpx.get(f"{url}/health").json()["stats"],
+                        "server_stats": httpx.get(f"{url}/health/details").json()["stats"],
                     }
                     results.append(result)
                     print(json.dumps(result), flush=True)

@@ -118,7 +118,8 @@ def _complete(client, model, prompt, **extra):
 
 
 def test_models_and_auth(server):
-    assert server.get("/health", headers={"Authorization": ""}).json()["status"] == "ok"  # needs no key
+    assert server.get("/health", headers={"Authorization": ""}).json() == {"status": "ok"}  # needs no key
+    assert server.get("/health/details", headers={"Authorization": ""}).status_code == 401
     denied = server.get("/v1/models", headers={"Authorization": ""})
     assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
     wrong = server.get("/v1/models", headers={"Authorization": "Bearer nope"})
@@ -140,12 +141,12 @@ def test_completions_equal_the_runtime_and_differ_per_adapter(server, expected):
 
 def test_concurrent_requests_are_batched_across_adapters(server, expected):
     jobs = [(m, p) for m in ["base", *ADAPTERS] for p in PROMPTS]
-    before = server.get("/health").json()["stats"]
+    before = server.get("/health/details").json()["stats"]
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: _complete(server, *job), jobs))
     for job, response in zip(jobs, responses, strict=True):
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == expected[job]
-    stats = server.get("/health").json()["stats"]
+    stats = server.get("/health/details").json()["stats"]
     assert stats["batches"] - before["batches"] < len(jobs)  # rows shared forwards
     assert stats["largest_batch"] > 1 and stats["most_adapters_in_batch"] >= 2
 
@@ -198,9 +199,9 @@ def test_malformed_json(server):
 def test_load_and_unload(server):
     loaded = server.post("/v1/adapters", json={"name": "beta-v2"})
     assert loaded.status_code == 200 and loaded.json()["bytes"] > 0
-    assert "beta-v2" in server.get("/health").json()["loaded_adapters"]
+    assert "beta-v2" in server.get("/health/details").json()["loaded_adapters"]
     assert server.delete("/v1/adapters/beta-v2").json() == {"name": "beta-v2", "loaded": False}
-    assert "beta-v2" not in server.get("/health").json()["loaded_adapters"]
+    assert "beta-v2" not in server.get("/health/details").json()["loaded_adapters"]
     assert server.delete("/v1/adapters/beta-v2").status_code == 404
     assert server.post("/v1/adapters", json={"name": "../../etc"}).status_code == 400
     assert _complete(server, "beta-v2", "good day").status_code == 200  # loads again on demand
@@ -259,11 +260,11 @@ def test_streaming_and_plain_requests_share_batches(server, expected):
         body = {"model": model_id, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
         return "".join(c["choices"][0]["text"] for c in _events(server, "/v1/completions", body))
 
-    before = server.get("/health").json()["stats"]["batches"]
+    before = server.get("/health/details").json()["stats"]["batches"]
     with ThreadPoolExecutor(len(jobs)) as pool:
         texts = list(pool.map(run, jobs))
     assert texts == [expected[(m, p)] for m, p, _ in jobs]
-    assert server.get("/health").json()["stats"]["batches"] - before < len(jobs)
+    assert server.get("/health/details").json()["stats"]["batches"] - before < len(jobs)
 
 
 class _ByteTokenizer:

@@ -90,6 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
         max_request_bytes=args.max_request_bytes,
+        max_stops=args.max_stops,
+        max_stop_chars=args.max_stop_chars,
+        request_timeout_s=args.request_timeout_s,
     )
     app, engine = build_server(
         args.base,
@@ -106,7 +109,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print("deltatune serve: warning: listening beyond loopback without an API key", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # on SIGTERM, requests still open after this long are cancelled, so shutdown always completes
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10
+        )
     finally:
         engine.close()
     return 0
@@ -176,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-stops", type=int, default=4, help="most stop strings per request (OpenAI: 4)")
+    p.add_argument("--max-stop-chars", type=int, default=256, help="longest stop string accepted")
+    p.add_argument(
+        "--request-timeout-s", type=float, default=300, help="a request not answered by then gets a 504"
+    )
     p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)

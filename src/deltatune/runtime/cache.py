@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ class AdapterNameInvalid(DeltatuneError, ValueError):
 
 class CacheFullError(DeltatuneError, RuntimeError):
     """The adapters a batch needs do not fit the cache's byte budget at the same time."""
+
+
+class AdapterDraining(DeltatuneError, RuntimeError):
+    """The adapter is waiting to be unloaded once its rows end; new uses are refused until then."""
 
 
 @dataclass
@@ -94,6 +99,7 @@ class AdapterCache:
         self.allow_base_mismatch = allow_base_mismatch
         self._entries: OrderedDict[str, CachedAdapter] = OrderedDict()  # least recently used first
         self._pins: dict[str, int] = {}
+        self._draining: dict[str, list[Future]] = {}  # unloads waiting for the adapter's pins to go
         self.max_free_slots = max_free_slots
         self._free: OrderedDict[str, AdapterSlot] = OrderedDict()  # model key -> slot, oldest first
         self._fingerprints: dict[tuple[str, ...], dict] = {}  # shared by the slots (the base stays frozen)
@@ -169,6 +175,11 @@ class AdapterCache:
         """Make adapter `name` resident (a no-op if it is), evicting least recently used unpinned adapters
         to stay within the budget. `path` defaults to the folder `name` inside the directory."""
         with self._lock:
+            if name in self._draining:
+                raise AdapterDraining(
+                    f"adapter {name!r} is being unloaded once its running requests end; retry shortly (it then "
+                    "loads again on demand)"
+                )
             if name in self._entries:
                 self.key_of(name)
                 return self._entries[name]
@@ -240,6 +251,21 @@ class AdapterCache:
             while len(self._free) > self.max_free_slots:
                 self._delete_free_slot()
 
+    def unload_when_idle(self, name: str) -> Future:
+        """Unload adapter `name` now if nothing uses it, else as soon as its last pin goes; until then new
+        uses are refused (AdapterDraining), so steady traffic cannot keep it loaded. The returned future is
+        done once it is unloaded."""
+        with self._lock:
+            if name not in self._entries:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+            done: Future = Future()
+            if self._pins.get(name):
+                self._draining.setdefault(name, []).append(done)
+            else:
+                self.unload(name)
+                done.set_result(None)
+            return done
+
     def release_free_slots(self) -> int:
         """Delete every free slot's tensors now; returns the bytes released."""
         with self._lock:
@@ -279,6 +305,19 @@ class AdapterCache:
             self._pins[name] -= 1
             if not self._pins[name]:
                 del self._pins[name]
+                if name in self._draining:
+                    self._finish_draining(name)
+
+    def _finish_draining(self, name: str) -> None:
+        waiting = self._draining.pop(name)
+        try:
+            self.unload(name)
+        except Exception as exc:
+            for done in waiting:
+                done.set_exception(exc)
+        else:
+            for done in waiting:
+                done.set_result(None)
 
     def _over_budget(self, incoming: int, count_free_slots: bool = True) -> bool:
         used = self.bytes_used if count_free_slots else self.bytes_used - self.free_slot_bytes

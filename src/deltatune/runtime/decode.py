@@ -28,9 +28,10 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..core.errors import DeltatuneError
 from ..core.inject import activated, all_wrappers, merged_adapter_names
 from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
-from .generate import Completion, left_pad
+from .generate import GREEDY_BELOW, Completion, check_sampling, left_pad
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
 
 
@@ -38,14 +39,33 @@ class ContinuousBatchingUnsupported(MixedBatchError):
     """This model or adapter cannot join a continuous batch; run it through `runtime.generate`."""
 
 
+class NonFiniteOutput(DeltatuneError, ArithmeticError):
+    """A row's next-token scores hold NaN or +inf: its adapter's weights or config are broken."""
+
+    @classmethod
+    def of(cls, what: str, adapter: str | None) -> NonFiniteOutput:
+        """`what`: "NaN" or "infinite"; `adapter`: the name the caller knows it by."""
+        if adapter is None:
+            error = cls(f"the base model's next-token scores for this request are {what}")
+        else:
+            error = cls(
+                f"the next-token scores with adapter {adapter!r} are {what}: its weights or config (lora_alpha, "
+                "...) are broken. Re-train or re-export it"
+            )
+        error.what = what
+        return error
+
+
 @dataclass
 class Step:
     """What one row got from `add` or `step`: its new token (None when the row ended at end-of-sequence) and
-    its finish reason once it has ended ("stop", "length")."""
+    its finish reason once it has ended ("stop", "length", or "error": the row's scores were not finite and
+    it left the batch; `error` says why)."""
 
     row: int
     token: int | None
     finished: str | None = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -120,6 +140,9 @@ class DecodeBatch:
             raise ValueError("a prompt has no tokens; every row needs at least one")
         if any(n < 1 for n in max_new_tokens):
             raise ValueError("max_new_tokens must be at least 1 for every row")
+        temperature = list(temperature) if temperature is not None else [0.0] * count
+        top_p = list(top_p) if top_p is not None else [1.0] * count
+        check_sampling(temperature, top_p)
         try:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
@@ -167,12 +190,18 @@ class DecodeBatch:
                 _Row(self._handles, adapters[i], max_new_tokens[i], temperature[i], top_p[i], len(prompts[i]))
             )
             self._handles += 1
-        self._merge(cache, mask)
-        self._wrappers = wrappers
-        self.rows += joining
-        if self._updates is not None:
-            self._updates.append(list(adapters), layers)
-        return self._advance(joining, out.logits[:, -1])
+        # sampled before the rows join: a row whose scores are not finite never enters the batch
+        tokens, broken = _next_tokens(out.logits[:, -1], temperature, top_p)
+        keep = [i for i in range(count) if i not in broken]
+        if len(keep) < count:
+            cache, mask = _select_rows(cache, mask, keep)
+        if keep:
+            self._merge(cache, mask)
+            self._wrappers = wrappers
+            self.rows += [joining[i] for i in keep]
+            if self._updates is not None:
+                self._updates.append([adapters[i] for i in keep], layers)
+        return self._advance(joining, tokens, broken)
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         if self.cache is None or not self.rows:
@@ -211,12 +240,21 @@ class DecodeBatch:
                 **{cache_argument(self.model): self.cache},
             )
         self.cache = cache_of(out)
-        return self._advance(list(self.rows), out.logits[:, -1])
+        rows = list(self.rows)
+        tokens, broken = _next_tokens(
+            out.logits[:, -1], [r.temperature for r in rows], [r.top_p for r in rows]
+        )
+        return self._advance(rows, tokens, broken)
 
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[Step]:
-        tokens = _sample(logits, [r.temperature for r in rows], [r.top_p for r in rows]).tolist()
+    def _advance(self, rows: list[_Row], tokens: list[int], broken: dict[int, str]) -> list[Step]:
+        """Hand each row its token; rows in `broken` (index -> why) end with an error instead."""
         steps, ended = [], []
-        for row, token in zip(rows, tokens, strict=True):
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if i in broken:
+                error = NonFiniteOutput.of(broken[i], row.adapter)
+                steps.append(Step(row.handle, None, "error", error))
+                ended.append((row, "error"))
+                continue
             if token in self.eos:
                 steps.append(Step(row.handle, None, "stop"))
                 ended.append((row, "stop"))
@@ -254,6 +292,8 @@ class DecodeBatch:
         for row, reason in ended:
             self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens)
         gone = {row.handle for row, _ in ended}
+        if not any(r.handle in gone for r in self.rows):
+            return  # rows refused at `add` never joined
         for index in sorted((i for i, r in enumerate(self.rows) if r.handle in gone), reverse=True):
             last = len(self.rows) - 1
             if index != last:
@@ -290,15 +330,42 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _select_rows(
+    cache: DynamicCache, mask: torch.Tensor, keep: list[int]
+) -> tuple[DynamicCache, torch.Tensor]:
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return cache, mask[index]
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: list[float], top_p: list[float]
+) -> tuple[list[int], dict[int, str]]:
+    """Each row's next token, and the rows (index -> what is wrong) whose scores hold NaN or +inf: no token
+    can be chosen from those, greedy or sampled, and the row must fail alone."""
+    nan = torch.isnan(logits).any(-1)
+    posinf = torch.isposinf(logits).any(-1)
+    broken = {i: "NaN" if nan[i] else "infinite" for i in (nan | posinf).nonzero().flatten().tolist()}
+    if broken:
+        logits = logits.clone()
+        logits[list(broken)] = 0.0
+    return _sample(logits, temperature, top_p).tolist(), broken
+
+
 def _sample(logits: torch.Tensor, temperature: list[float], top_p: list[float]) -> torch.Tensor:
-    """Greedy where a row's temperature is 0, else a sample from its temperature-scaled distribution cut to
-    its top-p nucleus (the fewest most likely tokens whose probabilities reach top_p)."""
+    """Greedy where a row's temperature is 0 (or below GREEDY_BELOW), else a sample from its
+    temperature-scaled distribution cut to its top-p nucleus (the fewest most likely tokens whose
+    probabilities reach top_p). Scores are shifted so each row's best is 0 before scaling, so a tiny
+    temperature gives -inf for the others, never inf - inf."""
     chosen = logits.argmax(-1)
-    sampled = [i for i, t in enumerate(temperature) if t > 0]
+    sampled = [i for i, t in enumerate(temperature) if t >= GREEDY_BELOW]
     if not sampled:
         return chosen
     scale = torch.tensor([temperature[i] for i in sampled], device=logits.device).unsqueeze(1)
-    probs = torch.softmax(logits[sampled].float() / scale, dim=-1)
+    rows = logits[sampled].float()
+    rows = rows - rows.max(-1, keepdim=True).values
+    probs = torch.softmax(rows / scale, dim=-1)
     ordered, order = probs.sort(dim=-1, descending=True)
     mass_before = ordered.cumsum(-1) - ordered
     cut = torch.tensor([top_p[i] for i in sampled], device=logits.device).unsqueeze(1)

@@ -9,6 +9,7 @@ as one batch per adapter.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from transformers.generation.streamers import BaseStreamer
 from ..core.inject import active_adapters, adapter_layers, disable_adapter, set_adapter
 from .mixed import mixable_refusal, mixed_adapters
 
+# Temperatures below this would sample from a distribution that is a point mass up to float32 rounding, and
+# dividing scores by them overflows: such rows are greedy.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class Completion:
@@ -28,6 +33,15 @@ class Completion:
     finish_reason: str  # "stop": the model ended the sequence; "length": max_new_tokens reached;
     # "cancelled": ended early on request (stop_rows), tokens up to then
     prompt_tokens: int
+
+
+def check_sampling(temperature: Sequence[float], top_p: Sequence[float]) -> None:
+    """Refuse sampling settings no row can use (before anything runs): NaN, inf, out of range."""
+    for t, p in zip(temperature, top_p, strict=True):
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not (math.isfinite(p) and 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
 
 
 def plan_batches(model: nn.Module, adapters: Sequence[str | None]) -> list[list[int]]:
@@ -171,7 +185,10 @@ def generate(
         raise ValueError("a prompt has no tokens; every row needs at least one")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    check_sampling([temperature], [top_p])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    if temperature < GREEDY_BELOW:
+        sampling = {}
     results: list[Completion | None] = [None] * len(prompts)
     for rows in plan_batches(model, adapters):
         ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)

@@ -1,19 +1,24 @@
 """FastAPI app: OpenAI-style completions over the engine, adapter load/unload, health.
 
 Every error is JSON in OpenAI's shape ({"error": {"message", "type", "code"}}) with a 4xx status for what the
-client can fix: malformed JSON or fields (400), missing or wrong API key (401), unknown adapter (404), body
-too large (413), a full queue or cache (503). Anything unexpected is a 500 for that request only.
-With stream=true the same checks run before the stream starts; an error after that is a final error event.
+client can fix: malformed JSON or fields (400), missing or wrong API key (401), unknown adapter (404), an
+adapter that cannot be used (409), body too large (413), a full queue or cache, an adapter being unloaded or a
+stopped engine (503), a request past its deadline (504). Anything unexpected is a 500 for that request only,
+logged with its traceback, and the connection stays usable. With stream=true the same checks run before the
+stream starts; an error after that is a final error event. Error messages never show the adapters folder's
+path on this machine. `/health` answers anyone with liveness alone; `/health/details` needs the key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -22,10 +27,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..runtime import AdapterNameInvalid, CacheFullError, Completion
-from .engine import Engine, Row, ServerBusy
+from ..runtime.cache import AdapterDraining
+from .engine import Engine, EngineStopped, RequestTimeout, Row, ServerBusy
+from .prompts import encode_chat, encode_text
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
 from .stops import first_stop
 from .streaming import TextDeltas, TokenFeed, event
+
+log = logging.getLogger("deltatune.serve")
 
 
 @dataclass
@@ -34,6 +43,19 @@ class Limits:
     max_tokens: int = 512
     max_request_bytes: int = 1 << 20
     max_prompts_per_request: int = 16
+    # OpenAI allows 4 stop sequences; long or many ones would make every token's stop check costly
+    max_stops: int = 4
+    max_stop_chars: int = 256
+    # text longer than this is refused before tokenizing (None: 32 characters per allowed prompt token)
+    max_prompt_chars: int | None = None
+    # a request not answered by then fails with 504 and its rows leave the batch
+    request_timeout_s: float = 300.0
+    # how often a non-streamed request checks whether its client is still connected
+    disconnect_poll_s: float = 0.5
+
+    @property
+    def prompt_chars(self) -> int:
+        return self.max_prompt_chars if self.max_prompt_chars is not None else 32 * self.max_prompt_tokens
 
 
 class ApiError(Exception):
@@ -55,13 +77,59 @@ def _status_of(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code="invalid_adapter_name")
     if isinstance(exc, AdapterNotFoundError):
         return ApiError(404, str(exc), code="model_not_found")
-    if isinstance(exc, (ServerBusy, CacheFullError)):
+    if isinstance(exc, (ServerBusy, CacheFullError, AdapterDraining, EngineStopped)):
         return ApiError(503, str(exc), "server_busy")
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, str(exc), "timeout", "request_timeout")
     if isinstance(exc, DeltatuneError):
         return ApiError(409, f"the adapter cannot be used: {exc}", code="adapter_unusable")
+    log.error("request failed: %s", type(exc).__name__, exc_info=exc)
     return ApiError(
         500, f"internal error ({type(exc).__name__}); the server logs have details", "server_error"
     )
+
+
+class PathsHidden:
+    """Turns `_status_of` messages into ones that name adapter folders relative to the adapters folder."""
+
+    def __init__(self, *folders: Path | None) -> None:
+        paths = {str(f) for f in folders if f is not None} | {str(f.resolve()) for f in folders if f}
+        self.paths = sorted(paths, key=len, reverse=True)  # the longest first: no half-replaced path
+
+    def __call__(self, exc: BaseException) -> ApiError:
+        err = _status_of(exc)
+        message = err.message
+        for path in self.paths:
+            message = message.replace(path + "/", "").replace(path, "the adapters folder")
+        return ApiError(err.status, message, err.kind, err.code)
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler took becomes a logged 500 JSON answer here, instead of
+    propagating to the server, which would answer 500 too but also drop the client's connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            err = _status_of(exc)
+            if started:  # too late for a status: the client sees the body end early
+                log.error("response failed after it started", exc_info=exc)
+                return
+            await _error(err.status, err.message, err.kind, err.code)(scope, receive, send)
 
 
 class BodyLimit:
@@ -108,12 +176,16 @@ def create_app(
     limits = limits or Limits()
     app = FastAPI(title="deltatune", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
+    app.add_middleware(CatchAll)
     started = time.time()
     tokenizer, cache = engine.tokenizer, engine.cache
+    public = PathsHidden(cache.directory)
+    vocabulary = len(tokenizer)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind, exc.code)
+        err = public(exc)
+        return _error(err.status, err.message, err.kind, err.code)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -125,11 +197,6 @@ def create_app(
             for p in problems[:5]
         )
         return _error(400, f"invalid request: {described}", "invalid_request_error", "invalid_fields")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        err = _status_of(exc)
-        return _error(err.status, err.message, err.kind, err.code)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -154,6 +221,30 @@ def create_app(
             ) from None
         return model
 
+    def check_text(request: CompletionRequest | ChatRequest, texts: list[str]) -> None:
+        """Limits that hold before any tokenizing: prompt count and size, stop strings."""
+        if len(texts) > limits.max_prompts_per_request:
+            raise ApiError(
+                400, f"{len(texts)} prompts in one request; the limit is {limits.max_prompts_per_request}"
+            )
+        size = sum(len(t) for t in texts)
+        if size > limits.prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt text has {size} characters; the limit is {limits.prompt_chars}",
+                code="prompt_too_long",
+            )
+        stops = request.stops()
+        if len(stops) > limits.max_stops:
+            raise ApiError(400, f"{len(stops)} stop strings; the limit is {limits.max_stops}", code="stop")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > limits.max_stop_chars:
+            raise ApiError(
+                400,
+                f"a stop string has {longest} characters; the limit is {limits.max_stop_chars}",
+                code="stop",
+            )
+
     def checked(request: CompletionRequest | ChatRequest, prompts: list[list[int]]) -> list[Row]:
         """The engine rows for a request, after every limit is checked."""
         adapter = adapter_for(request.model)
@@ -164,10 +255,6 @@ def create_app(
                 f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}",
                 code="max_tokens",
             )
-        if len(prompts) > limits.max_prompts_per_request:
-            raise ApiError(
-                400, f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}"
-            )
         for ids in prompts:
             if not ids:
                 raise ApiError(400, "a prompt encodes to no tokens; send some text")
@@ -177,19 +264,62 @@ def create_app(
                     f"a prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}",
                     code="prompt_too_long",
                 )
-        return [
-            Row(ids, adapter, max_tokens, request.temperature, request.top_p, stops=request.stops())
-            for ids in prompts
-        ]
+            if max(ids) >= vocabulary:
+                raise ApiError(
+                    400,
+                    f"token id {max(ids)} is outside the vocabulary (0 to {vocabulary - 1})",
+                    code="token_id",
+                )
+        deadline = time.monotonic() + limits.request_timeout_s
+        try:
+            return [
+                Row(
+                    ids,
+                    adapter,
+                    max_tokens,
+                    request.temperature,
+                    request.top_p,
+                    stops=request.stops(),
+                    deadline=deadline,
+                )
+                for ids in prompts
+            ]
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def submit_all(rows: list[Row]) -> list:
+        futures = []
+        try:
+            for row in rows:
+                futures.append(engine.submit(row))
+        except Exception as exc:
+            for row in rows:  # the part of the request that was queued is not needed any more
+                row.cancelled = True
+            raise public(exc) from exc
+        return futures
 
     async def complete(
-        request: CompletionRequest | ChatRequest, prompts: list[list[int]]
+        http: Request, request: CompletionRequest | ChatRequest, prompts: list[list[int]]
     ) -> list[Completion]:
-        futures = [engine.submit(row) for row in checked(request, prompts)]
+        """Wait for the rows' answers; a client that disconnects meanwhile ends its rows at their next token."""
+        rows = checked(request, prompts)
+        waiting = {asyncio.wrap_future(f) for f in submit_all(rows)}
+        pending = set(waiting)
+        give_up = time.monotonic() + limits.request_timeout_s + 30  # the engine's own deadline comes first
         try:
-            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        except Exception as exc:
-            raise _status_of(exc) from exc
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=limits.disconnect_poll_s)
+                if pending and await http.is_disconnected():
+                    raise ApiError(499, "the client disconnected", code="client_closed")
+                if pending and time.monotonic() > give_up:
+                    raise ApiError(504, "the request passed its deadline", "timeout", "request_timeout")
+            try:
+                return [r.future.result() for r in rows]
+            except Exception as exc:
+                raise public(exc) from exc
+        finally:
+            for row in rows:
+                row.cancelled = True  # a no-op for rows already answered
 
     def stream(
         request: CompletionRequest | ChatRequest, prompts: list[list[int]], chunk: Callable[..., dict]
@@ -200,10 +330,7 @@ def create_app(
         feed = TokenFeed(asyncio.get_running_loop())
         for i, row in enumerate(rows):
             row.on_token = feed.on_token(i)
-        try:
-            futures = [engine.submit(row) for row in rows]
-        except Exception as exc:
-            raise _status_of(exc) from exc
+        futures = submit_all(rows)
         for i, future in enumerate(futures):
             feed.watch(i, future)
         stops = request.stops()
@@ -220,7 +347,7 @@ def create_app(
                     try:
                         result = futures[i].result()
                     except Exception as exc:
-                        err = _status_of(exc)
+                        err = public(exc)
                         yield event({"error": {"message": err.message, "type": err.kind, "code": err.code}})
                         continue
                     text, reason = text_of(result, stops)
@@ -248,9 +375,17 @@ def create_app(
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> JSONResponse:
+        """Liveness for anyone (load balancers): 200 while the engine runs, else 503."""
+        if engine.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine stopped"}, 503)
+
+    @app.get("/health/details", dependencies=[Depends(authorize)])
+    async def health_details() -> dict:
         return {
-            "status": "ok",
+            "status": "ok" if engine.alive else "engine stopped",
+            "engine_failure": None if engine.failure is None else type(engine.failure).__name__,
             "uptime_s": round(time.time() - started, 1),
             "loaded_adapters": [e.name for e in cache.loaded],
             "cache_bytes": cache.bytes_used,
@@ -275,10 +410,23 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
+    async def encoded(request: CompletionRequest) -> list[list[int]]:
+        items = request.prompt_items()
+        texts = [t for t in items if isinstance(t, str)]
+        check_text(request, texts)
+        if len(items) > limits.max_prompts_per_request:
+            raise ApiError(
+                400, f"{len(items)} prompts in one request; the limit is {limits.max_prompts_per_request}"
+            )
+        if not texts:
+            return items
+        # off the event loop: a long text takes a while, and /health must keep answering meanwhile
+        done = iter(await asyncio.to_thread(lambda: [encode_text(tokenizer, t) for t in texts]))
+        return [next(done) if isinstance(t, str) else t for t in items]
+
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: CompletionRequest) -> Any:
-        texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    async def completions(http: Request, request: CompletionRequest) -> Any:
+        prompts = await encoded(request)
         if request.stream:
             name, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -293,7 +441,7 @@ def create_app(
                 }
 
             return stream(request, prompts, chunk)
-        results = await complete(request, prompts)
+        results = await complete(http, request, prompts)
         choices = []
         for i, result in enumerate(results):
             text, reason = text_of(result, request.stops())
@@ -308,12 +456,15 @@ def create_app(
         }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(request: ChatRequest) -> Any:
+    async def chat(http: Request, request: ChatRequest) -> Any:
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "the base model's tokenizer has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in request.messages]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        check_text(request, [m["content"] for m in messages])
+        try:
+            prompt = await asyncio.to_thread(encode_chat, tokenizer, messages)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
         if request.stream:
             name, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             first = [True]
@@ -331,7 +482,7 @@ def create_app(
                 }
 
             return stream(request, [prompt], chunk)
-        (result,) = await complete(request, [prompt])
+        (result,) = await complete(http, request, [prompt])
         text, reason = text_of(result, request.stops())
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -349,15 +500,18 @@ def create_app(
         try:
             entry = await asyncio.wrap_future(engine.call(lambda: cache.load(request.name)))
         except Exception as exc:
-            raise _status_of(exc) from exc
+            raise public(exc) from exc
         return {"name": entry.name, "bytes": entry.bytes, "peft_type": entry.peft_type, "loaded": True}
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(authorize)])
     async def unload(name: str) -> dict:
+        """Unload now, or, while rows use the adapter, once they end: new rows for it are refused (503)
+        meanwhile, so a busy adapter cannot be kept loaded by its traffic."""
         try:
-            await asyncio.wrap_future(engine.call(lambda: cache.unload(name)))
+            drained = await asyncio.wrap_future(engine.call(lambda: cache.unload_when_idle(name)))
+            await asyncio.wait_for(asyncio.wrap_future(drained), limits.request_timeout_s)
         except Exception as exc:
-            raise _status_of(exc) from exc
+            raise public(exc) from exc
         return {"name": name, "loaded": False}
 
     return app

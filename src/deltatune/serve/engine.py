@@ -6,20 +6,25 @@ batch (up to `max_batch` live rows, any mix of adapters and sampling settings), 
 soon as it ends, so a request never waits for another's whole generation. When the batch is empty the first
 arrival waits `batch_window_s` for company. Rows the decode loop cannot take (adapters that are not plain
 LoRA, a model whose KV cache it cannot merge) run as fixed batches through `runtime.generate`, grouped by
-sampling settings. Loading and unloading adapters go through the same queue, between steps, so the model
-never changes under a running forward. A failing prefill or step is retried row by row, so one bad request
-fails alone and the thread carries on.
+sampling settings. Loading and unloading adapters run between steps, ahead of queued rows, so the model
+never changes under a running forward and an operator is not kept waiting behind traffic.
+
+No request may stop the engine: sampling settings are checked before a row is admitted; a row whose scores
+turn non-finite leaves the batch with its own error; a failing prefill or step is retried row by row, so one
+bad request fails alone; anything unexpected fails the rows it touched and the loop carries on. Every row has
+a deadline. Should the thread ever end, `failure` says why, `alive` is False and new work is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +32,11 @@ from torch import nn
 
 from ..runtime import AdapterCache, CacheFullError, Completion, generate
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
+from ..runtime.generate import GREEDY_BELOW, check_sampling
 from ..runtime.mixed import mixable_refusal
-from .stops import reaches_stop
+from .stops import StopWatch
+
+log = logging.getLogger("deltatune.serve")
 
 
 @dataclass
@@ -42,14 +50,25 @@ class Row:
     top_p: float = 1.0
     on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
     stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
+    deadline: float | None = None  # time.monotonic() after which the row is ended and fails (RequestTimeout)
     future: Future = field(default_factory=Future)
     streamed: int = 0  # tokens handed to on_token so far; a row that streamed some cannot be rerun
     cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
     stop_reached: bool = False  # ended at a stop string (its finish_reason is then "stop")
+    watch: StopWatch | None = field(default=None, repr=False)  # the engine's incremental stop check
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check_sampling([self.temperature], [self.top_p])  # refused here, before the row reaches the engine
 
     @property
     def sampling(self) -> tuple[float, float]:
-        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+        return (self.temperature, self.top_p) if self.temperature >= GREEDY_BELOW else (0.0, 1.0)
+
+    @property
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 @dataclass
@@ -69,7 +88,9 @@ class Stats:
     most_adapters_in_batch: int = 0
     failed_rows: int = 0
     cancelled_rows: int = 0
+    timed_out_rows: int = 0
     rows_ended_at_stop_string: int = 0
+    recovered_errors: int = 0  # unexpected errors the loop survived (each failed the rows it touched)
 
 
 @dataclass
@@ -81,8 +102,19 @@ class _Live:
     tokens: list[int] = field(default_factory=list)
 
 
+_WAKE_UP = object()  # put on the row queue so an idle engine turns to a newly submitted Call
+
+
 class ServerBusy(RuntimeError):
     """The queue is full; the client should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (shut down, or ended by an error it could not survive)."""
+
+
+class RequestTimeout(TimeoutError):
+    """A row passed its deadline before it was answered."""
 
 
 class Engine:
@@ -114,12 +146,26 @@ class Engine:
         self.continuous = continuous
         self._live: dict[int, _Live] = {}  # decode-batch handle -> row
         self._waiting: deque[Row] = deque()  # taken from the queue, not yet in the batch
-        self._queue: queue.Queue[Row | Call | None] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
+        self._queue: queue.Queue[Row | None] = queue.Queue(maxsize=max_queue)
+        self._calls: queue.SimpleQueue[Call] = queue.SimpleQueue()  # run before queued rows
+        self._closing = threading.Event()
+        self.failure: BaseException | None = None  # why the thread ended, if not by close()
+        self._thread = threading.Thread(target=self._run, name="deltatune-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing.is_set()
 
     # ---- submitting (any thread) ---------------------------------------------------------------------------
     def submit(self, item: Row | Call) -> Future:
+        if not self.alive:
+            raise EngineStopped(self._stopped_reason())
+        if isinstance(item, Call):
+            self._calls.put(item)
+            with suppress(queue.Full):  # an idle engine waits on the row queue; a busy one runs calls
+                self._queue.put_nowait(_WAKE_UP)  # between steps anyway
+            return item.future
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -129,40 +175,98 @@ class Engine:
     def call(self, fn: Callable[[], Any]) -> Future:
         return self.submit(Call(fn))
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+    def close(self, timeout_s: float = 30) -> None:
+        """Stop the thread after its current step; every row not answered yet fails with EngineStopped.
+        Returns within about `timeout_s` even if the thread is stuck in a forward."""
+        self._closing.set()
+        with suppress(queue.Full):  # else the loop sees _closing after its current step
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=timeout_s)
+        self._fail_queued(EngineStopped("the server is shutting down"))
+
+    def _stopped_reason(self) -> str:
+        if self.failure is not None:
+            return f"the engine stopped after an internal error ({type(self.failure).__name__}); restart the server"
+        return "the server is shutting down"
 
     # ---- the engine thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the loop survives what it can; this is the last line
+            self.failure = exc
+            log.critical("the engine thread stopped", exc_info=exc)
+        finally:
+            stopped = EngineStopped(self._stopped_reason())
+            self._shut_down(stopped)
+            self._fail_queued(stopped)
+
     def _loop(self) -> None:
-        while True:
+        while not self._closing.is_set():
+            self._run_calls()
             idle = not self._live and not self._waiting
             # rows stay in the queue while the batch has no room for them, so a full queue still turns
             # requests away (ServerBusy) instead of piling them up here
             room = self.max_batch - len(self._live) - len(self._waiting)
             arrived = self._collect(block=idle, room=room)
             if arrived is None:
-                self._shut_down()
                 return
-            rows = [r for r in arrived if isinstance(r, Row) and r.future.set_running_or_notify_cancel()]
-            for call in (c for c in arrived if isinstance(c, Call)):
-                self._run_call(call)
-            self._waiting.extend(rows)
-            self._admit()
-            if self._live:
-                self._step()
+            self._run_calls()
+            self._waiting.extend(r for r in arrived if r.future.set_running_or_notify_cancel())
+            try:
+                self._admit()
+                if self._live:
+                    self._step()
+            except Exception as exc:  # a bug on some path: fail the rows in flight, keep serving
+                self._recover(exc)
 
-    def _collect(self, block: bool, room: int) -> list[Row | Call] | None:
+    def _recover(self, exc: Exception) -> None:
+        log.exception("engine step failed; failing the rows in flight and carrying on", exc_info=exc)
+        self.stats.recovered_errors += 1
+        self._shut_down(exc)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            self._run_call(call)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail what was submitted but never taken (the thread is gone)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Row) and not item.future.done():
+                item.future.set_exception(exc)
+        self._run_calls_failing(exc)
+
+    def _run_calls_failing(self, exc: BaseException) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not call.future.done():
+                call.future.set_exception(exc)
+
+    def _collect(self, block: bool, room: int) -> list[Row] | None:
         """What has arrived, up to `room` rows: blocking for the first item and then `batch_window_s` for more
         when idle, else whatever is queued now. None: the engine is closing."""
-        items: list[Row | Call] = []
+        items: list[Row] = []
         if block:
             first = self._queue.get()
+            while first is _WAKE_UP:  # a Call arrived: run it before waiting on
+                self._run_calls()
+                first = self._queue.get()
             if first is None:
                 return None
             items.append(first)
             deadline = time.monotonic() + self.batch_window_s
-        while sum(isinstance(i, Row) for i in items) < room:
+        while len(items) < room:
             try:
                 if block:
                     item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
@@ -170,27 +274,32 @@ class Engine:
                     item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if item is _WAKE_UP:
+                continue
             if item is None:
                 self._queue.put(None)  # seen on the next round, after what arrived with it
                 break
             items.append(item)
         return items
 
-    def _shut_down(self) -> None:
-        closing = RuntimeError("the server is shutting down")
-        for handle in self.decoding.clear():
-            live = self._live.pop(handle)
-            live.pin.close()
-            live.row.future.set_exception(closing)
+    def _shut_down(self, exc: BaseException) -> None:
+        """Fail every row in the batch or waiting for it with `exc`, and start the batch afresh."""
+        handles = set(self.decoding.clear()) | set(self._live)
+        for handle in handles:
+            live = self._live.pop(handle, None)
+            if live is not None:
+                live.pin.close()
+                self._fail(live.row, exc)
+        self.decoding.finished.clear()
         while self._waiting:
-            self._waiting.popleft().future.set_exception(closing)
+            self._fail(self._waiting.popleft(), exc)
 
     def _run_call(self, call: Call) -> None:
         if not call.future.set_running_or_notify_cancel():
             return
         try:
             call.future.set_result(call.fn())
-        except BaseException as exc:  # reported to the caller; the engine carries on
+        except Exception as exc:  # reported to the caller; the engine carries on
             call.future.set_exception(exc)
 
     # ---- continuous batching ---------------------------------------------------------------------------------
@@ -202,6 +311,9 @@ class Engine:
             row = self._waiting.popleft()
             if row.cancelled:  # its client left before it started
                 self._answer(row, Completion([], "cancelled", len(row.prompt)))
+                continue
+            if row.overdue:
+                self._time_out(row)
                 continue
             pin = ExitStack()
             try:
@@ -261,8 +373,10 @@ class Engine:
             steps = self.decoding.step()
         except Exception as exc:
             # the batch is lost; rows that streamed nothing yet are rerun alone, the others fail
-            for handle in self.decoding.clear():
-                live = self._live.pop(handle)
+            log.warning("decode step failed (%s: %s); rerunning its rows alone", type(exc).__name__, exc)
+            lost = [self._live.pop(h) for h in self.decoding.clear() if h in self._live]
+            self.decoding.finished.clear()
+            for live in lost:
                 live.pin.close()
                 if live.row.streamed:
                     self._fail(live.row, exc)
@@ -278,6 +392,12 @@ class Engine:
         for step in steps:
             live = self._live[step.row]
             row = live.row
+            if step.error is not None:  # named by the model-side key: say it with the name the client used
+                del self._live[step.row]
+                live.pin.close()
+                self.decoding.finished.pop(step.row, None)
+                self._fail(row, type(step.error).of(step.error.what, row.adapter))
+                continue
             if step.token is not None:
                 live.tokens.append(step.token)
                 _stream(row, step.token)
@@ -291,6 +411,11 @@ class Engine:
                 self._answer(row, self.decoding.completion(step.row))
 
     def _answer(self, row: Row, result: Completion) -> None:
+        if row.future.done():
+            return
+        if result.finish_reason == "cancelled" and not row.cancelled and not row.stop_reached and row.overdue:
+            self._time_out(row)  # ended early by its deadline, not by its client
+            return
         if row.stop_reached:  # its tokens run up to the one that completed the stop string
             result.finish_reason = "stop"
             self.stats.rows_ended_at_stop_string += 1
@@ -300,8 +425,14 @@ class Engine:
         row.future.set_result(result)
 
     def _fail(self, row: Row, exc: BaseException) -> None:
+        if row.future.done():
+            return
         self.stats.failed_rows += 1
         row.future.set_exception(exc)
+
+    def _time_out(self, row: Row) -> None:
+        self.stats.timed_out_rows += 1
+        self._fail(row, RequestTimeout("the request passed its deadline before it was answered; retry later"))
 
     def _note_batch_size(self) -> None:
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._live))
@@ -362,16 +493,19 @@ class Engine:
         None (no check per token) when no row streams or has stop strings."""
         for row in rows:
             row.stop_reached = False  # a row rerun alone after its batch failed starts over
-        if not any(r.on_token or r.stops for r in rows):
+        if not any(r.on_token or r.stops or r.deadline for r in rows):
             return None
 
         return lambda index, new_tokens: self._ends_early(rows[index], new_tokens)
 
     def _ends_early(self, row: Row, new_tokens: list[int]) -> bool:
-        """Whether a row must end now: its client went away, or its text has reached a stop string."""
+        """Whether a row must end now: its client went away, its deadline passed, or its text has reached a
+        stop string."""
         if row.stops and not row.stop_reached:
-            row.stop_reached = reaches_stop(self.tokenizer, new_tokens, row.stops)
-        return row.cancelled or row.stop_reached
+            if row.watch is None:
+                row.watch = StopWatch(self.tokenizer, row.stops)
+            row.stop_reached = row.watch.reached(new_tokens)
+        return row.cancelled or row.stop_reached or row.overdue
 
 
 def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:

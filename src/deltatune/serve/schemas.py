@@ -1,20 +1,72 @@
-"""Request bodies of the OpenAI-style endpoints (unknown fields are ignored, as OpenAI clients send extras)."""
+"""Request bodies of the OpenAI-style endpoints.
+
+Unknown fields are ignored, as OpenAI clients send extras; but a known OpenAI field this server cannot honour
+(logprobs, echo, best_of, penalties, ...) is refused when set, rather than silently answered without it.
+Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
+UTF-8 encoder accepts.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("utf-16", "surrogatepass")[2:].hex()
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate (U+{bad[2:4]}{bad[0:2]}) at character {exc.start}, which is "
+            "not valid Unicode text; send the text as valid UTF-8"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+# OpenAI fields this server does not implement, with the value that means "not used".
+UNSUPPORTED: dict[str, Any] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "seed": (None,),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class _Generation(BaseModel):
-    model: str = Field(min_length=1, max_length=256)
+    model: Text = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)  # None: 16 (OpenAI's default) or the server's limit
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            used = [k for k, neutral in UNSUPPORTED.items() if k in data and data[k] not in neutral]
+            if used:
+                raise ValueError(
+                    f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} not supported by this server; "
+                    f"leave {'it' if len(used) == 1 else 'them'} out"
+                )
+        return data
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -23,12 +75,26 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] = Field(min_length=1)
+    # text, texts, token ids, or lists of token ids (OpenAI's four prompt forms)
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+
+    def prompt_items(self) -> list[str | list[int]]:
+        """The request's prompts, each a text or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Generation):
@@ -36,4 +102,4 @@ class ChatRequest(_Generation):
 
 
 class AdapterLoadRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=256)
+    name: Text = Field(min_length=1, max_length=256)
