@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,10 @@ from typing import Any, ClassVar
 from .errors import AdapterConfigError
 
 CONFIG_NAME = "adapter_config.json"
+
+# Adapter folders come from other people: bounds on what a config file may hold before anything is built.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_LIST_ITEMS = 4096
 
 # PEFT bookkeeping fields that never change the math.
 _PEFT_BOOKKEEPING = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
@@ -60,7 +68,20 @@ class AdapterConfig:
             self.layers_to_transform = [self.layers_to_transform]
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field holds what its annotation says (ints are no bools, floats are finite, lists are
+        bounded), so a hostile or damaged file fails here with the field's name, not deep inside a model."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = _type_problem(value, hints[f.name])
+            if problem:
+                raise AdapterConfigError(
+                    f"{f.name} must be {_describe(hints[f.name])}, got {_shown(value)} ({problem})"
+                )
 
     def validate(self) -> None:
         """Raise AdapterConfigError on values no model could use. Subclasses extend."""
@@ -107,26 +128,102 @@ class AdapterConfig:
         return cls(**kwargs)
 
 
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """Why `value` does not fit `annotation` (None: it fits). Covers the types config fields use."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, option) for option in typing.get_args(annotation)]
+        return None if None in problems else "wrong type"
+    if annotation is Any:
+        return None
+    if annotation is type(None):
+        return None if value is None else "wrong type"
+    if annotation is bool:
+        return None if isinstance(value, bool) else "wrong type"
+    if annotation is int:
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "wrong type"
+    if annotation is float:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            return "wrong type"
+        return None if math.isfinite(value) else "not finite"
+    if annotation is str:
+        return None if isinstance(value, str) else "wrong type"
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            return "wrong type"
+        if len(value) > MAX_LIST_ITEMS:
+            return f"over {MAX_LIST_ITEMS} entries"
+        (item,) = typing.get_args(annotation) or (Any,)
+        return next((f"entry {i}: {p}" for i, v in enumerate(value) if (p := _type_problem(v, item))), None)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            return "wrong type"
+        if len(value) > MAX_LIST_ITEMS:
+            return f"over {MAX_LIST_ITEMS} entries"
+        key_type, item = typing.get_args(annotation) or (Any, Any)
+        for k, v in value.items():
+            p = _type_problem(k, key_type) or _type_problem(v, item)
+            if p:
+                return f"entry {_shown(k)}: {p}"
+        return None
+    return None  # a type this check does not know: validate() owns it
+
+
+def _describe(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return text if not isinstance(annotation, type) else annotation.__name__
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_json_object(path: Path, what: str, error: type[Exception] = AdapterConfigError) -> dict[str, Any]:
+    """A JSON object from a file someone else may have written: bounded in size, UTF-8, not nested beyond
+    what the parser can take. Every problem is `error` naming the file."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise error(
+            f"{path}: {size} bytes is too large for {what} (limit {MAX_CONFIG_BYTES}); is it the right file?"
+        )
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {what} must be UTF-8 JSON"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc}); the file is corrupted or truncated") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to be {what}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
     """Dispatch on `peft_type` to the registered method's config class."""
     from .registry import get_method
 
     if "peft_type" not in data:
         raise AdapterConfigError(f"{source}: required key 'peft_type' missing (e.g. \"LORA\")")
+    if not isinstance(data["peft_type"], str):
+        raise AdapterConfigError(
+            f'{source}: peft_type must be a string such as "LORA", got {_shown(data["peft_type"])}'
+        )
     return get_method(data["peft_type"]).config_class.from_dict(data, source=source)
 
 
 def load_config_file(path: str | Path) -> AdapterConfig:
     path = Path(path)
+    data = read_json_object(path, "an adapter config")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterConfigError(
-            f"{path}: not valid JSON ({exc}); the file is corrupted or truncated"
-        ) from exc
-    if not isinstance(data, dict):
-        raise AdapterConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return config_from_dict(data, source=str(path))
+        return config_from_dict(data, source=str(path))
+    except AdapterConfigError as exc:
+        if str(path) in str(exc):
+            raise
+        raise AdapterConfigError(f"{path}: {exc}") from None
 
 
-__all__ = ["AdapterConfig", "CONFIG_NAME", "config_from_dict", "load_config_file"]
+__all__ = ["AdapterConfig", "CONFIG_NAME", "config_from_dict", "load_config_file", "read_json_object"]

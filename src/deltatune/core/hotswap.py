@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import provenance
+from . import patterns, provenance
 from .config import CONFIG_NAME, AdapterConfig, load_config_file
 from .errors import AdapterNameError, DeltatuneError
 from .inject import adapter_configs, adapter_layers, store_config
@@ -107,9 +107,12 @@ class AdapterSlot:
         config = load_config_file(folder / CONFIG_NAME)
         if not _plain_lora(config.peft_type, config.modules_to_save):
             raise LayoutMismatch(f"{folder} is not plain LoRA; load it fresh")
-        config = get_method(config.peft_type).resolve_config(self.model, config)
+        method = get_method(config.peft_type)
+        config = method.resolve_config(self.model, config)
         record = read_provenance(folder)
         state = read_adapter_weights(folder, record=record)
+        with patterns.match_budget():
+            method.check_saved_state(self.model, config, state, str(folder))
         layout = {key: tuple(t.shape) for key, t in state.items()}
         if layout != self.layout:
             differing = sorted(set(layout) ^ set(self.layout)) or [
@@ -136,8 +139,9 @@ class AdapterSlot:
         with torch.no_grad():
             for key, tensor in self.tensors.items():
                 tensor.copy_(state[key])
-        for module_name, layer in self.layers:
-            layer.reconfigure(self.adapter_name, config, module_name)
+        with patterns.match_budget():
+            for module_name, layer in self.layers:
+                layer.reconfigure(self.adapter_name, config, module_name)
         store_config(self.model, self.adapter_name, config)
         return config
 

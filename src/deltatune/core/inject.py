@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
+from . import patterns
 from .config import AdapterConfig
 from .errors import AdapterNameError, MergeError, TargetingError
 from .input_hooks import remove_input_hooks
@@ -81,6 +82,11 @@ def _set_child(model: nn.Module, dotted: str, new: nn.Module) -> None:
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` described by `config` to `model` in place; make it the active, trainable one."""
+    with patterns.match_budget():  # the config's regexes, over every module name, share one time bound
+        return _inject(model, config, adapter_name)
+
+
+def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> nn.Module:
     method = get_method(config.peft_type)
     _check_adapter_name(model, adapter_name, method.reserved_names())
     config = method.resolve_config(model, config)
@@ -126,7 +132,7 @@ def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name:
         if len(unmatched) == len(keys):
             raise TargetingError(message)
         # PEFT writes alternatives for classification heads (["classifier", "score"]); one of them matching is enough.
-        warnings.warn(message + " (ignored: other entries matched)", UserWarning, stacklevel=3)
+        warnings.warn(message + " (ignored: other entries matched)", UserWarning, stacklevel=4)
     for found in found_by_key.values():
         for name in found:
             module = model.get_submodule(name)

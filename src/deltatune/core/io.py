@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import provenance
-from .config import CONFIG_NAME, AdapterConfig, load_config_file
+from . import patterns, provenance
+from .config import CONFIG_NAME, AdapterConfig, load_config_file, read_json_object
 from .errors import (
     AdapterFormatError,
     AdapterNameError,
@@ -47,6 +47,7 @@ from .inject import (
 )
 from .layer import weights_follow
 from .quantized import model_quantization
+from .registry import get_method
 from .state import adapter_state_dict, load_adapter_state_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -201,20 +202,30 @@ def read_adapter_weights(
         raise AdapterFormatError(
             f"{file}: zero-size tensor(s) {empty[:3]}; the adapter was saved incorrectly"
         )
-    expected = (record or {}).get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
+    files = (record or {}).get("files")
+    entry = files.get(WEIGHTS_NAME) if isinstance(files, dict) else None
+    expected = entry.get("sha256") if isinstance(entry, dict) else None
     if expected and hashlib.sha256(data).hexdigest() != expected:
         raise AdapterFormatError(f"{file}: contents changed since saving (sha256 mismatch)")
+    check_finite(state, file)
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Refuse weights holding NaN or inf: loaded, they would turn every output of the adapter into NaN."""
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise AdapterFormatError(
+            f"{source}: tensor(s) {broken[:3]}{' ...' if len(broken) > 3 else ''} hold NaN or inf values; the "
+            "adapter is broken (diverged training, or a damaged export). Re-train or re-export it"
+        )
 
 
 def read_provenance(folder: Path) -> dict[str, Any] | None:
     file = folder / PROVENANCE_NAME
     if not file.exists():
         return None
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{file}: not valid JSON ({exc})") from exc
+    record = read_json_object(file, "a provenance record", AdapterFormatError)
     version = record.get("schema_version")
     if not isinstance(version, int) or version > provenance.SCHEMA_VERSION:
         raise AdapterFormatError(
@@ -265,8 +276,11 @@ def load_adapter(
             f"adapters {merged} are merged into the model; unmerge before loading another"
         )
     previously_active = active_adapters(model)
-    with weights_follow():  # every tensor is overwritten below, or the adapter is deleted again
-        inject(model, config, adapter_name)
+    with patterns.match_budget():
+        # sizes the config implies are checked against the file before anything is allocated for them
+        get_method(config.peft_type).check_saved_state(model, config, state, str(folder))
+        with weights_follow():  # every tensor is overwritten below, or the adapter is deleted again
+            inject(model, config, adapter_name)
     try:
         if record is not None:
             check_base(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig
@@ -37,6 +38,14 @@ class AdapterMethod:
             cls.supported_modules,
             is_wrapped=lambda m: isinstance(m, cls.layer_class),
         )
+
+    @classmethod
+    def check_saved_state(
+        cls, model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], source: str
+    ) -> None:
+        """Before a saved adapter is injected: refuse a config whose sizes (ranks, token counts) disagree with
+        the saved tensors, so a hostile or mismatched config cannot make `inject` allocate what it asks for.
+        Methods whose sizes come from the model alone need not override this."""
 
     @classmethod
     def attach(cls, model: nn.Module, wrappers: list[AdapterLayer]) -> None:

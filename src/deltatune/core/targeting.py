@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import patterns
 from .config import AdapterConfig
 from .errors import TargetingError
 from .layer import AdapterLayer, modules_outside_adapters
@@ -62,7 +63,7 @@ class TargetPreview:
 def name_matches(name: str, spec: str | list[str]) -> bool:
     """PEFT's rule: a string is a regex that must match the whole name; a list matches by dotted suffix."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return patterns.matches(spec, name)
     return any(name == key or name.endswith("." + key) for key in spec)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ...core.errors import TargetingError
+from ...core.errors import AdapterFormatError, TargetingError
 from ...core.method import AdapterMethod
 from ...core.registry import register
 from ...core.targeting import is_hf_conv1d
@@ -18,6 +19,32 @@ class LoraMethod(AdapterMethod):
     config_class = LoraConfig
     layer_class = LoraLayer
     supported_modules = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D (and their subclasses)"
+
+    @classmethod
+    def check_saved_state(
+        cls, model: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], source: str
+    ) -> None:
+        """Every module the config targets has its A factor in `state`, of the rank the config gives it."""
+        config = cls.resolve_config(model, config)
+        prefix = config.state_key_prefix
+        saved_ranks = [
+            t.shape[0] for k, t in state.items() if k.endswith((".lora_A.weight", ".lora_embedding_A"))
+        ]
+        largest = max(saved_ranks, default=0)
+        for name in cls.preview(model, config).targets:
+            rank = config.rank_for(name)
+            keys = (f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_embedding_A")
+            key = next((k for k in keys if k in state), None)
+            if key is not None and state[key].shape[0] != rank:
+                raise AdapterFormatError(
+                    f"{source}: the config gives {name!r} rank {rank} (r / rank_pattern), but its saved "
+                    f"weights have rank {state[key].shape[0]}; the config does not belong to these weights"
+                )
+            if key is None and rank > largest:  # a missing module is named after loading, unless its size
+                raise AdapterFormatError(  # alone is a problem
+                    f"{source}: the config gives {name!r} rank {rank}, but it has no saved weights and no "
+                    f"saved factor has a rank over {largest}; the config does not belong to these weights"
+                )
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:

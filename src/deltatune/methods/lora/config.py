@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ...core import patterns
 from ...core.config import AdapterConfig
 from ...core.errors import AdapterConfigError
 
@@ -22,10 +22,10 @@ _PEFT_ONLY = frozenset(
 _INIT_CHOICES = (True, False, "gaussian")
 
 
-def _pattern_value(patterns: dict[str, float], module_name: str) -> float | None:
+def _pattern_value(by_pattern: dict[str, float], module_name: str) -> float | None:
     """PEFT's rule: a key matches when it matches the end of the module name at a '.' boundary."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+    for key, value in by_pattern.items():
+        if patterns.matches(rf"(.*\.)?({key})$", module_name, whole=False):
             return value
     return None
 
