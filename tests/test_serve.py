@@ -5,17 +5,13 @@ server keeps serving."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from serve_helpers import AUTH, running_server
 
 import deltatune as dt
 from deltatune.runtime import generate
@@ -24,8 +20,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ADAPTERS = {"alpha": (2, ["q_proj", "v_proj"]), "beta-v2": (4, "all-linear")}
 PROMPTS = ["good day", "the phone was", "awful movie", "my food is"]
 
@@ -55,40 +49,16 @@ def adapters_dir(tiny_causal_lm, tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_causal_lm, adapters_dir):
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "deltatune", "serve", "--base", str(tiny_causal_lm), "--base-name", "base",
-        "--adapters-dir", str(adapters_dir), "--port", str(port), "--api-key-env", "DT_TEST_KEY",
-        "--max-tokens", "8", "--max-prompt-tokens", "32", "--max-request-bytes", "4096",
-        "--batch-window-ms", "100", "--log-level", "warning",
+    options = [
+        "--max-tokens", "8", "--max-prompt-tokens", "32", "--max-request-bytes", "4096", "--batch-window-ms", "100",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env={**os.environ, "DT_TEST_KEY": KEY}, stderr=subprocess.PIPE, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start: {process.stderr.read()[-3000:]}")
-        time.sleep(0.2)
-    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+    with (
+        running_server(tiny_causal_lm, adapters_dir, *options) as (_, url),
+        httpx.Client(base_url=url, headers=AUTH, timeout=60) as client,
+    ):
         yield client
-    process.terminate()
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,9 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         problems = [_type_problem(value, option) for option in typing.get_args(annotation)]
-        return None if None in problems else "wrong type"
+        if None in problems:
+            return None
+        return next((p for p in problems if p != "wrong type"), "wrong type")  # the option of its shape
     if annotation is Any:
         return None
     if annotation is type(None):

@@ -1,0 +1,59 @@
+"""`deltatune serve` as a real process on 127.0.0.1, for tests that drive it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(base: Path, adapters_dir: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start the server (API key KEY), wait until /health answers, yield (process, url); stop it after."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "deltatune", "serve", "--base", str(base), "--base-name", "base",
+        "--adapters-dir", str(adapters_dir), "--port", str(port), "--api-key-env", "DT_TEST_KEY",
+        "--log-level", "warning", *options,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env={**os.environ, "DT_TEST_KEY": KEY}, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not start: {process.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    try:
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise

@@ -1,0 +1,177 @@
+"""Adapter folders come from other people: every hostile or damaged one is refused by `load_adapter` (and by the
+server's adapter cache, which hot-swaps into free slots) with an error naming the problem, quickly, and before
+anything is allocated for it; the model is left as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import deltatune as dt
+from deltatune.core.errors import AdapterConfigError, AdapterFormatError, DeltatuneError
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_causal_lm, tmp_path_factory) -> Path:
+    model = _model(tiny_causal_lm)
+    torch.manual_seed(0)
+    dt.inject(model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), "a")
+    folder = tmp_path_factory.mktemp("hostile") / "good"
+    dt.save_adapter(model, folder, adapter_name="a")
+    return folder
+
+
+def _model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _variant(saved: Path, tmp_path: Path, config_edit=None, weights_edit=None) -> Path:
+    """A copy of the good adapter without its provenance (a hand-edited file has no valid record)."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    (folder / "deltatune.json").unlink()
+    if config_edit is not None:
+        config_file = folder / "adapter_config.json"
+        edited = config_edit(json.loads(config_file.read_text()))
+        if isinstance(edited, bytes):
+            config_file.write_bytes(edited)
+        else:
+            config_file.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    if weights_edit is not None:
+        weights = folder / "adapter_model.safetensors"
+        state = {k: v.clone() for k, v in load_file(weights).items()}
+        weights_edit(state)
+        save_file(state, weights)
+    return folder
+
+
+def _refused(tiny_causal_lm, folder: Path, error: type[Exception], match: str) -> None:
+    model = _model(tiny_causal_lm)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    started = time.monotonic()
+    with pytest.raises(error, match=match):
+        dt.load_adapter(model, folder, adapter_name="x")
+    assert time.monotonic() - started < 10  # bounded: a hang is the failure this guards against
+    assert not dt.core.inject.adapter_configs(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _set(key, value):
+    def edit(config):
+        config[key] = value
+        return config
+
+    return edit
+
+
+CASES = {
+    # nested quantifiers: with the stdlib `re`, these take exponential time on module names
+    "nested-quantifier-a": (_set("target_modules", "(a+)+$"), dt.TargetingError, "matches no module|match"),
+    "nested-quantifier-dot": (_set("target_modules", "(.+)+X"), dt.TargetingError, "match"),
+    # one the regex package cannot shortcut either: refused by the time budget
+    "slow-pattern": (_set("target_modules", "(.*){1,32000}[bc]"), AdapterConfigError, "took over 1 s"),
+    "slow-rank-pattern": (_set("rank_pattern", {"(.*){1,32000}[bc]": 4}), AdapterConfigError, "took over"),
+    "invalid-regex": (
+        _set("target_modules", "(q_proj"),
+        AdapterConfigError,
+        "not a valid regular expression",
+    ),
+    "huge-pattern": (_set("target_modules", "q" * 5000), AdapterConfigError, "over the limit"),
+    "huge-r": (_set("r", 10**12), AdapterFormatError, "rank 1000000000000 .* saved weights have rank 2"),
+    "float-r": (_set("r", 1e12), AdapterConfigError, "r must be int"),
+    "bool-r": (_set("r", True), AdapterConfigError, "r must be int"),
+    "nan-alpha": (
+        lambda c: json.dumps(c).replace('"lora_alpha": 4', '"lora_alpha": NaN'),
+        AdapterConfigError,
+        "lora_alpha must be float, got nan \\(not finite\\)",
+    ),  # fmt: skip
+    "target-modules-number": (_set("target_modules", 5), AdapterConfigError, "target_modules must be"),
+    "rank-pattern-string-values": (_set("rank_pattern", {"q_proj": "4"}), AdapterConfigError, "rank_pattern"),
+    "long-list": (_set("target_modules", ["q_proj"] * 5000), AdapterConfigError, "over 4096 entries"),
+    "peft-type-object": (_set("peft_type", {"a": 1}), AdapterConfigError, "peft_type must be a string"),
+    "not-utf8": (lambda c: json.dumps(c).encode("utf-16"), AdapterConfigError, "not UTF-8"),
+    "deeply-nested": (lambda c: "[" * 200_000 + "]" * 200_000, AdapterConfigError, "nested too deeply"),
+    "too-large": (lambda c: json.dumps(c | {"padding": "x" * (2 << 20)}), AdapterConfigError, "too large"),
+    "not-an-object": (lambda c: "[1, 2]", AdapterConfigError, "expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_hostile_configs_are_refused_quickly_and_by_name(tiny_causal_lm, saved, tmp_path, case):
+    edit, error, match = CASES[case]
+    _refused(tiny_causal_lm, _variant(saved, tmp_path, config_edit=edit), error, match)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_weights_with_non_finite_values_are_refused(tiny_causal_lm, saved, tmp_path, value):
+    def poison(state):
+        key = sorted(state)[0]
+        state[key][0, 0] = value
+
+    folder = _variant(saved, tmp_path, weights_edit=poison)
+    _refused(tiny_causal_lm, folder, AdapterFormatError, "hold NaN or inf values")
+
+
+def test_a_damaged_provenance_record_is_refused_by_name(tiny_causal_lm, saved, tmp_path):
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    (folder / "deltatune.json").write_text('{"a": ' * 100_000)
+    _refused(tiny_causal_lm, folder, AdapterFormatError, "deltatune.json: JSON nested too deeply")
+    (folder / "deltatune.json").write_bytes(b'{"schema_version": 1, "x": "\xff"}')
+    _refused(tiny_causal_lm, folder, AdapterFormatError, "not UTF-8")
+
+
+def test_the_stdlib_re_would_hang_on_these_patterns():
+    """Why the patterns go through the regex package: the same match with `re` grows exponentially with the
+    name's length (measured on short names so the test stays fast)."""
+    import re
+
+    from deltatune.core import patterns
+
+    def stdlib_seconds(n: int) -> float:
+        started = time.perf_counter()
+        re.fullmatch("(.+)+X", "m" * n)
+        return time.perf_counter() - started
+
+    assert stdlib_seconds(22) > 8 * stdlib_seconds(18)  # roughly doubles per character
+    started = time.perf_counter()
+    assert not patterns.matches("(.+)+X", "model.layers.0.self_attn.q_proj" * 4)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_free_slot_refuses_a_config_that_contradicts_its_weights(tiny_causal_lm, saved, tmp_path):
+    """The server's cache copies a new adapter into a free slot of the same tensor shapes; the config's rank
+    must agree with those tensors there exactly as on a fresh load."""
+    from deltatune.runtime import AdapterCache
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    shutil.copytree(saved, root / "good")
+    (root / "liar").mkdir()
+    liar = _variant(saved, tmp_path, config_edit=_set("r", 8))
+    for file in liar.iterdir():
+        shutil.copy(file, root / "liar" / file.name)
+    model = _model(tiny_causal_lm)
+    cache = AdapterCache(model, root)
+    cache.load("good")
+    cache.unload("good")
+    assert cache.free_slot_bytes > 0
+    with pytest.raises(AdapterFormatError, match="rank 8 .* saved weights have rank 2"):
+        cache.load("liar")  # via the free slot
+    assert cache.free_slot_bytes > 0 and "liar" not in cache  # the slot is still free, unchanged
+    with pytest.raises(AdapterFormatError, match="rank 8 .* saved weights have rank 2"):
+        dt.load_adapter(_model(tiny_causal_lm), root / "liar")  # a fresh load says the same
+
+
+def test_every_refusal_is_a_deltatune_error():
+    """What the server maps to a 4xx: all of the above derive from DeltatuneError."""
+    assert all(issubclass(error, DeltatuneError) for _, error, _ in CASES.values())
