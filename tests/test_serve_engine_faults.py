@@ -207,3 +207,25 @@ def test_adapter_calls_run_ahead_of_queued_rows(engine):
     for r in rows:
         r.future.result(timeout=120)
     assert order.index("call") < 20
+
+
+def test_a_busy_adapter_drains_then_unloads_and_later_rows_load_it_again(engine, monkeypatch):
+    import threading
+
+    from deltatune.runtime.decode import DecodeBatch
+
+    (alone,) = _answers(engine, [_row(engine, n=3)])
+    real_step = DecodeBatch.step
+    monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.02), real_step(self))[1])
+    started = threading.Event()
+    running = _row(engine, n=30, on_token=lambda _: started.set())
+    running_future = engine.submit(running)
+    assert started.wait(timeout=60)
+    drained = engine.call(lambda: engine.cache.unload_when_idle("alpha")).result(timeout=60)
+    assert not drained.done()  # the running row still uses it
+    later = engine.submit(_row(engine, n=3))  # arrives while it drains: waits, not refused
+    assert len(running_future.result(timeout=60).tokens) == 30
+    drained.result(timeout=60)
+    assert later.result(timeout=60).tokens == alone.tokens
+    assert "alpha" in engine.cache  # loaded again for the later row
+    assert engine.stats.failed_rows == 0

@@ -369,7 +369,8 @@ def _sample(logits: torch.Tensor, temperature: list[float], top_p: list[float]) 
     ordered, order = probs.sort(dim=-1, descending=True)
     mass_before = ordered.cumsum(-1) - ordered
     cut = torch.tensor([top_p[i] for i in sampled], device=logits.device).unsqueeze(1)
-    nucleus = mass_before < cut  # the most likely token always stays
+    nucleus = mass_before < cut
+    nucleus[:, 0] = True  # the most likely token always stays (also when top_p rounds to 0 in float32)
     ordered = ordered * nucleus
     picks = order.gather(-1, torch.multinomial(ordered, 1)).squeeze(1)
     chosen[sampled] = picks

@@ -2,7 +2,7 @@
 
 Every error is JSON in OpenAI's shape ({"error": {"message", "type", "code"}}) with a 4xx status for what the
 client can fix: malformed JSON or fields (400), missing or wrong API key (401), unknown adapter (404), an
-adapter that cannot be used (409), body too large (413), a full queue or cache, an adapter being unloaded or a
+adapter that cannot be used or is being unloaded (409), body too large (413), a full queue or cache or a
 stopped engine (503), a request past its deadline (504). Anything unexpected is a 500 for that request only,
 logged with its traceback, and the connection stays usable. With stream=true the same checks run before the
 stream starts; an error after that is a final error event. Error messages never show the adapters folder's
@@ -77,8 +77,10 @@ def _status_of(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code="invalid_adapter_name")
     if isinstance(exc, AdapterNotFoundError):
         return ApiError(404, str(exc), code="model_not_found")
-    if isinstance(exc, (ServerBusy, CacheFullError, AdapterDraining, EngineStopped)):
+    if isinstance(exc, (ServerBusy, CacheFullError, EngineStopped)):
         return ApiError(503, str(exc), "server_busy")
+    if isinstance(exc, AdapterDraining):
+        return ApiError(409, str(exc), code="adapter_draining")
     if isinstance(exc, RequestTimeout):
         return ApiError(504, str(exc), "timeout", "request_timeout")
     if isinstance(exc, DeltatuneError):
@@ -394,6 +396,11 @@ def create_app(
             "stats": asdict(engine.stats),
         }
 
+    @app.get("/v1/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def openapi() -> dict:
+        """The API's schema, for clients and the fuzzer (behind the key, like everything but liveness)."""
+        return app.openapi()
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict:
         loaded = {e.name for e in cache.loaded}
@@ -505,8 +512,8 @@ def create_app(
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(authorize)])
     async def unload(name: str) -> dict:
-        """Unload now, or, while rows use the adapter, once they end: new rows for it are refused (503)
-        meanwhile, so a busy adapter cannot be kept loaded by its traffic."""
+        """Unload now, or, while rows use the adapter, once they end: new rows for it wait meanwhile (and
+        load it again afterwards), so a busy adapter cannot be kept loaded by its traffic."""
         try:
             drained = await asyncio.wrap_future(engine.call(lambda: cache.unload_when_idle(name)))
             await asyncio.wait_for(asyncio.wrap_future(drained), limits.request_timeout_s)

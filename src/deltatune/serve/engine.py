@@ -7,7 +7,8 @@ soon as it ends, so a request never waits for another's whole generation. When t
 arrival waits `batch_window_s` for company. Rows the decode loop cannot take (adapters that are not plain
 LoRA, a model whose KV cache it cannot merge) run as fixed batches through `runtime.generate`, grouped by
 sampling settings. Loading and unloading adapters run between steps, ahead of queued rows, so the model
-never changes under a running forward and an operator is not kept waiting behind traffic.
+never changes under a running forward and an operator is not kept waiting behind traffic. An adapter being
+unloaded while rows use it drains: rows arriving for it wait until it is gone, then load it afresh.
 
 No request may stop the engine: sampling settings are checked before a row is admitted; a row whose scores
 turn non-finite leaves the batch with its own error; a failing prefill or step is retried row by row, so one
@@ -31,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from ..runtime import AdapterCache, CacheFullError, Completion, generate
+from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
 from ..runtime.generate import GREEDY_BELOW, check_sampling
 from ..runtime.mixed import mixable_refusal
@@ -307,6 +309,7 @@ class Engine:
         """Move waiting rows into the decode batch while it has room; rows it cannot take run apart."""
         joining: list[tuple[Row, ExitStack, str | None]] = []
         apart: list[Row] = []
+        parked: list[Row] = []  # their adapter is draining: they wait, and load it afresh once it is unloaded
         while self._waiting and len(self._live) + len(joining) < self.max_batch:
             row = self._waiting.popleft()
             if row.cancelled:  # its client left before it started
@@ -318,6 +321,9 @@ class Engine:
             pin = ExitStack()
             try:
                 key = pin.enter_context(self.cache.pinned([row.adapter])).get(row.adapter)
+            except AdapterDraining:  # only rows in flight pin a draining adapter, so this ends soon
+                parked.append(row)
+                continue
             except CacheFullError:
                 if self._live or joining:  # every resident adapter is in use: wait for rows to end
                     self._waiting.appendleft(row)
@@ -332,6 +338,7 @@ class Engine:
                 apart.append(row)
             else:
                 joining.append((row, pin, key))
+        self._waiting.extendleft(reversed(parked))
         if apart:
             self._run_rows(apart)
         if joining:
