@@ -91,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         max_request_bytes=args.max_request_bytes,
         max_stops=args.max_stops,
+        max_prompt_chars=args.max_prompt_chars,
         max_stop_chars=args.max_stop_chars,
         request_timeout_s=args.request_timeout_s,
     )
@@ -182,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="refused before tokenizing (default: 32 per prompt token)",
+    )
     p.add_argument("--max-stops", type=int, default=4, help="most stop strings per request (OpenAI: 4)")
     p.add_argument("--max-stop-chars", type=int, default=256, help="longest stop string accepted")
     p.add_argument(

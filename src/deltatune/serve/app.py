@@ -223,11 +223,12 @@ def create_app(
             ) from None
         return model
 
-    def check_text(request: CompletionRequest | ChatRequest, texts: list[str]) -> None:
-        """Limits that hold before any tokenizing: prompt count and size, stop strings."""
-        if len(texts) > limits.max_prompts_per_request:
+    def check_text(request: CompletionRequest | ChatRequest, prompts: int, texts: list[str]) -> None:
+        """Limits that hold before any tokenizing: the number of prompts, the size of their text, stop
+        strings."""
+        if prompts > limits.max_prompts_per_request:
             raise ApiError(
-                400, f"{len(texts)} prompts in one request; the limit is {limits.max_prompts_per_request}"
+                400, f"{prompts} prompts in one request; the limit is {limits.max_prompts_per_request}"
             )
         size = sum(len(t) for t in texts)
         if size > limits.prompt_chars:
@@ -420,11 +421,7 @@ def create_app(
     async def encoded(request: CompletionRequest) -> list[list[int]]:
         items = request.prompt_items()
         texts = [t for t in items if isinstance(t, str)]
-        check_text(request, texts)
-        if len(items) > limits.max_prompts_per_request:
-            raise ApiError(
-                400, f"{len(items)} prompts in one request; the limit is {limits.max_prompts_per_request}"
-            )
+        check_text(request, len(items), texts)
         if not texts:
             return items
         # off the event loop: a long text takes a while, and /health must keep answering meanwhile
@@ -467,7 +464,7 @@ def create_app(
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "the base model's tokenizer has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in request.messages]
-        check_text(request, [m["content"] for m in messages])
+        check_text(request, 1, [m["content"] for m in messages])
         try:
             prompt = await asyncio.to_thread(encode_chat, tokenizer, messages)
         except ValueError as exc:

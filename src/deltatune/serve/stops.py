@@ -24,15 +24,19 @@ class StopWatch:
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
         self.overlap = max((len(s) for s in stops), default=1) - 1
+        self._start_over()
+
+    def _start_over(self) -> None:
         self.text = ""  # the text of tokens[:read]
         self.tokens: list[int] = []
         self.context = 0  # tokens[context:read] are decoded again with the new ones, for their neighbours
         self.read = 0
 
     def reached(self, tokens: list[int]) -> bool:
-        """Take the row's tokens so far (a list that only grows; a shorter one starts over)."""
+        """Take the row's tokens so far (a list that only grows; one that does not, a rerun row's, starts
+        over)."""
         if len(tokens) < len(self.tokens) or tokens[: len(self.tokens)] != self.tokens:
-            self.__init__(self.tokenizer, self.stops)
+            self._start_over()
         self.tokens = list(tokens)
         decode = self.tokenizer.decode
         before = decode(tokens[self.context : self.read], skip_special_tokens=True)

@@ -21,6 +21,7 @@ class TextDeltas:
 
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
+        self.overlap = max((len(s) for s in stops), default=1) - 1
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False  # a stop string was reached: nothing more goes out
@@ -30,10 +31,12 @@ class TextDeltas:
             return ""
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = first_stop(text, self.stops)
+        # what was sent holds no stop string: search only where a new one could start
+        start = max(len(self.sent) - self.overlap, 0)
+        cut = first_stop(text[start:], self.stops)
         if cut is not None:
             self.stopped = True
-            return self._release(text[:cut])
+            return self._release(text[: start + cut])
         end = len(text.rstrip("\ufffd"))  # the first bytes of a character the next token completes
         held = [  # a tail that is the start of a stop string waits for the next token
             size
