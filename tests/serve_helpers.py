@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,35 +26,48 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(base: Path, adapters_dir: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Start the server (API key KEY), wait until /health answers, yield (process, url); stop it after."""
+    """Start the server (API key KEY), wait until /health answers, yield (process, url); stop it after.
+    `server_log(process)` is what it wrote to stderr."""
     port = free_port()
     command = [
         sys.executable, "-m", "deltatune", "serve", "--base", str(base), "--base-name", "base",
         "--adapters-dir", str(adapters_dir), "--port", str(port), "--api-key-env", "DT_TEST_KEY",
         "--log-level", "warning", *options,
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env={**os.environ, "DT_TEST_KEY": KEY}, stderr=subprocess.PIPE, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
+    # stderr goes to a file: a pipe nobody reads fills up (64 KiB of log lines) and then blocks the server
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, env={**os.environ, "DT_TEST_KEY": KEY}, stderr=log, text=True)
+        process.log = log
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_up(process, url)
+        try:
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    raise
+
+
+def _wait_until_up(process: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"server did not start: {process.stderr.read()[-3000:]}")
+            raise RuntimeError(f"server did not start: {server_log(process)[-3000:]}")
         time.sleep(0.2)
-    try:
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                raise
+
+
+def server_log(process: subprocess.Popen) -> str:
+    """What the server wrote to stderr so far."""
+    process.log.flush()
+    process.log.seek(0)
+    return process.log.read()

@@ -244,9 +244,9 @@ class Engine:
                 break
             if isinstance(item, Row) and not item.future.done():
                 item.future.set_exception(exc)
-        self._run_calls_failing(exc)
+        self._fail_calls(exc)
 
-    def _run_calls_failing(self, exc: BaseException) -> None:
+    def _fail_calls(self, exc: BaseException) -> None:
         while True:
             try:
                 call = self._calls.get_nowait()
