@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .core.errors import AdapterFormatError
+
 
 class Generator:
-    """Greedy generation; prompts go through the tokenizer's chat template when it has one."""
+    """Greedy generation. Plain prompts go through the tokenizer's chat template when it has one; a training
+    config's data section renders them exactly as training did (`encoder`, see `for_config`)."""
 
     def __init__(
         self,
@@ -17,24 +21,37 @@ class Generator:
         adapter: str | Path | None = None,
         *,
         system_prompt: str | None = None,
-        template: str | None = None,
+        allow_base_mismatch: bool = False,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from .core.io import load_adapter
-        from .train.setup import resolve_model_path
+        from .classification import adapter_task
+        from .core.io import load_adapter, saved_label_names
+        from .train.setup import load_pretrained, load_tokenizer_from
 
-        path = resolve_model_path(base)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tokenizer = load_tokenizer_from(base)
+        if adapter is not None and adapter_task(adapter) == "SEQ_CLS":
+            labels = saved_label_names(adapter)
+            raise AdapterFormatError(
+                f"{adapter} is a classifier ({'labels ' + ', '.join(labels) if labels else 'task SEQ_CLS'}), not "
+                f"a text generator: use `deltatune classify --base {base} --adapter {adapter}`"
+            )
+        self.model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
         if adapter is not None:
-            load_adapter(self.model, adapter, tokenizer=self.tokenizer)
+            load_adapter(
+                self.model, adapter, tokenizer=self.tokenizer, allow_base_mismatch=allow_base_mismatch
+            )
         self.system_prompt = system_prompt
-        self.template = template  # e.g. a training config's instruction_template; the prompt fills {text}
+        self.encoder: Any = None
+
+    def for_config(self, data_spec: Any) -> Generator:
+        """Render prompts with a training config's data section (format, templates, system prompt)."""
+        from .data.formats import Encoder
+
+        self.encoder = Encoder(self.tokenizer, data_spec)
+        return self
 
     def render(self, prompt: str) -> str:
-        if self.template:
-            prompt = self.template.format(text=prompt)
         if not getattr(self.tokenizer, "chat_template", None):
             return prompt
         messages = [{"role": "user", "content": prompt}]
@@ -42,13 +59,28 @@ class Generator:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def prompt_ids(self, prompt: str | dict[str, Any]) -> list[int]:
+        """A text (or, with a config, a row of its fields) as the ids generation starts from."""
+        if self.encoder is not None:
+            fields = prompt if isinstance(prompt, dict) else self.encoder.prompt_fields(prompt)
+            return self.encoder.prompt_ids(fields)
+        if isinstance(prompt, dict):
+            raise ValueError("a prompt given as fields needs a training config (--config) to render it")
+        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+
     @torch.no_grad()
-    def __call__(self, prompt: str, *, max_new_tokens: int = 64) -> str:
-        batch = self.tokenizer(self.render(prompt), return_tensors="pt", add_special_tokens=False)
+    def __call__(self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64) -> str:
+        ids = torch.tensor([self.prompt_ids(prompt)])
         pad = (
             self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id
         )
-        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        return self.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import DeltatuneError
@@ -42,30 +43,75 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(args: argparse.Namespace) -> Iterator[str]:
+    """The prompts from the command line, else from --input, else one per line of stdin (interactive: until
+    an empty line)."""
+    if args.prompt:
+        yield from args.prompt
+        return
+    if getattr(args, "input", None) is not None:
+        with Path(args.input).open(encoding="utf-8") as handle:
+            yield from (line.rstrip("\n") for line in handle if line.strip())
+        return
+    if sys.stdin.isatty():
+        print("reading prompts, one per line; an empty line or Ctrl-D ends", file=sys.stderr)
+        yield from iter(lambda: input("> "), "")
+        return
+    yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+
+
+def _as_fields(prompt: str) -> str | dict:
+    """A line that is a JSON object gives a row's fields (for templates with several); anything else is text."""
+    if prompt.lstrip().startswith("{"):
+        try:
+            value = json.loads(prompt)
+        except json.JSONDecodeError:
+            return prompt
+        if isinstance(value, dict):
+            return value
+    return prompt
+
+
 def _generate(args: argparse.Namespace) -> int:
     from ..generation import Generator
 
-    base, system, template = args.base, args.system, None
-    if args.config is not None:  # the prompt format the adapter was trained with
+    base, system, data_spec = args.base, args.system, None
+    if (
+        args.config is not None
+    ):  # render prompts as the adapter was trained: the config's format and templates
         from ..train import load_train_config
 
         cfg = load_train_config(args.config)
         base = base or cfg.model.path
-        system = system or cfg.data.system_prompt
-        template = cfg.data.instruction_template
+        data_spec = cfg.data.model_copy(update={"system_prompt": system or cfg.data.system_prompt})
     if base is None:
         raise SystemExit("deltatune generate: give --base (or --config)")
-    generator = Generator(base, args.adapter, system_prompt=system, template=template)
-    if args.prompt:
-        for prompt in args.prompt:
-            print(generator(prompt, max_new_tokens=args.max_new_tokens))
-        return 0
-    print("reading prompts, one per line; an empty line or Ctrl-D ends", file=sys.stderr)
-    lines = sys.stdin if not sys.stdin.isatty() else iter(lambda: input("> "), "")
-    for line in lines:
-        if not line.strip():
-            break
-        print(generator(line.strip(), max_new_tokens=args.max_new_tokens), flush=True)
+    generator = Generator(
+        base, args.adapter, system_prompt=system, allow_base_mismatch=args.allow_base_mismatch
+    )
+    if data_spec is not None:
+        generator.for_config(data_spec)
+    for number, prompt in enumerate(_prompts(args), start=1):
+        answer = generator(
+            _as_fields(prompt) if data_spec is not None else prompt, max_new_tokens=args.max_new_tokens
+        )
+        if args.jsonl:
+            print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False), flush=True)
+        else:  # one block per prompt: its number, then the answer; the answer's own line breaks are indented
+            print(f"[{number}] " + answer.replace("\n", "\n    "), flush=True)
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from ..classification import Classifier
+
+    classifier = Classifier(args.base, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+    texts = list(_prompts(args))
+    for text, result in zip(texts, classifier(texts), strict=True):
+        if args.jsonl:
+            print(json.dumps({"text": text, **result}, ensure_ascii=False), flush=True)
+        else:
+            print(f"{result['label']}\t{result['probabilities'][result['label']]:.4f}\t{text}", flush=True)
     return 0
 
 
@@ -119,6 +165,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_io_flags(p: argparse.ArgumentParser, what: str, out: str) -> None:
+    p.add_argument(
+        "--input", type=Path, help=f"a file of {what}, one per line (default: arguments, else stdin)"
+    )
+    p.add_argument("--jsonl", action="store_true", help=f"one JSON object per line: the input and its {out}")
+    p.add_argument(
+        "--allow-base-mismatch", action="store_true", help="load an adapter saved for a different base model"
+    )
+    p.add_argument("prompt", nargs="*", metavar=what.upper()[:-1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,12 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         type=Path,
-        help="training config: its model, system prompt and instruction_template ({text})",
+        help="training config: prompts are rendered as in training (format, templates, system prompt); a "
+        "prompt that is a JSON object fills a template's fields",
     )
     p.add_argument("--system", default=None, help="system prompt for chat models")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("prompt", nargs="*")
+    _add_io_flags(p, "prompts", "answer")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("classify", help="classify texts with base + classifier adapter: labels by name")
+    p.add_argument("--base", required=True, help="model folder, hub id, or a bundled name (minilm)")
+    p.add_argument("--adapter", type=Path, required=True)
+    _add_io_flags(p, "texts", "label, probabilities")
+    p.set_defaults(func=_classify)
 
     p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
     p.add_argument("adapter")

@@ -60,6 +60,12 @@ def describe_adapter(folder: Path) -> str:
         f"(target weights sha256 {str(base.get('target_weights_sha256', ''))[:16]})",
         f"tokenizer sha256: {record.get('tokenizer_sha256')}",
         f"data sha256: {record.get('data_sha256')}",
+        "labels: "
+        + (
+            json.dumps((record.get("labels") or {}).get("id2label"))
+            if record.get("labels")
+            else "none (not a classifier)"
+        ),
         f"metrics: {json.dumps(record.get('metrics'))}",
         f"environment: {json.dumps(record.get('environment'))}",
     ]

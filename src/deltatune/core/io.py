@@ -140,6 +140,7 @@ def save_adapter(
                 "model_total": sum(p.numel() for p in model.parameters()),
             },
             "training_config": training_config,
+            "labels": classifier_labels(model, config),
             "metrics": metrics,
             "environment": provenance.environment(),
             "files": {
@@ -154,6 +155,35 @@ def save_adapter(
         )
         _verify_written(staging / WEIGHTS_NAME, tensors)
     return path
+
+
+def classifier_labels(model: nn.Module, config: AdapterConfig) -> dict[str, dict] | None:
+    """A sequence classifier's class names in transformers' form ({"id2label", "label2id"}), read from the
+    model's config, for an adapter trained as one (task_type SEQ_CLS): the head is rebuilt from them on load,
+    and a prediction is a name, not an index. None for any other adapter."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if config.task_type != "SEQ_CLS" or not id2label:
+        return None
+    names = {str(int(i)): str(name) for i, name in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+    return {"id2label": names, "label2id": {name: int(i) for i, name in names.items()}}
+
+
+def saved_label_names(folder: str | Path) -> list[str] | None:
+    """The class names, in index order, an adapter folder's deltatune.json records (None: none recorded)."""
+    record = read_provenance(Path(folder))
+    labels = (record or {}).get("labels")
+    if not isinstance(labels, dict) or not isinstance(labels.get("id2label"), dict):
+        return None
+    id2label = labels["id2label"]
+    try:
+        ordered = sorted(id2label.items(), key=lambda kv: int(kv[0]))
+    except (TypeError, ValueError):
+        raise AdapterFormatError(f"{folder}: deltatune.json labels.id2label has non-integer ids") from None
+    if [int(i) for i, _ in ordered] != list(range(len(ordered))):
+        raise AdapterFormatError(
+            f"{folder}: deltatune.json labels.id2label ids are not 0..{len(ordered) - 1}"
+        )
+    return [str(name) for _, name in ordered]
 
 
 def _verify_written(file: Path, expected: dict[str, torch.Tensor]) -> None:
@@ -275,6 +305,8 @@ def load_adapter(
         raise AdapterFormatError(
             f"adapters {merged} are merged into the model; unmerge before loading another"
         )
+    if record is not None:  # a different base shows here before targeting fails on it less clearly
+        _check_base_shape(model, record, allow_base_mismatch, folder)
     previously_active = active_adapters(model)
     with patterns.match_budget():
         # sizes the config implies are checked against the file before anything is allocated for them
@@ -297,6 +329,30 @@ def load_adapter(
             for p in layer.adapter_parameters(adapter_name):
                 p.requires_grad_(False)
     return model
+
+
+def _check_base_shape(model: nn.Module, record: dict, allow: bool, folder: Path) -> None:
+    """Before injecting: the model is of the architecture the adapter was trained on and has the modules it
+    targeted. The full comparison (shapes, weight hashes) follows once the adapter is in place."""
+    saved = record.get("base_model") or {}
+    if allow or not isinstance(saved, dict):
+        return
+    problems = []
+    if saved.get("architecture") and saved["architecture"] != type(model).__name__:
+        problems.append(f"architecture {saved['architecture']} (adapter) vs {type(model).__name__} (model)")
+    names = dict(model.named_modules())
+    targets = saved.get("targets") if isinstance(saved.get("targets"), dict) else {}
+    absent = [name for name in targets if name not in names]
+    if absent:
+        problems.append(
+            f"{len(absent)} of the {len(targets)} modules it adapts are not in the model (e.g. {absent[0]})"
+        )
+    if problems:
+        trained_on = saved.get("name_or_path") or saved.get("architecture")
+        raise BaseModelMismatchError(
+            f"{folder} was trained on a different base model ({trained_on}): {'; '.join(problems)}. Load the base "
+            "it was trained on, or pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway."
+        )
 
 
 def check_base(

@@ -8,6 +8,7 @@ are tokenized as separate segments, which is also how generation sees them (prom
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,54 @@ class Encoder:
         if fmt == "chat":
             return self._chat(fields.get("messages"))
         return self._plain_text(fields)
+
+    def prompt_ids(self, fields: dict[str, Any]) -> list[int]:
+        """The ids generation starts from for a row without its answer: the same rendering (templates, chat
+        template, system prompt) as training's prompt part, so a trained adapter sees what it learned from."""
+        fmt = self.spec.format
+        if fmt == "instruction":
+            if self.spec.instruction_template:
+                try:
+                    instruction, inp = self.spec.instruction_template.format(**fields), ""
+                except KeyError as exc:
+                    raise RowError(
+                        f"instruction_template needs field {exc}; give it (as JSON: {{{exc}: ...}})"
+                    ) from None
+            else:
+                instruction, inp = (
+                    _text_field(fields, "instruction"),
+                    _text_field(fields, "input", required=False),
+                )
+            messages = [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
+            return self._bos() + self._segment_ids(self._render_prompt(messages, instruction, inp))
+        if fmt == "chat":
+            messages = fields.get("messages")
+            if not self.has_chat_template or not isinstance(messages, list):
+                raise RowError("format 'chat' needs 'messages' and a tokenizer with a chat template")
+            return self._bos() + self._segment_ids(self._apply_template(messages, add_generation_prompt=True))
+        if fmt == "classification":
+            raise RowError(
+                "a classification config has no prompts to generate from; use `deltatune classify`"
+            )
+        return self._bos() + self._segment_ids(_text_field(fields, "text"))
+
+    def prompt_fields(self, text: str) -> dict[str, Any]:
+        """A plain text given as a prompt, as the row field(s) this format reads: the one field the
+        instruction template names, or the format's main field."""
+        spec = self.spec
+        if spec.format == "instruction" and spec.instruction_template:
+            names = [n for _, n, _, _ in string.Formatter().parse(spec.instruction_template) if n]
+            if len(set(names)) != 1:
+                raise RowError(
+                    f"instruction_template uses fields {sorted(set(names))}; give each prompt as a JSON object "
+                    "with them"
+                )
+            return {names[0]: text}
+        if spec.format == "instruction":
+            return {"instruction": text}
+        if spec.format == "chat":
+            return {"messages": [{"role": "user", "content": text}]}
+        return {"text": text}
 
     # --- formats -------------------------------------------------------------------------------------------
     def _classification(self, fields: dict[str, Any]) -> Example:

@@ -95,26 +95,43 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
 def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool = True) -> dict[str, Any]:
     """Evaluate the base (adapter=None) or base + adapter on the config's validation split: the loss (unless
     loss=False) and the generation metrics the config lists."""
-    from ..core.io import load_adapter
+    from ..core.io import load_adapter, saved_label_names
     from .evaluate import validation_metrics
 
     seed_everything(cfg.training.seed)
+    if adapter is not None and cfg.model.task == "classification":
+        cfg = _with_adapter_labels(cfg, adapter, saved_label_names(adapter))
     tokenizer = load_tokenizer(cfg.model)
     splits = load_data(cfg.data, tokenizer, cfg.training.seed)
     print(splits.report.summary(), file=sys.stderr, flush=True)
-    model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
+    untrained = (
+        "evaluating the base alone: its classification head is untrained (random), so expect chance level"
+    )
+    head_note = untrained if adapter is None else None  # else the adapter brings the trained head
+    model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization, head_note=head_note)
     if adapter is not None:
         load_adapter(model, adapter, tokenizer=tokenizer)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
     metrics, answers = validation_metrics(
         model, tokenizer, splits.validation, cfg.eval, classification=cfg.model.task == "classification",
-        n_classes=len(splits.label_names or []), device=device, with_loss=loss,
+        n_classes=len(splits.label_names or []), device=device, with_loss=loss, label_names=splits.label_names,
     )  # fmt: skip
     result: dict[str, Any] = {**metrics, "examples": len(splits.validation)}
     if answers:
         result |= {"generated": len(answers), "sample_answers": answers[:3]}
     return result
+
+
+def _with_adapter_labels(cfg: TrainConfig, adapter: str | Path, saved: list[str] | None) -> TrainConfig:
+    """Score with the class order the adapter's head was trained with, whatever the data holds."""
+    if saved is None:
+        return cfg
+    if cfg.data.labels is not None and list(cfg.data.labels) != saved:
+        raise ConfigError(
+            f"data.labels {cfg.data.labels} differ from the labels {adapter} was trained with: {saved}"
+        )
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": saved})})
 
 
 __all__ = [

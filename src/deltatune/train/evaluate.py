@@ -70,7 +70,10 @@ def evaluate(
     device: torch.device,
     autocast: Any = contextlib.nullcontext,
     n_classes: int = 0,
-) -> dict[str, float]:
+    label_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Loss (and accuracy, macro F1) over `examples`; with `label_names`, also the majority-class baseline
+    and per-class precision / recall (`deltatune eval`)."""
     was_training = model.training
     model.eval()
     total, count, predictions = 0.0, 0, [0] * len(examples)
@@ -92,7 +95,29 @@ def evaluate(
         labels = [e.labels for e in examples]
         metrics["accuracy"] = sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
         metrics["f1"] = macro_f1(predictions, labels, n_classes)
+        if label_names:
+            metrics |= classification_details(predictions, labels, label_names)
     return metrics
+
+
+def classification_details(predictions: list[int], labels: list[int], names: list[str]) -> dict[str, Any]:
+    """What accuracy alone hides: the accuracy of always answering the most frequent class, and each class's
+    precision, recall and support."""
+    support = [labels.count(c) for c in range(len(names))]
+    majority = max(range(len(names)), key=support.__getitem__)
+    per_class = {}
+    for c, name in enumerate(names):
+        predicted = sum(p == c for p in predictions)
+        hits = sum(p == c and y == c for p, y in zip(predictions, labels, strict=True))
+        per_class[name] = {
+            "precision": hits / predicted if predicted else 0.0,
+            "recall": hits / support[c] if support[c] else 0.0,
+            "support": support[c],
+        }
+    return {
+        "majority_baseline": {"label": names[majority], "accuracy": support[majority] / max(len(labels), 1)},
+        "per_class": per_class,
+    }
 
 
 @torch.no_grad()
@@ -167,7 +192,8 @@ def validation_metrics(
     device: torch.device,
     autocast: Any = contextlib.nullcontext,
     with_loss: bool = True,
-) -> tuple[dict[str, float], list[str]]:
+    label_names: list[str] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
     """What an evaluation reports for an `eval` config section: the loss (and accuracy / F1) on the first
     `loss_samples` examples, and the generation metrics on the first `generate_samples`. Also returns the
     generated answers, for display."""
@@ -176,6 +202,7 @@ def validation_metrics(
         metrics |= evaluate(
             model, examples[: spec.loss_samples], batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id,
             classification=classification, device=device, autocast=autocast, n_classes=n_classes,
+            label_names=label_names,
         )  # fmt: skip
     answers: list[str] = []
     if spec.generate_metrics:
