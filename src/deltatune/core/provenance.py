@@ -90,8 +90,15 @@ def environment() -> dict[str, str]:
 def tokenizer_hash(tokenizer: Any) -> str:
     """Hash of the tokenizer's full serialisation (vocab, merges, special tokens) where available."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
+    if backend is None:
+        return hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    if backend.truncation is not None or backend.padding is not None:
+        # Call-time state, not the tokenizer: a call with truncation=True leaves it set on the backend (the
+        # classification data path does), and hashing it made a saved classifier refuse a fresh tokenizer.
+        backend = type(backend).from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
 def now_utc() -> str:
