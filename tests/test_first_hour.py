@@ -24,7 +24,9 @@ def _topic_rows(n: int, seed: int) -> list[dict[str, str]]:
     for _ in range(n):
         label = rng.choice(LABELS)
         words = rng.sample(FILLER, 4)
-        words.append(rng.choice({"positive": POSITIVE, "negative": NEGATIVE, "neutral": ["meh", "okay"]}[label]))
+        words.append(
+            rng.choice({"positive": POSITIVE, "negative": NEGATIVE, "neutral": ["meh", "okay"]}[label])
+        )
         rng.shuffle(words)
         rows.append({"review": " ".join(words), "stars": label})
     return rows
@@ -220,3 +222,46 @@ def test_generate_from_stdin_keeps_answers_and_prompts_aligned(
         "[3] answer to",
     ]
     assert lines[1:4] == ["    first question", "    ", "    end"]
+
+
+def _causal_cli_config(root: Path, tiny_causal_lm, **training) -> Path:
+    data = write_jsonl(root / "d.jsonl", [{"instruction": f"say {w}", "output": w} for w in FILLER * 3])
+    return write_config(root / "c.yaml", causal_config(tiny_causal_lm, data, root / "run", **training))
+
+
+def test_the_train_report_says_which_step_time_it_prints(tmp_path, tiny_causal_lm, capsys):
+    assert main(["train", str(_causal_cli_config(tmp_path, tiny_causal_lm, max_steps=3))]) == 0
+    captured = capsys.readouterr()
+    assert "median " in captured.out and " s/step, mean " in captured.out
+    assert "data: " in captured.err and "examples: train " in captured.err  # the data summary
+
+
+def test_the_whole_config_is_checked_before_anything_loads(tmp_path, tiny_causal_lm, monkeypatch, capsys):
+    import deltatune.train as train_module
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the config was checked")
+
+    monkeypatch.setattr(train_module, "load_tokenizer", heavy)
+    config = _causal_cli_config(tmp_path, tiny_causal_lm)
+    assert main(["train", str(config), "adapter.rank=8"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['rank'] in adapter (method lora)" in err
+    assert "from the command-line override 'adapter.rank=8', not the file" in err
+    assert main(["train", str(config), "training.max_steps=many"]) == 2
+    err = capsys.readouterr().err
+    assert "training.max_steps" in err and "from the command-line override 'training.max_steps=many'" in err
+
+
+def test_a_moved_run_folder_resumes_where_it_is(tmp_path, tiny_causal_lm, capsys):
+    import shutil
+
+    config = _causal_cli_config(tmp_path, tiny_causal_lm, max_steps=4, checkpoint_every=2)
+    assert main(["train", str(config)]) == 0
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "run", moved)
+    capsys.readouterr()
+    assert main(["train", str(moved / "config.yaml"), "--resume", "training.max_steps=6"]) == 0
+    assert f"resuming in {moved}" in capsys.readouterr().err
+    assert "step-00000006" in {p.name for p in (moved / "checkpoints").iterdir()}
+    assert not (tmp_path / "run").exists()  # nothing was written at the old place

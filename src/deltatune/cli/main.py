@@ -16,10 +16,13 @@ def _train(args: argparse.Namespace) -> int:
     from ..train import load_train_config, train
 
     cfg = load_train_config(args.config, args.overrides)
+    if args.resume:
+        cfg = _resume_where_it_is(cfg, args.config)
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(
-            f"trained {result.steps} steps ({result.seconds_per_step:.2f} s/step, peak RSS {result.peak_rss_mib:.0f} MiB)"
+            f"trained {result.steps} steps (median {result.seconds_per_step:.2f} s/step, mean "
+            f"{result.mean_seconds_per_step:.2f}; peak RSS {result.peak_rss_mib:.0f} MiB)"
         )
         print(result.trainable)
         best = (
@@ -32,6 +35,20 @@ def _train(args: argparse.Namespace) -> int:
             f"saved: {result.saved_to}\nmetrics: {result.output_dir / 'metrics.jsonl'}\nplot: {result.output_dir / 'curves.png'}"
         )
     return 0
+
+
+def _resume_where_it_is(cfg, config_path: Path):  # noqa: ANN001, ANN202 (TrainConfig: imported lazily)
+    """`train RUN/config.yaml --resume` on a run folder that was moved: its saved output_dir is the old place;
+    the run continues in the folder the config is in."""
+    from ..train import RESOLVED_CONFIG
+
+    folder = Path(config_path).resolve().parent
+    if Path(config_path).name != RESOLVED_CONFIG or not (folder / "checkpoints").is_dir():
+        return cfg
+    if Path(cfg.output_dir).resolve() == folder:
+        return cfg
+    print(f"deltatune train: resuming in {folder} (the run was started in {cfg.output_dir})", file=sys.stderr)
+    return cfg.model_copy(update={"output_dir": str(folder)})
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -20,7 +20,8 @@ from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, pr
 
 RESOLVED_CONFIG = "config.yaml"
 # May change between a run and its resumption without changing what is trained.
-RESUME_MUTABLE = {"training.max_steps", "training.progress", "training.log_every"}
+# output_dir: a run folder that was moved resumes where it is now.
+RESUME_MUTABLE = {"training.max_steps", "training.progress", "training.log_every", "output_dir"}
 
 
 def seed_everything(seed: int) -> None:
@@ -135,6 +136,6 @@ def _with_adapter_labels(cfg: TrainConfig, adapter: str | Path, saved: list[str]
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "NonFiniteLossError", "RunResult", "TrainConfig", "evaluate_adapter",
+    "RESOLVED_CONFIG", "CheckpointError", "ConfigError", "NonFiniteLossError", "RunResult", "TrainConfig", "evaluate_adapter",
     "load_train_config", "train", "validate_config",
 ]  # fmt: skip

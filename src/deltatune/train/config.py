@@ -174,7 +174,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     lines = [f"invalid training config ({source}):"]
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"]) or "(top level)"
@@ -185,7 +185,17 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             lines.append(f"  missing required key {key!r}")
         else:
             lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+        lines[-1] += _from_override(key, overrides or [])
     return "\n".join(lines)
+
+
+def _from_override(key: str, overrides: list[str]) -> str:
+    """' (from the override X=Y)' when the command line, not the file, set this key."""
+    for text in reversed(overrides):  # the last one wins
+        name = text.partition("=")[0].strip()
+        if key == name or key.startswith(name + "."):
+            return f" (from the command-line override {text!r}, not the file)"
+    return ""
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -199,13 +209,26 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+def validate_config(
+    raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None
+) -> TrainConfig:
+    """The whole config checked, the adapter section against its method's fields included, before anything
+    heavy (tokenizer, data, model) is loaded."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return TrainConfig.model_validate(raw)
+        cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_format_errors(exc, source, overrides)) from None
+    from .setup import check_adapter_section  # setup imports this module
+
+    try:
+        check_adapter_section(cfg.adapter)
+    except ConfigError as exc:
+        keys = getattr(exc, "keys", None) or ["method"]
+        blame = next((b for k in keys if (b := _from_override(f"adapter.{k}", overrides or []))), "")
+        raise ConfigError(f"{source}: {exc}{blame}") from None
+    return cfg
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -216,4 +239,4 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return validate_config(apply_overrides(raw, overrides or []), str(path))
+    return validate_config(apply_overrides(raw, overrides or []), str(path), overrides)

@@ -49,7 +49,8 @@ class RunResult:
     stopped_early: bool
     validation: dict[str, float] = field(default_factory=dict)  # metrics of the kept (best) weights
     train_seconds: float = 0.0
-    seconds_per_step: float = 0.0
+    seconds_per_step: float = 0.0  # the median: robust to a slow first step and to evaluation pauses
+    mean_seconds_per_step: float = 0.0
     peak_rss_mib: float = 0.0
     trainable: TrainableSummary | None = None
 
@@ -61,6 +62,7 @@ def write_summary(result: RunResult, path: Path) -> None:
         "steps": result.steps, "best_step": result.best_step, "best_metric": result.best_metric,
         "stopped_early": result.stopped_early, "validation": result.validation,
         "train_seconds": result.train_seconds, "seconds_per_step": result.seconds_per_step,
+        "mean_seconds_per_step": result.mean_seconds_per_step,
         "peak_rss_mib": result.peak_rss_mib, "saved_to": str(result.saved_to),
         "trainable_params": t.trainable if t else None, "total_params": t.total if t else None,
         "trainable_percent": t.percent if t else None,
@@ -304,6 +306,7 @@ class Trainer:
             validation=state["best_metrics"],
             train_seconds=time.perf_counter() - started,
             seconds_per_step=sorted(step_times)[len(step_times) // 2] if step_times else math.nan,
+            mean_seconds_per_step=sum(step_times) / len(step_times) if step_times else math.nan,
             peak_rss_mib=peak_rss_mib(),
             trainable=trainable_summary(self.model),
         )

@@ -203,21 +203,34 @@ def _method_config_class(method: str) -> type[AdapterConfig]:
         ) from None
 
 
-def build_adapter_config(spec: AdapterSpec, task: str, model: nn.Module) -> AdapterConfig:
-    """The YAML's adapter section -> the method's own config. Unknown keys are errors here (unlike when reading
-    a PEFT file, where they only warn), because in a config the user writes they are typos."""
+def check_adapter_section(spec: AdapterSpec) -> type[AdapterConfig] | None:
+    """The adapter section's method exists and every key is one of its fields (the method's config class;
+    None for method: full). Needs no model, so `validate_config` runs it before anything is loaded."""
+    if spec.method == "full":
+        if spec.model_extra:
+            raise ConfigError(f"adapter.method=full takes no other keys, got {sorted(spec.model_extra)}")
+        return None
     cls = _method_config_class(spec.method)
-    fields = dict(spec.model_extra or {})
     allowed = {f.name for f in dataclasses.fields(cls)} - {
         "base_model_name_or_path",
         "revision",
         "inference_mode",
     }
-    unknown = sorted(set(fields) - allowed)
+    unknown = sorted(set(spec.model_extra or {}) - allowed)
     if unknown:
-        raise ConfigError(
+        error = ConfigError(
             f"unknown key(s) {unknown} in adapter (method {spec.method}); allowed: {', '.join(sorted(allowed))}"
         )
+        error.keys = unknown  # which keys, for a message that names the override that set them
+        raise error
+    return cls
+
+
+def build_adapter_config(spec: AdapterSpec, task: str, model: nn.Module) -> AdapterConfig:
+    """The YAML's adapter section -> the method's own config. Unknown keys are errors here (unlike when reading
+    a PEFT file, where they only warn), because in a config the user writes they are typos."""
+    cls = check_adapter_section(spec)
+    fields = dict(spec.model_extra or {})
     if task == "classification" and fields.get("modules_to_save") is None:
         heads = [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module)]
         fields["modules_to_save"] = heads  # the new head is randomly initialised: it must train in full
