@@ -55,7 +55,9 @@ def _eval(args: argparse.Namespace) -> int:
     from ..train import evaluate_adapter, load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
-    metrics = evaluate_adapter(cfg, None if args.base_only else args.adapter)
+    metrics = evaluate_adapter(
+        cfg, None if args.base_only else args.adapter, allow_base_mismatch=args.allow_base_mismatch
+    )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -209,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", type=Path)
     group.add_argument("--base-only", action="store_true", help="evaluate the base model without an adapter")
+    p.add_argument(
+        "--allow-base-mismatch", action="store_true", help="load an adapter saved for a different base model"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="generate with base + adapter; no prompt: read prompts from stdin")

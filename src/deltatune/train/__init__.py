@@ -93,7 +93,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     return Trainer(cfg, model, tokenizer, splits, info, device).run(resume=resume)
 
 
-def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool = True) -> dict[str, Any]:
+def evaluate_adapter(
+    cfg: TrainConfig, adapter: str | Path | None, *, loss: bool = True, allow_base_mismatch: bool = False
+) -> dict[str, Any]:
     """Evaluate the base (adapter=None) or base + adapter on the config's validation split: the loss (unless
     loss=False) and the generation metrics the config lists."""
     from ..core.io import load_adapter, saved_label_names
@@ -111,7 +113,7 @@ def evaluate_adapter(cfg: TrainConfig, adapter: str | Path | None, *, loss: bool
     head_note = untrained if adapter is None else None  # else the adapter brings the trained head
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization, head_note=head_note)
     if adapter is not None:
-        load_adapter(model, adapter, tokenizer=tokenizer)
+        load_adapter(model, adapter, tokenizer=tokenizer, allow_base_mismatch=allow_base_mismatch)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
     metrics, answers = validation_metrics(
