@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 from train_helpers import FILLER, NEGATIVE, POSITIVE, causal_config, write_config, write_jsonl
 
 import deltatune as dt
@@ -69,6 +70,8 @@ def test_the_labels_are_saved_with_the_adapter_and_shown(classifier_run, capsys)
         "id2label": {"0": "negative", "1": "neutral", "2": "positive"},
         "label2id": {"negative": 0, "neutral": 1, "positive": 2},
     }
+    assert record["training_config"]["data"]["labels"] == LABELS  # the config the head is built from
+    assert yaml.safe_load((result.output_dir / "config.yaml").read_text())["data"]["labels"] == LABELS
     assert main(["inspect", str(result.saved_to)]) == 0
     assert 'labels: {"0": "negative", "1": "neutral", "2": "positive"}' in capsys.readouterr().out
 

@@ -51,6 +51,10 @@ def _check_resumable(cfg: TrainConfig, out: Path) -> None:
             f"--resume: {saved_path} is missing; this folder was not written by a deltatune run"
         )
     saved, current = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
+    if (
+        current.get("data.labels") is None
+    ):  # the run wrote the order its data implied; the same data implies it
+        current["data.labels"] = saved.get("data.labels")
     differing = sorted(
         k for k in saved.keys() | current.keys() if k not in RESUME_MUTABLE and saved.get(k) != current.get(k)
     )
@@ -83,6 +87,11 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    if splits.label_names is not None and cfg.data.labels is None:
+        # the head's class order, as the data implied it, becomes part of the run's config
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": splits.label_names})})
+        if info.is_main:
+            _write_resolved_config(cfg, out)
     if info.is_main:
         print(splits.report.summary(), file=sys.stderr, flush=True)
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
