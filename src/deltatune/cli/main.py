@@ -171,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         continuous=not args.fixed_batches,
         limits=limits,
         preload=args.preload,
+        allow_base_mismatch=args.allow_base_mismatch,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print("deltatune serve: warning: listening beyond loopback without an API key", file=sys.stderr)
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout-s", type=float, default=300, help="a request not answered by then gets a 504"
     )
     p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
+    p.add_argument(
+        "--allow-base-mismatch", action="store_true", help="serve adapters saved for a different base model"
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
     return parser

@@ -24,21 +24,27 @@ def build_server(
     continuous: bool = True,
     limits: Limits | None = None,
     preload: list[str] | None = None,
+    allow_base_mismatch: bool = False,
 ) -> tuple[Any, Engine]:
     """Load the base model and tokenizer, and return (FastAPI app, engine)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..runtime import AdapterCache
-    from ..train.setup import resolve_model_path
+    from ..train.setup import load_pretrained, load_tokenizer_from
 
     directory = Path(adapters_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapters directory {directory} does not exist; create it or pass another")
-    path = resolve_model_path(base)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    cache = AdapterCache(model, directory, budget_bytes=cache_bytes, tokenizer=tokenizer)
+    tokenizer = load_tokenizer_from(base)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
+    cache = AdapterCache(
+        model,
+        directory,
+        budget_bytes=cache_bytes,
+        tokenizer=tokenizer,
+        allow_base_mismatch=allow_base_mismatch,
+    )
     for name in preload or []:
         cache.load(name)
     engine = Engine(
