@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
@@ -228,32 +228,14 @@ class Engine:
         self._shut_down(exc)
 
     def _run_calls(self) -> None:
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                return
+        for call in _drained(self._calls):
             self._run_call(call)
 
     def _fail_queued(self, exc: BaseException) -> None:
         """Fail what was submitted but never taken (the thread is gone)."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, Row) and not item.future.done():
+        for item in (*_drained(self._queue), *_drained(self._calls)):
+            if isinstance(item, (Row, Call)) and not item.future.done():
                 item.future.set_exception(exc)
-        self._fail_calls(exc)
-
-    def _fail_calls(self, exc: BaseException) -> None:
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            if not call.future.done():
-                call.future.set_exception(exc)
 
     def _collect(self, block: bool, room: int) -> list[Row] | None:
         """What has arrived, up to `room` rows: blocking for the first item and then `batch_window_s` for more
@@ -513,6 +495,15 @@ class Engine:
                 row.watch = StopWatch(self.tokenizer, row.stops)
             row.stop_reached = row.watch.reached(new_tokens)
         return row.cancelled or row.stop_reached or row.overdue
+
+
+def _drained(items: queue.Queue | queue.SimpleQueue) -> Iterator[Any]:
+    """What a queue holds now, taken without waiting."""
+    while True:
+        try:
+            yield items.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:
