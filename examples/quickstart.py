@@ -59,7 +59,7 @@ def main(overrides: list[str]) -> None:
         f"{base_bytes / 2**20:.0f} MiB base model"
     )
     print(
-        f"training: {train_seconds:.0f}s ({result.seconds_per_step:.2f} s/step); whole demo "
+        f"training: {train_seconds:.0f}s (median {result.seconds_per_step:.2f} s/step); whole demo "
         f"{time.perf_counter() - start:.0f}s; peak memory (RSS) {peak_rss_mib():.0f} MiB"
     )
     out = result.output_dir
