@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.errors import DeltatuneError
+
+if TYPE_CHECKING:
+    from ..train.config import TrainConfig
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -37,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_where_it_is(cfg, config_path: Path):  # noqa: ANN001, ANN202 (TrainConfig: imported lazily)
+def _resume_where_it_is(cfg: TrainConfig, config_path: Path) -> TrainConfig:
     """`train RUN/config.yaml --resume` on a run folder that was moved: its saved output_dir is the old place;
     the run continues in the folder the config is in."""
     from ..train import RESOLVED_CONFIG
@@ -190,10 +194,14 @@ def _add_io_flags(p: argparse.ArgumentParser, what: str, out: str) -> None:
         "--input", type=Path, help=f"a file of {what}, one per line (default: arguments, else stdin)"
     )
     p.add_argument("--jsonl", action="store_true", help=f"one JSON object per line: the input and its {out}")
-    p.add_argument(
-        "--allow-base-mismatch", action="store_true", help="load an adapter saved for a different base model"
-    )
+    _add_allow_base_mismatch(p)
     p.add_argument("prompt", nargs="*", metavar=what.upper()[:-1])
+
+
+def _add_allow_base_mismatch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-base-mismatch", action="store_true", help="use adapters saved for a different base model"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", type=Path)
     group.add_argument("--base-only", action="store_true", help="evaluate the base model without an adapter")
-    p.add_argument(
-        "--allow-base-mismatch", action="store_true", help="load an adapter saved for a different base model"
-    )
+    _add_allow_base_mismatch(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="generate with base + adapter; no prompt: read prompts from stdin")
@@ -282,9 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout-s", type=float, default=300, help="a request not answered by then gets a 504"
     )
     p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
-    p.add_argument(
-        "--allow-base-mismatch", action="store_true", help="serve adapters saved for a different base model"
-    )
+    _add_allow_base_mismatch(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
     return parser
