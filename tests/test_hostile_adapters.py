@@ -175,3 +175,56 @@ def test_a_free_slot_refuses_a_config_that_contradicts_its_weights(tiny_causal_l
 def test_every_refusal_is_a_deltatune_error():
     """What the server maps to a 4xx: all of the above derive from DeltatuneError."""
     assert all(issubclass(error, DeltatuneError) for _, error, _ in CASES.values())
+
+
+def _saved_method(tiny_causal_lm, tmp_path, config) -> Path:
+    model = _model(tiny_causal_lm)
+    torch.manual_seed(0)
+    dt.inject(model, config, "m")
+    folder = tmp_path / "method-adapter"
+    dt.save_adapter(model, folder, adapter_name="m")
+    (folder / "deltatune.json").unlink()  # hand-edited below: no valid record
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "value", "match"),
+    [
+        (
+            dt.PromptTuningConfig(num_virtual_tokens=4),
+            "num_virtual_tokens",
+            10**9,
+            r"prompt_embeddings of shape \(1000000000, 32\)",
+        ),
+        (
+            dt.PromptTuningConfig(num_virtual_tokens=4),
+            "token_dim",
+            10**9,
+            "input embeddings have width|shape",
+        ),
+        (dt.PrefixTuningConfig(num_virtual_tokens=4), "num_virtual_tokens", 10**9, "the saved tensor is"),
+        (dt.PrefixTuningConfig(num_virtual_tokens=4), "num_layers", 10**6, "the saved tensor is"),
+        (dt.BottleneckConfig(bottleneck_size=4), "bottleneck_size", 10**9, "saved down projections are"),
+    ],
+    ids=["prompt-tokens", "prompt-width", "prefix-tokens", "prefix-layers", "bottleneck-size"],
+)
+def test_sizes_of_other_methods_are_checked_against_the_saved_tensors(
+    tiny_causal_lm, tmp_path, config, key, value, match
+):
+    folder = _saved_method(tiny_causal_lm, tmp_path, config)
+    file = folder / "adapter_config.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | {key: value}))
+    _refused(tiny_causal_lm, folder, DeltatuneError, match)
+
+
+def test_a_projected_prefix_loads_without_building_its_mlp(tiny_causal_lm, tmp_path):
+    """A saved prefix is already folded, so loading builds no MLP: a hostile encoder_hidden_size allocates
+    nothing, and the loaded prefix is the saved one."""
+    config = dt.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16)
+    folder = _saved_method(tiny_causal_lm, tmp_path, config)
+    file = folder / "adapter_config.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | {"encoder_hidden_size": 10**12}))
+    model = _model(tiny_causal_lm)
+    dt.load_adapter(model, folder, adapter_name="p")
+    saved = load_file(folder / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(dt.core.state.adapter_state_dict(model, "p")["prompt_embeddings"], saved)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.errors import AdapterConfigError, TargetingError
+from ..core.errors import AdapterConfigError, AdapterFormatError, TargetingError
 from ..core.layer import AdapterLayer
 from ..core.method import AdapterMethod
 from ..core.registry import register
@@ -189,6 +189,22 @@ class BottleneckMethod(AdapterMethod):
     config_class = BottleneckConfig
     layer_class = BottleneckLayer
     supported_modules = "nn.Linear, transformers Conv1D (the output projection of a sub-layer)"
+
+    @classmethod
+    def check_saved_state(
+        cls, model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], source: str
+    ) -> None:
+        """An explicit bottleneck_size is the width of every saved down projection (a reduction_factor is
+        bounded by the model's own widths)."""
+        assert isinstance(config, BottleneckConfig)
+        if config.bottleneck_size is None:
+            return
+        widths = {t.shape[0] for k, t in state.items() if k.endswith(".adapter_down.weight")}
+        if widths and widths != {config.bottleneck_size}:
+            raise AdapterFormatError(
+                f"{source}: bottleneck_size={config.bottleneck_size}, but the saved down projections are "
+                f"{sorted(widths)} wide; the config does not belong to these weights"
+            )
 
     @classmethod
     def resolve_config(cls, model: nn.Module, config: AdapterConfig) -> AdapterConfig:

@@ -35,6 +35,7 @@ from ..core.input_hooks import (
     shift_positions,
 )
 from ..core.kv_cache import cache_in, new_dynamic_cache, put_cache, takes_cache
+from ..core.layer import initialization_skipped
 from ..core.registry import register
 from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, text_config
 
@@ -91,7 +92,9 @@ class PrefixTuningLayer(InputRewritingLayer):
         self.layouts[name] = (n, layers, heads, dim // heads)
         width = layers * 2 * dim
         device = self.base_layer.weight.device
-        if config.prefix_projection:
+        if initialization_skipped():  # a loader fills the (already folded) prefix: no MLP to build
+            self.prefix_embeddings[name] = nn.Parameter(torch.empty(n, width, device=device))
+        elif config.prefix_projection:
             hidden = config.encoder_hidden_size or dim
             self.prefix_encoders[name] = PrefixEncoder(n, dim, hidden, width).to(device)
         else:
@@ -147,6 +150,10 @@ class PrefixTuningLayer(InputRewritingLayer):
 class PrefixTuningMethod(VirtualTokenMethod):
     config_class = PrefixTuningConfig
     layer_class = PrefixTuningLayer
+
+    @classmethod
+    def saved_width(cls, config: VirtualTokenConfig) -> int:
+        return config.num_layers * 2 * config.token_dim
 
     @classmethod
     def shape_fields(cls, model: nn.Module, config: VirtualTokenConfig) -> dict[str, Any]:

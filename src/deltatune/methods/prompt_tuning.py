@@ -142,5 +142,9 @@ class PromptTuningMethod(VirtualTokenMethod):
     config_class = PromptTuningConfig
     layer_class = PromptTuningLayer
 
+    @classmethod
+    def saved_width(cls, config: VirtualTokenConfig) -> int:
+        return config.token_dim
+
 
 register("PROMPT_TUNING")(PromptTuningMethod)

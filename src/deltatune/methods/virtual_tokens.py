@@ -12,10 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.errors import AdapterConfigError, TargetingError
+from ..core.errors import AdapterConfigError, AdapterFormatError, TargetingError
 from ..core.input_hooks import InputRewritingLayer, install_input_hooks
 from ..core.layer import AdapterLayer
 from ..core.method import AdapterMethod
@@ -146,6 +147,33 @@ class VirtualTokenMethod(AdapterMethod):
         if config.task_type is None and task_type_of(model) is not None:
             updates["task_type"] = task_type_of(model)
         return dataclasses.replace(config, **updates) if updates else config
+
+    @classmethod
+    def saved_width(cls, config: VirtualTokenConfig) -> int:
+        """Columns of the saved `prompt_embeddings` the config implies (one virtual token per row)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_saved_state(
+        cls, model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], source: str
+    ) -> None:
+        """The saved virtual tokens have the shape the config's sizes give, so none of them can make the
+        loader allocate more than the file holds."""
+        assert isinstance(config, VirtualTokenConfig)
+        saved = state.get("prompt_embeddings")
+        if saved is None or saved.dim() != 2:
+            return  # the loader names a missing or misshapen tensor
+        config = cls.resolve_config(model, config)
+        expected = (
+            config.num_virtual_tokens * (config.num_transformer_submodules or 1),
+            cls.saved_width(config),
+        )
+        if tuple(saved.shape) != expected:
+            raise AdapterFormatError(
+                f"{source}: the config implies prompt_embeddings of shape {expected} (num_virtual_tokens, "
+                f"token_dim, ...), but the saved tensor is {tuple(saved.shape)}; the config does not belong to "
+                "these weights"
+            )
 
     @classmethod
     def preview(cls, model: nn.Module, config: AdapterConfig) -> TargetPreview:
