@@ -10,6 +10,7 @@ Loading rules (what PEFT does, made stricter where silence would give wrong numb
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -74,7 +75,7 @@ class AdapterConfig:
     def _check_types(self) -> None:
         """Every field holds what its annotation says (ints are no bools, floats are finite, lists are
         bounded), so a hostile or damaged file fails here with the field's name, not deep inside a model."""
-        hints = typing.get_type_hints(type(self))
+        hints = _field_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             problem = _type_problem(value, hints[f.name])
@@ -126,6 +127,12 @@ class AdapterConfig:
         if unknown:
             warnings.warn(f"{source}: ignoring unknown key(s) {sorted(unknown)}", UserWarning, stacklevel=2)
         return cls(**kwargs)
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    """A config class's resolved field annotations (resolving them per instance repeated the work)."""
+    return typing.get_type_hints(cls)
 
 
 def _type_problem(value: Any, annotation: Any) -> str | None:

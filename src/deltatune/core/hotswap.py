@@ -12,7 +12,6 @@ swap leaves the slot's adapter as it was.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import patterns, provenance
-from .config import CONFIG_NAME, AdapterConfig, load_config_file
+from .config import CONFIG_NAME, AdapterConfig, load_config_file, read_json_object
 from .errors import AdapterNameError, DeltatuneError
 from .inject import adapter_configs, adapter_layers, store_config
 from .io import WEIGHTS_NAME, _resolve_folder, check_base, read_adapter_weights, read_provenance
@@ -45,7 +44,7 @@ def saved_layout(path: str | Path) -> Layout | None:
     from the config and the safetensors header only; None for anything else."""
     folder = Path(path)
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
+        config = read_json_object(folder / CONFIG_NAME, "an adapter config")
         if not _plain_lora(config.get("peft_type"), config.get("modules_to_save")):
             return None
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:

@@ -42,6 +42,8 @@ class ContinuousBatchingUnsupported(MixedBatchError):
 class NonFiniteOutput(DeltatuneError, ArithmeticError):
     """A row's next-token scores hold NaN or +inf: its adapter's weights or config are broken."""
 
+    what: str = ""  # "NaN" or "infinite", so a caller can say it again under another adapter name
+
     @classmethod
     def of(cls, what: str, adapter: str | None) -> NonFiniteOutput:
         """`what`: "NaN" or "infinite"; `adapter`: the name the caller knows it by."""

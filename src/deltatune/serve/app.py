@@ -127,10 +127,10 @@ class CatchAll:
         try:
             await self.app(scope, receive, watched)
         except Exception as exc:
-            err = _status_of(exc)
             if started:  # too late for a status: the client sees the body end early
                 log.error("response failed after it started", exc_info=exc)
                 return
+            err = _status_of(exc)  # logs it
             await _error(err.status, err.message, err.kind, err.code)(scope, receive, send)
 
 
