@@ -1,4 +1,4 @@
-"""deltatune train | eval | generate | inspect | serve."""
+"""deltatune train | eval | generate | classify | sweep | inspect | serve."""
 
 from __future__ import annotations
 
@@ -189,6 +189,95 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from ..sweep import (
+        BestRule,
+        Sweep,
+        SweepSettings,
+        check_space,
+        load_base_config,
+        load_space,
+        require_optuna,
+    )  # fmt: skip
+
+    require_optuna()
+    config = load_base_config(args.config, args.overrides)
+    space = load_space(args.space)
+    check_space(space, config, str(args.space))  # before any study or folder is made
+    out = args.out or Path(f"{config.get('output_dir', 'outputs/run')}-sweep")
+    settings = SweepSettings(
+        config=config, space=space, out=out, trials=args.trials, jobs=args.jobs, storage=args.storage,
+        study_name=args.study_name, timeout_s=args.timeout, resume=args.resume, seed=args.seed,
+        pruner=args.pruner, multi_objective=args.multi_objective,
+        rule=BestRule(rule=args.best, tolerance=args.tolerance, cost=args.cost),
+    )  # fmt: skip
+    sweep = Sweep(settings)
+    best = sweep.run(log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"trials: {out / 'sweep.md'} (also trials.csv, trials.json, front.png, params.png)")
+    if best is None:
+        print("no trial completed; see the reasons in the table")
+    else:
+        print(f"best/: trial {best['number']}, {sweep.metric}={best['metric']:.4f}, {args.cost}="
+              f"{best[args.cost]:,.0f} -> {out / 'best'}")  # fmt: skip
+    return 130 if sweep.stopping.is_set() else 0
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '30m', '2h', '1h30m' -> seconds."""
+    import re
+
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90s, 30m, 2h or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + s
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="search a config's hyperparameters with Optuna; keep the smallest good adapter"
+    )
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*", help="section.key=value for the base config")
+    p.add_argument(
+        "--space", type=Path, required=True, help="SPACE.yaml: the keys to search and their ranges"
+    )
+    p.add_argument(
+        "--trials", type=_positive_int, required=True, help="trials in the study, all workers together"
+    )
+    p.add_argument("--jobs", type=_positive_int, default=1, help="trials run in parallel on this machine")
+    p.add_argument("--out", type=Path, help="sweep folder (default: the config's output_dir + '-sweep')")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite file in --out)")
+    p.add_argument("--study-name", default="deltatune-sweep")
+    p.add_argument(
+        "--resume", action="store_true", help="continue (or join) the study; finished trials are kept"
+    )
+    p.add_argument("--timeout", type=_duration, help="start no trial after this long, e.g. 2h or 90m")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    p.add_argument(
+        "--multi-objective", action="store_true", help="optimise the metric and --cost together (no pruning)"
+    )
+    p.add_argument(
+        "--best", choices=["smallest", "top"], default="smallest", help="the rule that picks best/"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=0.01, help="'smallest': how far below the top metric best/ may be"
+    )
+    p.add_argument(
+        "--cost", choices=["adapter_bytes", "trainable_params", "s_per_step", "peak_rss_mib"],
+        default="adapter_bytes", help="the cost that 'smallest', the front and --multi-objective use",
+    )  # fmt: skip
+    p.set_defaults(func=_sweep)
+
+
 def _add_io_flags(p: argparse.ArgumentParser, what: str, out: str) -> None:
     p.add_argument(
         "--input", type=Path, help=f"a file of {what}, one per line (default: arguments, else stdin)"
@@ -242,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, required=True)
     _add_io_flags(p, "texts", "label, probabilities")
     p.set_defaults(func=_classify)
+
+    _add_sweep_parser(sub)
 
     p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
     p.add_argument("adapter")

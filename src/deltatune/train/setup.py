@@ -223,6 +223,22 @@ def check_adapter_section(spec: AdapterSpec) -> type[AdapterConfig] | None:
         )
         error.keys = unknown  # which keys, for a message that names the override that set them
         raise error
+    missing = [k for k in cls.required_keys if k not in (spec.model_extra or {})]
+    if missing:
+        error = ConfigError(
+            f"adapter (method {spec.method}) is missing required key(s) {missing}; "
+            f"{spec.method} needs {', '.join(cls.required_keys)}"
+        )
+        error.keys = missing
+        raise error
+    fields = dict(spec.model_extra or {})
+    if str(fields.get("prompt_tuning_init") or "").upper() == "TEXT":
+        fields.setdefault("tokenizer_name_or_path", "the base model's")  # build_adapter_config fills it in
+    try:  # the method's own value checks (r > 0, ...), which need no model
+        cls.from_dict({"peft_type": cls.peft_type, **fields}, source="adapter section")
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith("adapter section") else f"adapter section: {message}") from None
     return cls
 
 
@@ -240,7 +256,8 @@ def build_adapter_config(spec: AdapterSpec, task: str, model: nn.Module) -> Adap
     try:
         return cls.from_dict({"peft_type": cls.peft_type, **fields}, source="adapter section")
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"adapter section: {exc}") from None
+        message = str(exc)
+        raise ConfigError(message if message.startswith("adapter section") else f"adapter section: {message}") from None
 
 
 def prepare_trainable(model: nn.Module, spec: AdapterSpec, task: str) -> AdapterConfig | None:

@@ -1,0 +1,440 @@
+"""A sweep as an Optuna study: ask for a trial, train it in its own process, tell the result.
+
+The study lives in a database (by default a SQLite file in the output folder), which is what makes a sweep
+resumable and shareable: a sweep killed with SIGKILL resumes with `resume=True` and repeats no finished trial
+(its interrupted trials are re-queued with the same parameters), and several processes or machines given one
+database URL work on one study. `trials` is the study's total, counted in the database, not per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.errors import DeltatuneError
+from .report import COSTS, BestRule, write_reports
+from .space import SearchSpace, check_space
+from .trial import TrialOutcome, run_trial
+
+STATE_NAMES = {
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+}
+
+
+class SweepError(DeltatuneError, RuntimeError):
+    """The sweep cannot start or continue: an existing study, a mismatched resume, a bad storage URL."""
+
+
+@dataclass
+class SweepSettings:
+    config: dict[str, Any]  # the base training config, overrides applied, validated
+    space: SearchSpace
+    out: Path
+    trials: int
+    jobs: int = 1
+    storage: str | None = None  # None: sqlite:///OUT/study.db
+    study_name: str = "deltatune-sweep"
+    timeout_s: float | None = None
+    resume: bool = False
+    seed: int = 0
+    pruner: Any = "median"  # median | hyperband | none, or any optuna.pruners.BasePruner
+    multi_objective: bool = False  # optimise the metric and rule.cost together (no pruning: Optuna has none)
+    rule: BestRule = field(default_factory=BestRule)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """The storage URL without its password, for logs and provenance."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: show the scheme only
+        return url.split("://", 1)[0] + "://..."
+
+
+def _fingerprint(settings: SweepSettings) -> dict[str, str]:
+    config = {k: v for k, v in settings.config.items() if k != "output_dir"}
+    space = [
+        (p.name, p.kind, p.choices, p.presets, p.low, p.high, p.log, p.step, p.when)
+        for p in settings.space.params
+    ]
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "space_sha256": hashlib.sha256(repr(space).encode()).hexdigest(),
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Sweep:
+    def __init__(self, settings: SweepSettings):
+        import optuna
+
+        self.s = settings
+        self.optuna = optuna
+        self.metric = settings.config.get("eval", {}).get("metric", "loss")
+        self.mode = "min" if self.metric == "loss" else "max"
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()  # first Ctrl-C: start no new trial
+        self.abandon = threading.Event()  # second Ctrl-C: stop the running ones too
+        self.host = socket.gethostname()
+        self.deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else math.inf
+        self.started_here = 0
+
+    # --- the study ------------------------------------------------------------------------------------------
+    def open_study(self):
+        optuna = self.optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}} if self.s.storage_url.startswith("sqlite") else None
+        for attempt in range(5):  # workers starting together race to create the tables; the loser retries
+            try:
+                storage = optuna.storages.RDBStorage(self.s.storage_url, engine_kwargs=engine_kwargs)
+                break
+            except Exception as exc:
+                if attempt == 4:
+                    raise SweepError(f"cannot open the study storage {redact(self.s.storage_url)}: {exc}") from None
+                time.sleep(1 + attempt)
+        exists = self.s.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        if exists and not self.s.resume:
+            raise SweepError(
+                f"study {self.s.study_name!r} already exists in {redact(self.s.storage_url)}; pass --resume to "
+                "continue it (finished trials are kept), or choose another --study-name or output folder"
+            )
+        direction = "maximize" if self.mode == "max" else "minimize"
+        prior = self._existing_trials(storage) if exists else 0
+        with warnings.catch_warnings():  # `group` (conditional spaces) is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=self.s.seed + prior,  # a resumed sweep must not replay the first sweep's random draws
+                multivariate=True, group=True, constant_liar=self.s.jobs > 1,
+            )  # fmt: skip
+        study = optuna.create_study(
+            storage=storage, sampler=sampler, pruner=self._pruner(), study_name=self.s.study_name,
+            load_if_exists=True,
+            **({"directions": [direction, "minimize"]} if self.s.multi_objective else {"direction": direction}),
+        )  # fmt: skip
+        self._check_same_sweep(study)
+        self.study, self.storage = study, storage
+        return study
+
+    def _existing_trials(self, storage) -> int:
+        study_id = storage.get_study_id_from_name(self.s.study_name)
+        return len(storage.get_all_trials(study_id, deepcopy=False))
+
+    def _pruner(self):
+        pruners = self.optuna.pruners
+        if isinstance(self.s.pruner, pruners.BasePruner):
+            return self.s.pruner
+        if self.s.multi_objective or self.s.pruner == "none":
+            return pruners.NopPruner()
+        if self.s.pruner == "hyperband":
+            training = self.s.config["training"]
+            every = self.s.config.get("eval", {}).get("every") or training["max_steps"]
+            return pruners.HyperbandPruner(min_resource=every, max_resource=training["max_steps"])
+        if self.s.pruner == "median":
+            # judged from the second evaluation on: the first says more about the warm-up than the trial
+            every = self.s.config.get("eval", {}).get("every") or 0
+            return pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=every + 1)
+        raise SweepError(f"unknown pruner {self.s.pruner!r}; choose median, hyperband or none")
+
+    def _check_same_sweep(self, study) -> None:
+        mine = {**_fingerprint(self.s), "metric": self.metric, "multi_objective": self.s.multi_objective}
+        saved = study.user_attrs
+        if not saved:
+            for key, value in mine.items():
+                study.set_user_attr(key, value)
+            return
+        differing = [k for k, v in mine.items() if saved.get(k) != v]
+        if differing:
+            raise SweepError(
+                f"study {self.s.study_name!r} was started with a different {', '.join(differing)}; a study's "
+                "trials are only comparable under one config, search space and metric. Use the same files, "
+                "or a new --study-name"
+            )
+
+    def reclaim_interrupted(self) -> list[int]:
+        """Trials this host left RUNNING in a sweep process that no longer exists: mark them failed
+        (interrupted) and queue their parameters again, so the resumed sweep redoes exactly those."""
+        reclaimed = []
+        running = self.optuna.trial.TrialState.RUNNING
+        for t in self.study.get_trials(deepcopy=False, states=(running,)):
+            pid = t.user_attrs.get("sweep_pid")
+            if t.user_attrs.get("host") != self.host or pid is None or _pid_alive(int(pid)):
+                continue  # another machine's, or a live process's: not ours to judge
+            self._mark_interrupted(t.number, t.params)
+            reclaimed.append(t.number)
+        return reclaimed
+
+    def _mark_interrupted(self, number: int, params: dict[str, Any]) -> None:
+        storage = self.storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(self.s.study_name), number
+        )
+        storage.set_trial_user_attr(trial_id, "interrupted", True)
+        storage.set_trial_user_attr(trial_id, "reason", "interrupted: the sweep stopped during this trial")
+        self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
+        self.study.enqueue_trial(params, user_attrs={"retry_of": number})
+
+    # --- counting -------------------------------------------------------------------------------------------
+    def _counted_and_running(self) -> tuple[int, int]:
+        states = self.optuna.trial.TrialState
+        trials = self.study.get_trials(deepcopy=False)
+        counted = sum(
+            t.state in (states.COMPLETE, states.PRUNED)
+            or (t.state == states.FAIL and not t.user_attrs.get("interrupted"))
+            for t in trials
+        )
+        return counted, sum(t.state == states.RUNNING for t in trials)
+
+    def _ask(self):
+        """The next trial, or None when the study has its trials, time is up, or the user stopped us."""
+        with self.lock:
+            if self.stopping.is_set() or time.monotonic() >= self.deadline:
+                return None
+            counted, running = self._counted_and_running()
+            if counted + running >= self.s.trials:
+                return None
+            trial = self.study.ask()
+            for key, value in {"host": self.host, "sweep_pid": os.getpid()}.items():
+                trial.set_user_attr(key, value)
+            self.started_here += 1
+            return trial
+
+    # --- running --------------------------------------------------------------------------------------------
+    def trial_dir(self, number: int) -> Path:
+        return self.s.out / "trials" / f"{number:04d}"
+
+    def _trial_config(self, chosen: dict[str, Any], folder: Path) -> dict[str, Any]:
+        raw = self.s.space.apply(self.s.config, chosen)
+        raw["output_dir"] = str(folder.resolve())
+        raw.setdefault("training", {})["progress"] = False
+        return raw
+
+    def _run_one(self, trial) -> TrialOutcome:
+        chosen = self.s.space.sample(trial)
+        folder = self.trial_dir(trial.number)
+        trial.set_user_attr("trial_dir", str(folder.resolve()))
+        if folder.exists():  # a trial number is never reused within one storage, but an output folder can be
+            shutil.rmtree(folder)
+        threads = max(1, (os.cpu_count() or 1) // self.s.jobs) if self.s.jobs > 1 else None
+
+        def should_prune(step: int, value: float) -> bool:
+            if self.s.multi_objective or not math.isfinite(value):
+                return False
+            trial.report(value, step)
+            return trial.should_prune()
+
+        return run_trial(
+            self._trial_config(chosen, folder), folder, self.metric, threads=threads,
+            should_prune=should_prune, abandoned=self.abandon.is_set,
+        )  # fmt: skip
+
+    def _tell(self, trial, outcome: TrialOutcome) -> None:
+        states = self.optuna.trial.TrialState
+        trial.set_user_attr("evaluations", outcome.reports)
+        for key, value in outcome.costs.items():
+            trial.set_user_attr(key, value)
+        if outcome.adapter_dir:
+            trial.set_user_attr("adapter_dir", outcome.adapter_dir)
+        if outcome.state == "interrupted":
+            with self.lock:
+                self._mark_interrupted(trial.number, trial.params)
+            return
+        if outcome.state == "complete" and (outcome.metric is None or not math.isfinite(outcome.metric)):
+            outcome.state, outcome.reason = "failed", f"diverged: the best {self.metric} is {outcome.metric}"
+        if outcome.reason:
+            trial.set_user_attr("reason", outcome.reason)
+        with self.lock:
+            if outcome.state == "complete":
+                values = (
+                    [outcome.metric, outcome.costs[self.s.rule.cost]]
+                    if self.s.multi_objective
+                    else outcome.metric
+                )
+                self.study.tell(trial, values)
+            elif outcome.state == "pruned":
+                self.study.tell(trial, state=states.PRUNED)
+            else:
+                self.study.tell(trial, state=states.FAIL)
+
+    def _worker(self, log) -> None:
+        while (trial := self._ask()) is not None:
+            started = time.monotonic()
+            try:
+                outcome = self._run_one(trial)
+            except Exception as exc:  # the sweep itself failed around this trial: record, go on
+                outcome = TrialOutcome(state="failed", reason=f"error: {type(exc).__name__}: {exc}")
+            self._tell(trial, outcome)
+            log(self._describe(trial.number, trial.params, outcome, time.monotonic() - started))
+            with self.lock:
+                self.write_reports()
+
+    def _describe(self, number: int, params: dict[str, Any], o: TrialOutcome, seconds: float) -> str:
+        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        if o.state == "complete":
+            what = f"{self.metric}={o.metric:.4f}, adapter {o.costs['adapter_bytes'] / 2**20:.2f} MiB"
+        elif o.state == "pruned":
+            what = (
+                f"pruned at step {o.reports[-1][0]} ({self.metric}={o.reports[-1][1]:.4f})"
+                if o.reports
+                else "pruned"
+            )
+        else:
+            what = o.reason or ""
+        return f"trial {number} {o.state} in {seconds:.0f} s: {what} [{shown}]"
+
+    def run(self, log=print) -> dict[str, Any] | None:
+        """Run trials until the study holds `trials` of them; return the best row (None: none complete)."""
+        if not hasattr(self, "study"):
+            self.open_study()
+        reclaimed = self.reclaim_interrupted()
+        if reclaimed:
+            log(f"re-queued trials {reclaimed}: their sweep was killed while they ran")
+        checked = check_space(self.s.space, self.s.config)
+        log(f"search space: {len(self.s.space.params)} parameters, {checked} corner configs valid; "
+            f"study {self.s.study_name!r} in {redact(self.s.storage_url)}")  # fmt: skip
+        self._warn_if_no_pruning(log)
+        threads = [
+            threading.Thread(target=self._worker, args=(log,), daemon=True) for _ in range(self.s.jobs)
+        ]
+        previous = self._install_interrupt(log)
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        with self.lock:
+            best = self.write_reports()
+        if best is not None:
+            self.write_best(best)
+        return best
+
+    def _warn_if_no_pruning(self, log) -> None:
+        if (
+            self.s.pruner != "none"
+            and not self.s.multi_objective
+            and not self.s.config.get("eval", {}).get("every")
+        ):
+            log("note: eval.every is not set, so each trial evaluates once, at its end: the pruner has nothing "
+                "to act on. Set eval.every to let hopeless trials stop early.")  # fmt: skip
+
+    def _install_interrupt(self, log):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum, frame):
+            if not self.stopping.is_set():
+                self.stopping.set()
+                log("interrupted: no new trials; waiting for the running ones to finish and be recorded "
+                    "(Ctrl-C again to stop them now; they are re-queued for --resume)")  # fmt: skip
+            else:
+                self.abandon.set()
+
+        return signal.signal(signal.SIGINT, on_sigint)
+
+    # --- results --------------------------------------------------------------------------------------------
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            state = STATE_NAMES.get(t.state.name, t.state.name.lower())
+            if t.user_attrs.get("interrupted"):
+                state = "interrupted"
+            value = t.values[0] if t.values else None
+            rows.append({
+                "number": t.number, "state": state, "metric": value, "params": dict(t.params),
+                **{c: t.user_attrs.get(c) for c in COSTS},
+                "duration_s": t.duration.total_seconds() if t.duration else None,
+                "reason": t.user_attrs.get("reason"), "host": t.user_attrs.get("host"),
+                "trial_dir": t.user_attrs.get("trial_dir"), "adapter_dir": t.user_attrs.get("adapter_dir"),
+            })  # fmt: skip
+        return rows
+
+    def write_reports(self) -> dict[str, Any] | None:
+        header = {
+            "study": self.s.study_name,
+            "storage": redact(self.s.storage_url),
+            "trials_asked": self.s.trials,
+        }
+        return write_reports(
+            self.s.out, self.rows(), params=self.s.space.names, metric=self.metric, mode=self.mode,
+            rule=self.s.rule, header=header,
+        )  # fmt: skip
+
+    def write_best(self, best: dict[str, Any]) -> Path | None:
+        """best/: the chosen trial's adapter, its provenance extended with the study, trial and rule."""
+        from ..core.io import PROVENANCE_NAME, staged_folder
+
+        source = Path(best["adapter_dir"] or "")
+        if not (source / PROVENANCE_NAME).is_file():
+            raise SweepError(
+                f"best trial {best['number']} ran on {best['host']}; its adapter {source} is not on this "
+                "machine. Copy best/ from there, or rerun the sweep's report where it ran"
+            )
+        target, fresh, stale = (self.s.out / name for name in ("best", ".best.new", ".best.old"))
+        for leftover in (fresh, stale):  # from a sweep killed while writing best/
+            shutil.rmtree(leftover, ignore_errors=True)
+        with staged_folder(fresh) as staging:
+            for item in source.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, staging / item.name)
+            record = json.loads((staging / PROVENANCE_NAME).read_text())
+            record["sweep"] = {
+                "study": self.s.study_name, "storage": redact(self.s.storage_url), "trial": best["number"],
+                "params": best["params"], "metric": {self.metric: best["metric"]},
+                "rule": self.s.rule.describe(self.metric), **_fingerprint(self.s),
+            }  # fmt: skip
+            (staging / PROVENANCE_NAME).write_text(
+                json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+            )
+        # swap whole folders, so best/ never mixes files of two trials
+        if target.exists():
+            os.replace(target, stale)
+        os.replace(fresh, target)
+        shutil.rmtree(stale, ignore_errors=True)
+        return target
+
+
+def load_base_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The sweep's base config as a plain dict, validated like `deltatune train` would."""
+    from ..train.config import ConfigError, apply_overrides, validate_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist")
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
+    validate_config(raw, str(path), overrides)
+    return raw

@@ -1,0 +1,137 @@
+"""Run one trial: the real trainer in its own process, watched for evaluations so a pruner can stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .worker import ERROR_FILE
+
+POLL_S = 0.5
+TERMINATE_GRACE_S = 10.0
+
+
+@dataclass
+class TrialOutcome:
+    """What a finished trial process left: its state, the objective, its costs, or why it failed."""
+
+    state: str  # "complete" | "pruned" | "failed" | "interrupted"
+    metric: float | None = None
+    costs: dict[str, float] = field(default_factory=dict)
+    adapter_dir: str | None = None
+    reason: str | None = None  # failed: "diverged: ...", "out_of_memory: ...", "error: ...", "killed by ..."
+    reports: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) of each evaluation
+
+
+def _new_evaluations(metrics_file: Path, seen: int, metric: str) -> tuple[list[tuple[int, float]], int]:
+    """Validation events appended to metrics.jsonl since line `seen` (a partial last line waits)."""
+    if not metrics_file.exists():
+        return [], seen
+    lines = metrics_file.read_text().split("\n")
+    complete = lines[:-1]  # the text after the last newline may still be being written
+    found = []
+    for line in complete[seen:]:
+        record = json.loads(line)
+        if record.get("split") == "validation" and metric in record:
+            found.append((int(record["step"]), float(record[metric])))
+    return found, len(complete)
+
+
+def adapter_bytes(folder: Path) -> int:
+    """Bytes of the weights a user ships: every .safetensors file in the saved folder."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _costs(summary: dict[str, Any]) -> dict[str, float]:
+    saved = Path(summary["saved_to"])
+    return {
+        "trainable_params": float(summary.get("trainable_params") or 0),
+        "adapter_bytes": float(adapter_bytes(saved)),
+        "s_per_step": float(summary["seconds_per_step"]),
+        "peak_rss_mib": float(summary["peak_rss_mib"]),
+    }
+
+
+def _failure_reason(trial_dir: Path, returncode: int) -> str:
+    record_file = trial_dir / ERROR_FILE
+    if record_file.exists():
+        record = json.loads(record_file.read_text())
+        return f"{record['kind']}: {record['message']}"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (often the out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"error: the trainer exited with status {returncode}; see {trial_dir / 'train.log'}"
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_trial(
+    raw_config: dict[str, Any],
+    trial_dir: Path,
+    metric: str,
+    *,
+    threads: int | None = None,
+    should_prune: Callable[[int, float], bool] = lambda step, value: False,
+    abandoned: Callable[[], bool] = lambda: False,
+) -> TrialOutcome:
+    """Train `raw_config` in `trial_dir` (its output_dir); after each evaluation ask `should_prune(step,
+    value)`; stop the process if it says so, or if `abandoned()` turns true."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    config_file = trial_dir / "trial.yaml"
+    config_file.write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # parallel trials share the cores instead of oversubscribing
+    command = [sys.executable, "-m", "deltatune.sweep.worker", str(config_file), str(os.getpid())]
+    outcome = TrialOutcome(state="complete")
+    seen = 0
+    with (trial_dir / "train.log").open("w") as log:
+        # Own session: a Ctrl-C at the terminal reaches the sweep, which decides what its trials do.
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            while process.poll() is None:
+                time.sleep(POLL_S)
+                found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)
+                outcome.reports += found
+                if any(should_prune(step, value) for step, value in found):
+                    outcome.state = "pruned"
+                    break
+                if abandoned():
+                    outcome.state, outcome.reason = "interrupted", "the sweep was interrupted"
+                    break
+        finally:
+            _stop(process)
+    if outcome.state != "complete":
+        return outcome
+    found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)
+    outcome.reports += found
+    if process.returncode != 0:
+        return TrialOutcome(
+            state="failed", reason=_failure_reason(trial_dir, process.returncode), reports=outcome.reports
+        )
+    summary = json.loads((trial_dir / "summary.json").read_text())
+    outcome.metric = summary["best_metric"]
+    outcome.costs = _costs(summary)
+    outcome.adapter_dir = summary["saved_to"]
+    return outcome

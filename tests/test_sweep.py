@@ -1,0 +1,290 @@
+"""`deltatune sweep` end to end on the tiny BERT: real trainer processes, a real SQLite study. Failed trials keep
+their reason and the sweep goes on; pruned trials stop early; SIGKILL then --resume repeats no finished trial;
+Ctrl-C ends after the running trial is recorded; two processes share one study; best/ follows the rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from train_helpers import sentiment_rows, write_config, write_jsonl
+
+from deltatune.cli.main import main
+from deltatune.sweep import (
+    BestRule,
+    Sweep,
+    SweepError,
+    SweepSettings,
+    choose_best,
+    load_base_config,
+    parse_space,
+)
+from deltatune.sweep.trial import _failure_reason
+from deltatune.sweep.worker import classify_failure
+
+LR_SPACE = {"optim.lr": {"float": [2e-3, 1e-2], "log": True}, "adapter.r": {"int": [2, 8]}}
+
+
+@pytest.fixture()
+def base(tiny_bert, tmp_path) -> Path:
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(400, 0))
+    raw = {
+        "model": {"path": str(tiny_bert), "task": "classification"},
+        "data": {"train": str(data), "format": "classification", "max_length": 32},
+        "adapter": {
+            "method": "lora",
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["query", "value", "dense"],
+        },
+        "optim": {"lr": 3e-3},
+        "training": {"max_steps": 300, "batch_size": 16, "progress": False},
+        "eval": {"every": 100, "metric": "accuracy"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    return write_config(tmp_path / "base.yaml", raw)
+
+
+def _space(tmp_path: Path, spec: dict) -> Path:
+    return write_config(tmp_path / "space.yaml", spec)
+
+
+def _study(out: Path, name: str = "deltatune-sweep") -> optuna.Study:
+    # a reader that creates no tables and runs no migration check: it must not hold the sweep's writes up
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{(out / 'study.db').resolve()}", skip_compatibility_check=True, skip_table_creation=True
+    )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _sweep_process(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deltatune", "sweep", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(condition, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := condition()) is not None:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _training_trial(out: Path, need_complete: int):
+    """A RUNNING trial whose trainer has started writing metrics, once `need_complete` trials are complete."""
+    if not (out / "study.db").exists():
+        return None
+    try:
+        trials = _study(out).get_trials(deepcopy=False)
+    except Exception:  # the study is being created
+        return None
+    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for t in trials:
+        folder = t.user_attrs.get("trial_dir")
+        if (
+            t.state == optuna.trial.TrialState.RUNNING
+            and folder
+            and (Path(folder) / "metrics.jsonl").exists()
+        ):
+            return t if done >= need_complete else None
+    return None
+
+
+def _processes_running(config: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(config) in (entry / "cmdline").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sweep_finds_a_good_adapter_and_best_follows_the_rule(base, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["sweep", str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "4", "--jobs", "2",
+               "--out", str(out), "--tolerance", "0.05"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "trials.json").read_text())
+    rows = summary["trials"]
+    assert [r["state"] for r in rows] == ["complete"] * 4 and summary["counts"]["complete"] == 4
+    for row in rows:  # the study's numbers are the trainer's own
+        trained = json.loads((Path(row["trial_dir"]) / "summary.json").read_text())
+        assert (
+            row["metric"] == trained["best_metric"] and row["trainable_params"] == trained["trainable_params"]
+        )
+        assert row["adapter_bytes"] == (Path(row["adapter_dir"]) / "adapter_model.safetensors").stat().st_size
+        config = json.loads((Path(row["adapter_dir"]) / "deltatune.json").read_text())["training_config"]
+        assert (
+            config["optim"]["lr"] == row["params"]["optim.lr"]
+            and config["adapter"]["r"] == row["params"]["adapter.r"]
+        )
+    best = choose_best(rows, "max", BestRule("smallest", tolerance=0.05))
+    assert summary["best_trial"] == best["number"]
+    assert best["metric"] > 0.8  # chance is 0.5; every lr in the range learns the rule (measured 0.9-1.0)
+    record = json.loads((out / "best" / "deltatune.json").read_text())
+    assert record["sweep"]["trial"] == best["number"] and record["sweep"]["params"] == best["params"]
+    assert record["sweep"]["study"] == "deltatune-sweep" and "sqlite" in record["sweep"]["storage"]
+    # best/ is a working adapter: it loads onto the base and classifies like the trial's own folder
+    from deltatune.classification import Classifier
+
+    texts = ["the movie was great", "my phone is awful", "so sad today"]
+    config_raw = load_base_config(base)
+    got = Classifier(config_raw["model"]["path"], out / "best")(texts)
+    want = Classifier(config_raw["model"]["path"], best["adapter_dir"])(texts)
+    assert got == want
+    for name in ("trials.csv", "sweep.md", "front.png", "params.png"):
+        assert (out / name).stat().st_size > 0
+    assert f"**best/** is trial {best['number']}" in (out / "sweep.md").read_text()
+    assert "best/: trial" in capsys.readouterr().out
+
+
+def test_failed_trials_keep_their_reason_and_the_sweep_goes_on(base, tmp_path):
+    space = {"case": {"presets": {
+        "ok": {"optim.lr": 3e-3},
+        "diverges": {"optim.lr": 1e30, "optim.name": "sgd", "optim.max_grad_norm": None},
+        "no_data": {"data.train": str(tmp_path / "missing.jsonl")},
+    }}}  # fmt: skip
+    settings = SweepSettings(
+        config=load_base_config(base), space=parse_space(space), out=tmp_path / "s", trials=3
+    )
+    sweep = Sweep(settings)
+    sweep.open_study()
+    for case in ("diverges", "no_data", "ok"):
+        sweep.study.enqueue_trial({"case": case})
+    lines = []
+    best = sweep.run(log=lines.append)
+    rows = {r["params"]["case"]: r for r in sweep.rows()}
+    assert rows["diverges"]["state"] == "failed"
+    assert rows["diverges"]["reason"].startswith("diverged: training loss is nan at step")
+    assert rows["no_data"]["state"] == "failed" and "missing.jsonl" in rows["no_data"]["reason"]
+    assert rows["ok"]["state"] == "complete" and best["number"] == rows["ok"]["number"]
+    assert any("trial 0 failed" in line and "diverged" in line for line in lines)
+
+
+def test_failure_kinds_are_named():
+    assert classify_failure(MemoryError("boom"))[0] == "out_of_memory"
+    assert (
+        classify_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))[0] == "out_of_memory"
+    )
+    assert classify_failure(ValueError("bad"))[0] == "error"
+    assert (
+        _failure_reason(Path("/nonexistent"), -signal.SIGKILL)
+        == "killed by SIGKILL (often the out-of-memory killer)"
+    )
+
+
+def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path):
+    config = load_base_config(base, ["training.max_steps=20000", "eval.every=10"])
+    never_good_enough = optuna.pruners.ThresholdPruner(lower=2.0)  # accuracy is never >= 2: prune at once
+    settings = SweepSettings(config=config, space=parse_space({"optim.lr": {"choices": [3e-3]}}),
+                             out=tmp_path / "s", trials=1, pruner=never_good_enough)  # fmt: skip
+    started = time.monotonic()
+    sweep = Sweep(settings)
+    assert sweep.run(log=lambda line: None) is None
+    (row,) = sweep.rows()
+    assert row["state"] == "pruned" and time.monotonic() - started < 60
+    folder = Path(row["trial_dir"])
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) < 20000 and not (folder / "summary.json").exists()
+    assert sweep.study.trials[0].intermediate_values  # the pruner was fed the evaluations
+    assert not _processes_running(folder / "trial.yaml")
+
+
+def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
+    out, space = tmp_path / "s", _space(tmp_path, LR_SPACE)
+    args = [str(base), "--space", str(space), "--trials", "3", "--out", str(out)]
+    first = _sweep_process(*args)
+    try:
+        running = _wait_for(lambda: _training_trial(out, need_complete=1), what="a second trial training")
+        first.kill()
+        first.wait(30)
+    finally:
+        first.kill()
+    trial_config = Path(running.user_attrs["trial_dir"]) / "trial.yaml"
+    _wait_for(
+        lambda: True if not _processes_running(trial_config) else None, 10, "the orphaned trainer to die"
+    )
+    finished = {t.number: t for t in _study(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
+    stamps = {
+        n: (Path(t.user_attrs["trial_dir"]) / "summary.json").stat().st_mtime_ns for n, t in finished.items()
+    }
+
+    without_flag = _sweep_process(*args)
+    assert without_flag.wait(60) == 2 and "pass --resume" in without_flag.stdout.read()
+    resumed = _sweep_process(*args, "--resume")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert f"re-queued trials [{running.number}]" in log
+    trials = _study(out).trials
+    states = [t.state for t in trials]
+    assert (
+        states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.RUNNING not in states
+    )
+    killed = trials[running.number]
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["interrupted"] is True
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == running.number]
+    assert retry.params == killed.params and retry.state == optuna.trial.TrialState.COMPLETE
+    for number, stamp in stamps.items():  # finished trials were not trained again
+        assert (Path(finished[number].user_attrs["trial_dir"]) / "summary.json").stat().st_mtime_ns == stamp
+    rows = json.loads((out / "trials.json").read_text())["trials"]
+    assert [r["state"] for r in rows].count("interrupted") == 1
+
+
+def test_resume_refuses_a_different_space(base, tmp_path):
+    out = tmp_path / "s"
+    assert main(["sweep", str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "1", "--out", str(out),
+                 "training.max_steps=20"]) == 0  # fmt: skip
+    with pytest.raises(SweepError, match="started with a different space_sha256"):
+        Sweep(SweepSettings(config=load_base_config(base, ["training.max_steps=20"]), space=parse_space(
+            {"optim.lr": {"float": [1e-3, 1e-2]}}), out=out, trials=2, resume=True)).run()  # fmt: skip
+
+
+def test_ctrl_c_ends_after_the_running_trial_is_recorded(base, tmp_path):
+    out = tmp_path / "s"
+    sweep = _sweep_process(
+        str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "3", "--out", str(out)
+    )
+    try:
+        _wait_for(lambda: _training_trial(out, need_complete=0), what="the first trial training")
+        sweep.send_signal(signal.SIGINT)
+        log = sweep.communicate(timeout=120)[0]
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, log
+    assert "interrupted: no new trials" in log
+    (trial,) = _study(out).trials  # no new trial started after Ctrl-C
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert json.loads((out / "trials.json").read_text())["counts"]["complete"] == 1
+
+
+def test_two_processes_share_one_study(base, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    space = _space(tmp_path, LR_SPACE)
+    workers = [
+        _sweep_process(str(base), "--space", str(space), "--trials", "4", "--storage", storage, "--resume",
+                       "--out", str(tmp_path / f"worker{i}"), "training.max_steps=150")
+        for i in range(2)
+    ]  # fmt: skip
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    trials = optuna.load_study(study_name="deltatune-sweep", storage=storage).trials
+    # the total is the study's: 4, or 5 when both workers asked in the same instant
+    assert 4 <= len(trials) <= 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["sweep_pid"] for t in trials}) == 2  # both processes did work
+    assert {t.user_attrs["sweep_pid"] for t in trials} == {w.pid for w in workers}
+    assert os.path.exists(tmp_path / "worker0" / "best" / "deltatune.json")

@@ -1,0 +1,145 @@
+"""The sweep's search space and its selection rules, without training: parsing errors name the key, every corner
+is validated before a trial starts, conditions hold in every sampled trial, and best/ follows the stated rule."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from deltatune.sweep import BestRule, SpaceError, check_space, choose_best, pareto_front, parse_space
+from deltatune.sweep.space import set_dotted
+
+BASE = {
+    "model": {"path": "some/model", "task": "classification"},
+    "data": {"train": "train.jsonl", "format": "classification"},
+    "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
+    "optim": {"lr": 1e-3},
+    "training": {"max_steps": 10},
+    "eval": {"metric": "accuracy"},
+}
+METHODS = {
+    "presets": {
+        "lora": {"adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query"]}},
+        "dora": {"adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query"], "use_dora": True}},
+        "ia3": {"adapter": {"method": "ia3", "target_modules": ["query"]}},
+    }
+}  # fmt: skip
+GOOD = {
+    "method": METHODS,
+    "adapter.r": {"int": [1, 64], "log": True, "when": {"method": ["lora", "dora"]}},
+    "optim.lr": {"float": [1e-4, 1e-2], "log": True},
+    "training.batch_size": {"choices": [8, 16]},
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"optim.lr": {"float": [1e-2, 1e-4]}}, "low 0.01 must be below high 0.0001"),
+        ({"optim.lr": {"float": [0, 1e-2], "log": True}}, "a log range needs low > 0"),
+        ({"optim.lr": {"float": [1e-4, 1e-2], "log": "yes"}}, "`log` must be true or false"),
+        ({"adapter.r": {"int": [1.5, 8]}}, "`int` bounds must be whole numbers"),
+        ({"adapter.r": {"int": [1, 8], "step": 2, "log": True}}, "`step` and `log: true` cannot be combined"),
+        ({"adapter.r": {"int": [1, 8], "choices": [1, 2]}}, "give exactly one of choices, presets, int, float"),
+        ({"adapter.r": {"range": [1, 8]}}, "unknown key(s) ['range']"),
+        ({"adapter.r": 8}, "expected a mapping"),
+        ({"training.batch_size": {"choices": []}}, "`choices` must be a non-empty list"),
+        ({"training.batch_size": {"choices": [8, 8]}}, "lists a value twice"),
+        ({"adapter.target_modules": {"choices": [["q"], ["v"]]}}, "is not a plain value"),
+        ({"adapter.r": {"int": [1, 8], "when": {"method": ["lora"]}}}, "names 'method', which is not a parameter defined above"),
+        ({"method": METHODS, "adapter.r": {"int": [1, 8], "when": {"method": ["lorax"]}}}, "'method' never takes ['lorax']"),
+        ({"a.b": {"presets": {"x": {"optim.lr": 1}}}}, "a preset switch's name must not be a dotted config key"),
+        ({"method": {"presets": {"x": 3}}}, "preset 'x' must map dotted config keys to values"),
+        ([1, 2], "the top level must map parameter names to specs"),
+    ],
+)  # fmt: skip
+def test_malformed_space_names_the_parameter_and_the_fix(spec, message):
+    with pytest.raises(SpaceError) as err:
+        parse_space(spec)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ({"optim.lrr": {"float": [1e-4, 1e-2]}}, "unknown key 'optim.lrr'"),  # a typo in a config key
+        (
+            {"optim.lr": {"float": [-1.0, 1e-2]}},
+            "optim.lr: Input should be greater than 0",
+        ),  # a value refused
+        # a key that only some presets accept, without `when`: ia3 has no rank
+        ({"method": METHODS, "adapter.r": {"int": [1, 8]}}, "unknown key(s) ['r'] in adapter (method ia3)"),
+        ({"adapter.r": {"int": [0, 8]}}, "r must be a positive integer, got 0"),  # the method's own check
+    ],
+)
+def test_every_corner_is_validated_before_the_first_trial(spec, named):
+    with pytest.raises(SpaceError) as err:
+        check_space(parse_space(spec), BASE, "space.yaml")
+    assert named in str(err.value)
+    assert str(err.value).startswith("space.yaml: the trial with ")
+
+
+def test_a_good_space_checks_every_corner():
+    # 3 presets x batch 2 choices x lr 2 ends, and the rank's 2 ends for the two presets that have it
+    assert check_space(parse_space(GOOD), BASE) == (2 * 2 + 1) * 2 * 2
+
+
+def test_conditions_hold_in_every_sampled_trial_and_values_land_in_the_chosen_section():
+    space = parse_space(GOOD)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        chosen = space.sample(trial)
+        seen.add(chosen["method"])
+        assert ("adapter.r" in chosen) == (chosen["method"] in ("lora", "dora"))
+        assert 1e-4 <= chosen["optim.lr"] <= 1e-2 and chosen["training.batch_size"] in (8, 16)
+        raw = space.apply(BASE, chosen)
+        adapter = raw["adapter"]
+        assert adapter["method"] == ("ia3" if chosen["method"] == "ia3" else "lora")
+        assert adapter.get("r") == chosen.get("adapter.r")  # the sampled rank, inside the preset's section
+        assert adapter.get("use_dora", False) == (chosen["method"] == "dora")
+        assert raw["optim"]["lr"] == chosen["optim.lr"]
+        study.tell(trial, 0.0)
+    assert seen == {"lora", "dora", "ia3"}
+    assert BASE["adapter"]["r"] == 8  # apply() copies; the base config is untouched
+
+
+def test_set_dotted_replaces_a_section_with_a_mapping():
+    tree = {"adapter": {"method": "lora", "r": 8}}
+    set_dotted(tree, "adapter", {"method": "ia3"})
+    set_dotted(tree, "optim.lr", 0.1)
+    assert tree == {"adapter": {"method": "ia3"}, "optim": {"lr": 0.1}}
+
+
+def _row(number, metric, size, state="complete"):
+    return {"number": number, "state": state, "metric": metric, "adapter_bytes": size, "params": {}}
+
+
+ROWS = [
+    _row(0, 0.80, 1000),
+    _row(1, 0.795, 100),  # within 0.01 of the top, and the smallest such
+    _row(2, 0.79, 50),  # 0.01 below: outside a 0.005 tolerance, inside 0.01
+    _row(3, 0.60, 10),
+    _row(4, 0.70, 500),  # dominated by 1 (better and smaller)
+    _row(5, 0.99, 1, state="pruned"),  # pruned and failed trials never count
+    _row(6, math.nan, 1, state="failed"),
+]
+
+
+def test_best_rule_smallest_within_tolerance_top_and_loss():
+    assert choose_best(ROWS, "max", BestRule("smallest", tolerance=0.005))["number"] == 1
+    assert choose_best(ROWS, "max", BestRule("smallest", tolerance=0.01))["number"] == 2
+    assert choose_best(ROWS, "max", BestRule("top"))["number"] == 0
+    # loss: lower is better, so "within tolerance" means at most tolerance above the lowest
+    losses = [_row(0, 0.30, 1000), _row(1, 0.305, 100), _row(2, 0.50, 1)]
+    assert choose_best(losses, "min", BestRule("smallest", tolerance=0.01))["number"] == 1
+    assert choose_best([_row(0, 0.5, 1, state="failed")], "max", BestRule()) is None
+
+
+def test_pareto_front_keeps_only_undominated_complete_trials():
+    assert [r["number"] for r in pareto_front(ROWS, "max", "adapter_bytes")] == [3, 2, 1, 0]
+    ties = [_row(0, 0.8, 100), _row(1, 0.8, 100), _row(2, 0.8, 200)]  # equal trials don't dominate each other
+    assert [r["number"] for r in pareto_front(ties, "max", "adapter_bytes")] == [0, 1]
