@@ -148,21 +148,20 @@ def write_reports(
     return best
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
 
 
 def plot_front(rows, front, best, path: Path, *, metric: str, cost: str) -> None:
     done = complete_rows(rows)
     if not done:
         return
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.figure import Figure  # no pyplot: reports are written from the sweep's worker threads
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.scatter([r[cost] for r in done], [r["metric"] for r in done], s=18, color="0.6", label="trial")
     ax.plot([r[cost] for r in front], [r["metric"] for r in front], "o-", color="C0", label="Pareto front")
     if best:
@@ -174,10 +173,7 @@ def plot_front(rows, front, best, path: Path, *, metric: str, cost: str) -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
 
 
 def plot_params(rows, path: Path, *, metric: str, params: list[str]) -> None:
@@ -189,8 +185,10 @@ def plot_params(rows, path: Path, *, metric: str, params: list[str]) -> None:
         return
     categorical = next((p for p in params if p not in numeric), None)
     groups = sorted({str(r["params"].get(categorical)) for r in done}) if categorical else ["all"]
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(numeric), figsize=(4.5 * len(numeric), 4), squeeze=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5 * len(numeric), 4))
+    axes = fig.subplots(1, len(numeric), squeeze=False)
     for ax, param in zip(axes[0], numeric, strict=True):
         for i, group in enumerate(groups):
             pts = [(r["params"][param], r["metric"]) for r in done if param in r["params"]
@@ -206,7 +204,4 @@ def plot_params(rows, path: Path, *, metric: str, params: list[str]) -> None:
     if categorical:
         axes[0][0].legend(title=categorical, fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)

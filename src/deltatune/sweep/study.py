@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..core.errors import DeltatuneError
 from .report import COSTS, BestRule, write_reports
 from .space import SearchSpace, check_space
@@ -122,7 +120,9 @@ class Sweep:
                 break
             except Exception as exc:
                 if attempt == 4:
-                    raise SweepError(f"cannot open the study storage {redact(self.s.storage_url)}: {exc}") from None
+                    raise SweepError(
+                        f"cannot open the study storage {redact(self.s.storage_url)}: {exc}"
+                    ) from None
                 time.sleep(1 + attempt)
         exists = self.s.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
         if exists and not self.s.resume:
@@ -429,12 +429,7 @@ class Sweep:
 
 
 def load_base_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The sweep's base config as a plain dict, validated like `deltatune train` would."""
-    from ..train.config import ConfigError, apply_overrides, validate_config
+    """The sweep's base config, validated as `deltatune train` would, with every default filled in."""
+    from ..train.config import load_train_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"training config {path} does not exist")
-    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
-    validate_config(raw, str(path), overrides)
-    return raw
+    return load_train_config(path, overrides).to_dict()

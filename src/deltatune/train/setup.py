@@ -238,7 +238,9 @@ def check_adapter_section(spec: AdapterSpec) -> type[AdapterConfig] | None:
         cls.from_dict({"peft_type": cls.peft_type, **fields}, source="adapter section")
     except (TypeError, ValueError) as exc:
         message = str(exc)
-        raise ConfigError(message if message.startswith("adapter section") else f"adapter section: {message}") from None
+        raise ConfigError(
+            message if message.startswith("adapter section") else f"adapter section: {message}"
+        ) from None
     return cls
 
 
@@ -257,7 +259,9 @@ def build_adapter_config(spec: AdapterSpec, task: str, model: nn.Module) -> Adap
         return cls.from_dict({"peft_type": cls.peft_type, **fields}, source="adapter section")
     except (TypeError, ValueError) as exc:
         message = str(exc)
-        raise ConfigError(message if message.startswith("adapter section") else f"adapter section: {message}") from None
+        raise ConfigError(
+            message if message.startswith("adapter section") else f"adapter section: {message}"
+        ) from None
 
 
 def prepare_trainable(model: nn.Module, spec: AdapterSpec, task: str) -> AdapterConfig | None:
