@@ -288,3 +288,25 @@ def test_two_processes_share_one_study(base, tmp_path):
     assert len({t.user_attrs["sweep_pid"] for t in trials}) == 2  # both processes did work
     assert {t.user_attrs["sweep_pid"] for t in trials} == {w.pid for w in workers}
     assert os.path.exists(tmp_path / "worker0" / "best" / "deltatune.json")
+
+
+def test_an_invalid_space_fails_before_anything_is_written(base, tmp_path, capsys):
+    space = _space(tmp_path, {"optim.lrr": {"float": [1e-4, 1e-2]}})
+    out = tmp_path / "s"
+    assert main(["sweep", str(base), "--space", str(space), "--trials", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'optim.lrr'" in err and "the trial with optim.lrr=0.0001" in err
+    assert not out.exists()  # no study, no folder
+
+
+def test_timeout_starts_no_trial_after_it(base, tmp_path):
+    config = load_base_config(base, ["training.max_steps=20"])
+    settings = SweepSettings(
+        config=config, space=parse_space(LR_SPACE), out=tmp_path / "s", trials=5, timeout_s=1e-6
+    )
+    sweep = Sweep(settings)
+    assert sweep.run(log=lambda line: None) is None and sweep.rows() == []
+    settings.timeout_s = None
+    settings.trials = 1
+    settings.resume = True
+    assert Sweep(settings).run(log=lambda line: None)["state"] == "complete"

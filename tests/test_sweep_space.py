@@ -143,3 +143,21 @@ def test_pareto_front_keeps_only_undominated_complete_trials():
     assert [r["number"] for r in pareto_front(ROWS, "max", "adapter_bytes")] == [3, 2, 1, 0]
     ties = [_row(0, 0.8, 100), _row(1, 0.8, 100), _row(2, 0.8, 200)]  # equal trials don't dominate each other
     assert [r["number"] for r in pareto_front(ties, "max", "adapter_bytes")] == [0, 1]
+
+
+def test_timeout_durations():
+    import argparse
+
+    from deltatune.cli.main import _duration
+
+    assert [_duration(t) for t in ("90", "90s", "30m", "2h", "1h30m", "0.5h")] == [
+        90,
+        90,
+        1800,
+        7200,
+        5400,
+        1800,
+    ]
+    for bad in ("", "2d", "h", "1m2h"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a duration"):
+            _duration(bad)
