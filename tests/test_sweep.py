@@ -146,6 +146,9 @@ def test_sweep_finds_a_good_adapter_and_best_follows_the_rule(base, tmp_path, ca
     got = Classifier(config_raw["model"]["path"], out / "best")(texts)
     want = Classifier(config_raw["model"]["path"], best["adapter_dir"])(texts)
     assert got == want
+    from deltatune.core.inspect import describe_adapter
+
+    assert f"sweep: trial {best['number']} of study 'deltatune-sweep'" in describe_adapter(out / "best")
     for name in ("trials.csv", "sweep.md", "front.png", "params.png"):
         assert (out / name).stat().st_size > 0
     assert f"**best/** is trial {best['number']}" in (out / "sweep.md").read_text()
@@ -310,3 +313,18 @@ def test_timeout_starts_no_trial_after_it(base, tmp_path):
     settings.trials = 1
     settings.resume = True
     assert Sweep(settings).run(log=lambda line: None)["state"] == "complete"
+
+
+def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
+    config = load_base_config(base, ["training.max_steps=40", "eval.every=20"])
+    settings = SweepSettings(config=config, space=parse_space(LR_SPACE), out=tmp_path / "s", trials=2,
+                             multi_objective=True, rule=BestRule(cost="trainable_params"))  # fmt: skip
+    sweep = Sweep(settings)
+    sweep.run(log=lambda line: None)
+    assert [d.name for d in sweep.study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for trial in sweep.study.trials:
+        trained = json.loads((Path(trial.user_attrs["trial_dir"]) / "summary.json").read_text())
+        assert trial.values == [trained["best_metric"], trained["trainable_params"]]
+        assert (
+            not trial.intermediate_values
+        )  # Optuna cannot prune multi-objective trials: nothing is reported

@@ -69,6 +69,12 @@ def describe_adapter(folder: Path) -> str:
         f"metrics: {json.dumps(record.get('metrics'))}",
         f"environment: {json.dumps(record.get('environment'))}",
     ]
+    if record.get("sweep"):  # best/ of a `deltatune sweep`
+        sweep = record["sweep"]
+        lines.append(
+            f"sweep: trial {sweep.get('trial')} of study {sweep.get('study')!r} ({sweep.get('storage')}), "
+            f"params {json.dumps(sweep.get('params'))}; chosen as {sweep.get('rule')}"
+        )
     if record.get("training_config"):
         lines.append("training config: " + json.dumps(record["training_config"], sort_keys=True))
     return "\n".join(lines)
