@@ -194,7 +194,6 @@ def _sweep(args: argparse.Namespace) -> int:
         BestRule,
         Sweep,
         SweepSettings,
-        check_space,
         load_base_config,
         load_space,
         require_optuna,
@@ -203,7 +202,6 @@ def _sweep(args: argparse.Namespace) -> int:
     require_optuna()
     config = load_base_config(args.config, args.overrides)
     space = load_space(args.space)
-    check_space(space, config, str(args.space))  # before any study or folder is made
     out = args.out or Path(f"{config.get('output_dir', 'outputs/run')}-sweep")
     settings = SweepSettings(
         config=config, space=space, out=out, trials=args.trials, jobs=args.jobs, storage=args.storage,

@@ -86,6 +86,7 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     params: tuple[Param, ...]
+    source: str = "space"  # the file it came from, for messages
 
     @property
     def names(self) -> list[str]:
@@ -256,7 +257,7 @@ def parse_space(data: Any, source: str = "space") -> SearchSpace:
         if not isinstance(name, str) or not name:
             raise SpaceError(f"{source}: parameter names must be strings, got {name!r}")
         params[name] = _parse_param(name, spec, params)
-    return SearchSpace(tuple(params.values()))
+    return SearchSpace(tuple(params.values()), source)
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -270,7 +271,7 @@ def load_space(path: str | Path) -> SearchSpace:
     return parse_space(data, str(path))
 
 
-def check_space(space: SearchSpace, raw_config: dict[str, Any], source: str = "space") -> int:
+def check_space(space: SearchSpace, raw_config: dict[str, Any], source: str | None = None) -> int:
     """Validate every corner of the space as a training config; return how many were checked."""
     from ..train.config import ConfigError, validate_config
 
@@ -281,7 +282,7 @@ def check_space(space: SearchSpace, raw_config: dict[str, Any], source: str = "s
         except ConfigError as exc:
             setting = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
             raise SpaceError(
-                f"{source}: the trial with {setting} would be an invalid config:\n{exc}\n"
+                f"{source or space.source}: the trial with {setting} would be an invalid config:\n{exc}\n"
                 "Fix the key or value it names; if a key only applies to some choices, add a `when:` "
                 "condition to it."
             ) from None

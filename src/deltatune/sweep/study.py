@@ -106,12 +106,12 @@ class Sweep:
         self.abandon = threading.Event()  # second Ctrl-C: stop the running ones too
         self.host = socket.gethostname()
         self.deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else math.inf
-        self.started_here = 0
 
     # --- the study ------------------------------------------------------------------------------------------
     def open_study(self):
         optuna = self.optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.corners_checked = check_space(self.s.space, self.s.config)  # before anything is written
         self.s.out.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}} if self.s.storage_url.startswith("sqlite") else None
         for attempt in range(5):  # workers starting together race to create the tables; the loser retries
@@ -124,7 +124,7 @@ class Sweep:
                         f"cannot open the study storage {redact(self.s.storage_url)}: {exc}"
                     ) from None
                 time.sleep(1 + attempt)
-        exists = self.s.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        exists = self.s.study_name in optuna.study.get_all_study_names(storage)
         if exists and not self.s.resume:
             raise SweepError(
                 f"study {self.s.study_name!r} already exists in {redact(self.s.storage_url)}; pass --resume to "
@@ -227,7 +227,6 @@ class Sweep:
             trial = self.study.ask()
             for key, value in {"host": self.host, "sweep_pid": os.getpid()}.items():
                 trial.set_user_attr(key, value)
-            self.started_here += 1
             return trial
 
     # --- running --------------------------------------------------------------------------------------------
@@ -320,8 +319,7 @@ class Sweep:
         reclaimed = self.reclaim_interrupted()
         if reclaimed:
             log(f"re-queued trials {reclaimed}: their sweep was killed while they ran")
-        checked = check_space(self.s.space, self.s.config)
-        log(f"search space: {len(self.s.space.params)} parameters, {checked} corner configs valid; "
+        log(f"search space: {len(self.s.space.params)} parameters, {self.corners_checked} corner configs valid; "
             f"study {self.s.study_name!r} in {redact(self.s.storage_url)}")  # fmt: skip
         self._warn_if_no_pruning(log)
         threads = [
