@@ -267,7 +267,7 @@ def test_ctrl_c_ends_after_the_running_trial_is_recorded(base, tmp_path):
         log = sweep.communicate(timeout=120)[0]
     finally:
         sweep.kill()
-    assert sweep.returncode == 130, log
+    assert sweep.returncode == 128 + signal.SIGINT, log
     assert "interrupted: no new trials" in log
     (trial,) = _study(out).trials  # no new trial started after Ctrl-C
     assert trial.state == optuna.trial.TrialState.COMPLETE
@@ -328,3 +328,25 @@ def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
         assert (
             not trial.intermediate_values
         )  # Optuna cannot prune multi-objective trials: nothing is reported
+
+
+def test_sigterm_stops_the_running_trial_and_requeues_it(base, tmp_path):
+    out = tmp_path / "s"
+    sweep = _sweep_process(str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "3", "--out", str(out),
+                           "training.max_steps=20000", "eval.every=50")  # fmt: skip
+    try:
+        running = _wait_for(lambda: _training_trial(out, need_complete=0), what="the first trial training")
+        sweep.send_signal(signal.SIGTERM)
+        log = sweep.communicate(timeout=60)[0]  # the trial alone would train for minutes
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 128 + signal.SIGTERM, log
+    assert not _processes_running(Path(running.user_attrs["trial_dir"]) / "trial.yaml")
+    stopped, queued = _study(out).trials
+    assert stopped.state == optuna.trial.TrialState.FAIL and stopped.user_attrs["interrupted"] is True
+    assert (
+        queued.state == optuna.trial.TrialState.WAITING
+        and queued.params == {}
+        and queued.user_attrs["retry_of"] == 0
+    )
+    assert queued.system_attrs["fixed_params"] == stopped.params  # --resume trains exactly these again

@@ -217,7 +217,7 @@ def _sweep(args: argparse.Namespace) -> int:
     else:
         print(f"best/: trial {best['number']}, {sweep.metric}={best['metric']:.4f}, {args.cost}="
               f"{best[args.cost]:,.0f} -> {out / 'best'}")  # fmt: skip
-    return 130 if sweep.stopping.is_set() else 0
+    return 128 + sweep.interrupted_by if sweep.interrupted_by else 0  # the shell's code for that signal
 
 
 def _duration(text: str) -> float:

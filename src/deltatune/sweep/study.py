@@ -104,6 +104,7 @@ class Sweep:
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # first Ctrl-C: start no new trial
         self.abandon = threading.Event()  # second Ctrl-C: stop the running ones too
+        self.interrupted_by: int | None = None  # the signal that stopped the sweep
         self.host = socket.gethostname()
         self.deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else math.inf
 
@@ -333,8 +334,8 @@ class Sweep:
                 while t.is_alive():
                     t.join(0.2)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         with self.lock:
             best = self.write_reports()
         if best is not None:
@@ -350,19 +351,24 @@ class Sweep:
             log("note: eval.every is not set, so each trial evaluates once, at its end: the pruner has nothing "
                 "to act on. Set eval.every to let hopeless trials stop early.")  # fmt: skip
 
-    def _install_interrupt(self, log):
+    def _install_interrupt(self, log) -> dict[int, Any]:
+        """Ctrl-C: start no new trial, let the running ones finish; again: stop them (re-queued for --resume).
+        SIGTERM (a scheduler's stop) does both at once. Returns the handlers to restore."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
-        def on_sigint(signum, frame):
-            if not self.stopping.is_set():
+        def on_signal(signum, frame):
+            self.interrupted_by = signum
+            if signum == signal.SIGTERM or self.stopping.is_set():
+                self.stopping.set()
+                self.abandon.set()
+                log("stopping the running trials; they are re-queued for --resume")
+            else:
                 self.stopping.set()
                 log("interrupted: no new trials; waiting for the running ones to finish and be recorded "
                     "(Ctrl-C again to stop them now; they are re-queued for --resume)")  # fmt: skip
-            else:
-                self.abandon.set()
 
-        return signal.signal(signal.SIGINT, on_sigint)
+        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     # --- results --------------------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
