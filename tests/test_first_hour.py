@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_helpers import FILLER, NEGATIVE, POSITIVE, causal_config, write_config, write_jsonl
+from train_helpers import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    causal_config,
+    classification_config,
+    write_config,
+    write_jsonl,
+)
 
 import deltatune as dt
 from deltatune.cli.main import main
@@ -39,26 +47,12 @@ def classifier_run(tmp_path_factory, tiny_bert):
     train_file = write_jsonl(root / "train.jsonl", _topic_rows(400, 0))
     val_rows = [r for r in _topic_rows(120, 1) if r["stars"] != "neutral"]  # a class missing from validation
     val_file = write_jsonl(root / "val.jsonl", val_rows)
-    raw = {
-        "model": {"path": str(tiny_bert), "task": "classification"},
-        "data": {
-            "train": str(train_file),
-            "validation": str(val_file),
-            "format": "classification",
-            "columns": {"text": "review", "label": "stars"},
-            "max_length": 32,
-        },  # fmt: skip
-        "adapter": {
-            "method": "lora",
-            "r": 8,
-            "lora_alpha": 16,
-            "target_modules": ["query", "value", "dense"],
-        },
-        "optim": {"lr": 3e-3},
-        "training": {"max_steps": 800, "batch_size": 16, "progress": False},
-        "eval": {"every": 50, "metric": "accuracy"},
-        "output_dir": str(root / "run"),
+    data = {
+        "train": str(train_file),
+        "validation": str(val_file),
+        "columns": {"text": "review", "label": "stars"},
     }
+    raw = classification_config(tiny_bert, data, root / "run", max_steps=800)
     config = write_config(root / "c.yaml", raw)
     return config, train(validate_config(raw)), val_rows
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from train_helpers import sentiment_rows, write_config, write_jsonl
+from train_helpers import classification_config, sentiment_rows, write_config, write_jsonl
 
 from deltatune.cli.main import main
 from deltatune.sweep import (
@@ -35,20 +35,8 @@ LR_SPACE = {"optim.lr": {"float": [2e-3, 1e-2], "log": True}, "adapter.r": {"int
 @pytest.fixture()
 def base(tiny_bert, tmp_path) -> Path:
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(400, 0))
-    raw = {
-        "model": {"path": str(tiny_bert), "task": "classification"},
-        "data": {"train": str(data), "format": "classification", "max_length": 32},
-        "adapter": {
-            "method": "lora",
-            "r": 8,
-            "lora_alpha": 16,
-            "target_modules": ["query", "value", "dense"],
-        },
-        "optim": {"lr": 3e-3},
-        "training": {"max_steps": 300, "batch_size": 16, "progress": False},
-        "eval": {"every": 100, "metric": "accuracy"},
-        "output_dir": str(tmp_path / "run"),
-    }
+    raw = classification_config(tiny_bert, {"train": str(data)}, tmp_path / "run")
+    raw["eval"]["every"] = 100
     return write_config(tmp_path / "base.yaml", raw)
 
 

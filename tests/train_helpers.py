@@ -157,3 +157,21 @@ def causal_config(model: Path, data: Path, out: Path, **training) -> dict:
         "eval": {"every": 6},
         "output_dir": str(out),
     }
+
+
+def classification_config(model: Path, data: dict, out: Path, **training) -> dict:
+    """A LoRA classifier config on the tiny BERT that learns the keyword rule (accuracy ~0.9 after 300 steps)."""
+    return {
+        "model": {"path": str(model), "task": "classification"},
+        "data": {"format": "classification", "max_length": 32, **data},
+        "adapter": {
+            "method": "lora",
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["query", "value", "dense"],
+        },
+        "optim": {"lr": 3e-3},
+        "training": {"max_steps": 300, "batch_size": 16, "progress": False, **training},
+        "eval": {"every": 50, "metric": "accuracy"},
+        "output_dir": str(out),
+    }
