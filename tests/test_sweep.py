@@ -338,3 +338,13 @@ def test_sigterm_stops_the_running_trial_and_requeues_it(base, tmp_path):
         and queued.user_attrs["retry_of"] == 0
     )
     assert queued.system_attrs["fixed_params"] == stopped.params  # --resume trains exactly these again
+
+
+def test_the_final_evaluation_never_prunes(base, tmp_path):
+    """At the last evaluation training is over: a trial the pruner dislikes then still completes."""
+    config = load_base_config(base, ["training.max_steps=40", "eval.every=20"])
+    settings = SweepSettings(config=config, space=parse_space({"optim.lr": {"choices": [3e-3]}}), out=tmp_path / "s",
+                             trials=1, pruner=optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=30))  # fmt: skip
+    sweep = Sweep(settings)
+    assert sweep.run(log=lambda line: None)["state"] == "complete"
+    assert sorted(sweep.study.trials[0].intermediate_values) == [20, 40]  # both reported, neither pruned

@@ -248,11 +248,14 @@ class Sweep:
             shutil.rmtree(folder)
         threads = max(1, (os.cpu_count() or 1) // self.s.jobs) if self.s.jobs > 1 else None
 
+        last_step = self.s.space.apply(self.s.config, chosen)["training"]["max_steps"]
+
         def should_prune(step: int, value: float) -> bool:
             if self.s.multi_objective or not math.isfinite(value):
                 return False
             trial.report(value, step)
-            return trial.should_prune()
+            # the final evaluation: training is done, so the trial completes whatever the pruner thinks
+            return step < last_step and trial.should_prune()
 
         return run_trial(
             self._trial_config(chosen, folder), folder, self.metric, threads=threads,
