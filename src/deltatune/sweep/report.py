@@ -201,7 +201,12 @@ def plot_params(rows, path: Path, *, metric: str, params: list[str]) -> None:
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    if categorical:
-        axes[0][0].legend(title=categorical, fontsize=8)
+    if categorical:  # one legend for all panels: a group may have no points in the first one
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], marker="o", linestyle="", color=f"C{i}", label=g) for i, g in enumerate(groups)
+        ]
+        axes[0][-1].legend(handles=handles, title=categorical, fontsize=8)
     fig.tight_layout()
     _save(fig, path)

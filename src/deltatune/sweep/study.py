@@ -385,7 +385,7 @@ class Sweep:
                 "number": t.number, "state": state, "metric": value, "params": dict(t.params),
                 **{c: t.user_attrs.get(c) for c in COSTS},
                 "duration_s": t.duration.total_seconds() if t.duration else None,
-                "reason": t.user_attrs.get("reason"), "host": t.user_attrs.get("host"),
+                "reason": t.user_attrs.get("reason") or _pruned_at(t), "host": t.user_attrs.get("host"),
                 "trial_dir": t.user_attrs.get("trial_dir"), "adapter_dir": t.user_attrs.get("adapter_dir"),
             })  # fmt: skip
         return rows
@@ -433,6 +433,11 @@ class Sweep:
         os.replace(fresh, target)
         shutil.rmtree(stale, ignore_errors=True)
         return target
+
+
+def _pruned_at(trial) -> str | None:
+    steps = trial.intermediate_values
+    return f"pruned at step {max(steps)} of the trainer" if trial.state.name == "PRUNED" and steps else None
 
 
 def load_base_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
