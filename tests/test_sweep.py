@@ -52,12 +52,14 @@ def _study(out: Path, name: str = "deltatune-sweep") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def _sweep_process(*args: str) -> subprocess.Popen:
+def _sweep_process(*args: str, threads: int | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None  # inherited by its trials
     return subprocess.Popen(
         [sys.executable, "-m", "deltatune", "sweep", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
 
 
@@ -267,7 +269,8 @@ def test_two_processes_share_one_study(base, tmp_path):
     space = _space(tmp_path, LR_SPACE)
     workers = [
         _sweep_process(str(base), "--space", str(space), "--trials", "4", "--storage", storage, "--resume",
-                       "--out", str(tmp_path / f"worker{i}"), "training.max_steps=150")
+                       "--out", str(tmp_path / f"worker{i}"), "training.max_steps=150",
+                       threads=1)  # two processes on two cores: oversubscribed torch threads spin
         for i in range(2)
     ]  # fmt: skip
     logs = [w.communicate(timeout=300)[0] for w in workers]
