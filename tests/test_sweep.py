@@ -117,6 +117,9 @@ def test_sweep_finds_a_good_adapter_and_best_follows_the_rule(base, tmp_path, ca
             row["metric"] == trained["best_metric"] and row["trainable_params"] == trained["trainable_params"]
         )
         assert row["adapter_bytes"] == (Path(row["adapter_dir"]) / "adapter_model.safetensors").stat().st_size
+        assert not (
+            Path(row["trial_dir"]) / "checkpoints"
+        ).exists()  # a finished trial keeps only its adapter
         config = json.loads((Path(row["adapter_dir"]) / "deltatune.json").read_text())["training_config"]
         assert (
             config["optim"]["lr"] == row["params"]["optim.lr"]

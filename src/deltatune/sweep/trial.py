@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,9 @@ def run_trial(
         return TrialOutcome(
             state="failed", reason=_failure_reason(trial_dir, process.returncode), reports=outcome.reports
         )
+    # A finished trial is never resumed (an interrupted one restarts clean), so its resumable checkpoints
+    # (trainable weights + optimizer state, ~3x the adapter) are dead weight across many trials.
+    shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
     summary = json.loads((trial_dir / "summary.json").read_text())
     outcome.metric = summary["best_metric"]
     outcome.costs = _costs(summary)
