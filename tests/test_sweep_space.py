@@ -161,3 +161,19 @@ def test_timeout_durations():
     for bad in ("", "2d", "h", "1m2h"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not a duration"):
             _duration(bad)
+
+
+def test_parallel_trials_split_the_cores_and_take_one_gpu_each():
+    from deltatune.sweep.trial import slot_env
+
+    assert slot_env(0, jobs=1, cpus=16, gpus=8) == {}  # one trial at a time: it gets the whole machine
+    assert slot_env(1, jobs=2, cpus=2, gpus=0) == {"OMP_NUM_THREADS": "1"}
+    assert [slot_env(s, jobs=4, cpus=16, gpus=2)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == [
+        "0",
+        "1",
+        "0",
+        "1",
+    ]
+    # a user's own device list is respected: slots go round it
+    assert [slot_env(s, 3, 6, 2, visible="2,5")["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["2", "5", "2"]
+    assert slot_env(0, jobs=8, cpus=4, gpus=0)["OMP_NUM_THREADS"] == "1"  # never zero threads

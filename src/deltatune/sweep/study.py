@@ -25,7 +25,7 @@ from typing import Any
 from ..core.errors import DeltatuneError
 from .report import COSTS, BestRule, write_reports
 from .space import SearchSpace, check_space
-from .trial import TrialOutcome, run_trial
+from .trial import TrialOutcome, run_trial, slot_env
 
 STATE_NAMES = {
     "COMPLETE": "complete",
@@ -81,6 +81,12 @@ def _fingerprint(settings: SweepSettings) -> dict[str, str]:
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "space_sha256": hashlib.sha256(repr(space).encode()).hexdigest(),
     }
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # counted without creating a CUDA context in this process
 
 
 def _pid_alive(pid: int) -> bool:
@@ -240,13 +246,15 @@ class Sweep:
         raw.setdefault("training", {})["progress"] = False
         return raw
 
-    def _run_one(self, trial) -> TrialOutcome:
+    def _run_one(self, trial, slot: int) -> TrialOutcome:
         chosen = self.s.space.sample(trial)
         folder = self.trial_dir(trial.number)
         trial.set_user_attr("trial_dir", str(folder.resolve()))
         if folder.exists():  # a trial number is never reused within one storage, but an output folder can be
             shutil.rmtree(folder)
-        threads = max(1, (os.cpu_count() or 1) // self.s.jobs) if self.s.jobs > 1 else None
+        env = slot_env(
+            slot, self.s.jobs, os.cpu_count() or 1, _gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
 
         last_step = self.s.space.apply(self.s.config, chosen)["training"]["max_steps"]
 
@@ -258,7 +266,7 @@ class Sweep:
             return step < last_step and trial.should_prune()
 
         return run_trial(
-            self._trial_config(chosen, folder), folder, self.metric, threads=threads,
+            self._trial_config(chosen, folder), folder, self.metric, env=env,
             should_prune=should_prune, abandoned=self.abandon.is_set,
         )  # fmt: skip
 
@@ -290,11 +298,11 @@ class Sweep:
             else:
                 self.study.tell(trial, state=states.FAIL)
 
-    def _worker(self, log) -> None:
+    def _worker(self, log, slot: int) -> None:
         while (trial := self._ask()) is not None:
             started = time.monotonic()
             try:
-                outcome = self._run_one(trial)
+                outcome = self._run_one(trial, slot)
             except Exception as exc:  # the sweep itself failed around this trial: record, go on
                 outcome = TrialOutcome(state="failed", reason=f"error: {type(exc).__name__}: {exc}")
             self._tell(trial, outcome)
@@ -327,7 +335,8 @@ class Sweep:
             f"study {self.s.study_name!r} in {redact(self.s.storage_url)}")  # fmt: skip
         self._warn_if_no_pruning(log)
         threads = [
-            threading.Thread(target=self._worker, args=(log,), daemon=True) for _ in range(self.s.jobs)
+            threading.Thread(target=self._worker, args=(log, slot), daemon=True)
+            for slot in range(self.s.jobs)
         ]
         previous = self._install_interrupt(log)
         try:

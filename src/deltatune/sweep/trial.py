@@ -85,12 +85,25 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def slot_env(slot: int, jobs: int, cpus: int, gpus: int, visible: str | None = None) -> dict[str, str]:
+    """The environment of the trial in parallel slot `slot` of `jobs`: its share of the CPU threads, and on a
+    machine with GPUs one device per slot (round robin over CUDA_VISIBLE_DEVICES when it is set), so
+    parallel trials neither oversubscribe the cores nor all land on GPU 0."""
+    if jobs <= 1:
+        return {}
+    env = {"OMP_NUM_THREADS": str(max(1, cpus // jobs))}
+    devices = [d for d in (visible or "").split(",") if d.strip()] or [str(i) for i in range(gpus)]
+    if gpus > 0 and devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)].strip()
+    return env
+
+
 def run_trial(
     raw_config: dict[str, Any],
     trial_dir: Path,
     metric: str,
     *,
-    threads: int | None = None,
+    env: dict[str, str] | None = None,
     should_prune: Callable[[int, float], bool] = lambda step, value: False,
     abandoned: Callable[[], bool] = lambda: False,
 ) -> TrialOutcome:
@@ -99,9 +112,7 @@ def run_trial(
     trial_dir.mkdir(parents=True, exist_ok=True)
     config_file = trial_dir / "trial.yaml"
     config_file.write_text(yaml.safe_dump(raw_config, sort_keys=False))
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # parallel trials share the cores instead of oversubscribing
+    env = {**os.environ, **(env or {})}
     command = [sys.executable, "-m", "deltatune.sweep.worker", str(config_file), str(os.getpid())]
     outcome = TrialOutcome(state="complete")
     seen = 0
