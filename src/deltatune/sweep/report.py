@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..train.reporting import write_text_atomic
 
 COSTS = ("trainable_params", "adapter_bytes", "s_per_step", "peak_rss_mib")
+STATES = ("complete", "pruned", "failed", "interrupted", "running", "waiting")
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def write_reports(
     summary = {
         **header, "metric": metric, "mode": mode, "best_rule": rule.describe(metric),
         "best_trial": best["number"] if best else None, "pareto_front": [r["number"] for r in front],
-        "counts": {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "running")},
+        "counts": {s: n for s in STATES if (n := sum(r["state"] == s for r in rows))},
         "trials": rows,
     }  # fmt: skip
     write_text_atomic(out / "trials.json", json.dumps(summary, indent=2, default=str) + "\n")
