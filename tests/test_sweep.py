@@ -183,7 +183,8 @@ def test_failure_kinds_are_named():
     )
 
 
-def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path):
+def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path, monkeypatch):
+    monkeypatch.setattr("deltatune.sweep.study.HEARTBEAT_S", 0.0)  # a heartbeat every poll
     config = load_base_config(base, ["training.max_steps=20000", "eval.every=10"])
     never_good_enough = optuna.pruners.ThresholdPruner(lower=2.0)  # accuracy is never >= 2: prune at once
     settings = SweepSettings(config=config, space=parse_space({"optim.lr": {"choices": [3e-3]}}),
@@ -198,6 +199,8 @@ def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path):
     assert max(steps) < 20000 and not (folder / "summary.json").exists()
     assert sweep.study.trials[0].intermediate_values  # the pruner was fed the evaluations
     assert not _processes_running(folder / "trial.yaml")
+    (trial,) = sweep.study.trials  # the worker said it was alive while the trainer ran
+    assert trial.user_attrs["heartbeat"] >= trial.datetime_start.timestamp() + 1
 
 
 def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
@@ -354,3 +357,26 @@ def test_the_final_evaluation_never_prunes(base, tmp_path):
     sweep = Sweep(settings)
     assert sweep.run(log=lambda line: None)["state"] == "complete"
     assert sorted(sweep.study.trials[0].intermediate_values) == [20, 40]  # both reported, neither pruned
+
+
+def test_a_dead_machines_trial_is_requeued_by_a_live_worker(base, tmp_path):
+    """Another host's RUNNING trial with a stale heartbeat is taken for dead and redone here; one with a fresh
+    heartbeat is left to its machine (and still counts toward the study's total)."""
+    settings = SweepSettings(config=load_base_config(base, ["training.max_steps=40"]), space=parse_space(LR_SPACE),
+                             out=tmp_path / "s", trials=2, stale_after_s=600)  # fmt: skip
+    sweep = Sweep(settings)
+    sweep.open_study()
+    for beat in (time.time() - 3600, time.time()):  # trial 0: silent for an hour; trial 1: alive
+        trial = sweep.study.ask()
+        sweep.s.space.sample(trial)
+        trial.set_user_attr("host", "another-machine")
+        trial.set_user_attr("sweep_pid", 1)
+        trial.set_user_attr("heartbeat", beat)
+    lines = []
+    sweep.run(log=lines.append)
+    dead, alive, retry = sweep.study.trials
+    assert "re-queued trials [0]: their worker stopped while they ran" in lines
+    assert dead.state == optuna.trial.TrialState.FAIL and dead.user_attrs["interrupted"] is True
+    assert alive.state == optuna.trial.TrialState.RUNNING  # not ours to judge
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == dead.params
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["host"] == sweep.host

@@ -27,6 +27,7 @@ from .report import COSTS, BestRule, write_reports
 from .space import SearchSpace, check_space
 from .trial import TrialOutcome, run_trial, slot_env
 
+HEARTBEAT_S = 30.0  # how often a running trial's worker says it is alive
 STATE_NAMES = {
     "COMPLETE": "complete",
     "PRUNED": "pruned",
@@ -55,6 +56,9 @@ class SweepSettings:
     pruner: Any = "median"  # median | hyperband | none, or any optuna.pruners.BasePruner
     multi_objective: bool = False  # optimise the metric and rule.cost together (no pruning: Optuna has none)
     rule: BestRule = field(default_factory=BestRule)
+    # A RUNNING trial whose worker has not written a heartbeat for this long is taken for dead (its machine
+    # crashed or lost the database) and re-queued; trials of a dead process on this host are re-queued at once.
+    stale_after_s: float = 600.0
 
     @property
     def storage_url(self) -> str:
@@ -189,18 +193,23 @@ class Sweep:
                 "or a new --study-name"
             )
 
+    def _orphaned(self, trial) -> bool:
+        """A RUNNING trial nobody is running: its sweep process on this host is gone, or (any host) its
+        heartbeat is older than stale_after_s."""
+        attrs = trial.user_attrs
+        if attrs.get("host") == self.host and attrs.get("sweep_pid") is not None:
+            return not _pid_alive(int(attrs["sweep_pid"]))
+        beat = attrs.get("heartbeat")
+        return beat is not None and time.time() - float(beat) > self.s.stale_after_s
+
     def reclaim_interrupted(self) -> list[int]:
-        """Trials this host left RUNNING in a sweep process that no longer exists: mark them failed
-        (interrupted) and queue their parameters again, so the resumed sweep redoes exactly those."""
-        reclaimed = []
+        """Mark orphaned trials failed (interrupted) and queue their parameters again, so the sweep redoes
+        exactly those. Run at start and before every new trial, so live workers pick up a dead one's work."""
         running = self.optuna.trial.TrialState.RUNNING
-        for t in self.study.get_trials(deepcopy=False, states=(running,)):
-            pid = t.user_attrs.get("sweep_pid")
-            if t.user_attrs.get("host") != self.host or pid is None or _pid_alive(int(pid)):
-                continue  # another machine's, or a live process's: not ours to judge
+        orphans = [t for t in self.study.get_trials(deepcopy=False, states=(running,)) if self._orphaned(t)]
+        for t in orphans:
             self._mark_interrupted(t.number, t.params)
-            reclaimed.append(t.number)
-        return reclaimed
+        return [t.number for t in orphans]
 
     def _mark_interrupted(self, number: int, params: dict[str, Any]) -> None:
         storage = self.storage
@@ -223,16 +232,18 @@ class Sweep:
         )
         return counted, sum(t.state == states.RUNNING for t in trials)
 
-    def _ask(self):
+    def _ask(self, log):
         """The next trial, or None when the study has its trials, time is up, or the user stopped us."""
         with self.lock:
             if self.stopping.is_set() or time.monotonic() >= self.deadline:
                 return None
+            if reclaimed := self.reclaim_interrupted():
+                log(f"re-queued trials {reclaimed}: their worker stopped while they ran")
             counted, running = self._counted_and_running()
             if counted + running >= self.s.trials:
                 return None
             trial = self.study.ask()
-            for key, value in {"host": self.host, "sweep_pid": os.getpid()}.items():
+            for key, value in {"host": self.host, "sweep_pid": os.getpid(), "heartbeat": time.time()}.items():
                 trial.set_user_attr(key, value)
             return trial
 
@@ -265,9 +276,17 @@ class Sweep:
             # the final evaluation: training is done, so the trial completes whatever the pruner thinks
             return step < last_step and trial.should_prune()
 
+        last_beat = time.time()
+
+        def heartbeat() -> None:
+            nonlocal last_beat
+            if time.time() - last_beat >= HEARTBEAT_S:
+                last_beat = time.time()
+                trial.set_user_attr("heartbeat", last_beat)
+
         return run_trial(
             self._trial_config(chosen, folder), folder, self.metric, env=env,
-            should_prune=should_prune, abandoned=self.abandon.is_set,
+            should_prune=should_prune, abandoned=self.abandon.is_set, heartbeat=heartbeat,
         )  # fmt: skip
 
     def _tell(self, trial, outcome: TrialOutcome) -> None:
@@ -299,7 +318,7 @@ class Sweep:
                 self.study.tell(trial, state=states.FAIL)
 
     def _worker(self, log, slot: int) -> None:
-        while (trial := self._ask()) is not None:
+        while (trial := self._ask(log)) is not None:
             started = time.monotonic()
             try:
                 outcome = self._run_one(trial, slot)
@@ -328,9 +347,6 @@ class Sweep:
         """Run trials until the study holds `trials` of them; return the best row (None: none complete)."""
         if not hasattr(self, "study"):
             self.open_study()
-        reclaimed = self.reclaim_interrupted()
-        if reclaimed:
-            log(f"re-queued trials {reclaimed}: their sweep was killed while they ran")
         log(f"search space: {len(self.s.space.params)} parameters, {self.corners_checked} corner configs valid; "
             f"study {self.s.study_name!r} in {redact(self.s.storage_url)}")  # fmt: skip
         self._warn_if_no_pruning(log)

@@ -106,9 +106,10 @@ def run_trial(
     env: dict[str, str] | None = None,
     should_prune: Callable[[int, float], bool] = lambda step, value: False,
     abandoned: Callable[[], bool] = lambda: False,
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> TrialOutcome:
     """Train `raw_config` in `trial_dir` (its output_dir); after each evaluation ask `should_prune(step,
-    value)`; stop the process if it says so, or if `abandoned()` turns true."""
+    value)`; stop the process if it says so, or if `abandoned()` turns true. `heartbeat()` runs every poll."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     config_file = trial_dir / "trial.yaml"
     config_file.write_text(yaml.safe_dump(raw_config, sort_keys=False))
@@ -124,6 +125,7 @@ def run_trial(
         try:
             while process.poll() is None:
                 time.sleep(POLL_S)
+                heartbeat()
                 found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)
                 outcome.reports += found
                 if any(should_prune(step, value) for step, value in found):
