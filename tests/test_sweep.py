@@ -380,3 +380,20 @@ def test_a_dead_machines_trial_is_requeued_by_a_live_worker(base, tmp_path):
     assert alive.state == optuna.trial.TrialState.RUNNING  # not ours to judge
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == dead.params
     assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["host"] == sweep.host
+
+
+def test_an_orphan_is_claimed_once(base, tmp_path):
+    """Two workers reclaiming the same dead trial: the database's state change decides; one retry is queued."""
+    settings = SweepSettings(
+        config=load_base_config(base), space=parse_space(LR_SPACE), out=tmp_path / "s", trials=1
+    )
+    first, second = Sweep(settings), Sweep(settings)
+    first.open_study()
+    settings.resume = True
+    second.open_study()
+    trial = first.study.ask()
+    first.s.space.sample(trial)
+    assert first._mark_interrupted(trial.number, trial.params) is True
+    assert second._mark_interrupted(trial.number, trial.params) is False
+    states = [t.state for t in first.study.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]

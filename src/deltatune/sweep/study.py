@@ -207,19 +207,27 @@ class Sweep:
         exactly those. Run at start and before every new trial, so live workers pick up a dead one's work."""
         running = self.optuna.trial.TrialState.RUNNING
         orphans = [t for t in self.study.get_trials(deepcopy=False, states=(running,)) if self._orphaned(t)]
-        for t in orphans:
-            self._mark_interrupted(t.number, t.params)
-        return [t.number for t in orphans]
+        return [t.number for t in orphans if self._mark_interrupted(t.number, t.params)]
 
-    def _mark_interrupted(self, number: int, params: dict[str, Any]) -> None:
+    def _mark_interrupted(self, number: int, params: dict[str, Any]) -> bool:
+        """Fail the trial as interrupted and queue its parameters again; False when another worker got there
+        first (the state change is the database's atomic claim, so the retry is queued once)."""
         storage = self.storage
         trial_id = storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(self.s.study_name), number
         )
-        storage.set_trial_user_attr(trial_id, "interrupted", True)
-        storage.set_trial_user_attr(trial_id, "reason", "interrupted: the sweep stopped during this trial")
-        self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            storage.set_trial_user_attr(
+                trial_id, "reason", "interrupted: the sweep stopped during this trial"
+            )
+            storage.set_trial_state_values(trial_id, state=self.optuna.trial.TrialState.FAIL)
+        except RuntimeError:  # UpdateFinishedTrialError (Optuna 5; a bare RuntimeError before)
+            if storage.get_trial(trial_id).state.is_finished():
+                return False
+            raise
         self.study.enqueue_trial(params, user_attrs={"retry_of": number})
+        return True
 
     # --- counting -------------------------------------------------------------------------------------------
     def _counted_and_running(self) -> tuple[int, int]:
