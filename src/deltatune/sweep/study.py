@@ -332,7 +332,11 @@ class Sweep:
                 outcome = self._run_one(trial, slot)
             except Exception as exc:  # the sweep itself failed around this trial: record, go on
                 outcome = TrialOutcome(state="failed", reason=f"error: {type(exc).__name__}: {exc}")
-            self._tell(trial, outcome)
+            try:
+                self._tell(trial, outcome)
+            except RuntimeError as exc:  # finished meanwhile: another worker took this trial for dead
+                log(f"trial {trial.number}: not recorded ({exc}); another worker re-queued it")
+                continue
             log(self._describe(trial.number, trial.params, outcome, time.monotonic() - started))
             with self.lock:
                 self.write_reports()

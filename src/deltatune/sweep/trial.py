@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..train.reporting import write_text_atomic
 from .worker import ERROR_FILE
 
 POLL_S = 0.5
@@ -112,7 +113,7 @@ def run_trial(
     value)`; stop the process if it says so, or if `abandoned()` turns true. `heartbeat()` runs every poll."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     config_file = trial_dir / "trial.yaml"
-    config_file.write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    write_text_atomic(config_file, yaml.safe_dump(raw_config, sort_keys=False))
     env = {**os.environ, **(env or {})}
     command = [sys.executable, "-m", "deltatune.sweep.worker", str(config_file), str(os.getpid())]
     outcome = TrialOutcome(state="complete")
