@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from deltatune.sweep import BestRule, SpaceError, check_space, choose_best, pareto_front, parse_space
-from deltatune.sweep.space import set_dotted
+from deltatune.train.config import ConfigError, set_key
 
 BASE = {
     "model": {"path": "some/model", "task": "classification"},
@@ -107,11 +107,13 @@ def test_conditions_hold_in_every_sampled_trial_and_values_land_in_the_chosen_se
     assert BASE["adapter"]["r"] == 8  # apply() copies; the base config is untouched
 
 
-def test_set_dotted_replaces_a_section_with_a_mapping():
+def test_set_key_replaces_a_section_with_a_mapping_and_refuses_to_pass_through_a_value():
     tree = {"adapter": {"method": "lora", "r": 8}}
-    set_dotted(tree, "adapter", {"method": "ia3"})
-    set_dotted(tree, "optim.lr", 0.1)
+    set_key(tree, ["adapter"], {"method": "ia3"}, "x")
+    set_key(tree, ["optim", "lr"], 0.1, "x")
     assert tree == {"adapter": {"method": "ia3"}, "optim": {"lr": 0.1}}
+    with pytest.raises(ConfigError, match="space parameter 'a': 'lr' is a value, not a section"):
+        set_key(tree, ["optim", "lr", "x"], 1, "space parameter 'a'")
 
 
 def _row(number, metric, size, state="complete"):

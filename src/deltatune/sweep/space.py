@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..core.errors import DeltatuneError
+from ..train.config import set_key
 
 if TYPE_CHECKING:
     import optuna
@@ -108,7 +109,7 @@ class SearchSpace:
         for param in ordered:
             if param.name in chosen:
                 for key, value in param.settings(chosen[param.name]).items():
-                    set_dotted(result, key, copy.deepcopy(value))
+                    set_key(result, key.split("."), copy.deepcopy(value), f"space parameter {param.name!r}")
         return result
 
     def corner_assignments(self) -> list[dict[str, Any]]:
@@ -131,18 +132,6 @@ class SearchSpace:
 
             corners = random.Random(0).sample(corners, MAX_CORNERS)
         return corners
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """tree["a"]["b"] = value for key "a.b", creating sections; a mapping value replaces the whole section."""
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
 
 
 def _number(value: Any, where: str) -> float:

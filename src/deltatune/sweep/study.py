@@ -109,8 +109,10 @@ class Sweep:
 
         self.s = settings
         self.optuna = optuna
-        self.metric = settings.config.get("eval", {}).get("metric", "loss")
-        self.mode = "min" if self.metric == "loss" else "max"
+        from ..train.config import TrainConfig
+
+        base = TrainConfig.model_validate(settings.config)
+        self.metric, self.mode = base.eval.metric, base.metric_mode
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # first Ctrl-C: start no new trial
         self.abandon = threading.Event()  # second Ctrl-C: stop the running ones too
@@ -275,7 +277,8 @@ class Sweep:
             slot, self.s.jobs, os.cpu_count() or 1, _gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
         )
 
-        last_step = self.s.space.apply(self.s.config, chosen)["training"]["max_steps"]
+        config = self._trial_config(chosen, folder)
+        last_step = config["training"]["max_steps"]
 
         def should_prune(step: int, value: float) -> bool:
             if self.s.multi_objective or not math.isfinite(value):
@@ -293,7 +296,7 @@ class Sweep:
                 trial.set_user_attr("heartbeat", last_beat)
 
         return run_trial(
-            self._trial_config(chosen, folder), folder, self.metric, env=env,
+            config, folder, self.metric, env=env,
             should_prune=should_prune, abandoned=self.abandon.is_set, heartbeat=heartbeat,
         )  # fmt: skip
 
