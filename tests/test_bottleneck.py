@@ -114,7 +114,7 @@ def test_merge_refusals_say_why():
     model = CASES["llama"].build()  # o_proj / down_proj have no bias
     dt.inject(model, dt.BottleneckConfig(), adapter_name="relu")
     with pytest.raises(
-        dt.MergeError, match=r"'relu' cannot be merged .*non-linearity \(ReLU\) is not linear"
+        dt.MergeError, match=r"'relu' cannot be merged .*non-linearity \(relu\) is not linear"
     ):
         dt.merge(model)
     dt.delete_adapter(model, "relu")

@@ -67,3 +67,32 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "deltatune train: error: invalid training config" in err and "missing required key 'data'" in err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sweep", "--help"], ["serve", "--help"]])
+def test_help_parses_before_loading_torch(argv):
+    """`deltatune --help` answers without importing torch (which takes seconds): the package imports its
+    public names lazily and the CLI imports what a command needs only once it runs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom deltatune.cli.main import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'optuna', 'fastapi') if m in sys.modules)\n"
+        "print('HEAVY', heavy, 'CODE', code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage: deltatune" in out.stdout
+    assert out.stdout.strip().endswith("HEAVY [] CODE 0"), out.stdout[-300:]
+
+
+def test_public_names_are_the_lazy_table():
+    import deltatune
+
+    assert set(deltatune.__all__) == set(deltatune._EXPORTS)
+    for name in deltatune.__all__:  # every advertised name resolves
+        assert getattr(deltatune, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'LoRAConfigg'"):
+        deltatune.LoRAConfigg  # noqa: B018

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from torch import nn
 
 from . import patterns, provenance
-from .config import CONFIG_NAME, AdapterConfig, load_config_file, read_json_object
+from .capabilities import Capability, capability_refusal
+from .config import CONFIG_NAME, AdapterConfig, load_config_file
 from .errors import AdapterNameError, DeltatuneError
 from .inject import adapter_configs, adapter_layers, store_config
 from .io import WEIGHTS_NAME, _resolve_folder, check_base, read_adapter_weights, read_provenance
@@ -34,18 +35,13 @@ class LayoutMismatch(DeltatuneError, ValueError):
     """The saved adapter's tensors do not correspond one to one to the loaded adapter's; load it fresh."""
 
 
-def _plain_lora(peft_type: str | None, modules_to_save: object) -> bool:
-    """What hot-swapping covers: LoRA without modules_to_save (whose full module copies are no slot)."""
-    return peft_type == "LORA" and not modules_to_save
-
-
 def saved_layout(path: str | Path) -> Layout | None:
     """Keys and shapes of a saved adapter that can be hot-swapped (plain LoRA without modules_to_save), read
     from the config and the safetensors header only; None for anything else."""
     folder = Path(path)
     try:
-        config = read_json_object(folder / CONFIG_NAME, "an adapter config")
-        if not _plain_lora(config.get("peft_type"), config.get("modules_to_save")):
+        config = load_config_file(folder / CONFIG_NAME)
+        if capability_refusal(config, Capability.HOTSWAP):
             return None
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not iterable)
@@ -68,11 +64,10 @@ class AdapterSlot:
             raise AdapterNameError(
                 f"no adapter named {adapter_name!r}; this model has {sorted(adapter_configs(model))}"
             )
-        if not _plain_lora(config.peft_type, config.modules_to_save):
+        reason = capability_refusal(config, Capability.HOTSWAP)
+        if reason:
             raise LayoutMismatch(
-                f"adapter {adapter_name!r} is {config.peft_type}"
-                + (" with modules_to_save" if config.modules_to_save else "")
-                + "; hot-swapping covers plain LoRA"
+                f"adapter {adapter_name!r} ({config.peft_type}) cannot be hot-swapped: {reason}"
             )
         self.model = model
         self.adapter_name = adapter_name
@@ -104,8 +99,11 @@ class AdapterSlot:
         hashing it per swap (~20 ms for a 49k vocabulary)."""
         folder = _resolve_folder(path)
         config = load_config_file(folder / CONFIG_NAME)
-        if not _plain_lora(config.peft_type, config.modules_to_save):
-            raise LayoutMismatch(f"{folder} is not plain LoRA; load it fresh")
+        reason = capability_refusal(config, Capability.HOTSWAP)
+        if reason:
+            raise LayoutMismatch(
+                f"{folder} ({config.peft_type}) cannot be hot-swapped: {reason}; load it fresh"
+            )
         method = get_method(config.peft_type)
         config = method.resolve_config(self.model, config)
         record = read_provenance(folder)

@@ -29,8 +29,6 @@ class InputRewritingLayer(AdapterLayer):
     """Wraps the input embedding; passes its calls through unchanged and rewrites the model's inputs instead."""
 
     global_state_keys = True
-    # Why the method cannot merge (every adapter of such a layer refuses).
-    merge_refusal_reason = "it adds virtual tokens to the input, which no weight change can express"
 
     def rewrite_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> OutputFix | None:
         """Change `inputs` (the model's keyword arguments) in place for the active adapter; return a function
@@ -57,9 +55,6 @@ class InputRewritingLayer(AdapterLayer):
                 "same positions); activate one of them, optionally alongside adapters of other methods"
             )
         super().set_active(mine)
-
-    def merge_refusal(self, name: str) -> str | None:
-        return self.merge_refusal_reason
 
 
 def install_input_hooks(model: nn.Module, layer: InputRewritingLayer) -> None:

@@ -13,6 +13,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from .capabilities import Capability, capability_refusal
 from .config import AdapterConfig
 from .errors import AdapterFormatError, AdapterNameError, MergeError
 from .hashing import tensor_sha256
@@ -179,7 +180,12 @@ class AdapterLayer(nn.Module):
         return None
 
     def merge_refusal(self, name: str) -> str | None:
-        """Why adapter `name` cannot be folded into the base weights, or None when it can."""
+        """Why adapter `name` cannot be folded into the base weights, or None when it can: what its method
+        declares first, then what this layer adds (a quantized base)."""
+        config = self.adapter_configs.get(name)
+        reason = capability_refusal(config, Capability.MERGE) if config is not None else None
+        if reason:
+            return reason
         if self.quantized:
             return (
                 f"the base weight is stored quantized ({type(self.base_layer).__name__}); folding an update into "

@@ -7,19 +7,33 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .capabilities import Capability
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .targeting import TargetPreview, select_targets
 
 
 class AdapterMethod:
-    """A PEFT method: its config class, which modules it can wrap, and how to wrap one."""
+    """A PEFT method: its config class, which modules it can wrap, how to wrap one, and what it can do."""
 
     peft_type: ClassVar[str] = ""
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     layer_class: ClassVar[type[AdapterLayer]] = AdapterLayer
     # Human-readable list of wrappable module types, used in error messages.
     supported_modules: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    # Why a capability the method lacks cannot be had (said to the user); a generic sentence otherwise.
+    lacks: ClassVar[dict[Capability, str]] = {}
+
+    @classmethod
+    def refusal(cls, capability: Capability, config: AdapterConfig) -> str | None:
+        """Why an adapter with `config` cannot `capability`, or None when it can. Methods whose answer
+        depends on the config (DoRA, a bottleneck's non-linearity) extend this."""
+        if capability not in cls.capabilities:
+            return cls.lacks.get(capability) or f"{cls.peft_type} adapters cannot {capability.value}"
+        if config.modules_to_save and capability in (Capability.MIXED_BATCH, Capability.HOTSWAP):
+            return "it has modules_to_save (a full copy of each listed module per adapter)"
+        return None
 
     @classmethod
     def resolve_config(cls, model: nn.Module, config: AdapterConfig) -> AdapterConfig:

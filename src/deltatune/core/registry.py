@@ -1,12 +1,13 @@
 """peft_type -> method: the one extension point.
 
 A method module ends with `register("LORA")(ItsMethod)`; nothing else in deltatune needs editing to add a
-method. Built-in methods register when `deltatune` is imported (its __init__ imports `deltatune.methods`), so
-core never imports a method.
+method. The built-in methods register the first time the registry is asked (`deltatune.methods` is imported
+by name then, the way a plugin is loaded), so `import deltatune` stays light and core imports no method.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, type[AdapterMethod]] = {}
 M = TypeVar("M", bound="type[AdapterMethod]")
+BUILTIN_METHODS = "deltatune.methods"
+
+
+def _load_builtin_methods() -> None:
+    importlib.import_module(BUILTIN_METHODS)  # cached by Python after the first call
 
 
 def register(peft_type: str) -> Callable[[M], M]:
@@ -35,6 +41,7 @@ def register(peft_type: str) -> Callable[[M], M]:
 
 
 def get_method(peft_type: str) -> type[AdapterMethod]:
+    _load_builtin_methods()
     key = str(peft_type).upper()
     if key not in _METHODS:
         raise AdapterConfigError(
@@ -45,4 +52,5 @@ def get_method(peft_type: str) -> type[AdapterMethod]:
 
 
 def registered_methods() -> list[str]:
+    _load_builtin_methods()
     return sorted(_METHODS)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.capabilities import Capability
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterConfigError, AdapterFormatError, TargetingError
 from ..core.layer import AdapterLayer
@@ -143,9 +144,6 @@ class BottleneckLayer(AdapterLayer):
         quantized = super().merge_refusal(name)
         if quantized:
             return quantized
-        if not isinstance(self.adapter_act[name], nn.Identity):
-            activation = type(self.adapter_act[name]).__name__
-            return f"its non-linearity ({activation}) is not linear; only non_linearity='identity' merges"
         if self.adapter_down[name].bias is not None and getattr(self.base_layer, "bias", None) is None:
             return (
                 "the adapter has biases but the base layer has none to fold them into (use_bias=False merges)"
@@ -189,6 +187,14 @@ class BottleneckMethod(AdapterMethod):
     config_class = BottleneckConfig
     layer_class = BottleneckLayer
     supported_modules = "nn.Linear, transformers Conv1D (the output projection of a sub-layer)"
+    capabilities = frozenset({Capability.MERGE})
+
+    @classmethod
+    def refusal(cls, capability: Capability, config: AdapterConfig) -> str | None:
+        non_linearity = getattr(config, "non_linearity", "identity")
+        if capability is Capability.MERGE and non_linearity != "identity":
+            return f"its non-linearity ({non_linearity}) is not linear; only non_linearity='identity' merges"
+        return super().refusal(capability, config)
 
     @classmethod
     def check_saved_state(

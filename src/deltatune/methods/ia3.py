@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.capabilities import Capability
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterConfigError, MergeError, TargetingError
 from ..core.layer import AdapterLayer
@@ -126,6 +127,7 @@ class Ia3Method(AdapterMethod):
     config_class = Ia3Config
     layer_class = Ia3Linear
     supported_modules = "nn.Linear, transformers Conv1D"
+    capabilities = frozenset({Capability.MERGE})
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:
@@ -141,3 +143,5 @@ class Ia3Method(AdapterMethod):
 
 
 register("IA3")(Ia3Method)
+
+IA3Config = Ia3Config  # PEFT's spelling, which users type

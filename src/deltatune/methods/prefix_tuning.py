@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.capabilities import Capability
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterConfigError, TargetingError
 from ..core.input_hooks import (
@@ -70,10 +71,6 @@ class PrefixEncoder(nn.Module):
 
 class PrefixTuningLayer(InputRewritingLayer):
     adapter_attributes = ("prefix_embeddings", "prefix_encoders")
-    merge_refusal_reason = (
-        "prefix tuning adds learned keys and values to every attention layer; attention over extra positions "
-        "is not a weight change"
-    )
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -150,6 +147,10 @@ class PrefixTuningLayer(InputRewritingLayer):
 class PrefixTuningMethod(VirtualTokenMethod):
     config_class = PrefixTuningConfig
     layer_class = PrefixTuningLayer
+    lacks = {
+        Capability.MERGE: "prefix tuning adds learned keys and values to every attention layer; attention over "
+        "extra positions is not a weight change"
+    }
 
     @classmethod
     def saved_width(cls, config: VirtualTokenConfig) -> int:

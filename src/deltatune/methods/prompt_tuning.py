@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.capabilities import Capability
 from ..core.config import AdapterConfig
 from ..core.errors import AdapterConfigError
 from ..core.input_hooks import (
@@ -79,7 +80,6 @@ def _init_text_ids(config: PromptTuningConfig) -> list[int]:
 
 class PromptTuningLayer(InputRewritingLayer):
     adapter_attributes = ("prompt_embeddings",)
-    merge_refusal_reason = "prompt tuning prepends learned virtual tokens to the input, which no change of the weights can express"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -141,6 +141,10 @@ def trim_sequence_logits(output: Any, length: int) -> Any:
 class PromptTuningMethod(VirtualTokenMethod):
     config_class = PromptTuningConfig
     layer_class = PromptTuningLayer
+    lacks = {
+        Capability.MERGE: "prompt tuning prepends learned virtual tokens to the input, which no change of the "
+        "weights can express"
+    }
 
     @classmethod
     def saved_width(cls, config: VirtualTokenConfig) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...core.capabilities import Capability
+from ...core.config import AdapterConfig
 from ...core.errors import AdapterFormatError, TargetingError
 from ...core.method import AdapterMethod
 from ...core.registry import register
@@ -19,6 +21,13 @@ class LoraMethod(AdapterMethod):
     config_class = LoraConfig
     layer_class = LoraLayer
     supported_modules = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D (and their subclasses)"
+    capabilities = frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.HOTSWAP})
+
+    @classmethod
+    def refusal(cls, capability: Capability, config: AdapterConfig) -> str | None:
+        if capability is Capability.MIXED_BATCH and getattr(config, "use_dora", False):
+            return "it uses DoRA, whose per-row weight norm has no batched form here"
+        return super().refusal(capability, config)
 
     @classmethod
     def check_saved_state(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,13 +167,9 @@ class LoraLayer(AdapterLayer):
         return weight * along(norm / magnitude, weight.dim(), self.out_axis) - delta
 
     # ---- forward --------------------------------------------------------------------------------------------
-    # Set by runtime.mixed_adapters for one mixed batch: adds each row's own adapter update to the base output.
-    # An attribute checked here rather than a forward hook: hooks cost ~20 us per call, ~4 ms per decode step.
-    rowwise_update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-
+    # (A mixed-adapter batch replaces this forward per instance for its duration: see runtime.mixed.)
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.rowwise_update is not None:
-            return self.rowwise_update(x, self.base_layer(x, *args, **kwargs))
+        """The base output plus each active, unmerged adapter's update; the base alone when there is none."""
         active = self.unmerged_active
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -182,7 +177,12 @@ class LoraLayer(AdapterLayer):
             return self._weight_path_forward(x, active, *args, **kwargs)
         return self._lowrank_forward(x, active)
 
+    def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.dropout[name]
+        return F.dropout(x, p, training=True) if self.training and p > 0 else x
+
     def _weight_path_forward(self, x: torch.Tensor, active: tuple[str, ...], *args, **kwargs):
+        """base_layer's own forward with weight W + sum of dW: right for any forward linear in its weight."""
         weight = self.base_weight
         effective = weight
         separate = []  # adapters with live dropout need their own pass over the dropped-out input
@@ -211,33 +211,40 @@ class LoraLayer(AdapterLayer):
         raise NotImplementedError
 
     def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
-        result = quantized_forward(self.base_layer, x) if self.quantized else self.base_layer(x)
-        base_out = result
+        """base(x) + s B (A x) per adapter, never forming dW. x: (..., in) -> (..., out)."""
+        base_out = (
+            quantized_forward(self.base_layer, x) if self.quantized else self.base_layer(x)
+        )  # (..., out)
+        result = base_out
         for name in active:
-            a, b = self.factors(name)
-            p = self.dropout[name]
-            h = self.lowrank(F.dropout(x, p, training=True) if self.training and p > 0 else x, name)
-            if not self.is_dora(name):
-                # One fused GEMM: result + s * h @ B^T. No separate scale/add passes over the output.
-                # Adapters may be float32 on a half-precision base: compute in the output's dtype.
-                flat = torch.addmm(
-                    result.reshape(-1, result.shape[-1]),
-                    h.reshape(-1, h.shape[-1]).to(result.dtype),
-                    b.to(result.dtype).t(),
-                    alpha=self.scaling[name],
-                )
-                result = flat.view(result.shape)
+            h = self.lowrank(self._dropped(x, name), name)  # (..., r)
+            if self.is_dora(name):
+                result = result + self._dora_update(name, h, base_out).to(result.dtype)
                 continue
-            weight = self.base_weight_float() if self.quantized else self.base_weight
-            delta = self.delta_weight(name)
-            scale = magnitude_scale(
-                self.lora_magnitude_vector[name].weight, weight.to(delta.dtype), delta, self.out_axis
+            # result + s h B^T as one GEMM, in the output's dtype (adapters may be float32 on a half base)
+            _, b = self.factors(name)  # (out, r)
+            flat = torch.addmm(
+                result.reshape(-1, result.shape[-1]),  # (n, out)
+                h.reshape(-1, h.shape[-1]).to(result.dtype),  # (n, r)
+                b.to(result.dtype).t(),  # (r, out)
+                alpha=self.scaling[name],
             )
-            bias = getattr(self.base_layer, "bias", None)
-            plain = base_out if bias is None else base_out - bias
-            update = F.linear(h, b.to(h.dtype)) * self.scaling[name]
-            result = result + ((scale - 1) * plain + scale * update).to(result.dtype)
+            result = flat.view(result.shape)
         return result
+
+    def _dora_update(self, name: str, h: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA's change to the base output: (m/|W + dW| - 1) W x + m/|W + dW| s B h, with W x taken from
+        base_out (its bias removed). h: (..., r), base_out: (..., out)."""
+        _, b = self.factors(name)
+        weight = self.base_weight_float() if self.quantized else self.base_weight
+        delta = self.delta_weight(name)
+        scale = magnitude_scale(  # (out,)
+            self.lora_magnitude_vector[name].weight, weight.to(delta.dtype), delta, self.out_axis
+        )
+        bias = getattr(self.base_layer, "bias", None)
+        plain = base_out if bias is None else base_out - bias  # W x
+        update = F.linear(h, b.to(h.dtype)) * self.scaling[name]  # (..., out)
+        return (scale - 1) * plain + scale * update
 
 
 class LoraLinear(LoraLayer):
@@ -269,8 +276,7 @@ class LoraLinear(LoraLayer):
         if not self._fusable(active, x):
             return super()._lowrank_forward(x, active)
         name = active[0]
-        p = self.dropout[name]
-        x_d = F.dropout(x, p, training=True) if self.training and p > 0 else x
+        x_d = self._dropped(x, name)
         a, b = self.factors(name)
         base = self.base_layer
         if self.quantized:

@@ -1,0 +1,30 @@
+"""What adapters can be used for beyond their own forward, declared by each method and asked by callers.
+
+The merge path, mixed-adapter batches and hot-swapping ask `capability_refusal(config, Capability.X)` instead
+of testing `peft_type == "LORA"`, so a new method gains a capability by declaring it (`AdapterMethod.capabilities`),
+and the contract suite checks that what a method declares is what it does.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .registry import get_method
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
+
+
+class Capability(str, Enum):
+    """What an adapter can be used for beyond its own forward. A method declares its capabilities; callers
+    ask `capability_refusal` (below) instead of testing method names."""
+
+    MERGE = "be merged into the base weights"  # merge, export_merged
+    MIXED_BATCH = "share a mixed-adapter batch"  # runtime.mixed, runtime.decode (continuous batching)
+    HOTSWAP = "be hot-swapped in place"  # core.hotswap: a saved adapter copied into a loaded one's tensors
+
+
+def capability_refusal(config: AdapterConfig, capability: Capability) -> str | None:
+    """Why an adapter with `config` cannot `capability` (as its method declares), or None when it can."""
+    return get_method(config.peft_type).refusal(capability, config)
