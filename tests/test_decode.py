@@ -14,7 +14,10 @@ from deltatune.runtime.decode import ContinuousBatchingUnsupported, DecodeBatch
 
 
 def _alone(model, prompt, adapter, limit, eos=None):
-    (done,) = generate(model, [prompt], [adapter], max_new_tokens=limit, pad_token_id=0, eos_token_id=eos)
+    """The row alone through transformers' generate: the reference the engine must equal."""
+    (done,) = generate(
+        model, [prompt], [adapter], max_new_tokens=limit, pad_token_id=0, eos_token_id=eos, continuous=False
+    )
     return done
 
 
@@ -168,15 +171,17 @@ def test_row_stacks_updated_in_place_equal_a_fresh_build():
 
 
 def test_decoding_leaves_the_models_adapter_state_alone():
-    """Steps switch adapters by attribute writes (core.inject.activated), restored after every forward."""
+    """Steps switch adapters by attribute writes (core.adapters.activated), restored after every forward."""
     model = _with_adapters()
     dt.set_adapter(model, "b")
-    before = [(w.active_adapters, w.adapters_disabled) for _, w in dt.core.inject.all_wrappers(model)]
+    before = [(w.active_adapters, w.adapters_disabled) for _, w in dt.core.adapters.all_wrappers(model)]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
     batch.add(_prompts()[:2], ["a", None], max_new_tokens=[2, 4])  # mixed rows, then one base row
     while len(batch):
         batch.step()
-    assert [(w.active_adapters, w.adapters_disabled) for _, w in dt.core.inject.all_wrappers(model)] == before
+    assert [
+        (w.active_adapters, w.adapters_disabled) for _, w in dt.core.adapters.all_wrappers(model)
+    ] == before
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-    assert all("forward" not in vars(layer) for _, layer in dt.core.inject.adapter_layers(model))
+    assert all("forward" not in vars(layer) for _, layer in dt.core.adapters.adapter_layers(model))

@@ -118,22 +118,36 @@ def test_mixed_batch_refuses_what_it_cannot_batch():
         pass
 
 
+@pytest.fixture(params=[True, False], ids=["engine", "transformers"])
+def continuous(request) -> bool:
+    """Both paths of `generate`: the decode engine, and transformers' generate (the reference)."""
+    return request.param
+
+
 def _prompts():
     g = torch.Generator().manual_seed(5)
     return [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 7, 5, 1, 6, 4)]
 
 
-def test_generate_mixed_rows_equal_each_row_alone():
+def test_generate_mixed_rows_equal_each_row_alone(continuous):
     """Left padding (prompts of 1-7 tokens), KV cache, per-row max_new_tokens: each row's greedy tokens are
     those of the row generated alone, unpadded, with its adapter active."""
     model = _with_adapters()
     prompts, limits = _prompts(), [6, 8, 8, 8, 3, 5]
-    mixed = generate(model, prompts, ROWS, max_new_tokens=limits, pad_token_id=0, eos_token_id=None)
+    mixed = generate(
+        model, prompts, ROWS, max_new_tokens=limits, pad_token_id=0, eos_token_id=None, continuous=continuous
+    )
     assert plan_batches(model, ROWS) == [list(range(len(ROWS)))]  # one batch for all rows
     outputs = set()
     for i, name in enumerate(ROWS):
         (alone,) = generate(
-            model, [prompts[i]], [name], max_new_tokens=limits[i], pad_token_id=0, eos_token_id=None
+            model,
+            [prompts[i]],
+            [name],
+            max_new_tokens=limits[i],
+            pad_token_id=0,
+            eos_token_id=None,
+            continuous=continuous,
         )
         assert mixed[i].tokens == alone.tokens and len(alone.tokens) == limits[i]
         assert mixed[i].finish_reason == "length" and mixed[i].prompt_tokens == len(prompts[i])
@@ -141,12 +155,16 @@ def test_generate_mixed_rows_equal_each_row_alone():
     assert len(outputs) == len(ROWS)
 
 
-def test_generate_stops_rows_at_end_of_sequence():
+def test_generate_stops_rows_at_end_of_sequence(continuous):
     model = _with_adapters()
     prompts = _prompts()[:2]
-    free = generate(model, prompts, ["a", "b"], max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    free = generate(
+        model, prompts, ["a", "b"], max_new_tokens=6, pad_token_id=0, eos_token_id=None, continuous=continuous
+    )
     stop = free[1].tokens[2]  # make row 1's third token the end-of-sequence token
-    ended = generate(model, prompts, ["a", "b"], max_new_tokens=6, pad_token_id=0, eos_token_id=stop)
+    ended = generate(
+        model, prompts, ["a", "b"], max_new_tokens=6, pad_token_id=0, eos_token_id=stop, continuous=continuous
+    )
     assert (
         ended[1].finish_reason == "stop" and ended[1].tokens == free[1].tokens[: free[1].tokens.index(stop)]
     )
@@ -154,12 +172,20 @@ def test_generate_stops_rows_at_end_of_sequence():
         assert ended[0].tokens == free[0].tokens and ended[0].finish_reason == "length"
 
 
-def test_generate_batch_ends_when_every_row_has_ended():
+def test_generate_batch_ends_when_every_row_has_ended(continuous):
     """A short row at its own limit and a long row at end-of-sequence: the batch stops there, not at the
     long row's limit (model.generate alone would run on for the row that has not seen end-of-sequence)."""
     model = _with_adapters()
     prompts = _prompts()[:2]
-    free = generate(model, prompts, ["a", "b"], max_new_tokens=[2, 12], pad_token_id=0, eos_token_id=None)
+    free = generate(
+        model,
+        prompts,
+        ["a", "b"],
+        max_new_tokens=[2, 12],
+        pad_token_id=0,
+        eos_token_id=None,
+        continuous=continuous,
+    )
     tokens = free[1].tokens
     at = next(k for k in range(2, 12) if tokens[k] not in tokens[:k] + free[0].tokens)
     stop = tokens[at]  # row 1 ends with this token, the first new one from the 3rd on
@@ -167,7 +193,13 @@ def test_generate_batch_ends_when_every_row_has_ended():
     hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
     try:
         ended = generate(
-            model, prompts, ["a", "b"], max_new_tokens=[2, 12], pad_token_id=0, eos_token_id=stop
+            model,
+            prompts,
+            ["a", "b"],
+            max_new_tokens=[2, 12],
+            pad_token_id=0,
+            eos_token_id=stop,
+            continuous=continuous,
         )
     finally:
         hook.remove()
@@ -176,10 +208,18 @@ def test_generate_batch_ends_when_every_row_has_ended():
     assert at < 11 and len(forwards) == at + 1  # the batch ended with row 1's end-of-sequence, not its 12th
 
 
-def test_generate_streams_tokens_and_ends_cancelled_rows_early():
+def test_generate_streams_tokens_and_ends_cancelled_rows_early(continuous):
     model = _with_adapters()
     prompts = _prompts()[:2]
-    full = generate(model, prompts, ["a", "b"], max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    full = generate(
+        model,
+        prompts,
+        ["a", "b"],
+        max_new_tokens=12,
+        pad_token_id=0,
+        eos_token_id=None,
+        continuous=continuous,
+    )
     seen: dict[int, list[int]] = {0: [], 1: []}
     done = generate(
         model,
@@ -188,6 +228,7 @@ def test_generate_streams_tokens_and_ends_cancelled_rows_early():
         max_new_tokens=12,
         pad_token_id=0,
         eos_token_id=None,
+        continuous=continuous,
         on_token=lambda row, token: seen[row].append(token),
         stop_rows=lambda row, new: row == 0 and len(new) >= 3,  # row 0's reader leaves at its 3rd token
     )
@@ -195,7 +236,7 @@ def test_generate_streams_tokens_and_ends_cancelled_rows_early():
     assert seen[0] == done[0].tokens == full[0].tokens[:3] and done[0].finish_reason == "cancelled"
 
 
-def test_generate_runs_unmixable_adapters_in_their_own_batch():
+def test_generate_runs_unmixable_adapters_in_their_own_batch(continuous):
     model = _with_adapters()
     torch.manual_seed(0)
     dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3, token_dim=32), adapter_name="prompt")
@@ -203,10 +244,87 @@ def test_generate_runs_unmixable_adapters_in_their_own_batch():
     rows = ["a", "prompt", "b", "prompt"]
     assert plan_batches(model, rows) == [[0, 2], [1, 3]]
     prompts = _prompts()[:4]
-    mixed = generate(model, prompts, rows, max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    mixed = generate(
+        model, prompts, rows, max_new_tokens=4, pad_token_id=0, eos_token_id=None, continuous=continuous
+    )
     for i, name in enumerate(rows):
-        (alone,) = generate(model, [prompts[i]], [name], max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+        (alone,) = generate(
+            model,
+            [prompts[i]],
+            [name],
+            max_new_tokens=4,
+            pad_token_id=0,
+            eos_token_id=None,
+            continuous=continuous,
+        )
         assert mixed[i].tokens == alone.tokens
+
+
+def test_the_engine_and_transformers_generate_the_same_tokens():
+    """The fixed batch on the decode engine (rows leave as they end) against transformers' generate."""
+    model = _with_adapters()
+    prompts, limits = _prompts(), [6, 8, 8, 8, 3, 5]
+    free = generate(model, prompts, ROWS, max_new_tokens=limits, pad_token_id=0, eos_token_id=None)
+    stop = free[1].tokens[3]
+    for eos in (None, stop):
+        engine, reference = (
+            generate(
+                model,
+                prompts,
+                ROWS,
+                max_new_tokens=limits,
+                pad_token_id=0,
+                eos_token_id=eos,
+                continuous=continuous,
+            )  # fmt: skip
+            for continuous in (True, False)
+        )
+        assert [(c.tokens, c.finish_reason) for c in engine] == [
+            (c.tokens, c.finish_reason) for c in reference
+        ]
+    assert any(c.finish_reason == "stop" for c in reference)  # the end-of-sequence case did end a row
+
+
+def test_generate_on_the_engine_refuses_non_finite_scores():
+    from deltatune.runtime.decode import NonFiniteOutput
+
+    model = _with_adapters()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["a"].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutput, match="adapter 'a'.*NaN"):
+        generate(model, _prompts()[:2], ["a", None], max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    (base,) = generate(model, _prompts()[:1], [None], max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    assert len(base.tokens) == 3  # the base rows are unaffected
+
+
+def test_training_evaluation_generates_with_the_active_adapter_on_the_one_path():
+    """`train.evaluate.generate_answers` decodes what `runtime.generate` gives the active adapter; a model
+    with no adapters (full fine-tuning) generates with its own weights."""
+    from deltatune.runtime.sampling import end_of_sequence_ids
+    from deltatune.train.evaluate import generate_answers
+
+    class Letters:  # a stand-in tokenizer: decodes ids as letters
+        pad_token_id, eos_token_id = 0, None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    model = _with_adapters()
+    dt.set_adapter(model, "b")
+    model.train()
+    prompts = _prompts()
+    answers = generate_answers(model, Letters(), prompts, max_new_tokens=4, batch_size=4)
+    assert model.training  # put back as it was
+    model.eval()
+    eos = end_of_sequence_ids(model, Letters())
+    assert eos == [model.generation_config.eos_token_id]  # what transformers' generate stops at
+    expected = generate(model, prompts, ["b"] * 6, max_new_tokens=4, pad_token_id=0, eos_token_id=eos)
+    assert answers == [Letters().decode(c.tokens) for c in expected]
+    base = generate(model, prompts, [None] * 6, max_new_tokens=4, pad_token_id=0, eos_token_id=eos)
+    assert answers != [Letters().decode(c.tokens) for c in base]
+    plain = build_llama().eval()
+    plain_answers = generate_answers(plain, Letters(), prompts, max_new_tokens=4, batch_size=4)
+    assert plain_answers == [Letters().decode(c.tokens) for c in base]  # same weights as the base rows
 
 
 # ---- the adapter cache ---------------------------------------------------------------------------------------

@@ -76,7 +76,13 @@ def expected(tiny_causal_lm, adapters_dir) -> dict[tuple[str, str], str]:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             key = None if model_id == "base" else model_id.replace("-", "_")
             (done,) = generate(
-                model, [ids], [key], max_new_tokens=6, pad_token_id=0, eos_token_id=tokenizer.eos_token_id
+                model,
+                [ids],
+                [key],
+                max_new_tokens=6,
+                pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
+                continuous=False,
             )
             answers[(model_id, prompt)] = tokenizer.decode(done.tokens, skip_special_tokens=True)
     return answers
@@ -372,7 +378,7 @@ def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm
     dt.load_adapter(reference, root / "alpha", adapter_name="a")
     expected = generate(
         reference, [ids] * 3, ["s", "a", None], max_new_tokens=6, pad_token_id=0,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, continuous=False,
     )  # fmt: skip
     assert [scaled.tokens, alpha.tokens, base.tokens] == [e.tokens for e in expected]
     assert scaled.tokens != base.tokens
@@ -427,7 +433,13 @@ def test_engine_falls_back_to_fixed_batches_for_a_model_it_cannot_decode(
     reference = _model(tiny_causal_lm)
     dt.load_adapter(reference, adapters_dir / "alpha", adapter_name="a")
     (expected,) = generate(
-        reference, [ids], ["a"], max_new_tokens=5, pad_token_id=0, eos_token_id=tokenizer.eos_token_id
+        reference,
+        [ids],
+        ["a"],
+        max_new_tokens=5,
+        pad_token_id=0,
+        eos_token_id=tokenizer.eos_token_id,
+        continuous=False,
     )
     assert [a.tokens for a in answers] == [expected.tokens] * 2 and later.tokens == expected.tokens
     assert not engine.continuous and engine.stats.decode_steps == 0 and engine.stats.batches == 2

@@ -26,7 +26,7 @@ def adapters_dir(tiny_causal_lm, tmp_path_factory) -> Path:
     for seed, name in enumerate(["alpha", "beta"]):
         torch.manual_seed(seed)
         dt.inject(model, dt.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]), name)
-        for _, layer in dt.core.inject.adapter_layers(model):
+        for _, layer in dt.core.adapters.adapter_layers(model):
             if name in layer.adapter_configs:
                 torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
         dt.save_adapter(model, root / name, adapter_name=name)
@@ -96,7 +96,7 @@ def test_a_row_with_non_finite_scores_fails_alone(engine):
 
     (reference,) = _answers(engine, [_row(engine, "beta", n=8)])
     key = engine.cache.load("poisoned").key
-    for _, layer in dt.core.inject.adapter_layers(engine.model):
+    for _, layer in dt.core.adapters.adapter_layers(engine.model):
         if key in layer.adapter_configs:
             layer.lora_B[key].weight.data.fill_(math.nan)
     rows = [_row(engine, "beta", n=8), _row(engine, "poisoned", temperature=0.7), _row(engine, "poisoned")]
@@ -111,7 +111,7 @@ def test_a_row_with_non_finite_scores_fails_alone(engine):
 def test_a_row_turning_non_finite_mid_decode_leaves_the_running_batch(engine, monkeypatch):
     from deltatune.runtime import decode
 
-    real = decode._next_tokens
+    real = decode.next_tokens
     calls = []
 
     def poison_second_row_at_step_three(logits, temperature, top_p):
@@ -122,7 +122,7 @@ def test_a_row_turning_non_finite_mid_decode_leaves_the_running_batch(engine, mo
         return real(logits, temperature, top_p)
 
     (reference,) = _answers(engine, [_row(engine, "beta", n=8)])
-    monkeypatch.setattr(decode, "_next_tokens", poison_second_row_at_step_three)
+    monkeypatch.setattr(decode, "next_tokens", poison_second_row_at_step_three)
     good, bad = _answers(engine, [_row(engine, "beta", n=8), _row(engine, "alpha", n=8)])
     assert good.tokens == reference.tokens
     assert isinstance(bad, decode.NonFiniteOutput) and "infinite" in str(bad)

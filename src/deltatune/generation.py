@@ -12,7 +12,8 @@ from .core.errors import AdapterFormatError
 
 
 class Generator:
-    """Greedy generation. Plain prompts go through the tokenizer's chat template when it has one; a training
+    """Greedy generation through `runtime.generate` (the engine the server and training evaluation use
+    too). Plain prompts go through the tokenizer's chat template when it has one; a training
     config's data section renders them exactly as training did (`encoder`, see `for_config`)."""
 
     def __init__(
@@ -27,7 +28,7 @@ class Generator:
 
         from .classification import adapter_task
         from .core.io import load_adapter, saved_label_names
-        from .train.setup import load_pretrained, load_tokenizer_from
+        from .models.loading import load_pretrained, load_tokenizer_from
 
         self.tokenizer = load_tokenizer_from(base)
         if adapter is not None and adapter_task(adapter) == "SEQ_CLS":
@@ -37,10 +38,12 @@ class Generator:
                 f"a text generator: use `deltatune classify --base {base} --adapter {adapter}`"
             )
         self.model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
+        self.adapter_name: str | None = None  # the model-side name; None: the base alone
         if adapter is not None:
             load_adapter(
                 self.model, adapter, tokenizer=self.tokenizer, allow_base_mismatch=allow_base_mismatch
             )
+            self.adapter_name = "default"
         self.system_prompt = system_prompt
         self.encoder: Any = None
 
@@ -68,19 +71,17 @@ class Generator:
             raise ValueError("a prompt given as fields needs a training config (--config) to render it")
         return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
 
-    @torch.no_grad()
     def __call__(self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64) -> str:
-        ids = torch.tensor([self.prompt_ids(prompt)])
-        pad = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id
-        )
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+        from .runtime import generate
+        from .runtime.sampling import end_of_sequence_ids
+
+        pad = self.tokenizer.pad_token_id
+        (done,) = generate(
+            self.model,
+            [self.prompt_ids(prompt)],
+            [self.adapter_name],
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
+            pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
+            eos_token_id=end_of_sequence_ids(self.model, self.tokenizer),
         )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(done.tokens, skip_special_tokens=True).strip()

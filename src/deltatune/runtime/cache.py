@@ -25,10 +25,10 @@ from typing import Any
 
 from torch import nn
 
+from ..core.adapters import adapter_configs, all_wrappers, delete_adapter
 from ..core.config import CONFIG_NAME
 from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..core.hotswap import AdapterSlot, LayoutMismatch, saved_layout
-from ..core.inject import adapter_configs, all_wrappers, delete_adapter
 from ..core.io import PROVENANCE_NAME, WEIGHTS_NAME, load_adapter
 from ..core.provenance import tokenizer_hash
 

@@ -28,11 +28,11 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
-from ..core.inject import activated, all_wrappers, merged_adapter_names
 from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
-from .generate import GREEDY_BELOW, Completion, check_sampling, left_pad
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
+from .sampling import Completion, check_sampling, left_pad, next_tokens
 
 
 class ContinuousBatchingUnsupported(MixedBatchError):
@@ -193,7 +193,7 @@ class DecodeBatch:
             )
             self._handles += 1
         # sampled before the rows join: a row whose scores are not finite never enters the batch
-        tokens, broken = _next_tokens(out.logits[:, -1], temperature, top_p)
+        tokens, broken = next_tokens(out.logits[:, -1], temperature, top_p)
         keep = [i for i in range(count) if i not in broken]
         if len(keep) < count:
             cache, mask = _select_rows(cache, mask, keep)
@@ -243,7 +243,7 @@ class DecodeBatch:
             )
         self.cache = cache_of(out)
         rows = list(self.rows)
-        tokens, broken = _next_tokens(
+        tokens, broken = next_tokens(
             out.logits[:, -1], [r.temperature for r in rows], [r.top_p for r in rows]
         )
         return self._advance(rows, tokens, broken)
@@ -339,41 +339,3 @@ def _select_rows(
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[index], layer.values[index]
     return cache, mask[index]
-
-
-def _next_tokens(
-    logits: torch.Tensor, temperature: list[float], top_p: list[float]
-) -> tuple[list[int], dict[int, str]]:
-    """Each row's next token, and the rows (index -> what is wrong) whose scores hold NaN or +inf: no token
-    can be chosen from those, greedy or sampled, and the row must fail alone."""
-    nan = torch.isnan(logits).any(-1)
-    posinf = torch.isposinf(logits).any(-1)
-    broken = {i: "NaN" if nan[i] else "infinite" for i in (nan | posinf).nonzero().flatten().tolist()}
-    if broken:
-        logits = logits.clone()
-        logits[list(broken)] = 0.0
-    return _sample(logits, temperature, top_p).tolist(), broken
-
-
-def _sample(logits: torch.Tensor, temperature: list[float], top_p: list[float]) -> torch.Tensor:
-    """Greedy where a row's temperature is 0 (or below GREEDY_BELOW), else a sample from its
-    temperature-scaled distribution cut to its top-p nucleus (the fewest most likely tokens whose
-    probabilities reach top_p). Scores are shifted so each row's best is 0 before scaling, so a tiny
-    temperature gives -inf for the others, never inf - inf."""
-    chosen = logits.argmax(-1)
-    sampled = [i for i, t in enumerate(temperature) if t >= GREEDY_BELOW]
-    if not sampled:
-        return chosen
-    scale = torch.tensor([temperature[i] for i in sampled], device=logits.device).unsqueeze(1)
-    rows = logits[sampled].float()
-    rows = rows - rows.max(-1, keepdim=True).values
-    probs = torch.softmax(rows / scale, dim=-1)
-    ordered, order = probs.sort(dim=-1, descending=True)
-    mass_before = ordered.cumsum(-1) - ordered
-    cut = torch.tensor([top_p[i] for i in sampled], device=logits.device).unsqueeze(1)
-    nucleus = mass_before < cut
-    nucleus[:, 0] = True  # the most likely token always stays (also when top_p rounds to 0 in float32)
-    ordered = ordered * nucleus
-    picks = order.gather(-1, torch.multinomial(ordered, 1)).squeeze(1)
-    chosen[sampled] = picks
-    return chosen

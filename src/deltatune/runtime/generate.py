@@ -1,15 +1,17 @@
-"""Batched generation where every row may use a different adapter: left padding, the model's KV cache, and
-one forward per new token for the whole batch.
+"""Generate for a fixed set of rows, every row with its own adapter: the one entry point that `deltatune
+generate`, training evaluation and the server's fallback use.
 
-Rows are planned into as few forwards as possible: every row whose adapter is plain LoRA (or the base) goes
-into one mixed batch (`mixed_adapters`); a row set that all uses one adapter runs with that adapter active,
-which is the ordinary single-adapter path; adapters that cannot be mixed (prompt tuning, IA3, DoRA, ...) run
-as one batch per adapter.
+Rows are planned into as few forwards as possible: every row whose adapter can share a mixed batch (plain
+LoRA) or that uses none goes into one batch on the decode engine (`runtime.decode.DecodeBatch`, the same
+engine the server's continuous batching runs; here every row joins at the start); a row set that all uses one
+adapter runs with that adapter active, the ordinary single-adapter path. Adapters that cannot be mixed
+(prompt tuning, IA3, DoRA, ...) and models whose KV cache the engine cannot merge run one batch per adapter
+through transformers' `model.generate`, with each row's own token limit and early end.
 """
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,33 +21,22 @@ from torch import nn
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..core.inject import active_adapters, adapter_layers, disable_adapter, set_adapter
+from ..core.adapters import active_adapters, adapter_layers, disable_adapter, set_adapter
+from .decode import ContinuousBatchingUnsupported, DecodeBatch
 from .mixed import mixable_refusal, mixed_adapters
+from .sampling import GREEDY_BELOW, Completion, check_sampling, left_pad
 
-# Temperatures below this would sample from a distribution that is a point mass up to float32 rounding, and
-# dividing scores by them overflows: such rows are greedy.
-GREEDY_BELOW = 1e-5
-
-
-@dataclass
-class Completion:
-    tokens: list[int]  # new tokens only, without the end-of-sequence token
-    finish_reason: str  # "stop": the model ended the sequence; "length": max_new_tokens reached;
-    # "cancelled": ended early on request (stop_rows), tokens up to then
-    prompt_tokens: int
-
-
-def check_sampling(temperature: Sequence[float], top_p: Sequence[float]) -> None:
-    """Refuse sampling settings no row can use (before anything runs): NaN, inf, out of range."""
-    for t, p in zip(temperature, top_p, strict=True):
-        if not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not (math.isfinite(p) and 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+__all__ = ["GREEDY_BELOW", "Completion", "check_sampling", "generate", "left_pad", "plan_batches"]
 
 
 def plan_batches(model: nn.Module, adapters: Sequence[str | None]) -> list[list[int]]:
     """Row indices grouped into batches that can share one forward."""
+    return [rows for rows, _ in _plan(model, adapters)]
+
+
+def _plan(model: nn.Module, adapters: Sequence[str | None]) -> list[tuple[list[int], bool]]:
+    """Batches as (rows, whether they form a mixed batch): every row whose adapter can share a mixed batch
+    (or that uses none) in one, then one batch per adapter that cannot."""
     layers = list(adapter_layers(model))
     mixable: list[int] = []
     alone: dict[str, list[int]] = {}
@@ -57,7 +48,7 @@ def plan_batches(model: nn.Module, adapters: Sequence[str | None]) -> list[list[
             mixable.append(i)
         else:
             alone.setdefault(name, []).append(i)
-    return ([mixable] if mixable else []) + list(alone.values())
+    return ([(mixable, True)] if mixable else []) + [(rows, False) for rows in alone.values()]
 
 
 @contextmanager
@@ -146,18 +137,6 @@ class _RowStreamer(BaseStreamer):
         pass
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask, padded on the left so every row's next token is in the last column."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[i, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            mask[i, width - len(prompt) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -171,6 +150,7 @@ def generate(
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
+    continuous: bool = True,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode.
@@ -178,7 +158,12 @@ def generate(
     they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
     the row's new tokens so far, ends the row there when true (its client went away, its stop string
     appeared), so a batch is not held up by rows nobody needs. Each row also ends at its own
-    `max_new_tokens`: the batch runs only as long as its longest live row."""
+    `max_new_tokens`.
+
+    Rows that can share a mixed batch run on the decode engine (`runtime.decode.DecodeBatch`), where a row
+    leaves as soon as it ends; the others, and every row when `continuous` is False (the reference path the
+    tests compare with), run through transformers' `model.generate`. A row whose scores turn NaN or
+    infinite raises `NonFiniteOutput` on the engine rather than returning tokens chosen from them."""
     if len(prompts) != len(adapters):
         raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per row")
     if any(len(p) == 0 for p in prompts):
@@ -186,32 +171,100 @@ def generate(
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     check_sampling([temperature], [top_p])
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    if temperature < GREEDY_BELOW:
-        sampling = {}
-    results: list[Completion | None] = [None] * len(prompts)
-    for rows in plan_batches(model, adapters):
-        ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
-        ends = _RowsEnd(rows, limits, stop_rows, ids.shape[1])
-        per_row_ends = stop_rows is not None or len({limits[i] for i in rows}) > 1
-        streamer = _RowStreamer(rows, limits, eos, on_token, ends.ended_at) if on_token else None
-        with _rows_use(model, [adapters[i] for i in rows]):
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max(limits[i] for i in rows),
-                pad_token_id=pad_token_id,
-                eos_token_id=sorted(eos) or None,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([ends]) if per_row_ends else None,
-                **(sampling or {"do_sample": False}),
-            )
-        for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
-            ended_at = ends.ended_at.get(row, limits[row])
-            results[row] = _finish(new[:ended_at], limits[row], eos, len(prompts[row]))
-            if ended_at < limits[row] and results[row].finish_reason == "length":
-                results[row].finish_reason = "cancelled"
-    return results  # type: ignore[return-value]
+    rows_out = _Rows(prompts, adapters, limits, eos, pad_token_id, temperature, top_p, on_token, stop_rows)
+    results: dict[int, Completion] = {}
+    for rows, mixable in _plan(model, adapters):
+        if continuous and mixable and model not in _NOT_CONTINUOUS:
+            try:
+                results |= _on_engine(model, rows, rows_out)
+                continue
+            except ContinuousBatchingUnsupported:  # raised before any row got a token
+                _NOT_CONTINUOUS[model] = True
+        results |= _with_transformers(model, rows, rows_out)
+    return [results[i] for i in range(len(prompts))]
+
+
+# Models whose KV cache the engine cannot merge (found at their first prefill): not tried again.
+_NOT_CONTINUOUS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Rows:
+    """A `generate` call's rows and settings, as its two paths take them."""
+
+    prompts: Sequence[Sequence[int]]
+    adapters: Sequence[str | None]
+    limits: list[int]
+    eos: set[int]
+    pad_token_id: int
+    temperature: float
+    top_p: float
+    on_token: Callable[[int, int], None] | None
+    stop_rows: Callable[[int, list[int]], bool] | None
+
+
+def _on_engine(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Completion]:
+    """The rows as one continuous batch that starts together and loses each row as it ends."""
+    batch = DecodeBatch(
+        model, pad_token_id=call.pad_token_id, eos_token_id=sorted(call.eos), capacity=len(rows)
+    )
+    steps = batch.add(
+        [call.prompts[i] for i in rows],
+        [call.adapters[i] for i in rows],
+        max_new_tokens=[call.limits[i] for i in rows],
+        temperature=[call.temperature] * len(rows),
+        top_p=[call.top_p] * len(rows),
+    )
+    row_of = {step.row: row for step, row in zip(steps, rows, strict=True)}  # engine handle -> our row
+    new: dict[int, list[int]] = {row: [] for row in rows}
+    done: dict[int, Completion] = {}
+    while steps:
+        for step in steps:
+            row = row_of[step.row]
+            if step.error is not None:
+                raise step.error
+            if step.token is not None:
+                new[row].append(step.token)
+                if call.on_token is not None:
+                    call.on_token(row, step.token)
+            if step.finished is None and call.stop_rows is not None and call.stop_rows(row, new[row]):
+                batch.end(step.row)
+                done[row] = batch.completion(step.row)
+            elif step.finished is not None:
+                done[row] = batch.completion(step.row)
+        steps = batch.step()
+    return done
+
+
+def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Completion]:
+    """The rows as one `model.generate` batch: it runs until its longest live row ends."""
+    limits, eos = call.limits, call.eos
+    sampling = {"do_sample": True, "temperature": call.temperature, "top_p": call.top_p}
+    if call.temperature < GREEDY_BELOW:
+        sampling = {"do_sample": False}
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in left_pad([call.prompts[i] for i in rows], call.pad_token_id))
+    ends = _RowsEnd(rows, limits, call.stop_rows, ids.shape[1])
+    per_row_ends = call.stop_rows is not None or len({limits[i] for i in rows}) > 1
+    streamer = _RowStreamer(rows, limits, eos, call.on_token, ends.ended_at) if call.on_token else None
+    with _rows_use(model, [call.adapters[i] for i in rows]):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(limits[i] for i in rows),
+            pad_token_id=call.pad_token_id,
+            eos_token_id=sorted(eos) or None,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([ends]) if per_row_ends else None,
+            **sampling,
+        )
+    done = {}
+    for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+        ended_at = ends.ended_at.get(row, limits[row])
+        done[row] = _finish(new[:ended_at], limits[row], eos, len(call.prompts[row]))
+        if ended_at < limits[row] and done[row].finish_reason == "length":
+            done[row].finish_reason = "cancelled"
+    return done
 
 
 def _finish(new: list[int], limit: int, eos: set[int], prompt_tokens: int) -> Completion:

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.adapters import activated, adapter_configs, adapter_layers, disable_adapter
 from ..core.capabilities import Capability, capability_refusal
 from ..core.errors import AdapterNameError
-from ..core.inject import activated, adapter_configs, adapter_layers, disable_adapter
 from ..methods.lora.layers import LoraLinear
 
 

@@ -34,8 +34,8 @@ from torch import nn
 from ..runtime import AdapterCache, CacheFullError, Completion, generate
 from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
-from ..runtime.generate import GREEDY_BELOW, check_sampling
 from ..runtime.mixed import mixable_refusal
+from ..runtime.sampling import GREEDY_BELOW, check_sampling
 from .stops import StopWatch
 
 log = logging.getLogger("deltatune.serve")
@@ -471,6 +471,7 @@ class Engine:
                 top_p=top_p,
                 on_token=_streaming(rows),
                 stop_rows=self._row_ends(rows),
+                continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge
             )
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))

@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.adapters import active_adapters
 from ..data.formats import IGNORE, Example
-from .batching import collate, collate_prompts
+from ..runtime import generate
+from ..runtime.sampling import end_of_sequence_ids
+from .batching import collate
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,33 +131,35 @@ def generate_answers(
     *,
     max_new_tokens: int,
     batch_size: int,
-    device: torch.device,
 ) -> list[str]:
-    """Greedy, batched, left-padded generation; returns the decoded new text of each prompt."""
+    """Greedy answers with the model's active adapter (or none), through `runtime.generate`, the same
+    generation `deltatune generate` and the server run; returns the decoded new text of each prompt."""
     was_training = model.training
     model.eval()
+    adapter = _the_active_adapter(model)
+    eos = end_of_sequence_ids(model, tokenizer)
     answers: list[str] = [""] * len(prompts)
-    order = sorted(
-        range(len(prompts)), key=lambda i: len(prompts[i])
-    )  # similar lengths share a batch: less padding
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = {
-            k: v.to(device)
-            for k, v in collate_prompts([prompts[i] for i in rows], tokenizer.pad_token_id).items()
-        }
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        for row, text in zip(rows, texts, strict=True):
-            answers[row] = text
-    model.train(was_training)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            done = generate(
+                model, [prompts[i] for i in rows], [adapter] * len(rows), max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+            )  # fmt: skip
+            for row, completion in zip(rows, done, strict=True):
+                answers[row] = tokenizer.decode(completion.tokens, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
     return [a.strip() for a in answers]
+
+
+def _the_active_adapter(model: nn.Module) -> str | None:
+    """The one adapter being trained or evaluated (None: no adapters, as in full fine-tuning)."""
+    active = active_adapters(model)
+    if len(active) > 1:
+        raise ValueError(f"evaluation generates with one adapter at a time; {active} are active together")
+    return active[0] if active else None
 
 
 def _as_json(text: str) -> Any:
@@ -210,7 +215,7 @@ def validation_metrics(
         with autocast():
             answers = generate_answers(
                 model, tokenizer, [e.prompt_ids for e in sample], max_new_tokens=spec.max_new_tokens,
-                batch_size=spec.batch_size, device=device,
+                batch_size=spec.batch_size,
             )  # fmt: skip
         metrics |= answer_metrics(answers, [e.reference or "" for e in sample], spec.generate_metrics)
     return metrics, answers
