@@ -233,7 +233,7 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing():
     with pytest.raises(dt.MergeError, match="non-finite"):
         dt.merge(model, safe_merge=True)
     assert all(torch.equal(v, before[k]) or v.isnan().any() for k, v in model.state_dict().items())
-    assert all(not layer.merged_adapters for _, layer in dt.core.inject.adapter_layers(model))
+    assert all(not layer.merged_adapters for _, layer in dt.core.adapters.adapter_layers(model))
 
 
 def test_merge_into_tied_weights_is_refused():

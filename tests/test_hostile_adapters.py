@@ -60,7 +60,7 @@ def _refused(tiny_causal_lm, folder: Path, error: type[Exception], match: str) -
     with pytest.raises(error, match=match):
         dt.load_adapter(model, folder, adapter_name="x")
     assert time.monotonic() - started < 10  # bounded: a hang is the failure this guards against
-    assert not dt.core.inject.adapter_configs(model)
+    assert not dt.core.adapters.adapter_configs(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 

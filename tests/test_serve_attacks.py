@@ -227,7 +227,7 @@ def app_and_engine(tiny_causal_lm, adapters_dir):
 def test_an_unexpected_error_is_a_logged_500_for_that_request_only(app_and_engine, monkeypatch, caplog):
     from fastapi.testclient import TestClient
 
-    from deltatune.serve import app as app_module
+    from deltatune.serve import service as app_module
 
     app, _ = app_and_engine
     calls = []

@@ -168,6 +168,11 @@ def test_classification_lora_and_full_fine_tuning_learn_the_rule(tiny_bert, tmp_
 
             reloaded = AutoModelForSequenceClassification.from_pretrained(result.saved_to)
             assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+            record = json.loads((result.saved_to / "deltatune.json").read_text())
+            assert (
+                record["schema_version"] == 1 and record["method"] == "full"
+            )  # the same record as an adapter's
+            assert record["data_sha256"] and record["environment"]["torch"] and record["metrics"]["step"] > 0
     assert min(accuracies.values()) > 0.8, accuracies  # chance 0.5; measured 0.90 (LoRA), 1.0 (full)
 
 

@@ -34,20 +34,11 @@ _EXPORTS: dict[str, str] = {
     ),  # fmt: skip
     **dict.fromkeys(("export_merged", "merged_state_dict"), ".core.export"),
     **dict.fromkeys(
-        (
-            "active_adapters",
-            "adapter_configs",
-            "delete_adapter",
-            "disable_adapter",
-            "eject",
-            "inject",
-            "merge",
-            "preview_targets",
-            "set_adapter",
-            "unmerge",
-        ),
-        ".core.inject",
-    ),  # fmt: skip
+        ("active_adapters", "adapter_configs", "delete_adapter", "disable_adapter", "set_adapter"),
+        ".core.adapters",
+    ),
+    **dict.fromkeys(("eject", "inject", "preview_targets"), ".core.inject"),
+    **dict.fromkeys(("merge", "unmerge"), ".core.merging"),  # fmt: skip
     **dict.fromkeys(("load_adapter", "load_config", "save_adapter"), ".core.io"),
     **dict.fromkeys(("register", "registered_methods"), ".core.registry"),
     **dict.fromkeys(("TrainableSummary", "trainable_summary"), ".core.summary"),
@@ -90,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .core.adapters import active_adapters, adapter_configs, delete_adapter, disable_adapter, set_adapter
     from .core.config import AdapterConfig, config_from_dict
     from .core.errors import (
         AdapterConfigError,
@@ -103,19 +95,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         UnsafeFormatError,
     )
     from .core.export import export_merged, merged_state_dict
-    from .core.inject import (
-        active_adapters,
-        adapter_configs,
-        delete_adapter,
-        disable_adapter,
-        eject,
-        inject,
-        merge,
-        preview_targets,
-        set_adapter,
-        unmerge,
-    )
+    from .core.inject import eject, inject, preview_targets
     from .core.io import load_adapter, load_config, save_adapter
+    from .core.merging import merge, unmerge
     from .core.registry import register, registered_methods
     from .core.summary import TrainableSummary, trainable_summary
     from .methods.bottleneck import BottleneckConfig

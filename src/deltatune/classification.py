@@ -37,7 +37,7 @@ class Classifier:
         from transformers import AutoModelForSequenceClassification
 
         from .core.io import load_adapter
-        from .train.setup import load_pretrained, load_tokenizer_from, new_head_explained
+        from .models.loading import load_pretrained, load_tokenizer_from, new_head_explained
 
         saved = saved_label_names(adapter)
         if labels is not None and saved is not None and labels != saved:

@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapters import adapter_layers, disable_adapter
+from .atomic import staged_folder
 from .errors import MergeError
-from .inject import _set_child, adapter_layers, disable_adapter, eject, refuse_unmergeable
+from .inject import eject, set_child
 from .input_hooks import strip_copied_input_hooks
-from .io import staged_folder
+from .merging import refuse_unmergeable
 from .quantized import QUANTIZATION_ATTR, dequantized_linear, is_quantized, quantization_of
 
 REPORT_NAME = "merge_report.json"
@@ -97,7 +99,7 @@ def _dequantize(model: nn.Module) -> None:
     dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
     for name, module in list(model.named_modules()):
         if is_quantized(module):
-            _set_child(model, name, dequantized_linear(module, dtype))
+            set_child(model, name, dequantized_linear(module, dtype))
     for _, layer in adapter_layers(model):
         layer.quantized = False
     model.__dict__.pop(QUANTIZATION_ATTR, None)

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from torch import nn
 
 from . import patterns, provenance
+from .adapters import adapter_configs, adapter_layers, store_config
 from .capabilities import Capability, capability_refusal
 from .config import CONFIG_NAME, AdapterConfig, load_config_file
 from .errors import AdapterNameError, DeltatuneError
-from .inject import adapter_configs, adapter_layers, store_config
-from .io import WEIGHTS_NAME, _resolve_folder, check_base, read_adapter_weights, read_provenance
+from .io import WEIGHTS_NAME, check_base, read_adapter_weights, read_provenance, resolve_adapter_folder
 from .registry import get_method
 from .state import adapter_state_dict
 
@@ -97,7 +97,7 @@ class AdapterSlot:
         """Copy the adapter saved at `path` into this slot and adopt its config; returns that config. The
         tokenizer is checked like load_adapter does; `tokenizer_sha256`, its hash computed once, spares
         hashing it per swap (~20 ms for a 49k vocabulary)."""
-        folder = _resolve_folder(path)
+        folder = resolve_adapter_folder(path)
         config = load_config_file(folder / CONFIG_NAME)
         reason = capability_refusal(config, Capability.HOTSWAP)
         if reason:

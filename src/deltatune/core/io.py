@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +22,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import patterns, provenance
+from .adapters import (
+    active_adapters,
+    adapter_configs,
+    adapter_layers,
+    delete_adapter,
+    merged_adapter_names,
+    set_adapter,
+)
+from .atomic import staged_folder
 from .config import CONFIG_NAME, AdapterConfig, load_config_file, read_json_object
 from .errors import (
     AdapterFormatError,
@@ -36,15 +40,7 @@ from .errors import (
     UnsafeFormatError,
 )
 from .hashing import sha256_file
-from .inject import (
-    active_adapters,
-    adapter_configs,
-    adapter_layers,
-    delete_adapter,
-    inject,
-    merged_adapter_names,
-    set_adapter,
-)
+from .inject import inject
 from .layer import weights_follow
 from .quantized import model_quantization
 from .registry import get_method
@@ -64,34 +60,6 @@ def _check_destination(path: Path) -> None:
         raise AdapterFormatError(
             f"{path} exists and is a file; an adapter is saved as a folder. Pick another path."
         )
-
-
-def commit_folder(staging: Path, path: Path) -> None:
-    """Move a fully written staging folder into place. New folder: one rename. Existing folder: each file is
-    replaced atomically (os.replace), so a reader sees either the old or the new version of every file; a
-    crash between two replaces leaves a weights file whose sha256 disagrees with deltatune.json, which
-    `load_adapter` reports instead of loading."""
-    if not path.exists():
-        os.replace(staging, path)
-        return
-    for item in staging.iterdir():
-        os.replace(item, path / item.name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextmanager
-def staged_folder(path: Path) -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success it replaces `path` (commit_folder), on any
-    error it is deleted, so a failed write never leaves a half-written folder or temp files behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; it becomes the published folder
-    try:
-        yield staging
-        commit_folder(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_adapter(
@@ -126,30 +94,27 @@ def save_adapter(
             )
         (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        record = {
-            "schema_version": provenance.SCHEMA_VERSION,
-            "created_at": provenance.now_utc(),
-            "adapter_name": adapter_name,
-            "peft_type": config.peft_type,
-            "base_model": provenance.base_fingerprint(model, _targets_of(model, adapter_name)),
-            "tokenizer_sha256": provenance.tokenizer_hash(tokenizer) if tokenizer is not None else None,
-            "quantization": model_quantization(model),  # None: a float base
-            "data_sha256": data_sha256,
-            "parameters": {
+        record = provenance.record(
+            adapter_name=adapter_name,
+            peft_type=config.peft_type,
+            base_model=provenance.base_fingerprint(model, _targets_of(model, adapter_name)),
+            tokenizer_sha256=provenance.tokenizer_hash(tokenizer) if tokenizer is not None else None,
+            quantization=model_quantization(model),  # None: a float base
+            data_sha256=data_sha256,
+            parameters={
                 "adapter": sum(t.numel() for t in tensors.values()),
                 "model_total": sum(p.numel() for p in model.parameters()),
             },
-            "training_config": training_config,
-            "labels": classifier_labels(model, config),
-            "metrics": metrics,
-            "environment": provenance.environment(),
-            "files": {
+            training_config=training_config,
+            labels=classifier_labels(model, config),
+            metrics=metrics,
+            files={
                 WEIGHTS_NAME: {
                     "sha256": sha256_file(staging / WEIGHTS_NAME),
                     "bytes": (staging / WEIGHTS_NAME).stat().st_size,
                 }
             },
-        }
+        )
         (staging / PROVENANCE_NAME).write_text(
             json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
         )
@@ -265,7 +230,8 @@ def read_provenance(folder: Path) -> dict[str, Any] | None:
     return record
 
 
-def _resolve_folder(path: str | Path) -> Path:
+def resolve_adapter_folder(path: str | Path) -> Path:
+    """`path` as an adapter folder, or an error saying what it is instead (missing, a file)."""
     folder = Path(path)
     if not folder.exists():
         raise AdapterNotFoundError(f"adapter folder {folder} does not exist")
@@ -296,7 +262,7 @@ def load_adapter(
     `allow_base_mismatch=True`. `tokenizer_sha256` (`provenance.tokenizer_hash(tokenizer)`, for a caller
     loading many adapters) replaces hashing the tokenizer again, ~20 ms for a 50k vocabulary.
     """
-    folder = _resolve_folder(path)
+    folder = resolve_adapter_folder(path)
     config = load_config_file(folder / CONFIG_NAME)
     record = read_provenance(folder)
     state = read_adapter_weights(folder, allow_pickle=allow_pickle, record=record)
@@ -395,4 +361,4 @@ def check_base(
 
 
 def load_config(path: str | Path) -> AdapterConfig:
-    return load_config_file(_resolve_folder(path) / CONFIG_NAME)
+    return load_config_file(resolve_adapter_folder(path) / CONFIG_NAME)

@@ -101,5 +101,11 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
+def record(**fields: Any) -> dict[str, Any]:
+    """A deltatune.json record: the schema version, when and where it was made, then `fields`. Every
+    folder deltatune writes (adapter, merged or fully fine-tuned model) starts from this."""
+    return {"schema_version": SCHEMA_VERSION, "created_at": now_utc(), "environment": environment(), **fields}
+
+
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

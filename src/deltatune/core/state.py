@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import adapter_configs, all_wrappers
 from .errors import AdapterFormatError
-from .inject import adapter_configs, all_wrappers
 from .layer import AdapterLayer, ModulesToSaveWrapper, modules_outside_adapters
 
 PREFIX = "base_model.model."

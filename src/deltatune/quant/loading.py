@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.inject import _set_child
+from ..core.inject import set_child
 from .allocator import release_freed_memory
 from .bnb import (
     QuantizationError,
@@ -113,7 +113,7 @@ def load_quantized(
             layer = _quantized_linear(
                 model.get_submodule(name), tensor, bits, quant_type, double_quant, compute_dtype
             )
-            _set_child(model, name, layer)
+            set_child(model, name, layer)
             del tensor
             release_freed_memory()  # quantization temporaries; measured ~650 MiB held at 1.1B otherwise
             continue

@@ -30,8 +30,8 @@ def build_server(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..models.loading import load_pretrained, load_tokenizer_from
     from ..runtime import AdapterCache
-    from ..train.setup import load_pretrained, load_tokenizer_from
 
     directory = Path(adapters_dir)
     if not directory.is_dir():

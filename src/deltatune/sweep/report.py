@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..train.reporting import write_text_atomic
+from ..core.atomic import atomic_path, write_text_atomic
 
 COSTS = ("trainable_params", "adapter_bytes", "s_per_step", "peak_rss_mib")
 STATES = ("complete", "pruned", "failed", "interrupted", "running", "waiting")
@@ -150,9 +150,8 @@ def write_reports(
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def plot_front(rows, front, best, path: Path, *, metric: str, cost: str) -> None:

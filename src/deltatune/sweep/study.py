@@ -443,7 +443,8 @@ class Sweep:
 
     def write_best(self, best: dict[str, Any]) -> Path | None:
         """best/: the chosen trial's adapter, its provenance extended with the study, trial and rule."""
-        from ..core.io import PROVENANCE_NAME, staged_folder
+        from ..core.atomic import staged_folder
+        from ..core.io import PROVENANCE_NAME
 
         source = Path(best["adapter_dir"] or "")
         if not (source / PROVENANCE_NAME).is_file():
@@ -451,10 +452,11 @@ class Sweep:
                 f"best trial {best['number']} ran on {best['host']}; its adapter {source} is not on this "
                 "machine. Copy best/ from there, or rerun the sweep's report where it ran"
             )
-        target, fresh, stale = (self.s.out / name for name in ("best", ".best.new", ".best.old"))
-        for leftover in (fresh, stale):  # from a sweep killed while writing best/
-            shutil.rmtree(leftover, ignore_errors=True)
-        with staged_folder(fresh) as staging:
+        target = self.s.out / "best"
+        for leftover in (*self.s.out.glob(".best.tmp-*"), *self.s.out.glob(".best.old-*")):
+            shutil.rmtree(leftover, ignore_errors=True)  # from a sweep killed while writing best/
+        # whole folders are swapped, so best/ never mixes files of two trials
+        with staged_folder(target, whole=True) as staging:
             for item in source.iterdir():
                 if item.is_file():
                     shutil.copy2(item, staging / item.name)
@@ -467,11 +469,6 @@ class Sweep:
             (staging / PROVENANCE_NAME).write_text(
                 json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
             )
-        # swap whole folders, so best/ never mixes files of two trials
-        if target.exists():
-            os.replace(target, stale)
-        os.replace(fresh, target)
-        shutil.rmtree(stale, ignore_errors=True)
         return target
 
 

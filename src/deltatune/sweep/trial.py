@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..train.reporting import write_text_atomic
+from ..core.atomic import write_text_atomic
 from .worker import ERROR_FILE
 
 POLL_S = 0.5

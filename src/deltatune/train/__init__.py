@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import yaml
 
+from ..core.atomic import write_text_atomic
 from ..data import load_data
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import ConfigError, TrainConfig, load_train_config, validate_config
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import NonFiniteLossError, RunResult, Trainer
-from .reporting import write_text_atomic
 from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
 
 RESOLVED_CONFIG = "config.yaml"
@@ -95,11 +95,11 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     if info.is_main:
         print(splits.report.summary(), file=sys.stderr, flush=True)
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
-    prepare_trainable(model, cfg.adapter, cfg.model.task)
+    adapter_config = prepare_trainable(model, cfg.adapter, cfg.model.task)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     device = pick_device(cfg.training.device, info)
-    return Trainer(cfg, model, tokenizer, splits, info, device).run(resume=resume)
+    return Trainer(cfg, model, tokenizer, splits, info, device, adapter_config).run(resume=resume)
 
 
 def evaluate_adapter(

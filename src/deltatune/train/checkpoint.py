@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.atomic import staged_folder
 from ..core.errors import DeltatuneError
 from ..core.hashing import sha256_file
 
@@ -92,10 +92,8 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with staged_folder(final, whole=True) as staging:
         optim_tensors, optim_skeleton = _flatten_optimizer(optimizer.state_dict())
         rng_tensors, python_rng = rng_state()
         save_file(trainable_tensors(model), staging / "trainable.safetensors")
@@ -110,11 +108,6 @@ def save_checkpoint(
             "sha256": {f: sha256_file(staging / f) for f in ("trainable.safetensors", "state.safetensors")},
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -58,12 +58,20 @@ class DataSpec(Section):
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
 
+FULL_FINE_TUNING = "full"  # the adapter.method that is no adapter
+
+
 class AdapterSpec(Section):
     """`method: full` trains every parameter; otherwise the remaining keys are the method's config fields
     (for LoRA: r, lora_alpha, target_modules, use_dora, use_rslora, ...), validated by that method."""
 
     model_config = ConfigDict(extra="allow")
     method: str = "lora"
+
+    @property
+    def full(self) -> bool:
+        """Full fine-tuning: every weight trains and the run saves a whole model, not a delta."""
+        return self.method == FULL_FINE_TUNING
 
 
 class OptimSpec(Section):
@@ -131,7 +139,7 @@ class TrainConfig(Section):
             )
         if classification and self.eval.generate_metrics:
             raise ValueError("eval.generate_metrics apply to generative formats, not classification")
-        if self.quantization is not None and self.adapter.method == "full":
+        if self.quantization is not None and self.adapter.full:
             raise ValueError(
                 "quantization needs a frozen base: adapter.method=full would train the quantized weights. "
                 "Pick an adapter method (e.g. lora) or remove the quantization section."

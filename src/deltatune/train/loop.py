@@ -5,6 +5,7 @@ checkpoints, and a clear stop on a non-finite loss."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -15,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import provenance
+from ..core.atomic import staged_folder, write_text_atomic
+from ..core.config import AdapterConfig
 from ..core.errors import DeltatuneError
-from ..core.io import save_adapter, staged_folder
-from ..core.provenance import environment, now_utc
+from ..core.io import PROVENANCE_NAME, save_adapter
 from ..core.summary import TrainableSummary, trainable_summary
 from ..data.dataset import DataSplits
 from .batching import collate, micro_batch_indices
@@ -32,7 +35,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
-from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar, write_text_atomic
+from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 
 
 class NonFiniteLossError(DeltatuneError, FloatingPointError):
@@ -53,6 +56,34 @@ class RunResult:
     mean_seconds_per_step: float = 0.0
     peak_rss_mib: float = 0.0
     trainable: TrainableSummary | None = None
+
+
+@dataclass
+class RunState:
+    """Where a run is: what a resumable checkpoint carries (as a dict) besides the weights and optimizer."""
+
+    step: int = 0
+    best: float | None = None  # the watched metric's best value so far
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations in a row without improvement
+    stopped_early: bool = False
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+    def judge(
+        self, step: int, metrics: dict[str, float], metric: str, mode: str, patience: int | None
+    ) -> bool:
+        """Record an evaluation; True when it is the best so far (the caller keeps those weights). After
+        `patience` evaluations in a row without improvement the run is marked stopped early."""
+        value = metrics[metric]
+        if self.best is None or (value < self.best if mode == "min" else value > self.best):
+            self.best, self.best_step, self.bad_evals, self.best_metrics = value, step, 0, metrics
+            return True
+        self.bad_evals += 1
+        self.stopped_early = bool(patience and self.bad_evals >= patience)
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def write_summary(result: RunResult, path: Path) -> None:
@@ -92,8 +123,11 @@ class Trainer:
         splits: DataSplits,
         info: Dist,
         device: torch.device,
+        adapter_config: AdapterConfig | None,
     ):
+        """`adapter_config`: the adapter being trained, as injected; None for full fine-tuning."""
         self.cfg, self.tokenizer, self.splits, self.info, self.device = cfg, tokenizer, splits, info, device
+        self.adapter_config = adapter_config
         self.model = model.to(device)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -114,7 +148,7 @@ class Trainer:
         self.lengths = tuple(len(e.input_ids) for e in splits.train)
         self.out = Path(cfg.output_dir)
         self.log = MetricsLog(self.out / "metrics.jsonl", info.is_main)
-        self.saved_to = self.out / ("model" if cfg.adapter.method == "full" else "adapter")
+        self.saved_to = self.out / ("model" if adapter_config is None else "adapter")
 
     # --- pieces ----------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -187,23 +221,10 @@ class Trainer:
         self.log.write({"step": step, "split": "validation", **metrics})
         return metrics
 
-    def _consider(self, step: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
-        """Keep the weights when the watched metric improved; count patience otherwise."""
-        value = metrics[self.cfg.eval.metric]
-        best = state["best"]
-        better = best is None or (value < best if self.cfg.metric_mode == "min" else value > best)
-        if better:
-            state.update(best=value, best_step=step, bad_evals=0, best_metrics=metrics)
-            self._save_weights(step, metrics)
-        else:
-            state["bad_evals"] += 1
-            patience = self.cfg.eval.early_stopping_patience
-            state["stopped_early"] = bool(patience and state["bad_evals"] >= patience)
-
     def _save_weights(self, step: int, metrics: dict[str, float]) -> None:
         if self.info.is_main:
             record = {"step": step, **metrics}
-            if self.cfg.adapter.method == "full":
+            if self.adapter_config is None:
                 self._save_full_model(record)
             else:
                 save_adapter(
@@ -220,58 +241,48 @@ class Trainer:
         with staged_folder(self.saved_to) as staging:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
-            provenance = {
-                "created_at": now_utc(), "method": "full", "training_config": self.cfg.to_dict(),
-                "metrics": metrics, "data_sha256": self.splits.data_sha256, "environment": environment(),
-            }  # fmt: skip
-            (staging / "deltatune.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+            record = provenance.record(
+                method="full", training_config=self.cfg.to_dict(), metrics=metrics,
+                data_sha256=self.splits.data_sha256,
+            )  # fmt: skip
+            (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
-    def _checkpoint(self, step: int, state: dict[str, Any]) -> None:
+    def _checkpoint(self, step: int, state: RunState) -> None:
         if self.info.is_main:
-            state = {**state, "scaler": self.scaler.state_dict()}
             save_checkpoint(
                 self.out / "checkpoints",
                 step,
                 self.model,
                 self.optimizer,
                 self.scheduler,
-                state,
+                {**state.to_dict(), "scaler": self.scaler.state_dict()},
                 self.cfg.training.keep_checkpoints,
             )
         barrier(self.info)
 
-    def _restore(self) -> dict[str, Any]:
+    def _restore(self) -> RunState:
         remove_stale_staging(self.out / "checkpoints")
         ckpts = list_checkpoints(self.out / "checkpoints")
         if not ckpts:
             raise CheckpointError(
                 f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume"
             )
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
-        self.scaler.load_state_dict(state.pop("scaler"))
-        return state
+        saved = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+        self.scaler.load_state_dict(saved.pop("scaler"))
+        return RunState(**saved)
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
         t = self.cfg.training
-        state: dict[str, Any] = {
-            "step": 0,
-            "best": None,
-            "best_step": None,
-            "bad_evals": 0,
-            "stopped_early": False,
-            "best_metrics": {},
-        }
-        if resume:
-            state = self._restore()
-        self.log.truncate_after(state["step"])
+        state = self._restore() if resume else RunState()
+        self.log.truncate_after(state.step)
         model = wrap_model(self.model, self.info, self.device)
-        bar = progress_bar(t.max_steps, state["step"], t.progress and self.info.is_main)
+        bar = progress_bar(t.max_steps, state.step, t.progress and self.info.is_main)
         every, started, step_times = self.cfg.eval.every, time.perf_counter(), []
-        while state["step"] < t.max_steps and not state["stopped_early"]:
+        while state.step < t.max_steps and not state.stopped_early:
             tick = time.perf_counter()
-            loss, tokens = self._train_step(model, state["step"])
-            state["step"] = step = state["step"] + 1
+            loss, tokens = self._train_step(model, state.step)
+            state.step = step = state.step + 1
             step_times.append(time.perf_counter() - tick)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_times[-1]:.0f}")
@@ -287,11 +298,14 @@ class Trainer:
                     }
                 )
             if (every and step % every == 0) or step == t.max_steps:
-                self._consider(step, self._evaluate(step), state)
+                metrics = self._evaluate(step)
+                e = self.cfg.eval
+                if state.judge(step, metrics, e.metric, self.cfg.metric_mode, e.early_stopping_patience):
+                    self._save_weights(step, metrics)
             if (
                 (t.checkpoint_every and step % t.checkpoint_every == 0)
                 or step == t.max_steps
-                or state["stopped_early"]
+                or state.stopped_early
             ):
                 self._checkpoint(step, state)
             fault_point("step", step)
@@ -299,11 +313,11 @@ class Trainer:
         result = RunResult(
             output_dir=self.out,
             saved_to=self.saved_to,
-            steps=state["step"],
-            best_step=state["best_step"],
-            best_metric=state["best"],
-            stopped_early=state["stopped_early"],
-            validation=state["best_metrics"],
+            steps=state.step,
+            best_step=state.best_step,
+            best_metric=state.best,
+            stopped_early=state.stopped_early,
+            validation=state.best_metrics,
             train_seconds=time.perf_counter() - started,
             seconds_per_step=sorted(step_times)[len(step_times) // 2] if step_times else math.nan,
             mean_seconds_per_step=sum(step_times) / len(step_times) if step_times else math.nan,

@@ -4,19 +4,13 @@ loss, tokens/s and ETA, and curves.png at the end."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden sibling, then rename: a reader (or a crash) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from ..core.atomic import atomic_path, write_text_atomic
 
 
 class MetricsLog:
@@ -81,8 +75,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path 
         ax.set_xlabel("step")
         ax.set_ylabel(f"validation {metric}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -1,0 +1,144 @@
+"""The HTTP endpoints. `/health` answers anyone; every other route sits on the `protected` router, whose
+dependency checks the API key first. Handlers reach the app's `Service` through the `service` dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
+from .service import Service, usage
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def authorize(request: Request) -> None:
+    service(request).authorize(request)
+
+
+Served = Annotated[Service, Depends(service)]
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(authorize)])
+
+
+@public.get("/health")
+async def health(s: Served) -> JSONResponse:
+    """Liveness for anyone (load balancers): 200 while the engine runs, else 503."""
+    if s.engine.alive:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "engine stopped"}, 503)
+
+
+@protected.get("/health/details")
+async def health_details(s: Served) -> dict:
+    engine, cache = s.engine, s.cache
+    return {
+        "status": "ok" if engine.alive else "engine stopped",
+        "engine_failure": None if engine.failure is None else type(engine.failure).__name__,
+        "uptime_s": round(time.time() - s.started, 1),
+        "loaded_adapters": [e.name for e in cache.loaded],
+        "cache_bytes": cache.bytes_used,
+        "free_slot_bytes": cache.free_slot_bytes,
+        "decode_stack_bytes": engine.decoding.stack_bytes,
+        "stats": asdict(engine.stats),
+    }
+
+
+@protected.get("/v1/openapi.json", include_in_schema=False)
+async def openapi(http: Request) -> dict:
+    """The API's schema, for clients and the fuzzer (behind the key, like everything but liveness)."""
+    return http.app.openapi()
+
+
+@protected.get("/v1/models")
+async def models(s: Served) -> dict:
+    loaded = {e.name for e in s.cache.loaded}
+    data = [{"id": s.base_name, "object": "model", "owned_by": "deltatune", "adapter": False}]
+    data += [
+        {"id": name, "object": "model", "owned_by": "deltatune", "adapter": True, "loaded": name in loaded}
+        for name in s.cache.available()
+    ]
+    return {"object": "list", "data": data}
+
+
+@protected.post("/v1/completions")
+async def completions(http: Request, request: CompletionRequest, s: Served) -> Any:
+    prompts = await s.encoded(request)
+    if request.stream:
+        name, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(index: int, text: str, reason: str | None) -> dict:
+            choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+            return {"id": name, "object": "text_completion", "created": created, "model": request.model,
+                    "choices": [choice]}  # fmt: skip
+
+        return s.stream(request, prompts, chunk)
+    results = await s.complete(http, request, prompts)
+    choices = []
+    for i, result in enumerate(results):
+        text, reason = s.text_of(result, request.stops())
+        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": choices,
+        "usage": usage(results),
+    }
+
+
+@protected.post("/v1/chat/completions")
+async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
+    prompt = await s.chat_prompt(request)
+    if request.stream:
+        name, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        first = [True]
+
+        def chunk(index: int, text: str, reason: str | None) -> dict:
+            delta = {"content": text} if text else {}
+            if first[0]:  # OpenAI's first delta names the role
+                delta, first[0] = {"role": "assistant", **delta}, False
+            return {"id": name, "object": "chat.completion.chunk", "created": created, "model": request.model,
+                    "choices": [{"index": index, "delta": delta, "finish_reason": reason}]}  # fmt: skip
+
+        return s.stream(request, [prompt], chunk)
+    (result,) = await s.complete(http, request, [prompt])
+    text, reason = s.text_of(result, request.stops())
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+        "usage": usage([result]),
+    }
+
+
+@protected.post("/v1/adapters")
+async def load(request: AdapterLoadRequest, s: Served) -> dict:
+    try:
+        entry = await asyncio.wrap_future(s.engine.call(lambda: s.cache.load(request.name)))
+    except Exception as exc:
+        raise s.public(exc) from exc
+    return {"name": entry.name, "bytes": entry.bytes, "peft_type": entry.peft_type, "loaded": True}
+
+
+@protected.delete("/v1/adapters/{name}")
+async def unload(name: str, s: Served) -> dict:
+    """Unload now, or, while rows use the adapter, once they end: new rows for it wait meanwhile (and load it
+    again afterwards), so a busy adapter cannot be kept loaded by its traffic."""
+    try:
+        drained = await asyncio.wrap_future(s.engine.call(lambda: s.cache.unload_when_idle(name)))
+        await asyncio.wait_for(asyncio.wrap_future(drained), s.limits.request_timeout_s)
+    except Exception as exc:
+        raise s.public(exc) from exc
+    return {"name": name, "loaded": False}
