@@ -297,6 +297,30 @@ def test_generate_on_the_engine_refuses_non_finite_scores():
     assert len(base.tokens) == 3  # the base rows are unaffected
 
 
+def test_a_merged_adapter_generates_through_transformers_then_the_engine_again():
+    """Merged adapters keep the model off the engine (it cannot disable them per row) only while merged."""
+    import importlib
+
+    generate_module = importlib.import_module("deltatune.runtime.generate")  # the module, not the function
+    model = _with_adapters()
+    dt.set_adapter(model, "b")
+    prompts = _prompts()[:3]
+    unmerged = generate(model, prompts, ["b"] * 3, max_new_tokens=5, pad_token_id=0, eos_token_id=None)
+    dt.merge(model)
+    merged = generate(model, prompts, ["b"] * 3, max_new_tokens=5, pad_token_id=0, eos_token_id=None)
+    assert [c.tokens for c in merged] == [c.tokens for c in unmerged]
+    dt.unmerge(model)
+    assert model not in generate_module._NOT_CONTINUOUS  # not written off for good
+    used = []
+    real = generate_module._on_engine
+    generate_module._on_engine = lambda *a: used.append(1) or real(*a)
+    try:
+        again = generate(model, prompts, ["b"] * 3, max_new_tokens=5, pad_token_id=0, eos_token_id=None)
+    finally:
+        generate_module._on_engine = real
+    assert used and [c.tokens for c in again] == [c.tokens for c in unmerged]
+
+
 def test_training_evaluation_generates_with_the_active_adapter_on_the_one_path():
     """`train.evaluate.generate_answers` decodes what `runtime.generate` gives the active adapter; a model
     with no adapters (full fine-tuning) generates with its own weights."""

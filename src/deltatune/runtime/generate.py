@@ -21,7 +21,13 @@ from torch import nn
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..core.adapters import active_adapters, adapter_layers, disable_adapter, set_adapter
+from ..core.adapters import (
+    active_adapters,
+    adapter_layers,
+    disable_adapter,
+    merged_adapter_names,
+    set_adapter,
+)
 from .decode import ContinuousBatchingUnsupported, DecodeBatch
 from .mixed import mixable_refusal, mixed_adapters
 from .sampling import GREEDY_BELOW, Completion, check_sampling, left_pad
@@ -173,13 +179,15 @@ def generate(
     check_sampling([temperature], [top_p])
     rows_out = _Rows(prompts, adapters, limits, eos, pad_token_id, temperature, top_p, on_token, stop_rows)
     results: dict[int, Completion] = {}
+    # merged adapters keep a model off the engine only while they are merged
+    engine = continuous and model not in _NOT_CONTINUOUS and not merged_adapter_names(model)
     for rows, mixable in _plan(model, adapters):
-        if continuous and mixable and model not in _NOT_CONTINUOUS:
+        if engine and mixable:
             try:
                 results |= _on_engine(model, rows, rows_out)
                 continue
             except ContinuousBatchingUnsupported:  # raised before any row got a token
-                _NOT_CONTINUOUS[model] = True
+                _NOT_CONTINUOUS[model] = True  # its forward or KV cache: that does not change
         results |= _with_transformers(model, rows, rows_out)
     return [results[i] for i in range(len(prompts))]
 
