@@ -149,7 +149,8 @@ class DecodeBatch:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
             raise ContinuousBatchingUnsupported(str(exc)) from exc
-        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+        accepts = inspect.signature(self.model.forward).parameters
+        if "position_ids" not in accepts:
             raise ContinuousBatchingUnsupported(
                 f"{type(self.model).__name__}.forward takes no position_ids, which rows padded to a common "
                 "length need"
@@ -174,6 +175,9 @@ class DecodeBatch:
                 position_ids=_positions(mask),
                 use_cache=True,
                 **{cache_argument(self.model): cache},
+                # only the last position's scores are used: the output head over every prompt token was
+                # most of a prefill's time on SmolLM2 (its 49k-word vocabulary)
+                **({"logits_to_keep": 1} if "logits_to_keep" in accepts else {}),
             )
         cache = cache_of(out)
         if not isinstance(cache, DynamicCache) or any(
@@ -221,17 +225,18 @@ class DecodeBatch:
         """One forward for every live row: each gets its next token; rows that end leave the batch."""
         if not self.rows:
             return []
-        if self._updates is None:
-            adapters = [r.adapter for r in self.rows]
-            layers = check_mixable(self.model, adapters)
-            self._updates = RowUpdates(self.model, adapters, layers, self._workspace, self.capacity)
         last = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         adapters = self.adapters
-        # rows that all use one adapter take the ordinary path (the fused LoRA kernel), not per-row updates
+        # rows that all use one adapter take the ordinary path, not per-row updates: their stacks are built
+        # only once the batch first mixes adapters (a copy of every row's factors), then kept up to date
         if len(adapters) == 1:
             rows_use = activated(self._wrappers, next(iter(adapters)))
         else:
+            if self._updates is None:
+                names = [r.adapter for r in self.rows]
+                layers = check_mixable(self.model, names)
+                self._updates = RowUpdates(self.model, names, layers, self._workspace, self.capacity)
             rows_use = self._updates.installed(self._wrappers)
         with rows_use:
             out = self.model(
