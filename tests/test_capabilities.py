@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CONTRACT_VARIANTS, build_llama, method_config
+from test_runtime import _single
 
 import deltatune as dt
 from deltatune.core.capabilities import Capability, capability_refusal
@@ -27,15 +28,6 @@ def _config(variant: str, **overrides):
     return method_config(CASES["llama"], variant, modules_to_save=None, target_modules=LINEAR_TARGETS)
 
 
-def _logits(model, ids, adapter):
-    with torch.no_grad():
-        if adapter is None:
-            with dt.disable_adapter(model):
-                return model(ids).logits
-        dt.set_adapter(model, adapter)
-        return model(ids).logits
-
-
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_a_declared_mixed_batch_equals_each_row_alone(variant):
     """Declared: rows with and without the adapter share one forward and each equals its row run alone.
@@ -54,7 +46,7 @@ def test_a_declared_mixed_batch_equals_each_row_alone(variant):
     with torch.no_grad(), mixed_adapters(model, rows):
         mixed = model(ids).logits
     for i, name in enumerate(rows):
-        alone = _logits(model, ids[i : i + 1], name)[0]
+        alone = _single(model, ids[i : i + 1], name)[0]
         torch.testing.assert_close(mixed[i], alone, atol=2e-6, rtol=0)
     assert (mixed[0] - mixed[1]).abs().max() > 1e-2  # the adapter changes the output: not vacuous
 
@@ -83,7 +75,7 @@ def test_a_declared_hotswap_equals_a_fresh_load(variant, tmp_path):
     fresh = build_llama()
     dt.load_adapter(fresh, folders[1])
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(_logits(model, ids, "default"), _logits(fresh, ids, "default"))
+    assert torch.equal(_single(model, ids, "default"), _single(fresh, ids, "default"))
 
 
 def test_config_dependent_refusals_name_the_setting():

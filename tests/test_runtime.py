@@ -177,30 +177,21 @@ def test_generate_batch_ends_when_every_row_has_ended(continuous):
     long row's limit (model.generate alone would run on for the row that has not seen end-of-sequence)."""
     model = _with_adapters()
     prompts = _prompts()[:2]
-    free = generate(
-        model,
-        prompts,
-        ["a", "b"],
-        max_new_tokens=[2, 12],
-        pad_token_id=0,
-        eos_token_id=None,
-        continuous=continuous,
-    )
+
+    def run(eos):
+        return generate(
+            model, prompts, ["a", "b"], max_new_tokens=[2, 12], pad_token_id=0, eos_token_id=eos,
+            continuous=continuous,
+        )  # fmt: skip
+
+    free = run(None)
     tokens = free[1].tokens
     at = next(k for k in range(2, 12) if tokens[k] not in tokens[:k] + free[0].tokens)
     stop = tokens[at]  # row 1 ends with this token, the first new one from the 3rd on
     forwards = []
     hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
     try:
-        ended = generate(
-            model,
-            prompts,
-            ["a", "b"],
-            max_new_tokens=[2, 12],
-            pad_token_id=0,
-            eos_token_id=stop,
-            continuous=continuous,
-        )
+        ended = run(stop)
     finally:
         hook.remove()
     assert ended[1].tokens == tokens[:at] and ended[1].finish_reason == "stop"
@@ -211,24 +202,14 @@ def test_generate_batch_ends_when_every_row_has_ended(continuous):
 def test_generate_streams_tokens_and_ends_cancelled_rows_early(continuous):
     model = _with_adapters()
     prompts = _prompts()[:2]
-    full = generate(
-        model,
-        prompts,
-        ["a", "b"],
-        max_new_tokens=12,
-        pad_token_id=0,
-        eos_token_id=None,
-        continuous=continuous,
-    )
+    same = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None, continuous=continuous)
+    full = generate(model, prompts, ["a", "b"], **same)
     seen: dict[int, list[int]] = {0: [], 1: []}
     done = generate(
         model,
         prompts,
         ["a", "b"],
-        max_new_tokens=12,
-        pad_token_id=0,
-        eos_token_id=None,
-        continuous=continuous,
+        **same,
         on_token=lambda row, token: seen[row].append(token),
         stop_rows=lambda row, new: row == 0 and len(new) >= 3,  # row 0's reader leaves at its 3rd token
     )
