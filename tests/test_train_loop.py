@@ -211,3 +211,23 @@ def test_trimmed_logits_give_the_same_loss_and_gradients(tiny_causal_lm):
     torch.testing.assert_close(trim, full, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_full, grads_trim, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "mode, values", [("max", [0.5, 0.7, 0.6, 0.65, 0.7]), ("min", [2.0, 1.5, 1.7, 1.6, 1.5])]
+)
+def test_run_state_judges_improvement_and_patience(mode, values):
+    """An evaluation is kept only when strictly better than the best so far; `patience` evaluations in a
+    row without one stop the run. Ties do not count as better."""
+    from deltatune.train.loop import RunState
+
+    state = RunState()
+    kept = [state.judge(step, {"m": v, "loss": 1.0}, "m", mode, 3) for step, v in enumerate(values, 1)]
+    assert kept == [True, True, False, False, False]
+    assert (state.best, state.best_step, state.bad_evals, state.stopped_early) == (values[1], 2, 3, True)
+    assert state.best_metrics == {"m": values[1], "loss": 1.0}
+    assert RunState(**state.to_dict()) == state  # what a checkpoint stores and restores
+    never = RunState()
+    for step in range(1, 20):
+        never.judge(step, {"m": 1.0}, "m", mode, None)  # no patience: never stops early
+    assert not never.stopped_early and never.bad_evals == 18

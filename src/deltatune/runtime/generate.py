@@ -177,18 +177,18 @@ def generate(
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     check_sampling([temperature], [top_p])
-    rows_out = _Rows(prompts, adapters, limits, eos, pad_token_id, temperature, top_p, on_token, stop_rows)
+    call = _Rows(prompts, adapters, limits, eos, pad_token_id, temperature, top_p, on_token, stop_rows)
     results: dict[int, Completion] = {}
     # merged adapters keep a model off the engine only while they are merged
     engine = continuous and model not in _NOT_CONTINUOUS and not merged_adapter_names(model)
     for rows, mixable in _plan(model, adapters):
         if engine and mixable:
             try:
-                results |= _on_engine(model, rows, rows_out)
+                results |= _on_engine(model, rows, call)
                 continue
             except ContinuousBatchingUnsupported:  # raised before any row got a token
                 _NOT_CONTINUOUS[model] = True  # its forward or KV cache: that does not change
-        results |= _with_transformers(model, rows, rows_out)
+        results |= _with_transformers(model, rows, call)
     return [results[i] for i in range(len(prompts))]
 
 

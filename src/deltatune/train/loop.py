@@ -32,7 +32,7 @@ from .checkpoint import (
     remove_stale_staging,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import FULL_FINE_TUNING, TrainConfig
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
@@ -242,7 +242,7 @@ class Trainer:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             record = provenance.record(
-                method="full", training_config=self.cfg.to_dict(), metrics=metrics,
+                method=FULL_FINE_TUNING, training_config=self.cfg.to_dict(), metrics=metrics,
                 data_sha256=self.splits.data_sha256,
             )  # fmt: skip
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
