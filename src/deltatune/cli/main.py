@@ -1,4 +1,4 @@
-"""deltatune train | eval | generate | classify | sweep | inspect | serve."""
+"""deltatune train | eval | generate | classify | sweep | bench | inspect | serve."""
 
 from __future__ import annotations
 
@@ -220,6 +220,43 @@ def _sweep(args: argparse.Namespace) -> int:
     return 128 + sweep.interrupted_by if sweep.interrupted_by else 0  # the shell's code for that signal
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from ..evaluate.latency_report import measure_latency, table
+    from ..evaluate.settings import LatencySettings
+
+    try:
+        settings = LatencySettings(
+            batch_sizes=tuple(args.batch_sizes), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+            reps=args.reps, variants=tuple(args.variants),
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"deltatune bench: error: {exc}", file=sys.stderr)
+        return 2
+    report = measure_latency(args.base, args.adapter, settings, out=args.out, device=args.device)
+    print(table(report))
+    if args.out is not None:
+        print(f"report: {args.out}/latency.md, latency.json, latency.png")
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    from ..evaluate.settings import VARIANTS
+
+    p = sub.add_parser(
+        "bench", help="latency of base / unmerged / merged / quantized-base on this machine, side by side"
+    )
+    p.add_argument("--base", required=True, help="model folder, hub id, or a bundled name (smollm2)")
+    p.add_argument("--adapter", required=True, help="the adapter folder")
+    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 4])
+    p.add_argument("--prompt-tokens", type=_positive_int, default=64)
+    p.add_argument("--new-tokens", type=_positive_int, default=16)
+    p.add_argument("--reps", type=_positive_int, default=5, help="interleaved rounds after a warm-up round")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", type=Path, help="write latency.md / .json / .png into this folder")
+    p.set_defaults(func=_bench)
+
+
 def _duration(text: str) -> float:
     """'90', '90s', '30m', '2h', '1h30m' -> seconds."""
     import re
@@ -331,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_classify)
 
     _add_sweep_parser(sub)
+    _add_bench_parser(sub)
 
     p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
     p.add_argument("adapter")

@@ -1,0 +1,128 @@
+"""`deltatune bench`: load a base and an adapter, measure the variants (`latency.py`), and write the report
+folder (latency.json with provenance, latency.md, latency.png) in one atomic step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import provenance
+from ..core.atomic import staged_folder
+from ..core.errors import AdapterNotFoundError
+from ..core.hashing import sha256_file
+from .latency import LatencySettings, adapter_load_seconds, build_variants, hardware, measure, summarize
+
+
+def measure_latency(
+    base: str,
+    adapter: str | Path,
+    settings: LatencySettings | None = None,
+    *,
+    out: str | Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Measure base / unmerged / merged / quantized-base latency for `adapter` on `base` (a model folder,
+    bundled name or hub id); returns the report, and writes it to the folder `out` when given."""
+    from transformers import AutoModelForCausalLM
+
+    from ..core.io import resolve_adapter_folder
+    from ..models.loading import load_pretrained
+
+    settings = settings or LatencySettings()
+    adapter_dir = resolve_adapter_folder(adapter)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise AdapterNotFoundError(
+            f"{adapter_dir} has no adapter_model.safetensors; is it an adapter folder?"
+        )
+    where = _device(device)
+    torch.manual_seed(settings.seed)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
+    variants = build_variants(model, adapter_dir, settings)
+    wanted = [v for v in variants if v.name in settings.variants]
+    with torch.no_grad():
+        measure(wanted, settings, where, model.config.vocab_size)
+        load_s = adapter_load_seconds(model, adapter_dir, settings.reps)  # `model` is the unmerged variant
+    report = summarize(wanted, settings, load_s)
+    report["provenance"] = provenance.record(
+        base=base, adapter=str(adapter_dir), adapter_sha256=sha256_file(adapter_dir / "adapter_model.safetensors"),
+        hardware=hardware(where),
+    )  # fmt: skip
+    if out is not None:
+        write_report(Path(out), report)
+    return report
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a markdown table, ratios to the base beside each time."""
+    s = report["settings"]
+    lines = [
+        f"{s['prompt_tokens']}-token prompts, {s['new_tokens']} new tokens, greedy, median of {s['reps']} "
+        f"interleaved rounds; x base: ratio to the base in the same run",
+        "",
+        "| variant | batch | first token ms (x base) | per token ms (x base) | tokens/s | request p50 / p99 ms | "
+        "weights MiB | extra peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['variant']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        working = "n/a" if r["working_mib"] is None else f"{r['working_mib']:.0f}"
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {1e3 * r['first_token_s']:.1f} ({r['first_token_s_x_base']:.2f}) | "
+            f"{1e3 * r['per_token_s']:.1f} ({r['per_token_s_x_base']:.2f}) | {r['tokens_per_s']:.1f} | "
+            f"{1e3 * r['request_p50_s']:.0f} / {1e3 * r['request_p99_s']:.0f} | {r['weight_mib']:.0f} | {working} |"
+        )
+    load = report["adapter_load_s"]
+    lines += ["", f"adapter load + activate: {1e3 * load['median']:.0f} ms median "
+              f"({1e3 * load['min']:.0f}-{1e3 * load['max']:.0f})"]  # fmt: skip
+    lines.append(
+        "extra peak MiB: the resident peak while the variant ran, above what was resident before it (CUDA: "
+        "the allocator's peak); on CPU the allocator reuses memory earlier variants freed, so it is a lower bound"
+    )
+    hw = report["provenance"]["hardware"]
+    lines.append(f"measured on: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, {hw['device']}"
+                 + (f" ({hw['gpu']})" if "gpu" in hw else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """latency.json, latency.md and latency.png, all or nothing."""
+    with staged_folder(out, whole=True) as staging:
+        (staging / "latency.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (staging / "latency.md").write_text("# Latency\n\n" + table(report) + "\n")
+        _plot(report, staging / "latency.png")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    rows = [r for r in report["rows"] if "skipped" not in r]
+    batches = sorted({r["batch"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig = Figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
+    width = 0.8 / max(len(variants), 1)
+    for i, variant in enumerate(variants):
+        mine = {r["batch"]: r for r in rows if r["variant"] == variant}
+        xs = [j + i * width for j in range(len(batches))]
+        axes[0].bar(xs, [1e3 * mine[b]["first_token_s"] for b in batches], width, label=variant)
+        axes[1].bar(xs, [1e3 * mine[b]["per_token_s"] for b in batches], width, label=variant)
+    for ax, title in zip(axes, ("time to first token (ms)", "time per further token (ms)"), strict=True):
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(batches))])
+        ax.set_xticklabels([f"batch {b}" for b in batches])
+        ax.set_title(title)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

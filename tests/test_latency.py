@@ -1,0 +1,147 @@
+"""`deltatune bench` (evaluate/latency*.py): every variant generates the same tokens as the unmerged adapter
+where it should, the report's numbers are consistent with its own timings, bad input fails before anything
+is written, and the CLI prints the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.evaluate.latency import Variant, _percentile, build_variants, summarize
+from deltatune.evaluate.latency_report import measure_latency
+from deltatune.evaluate.settings import LatencySettings
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_causal_lm, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    torch.manual_seed(0)
+    dt.inject(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return dt.save_adapter(model, tmp_path_factory.mktemp("bench") / "adapter")
+
+
+SMALL = LatencySettings(batch_sizes=(1, 3), prompt_tokens=6, new_tokens=4, reps=2)
+
+
+def test_merged_and_unmerged_variants_generate_the_same_tokens(tiny_causal_lm, adapter):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.runtime import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm).eval()
+    variants = {v.name: v for v in build_variants(model, adapter, SMALL)}
+    assert set(variants) == {"base", "unmerged", "merged", "quantized"}
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+
+    def tokens(v: Variant):
+        done = generate(
+            v.model, prompts, [v.adapter] * 2, max_new_tokens=6, pad_token_id=0, eos_token_id=None
+        )
+        return [c.tokens for c in done]
+
+    assert tokens(variants["merged"]) == tokens(variants["unmerged"]) != tokens(variants["base"])
+    assert not any(isinstance(m, dt.core.layer.AdapterLayer) for m in variants["merged"].model.modules())
+    quantized = variants["quantized"]
+    assert quantized.skipped is None or "bitsandbytes" in quantized.skipped
+
+
+def test_the_report_is_consistent_with_its_timings(tiny_causal_lm, adapter, tmp_path):
+    report = measure_latency(str(tiny_causal_lm), adapter, SMALL, out=tmp_path / "report", device="cpu")
+    rows = [r for r in report["rows"] if "skipped" not in r]
+    assert {(r["variant"], r["batch"]) for r in rows} >= {
+        (v, b) for v in ("base", "unmerged", "merged") for b in (1, 3)
+    }
+    for r in rows:
+        base = next(x for x in rows if x["variant"] == "base" and x["batch"] == r["batch"])
+        assert r["per_token_s_x_base"] == pytest.approx(r["per_token_s"] / base["per_token_s"])
+        assert r["tokens_per_s"] == pytest.approx(
+            r["batch"] * 4 / (r["request_spread_s"][0] + r["request_spread_s"][1]) * 2
+        )
+        assert r["first_token_s"] > 0 and r["per_token_s"] > 0 and r["request_p50_s"] <= r["request_p99_s"]
+        assert r["request_spread_s"][0] <= r["request_p50_s"] <= r["request_spread_s"][1]
+        assert r["weight_mib"] > 0
+    merged = next(r for r in rows if r["variant"] == "merged")
+    unmerged = next(r for r in rows if r["variant"] == "unmerged")
+    assert merged["weight_mib"] < unmerged["weight_mib"]  # the plain model carries no adapter tensors
+    assert report["adapter_load_s"]["median"] > 0
+    saved = json.loads((tmp_path / "report" / "latency.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    assert saved["provenance"]["adapter_sha256"] and saved["provenance"]["hardware"]["cores"] >= 1
+    assert (tmp_path / "report" / "latency.png").stat().st_size > 0
+    assert "| merged | 1 |" in (tmp_path / "report" / "latency.md").read_text()
+
+
+def test_percentiles_interpolate_between_order_statistics():
+    assert _percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 99) == pytest.approx(4.96)
+    assert _percentile([7.0], 99) == 7.0
+
+
+def test_summarize_names_a_skipped_variant():
+    settings = LatencySettings(batch_sizes=(1,), new_tokens=3, reps=1)
+    base = Variant("base", torch.nn.Linear(1, 1), None, weight_bytes=8, working_mib=1.0)
+    base.timings = {1: {"first_token_s": [0.1], "request_s": [0.3]}}
+    skipped = Variant("quantized", None, None, skipped="needs the quant extra")
+    report = summarize([base, skipped], settings, [0.02])
+    assert report["rows"][1] == {"variant": "quantized", "skipped": "needs the quant extra"}
+    assert (
+        report["rows"][0]["per_token_s"] == pytest.approx(0.1)
+        and report["rows"][0]["per_token_s_x_base"] == 1
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"variants": ("unmerged",)}, "must include 'base'"),
+        ({"variants": ("base", "fused")}, "unknown variants"),
+        ({"new_tokens": 1}, "at least 2"),
+        ({"batch_sizes": ()}, "batch sizes"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_loads(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LatencySettings(**kwargs)
+
+
+def test_a_missing_adapter_fails_and_writes_no_report(tiny_causal_lm, tmp_path):
+    with pytest.raises(dt.AdapterNotFoundError, match="does not exist"):
+        measure_latency(str(tiny_causal_lm), tmp_path / "nope", SMALL, out=tmp_path / "report")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dt.DeltatuneError, match="adapter_config.json"):
+        measure_latency(str(tiny_causal_lm), tmp_path / "empty", SMALL, out=tmp_path / "report")
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")
+    with pytest.raises(dt.AdapterNotFoundError, match="adapter_model.safetensors"):
+        measure_latency(str(tiny_causal_lm), tmp_path / "empty", SMALL, out=tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_base_that_is_not_the_adapters_is_refused(tiny_causal_lm, adapter, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_causal_lm).save_pretrained(tmp_path / "other")
+    with pytest.raises(dt.BaseModelMismatchError):
+        measure_latency(str(tmp_path / "other"), adapter, SMALL, out=tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_cli_prints_the_table(tiny_causal_lm, adapter, capsys):
+    from deltatune.cli.main import main
+
+    argv = ["bench", "--base", str(tiny_causal_lm), "--adapter", str(adapter), "--batch-sizes", "2",
+            "--prompt-tokens", "5", "--new-tokens", "3", "--reps", "1", "--variants", "base", "unmerged", "merged"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| unmerged | 2 |" in out and "| merged | 2 |" in out and "adapter load + activate" in out
+    assert (
+        main(["bench", "--base", str(tiny_causal_lm), "--adapter", str(adapter), "--variants", "merged"]) == 2
+    )
