@@ -68,15 +68,15 @@ def build_variants(model: nn.Module, adapter_dir: Path, settings: LatencySetting
 
 def _quantized(model: nn.Module, adapter_dir: Path) -> Variant:
     """The adapter on a 4-bit NF4 copy of the base (QLoRA's serving setup), or why it cannot be measured."""
-    try:
-        from ..quant import quantize_base
-    except ImportError as exc:  # the quant extra is not installed
-        return Variant("quantized", None, None, skipped=f"needs the quant extra (bitsandbytes): {exc}")
     import warnings
 
     from ..core.io import load_adapter
+    from ..quant import QuantizationError, quantize_base
 
-    quantize_base(model, bits=4)
+    try:
+        quantize_base(model, bits=4)
+    except QuantizationError as exc:  # bitsandbytes (the quant extra) is not installed
+        return Variant("quantized", None, None, skipped=str(exc))
     with warnings.catch_warnings():  # "trained on a float base": the point of this variant
         warnings.simplefilter("ignore")
         load_adapter(model, adapter_dir)
@@ -177,6 +177,7 @@ def _row(v: Variant, batch: int, new_tokens: int) -> dict[str, Any]:
         "tokens_per_s": batch * new_tokens / request_med,
         "request_p50_s": _percentile(request, 50), "request_p99_s": _percentile(request, 99),
         "request_spread_s": [min(request), max(request)],
+        "first_token_all_s": first, "request_all_s": request,  # every round, in order
     }  # fmt: skip
 
 
