@@ -36,8 +36,8 @@ class LayoutMismatch(DeltatuneError, ValueError):
 
 
 def saved_layout(path: str | Path) -> Layout | None:
-    """Keys and shapes of a saved adapter that can be hot-swapped (plain LoRA without modules_to_save), read
-    from the config and the safetensors header only; None for anything else."""
+    """Keys and shapes of a saved adapter whose method declares hot-swapping (plain LoRA without
+    modules_to_save, today), read from the config and the safetensors header only; None for anything else."""
     folder = Path(path)
     try:
         config = load_config_file(folder / CONFIG_NAME)

@@ -44,7 +44,8 @@ class Variant:
 
 
 def build_variants(model: nn.Module, adapter_dir: Path, settings: LatencySettings) -> list[Variant]:
-    """The variants, from a freshly loaded base `model` (which becomes the 'unmerged' one when asked)."""
+    """The variants asked for, plus 'unmerged' always (the adapter-load timing uses it), from a freshly loaded
+    base `model`, which becomes the 'unmerged' one."""
     from ..core.inject import eject
     from ..core.io import load_adapter
 

@@ -38,7 +38,6 @@ def measure_latency(
             f"{adapter_dir} has no adapter_model.safetensors; is it an adapter folder?"
         )
     where = _device(device)
-    torch.manual_seed(settings.seed)
     model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
     variants = build_variants(model, adapter_dir, settings)
     wanted = [v for v in variants if v.name in settings.variants]

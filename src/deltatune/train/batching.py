@@ -80,14 +80,3 @@ def collate(
     batch = {"input_ids": ids, "attention_mask": mask}
     batch["labels"] = torch.tensor([e.labels for e in examples]) if classification else labels
     return batch
-
-
-def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for batched generation."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
