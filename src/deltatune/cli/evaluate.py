@@ -13,6 +13,7 @@ from .arguments import positive_int
 def add_evaluation_parsers(sub: Any) -> None:
     _add_bench_parser(sub)
     _add_forgetting_parser(sub)
+    _add_compare_parser(sub)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -91,3 +92,31 @@ def _add_forgetting_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", type=Path, help="write forgetting.md / .json / .png into this folder")
     p.set_defaults(func=_forgetting)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ..evaluate.compare_report import compare, table
+
+    report = compare(
+        args.task, args.adapter, models=args.model, with_base=not args.no_base, out=args.out, device=args.device,
+        progress=lambda what: print(f"compare: {what}", file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(table(report))
+    if args.out is not None:
+        print(f"report: {args.out}/compare.md, compare.json, compare.png")
+    return 0
+
+
+def _add_compare_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare", help="transfer matrix: the base, adapters and model folders on several evaluation tasks"
+    )
+    p.add_argument("--task", action="append", required=True,
+                   help="[NAME=]CONFIG.yaml: a training config whose data and eval sections define the task")  # fmt: skip
+    p.add_argument("--adapter", action="append", default=[], help="[NAME=]ADAPTER_FOLDER (repeat)")
+    p.add_argument("--model", action="append", default=[],
+                   help="[NAME=]MODEL_FOLDER: a merged export or a full fine-tune (repeat)")  # fmt: skip
+    p.add_argument("--no-base", action="store_true", help="leave the base row out (no change column then)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", type=Path, help="write compare.md / .json / .png into this folder")
+    p.set_defaults(func=_compare)

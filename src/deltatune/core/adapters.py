@@ -97,6 +97,18 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
+def adapter_in_use(model: nn.Module) -> str | None:
+    """The one adapter the model's forward applies now, or None (no adapters, or all disabled). Generation
+    names an adapter per row and would switch a disabled one back on, so callers ask this first."""
+    wrappers = [w for _, w in all_wrappers(model)]
+    if not wrappers or all(w.adapters_disabled for w in wrappers):
+        return None
+    active = active_adapters(model)
+    if len(active) > 1:
+        raise ValueError(f"generation runs one adapter at a time; {active} are active together")
+    return active[0] if active else None
+
+
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapters import active_adapters, all_wrappers, disable_adapter
+from ..core.adapters import adapter_in_use, all_wrappers, disable_adapter
 
 # Prompts a general assistant should answer the same way before and after learning a narrow task; written
 # for deltatune, covering facts, instructions, arithmetic, code and open writing.
@@ -174,7 +174,7 @@ def changed_answers(
     ids = prompt_ids(tokenizer, prompts)
     eos = end_of_sequence_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    adapter = _adapter_in_use(model)
+    adapter = adapter_in_use(model)
 
     def answers(m: nn.Module, name: str | None) -> list[list[int]]:
         done = generate(
@@ -200,18 +200,6 @@ def changed_answers(
             for i in changed[:5]
         ],
     }
-
-
-def _adapter_in_use(model: nn.Module) -> str | None:
-    """The adapter the model's forward applies now: None when it has none or they are disabled (generate
-    takes an adapter name per row and would otherwise switch a disabled one back on)."""
-    wrappers = [w for _, w in all_wrappers(model)]
-    if not wrappers or all(w.adapters_disabled for w in wrappers):
-        return None
-    active = active_adapters(model)
-    if len(active) != 1:
-        raise ValueError(f"forgetting is measured for one adapter at a time; {active} are active together")
-    return active[0]
 
 
 def forgetting_metrics(

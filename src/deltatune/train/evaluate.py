@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapters import active_adapters
+from ..core.adapters import adapter_in_use
 from ..data.formats import IGNORE, Example
 from ..runtime import generate
 from ..runtime.sampling import end_of_sequence_ids
@@ -136,7 +136,7 @@ def generate_answers(
     generation `deltatune generate` and the server run; returns the decoded new text of each prompt."""
     was_training = model.training
     model.eval()
-    adapter = _the_active_adapter(model)
+    adapter = adapter_in_use(model)  # None: no adapters, as in full fine-tuning, or disabled
     eos = end_of_sequence_ids(model, tokenizer)
     answers: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
@@ -152,14 +152,6 @@ def generate_answers(
     finally:
         model.train(was_training)
     return [a.strip() for a in answers]
-
-
-def _the_active_adapter(model: nn.Module) -> str | None:
-    """The one adapter being trained or evaluated (None: no adapters, as in full fine-tuning)."""
-    active = active_adapters(model)
-    if len(active) > 1:
-        raise ValueError(f"evaluation generates with one adapter at a time; {active} are active together")
-    return active[0] if active else None
 
 
 def _as_json(text: str) -> Any:

@@ -1,0 +1,205 @@
+"""`deltatune compare`: run the transfer matrix (`transfer.py`), then summarize it (each cell's headline
+metric, its change against the base, each adapter's reusability off its own task) and write compare.json,
+compare.md and compare.png in one atomic step."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..core import provenance
+from ..core.atomic import staged_folder
+from ..core.errors import AdapterNotFoundError
+from ..core.hashing import sha256_file
+from .transfer import BASE, Cells, Entry, Task, load_tasks, parse_named, run_matrix
+
+# The fields of a data section that make two tasks the same task (sample sizes and seeds do not).
+_TASK_IDENTITY = ("train", "format", "instruction_template", "output_template", "system_prompt", "columns")
+
+
+def compare(
+    tasks: list[str],
+    adapters: list[str] = (),
+    *,
+    models: list[str] = (),
+    with_base: bool = True,
+    out: str | Path | None = None,
+    device: str = "auto",
+    progress: Any = lambda _: None,
+) -> dict[str, Any]:
+    """Evaluate the base (unless `with_base` is False), each adapter (`NAME=FOLDER` or a folder) and each model
+    folder on each task (`NAME=CONFIG.yaml` or a config); returns the report and writes it to `out`."""
+    from .latency import hardware, resolve_device
+
+    loaded = load_tasks(parse_named(list(tasks), "task"))
+    entries = [Entry(BASE, BASE)] if with_base else []
+    entries += [
+        Entry(name, "adapter", _adapter_folder(path)) for name, path in parse_named(list(adapters), "adapter")
+    ]
+    entries += [Entry(name, "model", path) for name, path in parse_named(list(models), "model")]
+    if not loaded or len(entries) < 1:
+        raise ValueError("give at least one task and one adapter or model")
+    if len({e.name for e in entries}) != len(entries):
+        raise ValueError(f"entry names must differ (and not be {BASE!r}): {[e.name for e in entries]}")
+    where = resolve_device(device)
+    cells = run_matrix(loaded, entries, device=where, progress=progress)
+    report = summarize(loaded, entries, cells)
+    report["provenance"] = provenance.record(
+        tasks={t.name: _task_record(t) for t in loaded},
+        entries={e.name: _entry_record(e) for e in entries},
+        hardware=hardware(where),
+    )
+    if out is not None:
+        write_report(Path(out), report)
+    return report
+
+
+def _adapter_folder(path: Path) -> Path:
+    from ..core.io import resolve_adapter_folder
+
+    folder = resolve_adapter_folder(path)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise AdapterNotFoundError(f"{folder} has no adapter_model.safetensors; is it an adapter folder?")
+    return folder
+
+
+def _task_record(task: Task) -> dict[str, Any]:
+    from ..data.dataset import resolve_data_path
+
+    record: dict[str, Any] = {
+        "metric": task.metric,
+        "examples": len(task.examples),
+        "data": task.config.data.train,
+    }
+    try:
+        record["data_sha256"] = sha256_file(resolve_data_path(task.config.data.train))
+    except Exception as exc:  # noqa: BLE001 - its cells already carry the error
+        record["data_error"] = str(exc)
+    return record
+
+
+def _entry_record(entry: Entry) -> dict[str, Any]:
+    if entry.kind == BASE:
+        return {"kind": BASE}
+    record: dict[str, Any] = {"kind": entry.kind, "path": str(entry.path)}
+    weights = sorted(Path(entry.path).glob("*.safetensors"))
+    if weights:
+        record["sha256"] = sha256_file(*weights)
+    return record
+
+
+def own_task(entry: Entry, tasks: list[Task]) -> str | None:
+    """The task an adapter was trained on: the one whose data section (file, format, templates) matches the
+    training config in its deltatune.json. None for the base, model folders and adapters without one."""
+    if entry.kind != "adapter":
+        return None
+    from ..core.io import read_provenance
+
+    trained = ((read_provenance(entry.path) or {}).get("training_config") or {}).get("data") or {}
+    for task in tasks:
+        data = task.config.data.model_dump()
+        if trained and all(trained.get(k) == data.get(k) for k in _TASK_IDENTITY):
+            return task.name
+    return None
+
+
+def summarize(tasks: list[Task], entries: list[Entry], cells: Cells) -> dict[str, Any]:
+    """Headline metric per cell, its change against the base (signed so that + is better), and each adapter's
+    reusability: the mean change over the tasks it was not trained on."""
+    headline: dict[str, dict[str, float | None]] = {}
+    gain: dict[str, dict[str, float | None]] = {}
+    for e in entries:
+        headline[e.name] = {t.name: _value(cells[e.name][t.name], t.metric) for t in tasks}
+    base = headline.get(BASE)
+    for e in entries:
+        gain[e.name] = {}
+        for t in tasks:
+            mine, theirs = headline[e.name][t.name], base[t.name] if base else None
+            better = (
+                None
+                if mine is None or theirs is None
+                else (mine - theirs) * (1 if t.higher_is_better else -1)
+            )
+            gain[e.name][t.name] = better
+    reuse = {}
+    for e in entries:
+        if e.kind == BASE:
+            continue
+        own = own_task(e, tasks)
+        off = [gain[e.name][t.name] for t in tasks if t.name != own and gain[e.name][t.name] is not None]
+        reuse[e.name] = {"own_task": own, "mean_gain_off_task": sum(off) / len(off) if off else None,
+                         "tasks_counted": len(off)}  # fmt: skip
+    return {
+        "tasks": {t.name: {"metric": t.metric, "higher_is_better": t.higher_is_better} for t in tasks},
+        "entries": [e.name for e in entries],
+        "headline": headline,
+        "gain_vs_base": gain,
+        "reusability": reuse,
+        "cells": cells,
+    }
+
+
+def _value(cell: dict[str, Any], metric: str) -> float | None:
+    value = cell.get(metric)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def table(report: dict[str, Any]) -> str:
+    tasks, entries = list(report["tasks"]), report["entries"]
+    head = " | ".join(f"{t} ({report['tasks'][t]['metric']})" for t in tasks)
+    lines = [f"| model | {head} |", "|---|" + "---|" * len(tasks)]
+    for e in entries:
+        row = []
+        for t in tasks:
+            cell, value, gain = report["cells"][e][t], report["headline"][e][t], report["gain_vs_base"][e][t]
+            if "error" in cell:
+                row.append(f"error: {cell['error'][:60]}")
+            elif value is None:
+                row.append("n/a")
+            else:
+                row.append(f"{value:.3f}" + (f" ({gain:+.3f})" if gain is not None and e != BASE else ""))
+        lines.append(f"| {e} | " + " | ".join(row) + " |")
+    lines += ["", "(+x): change against the base, signed so that + is better.", "",
+              "| adapter | trained on | mean gain off its own task |", "|---|---|---|"]  # fmt: skip
+    for e, r in report["reusability"].items():
+        mean = "n/a" if r["mean_gain_off_task"] is None else f"{r['mean_gain_off_task']:+.3f}"
+        lines.append(f"| {e} | {r['own_task'] or 'unknown'} | {mean} over {r['tasks_counted']} tasks |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """compare.json, compare.md and compare.png (heatmaps of the metric and of the change), all or nothing."""
+    with staged_folder(out, whole=True) as staging:
+        (staging / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (staging / "compare.md").write_text("# Transfer matrix\n\n" + table(report) + "\n")
+        _plot(report, staging / "compare.png")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    tasks, entries = list(report["tasks"]), report["entries"]
+    panels = [
+        ("headline metric", report["headline"], "viridis"),
+        ("change against the base", report["gain_vs_base"], "RdBu"),
+    ]
+    fig = Figure(figsize=(4 + 2.2 * len(tasks), 1.2 + 0.55 * len(entries)))
+    for ax, (title, values, cmap) in zip(fig.subplots(1, 2), panels, strict=True):
+        grid = np.array([[np.nan if values[e][t] is None else values[e][t] for t in tasks] for e in entries])
+        limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
+        kwargs = {"vmin": -limit, "vmax": limit} if cmap == "RdBu" else {}
+        ax.imshow(grid, cmap=cmap, aspect="auto", **kwargs)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
+        ax.set_yticks(range(len(entries)), entries, fontsize=8)
+        for i in range(len(entries)):
+            for j in range(len(tasks)):
+                text = "error" if "error" in report["cells"][entries[i]][tasks[j]] else (
+                    "" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")  # fmt: skip
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black",
+                        bbox={"facecolor": "white", "alpha": 0.6, "pad": 1, "linewidth": 0})  # fmt: skip
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
