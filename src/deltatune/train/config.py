@@ -101,6 +101,18 @@ class TrainingSpec(Section):
     device: str = "auto"  # auto: cuda (this rank's GPU) when available, else cpu
 
 
+class ForgettingSpec(Section):
+    """The trainer's forgetting monitor: at each evaluation, the mean per-token KL(base || model) on a small
+    general corpus (evaluate/forgetting.py), logged as `forgetting_kl` beside the task metric."""
+
+    corpus: str = "bundled:news"  # .txt (one text per line), .jsonl / .csv with a text column, or bundled:
+    texts: int = Field(16, gt=0)
+    max_tokens: int = Field(64, gt=0)
+    budget: float | None = Field(None, gt=0)  # the most mean KL (nats per token) a kept model may have
+    # skip: an evaluation over budget cannot be the kept (best) one; stop: it also ends the run
+    over_budget: Literal["skip", "stop"] = "skip"
+
+
 class EvalSpec(Section):
     every: int | None = Field(None, gt=0)  # None: evaluate once, at the end
     batch_size: int = Field(16, gt=0)
@@ -110,6 +122,7 @@ class EvalSpec(Section):
     generate_samples: int = Field(64, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)
+    forgetting: ForgettingSpec | None = None
 
 
 class TrainConfig(Section):

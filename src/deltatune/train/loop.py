@@ -35,6 +35,7 @@ from .checkpoint import (
 from .config import FULL_FINE_TUNING, TrainConfig
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
+from .forgetting import KL_KEY, ForgettingMonitor
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 
 
@@ -51,6 +52,7 @@ class RunResult:
     best_metric: float | None
     stopped_early: bool
     validation: dict[str, float] = field(default_factory=dict)  # metrics of the kept (best) weights
+    stop_reason: str | None = None
     train_seconds: float = 0.0
     seconds_per_step: float = 0.0  # the median: robust to a slow first step and to evaluation pauses
     mean_seconds_per_step: float = 0.0
@@ -68,18 +70,24 @@ class RunState:
     bad_evals: int = 0  # evaluations in a row without improvement
     stopped_early: bool = False
     best_metrics: dict[str, float] = field(default_factory=dict)
+    stop_reason: str | None = None  # "patience" | "forgetting budget"
+    forgetting: list[float] = field(default_factory=list)  # the monitor's KL at each evaluation
 
     def judge(
-        self, step: int, metrics: dict[str, float], metric: str, mode: str, patience: int | None
-    ) -> bool:
-        """Record an evaluation; True when it is the best so far (the caller keeps those weights). After
-        `patience` evaluations in a row without improvement the run is marked stopped early."""
+        self, step: int, metrics: dict[str, float], metric: str, mode: str, patience: int | None,
+        *, within_budget: bool = True,
+    ) -> bool:  # fmt: skip
+        """Record an evaluation; True when it is the best so far (the caller keeps those weights). One over
+        the forgetting budget is never the best. After `patience` evaluations in a row without improvement
+        the run is marked stopped early."""
         value = metrics[metric]
-        if self.best is None or (value < self.best if mode == "min" else value > self.best):
+        better = self.best is None or (value < self.best if mode == "min" else value > self.best)
+        if better and within_budget:
             self.best, self.best_step, self.bad_evals, self.best_metrics = value, step, 0, metrics
             return True
         self.bad_evals += 1
-        self.stopped_early = bool(patience and self.bad_evals >= patience)
+        if patience and self.bad_evals >= patience:
+            self.stopped_early, self.stop_reason = True, "patience"
         return False
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +99,7 @@ def write_summary(result: RunResult, path: Path) -> None:
     t = result.trainable
     record = {
         "steps": result.steps, "best_step": result.best_step, "best_metric": result.best_metric,
-        "stopped_early": result.stopped_early, "validation": result.validation,
+        "stopped_early": result.stopped_early, "stop_reason": result.stop_reason, "validation": result.validation,
         "train_seconds": result.train_seconds, "seconds_per_step": result.seconds_per_step,
         "mean_seconds_per_step": result.mean_seconds_per_step,
         "peak_rss_mib": result.peak_rss_mib, "saved_to": str(result.saved_to),
@@ -149,6 +157,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.log = MetricsLog(self.out / "metrics.jsonl", info.is_main)
         self.saved_to = self.out / ("model" if adapter_config is None else "adapter")
+        spec = cfg.eval.forgetting
+        self.monitor = (
+            None
+            if spec is None
+            else ForgettingMonitor(spec, self.model, tokenizer, full_fine_tuning=adapter_config is None)
+        )
 
     # --- pieces ----------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -218,6 +232,8 @@ class Trainer:
             classification=self.classification, n_classes=len(self.splits.label_names or []),
             device=self.device, autocast=self.autocast,
         )  # fmt: skip
+        if self.monitor is not None:
+            metrics[KL_KEY] = self.monitor.measure(self.model)
         self.log.write({"step": step, "split": "validation", **metrics})
         return metrics
 
@@ -298,10 +314,7 @@ class Trainer:
                     }
                 )
             if (every and step % every == 0) or step == t.max_steps:
-                metrics = self._evaluate(step)
-                e = self.cfg.eval
-                if state.judge(step, metrics, e.metric, self.cfg.metric_mode, e.early_stopping_patience):
-                    self._save_weights(step, metrics)
+                self._judge(step, self._evaluate(step), state)
             if (
                 (t.checkpoint_every and step % t.checkpoint_every == 0)
                 or step == t.max_steps
@@ -318,6 +331,7 @@ class Trainer:
             best_metric=state.best,
             stopped_early=state.stopped_early,
             validation=state.best_metrics,
+            stop_reason=state.stop_reason,
             train_seconds=time.perf_counter() - started,
             seconds_per_step=sorted(step_times)[len(step_times) // 2] if step_times else math.nan,
             mean_seconds_per_step=sum(step_times) / len(step_times) if step_times else math.nan,
@@ -327,4 +341,21 @@ class Trainer:
         if self.info.is_main:
             plot_curves(self.log.records(), self.out / "curves.png", self.cfg.eval.metric)
             write_summary(result, self.out / "summary.json")
+        if self.monitor is not None and state.best_step is None and state.forgetting:
+            raise self.monitor.nothing_kept(state.forgetting)
         return result
+
+    def _judge(self, step: int, metrics: dict[str, float], state: RunState) -> None:
+        """Keep these weights if they are the best so far within the forgetting budget; stop the run when
+        patience runs out, or at the first evaluation over budget when the monitor says `stop`."""
+        e = self.cfg.eval
+        within = True
+        if self.monitor is not None:
+            state.forgetting.append(metrics[KL_KEY])
+            within = self.monitor.within_budget(metrics)
+        if state.judge(
+            step, metrics, e.metric, self.cfg.metric_mode, e.early_stopping_patience, within_budget=within
+        ):
+            self._save_weights(step, metrics)
+        if not within and e.forgetting.over_budget == "stop":
+            state.stopped_early, state.stop_reason = True, "forgetting budget"

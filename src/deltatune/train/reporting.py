@@ -49,7 +49,8 @@ def peak_rss_mib() -> float:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path | None:
-    """Training loss and validation loss / metric against the optimizer step."""
+    """Training loss and validation loss against the optimizer step; beside it the validation metric, and
+    the forgetting monitor's KL when the run had one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,8 +60,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path 
     evals = [r for r in records if r.get("split") == "validation"]
     if not train and not evals:
         return None
-    extra = metric != "loss" and any(metric in r for r in evals)
-    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
+    panels = [key for key in (metric, "forgetting_kl") if key != "loss" and any(key in r for r in evals)]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 5 * len(panels), 4), squeeze=False)
     loss_ax = axes[0][0]
     if train:
         loss_ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.8)
@@ -69,11 +70,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path 
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
-    if extra:
-        ax = axes[0][1]
-        ax.plot([r["step"] for r in evals if metric in r], [r[metric] for r in evals if metric in r], "o-")
+    for ax, key in zip(axes[0][1:], panels, strict=True):
+        ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"validation {metric}")
+        ax.set_ylabel(
+            "KL(base || model) on general text, nats/token" if key == "forgetting_kl" else f"validation {key}"
+        )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
