@@ -69,7 +69,10 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "has no adapter_config.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sweep", "--help"], ["serve", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["train", "--help"], ["sweep", "--help"], ["serve", "--help"], ["forgetting", "--help"]],
+)
 def test_help_parses_before_loading_torch(argv):
     """`deltatune --help` answers without importing torch (which takes seconds): the package imports its
     public names lazily and the CLI imports what a command needs only once it runs."""

@@ -61,7 +61,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for linters (a test checks the
 ]  # fmt: skip
 
 
-_SUBPACKAGES = {"classification", "cli", "core", "data", "generation", "methods", "models", "quant", "runtime",
+_SUBPACKAGES = {"classification", "cli", "core", "data", "evaluate", "generation", "methods", "models", "quant", "runtime",
                 "serve", "sweep", "train"}  # fmt: skip
 
 

@@ -54,8 +54,8 @@ def _add_bench_parser(sub: Any) -> None:
 
 
 def _forgetting(args: argparse.Namespace) -> int:
-    from ..evaluate.forgetting import ForgettingSettings
     from ..evaluate.forgetting_report import measure_forgetting, table
+    from ..evaluate.settings import ForgettingSettings
 
     settings = ForgettingSettings(
         texts=args.texts, max_tokens=args.max_tokens, prompts=args.prompts, new_tokens=args.new_tokens
@@ -71,7 +71,7 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 
 def _add_forgetting_parser(sub: Any) -> None:
-    from ..evaluate.forgetting import GENERAL_PROMPTS
+    from ..evaluate.settings import GENERAL_PROMPTS
 
     p = sub.add_parser(
         "forgetting",

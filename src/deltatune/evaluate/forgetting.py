@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,50 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapters import adapter_in_use, all_wrappers, disable_adapter
+from .settings import GENERAL_PROMPTS, ForgettingSettings
 
-# Prompts a general assistant should answer the same way before and after learning a narrow task; written
-# for deltatune, covering facts, instructions, arithmetic, code and open writing.
-GENERAL_PROMPTS = (
-    "What is the capital of France?",
-    "Name three primary colours.",
-    "Explain in one sentence why the sky is blue.",
-    "Write a haiku about autumn leaves.",
-    "What is 12 multiplied by 7?",
-    "Give me a synonym for 'happy'.",
-    "Translate 'good morning' into Spanish.",
-    "Write a Python function that returns the square of a number.",
-    "Who wrote Romeo and Juliet?",
-    "List the days of the week.",
-    "What does a thermometer measure?",
-    "Describe a cat in two sentences.",
-    "How many legs does a spider have?",
-    "Suggest a name for a small bakery.",
-    "What is the boiling point of water in Celsius?",
-    "Summarise the plot of Cinderella in one sentence.",
-    "What is the opposite of 'ancient'?",
-    "Give one tip for sleeping better.",
-    "Which planet is closest to the sun?",
-    "Write a short thank-you note to a teacher.",
-    "What is photosynthesis?",
-    "Convert 3 kilometres to metres.",
-    "Name a famous painting by Leonardo da Vinci.",
-    "What are the three states of matter?",
-)
-
-
-@dataclass(frozen=True)
-class ForgettingSettings:
-    texts: int = 64  # general texts scored (each up to max_tokens tokens)
-    max_tokens: int = 128
-    prompts: int = len(GENERAL_PROMPTS)
-    new_tokens: int = 24  # greedy tokens per prompt
-    batch_size: int = 8
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits
+__all__ = [
+    "GENERAL_PROMPTS",
+    "ForgettingSettings",
+    "forgetting_metrics",
+    "record_log_probs",
+    "token_divergence",
+]
 
 
 @contextlib.contextmanager
