@@ -189,3 +189,17 @@ def test_exactly_one_subject_and_an_adapter_folder_that_is_one(tiny_causal_lm, a
         measure_forgetting(str(tiny_causal_lm), adapter_dir, model=tiny_causal_lm, corpus=corpus)
     with pytest.raises(dt.core.errors.AdapterNotFoundError, match="is this an adapter folder"):
         measure_forgetting(str(tiny_causal_lm), tmp_path, corpus=corpus)
+
+
+def test_an_adapter_for_another_base_is_refused_before_anything_is_written(tiny_causal_lm, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    dt.inject(other, dt.LoraConfig(r=2, target_modules="all-linear"))
+    foreign = dt.save_adapter(other, tmp_path / "foreign")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text here\n")
+    with pytest.raises(dt.BaseModelMismatchError):
+        measure_forgetting(str(tiny_causal_lm), foreign, corpus=corpus, out=tmp_path / "report")
+    assert not (tmp_path / "report").exists()
