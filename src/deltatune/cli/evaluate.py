@@ -29,10 +29,19 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"deltatune bench: error: {exc}", file=sys.stderr)
         return 2
     report = measure_latency(args.base, args.adapter, settings, out=args.out, device=args.device)
-    print(table(report))
-    if args.out is not None:
-        print(f"report: {args.out}/latency.md, latency.json, latency.png")
+    return _printed(table(report), args.out, "latency")
+
+
+def _printed(table: str, out: Path | None, stem: str) -> int:
+    print(table)
+    if out is not None:
+        print(f"report: {out}/{stem}.md, {stem}.json, {stem}.png")
     return 0
+
+
+def _add_device_and_out(p: argparse.ArgumentParser, stem: str) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", type=Path, help=f"write {stem}.md / .json / .png into this folder (atomically)")
 
 
 def _add_bench_parser(sub: Any) -> None:
@@ -48,8 +57,7 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=16)
     p.add_argument("--reps", type=positive_int, default=5, help="interleaved rounds after a warm-up round")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", type=Path, help="write latency.md / .json / .png into this folder")
+    _add_device_and_out(p, "latency")
     p.set_defaults(func=_bench)
 
 
@@ -64,10 +72,7 @@ def _forgetting(args: argparse.Namespace) -> int:
         args.base, args.adapter, model=args.model, corpus=args.corpus, prompts=args.prompt_file,
         settings=settings, out=args.out, device=args.device,
     )  # fmt: skip
-    print(table(report))
-    if args.out is not None:
-        print(f"report: {args.out}/forgetting.md, forgetting.json, forgetting.png")
-    return 0
+    return _printed(table(report), args.out, "forgetting")
 
 
 def _add_forgetting_parser(sub: Any) -> None:
@@ -89,8 +94,7 @@ def _add_forgetting_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per text")
     p.add_argument("--prompts", type=int, default=len(GENERAL_PROMPTS), help="prompts answered (0: none)")
     p.add_argument("--new-tokens", type=positive_int, default=24, help="greedy tokens per prompt")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--out", type=Path, help="write forgetting.md / .json / .png into this folder")
+    _add_device_and_out(p, "forgetting")
     p.set_defaults(func=_forgetting)
 
 
@@ -101,10 +105,7 @@ def _compare(args: argparse.Namespace) -> int:
         args.task, args.adapter, models=args.model, with_base=not args.no_base, out=args.out, device=args.device,
         progress=lambda what: print(f"compare: {what}", file=sys.stderr, flush=True),
     )  # fmt: skip
-    print(table(report))
-    if args.out is not None:
-        print(f"report: {args.out}/compare.md, compare.json, compare.png")
-    return 0
+    return _printed(table(report), args.out, "compare")
 
 
 def _add_compare_parser(sub: Any) -> None:
@@ -117,6 +118,5 @@ def _add_compare_parser(sub: Any) -> None:
     p.add_argument("--model", action="append", default=[],
                    help="[NAME=]MODEL_FOLDER: a merged export or a full fine-tune (repeat)")  # fmt: skip
     p.add_argument("--no-base", action="store_true", help="leave the base row out (no change column then)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--out", type=Path, help="write compare.md / .json / .png into this folder")
+    _add_device_and_out(p, "compare")
     p.set_defaults(func=_compare)

@@ -4,15 +4,14 @@ compare.md and compare.png in one atomic step."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..core import provenance
-from ..core.atomic import staged_folder
 from ..core.errors import AdapterNotFoundError
 from ..core.hashing import sha256_file
+from .report_folder import write_report_folder
 from .transfer import BASE, Cells, Entry, Task, load_tasks, parse_named, run_matrix
 
 # The fields of a data section that make two tasks the same task (sample sizes and seeds do not).
@@ -171,10 +170,9 @@ def table(report: dict[str, Any]) -> str:
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     """compare.json, compare.md and compare.png (heatmaps of the metric and of the change), all or nothing."""
-    with staged_folder(out, whole=True) as staging:
-        (staging / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (staging / "compare.md").write_text("# Transfer matrix\n\n" + table(report) + "\n")
-        _plot(report, staging / "compare.png")
+    write_report_folder(
+        out, "compare", report, "# Transfer matrix\n\n" + table(report), lambda p: _plot(report, p)
+    )
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:

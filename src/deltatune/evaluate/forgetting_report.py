@@ -3,18 +3,17 @@ general corpus, measure (`forgetting.py`) and write forgetting.json / .md / .png
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core import provenance
-from ..core.atomic import staged_folder
 from ..core.errors import AdapterNotFoundError
 from ..core.hashing import sha256_file
 from ..data.readers import DataError, read_rows
 from .forgetting import GENERAL_PROMPTS, ForgettingSettings, forgetting_metrics
+from .report_folder import write_report_folder
 
 DEFAULT_CORPUS = "bundled:news"
 
@@ -143,10 +142,7 @@ def table(report: dict[str, Any]) -> str:
 
 def write_report(out: Path, report: dict[str, Any], kl: torch.Tensor) -> None:
     """forgetting.json, forgetting.md and forgetting.png (the per-token KL histogram), all or nothing."""
-    with staged_folder(out, whole=True) as staging:
-        (staging / "forgetting.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (staging / "forgetting.md").write_text("# Forgetting\n\n" + table(report) + "\n")
-        _plot(kl, staging / "forgetting.png")
+    write_report_folder(out, "forgetting", report, "# Forgetting\n\n" + table(report), lambda p: _plot(kl, p))
 
 
 def _plot(kl: torch.Tensor, path: Path) -> None:

@@ -3,14 +3,12 @@ folder (latency.json with provenance, latency.md, latency.png) in one atomic ste
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core import provenance
-from ..core.atomic import staged_folder
 from ..core.errors import AdapterNotFoundError
 from ..core.hashing import sha256_file
 from .latency import (
@@ -22,6 +20,7 @@ from .latency import (
     resolve_device,
     summarize,
 )  # fmt: skip
+from .report_folder import write_report_folder
 
 
 def measure_latency(
@@ -98,10 +97,7 @@ def table(report: dict[str, Any]) -> str:
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     """latency.json, latency.md and latency.png, all or nothing."""
-    with staged_folder(out, whole=True) as staging:
-        (staging / "latency.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (staging / "latency.md").write_text("# Latency\n\n" + table(report) + "\n")
-        _plot(report, staging / "latency.png")
+    write_report_folder(out, "latency", report, "# Latency\n\n" + table(report), lambda p: _plot(report, p))
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
