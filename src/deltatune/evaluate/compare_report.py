@@ -5,6 +5,7 @@ compare.md and compare.png in one atomic step."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,14 @@ _TASK_IDENTITY = ("train", "format", "instruction_template", "output_template", 
 
 
 def compare(
-    tasks: list[str],
-    adapters: list[str] = (),
+    tasks: Sequence[str],
+    adapters: Sequence[str] = (),
     *,
-    models: list[str] = (),
+    models: Sequence[str] = (),
     with_base: bool = True,
     out: str | Path | None = None,
     device: str = "auto",
-    progress: Any = lambda _: None,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Evaluate the base (unless `with_base` is False), each adapter (`NAME=FOLDER` or a folder) and each model
     folder on each task (`NAME=CONFIG.yaml` or a config); returns the report and writes it to `out`."""
