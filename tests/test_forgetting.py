@@ -62,7 +62,9 @@ def _is_zero(metrics):
     t = metrics["text"]
     assert t["kl_mean"] == 0.0 and t["kl_p95"] == 0.0
     assert t["perplexity_base"] == t["perplexity_adapted"] and t["perplexity_ratio"] == 1.0
-    assert metrics["answers"]["changed_share"] == 0.0 and metrics["answers"]["examples"] == []
+    a = metrics["answers"]
+    assert a["changed_share"] == a["first_token_changed_share"] == 0.0 and a["examples"] == []
+    assert a["kept_prefix_share"] == 1.0
 
 
 def test_the_base_against_itself_is_exactly_zero(tiny_causal_lm):
@@ -90,7 +92,15 @@ def test_a_destructive_adapter_scores_high_and_a_mild_one_low(tiny_causal_lm):
     # the tiny random base predicts nothing (perplexity ~ its vocabulary), so the direction is not meaningful
     assert abs(math.log(wild["text"]["perplexity_ratio"])) > 0.1
     assert wild["answers"]["changed_share"] >= 2 / 3
+    assert wild["answers"]["kept_prefix_share"] < mild["answers"]["kept_prefix_share"]
     assert wild["answers"]["examples"][0]["base"] != wild["answers"]["examples"][0]["adapted"]
+
+
+def test_kept_prefix_share():
+    from deltatune.evaluate.forgetting import _kept_prefix
+
+    assert _kept_prefix([1, 2, 3, 4], [1, 2, 9, 9]) == 0.5 and _kept_prefix([1, 2], [1, 2]) == 1.0
+    assert _kept_prefix([7], [1, 2]) == 0.0 and _kept_prefix([], []) == 1.0 and _kept_prefix([1], []) == 0.0
 
 
 def test_kl_and_perplexity_are_the_textbook_ones(tiny_causal_lm):

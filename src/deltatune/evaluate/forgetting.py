@@ -156,14 +156,28 @@ def changed_answers(
             base = answers(model, None)
     changed = [i for i, (a, b) in enumerate(zip(adapted, base, strict=True)) if a != b]
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
+    n = max(len(prompts), 1)
     return {
         "prompts": len(prompts),
-        "changed_share": len(changed) / max(len(prompts), 1),
+        "changed_share": len(changed) / n,
+        "first_token_changed_share": sum(a[:1] != b[:1] for a, b in zip(adapted, base, strict=True)) / n,
+        "kept_prefix_share": sum(_kept_prefix(a, b) for a, b in zip(adapted, base, strict=True)) / n,
         "examples": [
             {"prompt": prompts[i], "base": decode(base[i]), "adapted": decode(adapted[i])}
             for i in changed[:5]
         ],
     }
+
+
+def _kept_prefix(adapted: list[int], base: list[int]) -> float:
+    """How much of the base's answer the adapted model still gives, from the start: the common prefix's
+    length over the base answer's (1.0 when identical). A graded view beside the all-or-nothing change."""
+    same = 0
+    for a, b in zip(adapted, base, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same / len(base) if base else float(not adapted)
 
 
 def forgetting_metrics(

@@ -135,6 +135,10 @@ def table(report: dict[str, Any]) -> str:
     ]
     if a:
         lines.append(f"| greedy answers changed | {a['changed_share']:.0%} of {a['prompts']} prompts |")
+        lines.append(f"| ... from the first token | {a['first_token_changed_share']:.0%} |")
+        lines.append(
+            f"| base answer kept from the start (mean share of its tokens) | {a['kept_prefix_share']:.0%} |"
+        )
         for ex in a["examples"][:3]:
             lines += ["", f"- *{ex['prompt']}*  base: {ex['base'][:80]!r}  adapted: {ex['adapted'][:80]!r}"]
     return "\n".join(lines)
