@@ -200,3 +200,16 @@ def test_a_classifier_head_that_does_not_fit_the_task_labels(tiny_bert, tmp_path
     assert "accuracy" in got["cells"]["clf"]["two"]
     assert "trained on the labels ['negative', 'positive']" in got["cells"]["clf"]["three"]["error"]
     assert "accuracy" in got["cells"]["base"]["three"]  # the base (random head) still scores every task
+
+
+def test_a_fine_tuned_model_folder_knows_its_own_task_from_its_provenance(setup, tmp_path):
+    from deltatune.evaluate.compare_report import own_task
+    from deltatune.evaluate.transfer import Entry, load_tasks
+
+    tasks = load_tasks([("json", setup["json"]), ("word", setup["word"])])
+    folder = tmp_path / "full"
+    folder.mkdir()
+    trained_on = dt.core.provenance.record(training_config=load_train_config(setup["word"]).to_dict())
+    (folder / "deltatune.json").write_text(json.dumps(trained_on))
+    assert own_task(Entry("full", "model", folder), tasks) == "word"
+    assert own_task(Entry("merged", "model", tmp_path), tasks) is None  # no deltatune.json

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import provenance
-from ..core.errors import AdapterNotFoundError
+from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..core.hashing import sha256_file
 from .report_folder import write_report_folder
 from .transfer import BASE, Cells, Entry, Task, load_tasks, parse_named, run_matrix
@@ -91,13 +91,18 @@ def _entry_record(entry: Entry) -> dict[str, Any]:
 
 
 def own_task(entry: Entry, tasks: list[Task]) -> str | None:
-    """The task an adapter was trained on: the one whose data section (file, format, templates) matches the
-    training config in its deltatune.json. None for the base, model folders and adapters without one."""
-    if entry.kind != "adapter":
+    """The task an adapter or a fine-tuned model folder was trained on: the one whose data section (file,
+    format, templates) matches the training config in its deltatune.json. None for the base, and for folders
+    without one (written by PEFT, a merged export)."""
+    if entry.kind == BASE:
         return None
     from ..core.io import read_provenance
 
-    trained = ((read_provenance(entry.path) or {}).get("training_config") or {}).get("data") or {}
+    try:
+        record = read_provenance(Path(entry.path)) or {}
+    except DeltatuneError:  # an unreadable record: the matrix is measured already, only this label is lost
+        return None
+    trained = (record.get("training_config") or {}).get("data") or {}
     for task in tasks:
         data = task.config.data.model_dump()
         if trained and all(trained.get(k) == data.get(k) for k in _TASK_IDENTITY):
@@ -162,7 +167,7 @@ def table(report: dict[str, Any]) -> str:
                 row.append(f"{value:.3f}" + (f" ({gain:+.3f})" if gain is not None and e != BASE else ""))
         lines.append(f"| {e} | " + " | ".join(row) + " |")
     lines += ["", "(+x): change against the base, signed so that + is better.", "",
-              "| adapter | trained on | mean gain off its own task |", "|---|---|---|"]  # fmt: skip
+              "| adapter or model | trained on | mean gain off its own task |", "|---|---|---|"]  # fmt: skip
     for e, r in report["reusability"].items():
         mean = "n/a" if r["mean_gain_off_task"] is None else f"{r['mean_gain_off_task']:+.3f}"
         lines.append(f"| {e} | {r['own_task'] or 'unknown'} | {mean} over {r['tasks_counted']} tasks |")
