@@ -213,3 +213,24 @@ def test_a_fine_tuned_model_folder_knows_its_own_task_from_its_provenance(setup,
     (folder / "deltatune.json").write_text(json.dumps(trained_on))
     assert own_task(Entry("full", "model", folder), tasks) == "word"
     assert own_task(Entry("merged", "model", tmp_path), tasks) is None  # no deltatune.json
+
+
+def test_a_cache_budget_evicts_adapters_and_changes_no_cell(setup, report, monkeypatch):
+    from deltatune.runtime.cache import AdapterCache
+
+    dropped = []  # evicted outright, or unloaded into a free slot that the next adapter is copied into
+    for method in ("_drop", "unload"):
+        real = getattr(AdapterCache, method)
+        spy = lambda self, name, real=real: dropped.append(name) or real(self, name)  # noqa: E731
+        monkeypatch.setattr(AdapterCache, method, spy)
+    one = (setup["random"] / "adapter_model.safetensors").stat().st_size
+    tasks = [f"json={setup['json']}", f"word={setup['word']}"]
+    adapters = [f"trained={setup['trained']}", f"random={setup['random']}"]
+    got = compare(tasks, adapters, device="cpu", cache_mb=1.5 * one / 2**20)  # room for one adapter
+    assert dropped == ["trained"]  # loading the second evicted the first
+    for name in ("trained", "random"):
+        for task in ("json", "word"):
+            _same(
+                got["cells"][name][task],
+                {k: v for k, v in report["cells"][name][task].items() if k != "sample_answers"},
+            )

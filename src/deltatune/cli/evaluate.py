@@ -103,6 +103,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     report = compare(
         args.task, args.adapter, models=args.model, with_base=not args.no_base, out=args.out, device=args.device,
+        cache_mb=args.cache_mb,
         progress=lambda what: print(f"compare: {what}", file=sys.stderr, flush=True),
     )  # fmt: skip
     return _printed(table(report), args.out, "compare")
@@ -118,5 +119,6 @@ def _add_compare_parser(sub: Any) -> None:
     p.add_argument("--model", action="append", default=[],
                    help="[NAME=]MODEL_FOLDER: a merged export or a full fine-tune (repeat)")  # fmt: skip
     p.add_argument("--no-base", action="store_true", help="leave the base row out (no change column then)")
+    p.add_argument("--cache-mb", type=float, help="memory for loaded adapters (default: all stay loaded)")
     _add_device_and_out(p, "compare")
     p.set_defaults(func=_compare)

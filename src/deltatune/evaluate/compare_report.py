@@ -13,7 +13,7 @@ from ..core import provenance
 from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..core.hashing import sha256_file
 from .report_folder import write_report_folder
-from .transfer import BASE, Cells, Entry, Task, load_tasks, parse_named, run_matrix
+from .transfer import BASE, Cells, Entry, RunOptions, Task, load_tasks, parse_named, run_matrix
 
 # The fields of a data section that make two tasks the same task (sample sizes and seeds do not).
 _TASK_IDENTITY = ("train", "format", "instruction_template", "output_template", "system_prompt", "columns")
@@ -28,9 +28,11 @@ def compare(
     out: str | Path | None = None,
     device: str = "auto",
     progress: Callable[[str], None] = lambda _: None,
+    cache_mb: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate the base (unless `with_base` is False), each adapter (`NAME=FOLDER` or a folder) and each model
-    folder on each task (`NAME=CONFIG.yaml` or a config); returns the report and writes it to `out`."""
+    folder on each task (`NAME=CONFIG.yaml` or a config); returns the report and writes it to `out`.
+    `cache_mb` bounds the memory of loaded adapters (None: all stay loaded)."""
     from .latency import hardware, resolve_device
 
     loaded = load_tasks(parse_named(list(tasks), "task"))
@@ -44,7 +46,8 @@ def compare(
     if len({e.name for e in entries}) != len(entries):
         raise ValueError(f"entry names must differ (and not be {BASE!r}): {[e.name for e in entries]}")
     where = resolve_device(device)
-    cells = run_matrix(loaded, entries, device=where, progress=progress)
+    cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
+    cells = run_matrix(loaded, entries, RunOptions(where, progress, cache_bytes))
     report = summarize(loaded, entries, cells)
     report["provenance"] = provenance.record(
         tasks={t.name: _task_record(t) for t in loaded},

@@ -124,9 +124,14 @@ def score(model: nn.Module, tokenizer: Any, task: Task, device: Any) -> dict[str
 Cells = dict[str, dict[str, dict[str, Any]]]  # entry name -> task name -> metrics or {"error": reason}
 
 
-def run_matrix(
-    tasks: list[Task], entries: list[Entry], *, device: Any, progress: Callable[[str], None] = lambda _: None
-) -> Cells:
+@dataclass(frozen=True)
+class RunOptions:
+    device: Any
+    progress: Callable[[str], None] = lambda _: None  # told "<entry> on <task>" before each cell
+    cache_bytes: int | None = None  # the adapter cache's budget (least recently used go); None: all stay
+
+
+def run_matrix(tasks: list[Task], entries: list[Entry], options: RunOptions) -> Cells:
     """Fill every (entry, task) cell; see the module docstring for what is loaded when."""
     cells: Cells = {e.name: {} for e in entries}
     tokenizers = prepare_data(tasks)
@@ -137,7 +142,7 @@ def run_matrix(
     ready = [t for t in tasks if not t.data_error]
     for (key, labels), group in _head_groups(ready).items():
         tokenizer = tokenizers[key]
-        _run_group(group, entries, tokenizer, labels, device, cells, progress)
+        _run_group(group, entries, tokenizer, labels, options, cells)
     return cells
 
 
@@ -150,20 +155,20 @@ def _head_groups(tasks: list[Task]) -> dict[tuple, list[Task]]:
 
 
 def _run_group(
-    tasks: list[Task], entries: list[Entry], tokenizer: Any, labels: tuple | None, device: Any, cells: Cells,
-    progress: Callable[[str], None],
+    tasks: list[Task], entries: list[Entry], tokenizer: Any, labels: tuple | None, options: RunOptions,
+    cells: Cells,
 ) -> None:  # fmt: skip
     from ..runtime.cache import AdapterCache
     from ..train.setup import load_model
 
     spec, quant = tasks[0].config.model, tasks[0].config.quantization
-    base = (
-        load_model(spec, tokenizer, list(labels) if labels else None, quant, head_note=None).to(device).eval()
-    )
-    cache = AdapterCache(base, tokenizer=tokenizer)
+    device = options.device
+    base = load_model(spec, tokenizer, list(labels) if labels else None, quant, head_note=None)
+    base.to(device).eval()
+    cache = AdapterCache(base, tokenizer=tokenizer, budget_bytes=options.cache_bytes)
     for entry in entries:
         if entry.kind == "model":
-            _run_model_entry(entry, tasks, tokenizer, labels, device, cells, progress)
+            _run_model_entry(entry, tasks, tokenizer, labels, options, cells)
             continue
         try:
             activate = _activation(base, cache, entry, labels)
@@ -172,7 +177,7 @@ def _run_group(
                 cells[entry.name][task.name] = {"error": _reason(exc)}
             continue
         for task in tasks:
-            progress(f"{entry.name} on {task.name}")
+            options.progress(f"{entry.name} on {task.name}")
             with activate():
                 cells[entry.name][task.name] = _guarded(lambda t=task: score(base, tokenizer, t, device))
 
@@ -201,22 +206,21 @@ def _activation(model: nn.Module, cache: Any, entry: Entry, labels: tuple | None
 
 
 def _run_model_entry(
-    entry: Entry, tasks: list[Task], tokenizer: Any, labels: tuple | None, device: Any, cells: Cells,
-    progress: Callable[[str], None],
-) -> None:  # fmt: skip
+    entry: Entry, tasks: list[Task], tokenizer: Any, labels: tuple | None, options: RunOptions, cells: Cells
+) -> None:
     from ..train.setup import load_model
 
     try:
         spec = tasks[0].config.model.model_copy(update={"path": str(entry.path)})
         model = load_model(spec, tokenizer, list(labels) if labels else None, None, head_note=None)
-        model.to(device).eval()
+        model.to(options.device).eval()
     except Exception as exc:  # noqa: BLE001
         for task in tasks:
             cells[entry.name][task.name] = {"error": _reason(exc)}
         return
     for task in tasks:
-        progress(f"{entry.name} on {task.name}")
-        cells[entry.name][task.name] = _guarded(lambda t=task: score(model, tokenizer, t, device))
+        options.progress(f"{entry.name} on {task.name}")
+        cells[entry.name][task.name] = _guarded(lambda t=task: score(model, tokenizer, t, options.device))
 
 
 def _guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
