@@ -244,6 +244,15 @@ def resolve_adapter_folder(path: str | Path) -> Path:
     return folder
 
 
+def resolve_safetensors_adapter(path: str | Path) -> Path:
+    """`resolve_adapter_folder`, and its weights must be safetensors: the reports hash that file and never
+    read a pickle."""
+    folder = resolve_adapter_folder(path)
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise AdapterNotFoundError(f"{folder} has no {WEIGHTS_NAME}; is it an adapter folder?")
+    return folder
+
+
 def load_adapter(
     model: nn.Module,
     path: str | Path,

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core import provenance
-from ..core.errors import AdapterNotFoundError, DeltatuneError
+from ..core.errors import DeltatuneError
 from ..core.hashing import sha256_file
+from ..core.io import resolve_safetensors_adapter
 from .report_folder import write_report_folder
 from .transfer import BASE, Cells, Entry, RunOptions, Task, load_tasks, parse_named, run_matrix
 
@@ -38,7 +39,8 @@ def compare(
     loaded = load_tasks(parse_named(list(tasks), "task"))
     entries = [Entry(BASE, BASE)] if with_base else []
     entries += [
-        Entry(name, "adapter", _adapter_folder(path)) for name, path in parse_named(list(adapters), "adapter")
+        Entry(name, "adapter", resolve_safetensors_adapter(path))
+        for name, path in parse_named(list(adapters), "adapter")
     ]
     entries += [Entry(name, "model", path) for name, path in parse_named(list(models), "model")]
     if not loaded or len(entries) < 1:
@@ -57,15 +59,6 @@ def compare(
     if out is not None:
         write_report(Path(out), report)
     return report
-
-
-def _adapter_folder(path: Path) -> Path:
-    from ..core.io import resolve_adapter_folder
-
-    folder = resolve_adapter_folder(path)
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise AdapterNotFoundError(f"{folder} has no adapter_model.safetensors; is it an adapter folder?")
-    return folder
 
 
 def _task_record(task: Task) -> dict[str, Any]:

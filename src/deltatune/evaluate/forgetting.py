@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapters import adapter_in_use, all_wrappers, disable_adapter
+from ..core.modes import eval_mode
 from .settings import GENERAL_PROMPTS, ForgettingSettings
 
 __all__ = [
@@ -147,13 +148,7 @@ def changed_answers(
         return [c.tokens for c in done]
 
     adapted = answers(model, adapter)
-    if reference is not None:
-        base = answers(reference, None)
-    elif adapter is not None:
-        base = answers(model, None)  # a row without an adapter runs the base (mixed batches do this)
-    else:
-        with base_of(model, None):
-            base = answers(model, None)
+    base = answers(model if reference is None else reference, None)  # a row without an adapter is the base
     changed = [i for i, (a, b) in enumerate(zip(adapted, base, strict=True)) if a != b]
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
     n = max(len(prompts), 1)
@@ -186,9 +181,7 @@ def forgetting_metrics(
 ) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
     """All three measures for `model` against its base; also returns the per-token KL (for the histogram)."""
     settings = settings or ForgettingSettings()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         batches = text_batches(tokenizer, texts[: settings.texts], settings.max_tokens, settings.batch_size)
         scores = token_divergence(model, batches, reference=reference)
         metrics = {"text": divergence_summary(scores)}
@@ -197,6 +190,4 @@ def forgetting_metrics(
                 model, tokenizer, list(prompts)[: settings.prompts], reference=reference,
                 new_tokens=settings.new_tokens,
             )  # fmt: skip
-    finally:
-        model.train(was_training)
     return metrics, scores["kl"]

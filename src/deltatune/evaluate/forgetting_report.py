@@ -67,7 +67,7 @@ def measure_forgetting(
     writes it to the folder `out` when given."""
     from transformers import AutoModelForCausalLM
 
-    from ..core.io import load_adapter, resolve_adapter_folder
+    from ..core.io import WEIGHTS_NAME, load_adapter, resolve_safetensors_adapter
     from ..models.loading import load_pretrained, load_tokenizer_from
     from .latency import hardware, resolve_device
 
@@ -81,14 +81,12 @@ def measure_forgetting(
     subject: dict[str, Any]
     reference = None
     if adapter is not None:
-        folder = resolve_adapter_folder(adapter)
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise AdapterNotFoundError(f"{folder} has no adapter_model.safetensors; is it an adapter folder?")
+        folder = resolve_safetensors_adapter(adapter)
         tuned = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32)
         load_adapter(tuned, folder, tokenizer=tokenizer)
         subject = {
             "adapter": str(folder),
-            "adapter_sha256": sha256_file(folder / "adapter_model.safetensors"),
+            "adapter_sha256": sha256_file(folder / WEIGHTS_NAME),
         }
     else:
         tuned = load_pretrained(AutoModelForCausalLM, str(model), dtype=torch.float32)

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from ..core import provenance
-from ..core.errors import AdapterNotFoundError
 from ..core.hashing import sha256_file
 from .latency import (
     LatencySettings,
@@ -35,15 +34,11 @@ def measure_latency(
     bundled name or hub id); returns the report, and writes it to the folder `out` when given."""
     from transformers import AutoModelForCausalLM
 
-    from ..core.io import resolve_adapter_folder
+    from ..core.io import WEIGHTS_NAME, resolve_safetensors_adapter
     from ..models.loading import load_pretrained
 
     settings = settings or LatencySettings()
-    adapter_dir = resolve_adapter_folder(adapter)
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise AdapterNotFoundError(
-            f"{adapter_dir} has no adapter_model.safetensors; is it an adapter folder?"
-        )
+    adapter_dir = resolve_safetensors_adapter(adapter)
     where = resolve_device(device)
     model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
     variants = build_variants(model, adapter_dir, settings)
@@ -53,7 +48,7 @@ def measure_latency(
         load_s = adapter_load_seconds(model, adapter_dir, settings.reps)  # `model` is the unmerged variant
     report = summarize(wanted, settings, load_s)
     report["provenance"] = provenance.record(
-        base=base, adapter=str(adapter_dir), adapter_sha256=sha256_file(adapter_dir / "adapter_model.safetensors"),
+        base=base, adapter=str(adapter_dir), adapter_sha256=sha256_file(adapter_dir / WEIGHTS_NAME),
         hardware=hardware(where),
     )  # fmt: skip
     if out is not None:

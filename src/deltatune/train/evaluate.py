@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapters import adapter_in_use
+from ..core.modes import eval_mode
 from ..data.formats import IGNORE, Example
 from ..runtime import generate
 from ..runtime.sampling import end_of_sequence_ids
@@ -77,22 +78,20 @@ def evaluate(
 ) -> dict[str, Any]:
     """Loss (and accuracy, macro F1) over `examples`; with `label_names`, also the majority-class baseline
     and per-class precision / recall (`deltatune eval`)."""
-    was_training = model.training
-    model.eval()
     total, count, predictions = 0.0, 0, [0] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collate([examples[i] for i in rows], pad_id, classification)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            loss, n, logits = task_loss(model, batch, classification)
-        if classification:
-            for row, prediction in zip(rows, logits.argmax(-1).tolist(), strict=True):
-                predictions[row] = prediction
-        total += float(loss)
-        count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = collate([examples[i] for i in rows], pad_id, classification)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                loss, n, logits = task_loss(model, batch, classification)
+            if classification:
+                for row, prediction in zip(rows, logits.argmax(-1).tolist(), strict=True):
+                    predictions[row] = prediction
+            total += float(loss)
+            count += n
     metrics = {"loss": total / max(count, 1)}
     if classification:
         labels = [e.labels for e in examples]
@@ -134,13 +133,11 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers with the model's active adapter (or none), through `runtime.generate`, the same
     generation `deltatune generate` and the server run; returns the decoded new text of each prompt."""
-    was_training = model.training
-    model.eval()
     adapter = adapter_in_use(model)  # None: no adapters, as in full fine-tuning, or disabled
     eos = end_of_sequence_ids(model, tokenizer)
     answers: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             done = generate(
@@ -149,8 +146,6 @@ def generate_answers(
             )  # fmt: skip
             for row, completion in zip(rows, done, strict=True):
                 answers[row] = tokenizer.decode(completion.tokens, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
     return [a.strip() for a in answers]
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
+from ..core.modes import eval_mode
 from ..evaluate.forgetting import record_log_probs, text_batches, token_divergence
 from ..evaluate.forgetting_report import read_corpus
 
@@ -23,16 +24,6 @@ KL_KEY = "forgetting_kl"
 
 class ForgettingBudgetExceeded(DeltatuneError, RuntimeError):
     """Every evaluation of the run was over `eval.forgetting.budget`, so no model was kept."""
-
-
-def _in_eval_mode(model: nn.Module, run: Any) -> Any:
-    """`run()` with dropout off, the model's mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        return run()
-    finally:
-        model.train(was_training)
 
 
 class ForgettingMonitor:
@@ -46,13 +37,13 @@ class ForgettingMonitor:
             )
         self.base_log_probs: list[torch.Tensor] | None = None
         if full_fine_tuning:  # called before the first step: the model is still the base
-            self.base_log_probs = _in_eval_mode(model, lambda: record_log_probs(model, self.batches))
+            with eval_mode(model):
+                self.base_log_probs = record_log_probs(model, self.batches)
 
     def measure(self, model: nn.Module) -> float:
         """The mean KL(base || model) per token, in nats, on the monitor's texts."""
-        scores = _in_eval_mode(
-            model, lambda: token_divergence(model, self.batches, base_log_probs=self.base_log_probs)
-        )
+        with eval_mode(model):
+            scores = token_divergence(model, self.batches, base_log_probs=self.base_log_probs)
         return float(scores["kl"].mean())
 
     def within_budget(self, metrics: dict[str, float]) -> bool:
