@@ -39,3 +39,8 @@ class BaseModelMismatchError(DeltatuneError, ValueError):
 
 class MergeError(DeltatuneError, RuntimeError):
     """A merge/unmerge request cannot be carried out safely."""
+
+
+class CombineError(DeltatuneError, ValueError):
+    """Adapters cannot be combined or converted as asked (no exact weight delta, mismatched sources, bad
+    method parameters)."""

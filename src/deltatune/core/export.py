@@ -121,7 +121,7 @@ def _reversible(conversion: Any) -> bool:
     return True
 
 
-def _sample_inputs(model: nn.Module, sample: Any) -> tuple[dict[str, Any], str] | None:
+def sample_inputs(model: nn.Module, sample: Any) -> tuple[dict[str, Any], str] | None:
     if sample is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab is None:
@@ -138,7 +138,7 @@ def _sample_inputs(model: nn.Module, sample: Any) -> tuple[dict[str, Any], str] 
     )
 
 
-def _logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+def logits_of(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     out = model(**inputs)
@@ -153,13 +153,13 @@ def _measure(model: nn.Module, merged: nn.Module, inputs: dict[str, Any]) -> dic
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        adapted = _logits(model, inputs)
+        adapted = logits_of(model, inputs)
         with disable_adapter(model):
-            base = _logits(model, inputs)
+            base = logits_of(model, inputs)
     finally:
         for module, training in modes:
             module.training = training
-    error, effect = (_logits(merged, inputs) - adapted).abs(), (adapted - base).abs()
+    error, effect = (logits_of(merged, inputs) - adapted).abs(), (adapted - base).abs()
     return {
         "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
         "adapter_max_abs_effect": float(effect.max()), "adapter_mean_abs_effect": float(effect.mean()),
@@ -192,7 +192,7 @@ def export_merged(
         raise MergeError(
             "requantize=True writes a pre-quantized transformers folder; this is not a transformers model"
         )
-    prepared = _sample_inputs(model, sample)
+    prepared = sample_inputs(model, sample)
     if prepared is None and (settings is not None or max_error is not None):
         raise MergeError(
             "cannot measure the merge error without inputs: pass sample= (input_ids or a dict of model inputs)"

@@ -71,8 +71,10 @@ def save_adapter(
     training_config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     data_sha256: str | None = None,
+    derived_from: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one adapter to the folder `path` (created if needed) and verify what was written."""
+    """Write one adapter to the folder `path` (created if needed) and verify what was written.
+    `derived_from`: for an adapter made from others (combine, convert), its sources and how."""
     path = Path(path)
     _check_destination(path)
     configs = adapter_configs(model)
@@ -108,6 +110,7 @@ def save_adapter(
             training_config=training_config,
             labels=classifier_labels(model, config),
             metrics=metrics,
+            **({"derived_from": derived_from} if derived_from is not None else {}),
             files={
                 WEIGHTS_NAME: {
                     "sha256": sha256_file(staging / WEIGHTS_NAME),
