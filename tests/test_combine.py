@@ -93,7 +93,9 @@ def _full_rank(model):
 def test_linear_equals_the_weighted_sum_of_deltas_over_the_union_of_targets(llama_sources, tmp_path):
     model, first, second = llama_sources
     weights = [1.0, -0.7]  # a negative weight: task negation
-    report = combine_adapters(model, [first, second], tmp_path / "out", weights=weights, method="linear", rank=6)
+    report = combine_adapters(
+        model, [first, second], tmp_path / "out", weights=weights, method="linear", rank=6
+    )
     expected = _weighted_reference(model, [first, second], weights, sum)
     got = _result_deltas(model, tmp_path / "out")
     assert sorted(got) == sorted(expected)  # union: q (first only), v (both), down (second only)
@@ -141,8 +143,12 @@ def test_peft_linear_adds_cross_terms_that_ours_does_not(tmp_path):
     name = "model.layers.0.self_attn.v_proj"
     layer = pm.base_model.model.get_submodule(name)
     theirs = layer.get_delta_weight("lin")
-    mixed_a = sum(math.sqrt(w * layer.scaling[n]) * layer.lora_A[n].weight for w, n in zip(weights, "ab"))
-    mixed_b = sum(math.sqrt(w * layer.scaling[n]) * layer.lora_B[n].weight for w, n in zip(weights, "ab"))
+    mixed_a = sum(
+        math.sqrt(w * layer.scaling[n]) * layer.lora_A[n].weight for w, n in zip(weights, "ab", strict=True)
+    )
+    mixed_b = sum(
+        math.sqrt(w * layer.scaling[n]) * layer.lora_B[n].weight for w, n in zip(weights, "ab", strict=True)
+    )
     torch.testing.assert_close(theirs, mixed_b @ mixed_a, **TOL)  # the cross-term formula, exactly
     assert (theirs - exact[name]).norm() > 0.5 * exact[name].norm()  # ... which is far from the sum
     u, s, vh = torch.linalg.svd(exact[name].double())
@@ -190,7 +196,9 @@ def test_ties_matches_the_paper_on_dense_deltas(llama_sources, tmp_path, sign_ru
 def test_magnitude_prune_keeps_the_largest_entries_of_each_weighted_delta(llama_sources, tmp_path):
     model, first, second = llama_sources
     full = _full_rank(model)
-    combine_adapters(model, [first, second], tmp_path / "mp", method="magnitude_prune", density=0.2, rank=full)
+    combine_adapters(
+        model, [first, second], tmp_path / "mp", method="magnitude_prune", density=0.2, rank=full
+    )
     expected = _weighted_reference(
         model, [first, second], [1.0, 1.0], lambda parts: sum(trim(p, 0.2) for p in parts)
     )
@@ -335,9 +343,13 @@ def test_modules_to_save_are_refused_or_split_into_a_side_file(tmp_path):
 def test_what_has_no_exact_delta_is_refused_with_the_reason_and_nothing_is_written(tmp_path):
     model = build_llama()
     lora = _save(model, _lora(), tmp_path / "lora")
-    prompt = _save(model, dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), tmp_path / "prompt")
+    prompt = _save(
+        model, dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), tmp_path / "prompt"
+    )
     relu = _save(
-        model, dt.BottleneckConfig(placement="feedforward", non_linearity="relu", bottleneck_size=4), tmp_path / "relu"
+        model,
+        dt.BottleneckConfig(placement="feedforward", non_linearity="relu", bottleneck_size=4),
+        tmp_path / "relu",
     )
     with pytest.raises(CombineError, match="no exact weight delta: prompt tuning"):
         combine_adapters(model, [lora, prompt], tmp_path / "a", rank=4)

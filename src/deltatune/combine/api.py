@@ -134,16 +134,21 @@ def convert_adapter(
             "(modules_to_save), which a plain LoRA cannot hold and engines such as vLLM refuse; "
             f"convert with modules_to_save='split' (--modules-to-save split) to write them to {SIDE_FILE}"
         )
+    factors = plain_factors(source, rank, energy)
+    return _finish(
+        model, [source], out, "convert", {"rank": rank, "energy": energy}, factors, source.deltas,
+        sample, tokenizer, source.modules_to_save or None,
+    )  # fmt: skip
+
+
+def plain_factors(source: Source, rank: int | None, energy: float | None) -> dict[str, Factors]:
+    """Each module's LoRA factors at `rank` or `energy`; with neither, a plain LoRA's own factors (exact)."""
     keep_own = rank is None and energy is None
     if keep_own and not all(d.low_rank for d in source.deltas.values()):
         raise CombineError(
             f"{source.folder} ({_method_label(source)}) has dense deltas; give a rank or an energy threshold"
         )
-    factors = {name: exact(d) if keep_own else truncate(d, rank, energy) for name, d in source.deltas.items()}
-    return _finish(
-        model, [source], out, "convert", {"rank": rank, "energy": energy}, factors, source.deltas,
-        sample, tokenizer, source.modules_to_save or None,
-    )  # fmt: skip
+    return {name: exact(d) if keep_own else truncate(d, rank, energy) for name, d in source.deltas.items()}
 
 
 def _method_label(source: Source) -> str:

@@ -44,3 +44,7 @@ class MergeError(DeltatuneError, RuntimeError):
 class CombineError(DeltatuneError, ValueError):
     """Adapters cannot be combined or converted as asked (no exact weight delta, mismatched sources, bad
     method parameters)."""
+
+
+class GgufExportError(DeltatuneError, ValueError):
+    """The model or adapter cannot be written as GGUF (architecture, rope scaling, target modules)."""
