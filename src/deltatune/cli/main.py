@@ -1,4 +1,5 @@
-"""deltatune train | eval | generate | classify | sweep | bench | forgetting | compare | inspect | serve."""
+"""deltatune train | eval | generate | classify | sweep | bench | forgetting | compare | combine | convert |
+export | inspect | serve."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import DeltatuneError
+from .adapters import add_adapter_parsers
 from .arguments import positive_int
 from .evaluate import add_evaluation_parsers
 
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sweep_parser(sub)
     add_evaluation_parsers(sub)
+    add_adapter_parsers(sub)
 
     p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
     p.add_argument("adapter")

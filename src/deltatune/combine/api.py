@@ -13,12 +13,11 @@ from torch import nn
 
 from ..core.errors import CombineError
 from ..core.inject import eject
-from .arithmetic import DENSITY_METHODS, check_parameters, combine_module
+from .arithmetic import check_parameters, combine_module
 from .build import SIDE_FILE, Source, in_model_order, inject_factors, logit_error, read_source, write_result
 from .deltas import ModuleDelta
 from .lowrank import Factors, exact, truncate
-
-MODULES_TO_SAVE_CHOICES = ("refuse", "split")
+from .options import DENSITY_METHODS, MODULES_TO_SAVE_CHOICES
 
 
 @dataclass

@@ -21,11 +21,7 @@ import torch
 
 from ..core.errors import CombineError
 from .deltas import ModuleDelta
-
-METHODS = ("linear", "svd", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-LOW_RANK_METHODS = ("linear", "svd", "cat")  # exact on factors: no dense matrix is formed
-SIGN_RULES = ("total", "frequency")
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+from .options import DENSITY_METHODS, LOW_RANK_METHODS, METHODS, SIGN_RULES
 
 
 def check_parameters(method: str, weights: list[float], density: float, sign_rule: str) -> None:

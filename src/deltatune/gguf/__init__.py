@@ -1,45 +1,21 @@
 """GGUF export for llama.cpp: a merged llama model (f32, f16, q8_0) and a LoRA adapter file, written with the
-`gguf` package. `make gguf-check` loads both in llama.cpp (llama-cpp-python) and compares with transformers."""
+`gguf` package. `make gguf-check` loads both in llama.cpp (llama-cpp-python) and compares with transformers.
+
+Names are imported on first use, so the CLI can read TENSOR_TYPES without loading torch.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from ..combine.api import plain_factors
-from ..combine.build import read_source
-from ..core.errors import GgufExportError
-from .write import TENSOR_TYPES, write_gguf_lora, write_gguf_model
-
+TENSOR_TYPES = ("f32", "f16", "q8_0")
+_WHERE = {"export_gguf_lora": "lora", "write_gguf_lora": "write", "write_gguf_model": "write"}
 __all__ = ["TENSOR_TYPES", "export_gguf_lora", "write_gguf_lora", "write_gguf_model"]
 
 
-def export_gguf_lora(
-    model: nn.Module,
-    adapter: str | Path,
-    path: str | Path,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    tensor_type: str = "f32",
-    allow_base_mismatch: bool = False,
-) -> dict[str, Any]:
-    """The adapter saved at `adapter` (for the bare llama `model`) as a llama.cpp LoRA file. A plain LoRA,
-    rsLoRA or per-module alpha is written exactly; DoRA, IA3 and linear bottlenecks need `rank` or `energy`
-    (their exact ΔW is factored, see combine.convert_adapter), and the report gives the largest relative error."""
-    source = read_source(model, adapter, allow_base_mismatch=allow_base_mismatch)
-    if source.modules_to_save:
-        raise GgufExportError(
-            f"{source.folder} carries full trained copies of {sorted(source.modules_to_save)} "
-            "(modules_to_save), which a llama.cpp adapter cannot hold; export the model merged instead"
-        )
-    factors = plain_factors(source, rank, energy)
-    alpha = Counter(f.rank for f in factors.values()).most_common(1)[0][0]
-    report = write_gguf_lora(
-        model, {name: (f.b, f.a) for name, f in factors.items()}, path, alpha=alpha, tensor_type=tensor_type
-    )
-    report["max_relative_error"] = max(f.relative_error for f in factors.values())
-    return report
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,10 +18,10 @@ from torch import nn
 from ..core.atomic import atomic_path
 from ..core.errors import GgufExportError
 from ..core.export import merged_model
+from . import TENSOR_TYPES
 from .layout import LlamaShape, gguf_name, interleave_rotary_rows, llama_shape, rotary_heads
 from .vocab import add_vocabulary, pre_tokenizer_for
 
-TENSOR_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
 
 
