@@ -29,7 +29,7 @@ define install
 	$(1)/bin/python -m deltatune.data
 endef
 
-.PHONY: setup demo test lint bench lock test-latest test-oldest
+.PHONY: setup demo test lint bench lock test-latest test-oldest gguf-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
@@ -48,6 +48,16 @@ lint: setup
 
 bench: setup
 	$(PY) bench/train_step.py
+
+# llama.cpp itself reads the GGUF files deltatune writes (not in `make test`: building it takes ~9 minutes).
+# The wheel is built once into the cache and reused.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS := $(HOME)/.cache/deltatune/wheels
+gguf-check: setup
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip wheel --no-deps $(LLAMA_CPP) -w $(WHEELS)
+	$(PY) -m pip install -q -c $(LOCK) --find-links $(WHEELS) $(LLAMA_CPP)
+	$(PY) bench/gguf_check.py
 
 # The newest releases pyproject.toml allows, resolved in a fresh venv, written as exact pins (atomically).
 lock:
