@@ -384,3 +384,32 @@ def test_sign_election_and_disjoint_mean_by_hand():
     sign = torch.tensor([1.0, 1.0, 1.0, -1.0])
     assert disjoint_mean([a, b, c], sign).tolist() == [3.0, 4.0, 5.0, -3.0]
     assert trim(torch.tensor([0.1, -5.0, 2.0, 2.0]), 0.5).tolist() == [0.0, -5.0, 2.0, 0.0]
+
+
+def test_a_model_that_carries_adapters_is_refused(llama_sources, tmp_path):
+    model, first, second = llama_sources
+    dt.inject(model, _lora(), "mine")
+    with pytest.raises(CombineError, match="bare base model"):
+        combine_adapters(model, [first, second], tmp_path / "out")
+    assert "mine" in dt.adapter_configs(model)  # the caller's adapter is left alone
+
+
+def test_cli_combine_convert_and_export(llama_sources, tmp_path, capsys):
+    from deltatune.cli.main import main
+
+    model, first, second = llama_sources
+    model.save_pretrained(tmp_path / "base")
+    base = str(tmp_path / "base")
+    assert main(["combine", str(first), str(second), "--base", base, "--out", str(tmp_path / "c"),
+                 "--method", "ties", "--density", "0.5", "--rank", "8", "--weights", "1", "0.5"]) == 0  # fmt: skip
+    assert "ties, r=8" in capsys.readouterr().out
+    record = json.loads((tmp_path / "c" / "deltatune.json").read_text())["derived_from"]
+    assert record["parameters"]["weights"] == [1.0, 0.5] and record["parameters"]["density"] == 0.5
+    assert main(["convert", "--base", base, "--adapter", str(second), "--out", str(tmp_path / "p")]) == 0
+    torch.testing.assert_close(_logits(model, tmp_path / "p"), _logits(model, second), **TOL)
+    assert (
+        main(["export", "--base", base, "--adapter", str(tmp_path / "p"), "--out", str(tmp_path / "m")]) == 0
+    )
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["combine", str(first), "--base", base, "--out", str(tmp_path / "x")]) == 2
+    assert "at least two adapters" in capsys.readouterr().err

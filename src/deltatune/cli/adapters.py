@@ -16,14 +16,22 @@ def add_adapter_parsers(sub: Any) -> None:
     _add_export_parser(sub)
 
 
-def _load_base(name: str) -> tuple[Any, Any]:
+def _load_base(name: str, tokenizer_required: bool = False) -> tuple[Any, Any]:
+    """The base model in float32, and its tokenizer: needed to write GGUF, otherwise only recorded (a model
+    folder without one still combines and converts)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ..models.loading import load_pretrained, load_tokenizer_from
 
     model = load_pretrained(AutoModelForCausalLM, name, dtype=torch.float32).eval()
-    return model, load_tokenizer_from(name)
+    try:
+        tokenizer = load_tokenizer_from(name)
+    except (OSError, ValueError, TypeError):
+        if tokenizer_required:
+            raise
+        tokenizer = None
+    return model, tokenizer
 
 
 def _share(text: str) -> float:
@@ -120,7 +128,7 @@ def _add_convert_parser(sub: Any) -> None:
 def _export(args: argparse.Namespace) -> int:
     import deltatune as dt
 
-    model, tokenizer = _load_base(args.base)
+    model, tokenizer = _load_base(args.base, tokenizer_required=args.format == "gguf")
     if args.format == "gguf-lora":
         from ..gguf import export_gguf_lora
 

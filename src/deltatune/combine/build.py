@@ -32,9 +32,8 @@ from ..core.io import WEIGHTS_NAME, load_adapter, resolve_safetensors_adapter, s
 from ..core.layer import weights_follow
 from ..core.modes import eval_mode
 from ..core.quantized import is_quantized
-from ..core.targeting import is_hf_conv1d
 from ..methods.lora import LoraConfig
-from .deltas import ModuleDelta, adapter_deltas, modules_to_save_state
+from .deltas import ModuleDelta, adapter_deltas, modules_to_save_state, weight_layout
 from .lowrank import Factors
 
 RESULT_NAME = "combined"  # the new adapter's name while it is in the model
@@ -74,6 +73,12 @@ def read_source(model: nn.Module, folder: str | Path, **load_options: Any) -> So
     """Load the adapter at `folder` into `model`, take its deltas, and remove it again (the model comes back
     as it was: without wrappers)."""
     folder = resolve_safetensors_adapter(folder)
+    present = sorted(adapter_configs(model))
+    if present:
+        raise CombineError(
+            f"pass the bare base model: this one carries adapters {present}, and combining starts from the base "
+            "(deltatune.eject(model, merge=False) removes them)"
+        )
     load_adapter(model, folder, "source", **load_options)
     try:
         config = adapter_configs(model)["source"]
@@ -119,13 +124,6 @@ def inject_factors(model: nn.Module, factors: dict[str, Factors], like: AdapterC
     return config
 
 
-def _weight_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """Inverse of deltas.lora_layout: the (out, in) matrix shaped like `base.weight`."""
-    if is_hf_conv1d(base) or isinstance(base, nn.Embedding):
-        return delta.t()
-    return delta.reshape(base.weight.shape) if base.weight.dim() > 2 else delta
-
-
 @contextmanager
 def deltas_added(model: nn.Module, deltas: dict[str, ModuleDelta]) -> Iterator[None]:
     """While inside, each named base module outputs base(x) + ΔW x, by a forward hook (nothing is written
@@ -143,7 +141,7 @@ def deltas_added(model: nn.Module, deltas: dict[str, ModuleDelta]) -> Iterator[N
             if is_quantized(module):  # packed storage; quantized layers are Linear-like
                 extra = torch.nn.functional.linear(args[0], dense.to(args[0].dtype))
             else:
-                override = {"weight": _weight_layout(module, dense).to(weight.dtype)}
+                override = {"weight": weight_layout(module, dense).to(weight.dtype)}
                 if getattr(module, "bias", None) is not None:
                     override["bias"] = None
                 busy.append(True)

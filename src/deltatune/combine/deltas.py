@@ -58,6 +58,13 @@ def lora_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return delta.flatten(1)
 
 
+def weight_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """Inverse of lora_layout: the (out, in) matrix shaped like `base.weight`."""
+    if is_hf_conv1d(base) or isinstance(base, nn.Embedding):
+        return delta.t()
+    return delta.reshape(base.weight.shape) if base.weight.dim() > 2 else delta
+
+
 def _dense_delta(layer: AdapterLayer, name: str, module_name: str) -> ModuleDelta:
     reason = capability_refusal(layer.adapter_configs[name], Capability.MERGE)
     if reason is None and not layer.quantized:
