@@ -413,3 +413,22 @@ def test_cli_combine_convert_and_export(llama_sources, tmp_path, capsys):
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert main(["combine", str(first), "--base", base, "--out", str(tmp_path / "x")]) == 2
     assert "at least two adapters" in capsys.readouterr().err
+
+
+def test_dora_and_ia3_combine_with_lora_through_their_exact_deltas(llama_sources, tmp_path):
+    model, first, _ = llama_sources
+    dora = _save(model, _lora(r=2, alpha=4, use_dora=True, targets=("q_proj", "o_proj")), tmp_path / "dora")
+    ia3 = _save(
+        model,
+        dt.Ia3Config(
+            target_modules=["v_proj", "up_proj"], feedforward_modules=["up_proj"], init_ia3_weights=False
+        ),
+        tmp_path / "ia3",
+    )
+    weights = [1.0, 0.5, -0.3]
+    combine_adapters(model, [first, dora, ia3], tmp_path / "mix", weights=weights, rank=_full_rank(model))
+    expected = _weighted_reference(model, [first, dora, ia3], weights, sum)
+    got = _result_deltas(model, tmp_path / "mix")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **TOL)
