@@ -19,6 +19,15 @@ from ..core.errors import GgufExportError
 ARCHITECTURES = ("LlamaForCausalLM",)
 
 
+def gguf_module() -> Any:
+    """The `gguf` package, or an error that says how to get it."""
+    try:
+        import gguf
+    except ImportError:
+        raise GgufExportError("GGUF export needs the `gguf` package: pip install 'gguf>=0.10'") from None
+    return gguf
+
+
 @dataclass(frozen=True)
 class LlamaShape:
     blocks: int
@@ -70,8 +79,7 @@ def llama_shape(model: Any) -> LlamaShape:
 
 def gguf_name(shape: LlamaShape, hf_name: str) -> str:
     """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`, by gguf's TensorNameMap."""
-    import gguf
-
+    gguf = gguf_module()
     mapped = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, shape.blocks).get_name(
         hf_name, try_suffixes=(".weight", ".bias")
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..core.errors import GgufExportError
 from ..core.provenance import tokenizer_hash
+from .layout import gguf_module
 
 # tokenizer_hash -> llama.cpp's pre-tokenizer name
 KNOWN_PRE_TOKENIZERS = {
@@ -31,8 +32,7 @@ def pre_tokenizer_for(tokenizer: Any, given: str | None) -> tuple[str, bool]:
 
 
 def add_vocabulary(writer: Any, tokenizer: Any, vocab_size: int, pre_tokenizer: str) -> None:
-    import gguf
-
+    gguf = gguf_module()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or type(backend.model).__name__ != "BPE":
         raise GgufExportError(

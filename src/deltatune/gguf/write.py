@@ -19,15 +19,14 @@ from ..core.atomic import atomic_path
 from ..core.errors import GgufExportError
 from ..core.export import merged_model
 from . import TENSOR_TYPES
-from .layout import LlamaShape, gguf_name, interleave_rotary_rows, llama_shape, rotary_heads
+from .layout import LlamaShape, gguf_module, gguf_name, interleave_rotary_rows, llama_shape, rotary_heads
 from .vocab import add_vocabulary, pre_tokenizer_for
 
 Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
 
 
 def _file_type(tensor_type: str) -> Any:
-    import gguf
-
+    gguf = gguf_module()
     return {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -37,8 +36,7 @@ def _file_type(tensor_type: str) -> Any:
 
 def _add_tensor(writer: Any, name: str, tensor: torch.Tensor, tensor_type: str) -> str:
     """Write one tensor; vectors (norms) stay float32 as llama.cpp expects. Returns the type written."""
-    import gguf
-
+    gguf = gguf_module()
     array = tensor.detach().float().cpu().numpy()
     if array.ndim == 1 or tensor_type == "f32":
         writer.add_tensor(name, array.astype(np.float32))
@@ -88,8 +86,7 @@ def write_gguf_model(
     """Write `model` with its active adapters merged as one GGUF file llama.cpp loads. Matrices are stored as
     `tensor_type` (q8_0 falls back to f16 for a matrix whose rows are not a multiple of 32), norms as f32.
     Returns what was written: the pre-tokenizer and whether it is known, and the count of each tensor type."""
-    import gguf
-
+    gguf = gguf_module()
     if tensor_type not in TENSOR_TYPES:
         raise GgufExportError(f"tensor type {tensor_type!r}; choose one of {list(TENSOR_TYPES)}")
     shape = llama_shape(model)
@@ -127,8 +124,7 @@ def write_gguf_lora(
     """Write LoRA `factors` ({module name: (B, A)}, the full scaling folded into B, B @ A = ΔW in (out, in)
     layout) for the llama `model` as a llama.cpp adapter file with `adapter.lora.alpha` = alpha: each B is
     divided by alpha / rank, which llama.cpp multiplies back. Linear modules only."""
-    import gguf
-
+    gguf = gguf_module()
     if tensor_type not in ("f32", "f16"):
         raise GgufExportError(f"LoRA tensors are written as f32 or f16, not {tensor_type!r}")
     shape = llama_shape(model)
