@@ -2,7 +2,7 @@
 
 For the bundled SmolLM2 and a LoRA adapter (the quickstart's if given, else a random all-linear r=8 one
 whose update moves the logits by about as much as a trained one), writes:
-  merged-f16.gguf, merged-q8_0.gguf  the model with the adapter merged
+  merged-{f32,f16,q8_0}.gguf         the model with the adapter merged
   base-f16.gguf + lora.gguf          the base and the adapter as a llama.cpp LoRA file
 then runs the same token ids through llama.cpp and transformers and compares the last-position logits of
 each prompt (max |difference|, top-1 agreement, top-5 overlap) and 24 greedy tokens. Exits 1 when a number
@@ -32,7 +32,7 @@ PROMPTS = [
 ]
 GREEDY_TOKENS = 24
 # max |logit difference| relative to the logits' range, and the share of prompts whose top token must agree
-TOLERANCE = {"f16": (0.02, 1.0), "q8_0": (0.05, 0.8), "lora": (0.02, 1.0)}
+TOLERANCE = {"f32": (0.01, 1.0), "f16": (0.02, 1.0), "q8_0": (0.05, 0.8), "lora": (0.02, 1.0)}
 
 
 def _random_adapter(model, folder: Path) -> Path:
@@ -130,7 +130,7 @@ def main() -> int:
     lora = export_gguf_lora(model, adapter, out / "lora.gguf")
     write_gguf_model(model, tokenizer, out / "base-f16.gguf", tensor_type="f16")
     dt.load_adapter(model, adapter)
-    for kind in ("f16", "q8_0"):
+    for kind in ("f32", "f16", "q8_0"):
         write_gguf_model(model, tokenizer, out / f"merged-{kind}.gguf", tensor_type=kind)
         results[kind] = _compare(kind, _llama(out / f"merged-{kind}.gguf"), model, prompts)
     results["lora"] = _compare("lora", _llama(out / "base-f16.gguf", out / "lora.gguf"), model, prompts)
