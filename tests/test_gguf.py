@@ -138,3 +138,21 @@ def test_what_llama_cpp_cannot_take_is_refused(smollm2, tmp_path):
     with pytest.raises(GgufExportError, match="linear layers only"):
         export_gguf_lora(model, tmp_path / "embed", tmp_path / "embed.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli_export_writes_both_gguf_kinds(smollm2, tmp_path, capsys):
+    from deltatune.cli.main import main
+
+    model, _, _ = smollm2
+    dt.inject(
+        model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False), "a"
+    )
+    dt.save_adapter(model, tmp_path / "adapter", "a")
+    dt.eject(model, merge=False)
+    common = ["export", "--base", "smollm2", "--adapter", str(tmp_path / "adapter")]
+    assert main([*common, "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")]) == 0
+    assert main([*common, "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "30 modules, lora alpha 2" in out and "pre-tokenizer smollm" in out
+    assert _field(gguf.GGUFReader(tmp_path / "lora.gguf"), "adapter.type") == "lora"
+    assert _field(gguf.GGUFReader(tmp_path / "m.gguf"), "general.file_type") == 7
