@@ -52,7 +52,17 @@ def _tensors(reader) -> dict[str, np.ndarray]:
 
 def _field(reader, key):
     field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    if hasattr(field, "contents"):
+        return field.contents()
+    # gguf < 0.11 (requirements/oldest.txt) has no contents(): decode the raw parts the same way
+    values = [field.parts[i] for i in field.data]
+    if field.types[-1] == gguf.GGUFValueType.STRING:
+        values = [bytes(v).decode("utf-8") for v in values]
+    else:
+        values = [v.tolist()[0] for v in values]
+    return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
 
 
 def test_exported_base_reproduces_the_original_gguf(smollm2, base_export):

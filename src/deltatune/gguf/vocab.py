@@ -1,7 +1,9 @@
 """A transformers byte-level BPE tokenizer as GGUF's tokenizer.ggml.* keys.
 
-Tokens, in id order, and their kinds come from the tokenizer itself; merges, special token ids, the
-add-BOS/EOS flags and the chat template are read from its saved files by gguf's own SpecialVocab.
+Tokens in id order, their kinds, and the merges come from the tokenizer itself (merges are saved as "a b"
+strings or as [a, b] pairs depending on the tokenizers version; older gguf releases read only the first);
+special token ids, the add-BOS/EOS flags and the chat template are read from its saved files by gguf's own
+SpecialVocab.
 `tokenizer.ggml.pre` names the pre-tokenizer (the regex that splits text before BPE), which llama.cpp knows
 by name only: known tokenizers are listed by their hash (provenance.tokenizer_hash), any other gets
 "default" unless the caller names one, and the report says so, since llama.cpp may then split some texts
@@ -10,6 +12,7 @@ differently from transformers (token ids given directly are unaffected).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from typing import Any
 
@@ -29,6 +32,11 @@ def pre_tokenizer_for(tokenizer: Any, given: str | None) -> tuple[str, bool]:
         return given, True
     name = KNOWN_PRE_TOKENIZERS.get(tokenizer_hash(tokenizer))
     return (name, True) if name else ("default", False)
+
+
+def _merges(backend: Any) -> list[str]:
+    merges = json.loads(backend.to_str())["model"].get("merges") or []
+    return [merge if isinstance(merge, str) else " ".join(merge) for merge in merges]
 
 
 def add_vocabulary(writer: Any, tokenizer: Any, vocab_size: int, pre_tokenizer: str) -> None:
@@ -58,7 +66,10 @@ def add_vocabulary(writer: Any, tokenizer: Any, vocab_size: int, pre_tokenizer: 
     writer.add_token_types(kinds)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
-        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    writer.add_token_merges(_merges(backend))
+    if not special.chat_template and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template  # older gguf reads it only from tokenizer_config.json
     if "bos" not in special.add_special_token:  # say it either way: llama.cpp's default differs by vocab type
         probe = tokenizer("a")["input_ids"]
         special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
