@@ -99,6 +99,8 @@ def test_linear_equals_the_weighted_sum_of_deltas_over_the_union_of_targets(llam
     expected = _weighted_reference(model, [first, second], weights, sum)
     got = _result_deltas(model, tmp_path / "out")
     assert sorted(got) == sorted(expected)  # union: q (first only), v (both), down (second only)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]  # short names select exactly these
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **TOL)
     assert report.max_relative_error < 1e-5 and report.logits["max_abs_error"] < 1e-4
@@ -405,6 +407,8 @@ def test_cli_combine_convert_and_export(llama_sources, tmp_path, capsys):
     assert "ties, r=8" in capsys.readouterr().out
     record = json.loads((tmp_path / "c" / "deltatune.json").read_text())["derived_from"]
     assert record["parameters"]["weights"] == [1.0, 0.5] and record["parameters"]["density"] == 0.5
+    assert main(["inspect", str(tmp_path / "c")]) == 0
+    assert "derived from: ties of " in capsys.readouterr().out
     assert main(["convert", "--base", base, "--adapter", str(second), "--out", str(tmp_path / "p")]) == 0
     torch.testing.assert_close(_logits(model, tmp_path / "p"), _logits(model, second), **TOL)
     assert (
@@ -432,3 +436,12 @@ def test_dora_and_ia3_combine_with_lora_through_their_exact_deltas(llama_sources
     assert sorted(got) == sorted(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **TOL)
+
+
+def test_a_subset_of_layers_is_written_with_full_module_names(tmp_path):
+    model = build_llama()
+    source = _save(model, _lora(targets=("model.layers.1.self_attn.q_proj",)), tmp_path / "one")
+    convert_adapter(model, source, tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    torch.testing.assert_close(_logits(model, tmp_path / "plain"), _logits(model, source), **TOL)

@@ -32,6 +32,7 @@ from ..core.io import WEIGHTS_NAME, load_adapter, resolve_safetensors_adapter, s
 from ..core.layer import weights_follow
 from ..core.modes import eval_mode
 from ..core.quantized import is_quantized
+from ..core.targeting import name_matches
 from ..methods.lora import LoraConfig
 from .deltas import ModuleDelta, adapter_deltas, modules_to_save_state, weight_layout
 from .lowrank import Factors
@@ -98,12 +99,20 @@ def in_model_order(model: nn.Module, names: set[str]) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def target_list(model: nn.Module, names: set[str]) -> list[str]:
+    """The shortest PEFT `target_modules` list that selects exactly `names`: their last name parts
+    ("q_proj") when those select nothing else, else the full names."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+    selected = {n for n, _ in model.named_modules() if name_matches(n, suffixes)}
+    return suffixes if selected == names else in_model_order(model, names)
+
+
 def plain_lora_config(model: nn.Module, ranks: dict[str, int], like: AdapterConfig) -> LoraConfig:
     r = Counter(ranks.values()).most_common(1)[0][0]
     return LoraConfig(
         r=r,
         lora_alpha=r,
-        target_modules=in_model_order(model, set(ranks)),
+        target_modules=target_list(model, set(ranks)),
         rank_pattern={re.escape(name): rank for name, rank in ranks.items() if rank != r},
         task_type=like.task_type,
         base_model_name_or_path=like.base_model_name_or_path,

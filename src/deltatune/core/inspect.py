@@ -75,6 +75,22 @@ def describe_adapter(folder: Path) -> str:
             f"sweep: trial {sweep.get('trial')} of study {sweep.get('study')!r} ({sweep.get('storage')}), "
             f"params {json.dumps(sweep.get('params'))}; chosen as {sweep.get('rule')}"
         )
+    derived = record.get("derived_from")
+    if derived:  # made by `deltatune combine` / `convert`
+        sources = ", ".join(
+            f"{s.get('path')} ({str(s.get('sha256'))[:12]})" for s in derived.get("sources") or []
+        )
+        logits = derived.get("logits") or {}
+        lines.append(
+            f"derived from: {derived.get('method')} of {sources}; parameters {json.dumps(derived.get('parameters'))}; "
+            f"max relative truncation error {derived.get('max_relative_error', 0):.3g}"
+            + (
+                f"; max |logit error| {logits['max_abs_error']:.3g} against the exact update "
+                f"(which moves them by up to {logits['exact_max_abs_effect']:.3g})"
+                if logits
+                else ""
+            )
+        )
     if record.get("training_config"):
         lines.append("training config: " + json.dumps(record["training_config"], sort_keys=True))
     return "\n".join(lines)
