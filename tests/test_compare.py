@@ -234,3 +234,23 @@ def test_a_cache_budget_evicts_adapters_and_changes_no_cell(setup, report, monke
                 got["cells"][name][task],
                 {k: v for k, v in report["cells"][name][task].items() if k != "sample_answers"},
             )
+
+
+def test_a_combined_adapter_owns_the_tasks_of_its_sources(setup, tmp_path):
+    from deltatune.evaluate.compare_report import own_task
+    from deltatune.evaluate.transfer import Entry, load_tasks
+
+    tasks = load_tasks([("json", setup["json"]), ("word", setup["word"])])
+    for name in ("json", "word"):
+        (tmp_path / name).mkdir()
+        trained = dt.core.provenance.record(training_config=load_train_config(setup[name]).to_dict())
+        (tmp_path / name / "deltatune.json").write_text(json.dumps(trained))
+    (tmp_path / "both").mkdir()
+    sources = [
+        {"path": str(tmp_path / "json")},
+        {"path": str(tmp_path / "word")},
+        {"path": str(tmp_path / "gone")},
+    ]
+    combined = dt.core.provenance.record(derived_from={"method": "ties", "sources": sources})
+    (tmp_path / "both" / "deltatune.json").write_text(json.dumps(combined))
+    assert own_task(Entry("both", "adapter", tmp_path / "both"), tasks) == "json+word"

@@ -89,21 +89,30 @@ def _entry_record(entry: Entry) -> dict[str, Any]:
 def own_task(entry: Entry, tasks: list[Task]) -> str | None:
     """The task an adapter or a fine-tuned model folder was trained on: the one whose data section (file,
     format, templates) matches the training config in its deltatune.json. None for the base, and for folders
-    without one (written by PEFT, a merged export)."""
+    without one (written by PEFT, a merged export). An adapter made by `deltatune combine` owns the tasks of
+    its sources, joined by "+"."""
     if entry.kind == BASE:
         return None
+    return "+".join(_trained_tasks(Path(entry.path), tasks)) or None
+
+
+def _trained_tasks(folder: Path, tasks: list[Task], depth: int = 0) -> list[str]:
     from ..core.io import read_provenance
 
     try:
-        record = read_provenance(Path(entry.path)) or {}
+        record = read_provenance(folder) or {}
     except DeltatuneError:  # an unreadable record: the matrix is measured already, only this label is lost
-        return None
+        return []
+    sources = (record.get("derived_from") or {}).get("sources") or []
+    if sources and depth < 4:  # a combination of combinations is followed a few levels, never in a cycle
+        found = [name for s in sources for name in _trained_tasks(Path(str(s.get("path"))), tasks, depth + 1)]
+        return list(dict.fromkeys(found))
     trained = (record.get("training_config") or {}).get("data") or {}
     for task in tasks:
         data = task.config.data.model_dump()
         if trained and all(trained.get(k) == data.get(k) for k in _TASK_IDENTITY):
-            return task.name
-    return None
+            return [task.name]
+    return []
 
 
 def summarize(tasks: list[Task], entries: list[Entry], cells: Cells) -> dict[str, Any]:
@@ -129,7 +138,8 @@ def summarize(tasks: list[Task], entries: list[Entry], cells: Cells) -> dict[str
         if e.kind == BASE:
             continue
         own = own_task(e, tasks)
-        off = [gain[e.name][t.name] for t in tasks if t.name != own and gain[e.name][t.name] is not None]
+        mine = set(own.split("+")) if own else set()
+        off = [gain[e.name][t.name] for t in tasks if t.name not in mine and gain[e.name][t.name] is not None]
         reuse[e.name] = {"own_task": own, "mean_gain_off_task": sum(off) / len(off) if off else None,
                          "tasks_counted": len(off)}  # fmt: skip
     return {
