@@ -92,3 +92,57 @@ def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path, tiny_ca
     for key in want:
         assert got[key].abs().sum() > 0 or "lora_B" not in key
         assert (want[key] - got[key]).abs().max() < 1e-5, key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_with_gradient_checkpointing_matches_one_process(tmp_path, tiny_causal_lm, data):
+    """trl#4782: DDP with gradient checkpointing crashed with "mark a variable ready only once" (reentrant
+    checkpointing fires DDP's gradient hooks a second time in the recomputation). deltatune checkpoints
+    non-reentrantly (train.setup), so it trains and ends where one process with checkpointing and twice the
+    accumulation ends."""
+    single = make_config(tmp_path, tiny_causal_lm, data, "single", dropout=0.0, grad_accum=2,
+                         gradient_checkpointing=True)  # fmt: skip
+    assert run_train(single).returncode == 0
+    ddp = make_config(tmp_path, tiny_causal_lm, data, "ddp", dropout=0.0, gradient_checkpointing=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "deltatune"]  # fmt: skip
+    result = run_train(ddp, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    assert want.keys() == got.keys() and len(want) > 0
+    for key in want:
+        assert (want[key] - got[key]).abs().max() < 1e-5, key
+
+
+def test_two_nodes_on_localhost_match_one_process(tmp_path, tiny_causal_lm, data):
+    """Multi-node as on a cluster: two torchrun launches (`--nnodes 2 --node_rank 0|1`) meeting through the
+    c10d rendezvous, one process each, end where one process with twice the accumulation ends."""
+    single = make_config(tmp_path, tiny_causal_lm, data, "single", dropout=0.0, grad_accum=2)
+    assert run_train(single).returncode == 0
+    nodes = make_config(tmp_path, tiny_causal_lm, data, "nodes", dropout=0.0)
+    port = _free_port()
+    launches = []
+    for node_rank in (0, 1):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+            "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+            "--rdzv_id", "deltatune-test", "-m", "deltatune", "train", str(nodes),
+        ]  # fmt: skip
+        launches.append(
+            subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [p.communicate(timeout=300) for p in launches]
+    for process, (_, err) in zip(launches, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    assert sum(out.count("saved:") for out, _ in outputs) == 1  # the global rank 0 alone writes
+    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "nodes")
+    assert want.keys() == got.keys() and len(want) > 0
+    for key in want:
+        assert (want[key] - got[key]).abs().max() < 1e-5, key
