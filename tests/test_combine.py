@@ -409,7 +409,9 @@ def test_cli_combine_convert_and_export(llama_sources, tmp_path, capsys):
     assert record["parameters"]["weights"] == [1.0, 0.5] and record["parameters"]["density"] == 0.5
     assert main(["inspect", str(tmp_path / "c")]) == 0
     assert "derived from: ties of " in capsys.readouterr().out
-    assert main(["convert", "--base", base, "--adapter", str(second), "--out", str(tmp_path / "p")]) == 0
+    assert main(["convert", "--base", base, "--adapter", str(second), "--out", str(tmp_path / "p"),
+                 "--no-logit-check"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "p" / "deltatune.json").read_text())["derived_from"]["logits"] is None
     torch.testing.assert_close(_logits(model, tmp_path / "p"), _logits(model, second), **TOL)
     assert (
         main(["export", "--base", base, "--adapter", str(tmp_path / "p"), "--out", str(tmp_path / "m")]) == 0

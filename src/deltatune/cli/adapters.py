@@ -41,6 +41,15 @@ def _share(text: str) -> float:
     return value
 
 
+def _add_check_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-logit-check",
+        dest="check_logits",
+        action="store_false",
+        help="skip measuring the logits against the exact update (saves holding every module's exact ΔW)",
+    )
+
+
 def _add_size_flags(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--rank", type=positive_int, help="rank of the written LoRA (truncated SVD)")
@@ -70,7 +79,7 @@ def _combine(args: argparse.Namespace) -> int:
     report = combine_adapters(
         model, args.adapters, args.out, weights=args.weights, method=args.method, rank=args.rank,
         energy=args.energy, density=args.density, sign_rule=args.sign_rule, seed=args.seed,
-        tokenizer=tokenizer, allow_base_mismatch=args.allow_base_mismatch,
+        check_logits=args.check_logits, tokenizer=tokenizer, allow_base_mismatch=args.allow_base_mismatch,
     )  # fmt: skip
     return _print_report(report)
 
@@ -90,6 +99,7 @@ def _add_combine_parser(sub: Any) -> None:
     p.add_argument("--density", type=_share, default=0.5, help="ties / dare / magnitude_prune: share kept")
     p.add_argument("--sign-rule", choices=SIGN_RULES, default="total", help="ties / dare_ties sign election")
     p.add_argument("--seed", type=int, default=0, help="dare's random drop")
+    _add_check_flag(p)
     p.add_argument("--allow-base-mismatch", action="store_true")
     p.set_defaults(func=_combine)
 
@@ -100,7 +110,8 @@ def _convert(args: argparse.Namespace) -> int:
     model, tokenizer = _load_base(args.base)
     report = convert_adapter(
         model, args.adapter, args.out, rank=args.rank, energy=args.energy,
-        modules_to_save=args.modules_to_save, tokenizer=tokenizer, allow_base_mismatch=args.allow_base_mismatch,
+        modules_to_save=args.modules_to_save, check_logits=args.check_logits, tokenizer=tokenizer,
+        allow_base_mismatch=args.allow_base_mismatch,
     )  # fmt: skip
     return _print_report(report)
 
@@ -121,6 +132,7 @@ def _add_convert_parser(sub: Any) -> None:
         default="refuse",
         help="full trained module copies: refuse (vLLM-style engines reject them) or split into a side file",
     )
+    _add_check_flag(p)
     p.add_argument("--allow-base-mismatch", action="store_true")
     p.set_defaults(func=_convert)
 

@@ -53,6 +53,7 @@ def combine_adapters(
     sign_rule: str = "total",
     seed: int = 0,
     sample: Any = None,
+    check_logits: bool = True,
     tokenizer: Any = None,
     allow_base_mismatch: bool = False,
 ) -> CombineReport:
@@ -62,7 +63,8 @@ def combine_adapters(
     `cat` is exact at rank Σ r_i; the others are factored by truncated SVD at `rank` (default: the largest
     source rank) or at the smallest rank keeping `energy` of each module's squared singular values.
     `density` and `seed` are used by ties / dare / magnitude_prune only. The logit error against the exact
-    combination is measured on `sample` (input_ids or a dict of inputs; default random token ids).
+    combination is measured on `sample` (input_ids or a dict of inputs; default random token ids);
+    `check_logits=False` skips it, and with it holding every module's exact delta until the end.
     """
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(adapters) < 2:
@@ -90,7 +92,8 @@ def combine_adapters(
             [s.deltas.get(name) for s in sources], weights, method,
             density=density, sign_rule=sign_rule, generator=generator,
         )  # fmt: skip
-        exact_deltas[name] = combined
+        if check_logits:  # held for the check, dense for ties/dare: skip it to keep memory at one module
+            exact_deltas[name] = combined
         factors[name] = exact(combined) if method == "cat" else truncate(combined, rank, energy)
     parameters = {"weights": weights, "rank": rank, "energy": energy}
     if method in DENSITY_METHODS:
@@ -98,7 +101,8 @@ def combine_adapters(
     if method in ("ties", "dare_ties"):
         parameters["sign_rule"] = sign_rule
     return _finish(
-        model, sources, out, method, parameters, factors, exact_deltas, sample, tokenizer, None
+        model, sources, out, method, parameters, factors, exact_deltas if check_logits else None, sample,
+        tokenizer, None,
     )  # fmt: skip
 
 
@@ -111,6 +115,7 @@ def convert_adapter(
     energy: float | None = None,
     modules_to_save: str = "refuse",
     sample: Any = None,
+    check_logits: bool = True,
     tokenizer: Any = None,
     allow_base_mismatch: bool = False,
 ) -> CombineReport:
@@ -135,8 +140,8 @@ def convert_adapter(
         )
     factors = plain_factors(source, rank, energy)
     return _finish(
-        model, [source], out, "convert", {"rank": rank, "energy": energy}, factors, source.deltas,
-        sample, tokenizer, source.modules_to_save or None,
+        model, [source], out, "convert", {"rank": rank, "energy": energy}, factors,
+        source.deltas if check_logits else None, sample, tokenizer, source.modules_to_save or None,
     )  # fmt: skip
 
 
@@ -190,7 +195,7 @@ def _finish(
     method: str,
     parameters: dict[str, Any],
     factors: dict[str, Factors],
-    exact_deltas: dict[str, ModuleDelta],
+    exact_deltas: dict[str, ModuleDelta] | None,
     sample: Any,
     tokenizer: Any,
     side_state: dict[str, torch.Tensor] | None,
@@ -198,7 +203,7 @@ def _finish(
     """Put the result into the model, measure it, write it; the model is bare again afterwards."""
     config = inject_factors(model, factors, sources[0].config)
     try:
-        logits = logit_error(model, exact_deltas, sample)
+        logits = logit_error(model, exact_deltas, sample) if exact_deltas is not None else None
         report = CombineReport(
             path=Path(out), method=method, rank=config.r,
             ranks={n: f.rank for n, f in factors.items()},
