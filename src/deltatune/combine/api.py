@@ -86,13 +86,15 @@ def combine_adapters(
         rank = _default_rank(sources)
     generator = torch.Generator().manual_seed(seed)
     names = in_model_order(model, set().union(*(s.deltas for s in sources)))
-    exact_deltas, factors = {}, {}
+    # held for the logit check (dense for ties/dare); without it, memory stays at one module's delta
+    exact_deltas: dict[str, ModuleDelta] | None = {} if check_logits else None
+    factors = {}
     for name in names:
         combined = combine_module(
             [s.deltas.get(name) for s in sources], weights, method,
             density=density, sign_rule=sign_rule, generator=generator,
         )  # fmt: skip
-        if check_logits:  # held for the check, dense for ties/dare: skip it to keep memory at one module
+        if exact_deltas is not None:
             exact_deltas[name] = combined
         factors[name] = exact(combined) if method == "cat" else truncate(combined, rank, energy)
     parameters = {"weights": weights, "rank": rank, "energy": energy}
@@ -101,8 +103,7 @@ def combine_adapters(
     if method in ("ties", "dare_ties"):
         parameters["sign_rule"] = sign_rule
     return _finish(
-        model, sources, out, method, parameters, factors, exact_deltas if check_logits else None, sample,
-        tokenizer, None,
+        model, sources, out, method, parameters, factors, exact_deltas, sample, tokenizer, None
     )  # fmt: skip
 
 
