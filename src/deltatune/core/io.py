@@ -316,8 +316,10 @@ def _check_base_shape(model: nn.Module, record: dict, allow: bool, folder: Path)
     if allow or not isinstance(saved, dict):
         return
     problems = []
-    if saved.get("architecture") and saved["architecture"] != type(model).__name__:
-        problems.append(f"architecture {saved['architecture']} (adapter) vs {type(model).__name__} (model)")
+    if saved.get("architecture") and saved["architecture"] != provenance.architecture(model):
+        problems.append(
+            f"architecture {saved['architecture']} (adapter) vs {provenance.architecture(model)} (model)"
+        )
     names = dict(model.named_modules())
     targets = saved.get("targets") if isinstance(saved.get("targets"), dict) else {}
     absent = [name for name in targets if name not in names]

@@ -20,6 +20,18 @@ from .state import plain_state_dict
 SCHEMA_VERSION = 1
 
 
+def architecture(model: nn.Module) -> str:
+    """The model's class name. FSDP2's `fully_shard` swaps in a subclass named "FSDP<class>"; the architecture
+    is the class it wraps, so an adapter trained under FSDP loads into the plain model."""
+    import torch.distributed
+
+    if not torch.distributed.is_available():  # builds without distributed support have no FSDP
+        return type(model).__name__
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     """Identify the base model an adapter was (or is about to be) attached to."""
     plain = plain_state_dict(model)
@@ -29,7 +41,7 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any
     layers = [model.get_submodule(n) for n in names]
     digests = "".join(f"{n}:{layer.base_digest()}\n" for n, layer in zip(names, layers, strict=True))
     return {
-        "architecture": type(model).__name__,
+        "architecture": architecture(model),
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "num_parameters": sum(v.numel() for v in plain.values()),

@@ -20,8 +20,13 @@ from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, pr
 
 RESOLVED_CONFIG = "config.yaml"
 # May change between a run and its resumption without changing what is trained.
-# output_dir: a run folder that was moved resumes where it is now.
-RESUME_MUTABLE = {"training.max_steps", "training.progress", "training.log_every", "output_dir"}
+# output_dir: a run folder that was moved resumes where it is now. The rank layout (ddp or fsdp, and FSDP's
+# options) changes only how the same step is computed; grad_accum may change with the number of ranks as long
+# as each step takes the same examples, which the trainer checks against the checkpoint.
+RESUME_MUTABLE = {
+    "training.max_steps", "training.progress", "training.log_every", "output_dir", "training.grad_accum",
+    "training.distributed", "training.fsdp.reshard_after_forward", "training.fsdp.cpu_offload",
+}  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:

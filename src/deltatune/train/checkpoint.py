@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,23 +87,26 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     root: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
+    """Write checkpoint `step` from full (unsharded) tensors: the trainable weights by parameter name and the
+    optimizer state as `Optimizer.state_dict()` lays it out."""
     final = root / f"{PREFIX}{step:08d}"
     with staged_folder(final, whole=True) as staging:
-        optim_tensors, optim_skeleton = _flatten_optimizer(optimizer.state_dict())
+        optim_tensors, optim_skeleton = _flatten_optimizer(optimizer_state)
         rng_tensors, python_rng = rng_state()
-        save_file(trainable_tensors(model), staging / "trainable.safetensors")
+        weights = {n: t.detach().to("cpu").contiguous() for n, t in trainable.items()}
+        save_file(weights, staging / "trainable.safetensors")
         fault_point("checkpoint", step)  # after one file, before the rest: the worst moment to die
         save_file({**optim_tensors, **rng_tensors}, staging / "state.safetensors")
         meta = {
             "step": step,
             "optimizer": optim_skeleton,
-            "scheduler": scheduler.state_dict(),
+            "scheduler": scheduler_state,
             "python_rng": python_rng,
             "trainer": trainer_state,
             "sha256": {f: sha256_file(staging / f) for f in ("trainable.safetensors", "state.safetensors")},
@@ -126,10 +130,22 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore everything in place; returns the trainer state (step, data position, best metric, ...)."""
+@dataclass
+class Checkpoint:
+    """A checkpoint as full tensors, whatever number of ranks wrote it."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    trainer_state: dict[str, Any]  # step, data position, best metric, ...
+    rng: tuple[dict[str, torch.Tensor], list[Any]]
+
+    def restore_rng(self) -> None:
+        restore_rng(*self.rng)
+
+
+def read_checkpoint(folder: Path, trainable: set[str]) -> Checkpoint:
+    """Read and verify a checkpoint (hashes, and that it holds exactly the `trainable` parameter names)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -140,19 +156,26 @@ def load_checkpoint(
         if sha256_file(folder / name) != digest:
             raise CheckpointError(f"{folder / name} does not match its recorded sha256; the file is corrupt")
     weights = load_file(folder / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != trainable:
         diff = sorted(set(weights) ^ trainable)[:5]
         raise CheckpointError(
             f"{folder} was written for a different set of trainable parameters (differing: {diff}); "
             "resume with the same config the run started with"
         )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
     state = load_file(folder / "state.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizer"]))
-    scheduler.load_state_dict(meta["scheduler"])
-    restore_rng(state, meta["python_rng"])
-    return meta["trainer"]
+    return Checkpoint(
+        weights=weights,
+        optimizer_state=_unflatten_optimizer(state, meta["optimizer"]),
+        scheduler_state=meta["scheduler"],
+        trainer_state=meta["trainer"],
+        rng=(state, meta["python_rng"]),
+    )
+
+
+def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Copy a checkpoint's weights and optimizer state into an unsharded model (one process, or DDP)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in checkpoint.weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(checkpoint.optimizer_state)

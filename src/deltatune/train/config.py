@@ -85,6 +85,15 @@ class OptimSpec(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
 
 
+class FsdpSpec(Section):
+    """FSDP2 options (training.distributed: fsdp): each decoder block is one shard unit."""
+
+    # True: free each block's gathered weights after its forward and gather again for backward (least memory);
+    # False: keep them until backward (one all-gather less per block, more memory).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # keep the shards (and optimizer state) in CPU memory; for GPUs short of memory
+
+
 class TrainingSpec(Section):
     max_steps: int = Field(gt=0)
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
@@ -99,6 +108,10 @@ class TrainingSpec(Section):
     log_every: int = Field(10, gt=0)
     progress: bool = True
     device: str = "auto"  # auto: cuda (this rank's GPU) when available, else cpu
+    # Under torchrun: ddp keeps the whole model on every rank; fsdp shards it (FSDP2 `fully_shard`) so a model
+    # that fits no single device trains. A single process ignores it.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec)
 
 
 class ForgettingSpec(Section):
@@ -156,6 +169,13 @@ class TrainConfig(Section):
             raise ValueError(
                 "quantization needs a frozen base: adapter.method=full would train the quantized weights. "
                 "Pick an adapter method (e.g. lora) or remove the quantization section."
+            )
+        if self.quantization is not None and self.training.distributed == "fsdp":
+            raise ValueError(
+                "quantization with training.distributed=fsdp: FSDP shards each weight as a plain tensor, and a "
+                "bitsandbytes 4/8-bit weight keeps its quantization state beside its packed bytes, which a shard "
+                "cannot carry. Train the quantized base with distributed: ddp (every rank holds the small "
+                "quantized base) or drop the quantization section to shard the float base."
             )
         if self.adapter.method == "prefix_tuning" and self.training.gradient_checkpointing:
             raise ValueError(

@@ -19,6 +19,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this process group was created by init_distributed (and is destroyed by shutdown)
 
     @property
     def enabled(self) -> bool:
@@ -30,12 +31,14 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Join the process group when launched by torchrun; a plain single process otherwise."""
+    """Join the process group when launched by torchrun; a plain single process otherwise. A group the caller
+    already set up is used as it is, and left to the caller."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Dist()
-    info = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    info = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")), owns)
+    if owns:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
@@ -74,5 +77,5 @@ def barrier(info: Dist) -> None:
 
 
 def shutdown(info: Dist) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()

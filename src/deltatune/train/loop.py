@@ -28,9 +28,11 @@ from .checkpoint import (
     CheckpointError,
     fault_point,
     list_checkpoints,
-    load_checkpoint,
+    load_into,
+    read_checkpoint,
     remove_stale_staging,
     save_checkpoint,
+    trainable_tensors,
 )
 from .config import FULL_FINE_TUNING, TrainConfig
 from .distributed import Dist, all_mean, barrier, wrap_model
@@ -138,7 +140,14 @@ class Trainer:
         self.adapter_config = adapter_config
         self.model = model.to(device)
         self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sharded = info.enabled and cfg.training.distributed == "fsdp"
+        if self.sharded:  # before the optimizer: sharding replaces the parameters by their shards
+            from .fsdp import shard_model
+
+            shard_model(self.model, cfg.training.fsdp, device, cfg.training.precision)
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in trainable]
+        self.params = [p for _, p in trainable]
         if not self.params:
             raise DeltatuneError("nothing to train: no parameter requires grad after preparing the model")
         self.optimizer = build_optimizer(cfg, self.params)
@@ -193,9 +202,7 @@ class Trainer:
                 [self.splits.train[i] for i in idx], self.tokenizer.pad_token_id, self.classification
             )
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            last = a == accum - 1
-            sync = contextlib.nullcontext() if last or not self.info.enabled else model.no_sync()
-            with sync:
+            with self._gradient_sync(model, last=a == accum - 1):
                 with self.autocast():
                     loss_sum, count, _ = task_loss(model, batch, self.classification)
                 loss = loss_sum / max(count, 1)
@@ -213,6 +220,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), tokens * self.info.world_size
+
+    def _gradient_sync(self, model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
+        """Ranks reduce gradients only on the last micro-batch of a step; before it they accumulate locally."""
+        if self.sharded:
+            model.set_requires_gradient_sync(last)
+        elif self.info.enabled and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def _non_finite_message(self, step: int, value: float) -> str:
         ckpts = list_checkpoints(self.out / "checkpoints")
@@ -238,20 +253,33 @@ class Trainer:
         return metrics
 
     def _save_weights(self, step: int, metrics: dict[str, float]) -> None:
-        if self.info.is_main:
-            record = {"step": step, **metrics}
-            if self.adapter_config is None:
-                self._save_full_model(record)
-            else:
-                save_adapter(
-                    self.model,
-                    self.saved_to,
-                    tokenizer=self.tokenizer,
-                    training_config=self.cfg.to_dict(),
-                    metrics=record,
-                    data_sha256=self.splits.data_sha256,
-                )
+        with self._whole_trainables():
+            if self.info.is_main:
+                record = {"step": step, **metrics}
+                if self.adapter_config is None:
+                    self._save_full_model(record)
+                else:
+                    save_adapter(
+                        self.model,
+                        self.saved_to,
+                        tokenizer=self.tokenizer,
+                        training_config=self.cfg.to_dict(),
+                        metrics=record,
+                        data_sha256=self.splits.data_sha256,
+                    )
         barrier(self.info)
+
+    @contextlib.contextmanager
+    def _whole_trainables(self):
+        """Under FSDP, the trainable weights gathered whole into rank 0's model for the duration (a collective:
+        every rank enters); otherwise nothing to do."""
+        if not self.sharded:
+            yield
+            return
+        from .fsdp import gather_weights, whole_parameters
+
+        with whole_parameters(self.model, gather_weights(self.model, self.param_names)):
+            yield
 
     def _save_full_model(self, metrics: dict[str, Any]) -> None:
         with staged_folder(self.saved_to) as staging:
@@ -264,15 +292,28 @@ class Trainer:
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     def _checkpoint(self, step: int, state: RunState) -> None:
+        if self.sharded:  # a collective: every rank takes part, rank 0 receives the full tensors
+            from .fsdp import gather_optimizer_state, gather_weights
+
+            weights = gather_weights(self.model, self.param_names)
+            optimizer_state = gather_optimizer_state(self.model, self.optimizer, self.param_names)
+        elif self.info.is_main:
+            weights, optimizer_state = trainable_tensors(self.model), self.optimizer.state_dict()
         if self.info.is_main:
+            t = self.cfg.training
+            layout = {
+                "world_size": self.info.world_size,
+                "grad_accum": t.grad_accum,
+                "batch_size": t.batch_size,
+            }
             save_checkpoint(
                 self.out / "checkpoints",
                 step,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                {**state.to_dict(), "scaler": self.scaler.state_dict()},
-                self.cfg.training.keep_checkpoints,
+                weights,
+                optimizer_state,
+                self.scheduler.state_dict(),
+                {**state.to_dict(), "scaler": self.scaler.state_dict(), "layout": layout},
+                t.keep_checkpoints,
             )
         barrier(self.info)
 
@@ -283,16 +324,48 @@ class Trainer:
             raise CheckpointError(
                 f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume"
             )
-        saved = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+        checkpoint = read_checkpoint(ckpts[-1], set(self.param_names))
+        saved = checkpoint.trainer_state
+        self._check_same_batch(ckpts[-1], saved.pop("layout", None))
+        if self.sharded:
+            from .fsdp import load_trainable
+
+            load_trainable(
+                self.model, self.optimizer, self.param_names, checkpoint.weights, checkpoint.optimizer_state
+            )
+        else:
+            load_into(self.model, self.optimizer, checkpoint)
+        self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self.scaler.load_state_dict(saved.pop("scaler"))
+        checkpoint.restore_rng()
         return RunState(**saved)
+
+    def _check_same_batch(self, folder: Path, layout: dict[str, int] | None) -> None:
+        """A run may resume on another number of ranks if each step still consumes the same examples:
+        ranks x grad_accum x batch_size must not change (the batch order depends on that product alone)."""
+        if layout is None:  # written before the layout was recorded
+            return
+        t, world = self.cfg.training, self.info.world_size
+        before = layout["world_size"] * layout["grad_accum"] * layout["batch_size"]
+        if world * t.grad_accum * t.batch_size == before:
+            return
+        fix = (
+            f"resume with training.grad_accum={before // (world * t.batch_size)}"
+            if before % (world * t.batch_size) == 0
+            else f"resume on a number of ranks that divides {before // t.batch_size}"
+        )
+        raise CheckpointError(
+            f"{folder} was written by {layout['world_size']} rank(s) x grad_accum {layout['grad_accum']} x "
+            f"batch_size {layout['batch_size']} = {before} examples per step; {world} rank(s) x grad_accum "
+            f"{t.grad_accum} would take {world * t.grad_accum * t.batch_size}, a different run. {fix}"
+        )
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
         t = self.cfg.training
         state = self._restore() if resume else RunState()
         self.log.truncate_after(state.step)
-        model = wrap_model(self.model, self.info, self.device)
+        model = self.model if self.sharded else wrap_model(self.model, self.info, self.device)
         bar = progress_bar(t.max_steps, state.step, t.progress and self.info.is_main)
         every, started, step_times = self.cfg.eval.every, time.perf_counter(), []
         while state.step < t.max_steps and not state.stopped_early:
