@@ -19,7 +19,9 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owns_group: bool = False  # this process group was created by init_distributed (and is destroyed by shutdown)
+    owns_group: bool = (
+        False  # this process group was created by init_distributed (and is destroyed by shutdown)
+    )
 
     @property
     def enabled(self) -> bool:

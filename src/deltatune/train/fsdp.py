@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..core.adapters import all_wrappers
@@ -51,20 +53,42 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """What is sharded as its own unit before the root: the decoder blocks, and the input and output embeddings
+    when they are separate weights (each is as large as a block or larger; left to the root they would stay
+    gathered for the whole forward). Left to the root: tied embeddings (one weight, which only the root can
+    hold) and an embedding inside an adapter wrapper (prompt tuning, LoRA on embeddings), whose forward reads
+    the weight without calling the embedding module, so a unit of its own would never be gathered."""
+    units = decoder_blocks(model)
+    embeddings = [_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")]
+    weights = [getattr(e, "weight", None) for e in embeddings]
+    if any(w is None for w in weights) or weights[0] is weights[1]:
+        return units
+    wrapped = {id(m) for _, wrapper in all_wrappers(model) for m in wrapper.modules()}
+    return units + [e for e in embeddings if id(e) not in wrapped]
+
+
+def _call(model: nn.Module, getter: str) -> nn.Module | None:
+    get = getattr(model, getter, None)
+    return get() if callable(get) else None
+
+
 def shard_model(model: nn.Module, spec: FsdpSpec, device: torch.device, precision: str) -> nn.Module:
-    """Shard `model` in place (it is on `device`): each decoder block, then the root for the rest (embeddings,
-    head, virtual tokens). On CUDA, bf16/fp16 precision becomes FSDP's mixed-precision policy (gradients are
-    reduced in fp32); on CPU autocast alone does it."""
+    """Shard `model` in place, each unit of `shard_units` and then the root for the rest; the shards land on
+    `device` unit by unit, so it never holds the whole model (call it before moving the model). On CUDA,
+    bf16/fp16 precision becomes FSDP's mixed-precision policy (gradients reduced in fp32); on CPU autocast
+    alone does it."""
     _fingerprint_before_sharding(model)
-    options: dict[str, Any] = {"reshard_after_forward": spec.reshard_after_forward}
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": spec.reshard_after_forward}
     if spec.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     if device.type == "cuda" and precision in MIXED_PRECISION:
         options["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=MIXED_PRECISION[precision], reduce_dtype=torch.float32
         )
-    for block in decoder_blocks(model):
-        fully_shard(block, **options)
+    for unit in shard_units(model):
+        fully_shard(unit, **options)
     fully_shard(model, **options)
     return model
 

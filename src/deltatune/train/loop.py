@@ -138,13 +138,13 @@ class Trainer:
         """`adapter_config`: the adapter being trained, as injected; None for full fine-tuning."""
         self.cfg, self.tokenizer, self.splits, self.info, self.device = cfg, tokenizer, splits, info, device
         self.adapter_config = adapter_config
+        self.sharded = info.enabled and cfg.training.distributed == "fsdp"
+        if self.sharded:  # before the optimizer (sharding replaces the parameters by their shards) and before
+            from .fsdp import shard_model  # moving the model: the device receives shards, never the whole
+
+            shard_model(model, cfg.training.fsdp, device, cfg.training.precision)
         self.model = model.to(device)
         self.model.train()
-        self.sharded = info.enabled and cfg.training.distributed == "fsdp"
-        if self.sharded:  # before the optimizer: sharding replaces the parameters by their shards
-            from .fsdp import shard_model
-
-            shard_model(self.model, cfg.training.fsdp, device, cfg.training.precision)
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in trainable]
         self.params = [p for _, p in trainable]
