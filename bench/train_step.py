@@ -5,6 +5,9 @@ full fine-tuning, on the SmolLM2-135M shape (random init), batch 4 x 128. Ratios
     python bench/train_step.py train --dtype bf16 --reps 7
     python bench/train_step.py memory
     python bench/train_step.py inference --reps 9
+
+`--device cuda` runs any of them on a GPU (bench/gpu.sh): steps are timed to the end of the GPU's work, and
+memory is `torch.cuda.max_memory_allocated` instead of the resident set.
 """
 
 from __future__ import annotations
@@ -29,28 +32,40 @@ def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     model.train()
+    device = inputs["input_ids"].device
 
     def step() -> None:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-        with ctx:
+        bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
+        with bf16 if dtype == "bf16" else contextlib.nullcontext():
             loss = model(**inputs).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
 
     return step
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a timer around a step measures the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on(device: str, inputs: dict) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def run_train(args) -> None:
-    base = base_model()
-    inputs = batch()
+    base = base_model().to(args.device)
+    inputs = on(args.device, batch())
     fns = {name: train_step_fn(make_variant(name, base), inputs, args.dtype) for name in args.variants}
     times = interleaved(fns, args.reps)
     floor = median(times["floor"])
     print(
         f"## training step, {args.dtype}, batch 4x128, {args.reps} interleaved reps, torch threads "
-        f"{torch.get_num_threads()}"
+        f"{torch.get_num_threads()}, {args.device}"
     )
     print("| variant | median s | x floor |")
     print("|---|---|---|")
@@ -62,17 +77,25 @@ def run_train(args) -> None:
             print(f"\ndeltatune / PEFT, {setting}: {ratio:.3f}")
 
 
+def peak_mib(device: str) -> float:
+    """The peak so far: the resident set on the CPU, allocated memory on a GPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_memory_one(args) -> None:
-    base = base_model()
+    base = base_model().to(args.device)
     model = make_variant(args.variant, base)
     del base
-    step = train_step_fn(model, batch(), args.dtype)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = train_step_fn(model, on(args.device, batch()), args.dtype)
+    before = peak_mib(args.device)
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
-        json.dumps({"variant": args.variant, "peak_rss_mib": peak / 1024, "before_steps_mib": before / 1024})
+        json.dumps(
+            {"variant": args.variant, "peak_rss_mib": peak_mib(args.device), "before_steps_mib": before}
+        )
     )
 
 
@@ -80,12 +103,16 @@ def run_memory(args) -> None:
     rows = []
     for variant in args.variants:
         out = subprocess.run(
-            [sys.executable, __file__, "memory-one", "--variant", variant, "--dtype", args.dtype],
+            [sys.executable, __file__, "memory-one", "--variant", variant, "--dtype", args.dtype,
+             "--device", args.device],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     floor = next(r for r in rows if r["variant"] == "floor")["peak_rss_mib"]
-    print(f"## peak RSS over 3 training steps, {args.dtype}, batch 4x128, fresh process per variant")
+    what = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    print(
+        f"## {what} over 3 training steps, {args.dtype}, batch 4x128, fresh process per variant, {args.device}"
+    )
     print("| variant | peak RSS MiB | x floor | RSS after build MiB | step peak - build MiB |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -97,8 +124,8 @@ def run_memory(args) -> None:
 
 
 def run_inference(args) -> None:
-    base = base_model()
-    inputs = {"input_ids": batch()["input_ids"]}
+    base = base_model().to(args.device)
+    inputs = {"input_ids": batch()["input_ids"].to(args.device)}
     variants = ["base", "dt:all-r16", "dt-merged:all-r16", "peft:all-r16", "peft-merged:all-r16"]
     models = {}
     for name in variants:
@@ -111,11 +138,11 @@ def run_inference(args) -> None:
     fns = {}
     for name, model in models.items():
         model.eval()
-        fns[name] = (lambda m: lambda: m(**inputs))(model)
+        fns[name] = (lambda m: lambda: (m(**inputs), synchronize(inputs["input_ids"].device)))(model)
     with torch.inference_mode():
         times = interleaved(fns, args.reps)
     reference = median(times["base"])
-    print(f"## inference forward, fp32, batch 4x128, {args.reps} interleaved reps")
+    print(f"## inference forward, fp32, batch 4x128, {args.reps} interleaved reps, {args.device}")
     print("| variant | median s | x base |")
     print("|---|---|---|")
     for name in variants:
@@ -133,6 +160,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--variants", nargs="+", default=TRAIN_VARIANTS)
     parser.add_argument("--variant")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = parser.parse_args()
     {"train": run_train, "memory": run_memory, "memory-one": run_memory_one, "inference": run_inference}[
         args.what

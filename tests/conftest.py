@@ -3,6 +3,7 @@ LoRA variants the contract suite runs over. Everything is seeded, so failures re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -239,6 +240,28 @@ def _bottleneck_config(case: Case, variant: str, identity: bool, **overrides):
 @pytest.fixture(params=list(CASES))
 def case(request) -> Case:
     return CASES[request.param]
+
+
+# Device-dependent tests take `device`: the CPU always, and CUDA on a machine with a GPU, where
+# `pytest -k cuda` runs just those. Without one the CUDA cases are not generated at all (hundreds of skips
+# would hide the few that mean something).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def on_device(case: Case, device: torch.device) -> Case:
+    """The same family with its model built on `device` and its inputs moved there."""
+    if device.type == "cpu":
+        return case
+    return dataclasses.replace(
+        case,
+        build=lambda: case.build().to(device),
+        inputs=lambda: {k: v.to(device) for k, v in case.inputs().items()},
+    )
 
 
 @pytest.fixture(params=list(VARIANTS))

@@ -17,12 +17,19 @@ from conftest import (
     VIRTUAL_TOKEN_VARIANTS,
     lora_config,
     method_config,
+    on_device,
 )
 
 import deltatune as dt
 from deltatune.core.capabilities import Capability, capability_refusal
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+@pytest.fixture
+def case(case, device):
+    """The contract holds on every device: each family on the CPU, and on CUDA where there is one."""
+    return on_device(case, device)
 
 
 def test_every_registered_method_has_contract_configs():

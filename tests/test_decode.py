@@ -44,10 +44,10 @@ def _drive(batch: DecodeBatch, arrivals: dict[int, list[tuple]]) -> dict[int, li
 
 
 @pytest.mark.parametrize("build", [build_llama, build_gpt2], ids=["llama", "gpt2"])
-def test_rows_joining_a_running_batch_equal_each_row_alone(build):
+def test_rows_joining_a_running_batch_equal_each_row_alone(build, device):
     adapters = ADAPTERS if build is build_llama else {"a": (2, ["c_attn"]), "b": (4, ["c_attn", "c_fc"])}
     rows = ROWS if build is build_llama else ["a", None, "b", "a", "b", None]
-    model = _with_adapters(build, adapters)
+    model = _with_adapters(build, adapters).to(device)
     prompts, limits = _prompts(), [6, 9, 3, 8, 5, 7]
     jobs = list(zip(prompts, rows, limits, strict=True))
     # two rows at first, one after 2 steps, three more after 4 (while the 3-token row has already left)

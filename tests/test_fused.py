@@ -12,7 +12,7 @@ import deltatune as dt
 from deltatune.methods.lora.fused import FusedLoraLinear
 
 
-def _pair(bias: bool, conv1d: bool, dropout: float = 0.0, dtype=torch.float64):
+def _pair(bias: bool, conv1d: bool, dropout: float = 0.0, dtype=torch.float64, device="cpu"):
     torch.manual_seed(0)
     if conv1d:
         from transformers.pytorch_utils import Conv1D
@@ -20,7 +20,7 @@ def _pair(bias: bool, conv1d: bool, dropout: float = 0.0, dtype=torch.float64):
         base = Conv1D(12, 10)
     else:
         base = nn.Linear(10, 12, bias=bias)
-    base = base.to(dtype)
+    base = base.to(dtype=dtype, device=device)
     layers = []
     for _ in range(2):
         model = nn.Sequential(copy.deepcopy(base))
@@ -37,18 +37,18 @@ def _pair(bias: bool, conv1d: bool, dropout: float = 0.0, dtype=torch.float64):
 
 @pytest.mark.parametrize("bias,conv1d", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_matches_plain_autograd(bias, conv1d, dropout):
-    fused, plain = _pair(bias, conv1d, dropout)
+def test_fused_matches_plain_autograd(bias, conv1d, dropout, device):
+    fused, plain = _pair(bias, conv1d, dropout, device=device)
     plain._fusable = lambda active, x: False  # force the unfused path on the reference copy
-    assert fused._fusable(fused.active_adapters, torch.ones(1, 10))
-    x = torch.randn(2, 5, 10, dtype=torch.float64)
+    assert fused._fusable(fused.active_adapters, torch.ones(1, 10, device=device))
+    x = torch.randn(2, 5, 10, dtype=torch.float64, device=device)
     outs, grads = [], []
     for layer in (fused, plain):
         layer.train()
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(7)  # same dropout mask
         y = layer(xi)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=device).view_as(y)).sum().backward()
         outs.append(y.detach())
         grads.append([xi.grad] + [p.grad for p in layer.adapter_parameters("default")])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-12)
@@ -67,13 +67,13 @@ def test_fused_gradcheck():
     )
 
 
-def test_fused_under_bf16_autocast_matches_plain():
-    fused, plain = _pair(True, False, dtype=torch.float32)
+def test_fused_under_bf16_autocast_matches_plain(device):
+    fused, plain = _pair(True, False, dtype=torch.float32, device=device)
     plain._fusable = lambda active, x: False
-    x = torch.randn(4, 10)
+    x = torch.randn(4, 10, device=device)
     results = []
     for layer in (fused, plain):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             y = layer(x)
         y.float().pow(2).sum().backward()
         results.append((y, layer.lora_A["default"].weight.grad))

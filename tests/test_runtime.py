@@ -47,13 +47,13 @@ def _single(model, ids, name):
 
 
 @pytest.mark.parametrize("build", [build_llama, build_gpt2], ids=["llama", "gpt2-conv1d"])
-def test_mixed_batch_equals_each_row_alone(build):
+def test_mixed_batch_equals_each_row_alone(build, device):
     adapters = (
         ADAPTERS if build is build_llama else {"a": (2, ["c_attn"]), "b": (4, ["c_attn", "c_fc", "c_proj"])}
     )
     rows = ROWS if build is build_llama else ["a", None, "b", "a"]
-    model = _with_adapters(build, adapters)
-    ids = torch.randint(0, 96, (len(rows), 7), generator=torch.Generator().manual_seed(3))
+    model = _with_adapters(build, adapters).to(device)
+    ids = torch.randint(0, 96, (len(rows), 7), generator=torch.Generator().manual_seed(3)).to(device)
     with torch.no_grad(), mixed_adapters(model, rows):
         mixed = model(ids).logits
     base = _single(model, ids, None)
@@ -129,10 +129,10 @@ def _prompts():
     return [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 7, 5, 1, 6, 4)]
 
 
-def test_generate_mixed_rows_equal_each_row_alone(continuous):
+def test_generate_mixed_rows_equal_each_row_alone(continuous, device):
     """Left padding (prompts of 1-7 tokens), KV cache, per-row max_new_tokens: each row's greedy tokens are
     those of the row generated alone, unpadded, with its adapter active."""
-    model = _with_adapters()
+    model = _with_adapters().to(device)
     prompts, limits = _prompts(), [6, 8, 8, 8, 3, 5]
     mixed = generate(
         model, prompts, ROWS, max_new_tokens=limits, pad_token_id=0, eos_token_id=None, continuous=continuous

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES
 from serve_helpers import AUTH, running_server
 
 import deltatune as dt
@@ -49,10 +50,12 @@ def adapters_dir(tiny_causal_lm, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(tiny_causal_lm, adapters_dir):
+@pytest.fixture(scope="module", params=DEVICES)
+def server(tiny_causal_lm, adapters_dir, request):
+    """The server on each device (`--device`); its answers must equal the CPU reference below."""
     options = [
         "--max-tokens", "8", "--max-prompt-tokens", "32", "--max-request-bytes", "4096", "--batch-window-ms", "100",
+        "--device", request.param,
     ]  # fmt: skip
     with (
         running_server(tiny_causal_lm, adapters_dir, *options) as (_, url),

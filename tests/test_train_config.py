@@ -103,3 +103,17 @@ def test_adapter_section_is_validated_by_the_method(tmp_path, tiny_causal_lm):
     raw["adapter"]["r"] = 0
     with pytest.raises(ConfigError, match="adapter section"):
         build_adapter_config(validate_config(raw).adapter, "causal_lm", model)
+
+
+def test_precision_auto_is_bf16_on_a_gpu_that_supports_it_and_fp32_elsewhere(monkeypatch):
+    import torch
+
+    from deltatune.train.config import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == "bf16"
+    assert resolve_precision("fp16", cuda) == "fp16" and resolve_precision("fp32", cuda) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
+    assert resolve_precision("auto", cuda) == "fp32"

@@ -180,6 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits,
         preload=args.preload,
         allow_base_mismatch=args.allow_base_mismatch,
+        device=args.device,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print("deltatune serve: warning: listening beyond loopback without an API key", file=sys.stderr)
@@ -376,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout-s", type=float, default=300, help="a request not answered by then gets a 504"
     )
     p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
+    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda, cuda:N")
     _add_allow_base_mismatch(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)

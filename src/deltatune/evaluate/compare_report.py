@@ -34,7 +34,8 @@ def compare(
     """Evaluate the base (unless `with_base` is False), each adapter (`NAME=FOLDER` or a folder) and each model
     folder on each task (`NAME=CONFIG.yaml` or a config); returns the report and writes it to `out`.
     `cache_mb` bounds the memory of loaded adapters (None: all stay loaded)."""
-    from .latency import hardware, resolve_device
+    from ..core.devices import resolve_device
+    from .latency import hardware
 
     loaded = load_tasks(parse_named(list(tasks), "task"))
     entries = [Entry(BASE, BASE)] if with_base else []

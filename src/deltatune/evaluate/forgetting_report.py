@@ -67,9 +67,10 @@ def measure_forgetting(
     writes it to the folder `out` when given."""
     from transformers import AutoModelForCausalLM
 
+    from ..core.devices import resolve_device
     from ..core.io import WEIGHTS_NAME, load_adapter, resolve_safetensors_adapter
     from ..models.loading import load_pretrained, load_tokenizer_from
-    from .latency import hardware, resolve_device
+    from .latency import hardware
 
     if (adapter is None) == (model is None):
         raise ValueError("give exactly one of an adapter folder (--adapter) or a fine-tuned model (--model)")

@@ -191,15 +191,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when torch sees it, else the CPU; a CUDA device asked for without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
 def hardware(device: torch.device) -> dict[str, Any]:
     """Where the numbers were measured: CPU model and cores, torch threads, GPU name."""
     info: dict[str, Any] = {

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..core import provenance
+from ..core.devices import resolve_device
 from ..core.hashing import sha256_file
 from .latency import (
     LatencySettings,
@@ -16,7 +17,6 @@ from .latency import (
     build_variants,
     hardware,
     measure,
-    resolve_device,
     summarize,
 )  # fmt: skip
 from .report_folder import write_report_folder

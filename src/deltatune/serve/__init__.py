@@ -25,11 +25,14 @@ def build_server(
     limits: Limits | None = None,
     preload: list[str] | None = None,
     allow_base_mismatch: bool = False,
+    device: str = "auto",
 ) -> tuple[Any, Engine]:
-    """Load the base model and tokenizer, and return (FastAPI app, engine)."""
+    """Load the base model and tokenizer, and return (FastAPI app, engine). `device`: auto (a GPU when torch
+    sees one), cpu, cuda, cuda:N; adapters load onto it, and every batch runs there."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..core.devices import resolve_device
     from ..models.loading import load_pretrained, load_tokenizer_from
     from ..runtime import AdapterCache
 
@@ -37,7 +40,8 @@ def build_server(
     if not directory.is_dir():
         raise FileNotFoundError(f"adapters directory {directory} does not exist; create it or pass another")
     tokenizer = load_tokenizer_from(base)
-    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
+    where = resolve_device(device)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).to(where).eval()
     cache = AdapterCache(
         model,
         directory,

@@ -17,6 +17,19 @@ class ConfigError(DeltatuneError, ValueError):
     """The training config is malformed: unknown key, wrong type or value, bad override."""
 
 
+def resolve_precision(precision: str, device: Any) -> str:
+    """`training.precision` as it runs on `device` (a torch.device): "auto" is bf16 on a CUDA device that
+    supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+    return "fp32"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -98,7 +111,8 @@ class TrainingSpec(Section):
     max_steps: int = Field(gt=0)
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     grad_accum: int = Field(1, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 autocast on a GPU that supports bf16, fp32 otherwise.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     # 0: off. N: batch the examples of each N consecutive steps by length (less padding, same examples).
     length_grouping_steps: int = Field(0, ge=0)

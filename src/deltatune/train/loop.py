@@ -34,7 +34,7 @@ from .checkpoint import (
     save_checkpoint,
     trainable_tensors,
 )
-from .config import FULL_FINE_TUNING, TrainConfig
+from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
@@ -138,11 +138,12 @@ class Trainer:
         """`adapter_config`: the adapter being trained, as injected; None for full fine-tuning."""
         self.cfg, self.tokenizer, self.splits, self.info, self.device = cfg, tokenizer, splits, info, device
         self.adapter_config = adapter_config
+        self.precision = resolve_precision(cfg.training.precision, device)
         self.sharded = info.enabled and cfg.training.distributed == "fsdp"
         if self.sharded:  # before the optimizer (sharding replaces the parameters by their shards) and before
             from .fsdp import shard_model  # moving the model: the device receives shards, never the whole
 
-            shard_model(model, cfg.training.fsdp, device, cfg.training.precision)
+            shard_model(model, cfg.training.fsdp, device, self.precision)
         self.model = model.to(device)
         self.model.train()
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -159,7 +160,7 @@ class Trainer:
             num_warmup_steps=cfg.optim.warmup_steps,
             num_training_steps=cfg.training.max_steps,
         )
-        fp16 = cfg.training.precision == "fp16"
+        fp16 = self.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.classification = cfg.model.task == "classification"
         self.lengths = tuple(len(e.input_ids) for e in splits.train)
@@ -175,7 +176,7 @@ class Trainer:
 
     # --- pieces ----------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        precision = self.cfg.training.precision
+        precision = self.precision
         if precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
