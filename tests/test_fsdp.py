@@ -87,20 +87,27 @@ def read_tensors(path: Path) -> dict:
     return {k: v for k, v in load_file(path).items() if not k.startswith("rng.")}
 
 
-def test_fsdp_run_killed_then_resumed_on_one_rank(tmp_path, tiny_causal_lm, data, reference):
-    """Killed after step 5 (checkpoint 3 on disk) while running on 2 ranks; resumed by a single process, which
-    must take the same examples per step (grad_accum 2), and ends where the uninterrupted run ends."""
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_fsdp_run_killed_then_resumed(tmp_path, tiny_causal_lm, data, reference, ranks):
+    """Killed after step 5 (checkpoint 3 on disk) while running on 2 ranks; resumed under FSDP on 2 ranks, or by
+    a single process, which must take the same examples per step (grad_accum 2). Either way it ends where the
+    uninterrupted run ends."""
     sharded = config(tmp_path, tiny_causal_lm, data, "run", distributed="fsdp")
     killed = run_train(sharded, fault="step:5", launcher=[*TORCHRUN, "-m", "deltatune"])
     assert killed.returncode != 0
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000003"]
-    refused = run_train(sharded, "--resume")
-    assert refused.returncode == 2
-    assert "2 rank(s) x grad_accum 1 x batch_size 4 = 8 examples per step" in refused.stderr
-    assert "resume with training.grad_accum=2" in refused.stderr
-    resumed = run_train(sharded, "--resume", "training.grad_accum=2")
+    if ranks == 1:
+        refused = run_train(sharded, "--resume")
+        assert refused.returncode == 2
+        assert "2 rank(s) x grad_accum 1 x batch_size 4 = 8 examples per step" in refused.stderr
+        assert "resume with training.grad_accum=2" in refused.stderr
+        resumed = run_train(sharded, "--resume", "training.grad_accum=2")
+    else:
+        resumed = run_train(sharded, "--resume", launcher=[*TORCHRUN, "-m", "deltatune"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(adapter_tensors(reference), adapter_tensors(tmp_path / "run"))
+    step = "checkpoints/step-00000006"  # the optimizer state too, scattered into shards and gathered back
+    assert_close(*(read_tensors(out / step / "state.safetensors") for out in (reference, tmp_path / "run")))
 
 
 METHODS = {
