@@ -80,10 +80,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], python_state: list[Any]) -> No
     random.setstate((version, tuple(internal), gauss))
 
 
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(
     root: Path,
     step: int,

@@ -32,7 +32,6 @@ from .checkpoint import (
     read_checkpoint,
     remove_stale_staging,
     save_checkpoint,
-    trainable_tensors,
 )
 from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
@@ -299,7 +298,10 @@ class Trainer:
             weights = gather_weights(self.model, self.param_names)
             optimizer_state = gather_optimizer_state(self.model, self.optimizer, self.param_names)
         elif self.info.is_main:
-            weights, optimizer_state = trainable_tensors(self.model), self.optimizer.state_dict()
+            weights, optimizer_state = (
+                dict(zip(self.param_names, self.params, strict=True)),
+                self.optimizer.state_dict(),
+            )
         if self.info.is_main:
             t = self.cfg.training
             layout = {
