@@ -83,9 +83,9 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     calls = {"n": 0}
     real = ev.task_loss
 
-    def poisoned(model, batch, classification):
+    def poisoned(model, batch, classification, **options):
         calls["n"] += 1
-        loss, count, logits = real(model, batch, classification)
+        loss, count, logits = real(model, batch, classification, **options)
         return (loss * float("nan") if calls["n"] == 5 else loss), count, logits
 
     monkeypatch.setattr(loop, "task_loss", poisoned)

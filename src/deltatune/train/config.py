@@ -116,6 +116,10 @@ class TrainingSpec(Section):
     gradient_checkpointing: bool = False
     # 0: off. N: batch the examples of each N consecutive steps by length (less padding, same examples).
     length_grouping_steps: int = Field(0, ge=0)
+    # Run the leading tokens every row of a batch shares (chat template, system prompt, instruction) once per
+    # batch instead of once per row; same loss and gradients up to float rounding. Where a run cannot use it
+    # (see train/shared_prefix.py: `unavailable`), it runs without and says why.
+    shared_prefix: bool = False
     seed: int = 0
     checkpoint_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)

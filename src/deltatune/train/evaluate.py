@@ -18,6 +18,7 @@ from ..data.formats import IGNORE, Example
 from ..runtime import generate
 from ..runtime.sampling import end_of_sequence_ids
 from .batching import collate
+from .shared_prefix import continuation, shared_prefix_length
 
 
 @functools.lru_cache(maxsize=16)
@@ -26,28 +27,42 @@ def _accepts_logits_to_keep(forward_owner: type) -> bool:
 
 
 def task_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], classification: bool, *, trim_logits: bool = True
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    classification: bool,
+    *,
+    trim_logits: bool = True,
+    share_prefix: bool = False,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(summed loss, number of loss terms, logits). Summing lets evaluation weight every token equally.
 
     For causal LMs only positions that carry a label need logits. With masked prompts that is a short tail,
     so when the model takes `logits_to_keep` (transformers causal LMs do) the output head runs on that tail
     only: for SmolLM2 the head is a fifth of the forward FLOPs, and the fp32 logits of a full eval batch
-    were gigabytes. The loss is the same either way (tested)."""
+    were gigabytes. The loss is the same either way (tested).
+
+    `share_prefix`: the leading tokens all rows share run once (train/shared_prefix.py); the logits returned
+    then start after them. The caller makes sure the model may take a KV cache (no virtual tokens, no
+    activation checkpointing, not wrapped by DDP)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if classification:
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel(), logits
-    targets = batch["labels"][:, 1:]  # targets[:, t] is predicted by the logits at position t
+    extra: dict[str, Any] = {"attention_mask": mask}
+    labels = batch["labels"]
+    if share_prefix and (shared := shared_prefix_length(batch)):
+        rest, cached = continuation(model, batch, shared)
+        ids, labels, extra = rest["input_ids"], rest["labels"], extra | cached
+    targets = labels[:, 1:]  # targets[:, t] is predicted by the logits at position t
     trained = targets != IGNORE
     count = int(trained.sum())
     first = int(trained.any(dim=0).nonzero()[0]) if count else targets.shape[1] - 1
     owner = type(getattr(model, "module", model))  # under DDP, the wrapped model's signature
     if trim_logits and first > 0 and _accepts_logits_to_keep(owner):
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - first).logits
+        logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - first, **extra).logits
         targets, trained = targets[:, first:], trained[:, first:]
     else:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, **extra).logits
     logits = logits[:, :-1]
     loss = F.cross_entropy(logits[trained].float(), targets[trained], reduction="sum")
     return loss, count, logits

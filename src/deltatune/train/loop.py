@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
+from .shared_prefix import unavailable
 
 
 class NonFiniteLossError(DeltatuneError, FloatingPointError):
@@ -162,6 +164,11 @@ class Trainer:
         fp16 = self.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.classification = cfg.model.task == "classification"
+        self.share_prefix = cfg.training.shared_prefix
+        if self.share_prefix and (why := unavailable(cfg, info.enabled)):
+            self.share_prefix = False
+            if info.is_main:
+                print(f"training.shared_prefix is off for this run: {why}", file=sys.stderr)
         self.lengths = tuple(len(e.input_ids) for e in splits.train)
         self.out = Path(cfg.output_dir)
         self.log = MetricsLog(self.out / "metrics.jsonl", info.is_main)
@@ -204,7 +211,9 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._gradient_sync(model, last=a == accum - 1):
                 with self.autocast():
-                    loss_sum, count, _ = task_loss(model, batch, self.classification)
+                    loss_sum, count, _ = task_loss(
+                        model, batch, self.classification, share_prefix=self.share_prefix
+                    )
                 loss = loss_sum / max(count, 1)
                 mean_loss = all_mean(loss.detach(), self.info)  # every rank sees the same verdict below
                 if not torch.isfinite(mean_loss):

@@ -1,0 +1,115 @@
+"""training.shared_prefix: the leading tokens every row shares run once per batch, and the loss, its gradients
+and a whole training run stay those of the full rows (float32 rounding apart)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_llama
+from safetensors.torch import load_file
+from train_helpers import causal_config, instruction_rows, write_config, write_jsonl
+
+import deltatune as dt
+from deltatune.data.formats import IGNORE
+from deltatune.train import load_train_config, train, validate_config
+from deltatune.train.evaluate import task_loss
+from deltatune.train.shared_prefix import MIN_SHARED, shared_prefix_length, unavailable
+
+
+def ragged_batch(prefix: int = 12, rows: int = 4) -> dict[str, torch.Tensor]:
+    """Rows of 20-27 tokens that share their first `prefix`, right-padded, labelled on the last 5 tokens."""
+    g = torch.Generator().manual_seed(0)
+    width = prefix + 15
+    ids = torch.randint(1, 96, (rows, width), generator=g)
+    ids[:, :prefix] = torch.randint(1, 96, (prefix,), generator=g)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE)
+    for row, length in enumerate(range(width, width - rows * 2, -2)):
+        mask[row, length:] = 0
+        ids[row, length:] = 0
+        labels[row, length - 5 : length] = ids[row, length - 5 : length]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lora_llama():
+    model = build_llama()
+    dt.inject(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model.train()
+
+
+def loss_and_grads(model, batch, share_prefix: bool):
+    model.zero_grad()
+    loss, count, _ = task_loss(model, batch, False, share_prefix=share_prefix)
+    loss.backward()
+    return loss.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_shared_prefix_gives_the_full_rows_loss_and_gradients():
+    model, batch = lora_llama(), ragged_batch()
+    assert shared_prefix_length(batch) == 11  # the 12 shared tokens less the one whose logits the rows need
+    full, shared = loss_and_grads(model, batch, False), loss_and_grads(model, batch, True)
+    assert shared[1] == full[1] == 20
+    assert abs(shared[0] - full[0]) <= 1e-5 * abs(full[0])
+    for name, grad in full[2].items():
+        assert grad.abs().max() > 0, name  # every adapter weight gets a gradient, so the check below bites
+        torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_only_unpadded_unlabelled_tokens_all_rows_share_count():
+    batch = ragged_batch(prefix=12)
+    batch["labels"][2, 10] = batch["input_ids"][2, 10]  # a label inside the common prefix ends it there
+    assert shared_prefix_length(batch) == 9
+    batch["attention_mask"][1, 9] = 0  # so does padding
+    assert shared_prefix_length(batch) == MIN_SHARED
+    assert shared_prefix_length(ragged_batch(prefix=MIN_SHARED)) == 0  # too short to pay for a second call
+    one_row = {k: v[:1] for k, v in ragged_batch().items()}
+    assert shared_prefix_length(one_row) == 0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows = instruction_rows(80, 5)
+    for row in rows:  # a long instruction every row shares, as a chat template and system prompt make
+        row["instruction"] = (
+            "Read the text below and reply with its sentiment as a JSON object. " + row["instruction"]
+        )
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
+
+
+def test_a_run_with_shared_prefixes_ends_where_the_plain_run_ends(
+    tmp_path, tiny_causal_lm, data, monkeypatch
+):
+    from deltatune.train import evaluate as evaluate_module
+
+    shared_lengths, real = [], evaluate_module.continuation
+    monkeypatch.setattr(evaluate_module, "continuation", lambda *a: shared_lengths.append(a[2]) or real(*a))
+    adapters = {}
+    for shared in (False, True):
+        raw = causal_config(tiny_causal_lm, data, tmp_path / str(shared), max_steps=6, shared_prefix=shared)
+        raw["data"]["max_length"] = 192
+        train(load_train_config(write_config(tmp_path / f"{shared}.yaml", raw)))
+        adapters[shared] = load_file(tmp_path / str(shared) / "adapter" / "adapter_model.safetensors")
+    assert len(shared_lengths) == 6 and min(shared_lengths) >= MIN_SHARED  # every step shared its prefix
+    for key, want in adapters[False].items():
+        torch.testing.assert_close(adapters[True][key], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, distributed, reason",
+    [
+        ({}, False, None),
+        ({"training": {"gradient_checkpointing": True}}, False, "gradient checkpointing"),
+        ({"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}}, False, "virtual tokens"),
+        ({}, True, "DDP and FSDP"),
+    ],
+)
+def test_runs_that_cannot_share_a_prefix_run_without_it(
+    tmp_path, tiny_causal_lm, data, change, distributed, reason
+):
+    """Such a run trains as if the option were off and says why: a config that shares its prefix can still be
+    reused for another method, with checkpointing, or under torchrun."""
+    raw = causal_config(tiny_causal_lm, data, tmp_path / "run", max_steps=2, shared_prefix=True)
+    for section, values in change.items():
+        raw[section] = values if section == "adapter" else raw[section] | values
+    why = unavailable(validate_config(raw), distributed)
+    assert why is None if reason is None else reason in why
