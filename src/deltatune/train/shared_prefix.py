@@ -5,6 +5,8 @@ cache into the one prefix forward, so the loss and the gradients are those of th
 summation order; the forward and backward work of the prefix is paid once instead of once per row.
 
 Only the prefix that carries no label and no padding is shared, so every labelled position keeps its logits.
+With dropout in the adapter (lora_dropout > 0) the rows also share the prefix's dropout mask, where the plain
+path draws one per row: the same expectation, a little less noise.
 """
 
 from __future__ import annotations
