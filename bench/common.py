@@ -23,6 +23,14 @@ def smollm2_shape() -> LlamaConfig:
     )  # fmt: skip
 
 
+def tinyllama_shape() -> LlamaConfig:
+    """The TinyLlama-1.1B architecture (1.10B parameters, untied head), without needing its weights."""
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 def base_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(smollm2_shape())

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import tinyllama_shape
+from transformers import LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.quant.allocator import return_large_blocks_to_os
@@ -33,14 +34,6 @@ from deltatune.train.fsdp import shard_model
 from deltatune.train.setup import enable_gradient_checkpointing
 
 MODES = ["ddp", "fsdp"]
-
-
-def tinyllama_shape() -> LlamaConfig:
-    """TinyLlama-1.1B's architecture (1.10B parameters, untied head)."""
-    return LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
-    )  # fmt: skip
 
 
 def status_mib(field: str) -> float:

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import LORA_SETTINGS, interleaved, median, smollm2_shape
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from common import LORA_SETTINGS, interleaved, median, smollm2_shape, tinyllama_shape
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.quant import load_quantized
@@ -40,14 +40,6 @@ from deltatune.train.setup import enable_gradient_checkpointing
 DT_CONFIGS = ["lora-fp32", "lora-nf4", "lora-int8"]
 PEFT_CONFIGS = ["peft-lora-fp32", "peft-lora-nf4"]
 CONFIGS = [*DT_CONFIGS, "full", *PEFT_CONFIGS]
-
-
-def tinyllama_shape() -> LlamaConfig:
-    """The TinyLlama-1.1B architecture (1.10B parameters)."""
-    return LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
-    )  # fmt: skip
 
 
 SHAPES = {

@@ -19,9 +19,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owns_group: bool = (
-        False  # this process group was created by init_distributed (and is destroyed by shutdown)
-    )
+    # The process group was created by init_distributed, so shutdown destroys it (a caller's group is left).
+    owns_group: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from ..core.adapters import all_wrappers
 from ..core.errors import DeltatuneError
@@ -99,10 +99,6 @@ def _fingerprint_before_sharding(model: nn.Module) -> None:
     for _, wrapper in all_wrappers(model):
         if isinstance(wrapper, AdapterLayer):
             wrapper.base_digest()
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
