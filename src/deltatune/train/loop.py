@@ -39,6 +39,7 @@ from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
+from .schedules import learning_rate_schedule
 from .shared_prefix import unavailable
 
 
@@ -153,13 +154,8 @@ class Trainer:
         if not self.params:
             raise DeltatuneError("nothing to train: no parameter requires grad after preparing the model")
         self.optimizer = build_optimizer(cfg, self.params)
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(
-            cfg.optim.scheduler,
-            self.optimizer,
-            num_warmup_steps=cfg.optim.warmup_steps,
-            num_training_steps=cfg.training.max_steps,
+        self.scheduler = learning_rate_schedule(
+            cfg.optim.scheduler, self.optimizer, cfg.optim.warmup_steps, cfg.training.max_steps
         )
         fp16 = self.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
