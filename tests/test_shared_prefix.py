@@ -3,6 +3,8 @@ and a whole training run stay those of the full rows (float32 rounding apart).""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import build_llama
@@ -76,22 +78,47 @@ def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
+def _run(tmp_path, model, data, name: str, shared: bool, loss_every: int | None) -> tuple[dict, list[dict]]:
+    raw = causal_config(model, data, tmp_path / name, max_steps=6, shared_prefix=shared)
+    raw["data"]["max_length"] = 192
+    raw["eval"] = {"every": None, "loss_every": loss_every, "batch_size": 8}
+    train(load_train_config(write_config(tmp_path / f"{name}.yaml", raw)))
+    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"), records
+
+
 def test_a_run_with_shared_prefixes_ends_where_the_plain_run_ends(
     tmp_path, tiny_causal_lm, data, monkeypatch
 ):
+    """Training and the validation loss both share the prefix, and both equal the plain run's."""
     from deltatune.train import evaluate as evaluate_module
 
     shared_lengths, real = [], evaluate_module.continuation
     monkeypatch.setattr(evaluate_module, "continuation", lambda *a: shared_lengths.append(a[2]) or real(*a))
-    adapters = {}
-    for shared in (False, True):
-        raw = causal_config(tiny_causal_lm, data, tmp_path / str(shared), max_steps=6, shared_prefix=shared)
-        raw["data"]["max_length"] = 192
-        train(load_train_config(write_config(tmp_path / f"{shared}.yaml", raw)))
-        adapters[shared] = load_file(tmp_path / str(shared) / "adapter" / "adapter_model.safetensors")
-    assert len(shared_lengths) == 6 and min(shared_lengths) >= MIN_SHARED  # every step shared its prefix
-    for key, want in adapters[False].items():
-        torch.testing.assert_close(adapters[True][key], want, atol=1e-5, rtol=1e-4)
+    plain, plain_log = _run(tmp_path, tiny_causal_lm, data, "plain", False, loss_every=2)
+    assert not shared_lengths
+    shared, shared_log = _run(tmp_path, tiny_causal_lm, data, "shared", True, loss_every=2)
+    # 6 training steps, and 3 validation losses over 16 rows in batches of 8
+    assert len(shared_lengths) == 6 + 3 * 2 and min(shared_lengths) >= MIN_SHARED
+    for key, want in plain.items():
+        torch.testing.assert_close(shared[key], want, atol=1e-5, rtol=1e-4)
+    evals = {name: [r for r in log if r["split"] == "validation"] for name, log in (("plain", plain_log),
+             ("shared", shared_log))}  # fmt: skip
+    assert [r["step"] for r in evals["shared"]] == [2, 4, 6] == [r["step"] for r in evals["plain"]]
+    for a, b in zip(evals["plain"], evals["shared"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+    assert evals["plain"][-1]["loss"] < evals["plain"][0]["loss"]  # the curve the user watches falls
+
+
+def test_validation_losses_between_evaluations_change_nothing_else(tmp_path, tiny_causal_lm, data):
+    """eval.loss_every only adds records: the same weights, bit for bit, and the best is still the final
+    evaluation's, where `eval.every` is not set."""
+    with_curve, log = _run(tmp_path, tiny_causal_lm, data, "curve", True, loss_every=2)
+    without, _ = _run(tmp_path, tiny_causal_lm, data, "none", True, loss_every=None)
+    assert with_curve.keys() == without.keys()
+    assert all(torch.equal(with_curve[k], without[k]) for k in without)
+    summary = json.loads((tmp_path / "curve" / "summary.json").read_text())
+    assert summary["best_step"] == 6 and [r["step"] for r in log if r["split"] == "validation"] == [2, 4, 6]
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ RESOLVED_CONFIG = "config.yaml"
 RESUME_MUTABLE = {
     "training.max_steps", "training.progress", "training.log_every", "output_dir", "training.grad_accum",
     "training.distributed", "training.fsdp.reshard_after_forward", "training.fsdp.cpu_offload",
+    "eval.loss_every",
 }  # fmt: skip
 
 

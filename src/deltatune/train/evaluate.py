@@ -90,9 +90,11 @@ def evaluate(
     autocast: Any = contextlib.nullcontext,
     n_classes: int = 0,
     label_names: list[str] | None = None,
+    share_prefix: bool = False,
 ) -> dict[str, Any]:
     """Loss (and accuracy, macro F1) over `examples`; with `label_names`, also the majority-class baseline
-    and per-class precision / recall (`deltatune eval`)."""
+    and per-class precision / recall (`deltatune eval`). `share_prefix`: as in `task_loss`; batches sorted by
+    length still open with the same prompt template."""
     total, count, predictions = 0.0, 0, [0] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     with eval_mode(model):
@@ -101,7 +103,7 @@ def evaluate(
             batch = collate([examples[i] for i in rows], pad_id, classification)
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
-                loss, n, logits = task_loss(model, batch, classification)
+                loss, n, logits = task_loss(model, batch, classification, share_prefix=share_prefix)
             if classification:
                 for row, prediction in zip(rows, logits.argmax(-1).tolist(), strict=True):
                     predictions[row] = prediction
@@ -200,6 +202,7 @@ def validation_metrics(
     autocast: Any = contextlib.nullcontext,
     with_loss: bool = True,
     label_names: list[str] | None = None,
+    share_prefix: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """What an evaluation reports for an `eval` config section: the loss (and accuracy / F1) on the first
     `loss_samples` examples, and the generation metrics on the first `generate_samples`. Also returns the
@@ -209,7 +212,7 @@ def validation_metrics(
         metrics |= evaluate(
             model, examples[: spec.loss_samples], batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id,
             classification=classification, device=device, autocast=autocast, n_classes=n_classes,
-            label_names=label_names,
+            label_names=label_names, share_prefix=share_prefix,
         )  # fmt: skip
     answers: list[str] = []
     if spec.generate_metrics:

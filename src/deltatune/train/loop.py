@@ -246,13 +246,15 @@ class Trainer:
             "optim.max_grad_norm, or precision: fp32."
         )
 
-    def _evaluate(self, step: int) -> dict[str, float]:
+    def _evaluate(self, step: int, loss_only: bool = False) -> dict[str, float]:
+        """The evaluation `eval` asks for, logged; `loss_only`: the validation loss alone (eval.loss_every)."""
+        spec = self.cfg.eval.model_copy(update={"generate_metrics": []}) if loss_only else self.cfg.eval
         metrics, _ = validation_metrics(
-            self.model, self.tokenizer, self.splits.validation, self.cfg.eval,
+            self.model, self.tokenizer, self.splits.validation, spec,
             classification=self.classification, n_classes=len(self.splits.label_names or []),
-            device=self.device, autocast=self.autocast,
+            device=self.device, autocast=self.autocast, share_prefix=self.share_prefix,
         )  # fmt: skip
-        if self.monitor is not None:
+        if self.monitor is not None and not loss_only:
             metrics[KL_KEY] = self.monitor.measure(self.model)
         self.log.write({"step": step, "split": "validation", **metrics})
         return metrics
@@ -375,7 +377,8 @@ class Trainer:
         self.log.truncate_after(state.step)
         model = self.model if self.sharded else wrap_model(self.model, self.info, self.device)
         bar = progress_bar(t.max_steps, state.step, t.progress and self.info.is_main)
-        every, started, step_times = self.cfg.eval.every, time.perf_counter(), []
+        every, loss_every = self.cfg.eval.every, self.cfg.eval.loss_every
+        started, step_times = time.perf_counter(), []
         while state.step < t.max_steps and not state.stopped_early:
             tick = time.perf_counter()
             loss, tokens = self._train_step(model, state.step)
@@ -396,6 +399,8 @@ class Trainer:
                 )
             if (every and step % every == 0) or step == t.max_steps:
                 self._judge(step, self._evaluate(step), state)
+            elif loss_every and step % loss_every == 0:
+                self._evaluate(step, loss_only=True)
             if (
                 (t.checkpoint_every and step % t.checkpoint_every == 0)
                 or step == t.max_steps
