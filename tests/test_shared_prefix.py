@@ -98,13 +98,13 @@ def test_a_run_with_shared_prefixes_ends_where_the_plain_run_ends(
     plain, plain_log = _run(tmp_path, tiny_causal_lm, data, "plain", False, loss_every=2)
     assert not shared_lengths
     shared, shared_log = _run(tmp_path, tiny_causal_lm, data, "shared", True, loss_every=2)
-    # 6 training steps, and 3 validation losses over 16 rows in batches of 8
-    assert len(shared_lengths) == 6 + 3 * 2 and min(shared_lengths) >= MIN_SHARED
+    # 6 training steps, and 4 validation losses (steps 0, 2, 4, 6) over 16 rows in batches of 8
+    assert len(shared_lengths) == 6 + 4 * 2 and min(shared_lengths) >= MIN_SHARED
     for key, want in plain.items():
         torch.testing.assert_close(shared[key], want, atol=1e-5, rtol=1e-4)
     evals = {name: [r for r in log if r["split"] == "validation"] for name, log in (("plain", plain_log),
              ("shared", shared_log))}  # fmt: skip
-    assert [r["step"] for r in evals["shared"]] == [2, 4, 6] == [r["step"] for r in evals["plain"]]
+    assert [r["step"] for r in evals["shared"]] == [0, 2, 4, 6] == [r["step"] for r in evals["plain"]]
     for a, b in zip(evals["plain"], evals["shared"], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
     assert evals["plain"][-1]["loss"] < evals["plain"][0]["loss"]  # the curve the user watches falls
@@ -118,7 +118,7 @@ def test_validation_losses_between_evaluations_change_nothing_else(tmp_path, tin
     assert with_curve.keys() == without.keys()
     assert all(torch.equal(with_curve[k], without[k]) for k in without)
     summary = json.loads((tmp_path / "curve" / "summary.json").read_text())
-    assert summary["best_step"] == 6 and [r["step"] for r in log if r["split"] == "validation"] == [2, 4, 6]
+    assert summary["best_step"] == 6 and [r["step"] for r in log if r["split"] == "validation"] == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize(

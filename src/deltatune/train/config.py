@@ -146,8 +146,8 @@ class ForgettingSpec(Section):
 
 class EvalSpec(Section):
     every: int | None = Field(None, gt=0)  # None: evaluate once, at the end
-    # the validation loss alone this often, between full evaluations: a curve to watch that costs no
-    # generation; it neither picks the kept weights nor stops the run (`every` does both)
+    # the validation loss alone this often (and at step 0), between full evaluations: a curve to watch that
+    # costs no generation; it neither picks the kept weights nor stops the run (`every` does both)
     loss_every: int | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     loss_samples: int | None = Field(None, gt=0)  # cap on validation rows for the loss (None: all)

@@ -379,6 +379,8 @@ class Trainer:
         bar = progress_bar(t.max_steps, state.step, t.progress and self.info.is_main)
         every, loss_every = self.cfg.eval.every, self.cfg.eval.loss_every
         started, step_times = time.perf_counter(), []
+        if loss_every and state.step == 0:  # where the curve starts: the model before any update
+            self._evaluate(0, loss_only=True)
         while state.step < t.max_steps and not state.stopped_early:
             tick = time.perf_counter()
             loss, tokens = self._train_step(model, state.step)
