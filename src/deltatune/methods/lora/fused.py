@@ -5,7 +5,8 @@ adds the adapter's input gradient to the base's. Here backward computes
     dx = g W + (s g B) A        (one GEMM, then one accumulating GEMM into the same buffer)
     dA = (s g B)^T x_d,  dB = s g^T h,  h = x_d A^T
 and nothing for the frozen W and b. Shapes: x, x_d (..., in); W (out, in) (or (in, out) for Conv1D);
-A (r, in); B (out, r). x_d is the dropped-out input (the same tensor as x when dropout is off).
+A (r, in); B (out, r). x_d is the dropped-out input, None when dropout is off (x then serves both; passing
+the same tensor twice would stop torch.compile, which cannot trace a Function given one tensor twice).
 A base stored quantized passes `weight_of(dtype)` instead of W: the float weight is then produced in forward
 and again in backward (into a reused buffer, core.quantized.scratch_weight), never saved between them.
 """
@@ -24,13 +25,13 @@ class FusedLoraLinear(torch.autograd.Function):
         transposed = weight.t() if fan_in_fan_out and weight is not None else weight
         w = weight_of(x.dtype) if weight is None else transposed
         x2 = x.reshape(-1, x.shape[-1])
-        xd2 = x2 if x_d is x else x_d.reshape(-1, x_d.shape[-1])
+        xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])
         y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
         h = xd2 @ a.t()
         y.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(xd2, h, w if weight_of is None else None, a, b)
-        ctx.scaling, ctx.same_input, ctx.weight_of = scaling, x_d is x, weight_of
-        ctx.x_shape, ctx.xd_shape = x.shape, x_d.shape
+        ctx.scaling, ctx.same_input, ctx.weight_of = scaling, x_d is None, weight_of
+        ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -40,13 +41,13 @@ class FusedLoraLinear(torch.autograd.Function):
         gh = (g2 @ b).mul_(ctx.scaling)  # (N, r)
         need_x, need_xd, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         dx = dxd = da = db = None
-        if need_x or (ctx.same_input and need_xd):
+        if need_x:
             dx = g2 @ (w if ctx.weight_of is None else ctx.weight_of(g2.dtype))
             if ctx.same_input:
                 dx.addmm_(gh, a)
             dx = dx.view(ctx.x_shape)
         if not ctx.same_input and need_xd:
-            dxd = (gh @ a).view(ctx.xd_shape)
+            dxd = (gh @ a).view(ctx.x_shape)
         if need_a:
             da = gh.t() @ xd2
         if need_b:
@@ -65,13 +66,15 @@ def fused_lora_linear(
     fan_in_fan_out: bool,
     weight_of: Callable[[torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Apply FusedLoraLinear, casting like autocast would (to the autocast dtype) when it is enabled."""
+    """Apply FusedLoraLinear, casting like autocast would (to the autocast dtype) when it is enabled.
+    `x_d` is x itself when dropout is off."""
+    x_d = None if x_d is x else x_d
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         cast = [t.to(dtype) if t is not None else None for t in (x, weight, bias, a, b)]
         x_cast = cast[0]
-        x_d_cast = x_cast if x_d is x else x_d.to(dtype)
+        x_d_cast = None if x_d is None else x_d.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return FusedLoraLinear.apply(
                 x_cast, x_d_cast, cast[1], cast[2], cast[3], cast[4], scaling, fan_in_fan_out, weight_of
