@@ -124,7 +124,9 @@ def run_hf(cfg, base, tokenizer, rows: list[dict], init: Path, steps: int, paddi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
@@ -134,7 +136,12 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="dt-vs-peft-"))
     cfg = load_train_config(
-        CONFIG, [f"training.max_steps={args.steps}", f"output_dir={scratch / 'deltatune'}", "training.progress=false"]
+        CONFIG,
+        [
+            f"training.max_steps={args.steps}",
+            f"output_dir={scratch / 'deltatune'}",
+            "training.progress=false",
+        ],
     )
     t = cfg.training
     seed_everything(t.seed)
@@ -142,7 +149,8 @@ def main() -> None:
     splits = load_data(cfg.data, tokenizer, t.seed)
     base = load_model(cfg.model, tokenizer)
 
-    seed_everything(t.seed)  # the initial adapter, as `deltatune train` would draw it, shared by every variant
+    # the initial adapter, as `deltatune train` would draw it, shared by every variant
+    seed_everything(t.seed)
     first = copy.deepcopy(base)
     prepare_trainable(first, cfg.adapter, cfg.model.task)
     init = save_adapter(first, scratch / "initial", tokenizer=tokenizer)
@@ -150,8 +158,9 @@ def main() -> None:
 
     lengths = tuple(len(e.input_ids) for e in splits.train)
     batches = [
-        micro_batch_indices(len(splits.train), t.seed, step, 0, t.batch_size, 1, 0, 1, lengths,
-                            t.length_grouping_steps)  # fmt: skip
+        micro_batch_indices(
+            len(splits.train), t.seed, step, 0, t.batch_size, 1, 0, 1, lengths, t.length_grouping_steps
+        )  # fmt: skip
         for step in range(args.steps)
     ]
     ordered = [splits.train[i] for idx in batches for i in idx]
@@ -179,7 +188,9 @@ def main() -> None:
     fastest_hf = min(hf, key=median.__getitem__) if hf else None
     print(f"\n## SmolLM2-135M, quickstart data, batch {t.batch_size}, {args.steps} steps x {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads; per step {tokens:.0f} tokens, {labelled:.0f} with loss")  # fmt: skip
-    print("| variant | median s/step | tokens/s (all) | tokens/s (with loss) | x fastest HF | max loss diff vs deltatune |")
+    print(
+        "| variant | median s/step | tokens/s (all) | tokens/s (with loss) | x fastest HF | max loss diff vs deltatune |"
+    )
     print("|---|---|---|---|---|---|")
     for v in args.variants:
         speed = median[fastest_hf] / median[v] if fastest_hf else float("nan")

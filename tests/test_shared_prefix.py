@@ -118,7 +118,8 @@ def test_validation_losses_between_evaluations_change_nothing_else(tmp_path, tin
     assert with_curve.keys() == without.keys()
     assert all(torch.equal(with_curve[k], without[k]) for k in without)
     summary = json.loads((tmp_path / "curve" / "summary.json").read_text())
-    assert summary["best_step"] == 6 and [r["step"] for r in log if r["split"] == "validation"] == [0, 2, 4, 6]
+    assert summary["best_step"] == 6
+    assert [r["step"] for r in log if r["split"] == "validation"] == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize(
