@@ -19,12 +19,12 @@ def test_every_schedule_equals_transformers(name, warmup):
     ours = learning_rate_schedule(name, _optimizer(), warmup, 50)
     theirs = get_scheduler(name, _optimizer(), num_warmup_steps=warmup, num_training_steps=50)
     rates = []
-    for _ in range(55):  # past the end: the decays stay at 0, not negative
+    for _ in range(55):  # a few past the end too, where transformers' values are what they are
         assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), abs=1e-15)
         rates.append(ours.get_last_lr()[0])
         ours.optimizer.step(), theirs.optimizer.step()
         ours.step(), theirs.step()
-    assert min(rates) >= 0.0 and max(rates) == pytest.approx(2e-3)
+    assert min(rates) >= 0.0 and max(rates[:51]) == pytest.approx(2e-3)
     if name in ("linear", "cosine"):
         assert rates[50] == 0.0 and rates[49] > 0.0
     if warmup and name != "constant":  # transformers' "constant" ignores warmup; so does ours

@@ -397,3 +397,17 @@ def test_an_orphan_is_claimed_once(base, tmp_path):
     assert second._mark_interrupted(trial.number, trial.params) is False
     states = [t.state for t in first.study.get_trials(deepcopy=False)]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+
+
+def test_the_pruner_hears_full_evaluations_not_the_loss_curve(tmp_path):
+    from deltatune.sweep.trial import _new_evaluations
+
+    records = [
+        {"step": 0, "split": "validation", "loss": 0.9, "loss_only": True},
+        {"step": 5, "split": "train", "loss": 0.5},
+        {"step": 10, "split": "validation", "loss": 0.4, "loss_only": True},
+        {"step": 20, "split": "validation", "loss": 0.3, "accuracy": 0.8},
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _new_evaluations(metrics, 0, "loss") == ([(20, 0.3)], 4)

@@ -36,7 +36,8 @@ class TrialOutcome:
 
 
 def _new_evaluations(metrics_file: Path, seen: int, metric: str) -> tuple[list[tuple[int, float]], int]:
-    """Validation events appended to metrics.jsonl since line `seen` (a partial last line waits)."""
+    """Validation events appended to metrics.jsonl since line `seen` (a partial last line waits); the
+    validation losses `eval.loss_every` adds between evaluations are not among them."""
     if not metrics_file.exists():
         return [], seen
     lines = metrics_file.read_text().split("\n")
@@ -44,7 +45,7 @@ def _new_evaluations(metrics_file: Path, seen: int, metric: str) -> tuple[list[t
     found = []
     for line in complete[seen:]:
         record = json.loads(line)
-        if record.get("split") == "validation" and metric in record:
+        if record.get("split") == "validation" and metric in record and not record.get("loss_only"):
             found.append((int(record["step"]), float(record[metric])))
     return found, len(complete)
 

@@ -256,7 +256,8 @@ class Trainer:
         )  # fmt: skip
         if self.monitor is not None and not loss_only:
             metrics[KL_KEY] = self.monitor.measure(self.model)
-        self.log.write({"step": step, "split": "validation", **metrics})
+        marker = {"loss_only": True} if loss_only else {}  # a sweep's pruner hears only full evaluations
+        self.log.write({"step": step, "split": "validation", **metrics, **marker})
         return metrics
 
     def _save_weights(self, step: int, metrics: dict[str, float]) -> None:
