@@ -147,3 +147,33 @@ def test_runs_that_cannot_share_a_prefix_run_without_it(
         raw[section] = values if section == "adapter" else raw[section] | values
     why = unavailable(validate_config(raw), distributed)
     assert why is None if reason is None else reason in why
+
+
+def test_deltatune_eval_shares_the_prefix_unless_the_adapter_brings_virtual_tokens(
+    tmp_path, tiny_causal_lm, data, monkeypatch
+):
+    """`evaluate_adapter` (deltatune eval) shares the prefix as the config asks, with the same loss; an adapter
+    whose virtual tokens go in front is evaluated on whole rows, whatever the config's own method says."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.train import evaluate as evaluate_module
+    from deltatune.train import evaluate_adapter
+
+    _run(tmp_path, tiny_causal_lm, data, "lora", True, loss_every=None)
+    calls, real = [], evaluate_module.continuation
+    monkeypatch.setattr(evaluate_module, "continuation", lambda *a: calls.append(a[2]) or real(*a))
+    sharing = load_train_config(tmp_path / "lora.yaml")  # a LoRA config with training.shared_prefix: true
+    plain = load_train_config(tmp_path / "lora.yaml", ["training.shared_prefix=false"])
+
+    shared_loss = evaluate_adapter(sharing, tmp_path / "lora" / "adapter")["loss"]
+    assert calls
+    calls.clear()
+    plain_loss = evaluate_adapter(plain, tmp_path / "lora" / "adapter")["loss"]
+    assert not calls and abs(shared_loss - plain_loss) <= 1e-5 * plain_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    dt.save_adapter(model, tmp_path / "prompt")
+    prompt_loss = evaluate_adapter(sharing, tmp_path / "prompt")["loss"]
+    assert not calls
+    assert prompt_loss == evaluate_adapter(plain, tmp_path / "prompt")["loss"]

@@ -17,11 +17,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..core.adapters import adapter_configs
 from ..core.kv_cache import cache_argument
 from ..data.formats import IGNORE
 
 MIN_SHARED = 8  # tokens: below this the second forward call costs more than it saves
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
+VIRTUAL_TOKEN_TYPES = {m.upper() for m in VIRTUAL_TOKEN_METHODS}  # as adapter configs name them
 
 
 def unavailable(cfg: Any, distributed: bool) -> str | None:
@@ -35,6 +37,12 @@ def unavailable(cfg: Any, distributed: bool) -> str | None:
     if distributed:
         return "DDP and FSDP take one forward call per backward"
     return None
+
+
+def model_can_share(model: nn.Module) -> bool:
+    """Whether the adapters the model carries leave its forward free to continue rows from a shared prefix:
+    not when one of them puts virtual tokens in front (what a loaded adapter is, whatever a config says)."""
+    return not any(c.peft_type in VIRTUAL_TOKEN_TYPES for c in adapter_configs(model).values())
 
 
 def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
