@@ -254,3 +254,21 @@ def test_a_combined_adapter_owns_the_tasks_of_its_sources(setup, tmp_path):
     combined = dt.core.provenance.record(derived_from={"method": "ties", "sources": sources})
     (tmp_path / "both" / "deltatune.json").write_text(json.dumps(combined))
     assert own_task(Entry("both", "adapter", tmp_path / "both"), tasks) == "json+word"
+
+
+def test_a_task_that_shares_its_prompt_prefix_is_scored_the_same(setup, report, tmp_path, monkeypatch):
+    """A task config with training.shared_prefix scores its rows with the prefix run once per batch, as
+    `deltatune eval` does; the cell is the one the plain scoring gives."""
+    import yaml
+
+    from deltatune.train import evaluate as evaluate_module
+
+    raw = yaml.safe_load(setup["json"].read_text())
+    raw["training"]["shared_prefix"] = True
+    sharing = write_config(tmp_path / "json_shared.yaml", raw)
+    calls, real = [], evaluate_module.continuation
+    monkeypatch.setattr(evaluate_module, "continuation", lambda *a: calls.append(a[2]) or real(*a))
+    shared = compare([f"json={sharing}"], [f"trained={setup['trained']}"], device="cpu", out=tmp_path / "r")
+    assert calls  # the prefix was shared, in the base's cell and the adapter's
+    for entry in ("base", "trained"):
+        _same(shared["cells"][entry]["json"], report["cells"][entry]["json"])

@@ -110,10 +110,12 @@ def _reason(exc: BaseException) -> str:
 def score(model: nn.Module, tokenizer: Any, task: Task, device: Any) -> dict[str, Any]:
     """The task's validation metrics (loss, and generation or classification metrics) for `model` as it is."""
     from ..train.evaluate import validation_metrics
+    from ..train.shared_prefix import shares_in_evaluation
 
     metrics, answers = validation_metrics(
         model, tokenizer, task.examples, task.config.eval, classification=task.classification,
         n_classes=len(task.label_names or []), device=device, label_names=task.label_names,
+        share_prefix=shares_in_evaluation(task.config, model),
     )  # fmt: skip
     metrics.pop("per_class", None)
     if answers:

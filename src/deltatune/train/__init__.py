@@ -17,7 +17,7 @@ from .config import ConfigError, TrainConfig, load_train_config, validate_config
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import NonFiniteLossError, RunResult, Trainer
 from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
-from .shared_prefix import model_can_share
+from .shared_prefix import shares_in_evaluation
 
 RESOLVED_CONFIG = "config.yaml"
 # May change between a run and its resumption without changing what is trained.
@@ -132,12 +132,10 @@ def evaluate_adapter(
         load_adapter(model, adapter, tokenizer=tokenizer, allow_base_mismatch=allow_base_mismatch)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
-    classification = cfg.model.task == "classification"
-    share_prefix = cfg.training.shared_prefix and not classification and model_can_share(model)
     metrics, answers = validation_metrics(
-        model, tokenizer, splits.validation, cfg.eval, classification=classification,
+        model, tokenizer, splits.validation, cfg.eval, classification=cfg.model.task == "classification",
         n_classes=len(splits.label_names or []), device=device, with_loss=loss, label_names=splits.label_names,
-        share_prefix=share_prefix,
+        share_prefix=shares_in_evaluation(cfg, model),
     )  # fmt: skip
     result: dict[str, Any] = {**metrics, "examples": len(splits.validation)}
     if answers:

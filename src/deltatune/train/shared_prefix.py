@@ -39,10 +39,12 @@ def unavailable(cfg: Any, distributed: bool) -> str | None:
     return None
 
 
-def model_can_share(model: nn.Module) -> bool:
-    """Whether the adapters the model carries leave its forward free to continue rows from a shared prefix:
-    not when one of them puts virtual tokens in front (what a loaded adapter is, whatever a config says)."""
-    return not any(c.peft_type in VIRTUAL_TOKEN_TYPES for c in adapter_configs(model).values())
+def shares_in_evaluation(cfg: Any, model: nn.Module) -> bool:
+    """Whether scoring `model` on `cfg`'s task (deltatune eval, compare) shares the prefix: when the config asks
+    for it and the adapters the model carries allow it. One that puts virtual tokens in front does not; what
+    counts is the adapter loaded, whatever method the config names."""
+    virtual = any(c.peft_type in VIRTUAL_TOKEN_TYPES for c in adapter_configs(model).values())
+    return cfg.training.shared_prefix and cfg.model.task != "classification" and not virtual
 
 
 def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
