@@ -45,6 +45,7 @@ from transformers import (
 
 from deltatune.core.io import save_adapter
 from deltatune.data import load_data
+from deltatune.data.formats import IGNORE
 from deltatune.train import load_train_config, seed_everything
 from deltatune.train.batching import micro_batch_indices
 from deltatune.train.distributed import Dist
@@ -52,7 +53,6 @@ from deltatune.train.loop import Trainer as DeltatuneTrainer
 from deltatune.train.setup import load_model, load_tokenizer, prepare_trainable
 
 CONFIG = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
-IGNORE = -100
 
 
 class _StepClock(TrainerCallback):
