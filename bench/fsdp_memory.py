@@ -27,7 +27,7 @@ from common import tinyllama_shape
 from transformers import LlamaForCausalLM
 
 import deltatune as dt
-from deltatune.quant.allocator import return_large_blocks_to_os
+from deltatune.core.allocator import release_freed_memory, return_large_blocks_to_os
 from deltatune.train.config import FsdpSpec
 from deltatune.train.distributed import init_distributed, pick_device, shutdown, wrap_model
 from deltatune.train.fsdp import shard_model
@@ -78,6 +78,7 @@ def worker(mode: str, steps: int, length: int) -> None:
     times = []
     for _ in range(steps):
         tick = time.perf_counter()
+        release_freed_memory()  # as the trainer does under FSDP on CPU; here for DDP too, to compare like with like
         loss = wrapped(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()

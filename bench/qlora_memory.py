@@ -16,7 +16,7 @@ one process, interleaved, median seconds per step. fp32 compute throughout.
     python bench/qlora_memory.py speed --shape 1b --reps 3
 
 `memory --lean-heap` sets glibc's mmap threshold to 2 MiB in every process first, as `deltatune train` does for a
-quantized base (deltatune.quant.allocator.return_large_blocks_to_os).
+quantized base (deltatune.core.allocator.return_large_blocks_to_os).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from common import LORA_SETTINGS, interleaved, median, smollm2_shape, tinyllama_
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import deltatune as dt
+from deltatune.core.allocator import return_large_blocks_to_os
 from deltatune.quant import load_quantized
-from deltatune.quant.allocator import return_large_blocks_to_os
 from deltatune.train.setup import enable_gradient_checkpointing
 
 DT_CONFIGS = ["lora-fp32", "lora-nf4", "lora-int8"]

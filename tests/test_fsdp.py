@@ -62,7 +62,9 @@ def reference(tmp_path_factory, tiny_causal_lm, data) -> Path:
 
 
 def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_causal_lm, data, reference):
-    sharded = config(tmp_path, tiny_causal_lm, data, "fsdp", distributed="fsdp")
+    """With gradient checkpointing on the sharded side: its recomputation runs inside backward, where the frozen
+    input embedding is deliberately never gathered (shard_model) and each block is gathered on its own."""
+    sharded = config(tmp_path, tiny_causal_lm, data, "fsdp", distributed="fsdp", gradient_checkpointing=True)
     result = run_train(sharded, launcher=[*TORCHRUN, "-m", "deltatune"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved:") == 1  # rank 0 alone writes
@@ -142,3 +144,52 @@ def test_fsdp_refuses_a_quantized_base(tmp_path, tiny_causal_lm, data):
     raw["quantization"] = {"bits": 4}
     with pytest.raises(ConfigError, match=r"quantization with training.distributed=fsdp.*distributed: ddp"):
         validate_config(raw)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo group in this process, for what a single rank does with its units."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_frozen_input_embedding_is_never_gathered_in_backward(one_rank_group, tiny_causal_lm):
+    """Gradient checkpointing makes the embedding's output require grad, so FSDP would gather the whole
+    vocabulary table again in backward (262 MiB at 1.1B, the per-rank peak in bench/README §7) though a lookup's
+    backward never reads the frozen weight. The head, which backward does read, is still gathered."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.train.config import FsdpSpec
+    from deltatune.train.fsdp import shard_model
+    from deltatune.train.setup import enable_gradient_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    dt.inject(model, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    enable_gradient_checkpointing(model)
+    shard_model(model, FsdpSpec(), torch.device("cpu"), "fp32")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, FSDPModule) and isinstance(head, FSDPModule)  # units of their own
+    gathered_in_backward = {}
+
+    def watch(name):
+        def on_grad(module):  # a tensor hook on the output: runs after FSDP's own, registered first
+            gathered_in_backward[name] = not isinstance(module.weight, DTensor)
+
+        def after_forward(module, args, out):
+            out.register_hook(lambda _: on_grad(module))
+
+        return after_forward
+
+    embedding.register_forward_hook(watch("embedding"))
+    head.register_forward_hook(watch("head"))
+    ids = torch.arange(3, 19).unsqueeze(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert gathered_in_backward == {"embedding": False, "head": True}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.allocator import release_freed_memory
 from ..core.inject import set_child
-from .allocator import release_freed_memory
 from .bnb import (
     QuantizationError,
     _quantized_linear,

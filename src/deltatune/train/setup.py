@@ -44,8 +44,8 @@ def load_model(
     `head_note`: what to say about a new classification head (see `new_head_explained`)."""
     if quantization is None:
         return _load_float_model(spec, tokenizer, label_names, head_note)
+    from ..core.allocator import return_large_blocks_to_os
     from ..quant import load_quantized, quantization_settings, quantize_base
-    from ..quant.allocator import return_large_blocks_to_os
 
     return_large_blocks_to_os()  # with the weights small, held heap is much of the peak (measured 0.44 -> 0.32x)
     path = resolve_model_path(spec.path)
