@@ -46,7 +46,8 @@ LORA_SETTINGS = {
 
 def make_variant(name: str, base: torch.nn.Module, in_place: bool = False) -> torch.nn.Module:
     """Variants: floor (all frozen, backward to activations only), full, dt:<setting>, peft:<setting>,
-    and for inference dt-merged:<setting>. `in_place` adapts `base` itself (memory runs: no second copy)."""
+    dt-saved:<setting> (deltatune saving every adapted layer's input, as before core.rebuilt_inputs), and for
+    inference dt-merged:<setting>. `in_place` adapts `base` itself (memory runs: no second copy)."""
     model = base if in_place else copy.deepcopy(base)
     if name == "floor":
         model.enable_input_require_grads()
@@ -60,6 +61,10 @@ def make_variant(name: str, base: torch.nn.Module, in_place: bool = False) -> to
         dt.inject(model, dt.LoraConfig(**kwargs, init_lora_weights=False))
         if library == "dt-merged":
             dt.merge(model)
+        if library == "dt-saved":
+            from deltatune.core.rebuilt_inputs import forget_rebuildable
+
+            forget_rebuildable(model)
         return model
     import peft
 

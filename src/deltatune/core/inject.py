@@ -17,6 +17,7 @@ from .config import AdapterConfig
 from .errors import AdapterNameError, TargetingError
 from .input_hooks import remove_input_hooks
 from .layer import AdapterLayer, ModulesToSaveWrapper, modules_outside_adapters
+from .rebuilt_inputs import forget_rebuildable
 from .registry import get_method
 from .targeting import TargetPreview, candidate_modules, name_matches, suggest_names
 
@@ -132,6 +133,7 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         set_child(model, name, replacement)
     forget_adapters(model)
     remove_input_hooks(model)
+    forget_rebuildable(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
