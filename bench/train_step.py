@@ -3,7 +3,7 @@ full fine-tuning, on the SmolLM2-135M shape (random init), batch 4 x 128. Ratios
 
     python bench/train_step.py train --dtype fp32 --reps 7
     python bench/train_step.py train --dtype bf16 --reps 7
-    python bench/train_step.py memory
+    python bench/train_step.py memory --repeats 3
     python bench/train_step.py inference --reps 9
 
 `--device cuda` runs any of them on a GPU (bench/gpu.sh): steps are timed to the end of the GPU's work, and
@@ -28,9 +28,14 @@ from common import base_model, batch, interleaved, make_variant, median  # noqa:
 TRAIN_VARIANTS = ["floor", "full", "dt:qv-r8", "peft:qv-r8", "dt:all-r16", "peft:all-r16"]
 
 
-def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str):
+def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str, optimizer_out: list | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    # The floor trains nothing, but every training process holds an optimizer, and creating one imports
+    # torch.optim's machinery (torch._dynamo among it): ~73 MiB resident. The floor pays that too, over a
+    # placeholder parameter that never gets a gradient.
+    optimizer = torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    if optimizer_out is not None:
+        optimizer_out.append(optimizer)
     model.train()
     device = inputs["input_ids"].device
 
@@ -39,9 +44,8 @@ def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str):
         with bf16 if dtype == "bf16" else contextlib.nullcontext():
             loss = model(**inputs).loss
         loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
 
     return step
@@ -84,43 +88,83 @@ def peak_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def tensor_mib(model: torch.nn.Module, optimizer) -> float:
+    """Bytes held between steps: parameters, buffers and optimizer state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def cpu_step_allocated_mib(step) -> float:
+    """The most tensor memory live at once during one step, above what was live at its start, from the
+    profiler's allocation events: the CPU counterpart of max_memory_allocated, blind to how glibc's heap
+    fragments (which moves the resident set by +-40 MiB between identical runs of one variant)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def run_memory_one(args) -> None:
     base = base_model().to(args.device)
     model = make_variant(args.variant, base)
     del base
-    step = train_step_fn(model, on(args.device, batch()), args.dtype)
+    optimizer: list = []
+    step = train_step_fn(model, on(args.device, batch()), args.dtype, optimizer)
     before = peak_mib(args.device)
     for _ in range(3):
         step()
-    print(
-        json.dumps(
-            {"variant": args.variant, "peak_rss_mib": peak_mib(args.device), "before_steps_mib": before}
-        )
-    )
+    row = {"variant": args.variant, "peak_rss_mib": peak_mib(args.device), "before_steps_mib": before}
+    if args.device == "cpu":  # after the resident peak is read: the profiler's own records add to it
+        row["allocated_mib"] = tensor_mib(model, optimizer[0]) + cpu_step_allocated_mib(step)
+    print(json.dumps(row))
 
 
 def run_memory(args) -> None:
-    rows = []
-    for variant in args.variants:
-        out = subprocess.run(
-            [sys.executable, __file__, "memory-one", "--variant", variant, "--dtype", args.dtype,
-             "--device", args.device],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    floor = next(r for r in rows if r["variant"] == "floor")["peak_rss_mib"]
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for _ in range(args.repeats):  # variants interleaved, so a drift of the machine hits all of them alike
+        for variant in args.variants:
+            out = subprocess.run(
+                [sys.executable, __file__, "memory-one", "--variant", variant, "--dtype", args.dtype,
+                 "--device", args.device],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def med(variant: str, key: str) -> float:
+        return median([r[key] for r in runs[variant]])
+
     what = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak RSS"
     print(
-        f"## {what} over 3 training steps, {args.dtype}, batch 4x128, fresh process per variant, {args.device}"
+        f"## {what} over 3 training steps, {args.dtype}, batch 4x128, median of {args.repeats} fresh "
+        f"processes per variant, {args.device}"
     )
-    print("| variant | peak RSS MiB | x floor | RSS after build MiB | step peak - build MiB |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        extra = r["peak_rss_mib"] - r["before_steps_mib"]
-        print(
-            f"| {r['variant']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / floor:.3f} | "
-            f"{r['before_steps_mib']:.0f} | {extra:.0f} |"
+    cpu = args.device == "cpu"
+    print(
+        "| variant | peak RSS MiB (runs) | x floor | RSS after build MiB | step peak - build MiB |"
+        + (" peak allocated MiB | x floor |" if cpu else "")
+    )
+    print("|---|---|---|---|---|" + ("---|---|" if cpu else ""))
+    for variant in args.variants:
+        peak, build = med(variant, "peak_rss_mib"), med(variant, "before_steps_mib")
+        each = "/".join(f"{r['peak_rss_mib']:.0f}" for r in runs[variant])
+        line = (
+            f"| {variant} | {peak:.0f} ({each}) | {peak / med('floor', 'peak_rss_mib'):.3f} | {build:.0f} | "
+            f"{peak - build:.0f} |"
         )
+        if cpu:
+            allocated = med(variant, "allocated_mib")
+            line += f" {allocated:.0f} | {allocated / med('floor', 'allocated_mib'):.3f} |"
+        print(line)
 
 
 def run_inference(args) -> None:
@@ -160,6 +204,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--variants", nargs="+", default=TRAIN_VARIANTS)
     parser.add_argument("--variant")
+    parser.add_argument("--repeats", type=int, default=3, help="memory: fresh processes per variant")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = parser.parse_args()
     {"train": run_train, "memory": run_memory, "memory-one": run_memory_one, "inference": run_inference}[
