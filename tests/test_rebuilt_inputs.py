@@ -198,3 +198,18 @@ def test_nothing_is_recorded_without_grad(adoptions):
         model(input_ids=ids)
     assert adoptions == []
     assert rebuilt_inputs._scope_stack() == []  # every scope the MLPs opened was closed
+
+
+def test_the_hooks_do_not_break_a_whole_model_compile(adoptions):
+    """torch.compile(fullgraph=True) traces the hooked model in one graph (the hooks step aside while Dynamo
+    traces), and its gradients equal eager mode's."""
+    model = _lora(_tiny_llama())
+    eager = _grads(copy.deepcopy(model))
+    compiled = torch.compile(model, fullgraph=True)
+    ids = _ids()
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == eager.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager[name], rtol=1e-4, atol=1e-6)
+    assert rebuilt_inputs._scope_stack() == []

@@ -100,12 +100,13 @@ def _scope_stack() -> list[dict]:
 
 
 def _open_scope(module: nn.Module, args: tuple) -> None:
-    _scope_stack().append({})
+    if not torch.compiler.is_compiling():  # (in any grad mode, so that open and close always pair)
+        _scope_stack().append({})
 
 
 def _close_scope(module: nn.Module, args: tuple, output) -> None:
     stack = _scope_stack()
-    if stack:
+    if not torch.compiler.is_compiling() and stack:
         stack.pop()
 
 
