@@ -32,8 +32,10 @@ def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str, optimizer_ou
     params = [p for p in model.parameters() if p.requires_grad]
     # The floor trains nothing, but every training process holds an optimizer, and creating one imports
     # torch.optim's machinery (torch._dynamo among it): ~73 MiB resident. The floor pays that too, over a
-    # placeholder parameter that never gets a gradient.
-    optimizer = torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    # placeholder parameter that never gets a gradient. Fused, as deltatune's trainer uses it (and transformers'
+    # Trainer by default), for every variant.
+    placeholder = [torch.nn.Parameter(torch.zeros(1, device=inputs["input_ids"].device))]
+    optimizer = torch.optim.AdamW(params or placeholder, lr=1e-5, fused=True)
     if optimizer_out is not None:
         optimizer_out.append(optimizer)
     model.train()

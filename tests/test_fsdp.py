@@ -193,3 +193,8 @@ def test_the_frozen_input_embedding_is_never_gathered_in_backward(one_rank_group
     model(input_ids=ids, labels=ids).loss.backward()
     assert gathered_in_backward == {"embedding": False, "head": True}
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    from deltatune.train.loop import _fused_adamw_applies
+
+    assert not _fused_adamw_applies(
+        [p for p in model.parameters() if p.requires_grad]
+    )  # DTensors: default AdamW

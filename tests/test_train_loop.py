@@ -231,3 +231,15 @@ def test_run_state_judges_improvement_and_patience(mode, values):
     for step in range(1, 20):
         never.judge(step, {"m": 1.0}, "m", mode, None)  # no patience: never stops early
     assert not never.stopped_early and never.bad_evals == 18
+
+
+def test_adamw_is_torch_fused_for_plain_parameters_on_one_device(tiny_causal_lm, data, tmp_path):
+    """The fused AdamW kernel (one pass over all adapter tensors) for ordinary parameters; the default loop
+    for anything else (here: a parameter on the meta device; FSDP's DTensors in tests/test_fsdp.py)."""
+    from deltatune.train.loop import build_optimizer
+
+    cfg = validate_config(config(tiny_causal_lm, data, tmp_path / "run", max_steps=1))
+    plain = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4))]
+    assert build_optimizer(cfg, plain).defaults["fused"] is True
+    odd = plain + [torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert not build_optimizer(cfg, odd).defaults["fused"]

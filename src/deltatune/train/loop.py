@@ -124,7 +124,17 @@ def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim
         return Adafactor(
             params, lr=o.lr, weight_decay=o.weight_decay, relative_step=False, scale_parameter=False
         )
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    fused = True if _fused_adamw_applies(params) else None
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
+
+
+def _fused_adamw_applies(params: list[nn.Parameter]) -> bool:
+    """torch's fused AdamW updates every tensor in one kernel: 5.5 ms a step against 25 ms for the default
+    loop over all-linear r=16 on SmolLM2 (420 tensors) on the 2-core CPU (bench/README §12). It takes plain
+    floating-point tensors on one CPU or CUDA device; FSDP's DTensors keep the default."""
+    devices = {p.device.type for p in params}
+    plain = all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params)
+    return plain and len(devices) == 1 and devices <= {"cpu", "cuda"}
 
 
 class Trainer:
