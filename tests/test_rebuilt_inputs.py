@@ -213,3 +213,26 @@ def test_the_hooks_do_not_break_a_whole_model_compile(adoptions):
     for name in grads:
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-4, atol=1e-6)
     assert rebuilt_inputs._scope_stack() == []
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_the_module_hooks_exist_only_while_the_model_trains(adoptions):
+    """Inference pays one root pre-hook per forward, not the ~8 per block that training uses."""
+    model = _lora(_tiny_llama())
+    ids = _ids()
+    assert _hook_count(model) == 1  # the root's, which follows the mode
+    model.train()
+    model(input_ids=ids, labels=ids)
+    per_block = 2 + 2 + 1 + 3  # two norms; the MLP's scope; its activation; gate, up, down
+    assert _hook_count(model) == 1 + 2 * per_block + 1  # and the final norm
+    model.eval()
+    model(input_ids=ids)
+    assert _hook_count(model) == 1
+    with torch.no_grad():
+        model.train()(input_ids=ids)
+    assert _hook_count(model) == 1
+    _assert_equal(_grads(model), _grads(_pair()[1]))  # hooked again when it trains, and still exact
+    assert adoptions

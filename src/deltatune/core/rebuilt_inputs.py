@@ -11,8 +11,8 @@ An adapter kernel asks `rebuild_of(x)` for such a recipe, saves the recipe's ten
 computes x again in backward, once for all the layers that share it. The rebuilt x is bit-identical: the
 same deterministic op on the same tensors.
 
-`keep_rebuildable(model)` installs the forward hooks that make outputs recognisable; `forget_rebuildable(model)`
-removes them. The hooks do nothing unless autograd records (not in inference, not while compiling).
+`keep_rebuildable(model)` installs the forward hooks that make outputs recognisable, present only while the model
+trains; `forget_rebuildable(model)` removes them. They do nothing while Dynamo traces.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .layer import AdapterLayer
+
 _REBUILD_ATTR = "_deltatune_rebuild"  # on a tensor: the Rebuild that reproduces it
+_HOOKED_ATTR = "_deltatune_rebuild_hooks_on"  # on the model: whether the per-module hooks are in place
 _NORM_NAME_ENDINGS = ("RMSNorm", "LayerNorm")
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 
@@ -162,33 +165,54 @@ def _has_hook(hooks: dict, hook: Callable) -> bool:
     return any(existing is hook for existing in hooks.values())
 
 
-def keep_rebuildable(model: nn.Module, adapter_layers: list[nn.Module]) -> None:
-    """Hook the model's norms; and each module that runs an activation and adapter layers of its own (a
-    gated MLP), with those children, so a product of their outputs is recognised. Idempotent."""
-    adapters = {id(layer) for layer in adapter_layers}
+def keep_rebuildable(model: nn.Module) -> None:
+    """Let `model`'s adapter kernels rebuild inputs while it trains. One pre-hook on the model adds the
+    per-module hooks before a forward that trains (training mode, grad enabled) and takes them off before one
+    that does not, so inference pays one hook call per forward instead of one per norm, activation, adapter
+    and MLP (measured ~2% of a single-token forward on SmolLM2). Idempotent."""
+    if not _has_hook(model._forward_pre_hooks, _follow_mode):
+        model.register_forward_pre_hook(_follow_mode)
+
+
+def _follow_mode(model: nn.Module, args: tuple) -> None:
+    if torch.compiler.is_compiling():
+        return
+    training = model.training and torch.is_grad_enabled()
+    if training != model.__dict__.get(_HOOKED_ATTR, False):
+        _remove_module_hooks(model)
+        if training:
+            _add_module_hooks(model)
+        model.__dict__[_HOOKED_ATTR] = training
+
+
+def _add_module_hooks(model: nn.Module) -> None:
+    """Hook every norm; and each module that runs an activation and adapter layers of its own (a gated MLP),
+    with those children, so a product of their outputs is recognised."""
     for module in model.modules():
-        if _is_norm(module) and not _has_hook(module._forward_hooks, _tag_norm_output):
+        if _is_norm(module):
             module.register_forward_hook(_tag_norm_output)
         children = list(module.children())
-        if not any(map(_is_activation, children)) or not any(id(c) in adapters for c in children):
+        adapters = [isinstance(child, AdapterLayer) for child in children]
+        if not any(map(_is_activation, children)) or not any(adapters):
             continue
-        if not _has_hook(module._forward_pre_hooks, _open_scope):
-            module.register_forward_pre_hook(_open_scope)
-            module.register_forward_hook(_close_scope, always_call=True)
-        for child in children:
-            remembered = _is_activation(child) or id(child) in adapters
-            if remembered and not _has_hook(child._forward_hooks, _remember_output):
+        module.register_forward_pre_hook(_open_scope)
+        module.register_forward_hook(_close_scope, always_call=True)
+        for child, adapter in zip(children, adapters, strict=True):
+            if adapter or _is_activation(child):
                 child.register_forward_hook(_remember_output)
 
 
-_OURS = (_tag_norm_output, _remember_output, _open_scope, _close_scope)
+def _remove_module_hooks(model: nn.Module, ours: tuple[Callable, ...] | None = None) -> None:
+    ours = ours or (_tag_norm_output, _remember_output, _open_scope, _close_scope)
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if any(hook is one for one in ours):
+                    del hooks[key]
+                    module._forward_hooks_always_called.pop(key, None)
 
 
 def forget_rebuildable(model: nn.Module) -> None:
     """Remove every hook keep_rebuildable installed (found by identity, so a copied model loses its too)."""
-    for module in model.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key, hook in list(hooks.items()):
-                if any(hook is ours for ours in _OURS):
-                    del hooks[key]
-                    module._forward_hooks_always_called.pop(key, None)
+    _remove_module_hooks(model, (_follow_mode, _tag_norm_output, _remember_output, _open_scope, _close_scope))
+    model.__dict__.pop(_HOOKED_ATTR, None)
