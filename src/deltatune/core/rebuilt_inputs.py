@@ -202,8 +202,10 @@ def _add_module_hooks(model: nn.Module) -> None:
                 child.register_forward_hook(_remember_output)
 
 
-def _remove_module_hooks(model: nn.Module, ours: tuple[Callable, ...] | None = None) -> None:
-    ours = ours or (_tag_norm_output, _remember_output, _open_scope, _close_scope)
+_MODULE_HOOKS = (_tag_norm_output, _remember_output, _open_scope, _close_scope)
+
+
+def _remove_module_hooks(model: nn.Module, ours: tuple[Callable, ...] = _MODULE_HOOKS) -> None:
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
@@ -214,5 +216,5 @@ def _remove_module_hooks(model: nn.Module, ours: tuple[Callable, ...] | None = N
 
 def forget_rebuildable(model: nn.Module) -> None:
     """Remove every hook keep_rebuildable installed (found by identity, so a copied model loses its too)."""
-    _remove_module_hooks(model, (_follow_mode, _tag_norm_output, _remember_output, _open_scope, _close_scope))
+    _remove_module_hooks(model, (_follow_mode, *_MODULE_HOOKS))
     model.__dict__.pop(_HOOKED_ATTR, None)
