@@ -176,7 +176,9 @@ def test_classification_lora_and_full_fine_tuning_learn_the_rule(tiny_bert, tmp_
     assert min(accuracies.values()) > 0.8, accuracies  # chance 0.5; measured 0.90 (LoRA), 1.0 (full)
 
 
-def test_trimmed_logits_give_the_same_loss_and_gradients(tiny_causal_lm):
+def test_trimmed_and_fused_heads_give_the_same_loss_and_gradients(tiny_causal_lm):
+    """The three ways task_loss runs the output head: on every position, on the labelled tail
+    (logits_to_keep), and fused with the loss on the labelled positions only (train/head_loss.py)."""
     from transformers import AutoModelForCausalLM
 
     import deltatune as dt
@@ -186,31 +188,34 @@ def test_trimmed_logits_give_the_same_loss_and_gradients(tiny_causal_lm):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
     torch.manual_seed(0)
-    dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     examples = [  # answers start at different positions; right padding
         Example(list(range(5, 25)), [-100] * 14 + list(range(19, 25))),
         Example(list(range(7, 19)), [-100] * 9 + list(range(16, 19))),
     ]
     batch = collate(examples, pad_id=0, classification=False)
-    results = []
-    for trim in (False, True):
+    results = {}
+    for path, options in {
+        "full": dict(fuse_head=False, trim_logits=False),
+        "trimmed": dict(fuse_head=False, trim_logits=True),
+        "fused": {},
+    }.items():
         model.zero_grad()
-        loss, count, logits = task_loss(model, batch, False, trim_logits=trim)
+        loss, count, logits = task_loss(model, batch, False, **options)
         loss.backward()
-        results.append(
-            (
-                loss.detach(),
-                count,
-                logits.shape[1],
-                [p.grad.clone() for p in model.parameters() if p.requires_grad],
-            )
-        )
-    (full, n_full, width_full, grads_full), (trim, n_trim, width_trim, grads_trim) = results
-    assert n_full == n_trim == 9
-    assert width_trim < width_full  # the head really ran on fewer positions
-    torch.testing.assert_close(trim, full, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads_full, grads_trim, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[path] = (loss.detach(), count, None if logits is None else logits.shape[1], grads)
+    full, width_full = results["full"], results["full"][2]
+    assert results["trimmed"][2] < width_full  # the head really ran on fewer positions
+    assert results["fused"][2] is None  # and here kept no logits at all
+    # the fused path sums the head's input gradient in another order: ~1e-5 relative on a few elements
+    for path, (rtol, atol) in {"trimmed": (1e-5, 1e-7), "fused": (1e-4, 1e-6)}.items():
+        loss, count, _, grads = results[path]
+        assert count == full[1] == 9
+        torch.testing.assert_close(loss, full[0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(full[3], grads, strict=True):
+            assert a.abs().max() > 0
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize(

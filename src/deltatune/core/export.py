@@ -26,6 +26,7 @@ from .errors import MergeError
 from .inject import eject, set_child
 from .input_hooks import strip_copied_input_hooks
 from .merging import refuse_unmergeable
+from .modes import eval_mode
 from .quantized import QUANTIZATION_ATTR, dequantized_linear, is_quantized, quantization_of
 
 REPORT_NAME = "merge_report.json"
@@ -150,15 +151,10 @@ def logits_of(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
 
 @torch.no_grad()
 def _measure(model: nn.Module, merged: nn.Module, inputs: dict[str, Any]) -> dict[str, float]:
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         adapted = logits_of(model, inputs)
         with disable_adapter(model):
             base = logits_of(model, inputs)
-    finally:
-        for module, training in modes:
-            module.training = training
     error, effect = (logits_of(merged, inputs) - adapted).abs(), (adapted - base).abs()
     return {
         "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),

@@ -89,6 +89,12 @@ def install_input_hooks(model: nn.Module, layer: InputRewritingLayer) -> None:
         state[2].append(layer)
 
 
+def rewrites_inputs(model: nn.Module) -> bool:
+    """Whether a method (virtual tokens) rewrites `model`'s calls, so its outputs may not line up with its inputs
+    position by position."""
+    return getattr(model, _HOOKS_ATTR, None) is not None
+
+
 def remove_input_hooks(model: nn.Module) -> None:
     state = getattr(model, _HOOKS_ATTR, None)
     if state is not None:

@@ -18,6 +18,7 @@ from ..data.formats import IGNORE, Example
 from ..runtime import generate
 from ..runtime.sampling import end_of_sequence_ids
 from .batching import collate
+from .head_loss import fusable_head, head_loss
 from .shared_prefix import continuation, shared_prefix_length
 
 
@@ -31,15 +32,18 @@ def task_loss(
     batch: dict[str, torch.Tensor],
     classification: bool,
     *,
+    fuse_head: bool = True,
     trim_logits: bool = True,
     share_prefix: bool = False,
-) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(summed loss, number of loss terms, logits). Summing lets evaluation weight every token equally.
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(summed loss, number of loss terms, logits or None). Summing lets evaluation weight every token equally.
 
-    For causal LMs only positions that carry a label need logits. With masked prompts that is a short tail,
-    so when the model takes `logits_to_keep` (transformers causal LMs do) the output head runs on that tail
-    only: for SmolLM2 the head is a fifth of the forward FLOPs, and the fp32 logits of a full eval batch
-    were gigabytes. The loss is the same either way (tested).
+    For causal LMs only positions that carry a label need logits, and the loss needs none kept: where the
+    model allows it (`fuse_head`, train/head_loss.py) the output head and the loss run together, in chunks,
+    on the labelled positions only, and no logits are returned. Otherwise, with masked prompts the labelled
+    positions are a short tail, so when the model takes `logits_to_keep` (transformers causal LMs do) the head
+    runs on that tail only (`trim_logits`): for SmolLM2 the head is a fifth of the forward FLOPs, and the fp32
+    logits of a full eval batch were gigabytes. The loss is the same on every path (tested).
 
     `share_prefix`: the leading tokens all rows share run once (train/shared_prefix.py); the logits returned
     then start after them. The caller makes sure the model may take a KV cache (no virtual tokens, no
@@ -56,6 +60,8 @@ def task_loss(
     targets = labels[:, 1:]  # targets[:, t] is predicted by the logits at position t
     trained = targets != IGNORE
     count = int(trained.sum())
+    if fuse_head and (head := fusable_head(model, ids)) is not None:
+        return head_loss(model, head, ids, targets, trained, extra), count, None
     first = int(trained.any(dim=0).nonzero()[0]) if count else targets.shape[1] - 1
     owner = type(getattr(model, "module", model))  # under DDP, the wrapped model's signature
     if trim_logits and first > 0 and _accepts_logits_to_keep(owner):
