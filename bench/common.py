@@ -47,9 +47,11 @@ LORA_SETTINGS = {
 def make_variant(name: str, base: torch.nn.Module, in_place: bool = False) -> torch.nn.Module:
     """Variants: floor (all frozen, backward to activations only), full, dt:<setting>, peft:<setting>,
     dt-saved:<setting> (deltatune saving every adapted layer's input, as before core.rebuilt_inputs), and for
-    inference dt-merged:<setting>. `in_place` adapts `base` itself (memory runs: no second copy)."""
+    inference dt-merged:<setting>. `in_place` adapts `base` itself (memory runs: no second copy).
+    Training steps take the loss as `uses_deltatune_loss` says; floor-dt is the floor's model with deltatune's
+    loss, dt-hf-loss:<setting> deltatune LoRA with transformers' loss."""
     model = base if in_place else copy.deepcopy(base)
-    if name == "floor":
+    if name in ("floor", "floor-dt"):
         model.enable_input_require_grads()
         return model
     if name == "full":
@@ -69,6 +71,13 @@ def make_variant(name: str, base: torch.nn.Module, in_place: bool = False) -> to
     import peft
 
     return peft.get_peft_model(model, peft.LoraConfig(**kwargs, init_lora_weights=False))
+
+
+def uses_deltatune_loss(name: str) -> bool:
+    """Whether a variant's training step takes its loss the way deltatune's trainer does (`task_loss`: the head
+    fused with the cross-entropy, train/head_loss.py) rather than as `model(**inputs).loss` (transformers' own
+    loss, which PEFT with the transformers Trainer uses)."""
+    return name == "floor-dt" or name.split(":")[0] in ("dt", "dt-saved")
 
 
 def batch(batch_size: int = 4, length: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:

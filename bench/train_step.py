@@ -6,6 +6,11 @@ full fine-tuning, on the SmolLM2-135M shape (random init), batch 4 x 128. Ratios
     python bench/train_step.py memory --repeats 3
     python bench/train_step.py inference --reps 9
 
+Each deltatune variant takes its loss as deltatune's trainer does (`task_loss`: the output head fused with the
+cross-entropy, train/head_loss.py); the floor and PEFT take transformers' `model(**inputs).loss`, as PEFT
+with the transformers Trainer does. `floor-dt` is the floor with deltatune's loss, `dt-hf-loss:<s>` deltatune
+LoRA with transformers' loss: side by side they split a ratio into the loss path and LoRA's own cost.
+
 `--device cuda` runs any of them on a GPU (bench/gpu.sh): steps are timed to the end of the GPU's work, and
 memory is `torch.cuda.max_memory_allocated` instead of the resident set.
 """
@@ -23,12 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import base_model, batch, interleaved, make_variant, median  # noqa: E402
+from common import base_model, batch, interleaved, make_variant, median, uses_deltatune_loss  # noqa: E402
 
-TRAIN_VARIANTS = ["floor", "full", "dt:qv-r8", "peft:qv-r8", "dt:all-r16", "peft:all-r16"]
+from deltatune.train.evaluate import task_loss  # noqa: E402
+
+TRAIN_VARIANTS = ["floor", "floor-dt", "full", "dt:qv-r8", "peft:qv-r8", "dt:all-r16", "peft:all-r16"]
 
 
-def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str, optimizer_out: list | None = None):
+def train_step_fn(
+    model: torch.nn.Module, inputs: dict, dtype: str, optimizer_out: list | None = None, dt_loss: bool = False
+):
     params = [p for p in model.parameters() if p.requires_grad]
     # The floor trains nothing, but every training process holds an optimizer, and creating one imports
     # torch.optim's machinery (torch._dynamo among it): ~73 MiB resident. The floor pays that too, over a
@@ -41,10 +50,18 @@ def train_step_fn(model: torch.nn.Module, inputs: dict, dtype: str, optimizer_ou
     model.train()
     device = inputs["input_ids"].device
 
+    trainer_batch = inputs | {"attention_mask": torch.ones_like(inputs["input_ids"])}
+
+    def loss_of() -> torch.Tensor:
+        if not dt_loss:
+            return model(**inputs).loss
+        total, count, _ = task_loss(model, trainer_batch, False)  # as deltatune's trainer takes it
+        return total / count
+
     def step() -> None:
         bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
         with bf16 if dtype == "bf16" else contextlib.nullcontext():
-            loss = model(**inputs).loss
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -66,7 +83,10 @@ def on(device: str, inputs: dict) -> dict:
 def run_train(args) -> None:
     base = base_model().to(args.device)
     inputs = on(args.device, batch())
-    fns = {name: train_step_fn(make_variant(name, base), inputs, args.dtype) for name in args.variants}
+    fns = {
+        name: train_step_fn(make_variant(name, base), inputs, args.dtype, dt_loss=uses_deltatune_loss(name))
+        for name in args.variants
+    }
     times = interleaved(fns, args.reps)
     floor = median(times["floor"])
     print(
@@ -121,7 +141,9 @@ def run_memory_one(args) -> None:
     model = make_variant(args.variant, base)
     del base
     optimizer: list = []
-    step = train_step_fn(model, on(args.device, batch()), args.dtype, optimizer)
+    step = train_step_fn(
+        model, on(args.device, batch()), args.dtype, optimizer, dt_loss=uses_deltatune_loss(args.variant)
+    )
     before = peak_mib(args.device)
     for _ in range(3):
         step()
