@@ -119,6 +119,17 @@ def test_task_loss_of_a_lora_model_is_the_plain_paths(small_chunks):
     assert_same_training_signal(model.train(), labelled_batch())
 
 
+def test_a_batch_without_labels_gives_a_zero_loss_that_backpropagates():
+    model = build_llama()
+    dt.inject(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = labelled_batch()
+    batch["labels"].fill_(IGNORE)
+    loss, count, logits = task_loss(model.train(), batch, False)
+    assert (float(loss), count, logits) == (0.0, 0, None)
+    loss.backward()
+    assert all(float(p.grad.abs().max()) == 0 for p in model.parameters() if p.requires_grad)
+
+
 def test_a_trained_head_gets_the_plain_paths_gradient(small_chunks):
     model = build_llama()
     model.requires_grad_(False)
