@@ -177,9 +177,16 @@ def test_the_check_draws_no_random_numbers_and_keeps_each_modules_mode():
     assert model.training and model.model.layers[0].training and not model.model.norm.training
 
 
-def test_a_head_swapped_after_the_check_is_checked_again():
+def test_the_check_is_kept_per_model_and_head():
     model = build_llama()
     ids = labelled_batch()["input_ids"]
     assert hl.fusable_head(model, ids) is model.lm_head
-    dt.inject(model, dt.LoraConfig(r=4, target_modules=["lm_head"]))
-    assert hl.fusable_head(model, ids) is None
+
+    def doubled(module, args, output):
+        output.logits = output.logits * 2
+        return output
+
+    model.register_forward_hook(doubled)  # logits are no longer the head's output
+    assert hl.fusable_head(model, ids) is model.lm_head  # the same head: not checked again
+    model.lm_head = torch.nn.Linear(32, 96, bias=False)
+    assert hl.fusable_head(model, ids) is None  # a new head is checked, and the doubling found
