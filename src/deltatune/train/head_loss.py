@@ -31,8 +31,9 @@ from ..core.input_hooks import rewrites_inputs
 from ..core.modes import eval_mode
 
 # fp32 logits per chunk. Each chunk reads the whole head weight twice (forward and input gradient), so on a CPU
-# small chunks are slow: for SmolLM2 (a 113 MiB head) the loss of 508 rows took 558 ms in chunks of 64 rows,
-# 416 in chunks of 341 and 353 in one chunk of 508; transformers' path took 447.
+# small chunks are slow: for SmolLM2 (a 113 MiB head) the loss of 508 rows took 443 ms in chunks of 341 rows
+# (log-softmax, the first version), 374 in one chunk, transformers' path 451 (bench/README §13); a 64-row
+# prototype took 558.
 CHUNK_BYTES = 128 * 2**20
 
 
