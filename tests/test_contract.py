@@ -157,6 +157,31 @@ def test_export_merged_loads_without_deltatune(setup, variant, tmp_path):
     torch.testing.assert_close(_out(case, model, inputs), adapted, atol=0, rtol=0)  # live model untouched
 
 
+def test_the_merged_copy_shares_what_the_merge_leaves_alone(setup, variant):
+    """The export's copy costs the adapted layers' weights, not a second model; the live model stays as it was
+    (values and requires_grad) and the copy's tensors hold the merged values."""
+    case, model, inputs, base, pristine = setup
+    if not _mergeable(case, variant):
+        pytest.skip("nothing to merge")
+    from deltatune.core.adapters import adapter_layers
+    from deltatune.core.export import merged_model
+
+    model.train()  # a trained-copy module (modules_to_save) must stay trainable in the live model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = {name for name, _ in adapter_layers(model)}
+    live_storage = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    merged = merged_model(model)
+
+    shared = {k for k, t in merged.state_dict().items() if t.untyped_storage().data_ptr() in live_storage}
+    rewritten = {k for k in merged.state_dict() if k.rsplit(".", 1)[0] in adapted}
+    assert rewritten and shared == set(merged.state_dict()) - rewritten
+    assert not any(p.requires_grad for p in merged.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(_out(case, merged, inputs), _out(case, model.eval(), inputs), **TOL)
+
+
 def test_optimizer_step_changes_only_adapter_parameters(setup):
     case, model, inputs, base, _ = setup
     model.train()
