@@ -35,64 +35,19 @@ from ..runtime import AdapterCache, CacheFullError, Completion, generate
 from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
 from ..runtime.mixed import mixable_refusal
-from ..runtime.sampling import GREEDY_BELOW, check_sampling
 from .stops import StopWatch
+from .work import (
+    Call,
+    EngineStopped,
+    RequestTimeout,
+    Row,
+    ServerBusy,
+    Stats,
+    stream_token,
+    streaming_callback,
+)
 
 log = logging.getLogger("deltatune.serve")
-
-
-@dataclass
-class Row:
-    """One prompt to continue: token ids, the adapter folder name (None: base) and its sampling settings."""
-
-    prompt: list[int]
-    adapter: str | None
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
-    stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
-    deadline: float | None = None  # time.monotonic() after which the row is ended and fails (RequestTimeout)
-    future: Future = field(default_factory=Future)
-    streamed: int = 0  # tokens handed to on_token so far; a row that streamed some cannot be rerun
-    cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
-    stop_reached: bool = False  # ended at a stop string (its finish_reason is then "stop")
-    watch: StopWatch | None = field(default=None, repr=False)  # the engine's incremental stop check
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        check_sampling([self.temperature], [self.top_p])  # refused here, before the row reaches the engine
-
-    @property
-    def sampling(self) -> tuple[float, float]:
-        return (self.temperature, self.top_p) if self.temperature >= GREEDY_BELOW else (0.0, 1.0)
-
-    @property
-    def overdue(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-
-@dataclass
-class Call:
-    """Other work that must run on the engine thread (adapter load / unload)."""
-
-    fn: Callable[[], Any]
-    future: Future = field(default_factory=Future)
-
-
-@dataclass
-class Stats:
-    rows: int = 0
-    batches: int = 0  # prefills of rows joining the decode batch, and fixed batches
-    decode_steps: int = 0
-    largest_batch: int = 0  # most rows in one forward
-    most_adapters_in_batch: int = 0
-    failed_rows: int = 0
-    cancelled_rows: int = 0
-    timed_out_rows: int = 0
-    rows_ended_at_stop_string: int = 0
-    recovered_errors: int = 0  # unexpected errors the loop survived (each failed the rows it touched)
 
 
 @dataclass
@@ -105,18 +60,6 @@ class _Live:
 
 
 _WAKE_UP = object()  # put on the row queue so an idle engine turns to a newly submitted Call
-
-
-class ServerBusy(RuntimeError):
-    """The queue is full; the client should retry later."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine thread is not running (shut down, or ended by an error it could not survive)."""
-
-
-class RequestTimeout(TimeoutError):
-    """A row passed its deadline before it was answered."""
 
 
 class Engine:
@@ -389,7 +332,7 @@ class Engine:
                 continue
             if step.token is not None:
                 live.tokens.append(step.token)
-                _stream(row, step.token)
+                stream_token(row, step.token)
             finished = step.finished
             if finished is None and self._ends_early(row, live.tokens):
                 self.decoding.end(step.row)
@@ -469,7 +412,7 @@ class Engine:
                 eos_token_id=self.eos_token_id,
                 temperature=temperature,
                 top_p=top_p,
-                on_token=_streaming(rows),
+                on_token=streaming_callback(rows),
                 stop_rows=self._row_ends(rows),
                 continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge
             )
@@ -505,23 +448,3 @@ def _drained(items: queue.Queue | queue.SimpleQueue) -> Iterator[Any]:
             yield items.get_nowait()
         except queue.Empty:
             return
-
-
-def _streaming(rows: list[Row]) -> Callable[[int, int], None] | None:
-    """The generate callback passing each streaming row its tokens."""
-    if not any(r.on_token for r in rows):
-        return None
-    return lambda index, token: _stream(rows[index], token)
-
-
-def _stream(row: Row, token: int) -> None:
-    """Pass a streaming row its next token; a callback that fails (the client went away) is dropped, and the
-    row still completes."""
-    if row.on_token is None:
-        return
-    try:
-        row.on_token(token)
-    except Exception:
-        row.on_token = None
-        return
-    row.streamed += 1

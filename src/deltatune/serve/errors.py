@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..runtime import AdapterNameInvalid, CacheFullError
 from ..runtime.cache import AdapterDraining
-from .engine import EngineStopped, RequestTimeout, ServerBusy
+from .work import EngineStopped, RequestTimeout, ServerBusy
 
 log = logging.getLogger("deltatune.serve")
 

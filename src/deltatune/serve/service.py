@@ -15,12 +15,13 @@ from fastapi.responses import StreamingResponse
 
 from ..core.errors import AdapterNotFoundError
 from ..runtime import AdapterNameInvalid, Completion
-from .engine import Engine, Row
+from .engine import Engine
 from .errors import ApiError, PathsHidden
 from .prompts import encode_chat, encode_text
 from .schemas import ChatRequest, CompletionRequest
 from .stops import first_stop
 from .streaming import TextDeltas, TokenFeed, event
+from .work import Row
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""What HTTP handlers hand the serving engine (a Row to continue, a Call to run on its thread), what it
+reports (Stats, the errors a client can be told), and how a streaming row gets its tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime.sampling import GREEDY_BELOW, check_sampling
+from .stops import StopWatch
+
+
+@dataclass
+class Row:
+    """One prompt to continue: token ids, the adapter folder name (None: base) and its sampling settings."""
+
+    prompt: list[int]
+    adapter: str | None
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
+    stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
+    deadline: float | None = None  # time.monotonic() after which the row is ended and fails (RequestTimeout)
+    future: Future = field(default_factory=Future)
+    streamed: int = 0  # tokens handed to on_token so far; a row that streamed some cannot be rerun
+    cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
+    stop_reached: bool = False  # ended at a stop string (its finish_reason is then "stop")
+    watch: StopWatch | None = field(default=None, repr=False)  # the engine's incremental stop check
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check_sampling([self.temperature], [self.top_p])  # refused here, before the row reaches the engine
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        return (self.temperature, self.top_p) if self.temperature >= GREEDY_BELOW else (0.0, 1.0)
+
+    @property
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+@dataclass
+class Call:
+    """Other work that must run on the engine thread (adapter load / unload)."""
+
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Stats:
+    rows: int = 0
+    batches: int = 0  # prefills of rows joining the decode batch, and fixed batches
+    decode_steps: int = 0
+    largest_batch: int = 0  # most rows in one forward
+    most_adapters_in_batch: int = 0
+    failed_rows: int = 0
+    cancelled_rows: int = 0
+    timed_out_rows: int = 0
+    rows_ended_at_stop_string: int = 0
+    recovered_errors: int = 0  # unexpected errors the loop survived (each failed the rows it touched)
+
+
+class ServerBusy(RuntimeError):
+    """The queue is full; the client should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (shut down, or ended by an error it could not survive)."""
+
+
+class RequestTimeout(TimeoutError):
+    """A row passed its deadline before it was answered."""
+
+
+def streaming_callback(rows: list[Row]) -> Callable[[int, int], None] | None:
+    """The generate callback passing each streaming row its tokens."""
+    if not any(r.on_token for r in rows):
+        return None
+    return lambda index, token: stream_token(rows[index], token)
+
+
+def stream_token(row: Row, token: int) -> None:
+    """Pass a streaming row its next token; a callback that fails (the client went away) is dropped, and the
+    row still completes."""
+    if row.on_token is None:
+        return
+    try:
+        row.on_token(token)
+    except Exception:
+        row.on_token = None
+        return
+    row.streamed += 1
