@@ -6,6 +6,7 @@ import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -111,3 +112,11 @@ def interleaved(
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def status_mib(field: str) -> float:
+    """A memory field of this process from /proc/self/status (VmRSS, VmHWM, ...), in MiB. Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(f"{field} is not in /proc/self/status")

@@ -6,7 +6,7 @@ resident set is reset (/proc/self/clear_refs), and `export_merged` writes the me
 logit error on a sample. Reported: the peak resident set the export added above the adapted model, and the
 written folder checked to be identical between the two ways of copying.
 
-    python bench/export_memory.py --shape smollm2 --repeats 3
+    python bench/export_memory.py --shape smollm2 --repeats 2
 """
 
 from __future__ import annotations
@@ -24,16 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import LORA_SETTINGS, smollm2_shape, tinyllama_shape  # noqa: E402
+from common import LORA_SETTINGS, smollm2_shape, status_mib, tinyllama_shape  # noqa: E402
 
 SHAPES = {"smollm2": smollm2_shape, "tinyllama": tinyllama_shape}
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} is not in /proc/self/status (Linux only)")
 
 
 def run_one(shape: str, setting: str, how: str) -> None:
@@ -50,10 +43,10 @@ def run_one(shape: str, setting: str, how: str) -> None:
     dt.inject(model, dt.LoraConfig(**LORA_SETTINGS[setting], init_lora_weights=False))
     sample = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
-    before = _status_mib("VmRSS")
+    before = status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         report = dt.export_merged(model, Path(tmp) / "merged", sample=sample)
-        peak = _status_mib("VmHWM")
+        peak = status_mib("VmHWM")
         digest = hashlib.sha256((Path(tmp) / "merged" / "model.safetensors").read_bytes()).hexdigest()
     print(json.dumps({"before": before, "added": peak - before, "max_abs_error": report.max_abs_error,
                       "digest": digest}))  # fmt: skip

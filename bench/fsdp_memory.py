@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import tinyllama_shape
+from common import status_mib, tinyllama_shape
 from transformers import LlamaForCausalLM
 
 import deltatune as dt
@@ -34,13 +34,6 @@ from deltatune.train.fsdp import shard_model
 from deltatune.train.setup import enable_gradient_checkpointing
 
 MODES = ["ddp", "fsdp"]
-
-
-def status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def reset_peak(device: torch.device) -> None:
