@@ -155,6 +155,7 @@ def test_chat_and_prompt_lists(server, expected):
         ({"model": "alpha", "prompt": "hi " * 40}, 400, "limit is 32"),
         ({"model": "alpha", "prompt": "hi", "stream": True, "max_tokens": 100}, 400, "limit of 8"),
         ({"model": "alpha", "prompt": "hi", "n": 2}, 400, "n"),
+        ({"model": "alpha", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream=true"),
         ({"model": "alpha", "prompt": "x" * 5000}, 413, "over the limit"),
         ({"model": "broken", "prompt": "hi"}, 409, "sha256"),
     ],
@@ -227,6 +228,32 @@ def test_streaming_with_a_stop_string_and_in_chat(server, expected):
     assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
     assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
     assert chunks[-1]["object"] == "chat.completion.chunk" and chunks[-1]["choices"][0]["finish_reason"]
+
+
+def test_stream_options_include_usage_counts_what_the_plain_answer_counts(server):
+    """OpenAI's stream_options.include_usage: every chunk says usage: null, and one more chunk before [DONE],
+    with no choices, carries the usage the same request gets unstreamed (stop strings included)."""
+    asked = {"stream": True, "stream_options": {"include_usage": True}}
+    cases = [
+        ("/v1/completions", {"model": "beta-v2", "prompt": PROMPTS[:2], "max_tokens": 6, "temperature": 0}),
+        ("/v1/completions", {"model": "alpha", "prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0,
+                             "stop": [" "]}),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "good day"}],
+                                  "max_tokens": 5, "temperature": 0}),
+    ]  # fmt: skip
+    for path, body in cases:
+        plain = server.post(path, json=body).json()
+        *chunks, last = _events(server, path, body | asked)
+        assert last["choices"] == [] and last["usage"] == plain["usage"], (path, body)
+        assert last["id"] == chunks[0]["id"] and last["object"] == chunks[0]["object"]
+        assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks)
+        assert plain["usage"]["completion_tokens"] > 0
+    without = _events(server, "/v1/completions", cases[0][1] | {"stream": True})
+    assert all("usage" not in c for c in without)  # OpenAI's default: no usage field at all
+    off = _events(
+        server, "/v1/completions", cases[0][1] | asked | {"stream_options": {"include_usage": False}}
+    )
+    assert all("usage" not in c for c in off) and all(c["choices"] for c in off)
 
 
 def test_streaming_and_plain_requests_share_batches(server, expected):

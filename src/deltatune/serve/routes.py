@@ -73,14 +73,13 @@ async def models(s: Served) -> dict:
 async def completions(http: Request, request: CompletionRequest, s: Served) -> Any:
     prompts = await s.encoded(request)
     if request.stream:
-        name, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": request.model}  # fmt: skip
 
-        def chunk(index: int, text: str, reason: str | None) -> dict:
-            choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
-            return {"id": name, "object": "text_completion", "created": created, "model": request.model,
-                    "choices": [choice]}  # fmt: skip
+        def choice(index: int, text: str, reason: str | None) -> dict:
+            return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
 
-        return s.stream(request, prompts, chunk)
+        return s.stream(request, prompts, head, choice)
     results = await s.complete(http, request, prompts)
     choices = []
     for i, result in enumerate(results):
@@ -100,17 +99,17 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
 async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
     prompt = await s.chat_prompt(request)
     if request.stream:
-        name, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": request.model}  # fmt: skip
         first = [True]
 
-        def chunk(index: int, text: str, reason: str | None) -> dict:
+        def choice(index: int, text: str, reason: str | None) -> dict:
             delta = {"content": text} if text else {}
             if first[0]:  # OpenAI's first delta names the role
                 delta, first[0] = {"role": "assistant", **delta}, False
-            return {"id": name, "object": "chat.completion.chunk", "created": created, "model": request.model,
-                    "choices": [{"index": index, "delta": delta, "finish_reason": reason}]}  # fmt: skip
+            return {"index": index, "delta": delta, "finish_reason": reason}
 
-        return s.stream(request, [prompt], chunk)
+        return s.stream(request, [prompt], head, choice)
     (result,) = await s.complete(http, request, [prompt])
     text, reason = s.text_of(result, request.stops())
     return {

@@ -47,6 +47,11 @@ UNSUPPORTED: dict[str, Any] = {
 }
 
 
+class StreamOptions(BaseModel):
+    # a last event before [DONE] carries the request's token usage (choices: []); the others carry usage: null
+    include_usage: bool = False
+
+
 class _Generation(BaseModel):
     model: Text = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)  # None: 16 (OpenAI's default) or the server's limit
@@ -55,6 +60,7 @@ class _Generation(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stop: Text | list[Text] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -67,6 +73,16 @@ class _Generation(BaseModel):
                     f"leave {'it' if len(used) == 1 else 'them'} out"
                 )
         return data
+
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> _Generation:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true; set stream or leave it out")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def stops(self) -> list[str]:
         if self.stop is None:

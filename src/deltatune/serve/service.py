@@ -45,7 +45,7 @@ class Limits:
         return self.max_prompt_chars if self.max_prompt_chars is not None else 32 * self.max_prompt_tokens
 
 
-Chunk = Callable[[int, str, "str | None"], dict]  # (choice index, text, finish reason) -> one stream event
+Choice = Callable[[int, str, "str | None"], dict]  # (index, text, finish reason) -> one event's choice
 
 
 class Service:
@@ -200,10 +200,12 @@ class Service:
                 row.cancelled = True  # a no-op for rows already answered
 
     def stream(
-        self, request: CompletionRequest | ChatRequest, prompts: list[list[int]], chunk: Chunk
+        self, request: CompletionRequest | ChatRequest, prompts: list[list[int]], head: dict, choice: Choice
     ) -> StreamingResponse:
-        """Server-sent events: `chunk(index, text, finish_reason)` per piece of text, then [DONE]. Limits
-        and a full queue are refused before the stream starts; a row failing later ends with an error event."""
+        """Server-sent events: `head` (id, object, created, model) with `choice(index, text, finish_reason)` per
+        piece of text, then [DONE]; with stream_options.include_usage, each event has `usage: null` and one
+        more before [DONE] holds the usage of the whole request. Limits and a full queue are refused before
+        the stream starts; a row failing later ends with an error event."""
         rows = self.rows(request, prompts)
         feed = TokenFeed(asyncio.get_running_loop())
         for i, row in enumerate(rows):
@@ -212,15 +214,20 @@ class Service:
         for i, future in enumerate(futures):
             feed.watch(i, future)
         stops = request.stops()
+        with_usage = {"usage": None} if request.include_usage else {}
+
+        def chunk(index: int, text: str, reason: str | None) -> str:
+            return event({**head, "choices": [choice(index, text, reason)], **with_usage})
 
         async def events() -> AsyncIterator[str]:
             deltas = [TextDeltas(self.tokenizer, stops) for _ in rows]
+            answered: list[Completion] = []
             try:
                 async for i, token in feed.items(len(rows)):
                     if token is not None:
                         piece = deltas[i].add(token)  # the engine ends the row at a stop string
                         if piece:
-                            yield event(chunk(i, piece, None))
+                            yield chunk(i, piece, None)
                         continue
                     try:
                         result = futures[i].result()
@@ -228,11 +235,14 @@ class Service:
                         err = self.public(exc)
                         yield event({"error": {"message": err.message, "type": err.kind, "code": err.code}})
                         continue
+                    answered.append(result)
                     text, reason = self.text_of(result, stops)
                     piece = deltas[i].rest(text)
                     if piece:
-                        yield event(chunk(i, piece, None))
-                    yield event(chunk(i, "", reason))
+                        yield chunk(i, piece, None)
+                    yield chunk(i, "", reason)
+                if with_usage:  # the rows that failed generated nothing to count
+                    yield event({**head, "choices": [], "usage": usage(answered)})
                 yield event("[DONE]")
             finally:  # also when the client went away mid-stream: its rows stop at their next token
                 for row in rows:
