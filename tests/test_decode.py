@@ -11,6 +11,7 @@ from test_runtime import ADAPTERS, ROWS, _prompts, _with_adapters
 import deltatune as dt
 from deltatune.runtime import generate
 from deltatune.runtime.decode import ContinuousBatchingUnsupported, DecodeBatch
+from deltatune.runtime.sampling import Sampling
 
 
 def _alone(model, prompt, adapter, limit, eos=None):
@@ -106,13 +107,14 @@ def test_sampling_follows_each_rows_settings():
     prompts = _prompts()[:2]
     batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
     torch.manual_seed(0)
-    steps = batch.add(prompts, ["a", "b"], max_new_tokens=[6, 6], temperature=[0.0, 1.5], top_p=[1.0, 0.9])
+    sampling = [Sampling(0.0, 1.0), Sampling(1.5, 0.9)]
+    steps = batch.add(prompts, ["a", "b"], max_new_tokens=[6, 6], sampling=sampling)
     while len(batch):
         steps += batch.step()
     greedy = batch.completion(steps[0].row)
     assert greedy.tokens == _alone(model, prompts[0], "a", 6).tokens  # temperature 0 stays greedy
     # top_p so small that only the most likely token is left: sampling equals greedy
-    batch.add([prompts[1]], ["b"], max_new_tokens=[6], temperature=[1.0], top_p=[1e-6])
+    batch.add([prompts[1]], ["b"], max_new_tokens=[6], sampling=[Sampling(1.0, 1e-6)])
     while len(batch):
         batch.step()
     (handle,) = batch.finished.keys() - {steps[1].row}

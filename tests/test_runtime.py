@@ -266,14 +266,18 @@ def test_the_engine_and_transformers_generate_the_same_tokens():
     assert any(c.finish_reason == "stop" for c in reference)  # the end-of-sequence case did end a row
 
 
-def test_generate_on_the_engine_refuses_non_finite_scores():
+@pytest.mark.parametrize("continuous", [True, False], ids=["engine", "transformers"])
+def test_generate_refuses_non_finite_scores_on_both_paths(continuous):
     from deltatune.runtime.decode import NonFiniteOutput
 
     model = _with_adapters()
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.lora_B["a"].weight.fill_(float("nan"))
     with pytest.raises(NonFiniteOutput, match="adapter 'a'.*NaN"):
-        generate(model, _prompts()[:2], ["a", None], max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+        generate(
+            model, _prompts()[:2], [None, "a"], max_new_tokens=3, pad_token_id=0, eos_token_id=None,
+            continuous=continuous,
+        )  # fmt: skip
     (base,) = generate(model, _prompts()[:1], [None], max_new_tokens=3, pad_token_id=0, eos_token_id=None)
     assert len(base.tokens) == 3  # the base rows are unaffected
 

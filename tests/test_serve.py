@@ -256,6 +256,43 @@ def test_stream_options_include_usage_counts_what_the_plain_answer_counts(server
     assert all("usage" not in c for c in off) and all(c["choices"] for c in off)
 
 
+def test_seed_and_penalties_reach_the_rows_and_seeded_answers_repeat_amid_traffic(
+    server, tiny_causal_lm, adapters_dir
+):
+    """The server's answer with a seed and OpenAI's penalties equals the runtime's for those settings, and
+    the same seeded request answers the same alone and while other adapters' sampled rows share its batch."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    dt.load_adapter(model, adapters_dir / "beta-v2", adapter_name="beta_v2")
+    settings = {
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 0.5,
+        "seed": 5,
+    }
+    ids = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    (done,) = generate(
+        model, [ids], ["beta_v2"], max_new_tokens=6, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+        **settings,
+    )  # fmt: skip
+    seeded = _complete(server, "beta-v2", PROMPTS[1], **settings).json()["choices"][0]["text"]
+    assert seeded == tokenizer.decode(done.tokens, skip_special_tokens=True)
+    jobs = [("beta-v2", PROMPTS[1], settings)] * 3 + [
+        (m, p, {"temperature": 1.0}) for m in ADAPTERS for p in PROMPTS
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda job: _complete(server, job[0], job[1], **job[2]).json(), jobs))
+    assert [t["choices"][0]["text"] for t in texts[:3]] == [seeded] * 3
+    others = {
+        _complete(server, "beta-v2", PROMPTS[1], **(settings | {"seed": seed})).json()["choices"][0]["text"]
+        for seed in range(4)
+    }
+    assert len(others) > 1  # the seed chooses the draws
+
+
 def test_streaming_and_plain_requests_share_batches(server, expected):
     jobs = [("alpha", p, True) for p in PROMPTS[:2]] + [("beta-v2", p, False) for p in PROMPTS[:2]]
 

@@ -114,12 +114,12 @@ def test_a_row_turning_non_finite_mid_decode_leaves_the_running_batch(engine, mo
     real = decode.next_tokens
     calls = []
 
-    def poison_second_row_at_step_three(logits, temperature, top_p):
-        calls.append(len(temperature))
+    def poison_second_row_at_step_three(logits, samplers, generated):
+        calls.append(len(samplers))
         if len(calls) == 4 and logits.shape[0] == 2:
             logits = logits.clone()
             logits[1, 5] = math.inf
-        return real(logits, temperature, top_p)
+        return real(logits, samplers, generated)
 
     (reference,) = _answers(engine, [_row(engine, "beta", n=8)])
     monkeypatch.setattr(decode, "next_tokens", poison_second_row_at_step_three)

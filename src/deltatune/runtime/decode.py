@@ -12,8 +12,8 @@ whole batch, and a batch whose rows end at different times keeps computing for t
 
 Rows must use plain LoRA adapters (or none) and the model a `DynamicCache` of plain layers (most decoder-only
 transformers); `DecodeBatch.add` refuses others with `ContinuousBatchingUnsupported`. Sampling uses the row's
-temperature and top-p only: processors from the model's generation_config (repetition penalty, ...) are not
-applied, as a request states its own settings.
+own `Sampling` only: processors from the model's generation_config (repetition penalty, ...) are not applied,
+as a request states its own settings.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
-from .sampling import Completion, check_sampling, left_pad, next_tokens
+from .sampling import Completion, Sampler, Sampling, left_pad, next_tokens
 
 
 class ContinuousBatchingUnsupported(MixedBatchError):
@@ -75,8 +75,7 @@ class _Row:
     handle: int
     adapter: str | None
     limit: int
-    temperature: float
-    top_p: float
+    sampler: Sampler
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
 
@@ -130,21 +129,19 @@ class DecodeBatch:
         adapters: Sequence[str | None],
         *,
         max_new_tokens: Sequence[int],
-        temperature: Sequence[float] | None = None,
-        top_p: Sequence[float] | None = None,
+        sampling: Sequence[Sampling] | None = None,
     ) -> list[Step]:
         """Prefill new rows and merge them into the batch; returns each one's first token. Their handles are
-        the `row` of those steps. Refuses (changing nothing) rows it cannot take."""
+        the `row` of those steps. `sampling`: each row's settings (None: all greedy). Refuses (changing
+        nothing) rows it cannot take."""
         count = len(prompts)
-        if len(adapters) != count or len(max_new_tokens) != count:
-            raise ValueError("give one adapter name and one max_new_tokens per prompt")
+        sampling = list(sampling) if sampling is not None else [Sampling()] * count
+        if len(adapters) != count or len(max_new_tokens) != count or len(sampling) != count:
+            raise ValueError("give one adapter name, one max_new_tokens and one Sampling per prompt")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("a prompt has no tokens; every row needs at least one")
         if any(n < 1 for n in max_new_tokens):
             raise ValueError("max_new_tokens must be at least 1 for every row")
-        temperature = list(temperature) if temperature is not None else [0.0] * count
-        top_p = list(top_p) if top_p is not None else [1.0] * count
-        check_sampling(temperature, top_p)
         try:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
@@ -188,16 +185,13 @@ class DecodeBatch:
                 f"the model keeps a {type(cache).__name__} with {sorted(set(unsupported))} layers; continuous "
                 "batching merges plain DynamicCache layers only"
             )
-        temperature = list(temperature) if temperature is not None else [0.0] * count
-        top_p = list(top_p) if top_p is not None else [1.0] * count
         joining = []
         for i in range(count):
-            joining.append(
-                _Row(self._handles, adapters[i], max_new_tokens[i], temperature[i], top_p[i], len(prompts[i]))
-            )
+            sampler = Sampler(sampling[i])
+            joining.append(_Row(self._handles, adapters[i], max_new_tokens[i], sampler, len(prompts[i])))
             self._handles += 1
         # sampled before the rows join: a row whose scores are not finite never enters the batch
-        tokens, broken = next_tokens(out.logits[:, -1], temperature, top_p)
+        tokens, broken = next_tokens(out.logits[:, -1], [r.sampler for r in joining], [[]] * count)
         keep = [i for i in range(count) if i not in broken]
         if len(keep) < count:
             cache, mask = _select_rows(cache, mask, keep)
@@ -248,9 +242,7 @@ class DecodeBatch:
             )
         self.cache = cache_of(out)
         rows = list(self.rows)
-        tokens, broken = next_tokens(
-            out.logits[:, -1], [r.temperature for r in rows], [r.top_p for r in rows]
-        )
+        tokens, broken = next_tokens(out.logits[:, -1], [r.sampler for r in rows], [r.tokens for r in rows])
         return self._advance(rows, tokens, broken)
 
     def _advance(self, rows: list[_Row], tokens: list[int], broken: dict[int, str]) -> list[Step]:

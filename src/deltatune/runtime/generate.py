@@ -6,11 +6,13 @@ LoRA) or that uses none goes into one batch on the decode engine (`runtime.decod
 engine the server's continuous batching runs; here every row joins at the start); a row set that all uses one
 adapter runs with that adapter active, the ordinary single-adapter path. Adapters that cannot be mixed
 (prompt tuning, IA3, DoRA, ...) and models whose KV cache the engine cannot merge run one batch per adapter
-through transformers' `model.generate`, with each row's own token limit and early end.
+through transformers' `model.generate`, with each row's own token limit and early end. Both paths choose
+tokens with the same code (`sampling.next_tokens`), so a seeded row gets the same tokens on either.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -28,11 +31,11 @@ from ..core.adapters import (
     merged_adapter_names,
     set_adapter,
 )
-from .decode import ContinuousBatchingUnsupported, DecodeBatch
+from .decode import ContinuousBatchingUnsupported, DecodeBatch, NonFiniteOutput
 from .mixed import mixable_refusal, mixed_adapters
-from .sampling import GREEDY_BELOW, Completion, check_sampling, left_pad
+from .sampling import Completion, Sampler, Sampling, left_pad, next_tokens
 
-__all__ = ["GREEDY_BELOW", "Completion", "check_sampling", "generate", "left_pad", "plan_batches"]
+__all__ = ["Completion", "Sampling", "generate", "left_pad", "plan_batches"]
 
 
 def plan_batches(model: nn.Module, adapters: Sequence[str | None]) -> list[list[int]]:
@@ -143,6 +146,26 @@ class _RowStreamer(BaseStreamer):
         pass
 
 
+class _ChooseTokens(LogitsProcessor):
+    """Chooses every row's next token with deltatune's own sampling (per-row seed, penalties, top-p) and
+    leaves it the only finite score, so `model.generate`, run greedy, takes exactly that token. Scores that
+    are NaN or infinite raise `NonFiniteOutput`, as on the engine."""
+
+    def __init__(self, sampling: Sampling, adapters: list[str | None], prompt_width: int) -> None:
+        self.samplers = [Sampler(sampling) for _ in adapters]
+        self.adapters, self.prompt_width = adapters, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_width :].tolist()
+        tokens, broken = next_tokens(scores, self.samplers, generated)
+        if broken:
+            row, what = next(iter(broken.items()))
+            raise NonFiniteOutput.of(what, self.adapters[row])
+        chosen = torch.full_like(scores, -math.inf)
+        index = torch.tensor(tokens, device=scores.device).unsqueeze(1)
+        return chosen.scatter_(1, index, 0.0)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -154,12 +177,17 @@ def generate(
     eos_token_id: int | Sequence[int] | None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
     continuous: bool = True,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
-    None for the base). Greedy at temperature 0, else sampling. The model must be in eval mode.
+    None for the base). Greedy at temperature 0, else sampling; the settings are OpenAI's (`Sampling`), the
+    same for every row, and a seed seeds each row's own generator, so a row's tokens do not depend on its
+    neighbours. The model must be in eval mode.
     `on_token(row, token)` receives each row's new tokens as they are generated (for streaming); together
     they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
     the row's new tokens so far, ends the row there when true (its client went away, its stop string
@@ -176,8 +204,8 @@ def generate(
         raise ValueError("a prompt has no tokens; every row needs at least one")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    check_sampling([temperature], [top_p])
-    call = _Rows(prompts, adapters, limits, eos, pad_token_id, temperature, top_p, on_token, stop_rows)
+    sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed)
+    call = _Rows(prompts, adapters, limits, eos, pad_token_id, sampling, on_token, stop_rows)
     results: dict[int, Completion] = {}
     # merged adapters keep a model off the engine only while they are merged
     engine = continuous and model not in _NOT_CONTINUOUS and not merged_adapter_names(model)
@@ -205,8 +233,7 @@ class _Rows:
     limits: list[int]
     eos: set[int]
     pad_token_id: int
-    temperature: float
-    top_p: float
+    sampling: Sampling
     on_token: Callable[[int, int], None] | None
     stop_rows: Callable[[int, list[int]], bool] | None
 
@@ -220,8 +247,7 @@ def _on_engine(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Comp
         [call.prompts[i] for i in rows],
         [call.adapters[i] for i in rows],
         max_new_tokens=[call.limits[i] for i in rows],
-        temperature=[call.temperature] * len(rows),
-        top_p=[call.top_p] * len(rows),
+        sampling=[call.sampling] * len(rows),
     )
     row_of = {step.row: row for step, row in zip(steps, rows, strict=True)}  # engine handle -> our row
     new: dict[int, list[int]] = {row: [] for row in rows}
@@ -247,15 +273,14 @@ def _on_engine(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Comp
 def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Completion]:
     """The rows as one `model.generate` batch: it runs until its longest live row ends."""
     limits, eos = call.limits, call.eos
-    sampling = {"do_sample": True, "temperature": call.temperature, "top_p": call.top_p}
-    if call.temperature < GREEDY_BELOW:
-        sampling = {"do_sample": False}
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad([call.prompts[i] for i in rows], call.pad_token_id))
     ends = _RowsEnd(rows, limits, call.stop_rows, ids.shape[1])
     per_row_ends = call.stop_rows is not None or len({limits[i] for i in rows}) > 1
     streamer = _RowStreamer(rows, limits, eos, call.on_token, ends.ended_at) if call.on_token else None
-    with _rows_use(model, [call.adapters[i] for i in rows]):
+    adapters = [call.adapters[i] for i in rows]
+    choose = _ChooseTokens(call.sampling, adapters, ids.shape[1])
+    with _rows_use(model, adapters):
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -264,7 +289,8 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
             eos_token_id=sorted(eos) or None,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([ends]) if per_row_ends else None,
-            **sampling,
+            logits_processor=LogitsProcessorList([choose]),
+            do_sample=False,  # `choose` leaves one token per row
         )
     done = {}
     for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):

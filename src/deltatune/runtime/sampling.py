@@ -23,13 +23,67 @@ class Completion:
     prompt_tokens: int
 
 
-def check_sampling(temperature: Sequence[float], top_p: Sequence[float]) -> None:
-    """Refuse sampling settings no row can use (before anything runs): NaN, inf, out of range."""
-    for t, p in zip(temperature, top_p, strict=True):
-        if not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not (math.isfinite(p) and 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty, either sign
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row chooses its tokens, OpenAI's settings: temperature and top-p; presence and frequency
+    penalties, subtracted from a token's score once it has appeared in the row's new tokens (presence) and
+    for each time it has (frequency), before the temperature; and a seed, which gives the row a random
+    generator of its own, so its tokens do not depend on what it is batched with. Invalid values are refused
+    here, before anything runs."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and abs(value) <= PENALTY_LIMIT):
+                raise ValueError(
+                    f"{name} must be between -{PENALTY_LIMIT} and {PENALTY_LIMIT}, got {value!r}"
+                )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    def normalized(self) -> Sampling:
+        """The same choices, said one way: greedy rows drop top-p and seed, which they never use (so rows
+        that choose alike compare equal, as the server groups its fixed batches by this)."""
+        if not self.greedy:
+            return self
+        return Sampling(0.0, 1.0, self.presence_penalty, self.frequency_penalty, None)
+
+
+class Sampler:
+    """One row's `Sampling` and what it keeps between steps: its own random generator when seeded (made on
+    the device of its first scores)."""
+
+    def __init__(self, sampling: Sampling) -> None:
+        self.sampling = sampling.normalized()
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.sampling.seed is None or self.sampling.greedy:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.sampling.seed % 2**64)
+        return self._generator
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,40 +99,69 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 
 def next_tokens(
-    logits: torch.Tensor, temperature: list[float], top_p: list[float]
+    logits: torch.Tensor, samplers: Sequence[Sampler], generated: Sequence[Sequence[int]]
 ) -> tuple[list[int], dict[int, str]]:
-    """Each row's next token, and the rows (index -> what is wrong) whose scores hold NaN or +inf: no token
-    can be chosen from those, greedy or sampled, and the row must fail alone."""
+    """Each row's next token, from its last-position scores, its sampler and the tokens it generated so far
+    (for the penalties); and the rows (index -> what is wrong) whose scores hold NaN or +inf: no token can be
+    chosen from those, greedy or sampled, and the row must fail alone."""
     nan = torch.isnan(logits).any(-1)
     posinf = torch.isposinf(logits).any(-1)
     broken = {i: "NaN" if nan[i] else "infinite" for i in (nan | posinf).nonzero().flatten().tolist()}
     if broken:
         logits = logits.clone()
         logits[list(broken)] = 0.0
-    return _sample(logits, temperature, top_p).tolist(), broken
+    logits = _penalize(logits, samplers, generated)
+    return _sample(logits, samplers).tolist(), broken
 
 
-def _sample(logits: torch.Tensor, temperature: list[float], top_p: list[float]) -> torch.Tensor:
+def _penalize(
+    logits: torch.Tensor, samplers: Sequence[Sampler], generated: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """OpenAI's penalties: score - frequency_penalty * count - presence_penalty * (count > 0), counting each
+    token in the row's new tokens (not its prompt)."""
+    rows = [i for i, s in enumerate(samplers) if s.sampling.penalized and len(generated[i])]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    vocabulary = logits.shape[-1]
+    for i in rows:
+        sampling = samplers[i].sampling
+        tokens = torch.as_tensor(list(generated[i]), dtype=torch.long, device=logits.device)
+        counts = torch.bincount(tokens, minlength=vocabulary)[:vocabulary].to(logits.dtype)
+        logits[i] -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
+    return logits
+
+
+def _sample(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
     """Greedy where a row's temperature is 0 (or below GREEDY_BELOW), else a sample from its
     temperature-scaled distribution cut to its top-p nucleus (the fewest most likely tokens whose
-    probabilities reach top_p). Scores are shifted so each row's best is 0 before scaling, so a tiny
-    temperature gives -inf for the others, never inf - inf."""
+    probabilities reach top_p): seeded rows draw from their own generator, the others together from torch's.
+    Scores are shifted so each row's best is 0 before scaling, so a tiny temperature gives -inf for the
+    others, never inf - inf."""
     chosen = logits.argmax(-1)
-    sampled = [i for i, t in enumerate(temperature) if t >= GREEDY_BELOW]
+    sampled = [i for i, s in enumerate(samplers) if not s.sampling.greedy]
     if not sampled:
         return chosen
-    scale = torch.tensor([temperature[i] for i in sampled], device=logits.device).unsqueeze(1)
+    settings = [samplers[i].sampling for i in sampled]
+    scale = torch.tensor([s.temperature for s in settings], device=logits.device).unsqueeze(1)
     rows = logits[sampled].float()
     rows = rows - rows.max(-1, keepdim=True).values
     probs = torch.softmax(rows / scale, dim=-1)
     ordered, order = probs.sort(dim=-1, descending=True)
     mass_before = ordered.cumsum(-1) - ordered
-    cut = torch.tensor([top_p[i] for i in sampled], device=logits.device).unsqueeze(1)
+    cut = torch.tensor([s.top_p for s in settings], device=logits.device).unsqueeze(1)
     nucleus = mass_before < cut
     nucleus[:, 0] = True  # the most likely token always stays (also when top_p rounds to 0 in float32)
     ordered = ordered * nucleus
-    picks = order.gather(-1, torch.multinomial(ordered, 1)).squeeze(1)
-    chosen[sampled] = picks
+    generators = [samplers[i].generator(logits.device) for i in sampled]
+    draws = torch.empty(len(sampled), dtype=torch.long, device=logits.device)
+    shared = [j for j, g in enumerate(generators) if g is None]
+    if shared:
+        draws[shared] = torch.multinomial(ordered[shared], 1).squeeze(1)
+    for j, generator in enumerate(generators):
+        if generator is not None:  # one row at a time: its draws must not depend on its neighbours
+            draws[j] = torch.multinomial(ordered[j], 1, generator=generator)[0]
+    chosen[sampled] = order.gather(-1, draws.unsqueeze(1)).squeeze(1)
     return chosen
 
 

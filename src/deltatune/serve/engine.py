@@ -35,6 +35,7 @@ from ..runtime import AdapterCache, CacheFullError, Completion, generate
 from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
 from ..runtime.mixed import mixable_refusal
+from ..runtime.sampling import Sampling
 from .stops import StopWatch
 from .work import (
     Call,
@@ -275,8 +276,7 @@ class Engine:
                 [r.prompt for r, _, _ in joining],
                 [key for _, _, key in joining],
                 max_new_tokens=[r.max_new_tokens for r, _, _ in joining],
-                temperature=[r.sampling[0] for r, _, _ in joining],
-                top_p=[r.sampling[1] for r, _, _ in joining],
+                sampling=[r.sampling for r, _, _ in joining],
             )
         except ContinuousBatchingUnsupported:
             self.continuous = False  # the model's cache: every row from now on runs as fixed batches
@@ -373,7 +373,7 @@ class Engine:
 
     # ---- fixed batches (runtime.generate) --------------------------------------------------------------------
     def _run_rows(self, rows: list[Row]) -> None:
-        groups: dict[tuple[float, float], list[Row]] = {}
+        groups: dict[Sampling, list[Row]] = {}  # a fixed batch shares its settings
         for row in rows:
             groups.setdefault(row.sampling, []).append(row)
         for group in groups.values():
@@ -402,7 +402,7 @@ class Engine:
 
     def _generate(self, rows: list[Row]) -> list[Completion]:
         with self.cache.pinned(r.adapter for r in rows) as keys:
-            temperature, top_p = rows[0].sampling
+            sampling = rows[0].sampling
             results = generate(
                 self.model,
                 [r.prompt for r in rows],
@@ -410,8 +410,11 @@ class Engine:
                 max_new_tokens=[r.max_new_tokens for r in rows],
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_id,
-                temperature=temperature,
-                top_p=top_p,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                seed=sampling.seed,
                 on_token=streaming_callback(rows),
                 stop_rows=self._row_ends(rows),
                 continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge

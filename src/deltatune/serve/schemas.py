@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-style endpoints.
 
 Unknown fields are ignored, as OpenAI clients send extras; but a known OpenAI field this server cannot honour
-(logprobs, echo, best_of, penalties, ...) is refused when set, rather than silently answered without it.
+(logprobs, echo, best_of, logit_bias, ...) is refused when set, rather than silently answered without it.
 Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
 UTF-8 encoder accepts.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+from ..runtime.sampling import PENALTY_LIMIT
 
 
 def _valid_unicode(text: str) -> str:
@@ -36,9 +38,6 @@ UNSUPPORTED: dict[str, Any] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "seed": (None,),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -57,6 +56,10 @@ class _Generation(BaseModel):
     max_tokens: int | None = Field(None, ge=1)  # None: 16 (OpenAI's default) or the server's limit
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
+    # the same request with the same seed gets the same answer, whatever it is batched with
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int = Field(1, ge=1, le=1)
     stop: Text | list[Text] | None = None
     stream: bool = False

@@ -137,8 +137,8 @@ class Service:
         deadline = time.monotonic() + self.limits.request_timeout_s
         try:
             return [
-                Row(ids, adapter, max_tokens, request.temperature, request.top_p, stops=request.stops(),
-                    deadline=deadline)
+                Row(ids, adapter, max_tokens, request.temperature, request.top_p, request.presence_penalty,
+                    request.frequency_penalty, request.seed, stops=request.stops(), deadline=deadline)
                 for ids in prompts
             ]  # fmt: skip
         except ValueError as exc:

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runtime.sampling import GREEDY_BELOW, check_sampling
+from ..runtime.sampling import Sampling
 from .stops import StopWatch
 
 
@@ -22,6 +22,9 @@ class Row:
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
     on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
     stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
     deadline: float | None = None  # time.monotonic() after which the row is ended and fails (RequestTimeout)
@@ -30,15 +33,15 @@ class Row:
     cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
     stop_reached: bool = False  # ended at a stop string (its finish_reason is then "stop")
     watch: StopWatch | None = field(default=None, repr=False)  # the engine's incremental stop check
+    sampling: Sampling = field(init=False)  # the settings above, checked and normalized
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        check_sampling([self.temperature], [self.top_p])  # refused here, before the row reaches the engine
-
-    @property
-    def sampling(self) -> tuple[float, float]:
-        return (self.temperature, self.top_p) if self.temperature >= GREEDY_BELOW else (0.0, 1.0)
+        # refused here, before the row reaches the engine
+        self.sampling = Sampling(
+            self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty, self.seed
+        ).normalized()
 
     @property
     def overdue(self) -> bool:

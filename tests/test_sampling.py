@@ -1,0 +1,124 @@
+"""OpenAI's sampling settings on every generation path: presence and frequency penalties follow OpenAI's
+formula, and a seeded row draws from its own generator, so its tokens equal a step-by-step reference run of
+that row alone, whatever it is batched with and whichever path (decode engine or transformers) runs it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_runtime import _prompts, _single, _with_adapters
+
+import deltatune as dt
+from deltatune.runtime import generate
+from deltatune.runtime.sampling import Sampler, Sampling, _penalize
+
+STEPS = 8
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"frequency_penalty": math.nan}, "frequency_penalty"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
+)
+def test_settings_no_row_can_use_are_refused(settings, needle):
+    with pytest.raises(ValueError, match=needle):
+        Sampling(**settings)
+
+
+def test_penalties_follow_openais_formula():
+    """score - frequency * count - presence * (count > 0), counting the row's new tokens only."""
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.6, 2.0], [0.0, 1.0, 3.0, 2.6, 2.0]])
+    samplers = [Sampler(Sampling(presence_penalty=0.5, frequency_penalty=0.4)), Sampler(Sampling())]
+    penalized = _penalize(logits, samplers, [[2, 2, 3], [2, 2, 3]])
+    expected = torch.tensor([[0.0, 1.0, 3.0 - 0.8 - 0.5, 2.6 - 0.4 - 0.5, 2.0], [0.0, 1.0, 3.0, 2.6, 2.0]])
+    torch.testing.assert_close(penalized, expected)
+    negative = _penalize(logits[:1], [Sampler(Sampling(presence_penalty=-1.0))], [[4]])
+    torch.testing.assert_close(negative[0, 4], torch.tensor(3.0))  # a negative penalty favours repeats
+
+
+def _reference(model, prompt: list[int], adapter: str | None, sampling: Sampling) -> list[int]:
+    """The row alone, one full forward per token (no KV cache, no batching): OpenAI's formula written out."""
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    ids, new = list(prompt), []
+    for _ in range(STEPS):
+        scores = _single(model, torch.tensor([ids]), adapter)[0, -1].float()
+        counts = torch.zeros_like(scores)
+        for token in new:
+            counts[token] += 1
+        scores = scores - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
+        if sampling.temperature == 0:
+            token = int(scores.argmax())
+        else:
+            probs = torch.softmax((scores - scores.max()) / sampling.temperature, dim=-1)
+            ordered, order = probs.sort(descending=True)
+            keep = (ordered.cumsum(-1) - ordered) < sampling.top_p
+            token = int(order[torch.multinomial(ordered * keep, 1, generator=generator)[0]])
+        new.append(token)
+        ids.append(token)
+    return new
+
+
+def _model():
+    model = _with_adapters()
+    dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3, token_dim=32), adapter_name="prompt")
+    return model.eval()
+
+
+SETTINGS = {
+    "greedy-penalized": Sampling(presence_penalty=0.7, frequency_penalty=0.5),
+    "seeded": Sampling(temperature=1.0, seed=7),
+    "seeded-top-p-penalized": Sampling(temperature=0.8, top_p=0.8, presence_penalty=1.0, seed=3),
+}
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["engine", "transformers"])
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_every_row_equals_its_reference_run_alone(name, continuous):
+    """Rows of three LoRA adapters, the base and a prompt-tuning adapter (which always runs through
+    transformers' generate), batched together: each equals its own reference."""
+    sampling = SETTINGS[name]
+    model = _model()
+    rows = ["a", "b", None, "prompt", "c", "a"]
+    prompts = _prompts()
+    torch.manual_seed(0)  # unseeded rows must not matter; seeded ones ignore it
+    done = generate(
+        model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, continuous=continuous,
+        temperature=sampling.temperature, top_p=sampling.top_p, presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty, seed=sampling.seed,
+    )  # fmt: skip
+    for prompt, adapter, completion in zip(prompts, rows, done, strict=True):
+        assert completion.tokens == _reference(model, prompt, adapter, sampling), (adapter, prompt)
+    if sampling.penalized:  # the penalties changed what was generated, so the equality above says something
+        plain = Sampling(sampling.temperature, sampling.top_p, seed=sampling.seed)
+        assert any(
+            c.tokens != _reference(model, p, a, plain) for p, a, c in zip(prompts, rows, done, strict=True)
+        )
+
+
+def test_seeds_choose_the_draws_and_an_unseeded_row_still_samples():
+    model = _model()
+    prompt = _prompts()[1]
+
+    def sample(seed):
+        (done,) = generate(
+            model, [prompt], ["b"], max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None,
+            temperature=1.0, seed=seed,
+        )  # fmt: skip
+        return tuple(done.tokens)
+
+    assert sample(11) == sample(11)
+    assert len({sample(seed) for seed in range(4)}) > 1
+    assert sample(2**64 - 1) == sample(-1)  # seeds are taken modulo 2**64, as torch's generators take them
+    torch.manual_seed(0)
+    first = sample(None)
+    torch.manual_seed(0)
+    assert sample(None) == first and len(first) == STEPS  # unseeded rows draw from torch's global generator
