@@ -45,12 +45,17 @@ def test_penalties_follow_openais_formula():
     torch.testing.assert_close(negative[0, 4], torch.tensor(3.0))  # a negative penalty favours repeats
 
 
-def _reference(model, prompt: list[int], adapter: str | None, sampling: Sampling) -> list[int]:
-    """The row alone, one full forward per token (no KV cache, no batching): OpenAI's formula written out."""
+def _reference(
+    model, prompt: list[int], adapter: str | None, sampling: Sampling, logprobs: list | None = None
+):
+    """The row alone, one full forward per token (no KV cache, no batching): OpenAI's formula written out.
+    Each step's log-softmax of the raw scores goes into `logprobs` when given."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     ids, new = list(prompt), []
     for _ in range(STEPS):
         scores = _single(model, torch.tensor([ids]), adapter)[0, -1].float()
+        if logprobs is not None:
+            logprobs.append(torch.log_softmax(scores, -1))
         counts = torch.zeros_like(scores)
         for token in new:
             counts[token] += 1
@@ -102,6 +107,41 @@ def test_every_row_equals_its_reference_run_alone(name, continuous):
         assert any(
             c.tokens != _reference(model, p, a, plain) for p, a, c in zip(prompts, rows, done, strict=True)
         )
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["engine", "transformers"])
+def test_logprobs_are_the_models_own_for_each_chosen_token(continuous):
+    """Log-softmax of the raw scores (before penalties and temperature) for the chosen token and the k most
+    likely, on rows batched with others that did not ask for any."""
+    model = _model()
+    rows, prompts = ["a", None, "prompt", "b"], _prompts()[:4]
+    sampling = Sampling(temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3)
+    done = generate(
+        model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, continuous=continuous,
+        temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3,
+    )  # fmt: skip
+    for prompt, adapter, completion in zip(prompts, rows, done, strict=True):
+        steps: list[torch.Tensor] = []
+        assert completion.tokens == _reference(model, prompt, adapter, sampling, steps)
+        assert [t.token for t in completion.logprobs] == completion.tokens
+        for chance, expected in zip(completion.logprobs, steps, strict=True):
+            assert chance.logprob == pytest.approx(float(expected[chance.token]), abs=1e-5)
+            best = expected.topk(3)
+            assert [t for t, _ in chance.top] == best.indices.tolist()
+            assert [lp for _, lp in chance.top] == pytest.approx(best.values.tolist(), abs=1e-5)
+    eos = done[0].tokens[2]  # a row that ends at end-of-sequence keeps the log-probabilities of its tokens
+    (ended, *_) = generate(
+        model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=eos, continuous=continuous,
+        temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3,
+    )  # fmt: skip
+    first_eos = done[0].tokens.index(eos)
+    assert ended.finish_reason == "stop" and ended.logprobs == done[0].logprobs[:first_eos]
+    (plain,) = generate(model, prompts[:1], ["a"], max_new_tokens=2, pad_token_id=0, eos_token_id=None)
+    assert plain.logprobs is None  # not asked: not computed
+    (bare,) = generate(
+        model, prompts[:1], ["a"], max_new_tokens=2, pad_token_id=0, eos_token_id=None, logprobs=0
+    )
+    assert len(bare.logprobs) == 2 and all(t.top == [] for t in bare.logprobs)
 
 
 def test_seeds_choose_the_draws_and_an_unseeded_row_still_samples():

@@ -293,6 +293,70 @@ def test_seed_and_penalties_reach_the_rows_and_seeded_answers_repeat_amid_traffi
     assert len(others) > 1  # the seed chooses the draws
 
 
+def test_logprobs_are_the_runtimes_in_openais_shapes(server, tiny_causal_lm, adapters_dir, expected):
+    """/v1/completions' and /v1/chat/completions' log-probabilities equal the runtime's for the same rows;
+    a stop string's cut drops the tokens after it from the log-probabilities as from the text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    dt.load_adapter(model, adapters_dir / "alpha", adapter_name="alpha")
+    prompt = PROMPTS[0]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    (done,) = generate(
+        model, [ids], ["alpha"], max_new_tokens=6, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+        logprobs=2,
+    )  # fmt: skip
+    choice = _complete(server, "alpha", prompt, logprobs=2).json()["choices"][0]
+    chances = choice["logprobs"]
+    # this tiny model's answers split characters across tokens: those are named by their bytes, and all
+    # the tokens' bytes together are the answer
+    assert any(name.startswith("bytes:") for name in chances["tokens"])
+    assert choice["text"] == expected[("alpha", prompt)] == _joined(chances["tokens"])
+    assert chances["token_logprobs"] == pytest.approx([c.logprob for c in done.logprobs], abs=1e-5)
+    served_top = [lp for top in chances["top_logprobs"] for lp in top.values()]
+    assert served_top == pytest.approx([lp for c in done.logprobs for _, lp in c.top], abs=1e-5)
+    assert all(len(top) == 2 for top in chances["top_logprobs"])
+    assert all(lp <= 0 for lp in chances["token_logprobs"])
+    offsets = [len(_joined(chances["tokens"][:i]).rstrip("\ufffd")) for i in range(len(done.tokens))]
+    assert chances["text_offset"] == offsets
+    # greedy: each chosen token is the most likely one
+    assert [max(top.values()) for top in chances["top_logprobs"]] == pytest.approx(chances["token_logprobs"])
+
+    stop = chances["tokens"][2]
+    cut = _complete(server, "alpha", prompt, logprobs=0, stop=stop).json()["choices"][0]
+    kept = len(cut["logprobs"]["tokens"])
+    assert _joined(cut["logprobs"]["tokens"]).startswith(cut["text"]) and kept <= 3
+    assert cut["logprobs"]["token_logprobs"] == pytest.approx(chances["token_logprobs"][:kept], abs=1e-5)
+    assert cut["logprobs"]["top_logprobs"] == [{}] * kept
+
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "good day"}], "max_tokens": 4}
+    answer = server.post(
+        "/v1/chat/completions", json=chat | {"temperature": 0, "logprobs": True, "top_logprobs": 3}
+    ).json()["choices"][0]
+    content = answer["logprobs"]["content"]
+    assert (
+        bytes(b for c in content for b in c["bytes"]).decode(errors="replace") == answer["message"]["content"]
+    )
+    assert all(len(c["top_logprobs"]) == 3 for c in content)
+    assert [c["logprob"] for c in content] == pytest.approx(
+        [c["top_logprobs"][0]["logprob"] for c in content]
+    )
+    plain = server.post("/v1/chat/completions", json=chat | {"temperature": 0}).json()["choices"][0]
+    assert plain["logprobs"] is None and plain["message"] == answer["message"]
+    refused = server.post("/v1/chat/completions", json=chat | {"top_logprobs": 2})
+    assert refused.status_code == 400 and "needs logprobs" in refused.json()["error"]["message"]
+
+
+def _joined(names: list[str]) -> str:
+    """The text of tokens named as /v1/completions' logprobs name them (text, or "bytes:\\xNN...")."""
+    raw = b"".join(
+        bytes.fromhex(name[6:].replace("\\x", "")) if name.startswith("bytes:") else name.encode()
+        for name in names
+    )
+    return raw.decode(errors="replace")
+
+
 def test_streaming_and_plain_requests_share_batches(server, expected):
     jobs = [("alpha", p, True) for p in PROMPTS[:2]] + [("beta-v2", p, False) for p in PROMPTS[:2]]
 
@@ -510,3 +574,32 @@ def test_engine_falls_back_to_fixed_batches_for_a_model_it_cannot_decode(
     )
     assert [a.tokens for a in answers] == [expected.tokens] * 2 and later.tokens == expected.tokens
     assert not engine.continuous and engine.stats.decode_steps == 0 and engine.stats.batches == 2
+
+
+def test_token_bytes_read_byte_level_and_byte_fallback_spellings():
+    from tokenizers import pre_tokenizers
+
+    from deltatune.serve.logprobs import _byte_of_symbol, token_bytes
+
+    alphabet = _byte_of_symbol()
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(alphabet.values()) == list(
+        range(256)
+    )
+    assert alphabet["Ġ"] == ord(" ") and alphabet["a"] == ord("a")
+
+    class Spelled:
+        """A token whose own text is only part of a character: its bytes come from its spelling."""
+
+        def __init__(self, spelling):
+            self.spelling = spelling
+
+        def decode(self, tokens, skip_special_tokens=True):
+            return "\ufffd"
+
+        def convert_ids_to_tokens(self, token):
+            return self.spelling
+
+    ((euro, _),) = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str("€")
+    assert token_bytes(Spelled(euro[:2]), 0) == "€".encode()[:2]  # byte-level BPE: bytes e2 82 of e2 82 ac
+    assert token_bytes(Spelled("<0xE2>"), 0) == b"\xe2"  # SentencePiece byte fallback
+    assert token_bytes(Spelled("▁und"), 0) is None  # neither: no bytes to show

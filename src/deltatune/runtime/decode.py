@@ -32,7 +32,7 @@ from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
-from .sampling import Completion, Sampler, Sampling, left_pad, next_tokens
+from .sampling import Completion, Sampler, Sampling, TokenLogprob, left_pad, next_tokens, scored
 
 
 class ContinuousBatchingUnsupported(MixedBatchError):
@@ -78,6 +78,7 @@ class _Row:
     sampler: Sampler
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # kept when the row's Sampling asks for them
 
 
 class DecodeBatch:
@@ -188,10 +189,14 @@ class DecodeBatch:
         joining = []
         for i in range(count):
             sampler = Sampler(sampling[i])
-            joining.append(_Row(self._handles, adapters[i], max_new_tokens[i], sampler, len(prompts[i])))
+            row = _Row(self._handles, adapters[i], max_new_tokens[i], sampler, len(prompts[i]))
+            row.logprobs = [] if sampler.sampling.logprobs is not None else None
+            joining.append(row)
             self._handles += 1
         # sampled before the rows join: a row whose scores are not finite never enters the batch
-        tokens, broken = next_tokens(out.logits[:, -1], [r.sampler for r in joining], [[]] * count)
+        samplers = [r.sampler for r in joining]
+        tokens, broken = next_tokens(out.logits[:, -1], samplers, [[]] * count)
+        chances = scored(out.logits[:, -1], samplers, tokens)
         keep = [i for i in range(count) if i not in broken]
         if len(keep) < count:
             cache, mask = _select_rows(cache, mask, keep)
@@ -201,7 +206,7 @@ class DecodeBatch:
             self.rows += [joining[i] for i in keep]
             if self._updates is not None:
                 self._updates.append([adapters[i] for i in keep], layers)
-        return self._advance(joining, tokens, broken)
+        return self._advance(joining, tokens, broken, chances)
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         if self.cache is None or not self.rows:
@@ -242,11 +247,15 @@ class DecodeBatch:
             )
         self.cache = cache_of(out)
         rows = list(self.rows)
-        tokens, broken = next_tokens(out.logits[:, -1], [r.sampler for r in rows], [r.tokens for r in rows])
-        return self._advance(rows, tokens, broken)
+        samplers = [r.sampler for r in rows]
+        tokens, broken = next_tokens(out.logits[:, -1], samplers, [r.tokens for r in rows])
+        return self._advance(rows, tokens, broken, scored(out.logits[:, -1], samplers, tokens))
 
-    def _advance(self, rows: list[_Row], tokens: list[int], broken: dict[int, str]) -> list[Step]:
-        """Hand each row its token; rows in `broken` (index -> why) end with an error instead."""
+    def _advance(
+        self, rows: list[_Row], tokens: list[int], broken: dict[int, str], chances: list[TokenLogprob | None]
+    ) -> list[Step]:
+        """Hand each row its token (and its log-probability, to rows that asked); rows in `broken` (index ->
+        why) end with an error instead."""
         steps, ended = [], []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if i in broken:
@@ -259,6 +268,8 @@ class DecodeBatch:
                 ended.append((row, "stop"))
                 continue
             row.tokens.append(token)
+            if row.logprobs is not None:
+                row.logprobs.append(chances[i])
             done = "length" if len(row.tokens) >= row.limit else None
             steps.append(Step(row.handle, token, done))
             if done:
@@ -289,7 +300,7 @@ class DecodeBatch:
         if not ended:
             return
         for row, reason in ended:
-            self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens)
+            self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens, row.logprobs)
         gone = {row.handle for row, _ in ended}
         if not any(r.handle in gone for r in self.rows):
             return  # rows refused at `add` never joined

@@ -33,7 +33,7 @@ from ..core.adapters import (
 )
 from .decode import ContinuousBatchingUnsupported, DecodeBatch, NonFiniteOutput
 from .mixed import mixable_refusal, mixed_adapters
-from .sampling import Completion, Sampler, Sampling, left_pad, next_tokens
+from .sampling import Completion, Sampler, Sampling, TokenLogprob, left_pad, next_tokens, scored
 
 __all__ = ["Completion", "Sampling", "generate", "left_pad", "plan_batches"]
 
@@ -154,6 +154,8 @@ class _ChooseTokens(LogitsProcessor):
     def __init__(self, sampling: Sampling, adapters: list[str | None], prompt_width: int) -> None:
         self.samplers = [Sampler(sampling) for _ in adapters]
         self.adapters, self.prompt_width = adapters, prompt_width
+        # each row's log-probabilities, step by step (past a row's end too: cut to its tokens afterwards)
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in adapters]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = input_ids[:, self.prompt_width :].tolist()
@@ -161,6 +163,9 @@ class _ChooseTokens(LogitsProcessor):
         if broken:
             row, what = next(iter(broken.items()))
             raise NonFiniteOutput.of(what, self.adapters[row])
+        for row, chance in enumerate(scored(scores, self.samplers, tokens)):
+            if chance is not None:
+                self.logprobs[row].append(chance)
         chosen = torch.full_like(scores, -math.inf)
         index = torch.tensor(tokens, device=scores.device).unsqueeze(1)
         return chosen.scatter_(1, index, 0.0)
@@ -180,6 +185,7 @@ def generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     seed: int | None = None,
+    logprobs: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
     continuous: bool = True,
@@ -187,7 +193,8 @@ def generate(
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling; the settings are OpenAI's (`Sampling`), the
     same for every row, and a seed seeds each row's own generator, so a row's tokens do not depend on its
-    neighbours. The model must be in eval mode.
+    neighbours. `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
+    most likely tokens at its step. The model must be in eval mode.
     `on_token(row, token)` receives each row's new tokens as they are generated (for streaming); together
     they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
     the row's new tokens so far, ends the row there when true (its client went away, its stop string
@@ -204,7 +211,7 @@ def generate(
         raise ValueError("a prompt has no tokens; every row needs at least one")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed)
+    sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed, logprobs)
     call = _Rows(prompts, adapters, limits, eos, pad_token_id, sampling, on_token, stop_rows)
     results: dict[int, Completion] = {}
     # merged adapters keep a model off the engine only while they are merged
@@ -293,11 +300,13 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
             do_sample=False,  # `choose` leaves one token per row
         )
     done = {}
-    for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+    for j, (row, new) in enumerate(zip(rows, out[:, ids.shape[1] :].tolist(), strict=True)):
         ended_at = ends.ended_at.get(row, limits[row])
         done[row] = _finish(new[:ended_at], limits[row], eos, len(call.prompts[row]))
         if ended_at < limits[row] and done[row].finish_reason == "length":
             done[row].finish_reason = "cancelled"
+        if call.sampling.logprobs is not None:
+            done[row].logprobs = choose.logprobs[j][: len(done[row].tokens)]
     return done
 
 

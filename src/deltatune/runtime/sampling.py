@@ -16,14 +16,27 @@ GREEDY_BELOW = 1e-5
 
 
 @dataclass
+class TokenLogprob:
+    """A chosen token's log-probability under the model (log-softmax of its raw scores: before penalties,
+    temperature and top-p, so it says what the model believes, not how the token was drawn), and the most
+    likely tokens at that step, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
     tokens: list[int]  # new tokens only, without the end-of-sequence token
     finish_reason: str  # "stop": the model ended the sequence; "length": max_new_tokens reached;
     # "cancelled": ended early on request (stop_rows), tokens up to then
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the row's Sampling asked for them
 
 
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty, either sign
+TOP_LOGPROBS_LIMIT = 20  # OpenAI's most alternatives per token
 
 
 @dataclass(frozen=True)
@@ -31,14 +44,16 @@ class Sampling:
     """How one row chooses its tokens, OpenAI's settings: temperature and top-p; presence and frequency
     penalties, subtracted from a token's score once it has appeared in the row's new tokens (presence) and
     for each time it has (frequency), before the temperature; and a seed, which gives the row a random
-    generator of its own, so its tokens do not depend on what it is batched with. Invalid values are refused
-    here, before anything runs."""
+    generator of its own, so its tokens do not depend on what it is batched with. `logprobs` (not a way of
+    choosing, but asked per row like one): None, or each new token's log-probability with that many most
+    likely alternatives. Invalid values are refused here, before anything runs."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -53,6 +68,14 @@ class Sampling:
                 )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= TOP_LOGPROBS_LIMIT
+        ):
+            raise ValueError(
+                f"logprobs must be None or an integer from 0 to {TOP_LOGPROBS_LIMIT}, got {self.logprobs!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -67,7 +90,7 @@ class Sampling:
         that choose alike compare equal, as the server groups its fixed batches by this)."""
         if not self.greedy:
             return self
-        return Sampling(0.0, 1.0, self.presence_penalty, self.frequency_penalty, None)
+        return Sampling(0.0, 1.0, self.presence_penalty, self.frequency_penalty, None, self.logprobs)
 
 
 class Sampler:
@@ -112,6 +135,23 @@ def next_tokens(
         logits[list(broken)] = 0.0
     logits = _penalize(logits, samplers, generated)
     return _sample(logits, samplers).tolist(), broken
+
+
+def scored(logits: torch.Tensor, samplers: Sequence[Sampler], tokens: list[int]) -> list[TokenLogprob | None]:
+    """The chosen tokens' log-probabilities, for the rows that asked (None for the others), from the raw
+    scores `next_tokens` was given."""
+    rows = [i for i, s in enumerate(samplers) if s.sampling.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(samplers)
+    if not rows:
+        return out
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    most = max(samplers[i].sampling.logprobs for i in rows)
+    best, best_ids = logprobs.topk(most, dim=-1) if most else (None, None)
+    for j, i in enumerate(rows):
+        k = samplers[i].sampling.logprobs
+        top = list(zip(best_ids[j, :k].tolist(), best[j, :k].tolist(), strict=True)) if k else []
+        out[i] = TokenLogprob(tokens[i], float(logprobs[j, tokens[i]]), top)
+    return out
 
 
 def _penalize(

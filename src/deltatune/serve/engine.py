@@ -415,6 +415,7 @@ class Engine:
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 seed=sampling.seed,
+                logprobs=sampling.logprobs,
                 on_token=streaming_callback(rows),
                 stop_rows=self._row_ends(rows),
                 continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from .logprobs import for_chat, for_completion
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
 from .service import Service, usage
 
@@ -84,7 +85,10 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
     choices = []
     for i, result in enumerate(results):
         text, reason = s.text_of(result, request.stops())
-        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+        chances = None
+        if request.logprobs is not None:
+            chances = for_completion(s.tokenizer, result.tokens, result.logprobs, text)
+        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": chances})
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -112,12 +116,20 @@ async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
         return s.stream(request, [prompt], head, choice)
     (result,) = await s.complete(http, request, [prompt])
     text, reason = s.text_of(result, request.stops())
+    chances = for_chat(s.tokenizer, result.tokens, result.logprobs, text) if request.logprobs else None
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+                "logprobs": chances,
+            }
+        ],
         "usage": usage([result]),
     }
 

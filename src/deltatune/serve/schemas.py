@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-style endpoints.
 
 Unknown fields are ignored, as OpenAI clients send extras; but a known OpenAI field this server cannot honour
-(logprobs, echo, best_of, logit_bias, ...) is refused when set, rather than silently answered without it.
+(echo, best_of, logit_bias, ...) is refused when set, rather than silently answered without it.
 Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
 UTF-8 encoder accepts.
 """
@@ -12,7 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from ..runtime.sampling import PENALTY_LIMIT
+from ..runtime.sampling import PENALTY_LIMIT, TOP_LOGPROBS_LIMIT
+
+_NO_STREAMED_LOGPROBS = (
+    "logprobs are not sent in streamed responses yet; ask without stream, or leave logprobs out"
+)
 
 
 def _valid_unicode(text: str) -> str:
@@ -32,8 +36,6 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED: dict[str, Any] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -83,6 +85,10 @@ class _Generation(BaseModel):
             raise ValueError("stream_options is only allowed with stream=true; set stream or leave it out")
         return self
 
+    def row_logprobs(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+        return None
+
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
@@ -102,6 +108,18 @@ class CompletionRequest(_Generation):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
 
+    # the chosen token's log-probability and this many most likely tokens, per new token (OpenAI: up to 5)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _logprobs_unstreamed(self) -> CompletionRequest:
+        if self.logprobs is not None and self.stream:
+            raise ValueError(_NO_STREAMED_LOGPROBS)
+        return self
+
+    def row_logprobs(self) -> int | None:
+        return self.logprobs
+
     def prompt_items(self) -> list[str | list[int]]:
         """The request's prompts, each a text or a list of token ids."""
         if isinstance(self.prompt, str):
@@ -118,6 +136,19 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_LIMIT)  # needs logprobs: true
+
+    @model_validator(mode="after")
+    def _logprobs_asked_unstreamed(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.logprobs and self.stream:
+            raise ValueError(_NO_STREAMED_LOGPROBS)
+        return self
+
+    def row_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class AdapterLoadRequest(BaseModel):

@@ -138,7 +138,8 @@ class Service:
         try:
             return [
                 Row(ids, adapter, max_tokens, request.temperature, request.top_p, request.presence_penalty,
-                    request.frequency_penalty, request.seed, stops=request.stops(), deadline=deadline)
+                    request.frequency_penalty, request.seed, request.row_logprobs(), stops=request.stops(),
+                    deadline=deadline)
                 for ids in prompts
             ]  # fmt: skip
         except ValueError as exc:

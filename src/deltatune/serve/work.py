@@ -25,6 +25,7 @@ class Row:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None  # each new token's log-probability, with this many alternatives
     on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
     stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
     deadline: float | None = None  # time.monotonic() after which the row is ended and fails (RequestTimeout)
@@ -40,7 +41,12 @@ class Row:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         # refused here, before the row reaches the engine
         self.sampling = Sampling(
-            self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty, self.seed
+            self.temperature,
+            self.top_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.seed,
+            self.logprobs,
         ).normalized()
 
     @property
