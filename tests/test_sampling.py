@@ -162,3 +162,12 @@ def test_seeds_choose_the_draws_and_an_unseeded_row_still_samples():
     first = sample(None)
     torch.manual_seed(0)
     assert sample(None) == first and len(first) == STEPS  # unseeded rows draw from torch's global generator
+
+
+def test_each_choice_of_a_prompt_gets_its_own_seed():
+    seeded = Sampling(temperature=1.0, seed=2**64 - 1)
+    seeds = [seeded.for_choice(j).seed for j in range(16)]
+    assert seeds[0] == seeded.seed and len(set(seeds)) == 16 and all(0 <= s < 2**64 for s in seeds)
+    assert (
+        Sampling(temperature=1.0).for_choice(3).seed is None
+    )  # unseeded choices draw from torch's generator

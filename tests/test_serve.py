@@ -154,7 +154,8 @@ def test_chat_and_prompt_lists(server, expected):
         ({"model": "alpha", "prompt": "hi", "max_tokens": 100}, 400, "limit of 8"),
         ({"model": "alpha", "prompt": "hi " * 40}, 400, "limit is 32"),
         ({"model": "alpha", "prompt": "hi", "stream": True, "max_tokens": 100}, 400, "limit of 8"),
-        ({"model": "alpha", "prompt": "hi", "n": 2}, 400, "n"),
+        ({"model": "alpha", "prompt": "hi", "n": 17}, 400, "n"),
+        ({"model": "alpha", "prompt": ["hi"] * 9, "n": 2}, 400, "9 prompts x n=2 choices in one request"),
         ({"model": "alpha", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream=true"),
         ({"model": "alpha", "prompt": "x" * 5000}, 413, "over the limit"),
         ({"model": "broken", "prompt": "hi"}, 409, "sha256"),
@@ -355,6 +356,36 @@ def _joined(names: list[str]) -> str:
         for name in names
     )
     return raw.decode(errors="replace")
+
+
+def test_n_choices_per_prompt_in_openais_order_each_seeded_apart(server, expected):
+    """n rows per prompt, choice i*n+j for prompt i; the first choice is the n=1 answer, the others their
+    own seeded draws, all repeating; usage counts each prompt once. Streamed, each choice's pieces add up to
+    its non-streamed text, and each choice's first delta names the role."""
+    sampled = {"temperature": 1.0, "seed": 9, "max_tokens": 6}
+    body = {"model": "beta-v2", "prompt": PROMPTS[:2], "n": 3} | sampled
+    answer = server.post("/v1/completions", json=body).json()
+    texts = [c["text"] for c in answer["choices"]]
+    assert [c["index"] for c in answer["choices"]] == list(range(6))
+    singles = [server.post("/v1/completions", json=body | {"prompt": p, "n": 1}).json() for p in PROMPTS[:2]]
+    assert [texts[0], texts[3]] == [one["choices"][0]["text"] for one in singles]
+    assert len(set(texts[:3])) > 1 and len(set(texts[3:])) > 1  # the choices are draws of their own
+    assert [c["text"] for c in server.post("/v1/completions", json=body).json()["choices"]] == texts
+    assert answer["usage"]["prompt_tokens"] == sum(one["usage"]["prompt_tokens"] for one in singles)
+    greedy = _complete(server, "alpha", PROMPTS[0], n=2).json()["choices"]
+    assert [c["text"] for c in greedy] == [expected[("alpha", PROMPTS[0])]] * 2
+
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "good day"}], "n": 3} | sampled
+    whole = server.post("/v1/chat/completions", json=chat).json()
+    chunks = _events(
+        server, "/v1/chat/completions", chat | {"stream": True, "stream_options": {"include_usage": True}}
+    )
+    *chunks, last = chunks
+    for index, choice in enumerate(whole["choices"]):
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == index]
+        assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+        assert "".join(d.get("content", "") for d in deltas) == choice["message"]["content"]
+    assert last["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] > 6
 
 
 def test_streaming_and_plain_requests_share_batches(server, expected):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -84,6 +84,13 @@ class Sampling:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
+
+    def for_choice(self, index: int) -> Sampling:
+        """The settings of a prompt's `index`-th choice (OpenAI's n): its own seed, derived from this one (the
+        first keeps it), so seeded choices differ from each other and each repeats."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index * 0x9E3779B97F4A7C15) % 2**64)  # a golden-ratio stride
 
     def normalized(self) -> Sampling:
         """The same choices, said one way: greedy rows drop top-p and seed, which they never use (so rows

@@ -95,7 +95,7 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
         "created": int(time.time()),
         "model": request.model,
         "choices": choices,
-        "usage": usage(results),
+        "usage": usage(dict(enumerate(results)), request.n),
     }
 
 
@@ -105,32 +105,30 @@ async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
     if request.stream:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": request.model}  # fmt: skip
-        first = [True]
+        started: set[int] = set()
 
         def choice(index: int, text: str, reason: str | None) -> dict:
             delta = {"content": text} if text else {}
-            if first[0]:  # OpenAI's first delta names the role
-                delta, first[0] = {"role": "assistant", **delta}, False
+            if index not in started:  # OpenAI's first delta of each choice names the role
+                delta = {"role": "assistant", **delta}
+                started.add(index)
             return {"index": index, "delta": delta, "finish_reason": reason}
 
         return s.stream(request, [prompt], head, choice)
-    (result,) = await s.complete(http, request, [prompt])
-    text, reason = s.text_of(result, request.stops())
-    chances = for_chat(s.tokenizer, result.tokens, result.logprobs, text) if request.logprobs else None
+    results = await s.complete(http, request, [prompt])
+    choices = []
+    for i, result in enumerate(results):
+        text, reason = s.text_of(result, request.stops())
+        chances = for_chat(s.tokenizer, result.tokens, result.logprobs, text) if request.logprobs else None
+        message = {"role": "assistant", "content": text}
+        choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": chances})
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-                "logprobs": chances,
-            }
-        ],
-        "usage": usage([result]),
+        "choices": choices,
+        "usage": usage(dict(enumerate(results)), request.n),
     }
 
 

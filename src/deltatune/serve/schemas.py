@@ -62,7 +62,7 @@ class _Generation(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
     # the same request with the same seed gets the same answer, whatever it is batched with
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=16)  # choices per prompt; with prompts, at most the server's rows per request
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -8,13 +8,14 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..core.errors import AdapterNotFoundError
 from ..runtime import AdapterNameInvalid, Completion
+from ..runtime.sampling import Sampling
 from .engine import Engine
 from .errors import ApiError, PathsHidden
 from .prompts import encode_chat, encode_text
@@ -82,13 +83,12 @@ class Service:
 
     # ---- limits --------------------------------------------------------------------------------------------
     def check_text(self, request: CompletionRequest | ChatRequest, prompts: int, texts: list[str]) -> None:
-        """Limits that hold before any tokenizing: the number of prompts, the size of their text, stop
-        strings."""
+        """Limits that hold before any tokenizing: the number of rows (prompts times choices), the size of
+        the prompts' text, stop strings."""
         limits = self.limits
-        if prompts > limits.max_prompts_per_request:
-            raise ApiError(
-                400, f"{prompts} prompts in one request; the limit is {limits.max_prompts_per_request}"
-            )
+        if prompts * request.n > limits.max_prompts_per_request:
+            asked = f"{prompts} prompts" if request.n == 1 else f"{prompts} prompts x n={request.n} choices"
+            raise ApiError(400, f"{asked} in one request; the limit is {limits.max_prompts_per_request} rows")
         size = sum(len(t) for t in texts)
         if size > limits.prompt_chars:
             raise ApiError(
@@ -124,7 +124,8 @@ class Service:
             )
 
     def rows(self, request: CompletionRequest | ChatRequest, prompts: list[list[int]]) -> list[Row]:
-        """The engine rows for a request, after every limit is checked."""
+        """The engine rows for a request, after every limit is checked: `n` per prompt, one after another
+        (OpenAI's choice order), each seeded choice with its own seed."""
         adapter = self.adapter_for(request.model)
         limit = self.limits.max_tokens
         max_tokens = request.max_tokens if request.max_tokens is not None else min(16, limit)
@@ -136,11 +137,13 @@ class Service:
             self._check_prompt(ids)
         deadline = time.monotonic() + self.limits.request_timeout_s
         try:
+            sampling = Sampling(request.temperature, request.top_p, request.presence_penalty,
+                                request.frequency_penalty, request.seed, request.row_logprobs())  # fmt: skip
             return [
-                Row(ids, adapter, max_tokens, request.temperature, request.top_p, request.presence_penalty,
-                    request.frequency_penalty, request.seed, request.row_logprobs(), stops=request.stops(),
+                Row(ids, adapter, max_tokens, **asdict(sampling.for_choice(j)), stops=request.stops(),
                     deadline=deadline)
                 for ids in prompts
+                for j in range(request.n)
             ]  # fmt: skip
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
@@ -222,7 +225,7 @@ class Service:
 
         async def events() -> AsyncIterator[str]:
             deltas = [TextDeltas(self.tokenizer, stops) for _ in rows]
-            answered: list[Completion] = []
+            answered: dict[int, Completion] = {}
             try:
                 async for i, token in feed.items(len(rows)):
                     if token is not None:
@@ -236,14 +239,14 @@ class Service:
                         err = self.public(exc)
                         yield event({"error": {"message": err.message, "type": err.kind, "code": err.code}})
                         continue
-                    answered.append(result)
+                    answered[i] = result
                     text, reason = self.text_of(result, stops)
                     piece = deltas[i].rest(text)
                     if piece:
                         yield chunk(i, piece, None)
                     yield chunk(i, "", reason)
                 if with_usage:  # the rows that failed generated nothing to count
-                    yield event({**head, "choices": [], "usage": usage(answered)})
+                    yield event({**head, "choices": [], "usage": usage(answered, request.n)})
                 yield event("[DONE]")
             finally:  # also when the client went away mid-stream: its rows stop at their next token
                 for row in rows:
@@ -259,7 +262,9 @@ class Service:
         return text, result.finish_reason
 
 
-def usage(results: list[Completion]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(len(r.tokens) for r in results)
+def usage(answered: dict[int, Completion], choices: int = 1) -> dict[str, int]:
+    """OpenAI's token counts of the answered rows (row index -> result): each prompt once (its `choices`
+    rows share it), every choice's new tokens."""
+    prompt = sum({row // choices: r.prompt_tokens for row, r in answered.items()}.values())
+    completion = sum(len(r.tokens) for r in answered.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
