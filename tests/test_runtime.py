@@ -210,7 +210,7 @@ def test_generate_streams_tokens_and_ends_cancelled_rows_early(continuous):
         prompts,
         ["a", "b"],
         **same,
-        on_token=lambda row, token: seen[row].append(token),
+        on_token=lambda row, token, _: seen[row].append(token),
         stop_rows=lambda row, new: row == 0 and len(new) >= 3,  # row 0's reader leaves at its 3rd token
     )
     assert seen[1] == done[1].tokens == full[1].tokens and done[1].finish_reason == "length"

@@ -116,10 +116,15 @@ def test_logprobs_are_the_models_own_for_each_chosen_token(continuous):
     model = _model()
     rows, prompts = ["a", None, "prompt", "b"], _prompts()[:4]
     sampling = Sampling(temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3)
+    streamed: dict[int, list] = {i: [] for i in range(len(rows))}
     done = generate(
         model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, continuous=continuous,
         temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3,
+        on_token=lambda row, token, logprob: streamed[row].append(logprob),
     )  # fmt: skip
+    assert [streamed[i] for i in range(len(rows))] == [
+        c.logprobs for c in done
+    ]  # streaming hands them out too
     for prompt, adapter, completion in zip(prompts, rows, done, strict=True):
         steps: list[torch.Tensor] = []
         assert completion.tokens == _reference(model, prompt, adapter, sampling, steps)

@@ -5,6 +5,7 @@ server keeps serving."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -319,8 +320,9 @@ def test_logprobs_are_the_runtimes_in_openais_shapes(server, tiny_causal_lm, ada
     assert served_top == pytest.approx([lp for c in done.logprobs for _, lp in c.top], abs=1e-5)
     assert all(len(top) == 2 for top in chances["top_logprobs"])
     assert all(lp <= 0 for lp in chances["token_logprobs"])
-    offsets = [len(_joined(chances["tokens"][:i]).rstrip("\ufffd")) for i in range(len(done.tokens))]
-    assert chances["text_offset"] == offsets
+    # where each token starts in the answer: a byte sequence never completed stays U+FFFD and counts
+    offsets = [len(os.path.commonprefix([_joined(chances["tokens"][:i]), choice["text"]])) for i in range(6)]
+    assert chances["text_offset"] == offsets == sorted(set(offsets))
     # greedy: each chosen token is the most likely one
     assert [max(top.values()) for top in chances["top_logprobs"]] == pytest.approx(chances["token_logprobs"])
 
@@ -347,6 +349,34 @@ def test_logprobs_are_the_runtimes_in_openais_shapes(server, tiny_causal_lm, ada
     assert plain["logprobs"] is None and plain["message"] == answer["message"]
     refused = server.post("/v1/chat/completions", json=chat | {"top_logprobs": 2})
     assert refused.status_code == 400 and "needs logprobs" in refused.json()["error"]["message"]
+
+
+def test_streamed_logprobs_add_up_to_the_non_streamed_ones(server, expected):
+    """Each chunk carries the log-probabilities of the tokens whose text it completes; together they are the
+    non-streamed answer's, stop string cut included, in both shapes."""
+    completions = {"model": "alpha", "prompt": PROMPTS[:2], "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    plain = server.post("/v1/completions", json=completions).json()["choices"][0]
+    text, chances = plain["text"], plain["logprobs"]
+    # a stop string that starts exactly where a token does: that token is past the cut, and must not be sent
+    stop = next(
+        name
+        for name, offset in zip(chances["tokens"][1:], chances["text_offset"][1:], strict=True)
+        if name and not name.startswith("bytes:") and text.find(name) == offset
+    )
+    for body in (completions, completions | {"stop": stop}):
+        whole = server.post("/v1/completions", json=body).json()["choices"]
+        chunks = _events(server, "/v1/completions", body | {"stream": True})
+        for index, choice in enumerate(whole):
+            parts = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+            assert "".join(p["text"] for p in parts) == choice["text"]
+            joined = {key: [v for p in parts for v in p["logprobs"][key]] for key in choice["logprobs"]}
+            assert joined == choice["logprobs"] and joined["tokens"], (body, index)
+            assert sum(bool(p["logprobs"]["tokens"]) for p in parts) >= 2  # spread over the chunks
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "good day"}], "max_tokens": 6,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    whole = server.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    chunks = _events(server, "/v1/chat/completions", chat | {"stream": True})
+    assert [e for c in chunks for e in c["choices"][0]["logprobs"]["content"]] == whole and whole
 
 
 def _joined(names: list[str]) -> str:
@@ -429,6 +459,29 @@ def test_text_deltas_hold_back_split_characters_and_possible_stops():
     assert "".join(got) == "ab EX" and got[3:5] == ["", "EX"]  # released once it cannot be END
 
 
+def test_streamed_tokens_settle_with_their_text_at_the_offsets_a_whole_answer_gives():
+    """A character split over three tokens: its tokens settle once it is sent, all at its offset, as
+    `token_offsets` counts a whole answer; bytes never completed keep their place."""
+    from deltatune.serve.logprobs import token_offsets
+    from deltatune.serve.streaming import TextDeltas
+
+    for text in (b"a\xe2\x82\xacb", b"a\xe2\x82b", b"ab"):
+        deltas = TextDeltas(_ByteTokenizer(), [])
+        settled = []
+        for byte in text:
+            deltas.add(byte)
+            settled.append(deltas.settled())
+        whole = _ByteTokenizer().decode(list(text))
+        deltas.rest(whole)
+        offsets = token_offsets(_ByteTokenizer(), list(text))
+        assert [deltas.start(k) for k in range(len(text))] == offsets
+        assert deltas.settled() == len(text) and deltas.sent == whole
+        if text == b"a\xe2\x82\xacb":
+            assert settled == [1, 1, 1, 4, 5] and offsets == [0, 1, 1, 1, 2]
+        if text == b"a\xe2\x82b":  # one U+FFFD for the unfinished bytes, its first token's: all settle with b
+            assert settled == [1, 1, 1, 4] and offsets == [0, 1, 2, 2]
+
+
 def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     from transformers import AutoTokenizer
 
@@ -441,7 +494,7 @@ def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     ids = tokenizer("good day", add_special_tokens=False)["input_ids"]
     leaving, staying = Row(ids, "alpha", 8), Row(ids, "alpha", 8)
     # the stream's reader goes away after its second token (the app sets `cancelled` when the client closes)
-    leaving.on_token = lambda token: setattr(leaving, "cancelled", leaving.streamed >= 1)
+    leaving.on_token = lambda *_: setattr(leaving, "cancelled", leaving.streamed >= 1)
     try:
         left, stayed = (f.result(timeout=60) for f in [engine.submit(leaving), engine.submit(staying)])
     finally:
@@ -496,7 +549,7 @@ def test_engine_rows_join_a_running_batch_and_leave_when_done(tiny_causal_lm, ad
         alone = engine.submit(Row(short_ids, "beta-v2", 3)).result(timeout=60)
         long_alone = engine.submit(Row(long_ids, "alpha", 40)).result(timeout=60)
         started = threading.Event()
-        long_row = Row(long_ids, "alpha", 40, on_token=lambda _: started.set())
+        long_row = Row(long_ids, "alpha", 40, on_token=lambda *_: started.set())
         long_future = engine.submit(long_row)
         assert started.wait(timeout=60)
         short = Row(short_ids, "beta-v2", 3)

@@ -142,7 +142,6 @@ def test_a_slow_pattern_does_not_hold_up_other_clients(server, reference):
         ({"stop": ["a", "b", "c", "d", "e"]}, "5 stop strings; the limit is 4"),
         ({"stop": "x" * 300}, "the limit is 256"),
         ({"logprobs": 6}, "logprobs"),
-        ({"logprobs": 1, "stream": True}, "not sent in streamed responses"),
         ({"echo": True}, "echo is not supported"),
         ({"best_of": 3}, "best_of is not supported"),
         ({"logit_bias": {"5": 10}, "suffix": "!"}, "suffix, logit_bias are not supported"),

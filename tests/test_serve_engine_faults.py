@@ -218,7 +218,7 @@ def test_a_busy_adapter_drains_then_unloads_and_later_rows_load_it_again(engine,
     real_step = DecodeBatch.step
     monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.02), real_step(self))[1])
     started = threading.Event()
-    running = _row(engine, n=30, on_token=lambda _: started.set())
+    running = _row(engine, n=30, on_token=lambda *_: started.set())
     running_future = engine.submit(running)
     assert started.wait(timeout=60)
     drained = engine.call(lambda: engine.cache.unload_when_idle("alpha")).result(timeout=60)

@@ -68,6 +68,7 @@ class Step:
     token: int | None
     finished: str | None = None
     error: Exception | None = None
+    logprob: TokenLogprob | None = None  # the token's, when the row's Sampling asks for log-probabilities
 
 
 @dataclass
@@ -271,7 +272,7 @@ class DecodeBatch:
             if row.logprobs is not None:
                 row.logprobs.append(chances[i])
             done = "length" if len(row.tokens) >= row.limit else None
-            steps.append(Step(row.handle, token, done))
+            steps.append(Step(row.handle, token, done, logprob=chances[i]))
             if done:
                 ended.append((row, done))
         self._drop(ended)

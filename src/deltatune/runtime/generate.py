@@ -37,6 +37,8 @@ from .sampling import Completion, Sampler, Sampling, TokenLogprob, left_pad, nex
 
 __all__ = ["Completion", "Sampling", "generate", "left_pad", "plan_batches"]
 
+OnToken = Callable[[int, int, "TokenLogprob | None"], None]  # (row, token, its log-probability if asked)
+
 
 def plan_batches(model: nn.Module, adapters: Sequence[str | None]) -> list[list[int]]:
     """Row indices grouped into batches that can share one forward."""
@@ -112,25 +114,29 @@ class _RowsEnd(StoppingCriteria):
 
 
 class _RowStreamer(BaseStreamer):
-    """Hands each row's new tokens to `on_token(row, token)` as `model.generate` produces them, up to the
-    row's own end: its end-of-sequence token (not passed on), its token limit, or its cancellation."""
+    """Hands each row's new tokens to `on_token(row, token, logprob)` as `model.generate` produces them, up
+    to the row's own end: its end-of-sequence token (not passed on), its token limit, or its cancellation.
+    `logprobs`: each row's log-probabilities so far (`_ChooseTokens` adds a step's before it is put here)."""
 
     def __init__(
         self,
         rows: list[int],
         limits: list[int],
         eos: set[int],
-        on_token: Callable[[int, int], None],
+        on_token: OnToken,
         ended_at: dict[int, int],
+        logprobs: list[list[TokenLogprob]],
     ) -> None:
         self.rows, self.left, self.eos, self.on_token = rows, [limits[i] for i in rows], eos, on_token
-        self.ended_at, self.sent = ended_at, [0] * len(rows)
+        self.ended_at, self.sent, self.logprobs = ended_at, [0] * len(rows), logprobs
         self.prompt_seen = False
+        self.step = 0
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompts
             self.prompt_seen = True
             return
+        step, self.step = self.step, self.step + 1
         for j, token in enumerate(value.reshape(-1).tolist()):
             ended = self.ended_at.get(self.rows[j])
             if self.left[j] <= 0 or (ended is not None and self.sent[j] >= ended):
@@ -140,7 +146,8 @@ class _RowStreamer(BaseStreamer):
                 continue
             self.left[j] -= 1
             self.sent[j] += 1
-            self.on_token(self.rows[j], token)
+            chances = self.logprobs[j]
+            self.on_token(self.rows[j], token, chances[step] if step < len(chances) else None)
 
     def end(self) -> None:
         pass
@@ -186,7 +193,7 @@ def generate(
     frequency_penalty: float = 0.0,
     seed: int | None = None,
     logprobs: int | None = None,
-    on_token: Callable[[int, int], None] | None = None,
+    on_token: OnToken | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
     continuous: bool = True,
 ) -> list[Completion]:
@@ -195,8 +202,8 @@ def generate(
     same for every row, and a seed seeds each row's own generator, so a row's tokens do not depend on its
     neighbours. `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
     most likely tokens at its step. The model must be in eval mode.
-    `on_token(row, token)` receives each row's new tokens as they are generated (for streaming); together
-    they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
+    `on_token(row, token, logprob)` receives each row's new tokens as they are generated (for streaming),
+    with their log-probability when asked (else None); together they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
     the row's new tokens so far, ends the row there when true (its client went away, its stop string
     appeared), so a batch is not held up by rows nobody needs. Each row also ends at its own
     `max_new_tokens`.
@@ -241,7 +248,7 @@ class _Rows:
     eos: set[int]
     pad_token_id: int
     sampling: Sampling
-    on_token: Callable[[int, int], None] | None
+    on_token: OnToken | None
     stop_rows: Callable[[int, list[int]], bool] | None
 
 
@@ -267,7 +274,7 @@ def _on_engine(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Comp
             if step.token is not None:
                 new[row].append(step.token)
                 if call.on_token is not None:
-                    call.on_token(row, step.token)
+                    call.on_token(row, step.token, step.logprob)
             if step.finished is None and call.stop_rows is not None and call.stop_rows(row, new[row]):
                 batch.end(step.row)
                 done[row] = batch.completion(step.row)
@@ -284,9 +291,11 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
     ids, mask = (t.to(device) for t in left_pad([call.prompts[i] for i in rows], call.pad_token_id))
     ends = _RowsEnd(rows, limits, call.stop_rows, ids.shape[1])
     per_row_ends = call.stop_rows is not None or len({limits[i] for i in rows}) > 1
-    streamer = _RowStreamer(rows, limits, eos, call.on_token, ends.ended_at) if call.on_token else None
     adapters = [call.adapters[i] for i in rows]
     choose = _ChooseTokens(call.sampling, adapters, ids.shape[1])
+    streamer = None
+    if call.on_token is not None:
+        streamer = _RowStreamer(rows, limits, eos, call.on_token, ends.ended_at, choose.logprobs)
     with _rows_use(model, adapters):
         out = model.generate(
             input_ids=ids,

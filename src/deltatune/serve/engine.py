@@ -332,7 +332,7 @@ class Engine:
                 continue
             if step.token is not None:
                 live.tokens.append(step.token)
-                stream_token(row, step.token)
+                stream_token(row, step.token, step.logprob)
             finished = step.finished
             if finished is None and self._ends_early(row, live.tokens):
                 self.decoding.end(step.row)

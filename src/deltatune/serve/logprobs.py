@@ -1,6 +1,7 @@
 """Token log-probabilities in OpenAI's two shapes: `/v1/completions` (`tokens`, `token_logprobs`,
 `top_logprobs`, `text_offset`) and `/v1/chat/completions` (`content`: one entry per token, with its UTF-8
-bytes). Tokens whose text starts after a stop string's cut are left out, as their text is.
+bytes). Tokens whose text starts after a stop string's cut are left out, as their text is. Streamed chunks
+carry the same entries, each chunk the tokens whose text it completes (`streaming.TextDeltas.settled`).
 
 A token can hold part of a UTF-8 character, whose text on its own is only U+FFFD. Its bytes are then read from
 the token's spelling in the vocabulary (byte-level BPE's byte alphabet, or SentencePiece's `<0xNN>` byte
@@ -10,7 +11,9 @@ name in `top_logprobs`.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -51,59 +54,60 @@ def token_bytes(tokenizer: Any, token: int) -> bytes | None:
     return None
 
 
-class TokenTexts:
-    """Each token's own text, and where it starts in the decoded answer (a character offset; a token that
-    ends inside a character starts that character's offset for the next)."""
-
-    def __init__(self, tokenizer: Any, tokens: list[int]) -> None:
-        self.tokenizer = tokenizer
-        self.offsets = [
-            len(tokenizer.decode(tokens[:i], skip_special_tokens=True).rstrip(REPLACEMENT))
-            for i in range(len(tokens))
-        ]
-
-    def text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=True)
-
-    def name(self, token: int) -> str:
-        """The token's text, or "bytes:\\x.." when it holds part of a character (OpenAI's completions)."""
-        text = self.text(token)
-        if REPLACEMENT not in text:
-            return text
-        raw = token_bytes(self.tokenizer, token)
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw is not None else text
-
-    def kept(self, answer: str) -> int:
-        """How many tokens the answer holds: those starting before its end (all, unless a stop string cut it)."""
-        return sum(offset < len(answer) for offset in self.offsets) if answer else 0
+def shared_length(a: str, b: str) -> int:
+    """How many characters the two texts share from the start."""
+    return len(a) if b.startswith(a) else len(os.path.commonprefix([a, b]))
 
 
-def for_completion(
-    tokenizer: Any, tokens: list[int], chances: list[TokenLogprob] | None, answer: str
-) -> dict[str, list]:
-    texts = TokenTexts(tokenizer, tokens)
-    kept = (chances or [])[: texts.kept(answer)]
+def token_offsets(tokenizer: Any, tokens: list[int]) -> list[int]:
+    """Where each token's text starts in the decoded answer: the length of the text of the tokens before it
+    that the answer keeps. A character those tokens only begin (U+FFFD on its own) is left to the token that
+    completes it; one never completed stays U+FFFD in the answer too, and counts there."""
+    whole = tokenizer.decode(tokens, skip_special_tokens=True)
+    return [
+        shared_length(tokenizer.decode(tokens[:i], skip_special_tokens=True), whole)
+        for i in range(len(tokens))
+    ]
+
+
+def token_name(tokenizer: Any, token: int) -> str:
+    """The token's text, or "bytes:\\x.." when it holds part of a character (OpenAI's completions)."""
+    text = tokenizer.decode([token], skip_special_tokens=True)
+    if REPLACEMENT not in text:
+        return text
+    raw = token_bytes(tokenizer, token)
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw is not None else text
+
+
+Shape = Callable[[Any, list[TokenLogprob], list[int]], dict]  # (tokenizer, tokens' logprobs, their offsets)
+
+
+def completion_shape(tokenizer: Any, chances: list[TokenLogprob], offsets: list[int]) -> dict[str, list]:
     return {
-        "tokens": [texts.name(c.token) for c in kept],
-        "token_logprobs": [c.logprob for c in kept],
-        "top_logprobs": [{texts.name(t): lp for t, lp in c.top} for c in kept],
-        "text_offset": texts.offsets[: len(kept)],
+        "tokens": [token_name(tokenizer, c.token) for c in chances],
+        "token_logprobs": [c.logprob for c in chances],
+        "top_logprobs": [{token_name(tokenizer, t): lp for t, lp in c.top} for c in chances],
+        "text_offset": offsets,
     }
 
 
-def for_chat(
-    tokenizer: Any, tokens: list[int], chances: list[TokenLogprob] | None, answer: str
-) -> dict[str, Any]:
-    texts = TokenTexts(tokenizer, tokens)
-
+def chat_shape(tokenizer: Any, chances: list[TokenLogprob], offsets: list[int]) -> dict[str, Any]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
         raw = token_bytes(tokenizer, token)
-        return {
-            "token": texts.text(token),
-            "logprob": logprob,
-            "bytes": list(raw) if raw is not None else None,
-        }
+        text = tokenizer.decode([token], skip_special_tokens=True)
+        return {"token": text, "logprob": logprob, "bytes": list(raw) if raw is not None else None}
 
-    kept = (chances or [])[: texts.kept(answer)]
-    content = [entry(c.token, c.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in c.top]} for c in kept]
+    content = [
+        entry(c.token, c.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in c.top]} for c in chances
+    ]
     return {"content": content, "refusal": None}
+
+
+def for_answer(
+    shape: Shape, tokenizer: Any, tokens: list[int], chances: list[TokenLogprob] | None, answer: str
+) -> dict:
+    """A whole (non-streamed) answer's log-probabilities: those of the tokens whose text starts before the
+    answer's end (all of them, unless a stop string cut it)."""
+    offsets = token_offsets(tokenizer, tokens)
+    kept = sum(offset < len(answer) for offset in offsets) if answer else 0
+    return shape(tokenizer, (chances or [])[:kept], offsets[:kept])

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from .logprobs import for_chat, for_completion
+from .logprobs import chat_shape, completion_shape, for_answer
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
 from .service import Service, usage
 
@@ -80,14 +80,14 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
         def choice(index: int, text: str, reason: str | None) -> dict:
             return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
 
-        return s.stream(request, prompts, head, choice)
+        return s.stream(request, prompts, head, choice, completion_shape)
     results = await s.complete(http, request, prompts)
     choices = []
     for i, result in enumerate(results):
         text, reason = s.text_of(result, request.stops())
         chances = None
         if request.logprobs is not None:
-            chances = for_completion(s.tokenizer, result.tokens, result.logprobs, text)
+            chances = for_answer(completion_shape, s.tokenizer, result.tokens, result.logprobs, text)
         choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": chances})
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -114,12 +114,14 @@ async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
                 started.add(index)
             return {"index": index, "delta": delta, "finish_reason": reason}
 
-        return s.stream(request, [prompt], head, choice)
+        return s.stream(request, [prompt], head, choice, chat_shape)
     results = await s.complete(http, request, [prompt])
     choices = []
     for i, result in enumerate(results):
         text, reason = s.text_of(result, request.stops())
-        chances = for_chat(s.tokenizer, result.tokens, result.logprobs, text) if request.logprobs else None
+        chances = None
+        if request.logprobs:
+            chances = for_answer(chat_shape, s.tokenizer, result.tokens, result.logprobs, text)
         message = {"role": "assistant", "content": text}
         choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": chances})
     return {

@@ -14,10 +14,6 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from ..runtime.sampling import PENALTY_LIMIT, TOP_LOGPROBS_LIMIT
 
-_NO_STREAMED_LOGPROBS = (
-    "logprobs are not sent in streamed responses yet; ask without stream, or leave logprobs out"
-)
-
 
 def _valid_unicode(text: str) -> str:
     try:
@@ -111,12 +107,6 @@ class CompletionRequest(_Generation):
     # the chosen token's log-probability and this many most likely tokens, per new token (OpenAI: up to 5)
     logprobs: int | None = Field(None, ge=0, le=5)
 
-    @model_validator(mode="after")
-    def _logprobs_unstreamed(self) -> CompletionRequest:
-        if self.logprobs is not None and self.stream:
-            raise ValueError(_NO_STREAMED_LOGPROBS)
-        return self
-
     def row_logprobs(self) -> int | None:
         return self.logprobs
 
@@ -140,11 +130,9 @@ class ChatRequest(_Generation):
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_LIMIT)  # needs logprobs: true
 
     @model_validator(mode="after")
-    def _logprobs_asked_unstreamed(self) -> ChatRequest:
+    def _top_logprobs_need_logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.logprobs and self.stream:
-            raise ValueError(_NO_STREAMED_LOGPROBS)
         return self
 
     def row_logprobs(self) -> int | None:

@@ -15,9 +15,10 @@ from fastapi.responses import StreamingResponse
 
 from ..core.errors import AdapterNotFoundError
 from ..runtime import AdapterNameInvalid, Completion
-from ..runtime.sampling import Sampling
+from ..runtime.sampling import Sampling, TokenLogprob
 from .engine import Engine
 from .errors import ApiError, PathsHidden
+from .logprobs import Shape
 from .prompts import encode_chat, encode_text
 from .schemas import ChatRequest, CompletionRequest
 from .stops import first_stop
@@ -204,12 +205,18 @@ class Service:
                 row.cancelled = True  # a no-op for rows already answered
 
     def stream(
-        self, request: CompletionRequest | ChatRequest, prompts: list[list[int]], head: dict, choice: Choice
+        self,
+        request: CompletionRequest | ChatRequest,
+        prompts: list[list[int]],
+        head: dict,
+        choice: Choice,
+        shape: Shape,
     ) -> StreamingResponse:
         """Server-sent events: `head` (id, object, created, model) with `choice(index, text, finish_reason)` per
-        piece of text, then [DONE]; with stream_options.include_usage, each event has `usage: null` and one
-        more before [DONE] holds the usage of the whole request. Limits and a full queue are refused before
-        the stream starts; a row failing later ends with an error event."""
+        piece of text, then [DONE]. When the request asks for log-probabilities, each choice carries those of
+        the tokens its text completes, in `shape`. With stream_options.include_usage, each event has `usage:
+        null` and one more before [DONE] holds the usage of the whole request. Limits and a full queue are
+        refused before the stream starts; a row failing later ends with an error event."""
         rows = self.rows(request, prompts)
         feed = TokenFeed(asyncio.get_running_loop())
         for i, row in enumerate(rows):
@@ -219,16 +226,26 @@ class Service:
             feed.watch(i, future)
         stops = request.stops()
         with_usage = {"usage": None} if request.include_usage else {}
+        deltas = [TextDeltas(self.tokenizer, stops) for _ in rows]
+        chances: list[list[TokenLogprob]] = [[] for _ in rows]  # each row's, as its tokens arrive
+        given = [0] * len(rows)  # how many of them went out
 
         def chunk(index: int, text: str, reason: str | None) -> str:
-            return event({**head, "choices": [choice(index, text, reason)], **with_usage})
+            body = choice(index, text, reason)
+            if request.row_logprobs() is not None:
+                first, settled = given[index], deltas[index].settled(given[index])
+                offsets = [deltas[index].start(k) for k in range(first, settled)]
+                body["logprobs"] = shape(self.tokenizer, chances[index][first:settled], offsets)
+                given[index] = settled
+            return event({**head, "choices": [body], **with_usage})
 
         async def events() -> AsyncIterator[str]:
-            deltas = [TextDeltas(self.tokenizer, stops) for _ in rows]
             answered: dict[int, Completion] = {}
             try:
-                async for i, token in feed.items(len(rows)):
+                async for i, token, logprob in feed.items(len(rows)):
                     if token is not None:
+                        if logprob is not None:
+                            chances[i].append(logprob)
                         piece = deltas[i].add(token)  # the engine ends the row at a stop string
                         if piece:
                             yield chunk(i, piece, None)

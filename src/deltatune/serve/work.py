@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runtime.sampling import Sampling
+from ..runtime.sampling import Sampling, TokenLogprob
 from .stops import StopWatch
 
 
@@ -26,7 +26,8 @@ class Row:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int | None = None  # each new token's log-probability, with this many alternatives
-    on_token: Callable[[int], None] | None = None  # streaming: called on the engine thread per new token
+    # streaming: called on the engine thread per new token, with its log-probability when asked (else None)
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None
     stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
     deadline: float | None = None  # time.monotonic() after which the row is ended and fails (RequestTimeout)
     future: Future = field(default_factory=Future)
@@ -88,20 +89,20 @@ class RequestTimeout(TimeoutError):
     """A row passed its deadline before it was answered."""
 
 
-def streaming_callback(rows: list[Row]) -> Callable[[int, int], None] | None:
+def streaming_callback(rows: list[Row]) -> Callable[[int, int, TokenLogprob | None], None] | None:
     """The generate callback passing each streaming row its tokens."""
     if not any(r.on_token for r in rows):
         return None
-    return lambda index, token: stream_token(rows[index], token)
+    return lambda index, token, logprob: stream_token(rows[index], token, logprob)
 
 
-def stream_token(row: Row, token: int) -> None:
+def stream_token(row: Row, token: int, logprob: TokenLogprob | None = None) -> None:
     """Pass a streaming row its next token; a callback that fails (the client went away) is dropped, and the
     row still completes."""
     if row.on_token is None:
         return
     try:
-        row.on_token(token)
+        row.on_token(token, logprob)
     except Exception:
         row.on_token = None
         return
