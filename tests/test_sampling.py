@@ -176,3 +176,24 @@ def test_each_choice_of_a_prompt_gets_its_own_seed():
     assert (
         Sampling(temperature=1.0).for_choice(3).seed is None
     )  # unseeded choices draw from torch's generator
+
+
+@pytest.mark.parametrize("adapter", ["b", None, "prompt"])
+def test_scoring_a_prompt_equals_the_logprobs_of_generating_it(adapter):
+    """prompt_logprobs over prompt + continuation (one full forward) gives the continuation's tokens the
+    log-probabilities that generating them gave (prefill, then the KV cache), top alternatives included."""
+    from deltatune.runtime.scoring import prompt_logprobs
+
+    model = _model()
+    prompt = _prompts()[1]
+    (done,) = generate(
+        model, [prompt], [adapter], max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, logprobs=3
+    )
+    (scored,) = prompt_logprobs(model, [prompt + done.tokens], [adapter], top=3)
+    assert len(scored) == len(prompt) + STEPS - 1 and [s.token for s in scored] == prompt[1:] + done.tokens
+    for got, want in zip(scored[len(prompt) - 1 :], done.logprobs, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+    assert all(s.logprob <= 0 for s in scored)
+    with pytest.raises(ValueError, match="no tokens"):
+        prompt_logprobs(model, [[]], [adapter])

@@ -379,6 +379,51 @@ def test_streamed_logprobs_add_up_to_the_non_streamed_ones(server, expected):
     assert [e for c in chunks for e in c["choices"][0]["logprobs"]["content"]] == whole and whole
 
 
+def test_echo_scores_a_continuation_as_an_evaluation_harness_asks(server, tiny_causal_lm, adapters_dir):
+    """lm-evaluation-harness' log-likelihood request (token ids, echo, logprobs=1, max_tokens=1, temperature
+    0): the prompt's tokens come back scored as the runtime scores them, the first with None, then the new
+    token; a greedy continuation is greedy by the harness' test. max_tokens 0 scores the prompt alone."""
+    from transformers import AutoTokenizer
+
+    from deltatune.runtime.scoring import prompt_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = _model(tiny_causal_lm)
+    dt.load_adapter(model, adapters_dir / "beta-v2", adapter_name="beta_v2")
+    context = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    (greedy,) = generate(model, [context], ["beta_v2"], max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    ids = context + greedy.tokens
+    (reference,) = prompt_logprobs(model, [ids], ["beta_v2"], top=1)
+    body = {"model": "beta-v2", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True,
+            "seed": 1234}  # fmt: skip
+    choice = server.post("/v1/completions", json=body).json()["choices"][0]
+    chances = choice["logprobs"]
+    assert len(chances["tokens"]) == len(ids) + 1 and chances["token_logprobs"][0] is None
+    assert chances["top_logprobs"][0] is None
+    assert chances["token_logprobs"][1 : len(ids)] == pytest.approx([r.logprob for r in reference], abs=1e-5)
+    continuation = slice(len(context), -1)  # the harness' [ctxlen:-1]: the continuation, not the new token
+    assert all(
+        lp == max(top.values())
+        for lp, top in zip(
+            chances["token_logprobs"][continuation], chances["top_logprobs"][continuation], strict=True
+        )
+    )  # the greedy continuation is greedy by the harness' test
+    plain = server.post("/v1/completions", json=body | {"echo": False}).json()["choices"][0]
+    assert choice["text"] == tokenizer.decode(ids) + plain["text"]
+    assert chances["token_logprobs"][-1] == pytest.approx(plain["logprobs"]["token_logprobs"][0], abs=1e-5)
+    assert chances["text_offset"][len(ids)] == len(tokenizer.decode(ids))
+
+    alone = server.post("/v1/completions", json=body | {"max_tokens": 0}).json()
+    assert alone["choices"][0]["text"] == tokenizer.decode(ids) and alone["usage"]["completion_tokens"] == 0
+    assert alone["choices"][0]["logprobs"]["token_logprobs"] == chances["token_logprobs"][: len(ids)]
+    for bad, needle in (
+        ({"echo": False, "max_tokens": 0}, "only with echo"),
+        ({"stream": True}, "not streamed"),
+    ):
+        refused = server.post("/v1/completions", json=body | bad)
+        assert refused.status_code == 400 and needle in refused.json()["error"]["message"]
+
+
 def _joined(names: list[str]) -> str:
     """The text of tokens named as /v1/completions' logprobs name them (text, or "bytes:\\xNN...")."""
     raw = b"".join(

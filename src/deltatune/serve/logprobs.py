@@ -103,6 +103,24 @@ def chat_shape(tokenizer: Any, chances: list[TokenLogprob], offsets: list[int]) 
     return {"content": content, "refusal": None}
 
 
+def with_prompt(
+    tokenizer: Any, prompt: list[int], scores: list[TokenLogprob], prompt_text: str, answer: dict[str, list]
+) -> dict[str, list]:
+    """Completions' log-probabilities for an echoed prompt: the prompt's tokens first (the very first has no
+    log-probability, as nothing comes before it: None), then the answer's, whose offsets move past the
+    prompt's text."""
+    offsets = token_offsets(tokenizer, prompt)
+    first = {"tokens": [token_name(tokenizer, prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
+    scored = completion_shape(tokenizer, scores, offsets[1:])
+    shifted = [offset + len(prompt_text) for offset in answer["text_offset"]]
+    return {
+        "tokens": first["tokens"] + scored["tokens"] + answer["tokens"],
+        "token_logprobs": first["token_logprobs"] + scored["token_logprobs"] + answer["token_logprobs"],
+        "top_logprobs": first["top_logprobs"] + scored["top_logprobs"] + answer["top_logprobs"],
+        "text_offset": offsets[:1] + scored["text_offset"] + shifted,
+    }
+
+
 def for_answer(
     shape: Shape, tokenizer: Any, tokens: list[int], chances: list[TokenLogprob] | None, answer: str
 ) -> dict:

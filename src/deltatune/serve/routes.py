@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from .logprobs import chat_shape, completion_shape, for_answer
+from .logprobs import chat_shape, completion_shape, for_answer, with_prompt
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
 from .service import Service, usage
 
@@ -81,13 +81,25 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
             return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
 
         return s.stream(request, prompts, head, choice, completion_shape)
-    results = await s.complete(http, request, prompts)
+    if request.max_tokens == 0:
+        results = s.nothing_to_generate(request, prompts)
+    else:
+        results = await s.complete(http, request, prompts)
+    scores = (
+        await s.prompt_scores(request, prompts) if request.echo and request.logprobs is not None else None
+    )
     choices = []
     for i, result in enumerate(results):
         text, reason = s.text_of(result, request.stops())
         chances = None
         if request.logprobs is not None:
             chances = for_answer(completion_shape, s.tokenizer, result.tokens, result.logprobs, text)
+        if request.echo:  # the prompt in front, as the tokenizer reads it back
+            prompt = prompts[i // request.n]
+            prompt_text = s.tokenizer.decode(prompt, skip_special_tokens=True)
+            if chances is not None:
+                chances = with_prompt(s.tokenizer, prompt, scores[i // request.n], prompt_text, chances)
+            text = prompt_text + text
         choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": chances})
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-style endpoints.
 
 Unknown fields are ignored, as OpenAI clients send extras; but a known OpenAI field this server cannot honour
-(echo, best_of, logit_bias, ...) is refused when set, rather than silently answered without it.
+(best_of, logit_bias, suffix, ...) is refused when set, rather than silently answered without it.
 Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
 UTF-8 encoder accepts.
 """
@@ -32,7 +32,6 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED: dict[str, Any] = {
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
@@ -106,6 +105,20 @@ class CompletionRequest(_Generation):
 
     # the chosen token's log-probability and this many most likely tokens, per new token (OpenAI: up to 5)
     logprobs: int | None = Field(None, ge=0, le=5)
+    # the prompt comes back in front of the answer, and with logprobs its tokens are scored too; max_tokens 0
+    # then scores the prompt alone (what evaluation harnesses ask for a continuation's log-likelihood)
+    echo: bool = False
+    max_tokens: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _echo_settings(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens 0 generates nothing; it is allowed only with echo, to score the prompt"
+            )
+        if self.echo and self.stream:
+            raise ValueError("echo is not streamed by this server; ask with stream false")
+        return self
 
     def row_logprobs(self) -> int | None:
         return self.logprobs

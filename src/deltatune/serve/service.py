@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from ..core.errors import AdapterNotFoundError
 from ..runtime import AdapterNameInvalid, Completion
 from ..runtime.sampling import Sampling, TokenLogprob
+from ..runtime.scoring import prompt_logprobs
 from .engine import Engine
 from .errors import ApiError, PathsHidden
 from .logprobs import Shape
@@ -148,6 +149,32 @@ class Service:
             ]  # fmt: skip
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+
+    def nothing_to_generate(self, request: CompletionRequest, prompts: list[list[int]]) -> list[Completion]:
+        """max_tokens 0 (echo): every limit checked as for rows, and empty answers, n per prompt."""
+        self.adapter_for(request.model)
+        for ids in prompts:
+            self._check_prompt(ids)
+        return [Completion([], "length", len(ids)) for ids in prompts for _ in range(request.n)]
+
+    async def prompt_scores(
+        self, request: CompletionRequest, prompts: list[list[int]]
+    ) -> list[list[TokenLogprob]]:
+        """Each prompt's tokens scored under the request's model (echo with logprobs), on the engine thread
+        between decode steps, with the adapter pinned meanwhile."""
+        adapter = self.adapter_for(request.model)
+
+        def score() -> list[list[TokenLogprob]]:
+            with self.cache.pinned([adapter]) as keys:
+                model_side = keys[adapter] if adapter is not None else None
+                return prompt_logprobs(
+                    self.engine.model, prompts, [model_side] * len(prompts), top=request.logprobs or 0
+                )
+
+        try:
+            return await asyncio.wrap_future(self.engine.call(score))
+        except Exception as exc:
+            raise self.public(exc) from exc
 
     # ---- prompts -------------------------------------------------------------------------------------------
     async def encoded(self, request: CompletionRequest) -> list[list[int]]:
