@@ -75,7 +75,8 @@ def main() -> int:
 
     until = {"until": ["\n"], "max_gen_toks": NEW_TOKENS, "do_sample": False}
     generated = harness.generate_until(
-        [Instance("generate_until", {}, (p, dict(until)), i) for i, p in enumerate(GENERATE)], disable_tqdm=True
+        [Instance("generate_until", {}, (p, dict(until)), i) for i, p in enumerate(GENERATE)],
+        disable_tqdm=True,
     )
     for prompt, text in zip(GENERATE, generated, strict=True):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
