@@ -39,6 +39,21 @@ def base_model(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
+def generation_setup(rows: int) -> tuple[LlamaForCausalLM, list[list[int]], torch.Generator]:
+    """The generation benchmarks' model (SmolLM2 shape, LoRA all-linear r=16, random init, eval mode, no
+    autograd) and `rows` prompts of 12-47 random tokens; the generator goes on for whatever else they draw."""
+    torch.set_grad_enabled(False)
+    model = base_model()
+    dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [
+        torch.randint(1, 49152, (int(n),), generator=g).tolist()
+        for n in torch.randint(12, 48, (rows,), generator=g)
+    ]
+    return model, prompts, g
+
+
 LORA_SETTINGS = {
     "qv-r8": dict(r=8, lora_alpha=16, target_modules=QV),
     "all-r16": dict(r=16, lora_alpha=32, target_modules="all-linear"),

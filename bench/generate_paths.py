@@ -17,9 +17,8 @@ import json
 import sys
 
 import torch
-from common import base_model, interleaved, median
+from common import generation_setup, interleaved, median
 
-import deltatune as dt
 from deltatune.runtime import generate
 
 
@@ -29,15 +28,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="the longest row's token limit")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    model = base_model()
-    dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
-    model.eval()
-    g = torch.Generator().manual_seed(3)
-    prompts = [
-        torch.randint(1, 49152, (int(n),), generator=g).tolist()
-        for n in torch.randint(12, 48, (args.rows,), generator=g)
-    ]
+    model, prompts, g = generation_setup(args.rows)
     ragged = torch.randint(4, args.new_tokens + 1, (args.rows,), generator=g).tolist()
     ragged[0] = args.new_tokens  # one row always runs to the end
     results = {}

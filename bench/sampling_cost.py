@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from common import base_model, interleaved, median
+from common import generation_setup, interleaved, median
 
-import deltatune as dt
 from deltatune.runtime import generate
 
 VARIANTS = {
@@ -33,15 +31,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    model = base_model()
-    dt.inject(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
-    model.eval()
-    g = torch.Generator().manual_seed(3)
-    prompts = [
-        torch.randint(1, 49152, (int(n),), generator=g).tolist()
-        for n in torch.randint(12, 48, (args.rows,), generator=g)
-    ]
+    model, prompts, _ = generation_setup(args.rows)
 
     def run(settings: dict) -> None:
         done = generate(
