@@ -433,6 +433,17 @@ def _joined(names: list[str]) -> str:
     return raw.decode(errors="replace")
 
 
+def test_chat_takes_max_completion_tokens_as_its_token_limit(server):
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "good day"}], "temperature": 0}
+    short = server.post("/v1/chat/completions", json=chat | {"max_completion_tokens": 2}).json()
+    same = server.post("/v1/chat/completions", json=chat | {"max_tokens": 2}).json()
+    assert short["usage"]["completion_tokens"] == 2 and short["choices"] == same["choices"]
+    both = server.post("/v1/chat/completions", json=chat | {"max_tokens": 3, "max_completion_tokens": 2})
+    assert both.status_code == 400 and "send one of them" in both.json()["error"]["message"]
+    over = server.post("/v1/chat/completions", json=chat | {"max_completion_tokens": 100})
+    assert over.status_code == 400 and "limit of 8" in over.json()["error"]["message"]
+
+
 def test_n_choices_per_prompt_in_openais_order_each_seeded_apart(server, expected):
     """n rows per prompt, choice i*n+j for prompt i; the first choice is the n=1 answer, the others their
     own seeded draws, all repeating; usage counts each prompt once. Streamed, each choice's pieces add up to

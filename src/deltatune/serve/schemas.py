@@ -141,11 +141,21 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_LIMIT)  # needs logprobs: true
+    # OpenAI's newer name for max_tokens in chat (which it deprecated there); either may be sent, not both
+    max_completion_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @model_validator(mode="after")
+    def _one_token_limit(self) -> ChatRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ; send one of them")
+            self.max_tokens = self.max_completion_tokens
         return self
 
     def row_logprobs(self) -> int | None:
