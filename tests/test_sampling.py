@@ -27,6 +27,9 @@ STEPS = 8
         ({"seed": True}, "seed"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
+        ({"logit_bias": ((3, 100.5),)}, "logit_bias values"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias keys"),
+        ({"logit_bias": ((3, 1.0), (3, 2.0))}, "names a token twice"),
     ],
 )
 def test_settings_no_row_can_use_are_refused(settings, needle):
@@ -59,6 +62,8 @@ def _reference(
         counts = torch.zeros_like(scores)
         for token in new:
             counts[token] += 1
+        for token, bias in sampling.logit_bias:
+            scores[token] += bias
         scores = scores - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
         if sampling.temperature == 0:
             token = int(scores.argmax())
@@ -82,6 +87,9 @@ SETTINGS = {
     "greedy-penalized": Sampling(presence_penalty=0.7, frequency_penalty=0.5),
     "seeded": Sampling(temperature=1.0, seed=7),
     "seeded-top-p-penalized": Sampling(temperature=0.8, top_p=0.8, presence_penalty=1.0, seed=3),
+    "seeded-biased": Sampling(
+        temperature=1.0, frequency_penalty=0.4, seed=5, logit_bias=((5, 4.0), (20, -100.0))
+    ),
 }
 
 
@@ -98,10 +106,13 @@ def test_every_row_equals_its_reference_run_alone(name, continuous):
     done = generate(
         model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, continuous=continuous,
         temperature=sampling.temperature, top_p=sampling.top_p, presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty, seed=sampling.seed,
+        frequency_penalty=sampling.frequency_penalty, seed=sampling.seed, logit_bias=dict(sampling.logit_bias),
     )  # fmt: skip
     for prompt, adapter, completion in zip(prompts, rows, done, strict=True):
         assert completion.tokens == _reference(model, prompt, adapter, sampling), (adapter, prompt)
+    if sampling.logit_bias:  # the bias moved the draws: a favoured token often, a banned one never
+        drawn = [t for c in done for t in c.tokens]
+        assert drawn.count(5) > len(drawn) // 4 and 20 not in drawn
     if sampling.penalized:  # the penalties changed what was generated, so the equality above says something
         plain = Sampling(sampling.temperature, sampling.top_p, seed=sampling.seed)
         assert any(
@@ -197,3 +208,18 @@ def test_scoring_a_prompt_equals_the_logprobs_of_generating_it(adapter):
     assert all(s.logprob <= 0 for s in scored)
     with pytest.raises(ValueError, match="no tokens"):
         prompt_logprobs(model, [[]], [adapter])
+
+
+def test_a_bias_of_100_forces_its_token_and_one_outside_the_vocabulary_is_refused():
+    model = _model()
+    prompts = _prompts()[:3]
+    for continuous in (True, False):
+        done = generate(
+            model, prompts, ["a", None, "prompt"], max_new_tokens=4, pad_token_id=0, eos_token_id=None,
+            temperature=1.0, logit_bias={42: 100.0}, continuous=continuous,
+        )  # fmt: skip
+        assert [c.tokens for c in done] == [[42] * 4] * 3
+    with pytest.raises(ValueError, match=r"outside the vocabulary \(0 to 95\)"):
+        generate(
+            model, prompts, ["a"] * 3, max_new_tokens=2, pad_token_id=0, eos_token_id=None, logit_bias={96: 1}
+        )

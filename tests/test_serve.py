@@ -433,6 +433,28 @@ def _joined(names: list[str]) -> str:
     return raw.decode(errors="replace")
 
 
+def test_logit_bias_reaches_the_rows(server, tiny_causal_lm):
+    """OpenAI's logit_bias (token ids as strings): 100 makes its token the only choice, -100 bans the greedy
+    answer's first token; in chat too."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    forced = _complete(server, "alpha", PROMPTS[0], temperature=1.0, logit_bias={"42": 100}).json()
+    assert forced["choices"][0]["text"] == tokenizer.decode([42] * 6)
+    greedy = _complete(server, "alpha", PROMPTS[0]).json()["choices"][0]
+    first = tokenizer(greedy["text"], add_special_tokens=False)["input_ids"][0]
+    banned = _complete(server, "alpha", PROMPTS[0], logit_bias={str(first): -100}).json()
+    assert banned["choices"][0]["text"] != greedy["text"]
+    chat = {
+        "model": "alpha",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "logit_bias": {"7": 100},
+    }
+    answer = server.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    assert answer == tokenizer.decode([7] * 3)
+
+
 def test_chat_takes_max_completion_tokens_as_its_token_limit(server):
     chat = {"model": "alpha", "messages": [{"role": "user", "content": "good day"}], "temperature": 0}
     short = server.post("/v1/chat/completions", json=chat | {"max_completion_tokens": 2}).json()

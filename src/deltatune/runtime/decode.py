@@ -32,7 +32,16 @@ from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
-from .sampling import Completion, Sampler, Sampling, TokenLogprob, left_pad, next_tokens, scored
+from .sampling import (
+    Completion,
+    Sampler,
+    Sampling,
+    TokenLogprob,
+    check_vocabulary,
+    left_pad,
+    next_tokens,
+    scored,
+)
 
 
 class ContinuousBatchingUnsupported(MixedBatchError):
@@ -144,6 +153,8 @@ class DecodeBatch:
             raise ValueError("a prompt has no tokens; every row needs at least one")
         if any(n < 1 for n in max_new_tokens):
             raise ValueError("max_new_tokens must be at least 1 for every row")
+        for settings in sampling:
+            check_vocabulary(settings, self.model)
         try:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:

@@ -33,7 +33,16 @@ from ..core.adapters import (
 )
 from .decode import ContinuousBatchingUnsupported, DecodeBatch, NonFiniteOutput
 from .mixed import mixable_refusal, mixed_adapters
-from .sampling import Completion, Sampler, Sampling, TokenLogprob, left_pad, next_tokens, scored
+from .sampling import (
+    Completion,
+    Sampler,
+    Sampling,
+    TokenLogprob,
+    check_vocabulary,
+    left_pad,
+    next_tokens,
+    scored,
+)
 
 __all__ = ["Completion", "Sampling", "generate", "left_pad", "plan_batches"]
 
@@ -193,6 +202,7 @@ def generate(
     frequency_penalty: float = 0.0,
     seed: int | None = None,
     logprobs: int | None = None,
+    logit_bias: dict[int, float] | None = None,
     on_token: OnToken | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
     continuous: bool = True,
@@ -200,7 +210,8 @@ def generate(
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling; the settings are OpenAI's (`Sampling`), the
     same for every row, and a seed seeds each row's own generator, so a row's tokens do not depend on its
-    neighbours. `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
+    neighbours. `logit_bias` ({token id: bias in [-100, 100]}) is added to those tokens' scores at every step.
+    `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
     most likely tokens at its step. The model must be in eval mode.
     `on_token(row, token, logprob)` receives each row's new tokens as they are generated (for streaming),
     with their log-probability when asked (else None); together they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
@@ -218,7 +229,9 @@ def generate(
         raise ValueError("a prompt has no tokens; every row needs at least one")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed, logprobs)
+    bias = tuple(sorted((logit_bias or {}).items()))
+    sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed, logprobs, bias)
+    check_vocabulary(sampling, model)
     call = _Rows(prompts, adapters, limits, eos, pad_token_id, sampling, on_token, stop_rows)
     results: dict[int, Completion] = {}
     # merged adapters keep a model off the engine only while they are merged

@@ -36,6 +36,7 @@ class Completion:
 
 
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty, either sign
+BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias entry, either sign (100 or -100: that token or never it)
 TOP_LOGPROBS_LIMIT = 20  # OpenAI's most alternatives per token
 
 
@@ -44,7 +45,8 @@ class Sampling:
     """How one row chooses its tokens, OpenAI's settings: temperature and top-p; presence and frequency
     penalties, subtracted from a token's score once it has appeared in the row's new tokens (presence) and
     for each time it has (frequency), before the temperature; and a seed, which gives the row a random
-    generator of its own, so its tokens do not depend on what it is batched with. `logprobs` (not a way of
+    generator of its own, so its tokens do not depend on what it is batched with. `logit_bias`: (token id,
+    bias) pairs added to those tokens' scores at every step, before the penalties. `logprobs` (not a way of
     choosing, but asked per row like one): None, or each new token's log-probability with that many most
     likely alternatives. Invalid values are refused here, before anything runs."""
 
@@ -54,6 +56,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -68,6 +71,15 @@ class Sampling:
                 )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            raise ValueError("logit_bias names a token twice; give each token one bias")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not (math.isfinite(bias) and abs(bias) <= BIAS_LIMIT):
+                raise ValueError(
+                    f"logit_bias values must be between -{BIAS_LIMIT} and {BIAS_LIMIT}, got {bias!r}"
+                )
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool)
             or not isinstance(self.logprobs, int)
@@ -85,6 +97,11 @@ class Sampling:
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
 
+    @property
+    def adjusted(self) -> bool:
+        """Whether scores change before choosing: a bias, or penalties."""
+        return bool(self.logit_bias) or self.penalized
+
     def for_choice(self, index: int) -> Sampling:
         """The settings of a prompt's `index`-th choice (OpenAI's n): its own seed, derived from this one (the
         first keeps it), so seeded choices differ from each other and each repeats."""
@@ -97,7 +114,9 @@ class Sampling:
         that choose alike compare equal, as the server groups its fixed batches by this)."""
         if not self.greedy:
             return self
-        return Sampling(0.0, 1.0, self.presence_penalty, self.frequency_penalty, None, self.logprobs)
+        return Sampling(
+            0.0, 1.0, self.presence_penalty, self.frequency_penalty, None, self.logprobs, self.logit_bias
+        )
 
 
 class Sampler:
@@ -126,6 +145,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
             ids[i, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
             mask[i, width - len(prompt) :] = 1
     return ids, mask
+
+
+def check_vocabulary(sampling: Sampling, model: Any) -> None:
+    """Refuse a logit bias for a token the model cannot produce (before the row runs, not mid-batch). The
+    vocabulary is the model config's `vocab_size` (every transformers model has one)."""
+    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not sampling.logit_bias or vocabulary is None:
+        return
+    outside = [token for token, _ in sampling.logit_bias if token >= vocabulary]
+    if outside:
+        raise ValueError(
+            f"logit_bias names token ids {outside[:5]} outside the vocabulary (0 to {vocabulary - 1})"
+        )
 
 
 def next_tokens(
@@ -164,15 +196,25 @@ def scored(logits: torch.Tensor, samplers: Sequence[Sampler], tokens: list[int])
 def _penalize(
     logits: torch.Tensor, samplers: Sequence[Sampler], generated: Sequence[Sequence[int]]
 ) -> torch.Tensor:
-    """OpenAI's penalties: score - frequency_penalty * count - presence_penalty * (count > 0), counting each
-    token in the row's new tokens (not its prompt)."""
-    rows = [i for i, s in enumerate(samplers) if s.sampling.penalized and len(generated[i])]
+    """OpenAI's logit bias, then its penalties: score + bias - frequency_penalty * count - presence_penalty *
+    (count > 0), counting each token in the row's new tokens (not its prompt). Biased tokens are inside the
+    vocabulary (`check_vocabulary`, before a row runs)."""
+    rows = [
+        i
+        for i, s in enumerate(samplers)
+        if s.sampling.logit_bias or (s.sampling.penalized and len(generated[i]))
+    ]
     if not rows:
         return logits
     logits = logits.float().clone()
     vocabulary = logits.shape[-1]
     for i in rows:
         sampling = samplers[i].sampling
+        if sampling.logit_bias:
+            tokens, biases = zip(*sampling.logit_bias, strict=True)
+            logits[i, list(tokens)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        if not (sampling.penalized and len(generated[i])):
+            continue
         tokens = torch.as_tensor(list(generated[i]), dtype=torch.long, device=logits.device)
         counts = torch.bincount(tokens, minlength=vocabulary)[:vocabulary].to(logits.dtype)
         logits[i] -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)

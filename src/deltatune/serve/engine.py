@@ -416,6 +416,7 @@ class Engine:
                 frequency_penalty=sampling.frequency_penalty,
                 seed=sampling.seed,
                 logprobs=sampling.logprobs,
+                logit_bias=dict(sampling.logit_bias),
                 on_token=streaming_callback(rows),
                 stop_rows=self._row_ends(rows),
                 continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-style endpoints.
 
 Unknown fields are ignored, as OpenAI clients send extras; but a known OpenAI field this server cannot honour
-(best_of, logit_bias, suffix, ...) is refused when set, rather than silently answered without it.
+(best_of, suffix, tools, ...) is refused when set, rather than silently answered without it.
 Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
 UTF-8 encoder accepts.
 """
@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from ..runtime.sampling import PENALTY_LIMIT, TOP_LOGPROBS_LIMIT
+from ..runtime.sampling import BIAS_LIMIT, PENALTY_LIMIT, TOP_LOGPROBS_LIMIT
 
 
 def _valid_unicode(text: str) -> str:
@@ -28,13 +28,13 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # a token id written as a string (JSON keys are)
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNSUPPORTED: dict[str, Any] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -57,6 +57,10 @@ class _Generation(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
     # the same request with the same seed gets the same answer, whatever it is batched with
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    # token id (as a string, like OpenAI's) -> added to its score at every step; 100 / -100: only / never it
+    logit_bias: (
+        dict[TokenKey, Annotated[float, Field(ge=-BIAS_LIMIT, le=BIAS_LIMIT, allow_inf_nan=False)]] | None
+    ) = Field(None, max_length=300)
     n: int = Field(1, ge=1, le=16)  # choices per prompt; with prompts, at most the server's rows per request
     stop: Text | list[Text] | None = None
     stream: bool = False
@@ -83,6 +87,9 @@ class _Generation(BaseModel):
     def row_logprobs(self) -> int | None:
         """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
         return None
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(token), bias) for token, bias in (self.logit_bias or {}).items()))
 
     @property
     def include_usage(self) -> bool:

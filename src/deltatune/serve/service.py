@@ -140,7 +140,14 @@ class Service:
         deadline = time.monotonic() + self.limits.request_timeout_s
         try:
             sampling = Sampling(request.temperature, request.top_p, request.presence_penalty,
-                                request.frequency_penalty, request.seed, request.row_logprobs())  # fmt: skip
+                                request.frequency_penalty, request.seed, request.row_logprobs(),
+                                request.bias_pairs())  # fmt: skip
+            biased = [token for token, _ in sampling.logit_bias if token >= self.vocabulary]
+            if biased:
+                raise ApiError(
+                    400, f"logit_bias token id {biased[0]} is outside the vocabulary (0 to {self.vocabulary - 1})",
+                    code="token_id",
+                )  # fmt: skip
             return [
                 Row(ids, adapter, max_tokens, **asdict(sampling.for_choice(j)), stops=request.stops(),
                     deadline=deadline)

@@ -26,6 +26,7 @@ class Row:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int | None = None  # each new token's log-probability, with this many alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the scores
     # streaming: called on the engine thread per new token, with its log-probability when asked (else None)
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
     stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
@@ -48,6 +49,7 @@ class Row:
             self.frequency_penalty,
             self.seed,
             self.logprobs,
+            self.logit_bias,
         ).normalized()
 
     @property
