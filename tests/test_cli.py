@@ -58,6 +58,13 @@ def test_generate_with_adapter(trained, tiny_causal_lm, capsys):
     ]
     assert main([*args, "Sentiment of: good day", "Sentiment of: bad day"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+    sampled = [*args, "--temperature", "1.5", "--jsonl", "Sentiment of: good day"]
+    answers = []
+    for seed in ("1", "1", "2", "3", "4"):
+        assert main([*sampled, "--seed", seed]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["answer"])
+    assert answers[0] == answers[1] and len(set(answers)) > 1  # a seed repeats; seeds differ
+    assert main([*sampled, "--top-p", "0"]) == 2 and "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):

@@ -71,7 +71,9 @@ class Generator:
             raise ValueError("a prompt given as fields needs a training config (--config) to render it")
         return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
 
-    def __call__(self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64) -> str:
+    def __call__(self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64, **sampling: Any) -> str:
+        """The answer to one prompt: greedy, unless `sampling` says otherwise (`runtime.generate`'s
+        temperature, top_p, presence_penalty, frequency_penalty, seed, logit_bias)."""
         from .runtime import generate
         from .runtime.sampling import end_of_sequence_ids
 
@@ -83,5 +85,6 @@ class Generator:
             max_new_tokens=max_new_tokens,
             pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
             eos_token_id=end_of_sequence_ids(self.model, self.tokenizer),
+            **sampling,
         )
         return self.tokenizer.decode(done.tokens, skip_special_tokens=True).strip()

@@ -101,6 +101,13 @@ def _as_fields(prompt: str) -> str | dict:
 
 def _generate(args: argparse.Namespace) -> int:
     from ..generation import Generator
+    from ..runtime.sampling import Sampling
+
+    try:  # before the model loads: a typo in a flag should not cost a load
+        Sampling(args.temperature, args.top_p, seed=args.seed)
+    except ValueError as exc:
+        print(f"deltatune generate: error: {exc}", file=sys.stderr)
+        return 2
 
     base, system, data_spec = args.base, args.system, None
     if (
@@ -118,9 +125,12 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if data_spec is not None:
         generator.for_config(data_spec)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     for number, prompt in enumerate(_prompts(args), start=1):
         answer = generator(
-            _as_fields(prompt) if data_spec is not None else prompt, max_new_tokens=args.max_new_tokens
+            _as_fields(prompt) if data_spec is not None else prompt,
+            max_new_tokens=args.max_new_tokens,
+            **sampling,
         )
         if args.jsonl:
             print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False), flush=True)
@@ -319,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system", default=None, help="system prompt for chat models")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampled answers repeat with the same seed")
     _add_io_flags(p, "prompts", "answer")
     p.set_defaults(func=_generate)
 
