@@ -30,8 +30,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     model, prompts, _ = generation_setup(args.rows)
+    model.to(args.device)
 
     def run(settings: dict) -> None:
         done = generate(
@@ -43,7 +45,7 @@ def main() -> None:
     times = interleaved({name: (lambda s=settings: run(s)) for name, settings in VARIANTS.items()}, args.reps)
     med = {name: median(t) for name, t in times.items()}
     print(json.dumps({
-        "rows": args.rows, "new_tokens": args.new_tokens, "median_s": med,
+        "device": args.device, "rows": args.rows, "new_tokens": args.new_tokens, "median_s": med,
         "x_plain": {name: med[name] / med["plain"] for name in VARIANTS},
         "spread_s": {name: [min(t), max(t)] for name, t in times.items()},
     }, indent=1))  # fmt: skip

@@ -52,11 +52,13 @@ def _reference(
     model, prompt: list[int], adapter: str | None, sampling: Sampling, logprobs: list | None = None
 ):
     """The row alone, one full forward per token (no KV cache, no batching): OpenAI's formula written out.
-    Each step's log-softmax of the raw scores goes into `logprobs` when given."""
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    Each step's log-softmax of the raw scores goes into `logprobs` when given. Runs where the model is, with
+    a generator there (CUDA draws differently from the CPU)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     ids, new = list(prompt), []
     for _ in range(STEPS):
-        scores = _single(model, torch.tensor([ids]), adapter)[0, -1].float()
+        scores = _single(model, torch.tensor([ids], device=device), adapter)[0, -1].float()
         if logprobs is not None:
             logprobs.append(torch.log_softmax(scores, -1))
         counts = torch.zeros_like(scores)
@@ -95,11 +97,11 @@ SETTINGS = {
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["engine", "transformers"])
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_every_row_equals_its_reference_run_alone(name, continuous):
+def test_every_row_equals_its_reference_run_alone(name, continuous, device):
     """Rows of three LoRA adapters, the base and a prompt-tuning adapter (which always runs through
     transformers' generate), batched together: each equals its own reference."""
     sampling = SETTINGS[name]
-    model = _model()
+    model = _model().to(device)
     rows = ["a", "b", None, "prompt", "c", "a"]
     prompts = _prompts()
     torch.manual_seed(0)  # unseeded rows must not matter; seeded ones ignore it
