@@ -230,6 +230,7 @@ def test_streaming_with_a_stop_string_and_in_chat(server, expected):
     assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
     assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
     assert chunks[-1]["object"] == "chat.completion.chunk" and chunks[-1]["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks)  # OpenAI's chunks say null when not asked
 
 
 def test_stream_options_include_usage_counts_what_the_plain_answer_counts(server):

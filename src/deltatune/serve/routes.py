@@ -124,7 +124,7 @@ async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
             if index not in started:  # OpenAI's first delta of each choice names the role
                 delta = {"role": "assistant", **delta}
                 started.add(index)
-            return {"index": index, "delta": delta, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
         return s.stream(request, [prompt], head, choice, chat_shape)
     results = await s.complete(http, request, [prompt])
