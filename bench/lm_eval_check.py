@@ -1,7 +1,8 @@
 """`deltatune serve` checked by a real consumer: lm-evaluation-harness' `local-completions` model.
 
-Its log-likelihood requests (token ids, `echo`, `logprobs: 1`, `max_tokens: 1`) and generation requests
-(`stop`, `seed`, `max_tokens`) go to a running server; the log-likelihoods and greedy flags it parses must
+It tokenizes on the server (lm_eval's remote tokenizer: /tokenizer_info, /tokenize; no local tokenizer is
+given), and its log-likelihood requests (token ids, `echo`, `logprobs: 1`, `max_tokens: 1`) and generation
+requests (`stop`, `seed`, `max_tokens`) go to the server; the log-likelihoods and greedy flags it parses must
 equal transformers' own on the same checkpoint (one full forward, log-softmax, summed over the continuation),
 and its generations transformers' greedy ones. Runs in a virtual environment that has lm_eval (it is not a
 deltatune dependency), against a server started from deltatune's:
@@ -56,10 +57,14 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="the folder the server's --base loaded")
     parser.add_argument("--model", default="base", help="the served model name (--base-name, or an adapter)")
     args = parser.parse_args()
+    # lm_eval's default backend: it finds the server's /tokenizer_info and /tokenize, and tokenizes there
     harness = LocalCompletionsAPI(
-        base_url=f"{args.url}/v1/completions", model=args.model, tokenizer=args.checkpoint,
-        tokenizer_backend="huggingface", max_gen_toks=NEW_TOKENS,
-    )  # fmt: skip
+        base_url=f"{args.url}/v1/completions", model=args.model, max_gen_toks=NEW_TOKENS
+    )
+    if type(harness.tokenizer).__name__ != "RemoteTokenizer":
+        sys.exit(
+            f"lm_eval did not take the server's tokenizer endpoints (it chose {type(harness.tokenizer)})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
 

@@ -766,3 +766,33 @@ def test_token_bytes_read_byte_level_and_byte_fallback_spellings():
     assert token_bytes(Spelled(euro[:2]), 0) == "€".encode()[:2]  # byte-level BPE: bytes e2 82 of e2 82 ac
     assert token_bytes(Spelled("<0xE2>"), 0) == b"\xe2"  # SentencePiece byte fallback
     assert token_bytes(Spelled("▁und"), 0) is None  # neither: no bytes to show
+
+
+def test_tokenizer_endpoints_match_what_the_completions_run(server, tiny_causal_lm):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize (what lm-evaluation-harness' remote tokenizer
+    asks): the ids are those a completion prompt or a chat would run, and they decode back."""
+    from transformers import AutoTokenizer
+
+    from deltatune.serve.prompts import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    info = server.get("/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == tokenizer.chat_template
+    text = "good day <|im_end|> to you"  # a typed special token stays text, as in a prompt
+    ids = server.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    assert ids == tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tokenizer.eos_token_id not in ids
+    assert server.post("/detokenize", json={"tokens": ids}).json()["prompt"] == text
+    by_ids = _complete(server, "alpha", ids).json()["choices"][0]["text"]
+    assert by_ids == _complete(server, "alpha", text).json()["choices"][0]["text"]
+    messages = [{"role": "user", "content": "good day"}]
+    chat = server.post("/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == encode_chat(tokenizer, messages) and chat["count"] == len(chat["tokens"])
+    for body, needle in (
+        ({"tokens": [10**6]}, "outside the vocabulary"),
+        ({"prompt": "x", "messages": messages}, "not both"),
+    ):
+        path = "/detokenize" if "tokens" in body else "/tokenize"
+        refused = server.post(path, json=body)
+        assert refused.status_code == 400 and needle in refused.json()["error"]["message"]
+    assert server.get("/tokenizer_info", headers={"Authorization": ""}).status_code == 401

@@ -19,9 +19,10 @@ def special_strings(tokenizer: Any) -> list[str]:
     return sorted(s for s in found if s)
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Ids of client text: special tokens' strings in it stay plain text."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Ids of client text: special tokens' strings in it stay plain text. `add_special_tokens`: the
+    tokenizer's own around it (a BOS, say), as it adds them to a whole input."""
+    return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -12,8 +12,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from .errors import ApiError
 from .logprobs import chat_shape, completion_shape, for_answer, with_prompt
-from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest
+from .prompts import encode_text
+from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .service import Service, usage
 
 
@@ -144,6 +146,40 @@ async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
         "choices": choices,
         "usage": usage(dict(enumerate(results)), request.n),
     }
+
+
+@protected.get("/tokenizer_info")
+async def tokenizer_info(s: Served) -> dict:
+    """The tokenizer's special tokens and chat template (vLLM's endpoint), for clients that tokenize on the
+    server instead of loading the tokenizer themselves."""
+    tokenizer = s.tokenizer
+    return {
+        "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+        "chat_template": getattr(tokenizer, "chat_template", None), "vocab_size": s.vocabulary,
+        "max_model_len": s.limits.max_prompt_tokens,
+    }  # fmt: skip
+
+
+@protected.post("/tokenize")
+async def tokenize(request: TokenizeRequest, s: Served) -> dict:
+    """The ids /v1/completions (prompt) or /v1/chat/completions (messages) would run: typed special tokens'
+    text stays text; `add_special_tokens` adds the tokenizer's own (a BOS, say) around a prompt."""
+    if request.messages is not None:
+        ids = await s.chat_prompt(ChatRequest(model=s.base_name, messages=request.messages))
+    else:
+        s.check_length(request.prompt)
+        ids = await asyncio.to_thread(encode_text, s.tokenizer, request.prompt, request.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": s.limits.max_prompt_tokens}
+
+
+@protected.post("/detokenize")
+async def detokenize(request: DetokenizeRequest, s: Served) -> dict:
+    outside = [t for t in request.tokens if t >= s.vocabulary]
+    if outside:
+        raise ApiError(
+            400, f"token id {outside[0]} is outside the vocabulary (0 to {s.vocabulary - 1})", code="token_id"
+        )
+    return {"prompt": s.tokenizer.decode(request.tokens, skip_special_tokens=False)}
 
 
 @protected.post("/v1/adapters")

@@ -169,5 +169,24 @@ class ChatRequest(_Generation):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize, which evaluation harnesses use to tokenize on the server: a text, or chat messages
+    rendered with the template (an assistant turn opened)."""
+
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (a text) or messages (a chat), not both and not neither")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1 << 16)
+
+
 class AdapterLoadRequest(BaseModel):
     name: Text = Field(min_length=1, max_length=256)

@@ -109,6 +109,15 @@ class Service:
                 code="stop",
             )
 
+    def check_length(self, text: str) -> None:
+        """A text to tokenize is refused before tokenizing when it is longer than any prompt may be."""
+        if len(text) > self.limits.prompt_chars:
+            raise ApiError(
+                400,
+                f"the text has {len(text)} characters; the limit is {self.limits.prompt_chars}",
+                code="prompt_too_long",
+            )
+
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ApiError(400, "a prompt encodes to no tokens; send some text")
