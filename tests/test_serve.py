@@ -545,11 +545,12 @@ def test_streamed_tokens_settle_with_their_text_at_the_offsets_a_whole_answer_gi
     from deltatune.serve.streaming import TextDeltas
 
     for text in (b"a\xe2\x82\xacb", b"a\xe2\x82b", b"ab"):
-        deltas = TextDeltas(_ByteTokenizer(), [])
+        deltas = TextDeltas(_ByteTokenizer(), [], track_tokens=True)
         settled = []
         for byte in text:
             deltas.add(byte)
             settled.append(deltas.settled())
+        assert len(deltas.prefixes) == len(text) + 1  # nothing forgotten yet
         whole = _ByteTokenizer().decode(list(text))
         deltas.rest(whole)
         offsets = token_offsets(_ByteTokenizer(), list(text))
@@ -559,6 +560,10 @@ def test_streamed_tokens_settle_with_their_text_at_the_offsets_a_whole_answer_gi
             assert settled == [1, 1, 1, 4, 5] and offsets == [0, 1, 1, 1, 2]
         if text == b"a\xe2\x82b":  # one U+FFFD for the unfinished bytes, its first token's: all settle with b
             assert settled == [1, 1, 1, 4] and offsets == [0, 1, 2, 2]
+        deltas.forget(3)  # handed out: what those tokens needed goes
+        assert min(deltas.prefixes) == 3 and deltas.start(3) == offsets[3]
+    untracked = TextDeltas(_ByteTokenizer(), [])
+    assert "".join(untracked.add(b) for b in b"abc") == "abc" and untracked.prefixes is None
 
 
 def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):

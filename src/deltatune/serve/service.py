@@ -269,7 +269,7 @@ class Service:
             feed.watch(i, future)
         stops = request.stops()
         with_usage = {"usage": None} if request.include_usage else {}
-        deltas = [TextDeltas(self.tokenizer, stops) for _ in rows]
+        deltas = [TextDeltas(self.tokenizer, stops, request.row_logprobs() is not None) for _ in rows]
         chances: list[list[TokenLogprob]] = [[] for _ in rows]  # each row's, as its tokens arrive
         given = [0] * len(rows)  # how many of them went out
 
@@ -280,6 +280,7 @@ class Service:
                 offsets = [deltas[index].start(k) for k in range(first, settled)]
                 body["logprobs"] = shape(self.tokenizer, chances[index][first:settled], offsets)
                 given[index] = settled
+                deltas[index].forget(settled)
             return event({**head, "choices": [body], **with_usage})
 
         async def events() -> AsyncIterator[str]:

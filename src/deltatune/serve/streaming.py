@@ -19,14 +19,18 @@ from .stops import first_stop
 
 
 class TextDeltas:
-    """The growing text of one row, handed out in pieces that never need to be taken back; and which tokens
-    those pieces hold (`settled`), for log-probabilities that go out with their text."""
+    """The growing text of one row, handed out in pieces that never need to be taken back; and, with
+    `track_tokens`, which tokens those pieces hold (`settled`), for log-probabilities that go out with their
+    text."""
 
-    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+    def __init__(self, tokenizer: Any, stops: list[str], track_tokens: bool = False) -> None:
         self.tokenizer, self.stops = tokenizer, stops
         self.overlap = max((len(s) for s in stops), default=1) - 1
         self.tokens: list[int] = []
-        self.prefixes = [""]  # the text of the first k tokens, for every k: where each token's text starts
+        self.text = ""  # the text of all the tokens so far
+        # the text of the first k tokens, for the k not yet settled and handed out (`forget`): where those
+        # tokens' text starts. Kept only with track_tokens: a long answer's prefixes add up to its square
+        self.prefixes: dict[int, str] | None = {0: ""} if track_tokens else None
         self.sent = ""
         self.stopped = False  # a stop string was reached: nothing more goes out
         self.final: str | None = None  # the row's whole (stop-cut) text, once it is done
@@ -35,8 +39,9 @@ class TextDeltas:
         if self.stopped:
             return ""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.prefixes.append(text)
+        text = self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.prefixes is not None:
+            self.prefixes[len(self.tokens)] = text
         # what was sent holds no stop string: search only where a new one could start
         start = max(len(self.sent) - self.overlap, 0)
         cut = first_stop(text[start:], self.stops)
@@ -67,7 +72,7 @@ class TextDeltas:
             if self.final is not None:
                 if start >= len(self.final):
                     break
-            elif not start < len(self.sent) or shared_length(self.prefixes[k + 1], self.prefixes[-1]) > len(
+            elif not start < len(self.sent) or shared_length(self.prefixes[k + 1], self.text) > len(
                 self.sent
             ):
                 break
@@ -77,7 +82,12 @@ class TextDeltas:
     def start(self, k: int) -> int:
         """Where token k's text starts: the length of the text before it that the row's text keeps (a
         character the tokens before it only begin is the next token's)."""
-        return shared_length(self.prefixes[k], self.final if self.final is not None else self.prefixes[-1])
+        return shared_length(self.prefixes[k], self.final if self.final is not None else self.text)
+
+    def forget(self, settled: int) -> None:
+        """Drop what the tokens before `settled` needed, once they are handed out."""
+        for k in [k for k in self.prefixes if k < settled]:
+            del self.prefixes[k]
 
     def _release(self, text: str) -> str:
         if not text.startswith(self.sent) or len(text) <= len(self.sent):
