@@ -560,8 +560,8 @@ def test_streamed_tokens_settle_with_their_text_at_the_offsets_a_whole_answer_gi
             assert settled == [1, 1, 1, 4, 5] and offsets == [0, 1, 1, 1, 2]
         if text == b"a\xe2\x82b":  # one U+FFFD for the unfinished bytes, its first token's: all settle with b
             assert settled == [1, 1, 1, 4] and offsets == [0, 1, 2, 2]
-        deltas.forget(3)  # handed out: what those tokens needed goes
-        assert min(deltas.prefixes) == 3 and deltas.start(3) == offsets[3]
+            deltas.forget(3)  # handed out: what those tokens needed goes
+            assert min(deltas.prefixes) == 3 and deltas.start(3) == offsets[3]
     untracked = TextDeltas(_ByteTokenizer(), [])
     assert "".join(untracked.add(b) for b in b"abc") == "abc" and untracked.prefixes is None
 
