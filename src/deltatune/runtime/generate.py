@@ -174,7 +174,8 @@ class _ChooseTokens(LogitsProcessor):
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in adapters]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_width :].tolist()
+        penalized = any(s.sampling.penalized for s in self.samplers)  # only penalties look back
+        generated = input_ids[:, self.prompt_width :].tolist() if penalized else [[]] * len(self.samplers)
         tokens, broken = next_tokens(scores, self.samplers, generated)
         if broken:
             row, what = next(iter(broken.items()))
