@@ -215,10 +215,10 @@ def generate(
     `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
     most likely tokens at its step. The model must be in eval mode.
     `on_token(row, token, logprob)` receives each row's new tokens as they are generated (for streaming),
-    with their log-probability when asked (else None); together they are that row's `Completion.tokens`. `stop_rows(row, new_tokens)`, asked after every new token with
-    the row's new tokens so far, ends the row there when true (its client went away, its stop string
-    appeared), so a batch is not held up by rows nobody needs. Each row also ends at its own
-    `max_new_tokens`.
+    with their log-probability when asked (else None); together they are that row's `Completion.tokens`.
+    `stop_rows(row, new_tokens)`, asked after every new token with the row's new tokens so far, ends the row
+    there when true (its client went away, its stop string appeared), so a batch is not held up by rows
+    nobody needs. Each row also ends at its own `max_new_tokens`.
 
     Rows that can share a mixed batch run on the decode engine (`runtime.decode.DecodeBatch`), where a row
     leaves as soon as it ends; the others, and every row when `continuous` is False (the reference path the

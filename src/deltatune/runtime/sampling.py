@@ -97,11 +97,6 @@ class Sampling:
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
 
-    @property
-    def adjusted(self) -> bool:
-        """Whether scores change before choosing: a bias, or penalties."""
-        return bool(self.logit_bias) or self.penalized
-
     def for_choice(self, index: int) -> Sampling:
         """The settings of a prompt's `index`-th choice (OpenAI's n): its own seed, derived from this one (the
         first keeps it), so seeded choices differ from each other and each repeats."""

@@ -38,9 +38,11 @@ def _byte_of_symbol() -> dict[str, int]:
     return symbols
 
 
-def token_bytes(tokenizer: Any, token: int) -> bytes | None:
-    """The token's own bytes, or None when neither its text nor its spelling says them."""
-    text = tokenizer.decode([token], skip_special_tokens=True)
+def token_bytes(tokenizer: Any, token: int, text: str | None = None) -> bytes | None:
+    """The token's own bytes, or None when neither its text (decoded here unless given) nor its spelling
+    says them."""
+    if text is None:
+        text = tokenizer.decode([token], skip_special_tokens=True)
     if REPLACEMENT not in text:
         return text.encode()
     spelling = tokenizer.convert_ids_to_tokens(token)
@@ -75,7 +77,7 @@ def token_name(tokenizer: Any, token: int) -> str:
     text = tokenizer.decode([token], skip_special_tokens=True)
     if REPLACEMENT not in text:
         return text
-    raw = token_bytes(tokenizer, token)
+    raw = token_bytes(tokenizer, token, text)
     return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw is not None else text
 
 
@@ -93,8 +95,8 @@ def completion_shape(tokenizer: Any, chances: list[TokenLogprob], offsets: list[
 
 def chat_shape(tokenizer: Any, chances: list[TokenLogprob], offsets: list[int]) -> dict[str, Any]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        raw = token_bytes(tokenizer, token)
         text = tokenizer.decode([token], skip_special_tokens=True)
+        raw = token_bytes(tokenizer, token, text)
         return {"token": text, "logprob": logprob, "bytes": list(raw) if raw is not None else None}
 
     content = [

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from .errors import ApiError
 from .logprobs import chat_shape, completion_shape, for_answer, with_prompt
 from .prompts import encode_text
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -167,18 +166,14 @@ async def tokenize(request: TokenizeRequest, s: Served) -> dict:
     if request.messages is not None:
         ids = await s.chat_prompt(ChatRequest(model=s.base_name, messages=request.messages))
     else:
-        s.check_length(request.prompt)
+        s.check_length(len(request.prompt))
         ids = await asyncio.to_thread(encode_text, s.tokenizer, request.prompt, request.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": s.limits.max_prompt_tokens}
 
 
 @protected.post("/detokenize")
 async def detokenize(request: DetokenizeRequest, s: Served) -> dict:
-    outside = [t for t in request.tokens if t >= s.vocabulary]
-    if outside:
-        raise ApiError(
-            400, f"token id {outside[0]} is outside the vocabulary (0 to {s.vocabulary - 1})", code="token_id"
-        )
+    s.check_token_ids(request.tokens)
     return {"prompt": s.tokenizer.decode(request.tokens, skip_special_tokens=False)}
 
 

@@ -91,13 +91,7 @@ class Service:
         if prompts * request.n > limits.max_prompts_per_request:
             asked = f"{prompts} prompts" if request.n == 1 else f"{prompts} prompts x n={request.n} choices"
             raise ApiError(400, f"{asked} in one request; the limit is {limits.max_prompts_per_request} rows")
-        size = sum(len(t) for t in texts)
-        if size > limits.prompt_chars:
-            raise ApiError(
-                400,
-                f"the prompt text has {size} characters; the limit is {limits.prompt_chars}",
-                code="prompt_too_long",
-            )
+        self.check_length(sum(len(t) for t in texts))
         stops = request.stops()
         if len(stops) > limits.max_stops:
             raise ApiError(400, f"{len(stops)} stop strings; the limit is {limits.max_stops}", code="stop")
@@ -109,13 +103,22 @@ class Service:
                 code="stop",
             )
 
-    def check_length(self, text: str) -> None:
-        """A text to tokenize is refused before tokenizing when it is longer than any prompt may be."""
-        if len(text) > self.limits.prompt_chars:
+    def check_length(self, characters: int) -> None:
+        """Prompt text longer than any prompt may be is refused before tokenizing."""
+        if characters > self.limits.prompt_chars:
             raise ApiError(
                 400,
-                f"the text has {len(text)} characters; the limit is {self.limits.prompt_chars}",
+                f"the prompt text has {characters} characters; the limit is {self.limits.prompt_chars}",
                 code="prompt_too_long",
+            )
+
+    def check_token_ids(self, ids: list[int], what: str = "token id") -> None:
+        """Token ids a client sent (a prompt, a logit_bias, ids to decode) must name tokens of the vocabulary."""
+        if ids and max(ids) >= self.vocabulary:
+            raise ApiError(
+                400,
+                f"{what} {max(ids)} is outside the vocabulary (0 to {self.vocabulary - 1})",
+                code="token_id",
             )
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -127,12 +130,7 @@ class Service:
                 f"a prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}",
                 code="prompt_too_long",
             )
-        if max(ids) >= self.vocabulary:
-            raise ApiError(
-                400,
-                f"token id {max(ids)} is outside the vocabulary (0 to {self.vocabulary - 1})",
-                code="token_id",
-            )
+        self.check_token_ids(ids)
 
     def rows(self, request: CompletionRequest | ChatRequest, prompts: list[list[int]]) -> list[Row]:
         """The engine rows for a request, after every limit is checked: `n` per prompt, one after another
@@ -151,12 +149,7 @@ class Service:
             sampling = Sampling(request.temperature, request.top_p, request.presence_penalty,
                                 request.frequency_penalty, request.seed, request.row_logprobs(),
                                 request.bias_pairs())  # fmt: skip
-            biased = [token for token, _ in sampling.logit_bias if token >= self.vocabulary]
-            if biased:
-                raise ApiError(
-                    400, f"logit_bias token id {biased[0]} is outside the vocabulary (0 to {self.vocabulary - 1})",
-                    code="token_id",
-                )  # fmt: skip
+            self.check_token_ids([token for token, _ in sampling.logit_bias], "logit_bias token id")
             return [
                 Row(ids, adapter, max_tokens, **asdict(sampling.for_choice(j)), stops=request.stops(),
                     deadline=deadline)
