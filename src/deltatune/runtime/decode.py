@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from .sampling import (
     next_tokens,
     scored,
 )
+
+if TYPE_CHECKING:
+    from .prompt_pass import PromptPass
 
 
 class ContinuousBatchingUnsupported(MixedBatchError):
@@ -145,8 +149,57 @@ class DecodeBatch:
         """Prefill new rows and merge them into the batch; returns each one's first token. Their handles are
         the `row` of those steps. `sampling`: each row's settings (None: all greedy). Refuses (changing
         nothing) rows it cannot take."""
+        sampling = list(sampling) if sampling is not None else [Sampling()] * len(prompts)
+        layers = self.check_joinable(prompts, adapters, max_new_tokens, sampling)
+        ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
+        cache = new_dynamic_cache(self.model.config)
+        wrappers = [w for _, w in all_wrappers(self.model)]
+        distinct = set(adapters)
+        if len(distinct) == 1:
+            rows_use = activated(wrappers, next(iter(distinct)))
+        else:
+            rows_use = mixed_adapters(self.model, list(adapters), keep_workspace=False)
+        accepts = inspect.signature(self.model.forward).parameters
+        with rows_use:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=_positions(mask),
+                use_cache=True,
+                **{cache_argument(self.model): cache},
+                # only the last position's scores are used: the output head over every prompt token was
+                # most of a prefill's time on SmolLM2 (its 49k-word vocabulary)
+                **({"logits_to_keep": 1} if "logits_to_keep" in accepts else {}),
+            )
+        prompt_tokens = [len(p) for p in prompts]
+        return self._enter(cache_of(out), mask, out.logits[:, -1], prompt_tokens, adapters, max_new_tokens,
+                           sampling, layers)  # fmt: skip
+
+    @torch.no_grad()
+    def add_prefilled(
+        self, prefilled: PromptPass, *, max_new_tokens: int, sampling: Sampling | None = None
+    ) -> list[Step]:
+        """A row whose prompt ran as a `PromptPass` (in chunks, between steps) joins the batch with that
+        pass's cache; returns its first token, as `add` does."""
+        if not prefilled.finished or prefilled.top is not None or prefilled.whole:
+            raise ValueError("only a finished prefill pass (top=None, whole=False) can join the batch")
+        sampling = sampling or Sampling()
+        prompt, adapter = prefilled.prompt, prefilled.adapter
+        layers = self.check_joinable([prompt], [adapter], [max_new_tokens], [sampling])
+        mask = torch.ones(1, len(prompt), dtype=torch.long, device=self.device)
+        return self._enter(prefilled.cache, mask, prefilled.last_logits, [len(prompt)], [adapter],
+                           [max_new_tokens], [sampling], layers)  # fmt: skip
+
+    def check_joinable(
+        self,
+        prompts: Sequence[Sequence[int]],
+        adapters: Sequence[str | None],
+        max_new_tokens: Sequence[int],
+        sampling: Sequence[Sampling],
+    ) -> list:
+        """Refuse rows the batch cannot take (ContinuousBatchingUnsupported: run them through
+        `runtime.generate`); returns the adapter layers their updates live in."""
         count = len(prompts)
-        sampling = list(sampling) if sampling is not None else [Sampling()] * count
         if len(adapters) != count or len(max_new_tokens) != count or len(sampling) != count:
             raise ValueError("give one adapter name, one max_new_tokens and one Sampling per prompt")
         if any(len(p) == 0 for p in prompts):
@@ -159,8 +212,7 @@ class DecodeBatch:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
             raise ContinuousBatchingUnsupported(str(exc)) from exc
-        accepts = inspect.signature(self.model.forward).parameters
-        if "position_ids" not in accepts:
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
             raise ContinuousBatchingUnsupported(
                 f"{type(self.model).__name__}.forward takes no position_ids, which rows padded to a common "
                 "length need"
@@ -170,26 +222,21 @@ class DecodeBatch:
             raise ContinuousBatchingUnsupported(
                 f"adapters {merged} are merged into the base; unmerge them first"
             )
-        ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
-        cache = new_dynamic_cache(self.model.config)
-        wrappers = [w for _, w in all_wrappers(self.model)]
-        distinct = set(adapters)
-        if len(distinct) == 1:
-            rows_use = activated(wrappers, next(iter(distinct)))
-        else:
-            rows_use = mixed_adapters(self.model, list(adapters), keep_workspace=False)
-        with rows_use:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=_positions(mask),
-                use_cache=True,
-                **{cache_argument(self.model): cache},
-                # only the last position's scores are used: the output head over every prompt token was
-                # most of a prefill's time on SmolLM2 (its 49k-word vocabulary)
-                **({"logits_to_keep": 1} if "logits_to_keep" in accepts else {}),
-            )
-        cache = cache_of(out)
+        return layers
+
+    def _enter(
+        self,
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        last_logits: torch.Tensor,
+        prompt_tokens: list[int],
+        adapters: Sequence[str | None],
+        max_new_tokens: Sequence[int],
+        sampling: Sequence[Sampling],
+        layers: list,
+    ) -> list[Step]:
+        """Rows whose prompts are in `cache` (padded on the left, `mask`) take their first token from
+        `last_logits` (rows, vocab) and join the batch; a row whose scores are not finite never joins."""
         if not isinstance(cache, DynamicCache) or any(
             type(layer) is not DynamicLayer for layer in cache.layers
         ):
@@ -198,23 +245,23 @@ class DecodeBatch:
                 f"the model keeps a {type(cache).__name__} with {sorted(set(unsupported))} layers; continuous "
                 "batching merges plain DynamicCache layers only"
             )
+        count = len(prompt_tokens)
         joining = []
         for i in range(count):
             sampler = Sampler(sampling[i])
-            row = _Row(self._handles, adapters[i], max_new_tokens[i], sampler, len(prompts[i]))
+            row = _Row(self._handles, adapters[i], max_new_tokens[i], sampler, prompt_tokens[i])
             row.logprobs = [] if sampler.sampling.logprobs is not None else None
             joining.append(row)
             self._handles += 1
-        # sampled before the rows join: a row whose scores are not finite never enters the batch
         samplers = [r.sampler for r in joining]
-        tokens, broken = next_tokens(out.logits[:, -1], samplers, [[]] * count)
-        chances = scored(out.logits[:, -1], samplers, tokens)
+        tokens, broken = next_tokens(last_logits, samplers, [[]] * count)
+        chances = scored(last_logits, samplers, tokens)
         keep = [i for i in range(count) if i not in broken]
         if len(keep) < count:
             cache, mask = _select_rows(cache, mask, keep)
         if keep:
             self._merge(cache, mask)
-            self._wrappers = wrappers
+            self._wrappers = [w for _, w in all_wrappers(self.model)]
             self.rows += [joining[i] for i in keep]
             if self._updates is not None:
                 self._updates.append([adapters[i] for i in keep], layers)
