@@ -166,7 +166,7 @@ class _Fatal(BaseException):
 def test_if_the_thread_dies_it_is_visible_and_nothing_hangs(engine, monkeypatch):
     from deltatune.serve.engine import Engine, EngineStopped
 
-    def die(self):
+    def die(self, *_):
         raise _Fatal("boom")
 
     (first,) = _answers(engine, [_row(engine)])

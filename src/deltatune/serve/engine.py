@@ -35,13 +35,17 @@ from ..runtime import AdapterCache, CacheFullError, Completion, generate
 from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
 from ..runtime.mixed import mixable_refusal
+from ..runtime.prompt_pass import PromptPass
 from ..runtime.sampling import Sampling
+from .prompt_work import Pass, PromptWork
 from .stops import StopWatch
 from .work import (
     Call,
     EngineStopped,
+    RequestCancelled,
     RequestTimeout,
     Row,
+    Score,
     ServerBusy,
     Stats,
     stream_token,
@@ -74,7 +78,10 @@ class Engine:
         batch_window_s: float = 0.01,
         max_queue: int = 256,
         continuous: bool = True,
+        prompt_tokens_per_round: int = 512,
     ) -> None:
+        """`prompt_tokens_per_round`: the most prompt tokens (prefill and scoring) run between two decode
+        steps; longer prompts run in chunks (`prompt_work.PromptWork`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache = cache
@@ -91,8 +98,9 @@ class Engine:
         # False: fixed batches only (asked for, or the model keeps a KV cache the decode loop cannot merge)
         self.continuous = continuous
         self._live: dict[int, _Live] = {}  # decode-batch handle -> row
-        self._waiting: deque[Row] = deque()  # taken from the queue, not yet in the batch
-        self._queue: queue.Queue[Row | None] = queue.Queue(maxsize=max_queue)
+        self._waiting: deque[Row | Score] = deque()  # taken from the queue, not yet in the batch
+        self.prompts = PromptWork(prompt_tokens_per_round)  # long prompts running in chunks
+        self._queue: queue.Queue[Row | Score | None] = queue.Queue(maxsize=max_queue)
         self._calls: queue.SimpleQueue[Call] = queue.SimpleQueue()  # run before queued rows
         self._closing = threading.Event()
         self.failure: BaseException | None = None  # why the thread ended, if not by close()
@@ -104,7 +112,7 @@ class Engine:
         return self._thread.is_alive() and not self._closing.is_set()
 
     # ---- submitting (any thread) ---------------------------------------------------------------------------
-    def submit(self, item: Row | Call) -> Future:
+    def submit(self, item: Row | Score | Call) -> Future:
         if not self.alive:
             raise EngineStopped(self._stopped_reason())
         if isinstance(item, Call):
@@ -150,21 +158,29 @@ class Engine:
     def _loop(self) -> None:
         while not self._closing.is_set():
             self._run_calls()
-            idle = not self._live and not self._waiting
+            idle = not self._live and not self._waiting and not self.prompts
             # rows stay in the queue while the batch has no room for them, so a full queue still turns
             # requests away (ServerBusy) instead of piling them up here
-            room = self.max_batch - len(self._live) - len(self._waiting)
+            room = self.max_batch - len(self._live) - len(self.prompts) - len(self._waiting)
             arrived = self._collect(block=idle, room=room)
             if arrived is None:
                 return
             self._run_calls()
             self._waiting.extend(r for r in arrived if r.future.set_running_or_notify_cancel())
             try:
-                self._admit()
-                if self._live:
-                    self._step()
+                self._round()
             except Exception as exc:  # a bug on some path: fail the rows in flight, keep serving
                 self._recover(exc)
+
+    def _round(self) -> None:
+        """One round: prompt tokens within the budget (short passes, rows joining, long passes, in that
+        order: `prompt_work`), then one decode step for the live rows."""
+        self._drop_abandoned_passes()
+        spent = self._run_passes(self.prompts.short_round())
+        spent += self._admit(self.prompts.budget - self.prompts.reserve - spent)
+        self._run_passes(self.prompts.long_round(self.prompts.budget - spent))
+        if self._live:
+            self._step()
 
     def _recover(self, exc: Exception) -> None:
         log.exception("engine step failed; failing the rows in flight and carrying on", exc_info=exc)
@@ -178,7 +194,7 @@ class Engine:
     def _fail_queued(self, exc: BaseException) -> None:
         """Fail what was submitted but never taken (the thread is gone)."""
         for item in (*_drained(self._queue), *_drained(self._calls)):
-            if isinstance(item, (Row, Call)) and not item.future.done():
+            if isinstance(item, (Row, Score, Call)) and not item.future.done():
                 item.future.set_exception(exc)
 
     def _collect(self, block: bool, room: int) -> list[Row] | None:
@@ -219,6 +235,8 @@ class Engine:
                 live.pin.close()
                 self._fail(live.row, exc)
         self.decoding.finished.clear()
+        for p in self.prompts.clear():
+            self._fail(p.item, exc)
         while self._waiting:
             self._fail(self._waiting.popleft(), exc)
 
@@ -231,44 +249,119 @@ class Engine:
             call.future.set_exception(exc)
 
     # ---- continuous batching ---------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        """Move waiting rows into the decode batch while it has room; rows it cannot take run apart."""
+    def _admit(self, budget: int) -> int:
+        """Move waiting rows on while the batch has room: short rows join it in one forward of at most
+        `budget` padded tokens, long rows and prompts to score start a pass, rows the batch cannot take run
+        apart. Returns the prompt tokens run."""
         joining: list[tuple[Row, ExitStack, str | None]] = []
         apart: list[Row] = []
-        parked: list[Row] = []  # their adapter is draining: they wait, and load it afresh once it is unloaded
-        while self._waiting and len(self._live) + len(joining) < self.max_batch:
-            row = self._waiting.popleft()
-            if row.cancelled:  # its client left before it started
-                self._answer(row, Completion([], "cancelled", len(row.prompt)))
-                continue
-            if row.overdue:
-                self._time_out(row)
+        parked: list[
+            Row | Score
+        ] = []  # their adapter is draining: they wait, and load it afresh once unloaded
+        longest = 0
+        while self._waiting and len(self._live) + len(self.prompts) + len(joining) < self.max_batch:
+            item = self._waiting.popleft()
+            if self._ended_before_start(item):
                 continue
             pin = ExitStack()
             try:
-                key = pin.enter_context(self.cache.pinned([row.adapter])).get(row.adapter)
-            except AdapterDraining:  # only rows in flight pin a draining adapter, so this ends soon
-                parked.append(row)
+                key = pin.enter_context(self.cache.pinned([item.adapter])).get(item.adapter)
+            except AdapterDraining:  # only work in flight pins a draining adapter, so this ends soon
+                parked.append(item)
                 continue
             except CacheFullError:
-                if self._live or joining:  # every resident adapter is in use: wait for rows to end
-                    self._waiting.appendleft(row)
+                if self._live or joining or self.prompts:  # every resident adapter is in use: wait
+                    self._waiting.appendleft(item)
                     break
-                self._fail(row, CacheFullError("no room to load the adapter; retry shortly"))
+                self._fail(item, CacheFullError("no room to load the adapter; retry shortly"))
                 continue
             except Exception as exc:
-                self._fail(row, exc)
+                self._fail(item, exc)
                 continue
-            if not self.continuous or (key is not None and mixable_refusal(self.model, key) is not None):
+            chunkable = self.continuous and (key is None or mixable_refusal(self.model, key) is None)
+            if isinstance(item, Score):
+                run = PromptPass(self.model, item.prompt, key, top=item.top, whole=not chunkable)
+                self.prompts.start(item, pin, run)
+            elif not chunkable:
                 pin.close()
-                apart.append(row)
+                apart.append(item)
+            elif not self.prompts.is_short(len(item.prompt)):
+                self.prompts.start(item, pin, PromptPass(self.model, item.prompt, key))
+            elif joining and (len(joining) + 1) * max(longest, len(item.prompt)) > budget:
+                pin.close()  # no room in this round: first in line for the next
+                self._waiting.appendleft(item)
+                break
             else:
-                joining.append((row, pin, key))
+                joining.append((item, pin, key))
+                longest = max(longest, len(item.prompt))
         self._waiting.extendleft(reversed(parked))
         if apart:
             self._run_rows(apart)
         if joining:
             self._join(joining)
+        return len(joining) * longest
+
+    def _ended_before_start(self, item: Row | Score) -> bool:
+        """Answer an item whose client left or whose deadline passed before it started."""
+        if item.cancelled:
+            if isinstance(item, Row):
+                self._answer(item, Completion([], "cancelled", len(item.prompt)))
+            else:
+                self._fail(item, RequestCancelled("the client went away"))
+            return True
+        if item.overdue:
+            self._time_out(item)
+            return True
+        return False
+
+    # ---- prompts in chunks -----------------------------------------------------------------------------------
+    def _drop_abandoned_passes(self) -> None:
+        for p in list(self.prompts.passes):
+            if p.item.cancelled or p.item.overdue:
+                self.prompts.remove(p)
+                self._ended_before_start(p.item)
+
+    def _run_passes(self, results: Iterator[tuple[Pass, int, Exception | None]]) -> int:
+        """Run passes (a round's `short_round` or `long_round`); answer scored prompts that finished and move
+        finished prefills into the decode batch. Returns the prompt tokens run."""
+        spent = 0
+        for p, ran, error in results:
+            spent += ran
+            self.stats.prompt_chunks += 1
+            if error is not None:
+                self.prompts.remove(p)
+                self._fail(p.item, error)
+            elif p.run.finished:
+                self.prompts.passes.remove(p)  # the adapter stays pinned while the row decodes
+                if isinstance(p.item, Score):
+                    p.pin.close()
+                    self.stats.scored_prompts += 1
+                    if not p.item.future.done():
+                        p.item.future.set_result(p.run.scores)
+                else:
+                    self._join_prefilled(p)
+        return spent
+
+    def _join_prefilled(self, p: Pass) -> None:
+        row = p.item
+        try:
+            steps = self.decoding.add_prefilled(
+                p.run, max_new_tokens=row.max_new_tokens, sampling=row.sampling
+            )
+        except ContinuousBatchingUnsupported:
+            self.continuous = False  # the model's cache: every row from now on runs as fixed batches
+            p.pin.close()
+            self._run_rows([row])
+            return
+        except Exception as exc:
+            p.pin.close()
+            self._fail(row, exc)
+            return
+        self.stats.batches += 1
+        row.stop_reached = False
+        self._live[steps[0].row] = _Live(row, p.pin)
+        self._note_batch_size()
+        self._deliver(steps)
 
     def _join(self, joining: list[tuple[Row, ExitStack, str | None]]) -> None:
         try:
@@ -356,13 +449,13 @@ class Engine:
         self.stats.rows += 1
         row.future.set_result(result)
 
-    def _fail(self, row: Row, exc: BaseException) -> None:
+    def _fail(self, row: Row | Score, exc: BaseException) -> None:
         if row.future.done():
             return
         self.stats.failed_rows += 1
         row.future.set_exception(exc)
 
-    def _time_out(self, row: Row) -> None:
+    def _time_out(self, row: Row | Score) -> None:
         self.stats.timed_out_rows += 1
         self._fail(row, RequestTimeout("the request passed its deadline before it was answered; retry later"))
 

@@ -66,10 +66,29 @@ def token_offsets(tokenizer: Any, tokens: list[int]) -> list[int]:
     that the answer keeps. A character those tokens only begin (U+FFFD on its own) is left to the token that
     completes it; one never completed stays U+FFFD in the answer too, and counts there."""
     whole = tokenizer.decode(tokens, skip_special_tokens=True)
-    return [
-        shared_length(tokenizer.decode(tokens[:i], skip_special_tokens=True), whole)
-        for i in range(len(tokens))
-    ]
+    prefixes = _prefix_texts(tokenizer, tokens)
+    if prefixes[-1] != whole:  # a tokenizer whose text is not local: decode every prefix (quadratic)
+        prefixes = [tokenizer.decode(tokens[:i], skip_special_tokens=True) for i in range(len(tokens) + 1)]
+    return [shared_length(prefixes[i], whole) for i in range(len(tokens))]
+
+
+WINDOW = 8  # tokens of context a token's text is decoded in; a UTF-8 character spans at most 4 bytes
+
+
+def _prefix_texts(tokenizer: Any, tokens: list[int]) -> list[str]:
+    """The text of every prefix of `tokens` (`[:0]` to the whole), each from the one before by decoding only
+    the last few tokens: what a new token changes (it appends text, or completes a character the one before
+    began) shows within a short window, so this takes linear time where decoding every prefix takes
+    quadratic. The caller checks the last against the whole text."""
+    texts = [""]
+    for i in range(1, len(tokens) + 1):
+        start = max(0, i - WINDOW)
+        before = tokenizer.decode(tokens[start : i - 1], skip_special_tokens=True)
+        after = tokenizer.decode(tokens[start:i], skip_special_tokens=True)
+        kept = shared_length(before, after)
+        previous = texts[-1]
+        texts.append(previous[: len(previous) - (len(before) - kept)] + after[kept:])
+    return texts
 
 
 def token_name(tokenizer: Any, token: int) -> str:
@@ -105,21 +124,28 @@ def chat_shape(tokenizer: Any, chances: list[TokenLogprob], offsets: list[int]) 
     return {"content": content, "refusal": None}
 
 
-def with_prompt(
-    tokenizer: Any, prompt: list[int], scores: list[TokenLogprob], prompt_text: str, answer: dict[str, list]
-) -> dict[str, list]:
-    """Completions' log-probabilities for an echoed prompt: the prompt's tokens first (the very first has no
-    log-probability, as nothing comes before it: None), then the answer's, whose offsets move past the
-    prompt's text."""
+def prompt_shape(tokenizer: Any, prompt: list[int], scores: list[TokenLogprob]) -> dict[str, list]:
+    """Completions' log-probabilities of an echoed prompt's tokens: the very first has none, as nothing comes
+    before it (None)."""
     offsets = token_offsets(tokenizer, prompt)
-    first = {"tokens": [token_name(tokenizer, prompt[0])], "token_logprobs": [None], "top_logprobs": [None]}
     scored = completion_shape(tokenizer, scores, offsets[1:])
-    shifted = [offset + len(prompt_text) for offset in answer["text_offset"]]
     return {
-        "tokens": first["tokens"] + scored["tokens"] + answer["tokens"],
-        "token_logprobs": first["token_logprobs"] + scored["token_logprobs"] + answer["token_logprobs"],
-        "top_logprobs": first["top_logprobs"] + scored["top_logprobs"] + answer["top_logprobs"],
-        "text_offset": offsets[:1] + scored["text_offset"] + shifted,
+        "tokens": [token_name(tokenizer, prompt[0])] + scored["tokens"],
+        "token_logprobs": [None] + scored["token_logprobs"],
+        "top_logprobs": [None] + scored["top_logprobs"],
+        "text_offset": offsets[:1] + scored["text_offset"],
+    }
+
+
+def with_prompt(prompt: dict[str, list], prompt_chars: int, answer: dict[str, list]) -> dict[str, list]:
+    """An echoed prompt's log-probabilities (`prompt_shape`) followed by the answer's, whose offsets move past
+    the prompt's text (`prompt_chars` long)."""
+    shifted = [offset + prompt_chars for offset in answer["text_offset"]]
+    return {
+        "tokens": prompt["tokens"] + answer["tokens"],
+        "token_logprobs": prompt["token_logprobs"] + answer["token_logprobs"],
+        "top_logprobs": prompt["top_logprobs"] + answer["top_logprobs"],
+        "text_offset": prompt["text_offset"] + shifted,
     }
 
 

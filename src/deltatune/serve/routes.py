@@ -12,7 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from .logprobs import chat_shape, completion_shape, for_answer, with_prompt
+from ..runtime import Completion
+from ..runtime.sampling import TokenLogprob
+from .logprobs import chat_shape, completion_shape, for_answer, prompt_shape, with_prompt
 from .prompts import encode_text
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .service import Service, usage
@@ -82,26 +84,9 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
             return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
 
         return s.stream(request, prompts, head, choice, completion_shape)
-    if request.max_tokens == 0:
-        results = s.nothing_to_generate(request, prompts)
-    else:
-        results = await s.complete(http, request, prompts)
-    scores = (
-        await s.prompt_scores(request, prompts) if request.echo and request.logprobs is not None else None
-    )
-    choices = []
-    for i, result in enumerate(results):
-        text, reason = s.text_of(result, request.stops())
-        chances = None
-        if request.logprobs is not None:
-            chances = for_answer(completion_shape, s.tokenizer, result.tokens, result.logprobs, text)
-        if request.echo:  # the prompt in front, as the tokenizer reads it back
-            prompt = prompts[i // request.n]
-            prompt_text = s.tokenizer.decode(prompt, skip_special_tokens=True)
-            if chances is not None:
-                chances = with_prompt(s.tokenizer, prompt, scores[i // request.n], prompt_text, chances)
-            text = prompt_text + text
-        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": chances})
+    results, scores = await s.complete_echoed(http, request, prompts)
+    # off the event loop: a long echoed prompt's offsets and names take a while, and /health must answer
+    choices = await asyncio.to_thread(completion_choices, s, request, prompts, results, scores)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -110,6 +95,37 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
         "choices": choices,
         "usage": usage(dict(enumerate(results)), request.n),
     }
+
+
+def completion_choices(
+    s: Service,
+    request: CompletionRequest,
+    prompts: list[list[int]],
+    results: list[Completion],
+    scores: list[list[TokenLogprob]] | None,
+) -> list[dict]:
+    """The choices of a completions answer: text (the prompt's in front with echo), finish reason and
+    log-probabilities. An echoed prompt's text and offsets are worked out once for its `n` choices."""
+    echoed: dict[int, tuple[str, dict | None]] = {}
+    choices = []
+    for i, result in enumerate(results):
+        text, reason = s.text_of(result, request.stops())
+        chances = None
+        if request.logprobs is not None:
+            chances = for_answer(completion_shape, s.tokenizer, result.tokens, result.logprobs, text)
+        if request.echo:  # the prompt in front, as the tokenizer reads it back
+            which = i // request.n
+            if which not in echoed:
+                prompt = prompts[which]
+                prompt_text = s.tokenizer.decode(prompt, skip_special_tokens=True)
+                scored = prompt_shape(s.tokenizer, prompt, scores[which]) if scores is not None else None
+                echoed[which] = prompt_text, scored
+            prompt_text, scored = echoed[which]
+            if chances is not None:
+                chances = with_prompt(scored, len(prompt_text), chances)
+            text = prompt_text + text
+        choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": chances})
+    return choices
 
 
 @protected.post("/v1/chat/completions")

@@ -16,7 +16,6 @@ from fastapi.responses import StreamingResponse
 from ..core.errors import AdapterNotFoundError
 from ..runtime import AdapterNameInvalid, Completion
 from ..runtime.sampling import Sampling, TokenLogprob
-from ..runtime.scoring import prompt_logprobs
 from .engine import Engine
 from .errors import ApiError, PathsHidden
 from .logprobs import Shape
@@ -24,7 +23,7 @@ from .prompts import encode_chat, encode_text
 from .schemas import ChatRequest, CompletionRequest
 from .stops import first_stop
 from .streaming import TextDeltas, TokenFeed, event
-from .work import Row
+from .work import Row, Score
 
 
 @dataclass
@@ -159,31 +158,14 @@ class Service:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def nothing_to_generate(self, request: CompletionRequest, prompts: list[list[int]]) -> list[Completion]:
-        """max_tokens 0 (echo): every limit checked as for rows, and empty answers, n per prompt."""
-        self.adapter_for(request.model)
+    def scorings(self, request: CompletionRequest, prompts: list[list[int]]) -> list[Score]:
+        """Echo with logprobs: each prompt's own tokens scored once (its `n` choices share the scores), queued
+        like rows."""
+        adapter = self.adapter_for(request.model)
         for ids in prompts:
             self._check_prompt(ids)
-        return [Completion([], "length", len(ids)) for ids in prompts for _ in range(request.n)]
-
-    async def prompt_scores(
-        self, request: CompletionRequest, prompts: list[list[int]]
-    ) -> list[list[TokenLogprob]]:
-        """Each prompt's tokens scored under the request's model (echo with logprobs), on the engine thread
-        between decode steps, with the adapter pinned meanwhile."""
-        adapter = self.adapter_for(request.model)
-
-        def score() -> list[list[TokenLogprob]]:
-            with self.cache.pinned([adapter]) as keys:
-                model_side = keys[adapter] if adapter is not None else None
-                return prompt_logprobs(
-                    self.engine.model, prompts, [model_side] * len(prompts), top=request.logprobs or 0
-                )
-
-        try:
-            return await asyncio.wrap_future(self.engine.call(score))
-        except Exception as exc:
-            raise self.public(exc) from exc
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        return [Score(ids, adapter, request.logprobs or 0, deadline) for ids in prompts]
 
     # ---- prompts -------------------------------------------------------------------------------------------
     async def encoded(self, request: CompletionRequest) -> list[list[int]]:
@@ -207,7 +189,7 @@ class Service:
             raise ApiError(400, str(exc)) from None
 
     # ---- answers -------------------------------------------------------------------------------------------
-    def _submit_all(self, rows: list[Row]) -> list:
+    def _submit_all(self, rows: list[Row | Score]) -> list:
         futures = []
         try:
             for row in rows:
@@ -223,7 +205,34 @@ class Service:
     ) -> list[Completion]:
         """Wait for the rows' answers; a client that disconnects meanwhile ends its rows at their next token."""
         rows = self.rows(request, prompts)
-        pending = {asyncio.wrap_future(f) for f in self._submit_all(rows)}
+        await self._wait(http, rows)
+        return [r.future.result() for r in rows]
+
+    async def complete_echoed(
+        self, http: Request, request: CompletionRequest, prompts: list[list[int]]
+    ) -> tuple[list[Completion], list[list[TokenLogprob]] | None]:
+        """The answers of a completions request and, for echo with logprobs, each prompt's own scores: rows
+        and scorings queued together, under the same limits, deadline and cancellation. max_tokens 0
+        generates nothing (empty answers, n per prompt)."""
+        if request.max_tokens == 0:
+            self.adapter_for(request.model)
+            for ids in prompts:
+                self._check_prompt(ids)
+            rows = []
+        else:
+            rows = self.rows(request, prompts)
+        scorings = self.scorings(request, prompts) if request.echo and request.logprobs is not None else []
+        await self._wait(http, [*rows, *scorings])
+        if rows:
+            results = [r.future.result() for r in rows]
+        else:
+            results = [Completion([], "length", len(ids)) for ids in prompts for _ in range(request.n)]
+        return results, [s.future.result() for s in scorings] if scorings else None
+
+    async def _wait(self, http: Request, items: list[Row | Score]) -> None:
+        """Queue the items and wait until every one is answered; a client that disconnects meanwhile
+        cancels them (rows end at their next token, prompts being scored before their next chunk)."""
+        pending = {asyncio.wrap_future(f) for f in self._submit_all(items)}
         give_up = time.monotonic() + self.limits.request_timeout_s + 30  # the engine's own deadline first
         try:
             while pending:
@@ -232,13 +241,12 @@ class Service:
                     raise ApiError(499, "the client disconnected", code="client_closed")
                 if pending and time.monotonic() > give_up:
                     raise ApiError(504, "the request passed its deadline", "timeout", "request_timeout")
-            try:
-                return [r.future.result() for r in rows]
-            except Exception as exc:
-                raise self.public(exc) from exc
+            for item in items:
+                if item.future.exception() is not None:
+                    raise self.public(item.future.exception())
         finally:
-            for row in rows:
-                row.cancelled = True  # a no-op for rows already answered
+            for item in items:
+                item.cancelled = True  # a no-op for those already answered
 
     def stream(
         self,

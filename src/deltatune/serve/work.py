@@ -58,6 +58,24 @@ class Row:
 
 
 @dataclass
+class Score:
+    """A prompt whose own tokens are scored (echo with log-probabilities): each token after the first with its
+    log-probability given those before it, and the `top` most likely tokens there. It waits in the same
+    queue as rows, under the same bound, deadline and cancellation."""
+
+    prompt: list[int]
+    adapter: str | None
+    top: int = 0
+    deadline: float | None = None
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False  # set from any thread (its client went away): dropped before its next chunk
+
+    @property
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+@dataclass
 class Call:
     """Other work that must run on the engine thread (adapter load / unload)."""
 
@@ -76,6 +94,8 @@ class Stats:
     cancelled_rows: int = 0
     timed_out_rows: int = 0
     rows_ended_at_stop_string: int = 0
+    scored_prompts: int = 0  # echo with log-probabilities
+    prompt_chunks: int = 0  # chunks of long prompts run between decode steps
     recovered_errors: int = 0  # unexpected errors the loop survived (each failed the rows it touched)
 
 
@@ -89,6 +109,10 @@ class EngineStopped(RuntimeError):
 
 class RequestTimeout(TimeoutError):
     """A row passed its deadline before it was answered."""
+
+
+class RequestCancelled(RuntimeError):
+    """A prompt was dropped before it was scored: its client went away."""
 
 
 def streaming_callback(rows: list[Row]) -> Callable[[int, int, TokenLogprob | None], None] | None:
