@@ -166,6 +166,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..serve import Limits, build_server
 
+    if args.prompt_tokens_per_round < 2:
+        raise SystemExit(
+            f"deltatune serve: --prompt-tokens-per-round must be at least 2, got {args.prompt_tokens_per_round}"
+        )
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise SystemExit(f"deltatune serve: ${args.api_key_env} is empty; set it or drop --api-key-env")
@@ -187,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
         continuous=not args.fixed_batches,
+        prompt_tokens_per_round=args.prompt_tokens_per_round,
         limits=limits,
         preload=args.preload,
         allow_base_mismatch=args.allow_base_mismatch,
@@ -370,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=1024, help="memory budget for loaded adapters")
     p.add_argument("--max-batch", type=int, default=16, help="most rows in one batched forward")
     p.add_argument("--batch-window-ms", type=float, default=10, help="how long to wait for requests to batch")
+    p.add_argument(
+        "--prompt-tokens-per-round",
+        type=int,
+        default=512,
+        help="most prompt tokens run between two decode steps; longer prompts run in chunks, so no request "
+        "holds the others",
+    )
     p.add_argument(
         "--fixed-batches",
         action="store_true",

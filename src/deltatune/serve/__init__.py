@@ -22,6 +22,7 @@ def build_server(
     max_batch: int = 16,
     batch_window_s: float = 0.01,
     continuous: bool = True,
+    prompt_tokens_per_round: int = 512,
     limits: Limits | None = None,
     preload: list[str] | None = None,
     allow_base_mismatch: bool = False,
@@ -52,7 +53,13 @@ def build_server(
     for name in preload or []:
         cache.load(name)
     engine = Engine(
-        model, tokenizer, cache, max_batch=max_batch, batch_window_s=batch_window_s, continuous=continuous
+        model,
+        tokenizer,
+        cache,
+        max_batch=max_batch,
+        batch_window_s=batch_window_s,
+        continuous=continuous,
+        prompt_tokens_per_round=prompt_tokens_per_round,
     )
     app = create_app(engine, base_name=base_name or Path(str(base)).name, api_key=api_key, limits=limits)
     return app, engine
