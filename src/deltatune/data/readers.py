@@ -22,6 +22,9 @@ class DataError(DeltatuneError, ValueError):
 class Row:
     line: int  # 1-based line in the file (row number for Parquet / JSON arrays)
     fields: dict[str, Any]
+    # >1: a quoted field spans lines that each look like a record, as a quote left open would make them;
+    # valid CSV all the same, so the row is kept, but a value that cannot span lines (a label) names it
+    spans: int = 1
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ def _read_json_array(path: Path, encoding: str) -> tuple[list[Row], list[BadRow]
 def _read_csv(path: Path, encoding: str, delimiter: str) -> tuple[list[Row], list[BadRow]]:
     """Rows of a CSV/TSV file. A quote that is never closed makes the csv module read on to the next quote,
     merging the records in between into one field: such a record is reported at the line where the quote
-    opened and counts as every record it swallowed."""
+    opened and counts as every record it swallowed. A record over several lines that a strict reader takes
+    as one record of the header's width is valid CSV (a quoted text with line breaks: code, addresses,
+    poems) and is kept; when each of its lines looks like a record (`Row.spans`), a value that cannot span
+    lines, such as a label, says a quote may have been left open there."""
     text = path.read_text(encoding=encoding)
     # split as the csv module counts lines (str.splitlines also breaks at U+0085 and others)
     lines = [line.rstrip("\r\n") for line in io.StringIO(text, newline="")]
@@ -109,8 +115,12 @@ def _read_csv(path: Path, encoding: str, delimiter: str) -> tuple[list[Row], lis
     start = reader.line_num + 1  # the physical line the next record starts on
     for record in reader:
         end = reader.line_num
-        swallowed = _swallowed_records(lines[start:end], delimiter, width) if end > start else 0
         misshapen = None in record or any(value is None for value in record.values())
+        swallowed, spans = 0, 1
+        if end > start and (misshapen or not _one_strict_record(lines[start - 1 : end], delimiter, width)):
+            swallowed = _swallowed_records(lines[start:end], delimiter, width)
+        elif end > start:
+            spans = _closed_by_accident(lines[start:end], delimiter, width) + 1
         if swallowed >= 2 or (swallowed and misshapen):  # one such line can be a text with commas
             bad.append(
                 BadRow(
@@ -126,12 +136,35 @@ def _read_csv(path: Path, encoding: str, delimiter: str) -> tuple[list[Row], lis
             filled = sum(value is not None for value in record.values())
             bad.append(BadRow(start, f"{filled} cells, header has {width}"))
         else:
-            rows.append(Row(start, dict(record)))
+            rows.append(Row(start, dict(record), spans))
         start = end + 1
     if not rows and not bad:
         rows_hint = "" if len(lines) > 1 else " (it has only a header)"
         raise DataError(f"{path} has no data rows{rows_hint}")
     return rows, bad
+
+
+def _one_strict_record(lines: list[str], delimiter: str, width: int) -> bool:
+    """Whether these lines are one record of `width` cells to a strict reader: every quoted field closes and
+    is followed by a delimiter or the line's end (a run-away quote closes at the next record's quote, with
+    text after it, or never)."""
+    reader = csv.reader(io.StringIO("\n".join(lines), newline=""), delimiter=delimiter, strict=True)
+    try:
+        records = list(reader)
+    except csv.Error:
+        return False
+    return len(records) == 1 and len(records[0]) == width
+
+
+def _closed_by_accident(continuation: list[str], delimiter: str, width: int) -> int:
+    """The records a stray quote swallowed up to a quote that happened to end a line, or 0: then every
+    continuation line is a whole record, the last one once its final quote is taken off (a text field with
+    line breaks ends in the middle of its last line, or on a line of its own)."""
+    *inner, last = continuation
+    if not inner or not last.endswith('"'):
+        return 0
+    whole = _swallowed_records([*inner, last[:-1]], delimiter, width)
+    return whole if whole == len(continuation) else 0
 
 
 def _swallowed_records(continuation: list[str], delimiter: str, width: int) -> int:
