@@ -40,3 +40,42 @@ def test_a_folder_is_replaced_only_when_written_completely(tmp_path, whole):
     assert (target / "a.txt").read_text() == "2" and _hidden(tmp_path) == []
     # a whole swap drops files the new version lacks; a file-by-file commit keeps them
     assert (target / "old-only.txt").exists() is not whole
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o002])
+def umask(request):
+    import os
+
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def _plain_file_mode(folder) -> int:
+    probe = folder / "probe.txt"
+    probe.write_text("x")  # what any file the user's process writes gets
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
+
+
+def test_published_weights_and_folders_have_the_modes_the_umask_gives(tmp_path, umask):
+    """safetensors writes owner-only files (0600) and mkdtemp owner-only folders; neither may leak into a
+    shipped adapter or merged model: every published file has the mode of any other file under the umask."""
+    from conftest import build_llama
+
+    import deltatune as dt
+    from deltatune.core.export import export_merged
+
+    model = build_llama()
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    dt.save_adapter(model, tmp_path / "adapter")
+    export_merged(model, tmp_path / "merged")
+    file_mode, folder_mode = _plain_file_mode(tmp_path), 0o777 & ~umask
+    for folder in (tmp_path / "adapter", tmp_path / "merged"):
+        assert folder.stat().st_mode & 0o777 == folder_mode
+        files = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert files and set(files.values()) == {file_mode}, files
+    assert "adapter_model.safetensors" in {p.name for p in (tmp_path / "adapter").iterdir()}
+    write_text_atomic(tmp_path / "report.json", "{}")
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == file_mode

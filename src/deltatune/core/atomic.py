@@ -3,6 +3,8 @@
 Everything is written under a hidden sibling name (`.NAME.tmp-XXXX`) in the same directory, then renamed
 into place (`os.replace`, atomic on one filesystem); on any error the temporary is deleted. Adapters,
 exported models, checkpoints, the bundled model's cache, run reports and sweep results all go through here.
+What is published gets the permissions the process's umask gives any new file (0644 / 0755 under umask 022):
+the temporaries are owner-only (mkstemp, mkdtemp, and safetensors' own writer), and that must not leak out.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; it becomes the published file
+        publish_modes(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -45,9 +47,9 @@ def staged_folder(path: str | Path, *, whole: bool = False) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; it becomes the published folder
     try:
         yield staging
+        publish_modes(staging)
         if whole:
             replace_folder(staging, path)
         else:
@@ -55,6 +57,29 @@ def staged_folder(path: str | Path, *, whole: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, as setting it to read it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(path: Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a new file and folder get under the
+    umask: writers that stage owner-only temporaries must not decide who can read what is published."""
+    mask = current_umask()
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def commit_folder(staging: Path, path: Path) -> None:
