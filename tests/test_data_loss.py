@@ -199,3 +199,18 @@ def test_a_json_nan_label_is_malformed(tmp_path, tokenizer):
         )
     assert "nan" not in splits.label_names and "NaN" not in splits.label_names
     assert splits.report.malformed == 1
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-8-sig"])
+def test_a_byte_order_mark_names_the_encoding(tmp_path, codec):
+    data = tmp_path / "d.csv"
+    data.write_bytes("text,label\nhello,a\ncafé,b\n".encode(codec))
+    if codec == "utf-8-sig":  # read as utf-8, without the mark in the first column's name
+        rows, _ = read_rows(data)
+        assert list(rows[0].fields) == ["text", "label"] and rows[1].fields["text"] == "café"
+        return
+    for wrong in ("utf-8", "latin-1"):
+        with pytest.raises(DataError, match=r"UTF-16 byte-order mark.*set encoding: utf-16"):
+            read_rows(data, wrong)
+    rows, _ = read_rows(data, "utf-16")
+    assert rows[1].fields == {"text": "café", "label": "b"}

@@ -55,6 +55,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_causal_lm, data, 
     assert again.returncode == 2 and "pass --resume" in again.stderr
     resumed = run_train(crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step-00000003 (step 3)" in resumed.stderr
     assert not [p for p in (tmp_path / "crashed" / "checkpoints").iterdir() if p.name.startswith(".")]
     want, got = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "crashed")
     assert want.keys() == got.keys()

@@ -46,6 +46,7 @@ def read_rows(path: Path, encoding: str = "utf-8") -> tuple[list[Row], list[BadR
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    encoding = _encoding_by_bom(path, encoding)
     try:
         if suffix == ".jsonl":
             return _read_jsonl(path, encoding)
@@ -61,6 +62,25 @@ def read_rows(path: Path, encoding: str = "utf-8") -> tuple[list[Row], list[BadR
             "file's encoding, e.g. encoding: latin-1"
         ) from None
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+BOMS = {b"\xef\xbb\xbf": "utf-8-sig", b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}
+
+
+def _encoding_by_bom(path: Path, encoding: str) -> str:
+    """A byte-order mark says the encoding: UTF-8's is dropped rather than read into the first column's name,
+    and a UTF-16 file read as anything else would be garbage (latin-1 reads any bytes without complaint)."""
+    with path.open("rb") as handle:
+        head = handle.read(3)
+    found = next((name for bom, name in BOMS.items() if head.startswith(bom)), None)
+    if found is None or encoding.lower().replace("_", "-") in (found, "utf-16-le", "utf-16-be"):
+        return encoding
+    if found == "utf-8-sig" and encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        return found
+    raise DataError(
+        f"{path} starts with a {found.upper().removesuffix('-SIG')} byte-order mark but data.encoding is "
+        f"{encoding!r}; set encoding: {found.removesuffix('-sig')}"
+    )
 
 
 def _read_jsonl(path: Path, encoding: str) -> tuple[list[Row], list[BadRow]]:

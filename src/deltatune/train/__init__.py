@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, list_checkpoints
 from .config import ConfigError, TrainConfig, load_train_config, validate_config
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import NonFiniteLossError, RunResult, Trainer
-from .setup import enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
+from .setup import NEW_HEAD_NOTE, enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
 from .shared_prefix import shares_in_evaluation
 
 RESOLVED_CONFIG = "config.yaml"
@@ -101,7 +101,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
             _write_resolved_config(cfg, out)
     if info.is_main:
         print(splits.report.summary(), file=sys.stderr, flush=True)
-    model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization)
+    # resuming, the head's weights come from the checkpoint: saying it starts random would be wrong
+    head_note = None if resume else NEW_HEAD_NOTE
+    model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization, head_note=head_note)
     adapter_config = prepare_trainable(model, cfg.adapter, cfg.model.task)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -364,7 +364,10 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self.scaler.load_state_dict(saved.pop("scaler"))
         checkpoint.restore_rng()
-        return RunState(**saved)
+        state = RunState(**saved)
+        if self.info.is_main:
+            print(f"resumed from {ckpts[-1].name} (step {state.step})", file=sys.stderr, flush=True)
+        return state
 
     def _check_same_batch(self, folder: Path, layout: dict[str, int] | None) -> None:
         """A run may resume on another number of ranks if each step still consumes the same examples:
