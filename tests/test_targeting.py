@@ -114,3 +114,42 @@ def test_modules_to_save_trains_a_copy_and_keeps_original():
     with torch.no_grad():
         wrapper.modules_to_save["default"].weight.add_(1.0)
     assert torch.equal(wrapper.original_module.weight, original)
+
+
+def test_pattern_verdicts_do_not_depend_on_the_clock(monkeypatch, tmp_path):
+    """`convert --energy` writes an adapter with a rank_pattern key per module; under a wall-clock budget a
+    busy machine refused it as "backtracking catastrophically". Here every clock reading moves 1,000 s on,
+    as on the slowest machine imaginable: it loads all the same, with the same ranks, and a hostile pattern
+    is refused all the same."""
+    import itertools
+    import re
+
+    from deltatune.core import patterns
+    from deltatune.core.errors import AdapterConfigError
+
+    model = build_llama()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    ranks = {re.escape(name): 1 + i % 3 for i, name in enumerate(names)}
+    config = dt.LoraConfig(r=4, target_modules="all-linear", rank_pattern=ranks, init_lora_weights=False)
+    clock = itertools.count(0.0, 1000.0)
+    monkeypatch.setattr(patterns.time, "monotonic", lambda: next(clock))
+    patterns.compiled.cache_clear()
+    dt.inject(model, config)
+    dt.save_adapter(model, tmp_path / "a")
+    loaded = build_llama()
+    dt.load_adapter(loaded, tmp_path / "a")
+    got = {n: m.lora_A["default"].weight.shape[0] for n, m in loaded.named_modules() if hasattr(m, "lora_A")}
+    assert len(ranks) >= 10 and got == {name: 1 + i % 3 for i, name in enumerate(names)}
+    with pytest.raises(AdapterConfigError, match="cannot be matched in time linear"):
+        _targets(build_llama(), target_modules="(.*){1,32000}[bc]")
+
+
+def test_lookaround_patterns_match_as_python_re_does():
+    """RE2 has no lookaround; such patterns (PEFT users write them to exclude towers) go to a backtracking
+    matcher and match as `re.fullmatch` would."""
+    import re
+
+    model = build_llama()
+    pattern = r"^(?!.*layers\.0).*\.(q|v)_proj$"
+    expected = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+    assert expected and _targets(model, target_modules=pattern) == expected
