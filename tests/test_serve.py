@@ -169,6 +169,19 @@ def test_bad_requests_get_specific_errors_and_the_server_survives(server, body, 
     assert _complete(server, "alpha", "good day").status_code == 200
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_oversized_body_is_413_however_it_is_framed(server, framing):
+    """A chunked body (no Content-Length) over the limit was answered 400 "error parsing the body"."""
+    body = json.dumps({"model": "alpha", "prompt": "x" * 5000}).encode()
+    content = (
+        body if framing == "content-length" else iter([body[i : i + 512] for i in range(0, len(body), 512)])
+    )
+    response = server.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "over the limit" in response.json()["error"]["message"]
+    assert _complete(server, "alpha", "good day").status_code == 200
+
+
 def test_malformed_json(server):
     response = server.post(
         "/v1/completions",

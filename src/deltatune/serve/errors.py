@@ -5,6 +5,7 @@ catch-all that turns an escaped exception into a logged 500 for that request onl
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -110,19 +111,28 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             await self._refuse(scope, receive, send)
             return
-        seen = 0
+        seen, exceeded, started = 0, False, False
 
         async def counted() -> dict:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                exceeded = True
                 raise _TooLarge
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
+        async def unless_exceeded(message: dict) -> None:
+            # the framework answers a body it could not finish reading with its own 400 ("error parsing
+            # the body"); past the limit, that answer is dropped for the 413 below
+            nonlocal started
+            if not exceeded:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        with suppress(_TooLarge):
+            await self.app(scope, counted, unless_exceeded)
+        if exceeded and not started:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
