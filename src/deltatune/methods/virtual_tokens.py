@@ -161,8 +161,12 @@ class VirtualTokenMethod(AdapterMethod):
         loader allocate more than the file holds."""
         assert isinstance(config, VirtualTokenConfig)
         saved = state.get("prompt_embeddings")
-        if saved is None or saved.dim() != 2:
-            return  # the loader names a missing or misshapen tensor
+        if saved is None or saved.dim() != 2:  # nothing to check the sizes against: refused before inject
+            found = "no tensor" if saved is None else f"a tensor of shape {tuple(saved.shape)}"
+            raise AdapterFormatError(
+                f"{source}: {cls.peft_type} needs a 2-D prompt_embeddings tensor in its weights file; it holds "
+                f"{found} under that name"
+            )
         config = cls.resolve_config(model, config)
         expected = (
             config.num_virtual_tokens * (config.num_transformer_submodules or 1),

@@ -30,6 +30,19 @@ def _pattern_value(by_pattern: dict[str, float], module_name: str) -> float | No
     return None
 
 
+MAX_ALPHA = 1e6  # configs in the wild use 1-512; beyond this the update overflows float16/float32 outputs
+
+
+def _check_alpha(name: str, alpha: float) -> None:
+    """A finite alpha so large that every output overflows would load and then fail every request (the
+    server answered 500 for lora_alpha 1e308): refused at load, like NaN."""
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and abs(alpha) > MAX_ALPHA:
+        raise AdapterConfigError(
+            f"{name} is {alpha:g}; its magnitude must be at most {MAX_ALPHA:g} (configs use 1-512). An alpha this "
+            "large overflows every output: the config is broken"
+        )
+
+
 @dataclass
 class LoraConfig(AdapterConfig):
     """LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, A: (r, in), B: (out, r), B = 0 at init.
@@ -70,6 +83,9 @@ class LoraConfig(AdapterConfig):
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise AdapterConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for name, alpha in [("lora_alpha", self.lora_alpha), *(
+            (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:  # fmt: skip
+            _check_alpha(name, alpha)
 
     def rank_for(self, module_name: str) -> int:
         value = _pattern_value(self.rank_pattern, module_name)
