@@ -46,14 +46,14 @@ def running_server(base: Path, adapters_dir: Path, *options: str) -> Iterator[tu
             if process.poll() is None:
                 process.terminate()
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=120)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     raise
 
 
 def _wait_until_up(process: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a hang guard: a loaded machine starts a server slowly
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:

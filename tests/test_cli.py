@@ -92,7 +92,7 @@ def test_help_parses_before_loading_torch(argv):
         "heavy = sorted(m for m in ('torch', 'transformers', 'optuna', 'fastapi') if m in sys.modules)\n"
         "print('HEAVY', heavy, 'CODE', code)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "usage: deltatune" in out.stdout
     assert out.stdout.strip().endswith("HEAVY [] CODE 0"), out.stdout[-300:]

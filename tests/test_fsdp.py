@@ -130,7 +130,7 @@ def test_every_method_trains_under_fsdp(tmp_path, tiny_causal_lm, data):
         sharded.append(config(tmp_path, tiny_causal_lm, data, f"{name}-fsdp", adapter, distributed="fsdp"))
     driver = str(Path(__file__).with_name("fsdp_driver.py"))
     launch = subprocess.run([*TORCHRUN, driver, *map(str, sharded)], env=ENV, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+                            timeout=1800)  # fmt: skip
     assert launch.returncode == 0, launch.stderr[-3000:]
     for name, single in zip(METHODS, singles, strict=True):
         train(load_train_config(single))

@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 def run_train(config: Path, *args: str, fault: str | None = None, launcher: list[str] | None = None):
     env = dict(ENV, DELTATUNE_FAULT=fault) if fault else ENV
     command = [*(launcher or [sys.executable, "-m", "deltatune"]), "train", str(config), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def adapter_tensors(out: Path) -> dict:
@@ -139,7 +139,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, tiny_causal_lm, data
         launches.append(
             subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
-    outputs = [p.communicate(timeout=300) for p in launches]
+    outputs = [p.communicate(timeout=1800) for p in launches]
     for process, (_, err) in zip(launches, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
     assert sum(out.count("saved:") for out, _ in outputs) == 1  # the global rank 0 alone writes

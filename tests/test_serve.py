@@ -60,7 +60,7 @@ def server(tiny_causal_lm, adapters_dir, request):
     ]  # fmt: skip
     with (
         running_server(tiny_causal_lm, adapters_dir, *options) as (_, url),
-        httpx.Client(base_url=url, headers=AUTH, timeout=60) as client,
+        httpx.Client(base_url=url, headers=AUTH, timeout=600) as client,
     ):
         yield client
 
@@ -593,7 +593,7 @@ def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     # the stream's reader goes away after its second token (the app sets `cancelled` when the client closes)
     leaving.on_token = lambda *_: setattr(leaving, "cancelled", leaving.streamed >= 1)
     try:
-        left, stayed = (f.result(timeout=60) for f in [engine.submit(leaving), engine.submit(staying)])
+        left, stayed = (f.result(timeout=600) for f in [engine.submit(leaving), engine.submit(staying)])
     finally:
         engine.close()
     assert stayed.finish_reason == "length" and len(stayed.tokens) == 8  # same batch, not held back
@@ -614,12 +614,12 @@ def test_engine_ends_a_row_at_its_stop_string(tiny_causal_lm, adapters_dir):
     engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.5)
     ids = tokenizer("good day", add_special_tokens=False)["input_ids"]
     try:
-        free = engine.submit(Row(ids, "alpha", 12)).result(timeout=60)
+        free = engine.submit(Row(ids, "alpha", 12)).result(timeout=600)
         texts = [tokenizer.decode(free.tokens[:n], skip_special_tokens=True) for n in range(13)]
         # a stop string that the 3rd-7th new token completes
         n, stop = next((n, t[-2:]) for n, t in enumerate(texts) if 3 <= n <= 7 and t[-2:] not in texts[n - 1])
         stopping, plain = Row(ids, "alpha", 12, stops=[stop]), Row(ids, "alpha", 12)
-        stopped, ran = (f.result(timeout=60) for f in [engine.submit(stopping), engine.submit(plain)])
+        stopped, ran = (f.result(timeout=600) for f in [engine.submit(stopping), engine.submit(plain)])
     finally:
         engine.close()
     assert stopped.tokens == free.tokens[:n] and stopped.finish_reason == "stop"
@@ -643,17 +643,17 @@ def test_engine_rows_join_a_running_batch_and_leave_when_done(tiny_causal_lm, ad
     engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.05)
     long_ids, short_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROMPTS[:2])
     try:
-        alone = engine.submit(Row(short_ids, "beta-v2", 3)).result(timeout=60)
-        long_alone = engine.submit(Row(long_ids, "alpha", 40)).result(timeout=60)
+        alone = engine.submit(Row(short_ids, "beta-v2", 3)).result(timeout=600)
+        long_alone = engine.submit(Row(long_ids, "alpha", 40)).result(timeout=600)
         started = threading.Event()
         long_row = Row(long_ids, "alpha", 40, on_token=lambda *_: started.set())
         long_future = engine.submit(long_row)
-        assert started.wait(timeout=60)
+        assert started.wait(timeout=600)
         short = Row(short_ids, "beta-v2", 3)
         long_progress = []  # the long row's tokens when the short one is answered (on the engine thread)
         short_future = engine.submit(short)
         short_future.add_done_callback(lambda _: long_progress.append(long_row.streamed))
-        joined, ran = short_future.result(timeout=60), long_future.result(timeout=60)
+        joined, ran = short_future.result(timeout=600), long_future.result(timeout=600)
     finally:
         engine.close()
     assert joined.tokens == alone.tokens and joined.finish_reason == alone.finish_reason
@@ -682,7 +682,7 @@ def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm
     ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
     try:
         rows = [Row(ids, "scaled", 6), Row(ids, "alpha", 6), Row(ids, None, 6)]
-        scaled, alpha, base = (f.result(timeout=60) for f in [engine.submit(r) for r in rows])
+        scaled, alpha, base = (f.result(timeout=600) for f in [engine.submit(r) for r in rows])
     finally:
         engine.close()
     reference = _model(tiny_causal_lm)
@@ -708,13 +708,13 @@ def test_engine_a_row_failing_its_prefill_fails_alone(tiny_causal_lm, adapters_d
     engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.3)
     ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
     try:
-        alone = engine.submit(Row(ids, "alpha", 4)).result(timeout=60)
+        alone = engine.submit(Row(ids, "alpha", 4)).result(timeout=600)
         good, bad = Row(ids, "alpha", 4), Row([10**6], "beta-v2", 4)  # a token id outside the vocabulary
         futures = [engine.submit(good), engine.submit(bad)]
         with pytest.raises(IndexError):
-            futures[1].result(timeout=60)
-        assert futures[0].result(timeout=60).tokens == alone.tokens
-        assert engine.submit(Row(ids, None, 2)).result(timeout=60).finish_reason in ("length", "stop")
+            futures[1].result(timeout=600)
+        assert futures[0].result(timeout=600).tokens == alone.tokens
+        assert engine.submit(Row(ids, None, 2)).result(timeout=600).finish_reason in ("length", "stop")
     finally:
         engine.close()
     assert engine.stats.failed_rows == 1
@@ -738,8 +738,8 @@ def test_engine_falls_back_to_fixed_batches_for_a_model_it_cannot_decode(
     engine = Engine(model, tokenizer, AdapterCache(model, adapters_dir), batch_window_s=0.3)
     ids = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
     try:
-        answers = [f.result(timeout=60) for f in [engine.submit(Row(ids, "alpha", 5)) for _ in range(2)]]
-        later = engine.submit(Row(ids, "alpha", 5)).result(timeout=60)
+        answers = [f.result(timeout=600) for f in [engine.submit(Row(ids, "alpha", 5)) for _ in range(2)]]
+        later = engine.submit(Row(ids, "alpha", 5)).result(timeout=600)
     finally:
         engine.close()
     reference = _model(tiny_causal_lm)

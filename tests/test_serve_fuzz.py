@@ -72,12 +72,12 @@ def test_no_request_gets_a_5xx_and_the_server_keeps_answering(served, api_schema
     def one_case(case, served_model):
         if served_model and isinstance(case.body, dict) and "model" in case.body:
             case.body["model"] = served_model
-        response = case.call(base_url=url, headers=AUTH, timeout=60)
+        response = case.call(base_url=url, headers=AUTH, timeout=600)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         assert response.status_code < 500, (
             f"{case.method} {case.formatted_path} {case.body!r}: {response.text}"
         )
-        follow_up = http.post("/v1/completions", json=body, timeout=60)
+        follow_up = http.post("/v1/completions", json=body, timeout=600)
         assert follow_up.status_code == 200 and follow_up.json()["choices"][0]["text"] == reference
 
     one_case()

@@ -63,7 +63,8 @@ def _sweep_process(*args: str, threads: int | None = None) -> subprocess.Popen:
     )
 
 
-def _wait_for(condition, timeout: float = 120.0, what: str = "condition"):
+def _wait_for(condition, timeout: float = 1200.0, what: str = "condition"):
+    """Poll until `condition()` gives a value; `timeout` is a hang guard, never a verdict."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (value := condition()) is not None:
@@ -189,11 +190,10 @@ def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path, monkeypatch):
     never_good_enough = optuna.pruners.ThresholdPruner(lower=2.0)  # accuracy is never >= 2: prune at once
     settings = SweepSettings(config=config, space=parse_space({"optim.lr": {"choices": [3e-3]}}),
                              out=tmp_path / "s", trials=1, pruner=never_good_enough)  # fmt: skip
-    started = time.monotonic()
     sweep = Sweep(settings)
     assert sweep.run(log=lambda line: None) is None
     (row,) = sweep.rows()
-    assert row["state"] == "pruned" and time.monotonic() - started < 60
+    assert row["state"] == "pruned"
     folder = Path(row["trial_dir"])
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) < 20000 and not (folder / "summary.json").exists()
@@ -210,12 +210,12 @@ def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     try:
         running = _wait_for(lambda: _training_trial(out, need_complete=1), what="a second trial training")
         first.kill()
-        first.wait(30)
+        first.wait(600)
     finally:
         first.kill()
     trial_config = Path(running.user_attrs["trial_dir"]) / "trial.yaml"
     _wait_for(
-        lambda: True if not _processes_running(trial_config) else None, 10, "the orphaned trainer to die"
+        lambda: True if not _processes_running(trial_config) else None, 300, "the orphaned trainer to die"
     )
     finished = {t.number: t for t in _study(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
     stamps = {
@@ -223,9 +223,9 @@ def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     }
 
     without_flag = _sweep_process(*args)
-    assert without_flag.wait(60) == 2 and "pass --resume" in without_flag.stdout.read()
+    assert without_flag.wait(600) == 2 and "pass --resume" in without_flag.stdout.read()
     resumed = _sweep_process(*args, "--resume")
-    log = resumed.communicate(timeout=300)[0]
+    log = resumed.communicate(timeout=1800)[0]
     assert resumed.returncode == 0, log
     assert f"re-queued trials [{running.number}]" in log
     trials = _study(out).trials
@@ -260,7 +260,7 @@ def test_ctrl_c_ends_after_the_running_trial_is_recorded(base, tmp_path):
     try:
         _wait_for(lambda: _training_trial(out, need_complete=0), what="the first trial training")
         sweep.send_signal(signal.SIGINT)
-        log = sweep.communicate(timeout=120)[0]
+        log = sweep.communicate(timeout=1200)[0]
     finally:
         sweep.kill()
     assert sweep.returncode == 128 + signal.SIGINT, log
@@ -279,7 +279,7 @@ def test_two_processes_share_one_study(base, tmp_path):
                        threads=1)  # two processes on two cores: oversubscribed torch threads spin
         for i in range(2)
     ]  # fmt: skip
-    logs = [w.communicate(timeout=300)[0] for w in workers]
+    logs = [w.communicate(timeout=1800)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], logs
     trials = optuna.load_study(study_name="deltatune-sweep", storage=storage).trials
     # the total is the study's: 4, or 5 when both workers asked in the same instant
@@ -330,11 +330,11 @@ def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
 def test_sigterm_stops_the_running_trial_and_requeues_it(base, tmp_path):
     out = tmp_path / "s"
     sweep = _sweep_process(str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "3", "--out", str(out),
-                           "training.max_steps=20000", "eval.every=50")  # fmt: skip
+                           "training.max_steps=10000000", "eval.every=50")  # fmt: skip
     try:
         running = _wait_for(lambda: _training_trial(out, need_complete=0), what="the first trial training")
         sweep.send_signal(signal.SIGTERM)
-        log = sweep.communicate(timeout=60)[0]  # the trial alone would train for minutes
+        log = sweep.communicate(timeout=1200)[0]  # a hang guard: the trial alone would train for days
     finally:
         sweep.kill()
     assert sweep.returncode == 128 + signal.SIGTERM, log

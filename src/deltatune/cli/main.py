@@ -165,7 +165,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..serve import Limits, build_server
+    from ..serve.shutdown import DrainingServer
 
+    if args.shutdown_grace_s <= 0:
+        raise SystemExit(f"deltatune serve: --shutdown-grace-s must be positive, got {args.shutdown_grace_s}")
     if args.prompt_tokens_per_round < 2:
         raise SystemExit(
             f"deltatune serve: --prompt-tokens-per-round must be at least 2, got {args.prompt_tokens_per_round}"
@@ -199,11 +202,15 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print("deltatune serve: warning: listening beyond loopback without an API key", file=sys.stderr)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_grace_s,
+    )
     try:
-        # on SIGTERM, requests still open after this long are cancelled, so shutdown always completes
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10
-        )
+        DrainingServer(config, engine, args.shutdown_grace_s).run()
     finally:
         engine.close()
     return 0
@@ -375,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=1024, help="memory budget for loaded adapters")
     p.add_argument("--max-batch", type=int, default=16, help="most rows in one batched forward")
     p.add_argument("--batch-window-ms", type=float, default=10, help="how long to wait for requests to batch")
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=10,
+        help="on SIGTERM, open requests may finish for half this long; the rest then get a 503 error",
+    )
     p.add_argument(
         "--prompt-tokens-per-round",
         type=int,

@@ -25,7 +25,8 @@ def create_app(
     engine: Engine, *, base_name: str, api_key: str | None = None, limits: Limits | None = None
 ) -> FastAPI:
     limits = limits or Limits()
-    app = FastAPI(title="deltatune", docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect to the path with or without a trailing slash: a client that sent it gets a JSON 404
+    app = FastAPI(title="deltatune", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
     app.add_middleware(CatchAll)
     app.state.service = service = Service(engine, base_name=base_name, api_key=api_key, limits=limits)

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import AdapterNotFoundError, DeltatuneError
 from ..runtime import AdapterNameInvalid, CacheFullError
@@ -29,8 +30,13 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
+RETRY_AFTER_S = 2  # what a 503 tells a client to wait: the queue or the cache turns over in about that long
+
+
 def error_response(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status, headers=headers)
 
 
 def status_of(exc: BaseException) -> ApiError:
@@ -48,10 +54,25 @@ def status_of(exc: BaseException) -> ApiError:
         return ApiError(504, str(exc), "timeout", "request_timeout")
     if isinstance(exc, DeltatuneError):
         return ApiError(409, f"the adapter cannot be used: {exc}", code="adapter_unusable")
-    log.error("request failed: %s", type(exc).__name__, exc_info=exc)
+    _log_once(exc)
     return ApiError(
         500, f"internal error ({type(exc).__name__}); the server logs have details", "server_error"
     )
+
+
+_logged: set[str] = set()
+
+
+def _log_once(exc: BaseException) -> None:
+    """An unexpected error's traceback, once per kind of error (a broken adapter fails every request that uses
+    it: its traceback need not fill the log); each later one is a line."""
+    kind = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if kind in _logged:
+        log.error("request failed: %s (traceback logged before)", kind)
+        return
+    if len(_logged) < 1000:
+        _logged.add(kind)
+    log.error("request failed: %s", kind, exc_info=exc)
 
 
 class PathsHidden:
@@ -153,6 +174,20 @@ def install_error_handlers(app: FastAPI, public: PathsHidden) -> None:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         err = public(exc)
         return error_response(err.status, err.message, err.kind, err.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The framework's own errors (unknown route, wrong method, a body it cannot read) in OpenAI's shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = {404: f"no route {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        cause = exc.__cause__  # the framework's "error parsing the body" hides why
+        if isinstance(cause, UnicodeDecodeError):
+            message = f"the request body is not valid UTF-8 (byte {cause.start}); send UTF-8 JSON"
+        elif isinstance(cause, RecursionError):
+            message = "the request body's JSON is nested too deeply"
+        response = error_response(exc.status_code, message, kind)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

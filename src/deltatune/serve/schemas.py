@@ -2,7 +2,7 @@
 
 Unknown fields are ignored, as OpenAI clients send extras; but a known OpenAI field this server cannot honour
 (best_of, suffix, tools, ...) is refused when set, rather than silently answered without it.
-Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
+Types are strict (`Strict`). Every string must be valid Unicode: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or
 UTF-8 encoder accepts.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..runtime.sampling import BIAS_LIMIT, PENALTY_LIMIT, TOP_LOGPROBS_LIMIT
 
@@ -43,12 +43,19 @@ UNSUPPORTED: dict[str, Any] = {
 }
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    """Values are taken as sent: `seed: true` is not the seed 1, nor `prompt: [true]` the token 1 (an integer
+    stands in for a float, as JSON has one number type)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(Strict):
     # a last event before [DONE] carries the request's token usage (choices: []); the others carry usage: null
     include_usage: bool = False
 
 
-class _Generation(BaseModel):
+class _Generation(Strict):
     model: Text = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)  # None: 16 (OpenAI's default) or the server's limit
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -139,7 +146,7 @@ class CompletionRequest(_Generation):
         return list(self.prompt)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: Text
 
@@ -169,7 +176,7 @@ class ChatRequest(_Generation):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Strict):
     """vLLM's /tokenize, which evaluation harnesses use to tokenize on the server: a text, or chat messages
     rendered with the template (an assistant turn opened)."""
 
@@ -184,9 +191,9 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Strict):
     tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1 << 16)
 
 
-class AdapterLoadRequest(BaseModel):
+class AdapterLoadRequest(Strict):
     name: Text = Field(min_length=1, max_length=256)
