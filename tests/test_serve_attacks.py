@@ -363,3 +363,119 @@ def test_the_stop_check_agrees_with_a_whole_text_search_and_costs_the_new_text(t
     watch, decoded[0] = StopWatch(Counting(), ["never-there"]), 0
     assert not any(watch.reached(long[:n]) for n in range(1, 501))
     assert decoded[0] / 500 < 8  # whole-text decoding: 250.5 per step
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status", "needle"),
+    [
+        ("GET", "/nope", None, 404, "no route GET /nope"),
+        ("DELETE", "/v1/adapters/%2F", None, 404, "no route"),  # was a 307 to another path
+        ("PUT", "/v1/completions", None, 405, "Method Not Allowed"),
+        ("POST", "/v1/completions", b'{"model": "good", "prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
+        ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        ("POST", "/v1/completions", b'{"model": "good", "prompt": "hi", "seed": true}', 400, "seed"),
+        ("POST", "/v1/completions", b'{"model": "good", "prompt": [true]}', 400, "prompt"),
+        (
+            "POST",
+            "/v1/completions",
+            b'{"model": "good", "prompt": "hi", "max_tokens": 2.0}',
+            400,
+            "max_tokens",
+        ),
+    ],
+    ids=[
+        "unknown-route",
+        "slash-name",
+        "wrong-method",
+        "not-utf8",
+        "too-deep",
+        "bool-seed",
+        "bool-token",
+        "float-int",
+    ],
+)
+def test_every_error_is_openai_shaped(server, reference, method, path, content, status, needle):
+    headers = {"content-type": "application/json"}
+    response = server.request(method, path, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and {"message", "type", "param", "code"} <= set(error)
+    _still_serving(server, reference)
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_causal_lm, adapters_dir):
+    """Echo scoring waits in the same bounded queue as rows: when it is full, a 503 with Retry-After."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from deltatune.serve import build_server
+
+    app, engine = build_server(str(tiny_causal_lm), adapters_dir, max_batch=1)
+    engine._queue.maxsize = 1  # noqa: SLF001 (one queued item fills it)
+    gate, holding = threading.Event(), threading.Event()
+    engine.call(lambda: (holding.set(), gate.wait(600)))
+    assert holding.wait(600)
+    echo = {"model": "good", "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}
+    try:
+        with TestClient(app) as client:
+            first: list = []
+            waiting = threading.Thread(target=lambda: first.append(client.post("/v1/completions", json=echo)))
+            waiting.start()
+            while engine.in_flight < 1 and waiting.is_alive():  # the first is queued: an event, not a wait
+                threading.Event().wait(0.01)
+            busy = client.post("/v1/completions", json=echo)
+            assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+            assert busy.json()["error"]["type"] == "server_busy"
+            gate.set()
+            waiting.join(600)
+            assert first[0].status_code == 200 and first[0].json()["choices"][0]["logprobs"]["tokens"]
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_sigterm_answers_open_requests_with_openai_errors(tiny_causal_lm, adapters_dir):
+    """uvicorn cancels requests still open at the end of its grace period: a plain-text 500, or a stream cut
+    without an error or [DONE]. Halfway through it the engine stops, and each request still open gets a 503
+    in OpenAI's shape (a stream: its error event, then [DONE])."""
+    import signal
+    import threading
+
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_causal_lm).eos_token_id
+    options = ["--max-tokens", "1000000", "--shutdown-grace-s", "6"]
+    endless = {"model": "good", "prompt": PROMPT, "max_tokens": 1000000, "logit_bias": {str(eos): -100}}
+    with running_server(tiny_causal_lm, adapters_dir, *options) as (process, url):
+        client = httpx.Client(base_url=url, headers=AUTH, timeout=600)
+        lines: list[str] = []
+        streaming = threading.Event()
+
+        def stream() -> None:
+            with client.stream("POST", "/v1/completions", json=endless | {"stream": True}) as response:
+                for line in response.iter_lines():
+                    streaming.set()
+                    if line:
+                        lines.append(line)
+
+        plain: list[httpx.Response] = []
+        threads = [
+            threading.Thread(target=stream),
+            threading.Thread(target=lambda: plain.append(client.post("/v1/completions", json=endless))),
+        ]
+        for thread in threads:
+            thread.start()
+        assert streaming.wait(600)
+        while client.get("/health/details").json()["in_flight"] < 2:
+            threading.Event().wait(0.05)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(600)
+        assert process.wait(600) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught
+    (response,) = plain
+    assert response.status_code == 503 and response.headers["retry-after"].isdigit()
+    assert "shutting down" in response.json()["error"]["message"]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert "shutting down" in error["message"]

@@ -108,6 +108,12 @@ class Engine:
         self._thread.start()
 
     @property
+    def in_flight(self) -> int:
+        """Rows and prompts submitted and not answered yet (queued, waiting, running in chunks or decoding);
+        read from another thread, so a moment's count."""
+        return self._queue.qsize() + len(self._waiting) + len(self.prompts) + len(self._live)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closing.is_set()
 

@@ -52,6 +52,7 @@ async def health_details(s: Served) -> dict:
         "cache_bytes": cache.bytes_used,
         "free_slot_bytes": cache.free_slot_bytes,
         "decode_stack_bytes": engine.decoding.stack_bytes,
+        "in_flight": engine.in_flight,
         "stats": asdict(engine.stats),
     }
 
