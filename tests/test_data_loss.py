@@ -214,3 +214,29 @@ def test_a_byte_order_mark_names_the_encoding(tmp_path, codec):
             read_rows(data, wrong)
     rows, _ = read_rows(data, "utf-16")
     assert rows[1].fields == {"text": "café", "label": "b"}
+
+
+def test_malformed_rows_are_listed_in_line_order_one_clean_line_each(tmp_path, tokenizer):
+    """Rows refused when reading (bad JSON) and when encoding (no text) used to be listed in that order; and
+    the command line printed each warning with Python's category, source path and code line."""
+    import subprocess
+    import sys
+
+    rows = sentiment_rows(40, 0)
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = json.dumps({"label": "positive"})  # line 3: no text (found when encoding)
+    lines[9] = "{not json"  # line 10: found when reading
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    spec = DataSpec(train=str(data), format="classification", max_bad_fraction=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_data(spec, tokenizer, 0)
+    (message,) = [str(w.message) for w in caught if "malformed" in str(w.message)]
+    assert message.index("line 3:") < message.index("line 10:")
+    probe = (
+        "import warnings; from deltatune.cli.main import _plain_warnings; _plain_warnings();"
+        "from deltatune.data import dataset; dataset.warnings.warn('2 of 40 rows are malformed', dataset.DeltatuneWarning)"
+    )
+    err = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600).stderr
+    assert err == "deltatune: warning: 2 of 40 rows are malformed\n"

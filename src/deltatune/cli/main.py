@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import DeltatuneError
+from ..core.errors import DeltatuneError, DeltatuneWarning
 from .adapters import add_adapter_parsers
 from .arguments import positive_int
 from .evaluate import add_evaluation_parsers
@@ -422,6 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plain_warnings() -> None:
+    """deltatune's own warnings (skipped rows, ignored keys, ...) print as what they say, without Python's
+    category, source path and code line, which tell a command-line user nothing."""
+    import warnings
+
+    default = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):  # noqa: ANN001, ANN202 (warnings' hook)
+        if issubclass(category, DeltatuneWarning):
+            return f"deltatune: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -430,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _plain_warnings()
     try:
         return args.func(args)
     except DeltatuneError as exc:

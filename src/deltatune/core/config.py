@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import AdapterConfigError
+from .errors import AdapterConfigError, DeltatuneWarning
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -125,7 +125,9 @@ class AdapterConfig:
                 "Ignoring them would silently change the outputs; remove them only if you know they are unused."
             )
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown key(s) {sorted(unknown)}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{source}: ignoring unknown key(s) {sorted(unknown)}", DeltatuneWarning, stacklevel=2
+            )
         return cls(**kwargs)
 
 

@@ -48,3 +48,7 @@ class CombineError(DeltatuneError, ValueError):
 
 class GgufExportError(DeltatuneError, ValueError):
     """The model or adapter cannot be written as GGUF (architecture, rope scaling, target modules)."""
+
+
+class DeltatuneWarning(UserWarning):
+    """What deltatune warns of (skipped rows, ignored keys, ...): the command line prints it as one plain line."""

@@ -14,7 +14,7 @@ from torch import nn
 from . import merging, patterns
 from .adapters import adapter_configs, all_wrappers, forget_adapters, set_adapter, store_config
 from .config import AdapterConfig
-from .errors import AdapterNameError, TargetingError
+from .errors import AdapterNameError, DeltatuneWarning, TargetingError
 from .input_hooks import remove_input_hooks
 from .layer import AdapterLayer, ModulesToSaveWrapper, modules_outside_adapters
 from .rebuilt_inputs import forget_rebuildable
@@ -106,7 +106,7 @@ def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name:
         if len(unmatched) == len(keys):
             raise TargetingError(message)
         # PEFT writes alternatives for classification heads (["classifier", "score"]); one of them matching is enough.
-        warnings.warn(message + " (ignored: other entries matched)", UserWarning, stacklevel=4)
+        warnings.warn(message + " (ignored: other entries matched)", DeltatuneWarning, stacklevel=4)
     for found in found_by_key.values():
         for name in found:
             module = model.get_submodule(name)

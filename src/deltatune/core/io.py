@@ -37,6 +37,7 @@ from .errors import (
     AdapterNameError,
     AdapterNotFoundError,
     BaseModelMismatchError,
+    DeltatuneWarning,
     UnsafeFormatError,
 )
 from .hashing import sha256_file
@@ -360,7 +361,7 @@ def check_base(
             "the tokenizer differs from the one saved with the adapter (vocabulary or special tokens)"
         )
     for note in notes:
-        warnings.warn(f"{folder}: {note}", UserWarning, stacklevel=3)
+        warnings.warn(f"{folder}: {note}", DeltatuneWarning, stacklevel=3)
     if problems and not allow:
         raise BaseModelMismatchError(
             f"{folder} was trained on a different base model: "
@@ -370,7 +371,9 @@ def check_base(
         )
     if problems:
         warnings.warn(
-            f"{folder}: loading onto a different base model: {'; '.join(problems[:3])}", stacklevel=3
+            f"{folder}: loading onto a different base model: {'; '.join(problems[:3])}",
+            DeltatuneWarning,
+            stacklevel=3,
         )
 
 

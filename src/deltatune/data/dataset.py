@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import DeltatuneWarning
 from ..core.hashing import sha256_file
 from .corpora import CORPORA, corpus_path
 from .formats import Encoder, Example, RowError, is_missing
@@ -163,16 +164,24 @@ def _encode(rows: list[dict[str, Any]], encoder: Encoder, report: DataReport) ->
     return examples
 
 
+def _listing(report: DataReport, shown: int = 10) -> str:
+    """The malformed rows, one line each, in file order and line order (encoding finds some after reading)."""
+    files = list(dict.fromkeys(name for name, _ in report.bad))
+    ordered = sorted(report.bad, key=lambda item: (files.index(item[0]), item[1].line))
+    lines = [f"  {name} line {b.line}: {b.reason}" for name, b in ordered[:shown]]
+    if len(ordered) > shown:
+        lines.append(f"  ... and {len(ordered) - shown} more")
+    return "\n".join(lines)
+
+
 def _check_bad_fraction(report: DataReport, limit: float) -> None:
     if not report.bad:
         return
-    listing = "\n".join(f"  {name} line {b.line}: {b.reason}" for name, b in report.bad[:10])
-    more = f"\n  ... and {len(report.bad) - 10} more" if len(report.bad) > 10 else ""
     fraction = report.malformed / max(report.rows, 1)
-    message = f"{report.malformed} of {report.rows} rows are malformed ({fraction:.1%}):\n{listing}{more}"
+    message = f"{report.malformed} of {report.rows} rows are malformed ({fraction:.1%}):\n{_listing(report)}"
     if fraction > limit:
         raise DataError(f"{message}\nThis exceeds data.max_bad_fraction={limit}; fix the rows or raise it.")
-    warnings.warn(f"skipping malformed rows: {message}", stacklevel=3)
+    warnings.warn(f"skipping malformed rows: {message}", DeltatuneWarning, stacklevel=3)
 
 
 def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
@@ -237,11 +246,7 @@ def _skipped_first(report: DataReport) -> str:
     """The malformed rows, for an error they may have caused (a class all of whose rows were skipped)."""
     if not report.bad:
         return ""
-    listing = "\n".join(f"  {name} line {b.line}: {b.reason}" for name, b in report.bad[:10])
-    more = f"\n  ... and {len(report.bad) - 10} more" if len(report.bad) > 10 else ""
-    return (
-        f". {report.malformed} of {report.rows} rows were skipped as malformed before that:\n{listing}{more}"
-    )
+    return f". {report.malformed} of {report.rows} rows were skipped as malformed before that:\n{_listing(report)}"
 
 
 __all__ = ["DataError", "DataReport", "DataSplits", "load_data", "resolve_data_path"]
