@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 import yaml
 
 from ..core.atomic import write_text_atomic
+from ..core.errors import DeltatuneWarning
+from ..core.threads import oversubscription
 from ..data import load_data
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import ConfigError, TrainConfig, load_train_config, validate_config
@@ -101,6 +104,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
             _write_resolved_config(cfg, out)
     if info.is_main:
         print(splits.report.summary(), file=sys.stderr, flush=True)
+        crowded = oversubscription(torch.get_num_threads())
+        if crowded:
+            warnings.warn(crowded, DeltatuneWarning, stacklevel=2)
     # resuming, the head's weights come from the checkpoint: saying it starts random would be wrong
     head_note = None if resume else NEW_HEAD_NOTE
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization, head_note=head_note)
