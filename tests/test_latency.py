@@ -162,3 +162,19 @@ def test_the_cli_prints_the_table(tiny_causal_lm, adapter, capsys):
     assert (
         main(["bench", "--base", str(tiny_causal_lm), "--adapter", str(adapter), "--variants", "merged"]) == 2
     )
+
+
+def test_a_report_whose_tail_says_the_machine_was_busy_warns():
+    from deltatune.evaluate.latency import noisy_rows
+    from deltatune.evaluate.latency_report import table
+
+    quiet = {"variant": "base", "batch": 1, "request_p50_s": 1.0, "request_p99_s": 1.2}
+    busy = {"variant": "unmerged", "batch": 4, "request_p50_s": 1.0, "request_p99_s": 1.6}
+    assert noisy_rows([quiet, busy, {"variant": "4bit", "skipped": "no bitsandbytes"}]) == [
+        "unmerged batch 4"
+    ]
+    assert noisy_rows([quiet]) == []
+    report = {"settings": {"prompt_tokens": 8, "new_tokens": 4, "reps": 3}, "rows": [],
+              "adapter_load_s": {"median": 0.1, "min": 0.1, "max": 0.1}, "noisy": ["unmerged batch 4"],
+              "provenance": {"hardware": {"cpu": "x", "cores": 2, "torch_threads": 2, "device": "cpu"}}}  # fmt: skip
+    assert "warning: the machine was busy while unmerged batch 4 ran" in table(report)

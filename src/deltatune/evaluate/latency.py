@@ -165,7 +165,21 @@ def summarize(variants: list[Variant], settings: LatencySettings, load_s: list[f
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
         "rows": rows,
         "adapter_load_s": {"median": statistics.median(load_s), "min": min(load_s), "max": max(load_s)},
+        "noisy": noisy_rows(rows),
     }
+
+
+NOISY_P99_OVER_P50 = 1.5  # the same request repeated: a tail this far above the median is other work's
+
+
+def noisy_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows whose p99 request time is over 1.5x their p50: the machine was busy while they ran, and
+    their numbers (ratios included) should be measured again."""
+    return [
+        f"{r['variant']} batch {r['batch']}"
+        for r in rows
+        if "skipped" not in r and r["request_p99_s"] > NOISY_P99_OVER_P50 * r["request_p50_s"]
+    ]
 
 
 def _row(v: Variant, batch: int, new_tokens: int) -> dict[str, Any]:
@@ -182,13 +196,11 @@ def _row(v: Variant, batch: int, new_tokens: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+def _percentile(values: list[float], q: int) -> float:
+    """Linear interpolation between order statistics (numpy's default, statistics' "inclusive" method)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def hardware(device: torch.device) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from ..core import provenance
 from ..core.devices import resolve_device
 from ..core.hashing import sha256_file
 from .latency import (
+    NOISY_P99_OVER_P50,
     LatencySettings,
     adapter_load_seconds,
     build_variants,
@@ -84,6 +85,11 @@ def table(report: dict[str, Any]) -> str:
         "extra peak MiB: the resident peak while the variant ran, above what was resident before it (CUDA: "
         "the allocator's peak); on CPU the allocator reuses memory earlier variants freed, so it is a lower bound"
     )
+    if report.get("noisy"):
+        lines.append(
+            f"warning: the machine was busy while {', '.join(report['noisy'])} ran (p99 over "
+            f"{NOISY_P99_OVER_P50}x p50): measure again on a quiet machine before trusting these numbers"
+        )
     hw = report["provenance"]["hardware"]
     lines.append(f"measured on: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, {hw['device']}"
                  + (f" ({hw['gpu']})" if "gpu" in hw else ""))  # fmt: skip
