@@ -153,3 +153,29 @@ def test_lookaround_patterns_match_as_python_re_does():
     pattern = r"^(?!.*layers\.0).*\.(q|v)_proj$"
     expected = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
     assert expected and _targets(model, target_modules=pattern) == expected
+
+
+@pytest.mark.parametrize("build", [build_llama, build_gpt2, build_bert], ids=["llama", "gpt2", "bert"])
+def test_a_minimal_lora_config_targets_what_peft_targets(build):
+    """LoraConfig() with no target_modules works as PEFT's does (its defaults: r=8, lora_alpha=8, attention's
+    query and value projections for the model type); PEFT is the oracle."""
+    import peft
+
+    ours = build()
+    dt.inject(ours, dt.LoraConfig())
+    theirs = peft.get_peft_model(build(), peft.LoraConfig())
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert set(dt.preview_targets(build(), dt.LoraConfig()).targets) == wrapped
+    saved = dt.core.adapters.adapter_configs(ours)["default"]
+    assert (saved.r, saved.lora_alpha) == (
+        theirs.peft_config["default"].r,
+        theirs.peft_config["default"].lora_alpha,
+    )
+    assert set(saved.target_modules) == set(theirs.peft_config["default"].target_modules)
+
+
+def test_without_targets_a_model_with_no_attention_names_says_what_to_set():
+    from conftest import build_cnn
+
+    with pytest.raises(dt.TargetingError, match="target_modules is not set and SmallCNN .*'all-linear'"):
+        dt.inject(build_cnn(), dt.LoraConfig())

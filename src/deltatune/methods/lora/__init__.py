@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -11,11 +13,17 @@ from ...core.errors import AdapterFormatError, TargetingError
 from ...core.method import AdapterMethod
 from ...core.rebuilt_inputs import keep_rebuildable
 from ...core.registry import register
-from ...core.targeting import is_hf_conv1d
+from ...core.targeting import is_hf_conv1d, is_linear_like
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# With no target_modules, LoRA adapts attention's query and value projections, as PEFT's per-architecture
+# defaults do; these are the names transformers' architectures give them (fused ones stand for both).
+QUERY_AND_VALUE = (
+    ("q_proj", "v_proj"), ("query", "value"), ("query_proj", "value_proj"), ("q", "v"), ("c_attn",),
+    ("query_key_value",), ("qkv_proj",), ("Wqkv",), ("in_proj",),
+)  # fmt: skip
 
 
 class LoraMethod(AdapterMethod):
@@ -29,6 +37,24 @@ class LoraMethod(AdapterMethod):
         if capability is Capability.MIXED_BATCH and getattr(config, "use_dora", False):
             return "it uses DoRA, whose per-row weight norm has no batched form here"
         return super().refusal(capability, config)
+
+    @classmethod
+    def resolve_config(cls, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+        """No target_modules: the model's attention query and value projections, by their usual names."""
+        if config.target_modules is not None:
+            return config
+        names = {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if is_linear_like(m) or isinstance(m, LoraLayer)
+        }
+        for group in QUERY_AND_VALUE:
+            if set(group) <= names:
+                return dataclasses.replace(config, target_modules=list(group))
+        raise TargetingError(
+            f"target_modules is not set and {type(model).__name__} has no attention projections under the usual "
+            "names (q_proj / v_proj, query / value, c_attn, ...); name the modules to adapt, a regex, or 'all-linear'"
+        )
 
     @classmethod
     def check_saved_state(
