@@ -84,12 +84,14 @@ def test_change_against_the_base_and_reusability_follow_from_the_cells(report):
     assert gain["random"]["word"] == pytest.approx(head["base"]["word"] - head["random"]["word"])
     assert gain["base"]["json"] == 0.0
     trained, random = report["reusability"]["trained"], report["reusability"]["random"]
-    assert trained["own_task"] == "json" and trained["tasks_counted"] == 1
-    assert trained["mean_gain_off_task"] == pytest.approx(gain["trained"]["word"])
-    assert random["own_task"] is None and random["tasks_counted"] == 2
-    assert random["mean_gain_off_task"] == pytest.approx(
-        (gain["random"]["json"] + gain["random"]["word"]) / 2
-    )
+    assert trained["own_task"] == "json" and trained["tasks_counted"] == {"loss": 1}
+    assert trained["mean_gain_off_task"] == {"loss": pytest.approx(gain["trained"]["word"])}
+    # a loss and an accuracy are not averaged together: one mean per metric
+    assert random["own_task"] is None and random["tasks_counted"] == {"json_valid": 1, "loss": 1}
+    assert random["mean_gain_off_task"] == {
+        "json_valid": pytest.approx(gain["random"]["json"]),
+        "loss": pytest.approx(gain["random"]["word"]),
+    }
     cells = report["cells"]
     assert (
         cells["trained"]["json"]["loss"] < 0.8 * cells["base"]["json"]["loss"]
@@ -272,3 +274,26 @@ def test_a_task_that_shares_its_prompt_prefix_is_scored_the_same(setup, report, 
     assert calls  # the prefix was shared, in the base's cell and the adapter's
     for entry in ("base", "trained"):
         _same(shared["cells"][entry]["json"], report["cells"][entry]["json"])
+
+
+def test_overrides_apply_to_every_task_config(tiny_causal_lm, tmp_path):
+    from deltatune.cli.main import build_parser
+
+    one, two = _json_task(tiny_causal_lm, tmp_path), _word_task(tiny_causal_lm, tmp_path)
+    tasks = transfer.load_tasks([("one", one), ("two", two)], ["eval.batch_size=3", "data.max_length=40"])
+    assert [(t.config.eval.batch_size, t.config.data.max_length) for t in tasks] == [(3, 40), (3, 40)]
+    args = build_parser().parse_args(["compare", "--task", str(one), "--adapter", "x", "eval.batch_size=3"])
+    assert args.overrides == ["eval.batch_size=3"]
+    with pytest.raises(Exception, match="eval.batch_sise"):
+        transfer.load_tasks([("one", one)], ["eval.batch_sise=3"])
+
+
+def test_progress_counts_the_cells(setup, report, monkeypatch):
+    """compare ran for minutes without a word: each cell is announced as [k/total]."""
+    said: list[str] = []
+    monkeypatch.setattr(compare_report, "run_matrix", lambda tasks, entries, options: (
+        [options.progress(f"{e.name} on {t.name}") for e in entries for t in tasks],
+        report["cells"])[1])  # fmt: skip
+    compare([f"json={setup['json']}", f"word={setup['word']}"], [f"trained={setup['trained']}",
+            f"random={setup['random']}"], device="cpu", progress=said.append)  # fmt: skip
+    assert said[0] == "[1/6] base on json" and said[-1] == "[6/6] random on word" and len(said) == 6

@@ -69,9 +69,16 @@ def _is_zero(metrics):
 
 def test_the_base_against_itself_is_exactly_zero(tiny_causal_lm):
     model, tok = _model(tiny_causal_lm), _tokenizer(tiny_causal_lm)
-    metrics, kl = forgetting_metrics(model, tok, TEXTS, PROMPTS, reference=model, settings=SMALL)
+    said: list[str] = []
+    metrics, kl = forgetting_metrics(
+        model, tok, TEXTS, PROMPTS, reference=model, settings=SMALL, progress=said.append
+    )
     _is_zero(metrics)
     assert kl.numel() == metrics["text"]["tokens"] > 20
+    batches = -(-min(len(TEXTS), SMALL.texts) // SMALL.batch_size)  # it said what it ran, as it started
+    assert said == [
+        f"[{i}/{batches}] scoring text batches with both models" for i in range(1, batches + 1)
+    ] + ["answering 3 general prompts with both models"]
 
 
 def test_a_disabled_or_identity_adapter_is_exactly_zero(tiny_causal_lm):

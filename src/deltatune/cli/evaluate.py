@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,13 @@ def _forgetting(args: argparse.Namespace) -> int:
     )
     report = measure_forgetting(
         args.base, args.adapter, model=args.model, corpus=args.corpus, prompts=args.prompt_file,
-        settings=settings, out=args.out, device=args.device,
+        settings=settings, out=args.out, device=args.device, progress=_progress("forgetting"),
     )  # fmt: skip
     return _printed(table(report), args.out, "forgetting")
+
+
+def _progress(command: str) -> Callable[[str], None]:
+    return lambda what: print(f"{command}: {what}", file=sys.stderr, flush=True)
 
 
 def _add_forgetting_parser(sub: Any) -> None:
@@ -103,8 +108,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     report = compare(
         args.task, args.adapter, models=args.model, with_base=not args.no_base, out=args.out, device=args.device,
-        cache_mb=args.cache_mb,
-        progress=lambda what: print(f"compare: {what}", file=sys.stderr, flush=True),
+        cache_mb=args.cache_mb, progress=_progress("compare"), overrides=args.overrides,
     )  # fmt: skip
     return _printed(table(report), args.out, "compare")
 
@@ -120,5 +124,8 @@ def _add_compare_parser(sub: Any) -> None:
                    help="[NAME=]MODEL_FOLDER: a merged export or a full fine-tune (repeat)")  # fmt: skip
     p.add_argument("--no-base", action="store_true", help="leave the base row out (no change column then)")
     p.add_argument("--cache-mb", type=float, help="memory for loaded adapters (default: all stay loaded)")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value, applied to every task's config (as train)"
+    )
     _add_device_and_out(p, "compare")
     p.set_defaults(func=_compare)

@@ -30,14 +30,16 @@ def compare(
     device: str = "auto",
     progress: Callable[[str], None] = lambda _: None,
     cache_mb: float | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate the base (unless `with_base` is False), each adapter (`NAME=FOLDER` or a folder) and each model
     folder on each task (`NAME=CONFIG.yaml` or a config); returns the report and writes it to `out`.
-    `cache_mb` bounds the memory of loaded adapters (None: all stay loaded)."""
+    `cache_mb` bounds the memory of loaded adapters (None: all stay loaded); `overrides` (`section.key=value`)
+    apply to every task's config, as `train` applies them to its one."""
     from ..core.devices import resolve_device
     from .latency import hardware
 
-    loaded = load_tasks(parse_named(list(tasks), "task"))
+    loaded = load_tasks(parse_named(list(tasks), "task"), list(overrides))
     entries = [Entry(BASE, BASE)] if with_base else []
     entries += [
         Entry(name, "adapter", resolve_safetensors_adapter(path))
@@ -50,7 +52,9 @@ def compare(
         raise ValueError(f"entry names must differ (and not be {BASE!r}): {[e.name for e in entries]}")
     where = resolve_device(device)
     cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
-    cells = run_matrix(loaded, entries, RunOptions(where, progress, cache_bytes))
+    done = iter(range(1, len(loaded) * len(entries) + 1))
+    counted = lambda what: progress(f"[{next(done)}/{len(loaded) * len(entries)}] {what}")  # noqa: E731
+    cells = run_matrix(loaded, entries, RunOptions(where, counted, cache_bytes))
     report = summarize(loaded, entries, cells)
     report["provenance"] = provenance.record(
         tasks={t.name: _task_record(t) for t in loaded},
@@ -118,7 +122,8 @@ def _trained_tasks(folder: Path, tasks: list[Task], depth: int = 0) -> list[str]
 
 def summarize(tasks: list[Task], entries: list[Entry], cells: Cells) -> dict[str, Any]:
     """Headline metric per cell, its change against the base (signed so that + is better), and each adapter's
-    reusability: the mean change over the tasks it was not trained on."""
+    reusability: the mean change over the tasks it was not trained on, one mean per metric (a loss and an
+    accuracy are not in the same units)."""
     headline: dict[str, dict[str, float | None]] = {}
     gain: dict[str, dict[str, float | None]] = {}
     for e in entries:
@@ -140,9 +145,15 @@ def summarize(tasks: list[Task], entries: list[Entry], cells: Cells) -> dict[str
             continue
         own = own_task(e, tasks)
         mine = set(own.split("+")) if own else set()
-        off = [gain[e.name][t.name] for t in tasks if t.name not in mine and gain[e.name][t.name] is not None]
-        reuse[e.name] = {"own_task": own, "mean_gain_off_task": sum(off) / len(off) if off else None,
-                         "tasks_counted": len(off)}  # fmt: skip
+        off: dict[str, list[float]] = {}
+        for t in tasks:
+            if t.name not in mine and gain[e.name][t.name] is not None:
+                off.setdefault(t.metric, []).append(gain[e.name][t.name])
+        reuse[e.name] = {
+            "own_task": own,
+            "mean_gain_off_task": {metric: sum(v) / len(v) for metric, v in off.items()},
+            "tasks_counted": {metric: len(v) for metric, v in off.items()},
+        }
     return {
         "tasks": {t.name: {"metric": t.metric, "higher_is_better": t.higher_is_better} for t in tasks},
         "entries": [e.name for e in entries],
@@ -173,11 +184,14 @@ def table(report: dict[str, Any]) -> str:
             else:
                 row.append(f"{value:.3f}" + (f" ({gain:+.3f})" if gain is not None and e != BASE else ""))
         lines.append(f"| {e} | " + " | ".join(row) + " |")
-    lines += ["", "(+x): change against the base, signed so that + is better.", "",
+    lines += ["", "(+x): change against the base, signed so that + is better; means are per metric.", "",
               "| adapter or model | trained on | mean gain off its own task |", "|---|---|---|"]  # fmt: skip
     for e, r in report["reusability"].items():
-        mean = "n/a" if r["mean_gain_off_task"] is None else f"{r['mean_gain_off_task']:+.3f}"
-        lines.append(f"| {e} | {r['own_task'] or 'unknown'} | {mean} over {r['tasks_counted']} tasks |")
+        means = [
+            f"{metric} {mean:+.3f} over {r['tasks_counted'][metric]} task{'s' * (r['tasks_counted'][metric] > 1)}"
+            for metric, mean in r["mean_gain_off_task"].items()
+        ]
+        lines.append(f"| {e} | {r['own_task'] or 'unknown'} | {'; '.join(means) or 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -186,6 +200,27 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     write_report_folder(
         out, "compare", report, "# Transfer matrix\n\n" + table(report), lambda p: _plot(report, p)
     )
+
+
+def _per_column(grid: Any, better: list[float], centred: bool) -> Any:
+    """Each task's column on its own scale (tasks measure different metrics): the change against the base
+    over the column's largest change, in [-1, 1]; a metric from its worst value (0) to its best (1), so the
+    same colour means better in every column, whichever way the metric runs."""
+    import numpy as np
+
+    shade = np.full(grid.shape, np.nan)
+    for j, sign in enumerate(better):
+        column = grid[:, j]
+        if not np.isfinite(column).any():
+            continue
+        if centred:
+            limit = np.nanmax(np.abs(column))
+            shade[:, j] = column / limit if limit > 0 else 0.0
+            continue
+        low, high = np.nanmin(column), np.nanmax(column)
+        scaled = (column - low) / (high - low) if high > low else np.full(column.shape, 0.5)
+        shade[:, j] = scaled if sign > 0 else 1 - scaled
+    return shade
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -198,11 +233,11 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ("change against the base", report["gain_vs_base"], "RdBu"),
     ]
     fig = Figure(figsize=(4 + 2.2 * len(tasks), 1.2 + 0.55 * len(entries)))
+    better = [1.0 if report["tasks"][t]["higher_is_better"] else -1.0 for t in tasks]
     for ax, (title, values, cmap) in zip(fig.subplots(1, 2), panels, strict=True):
         grid = np.array([[np.nan if values[e][t] is None else values[e][t] for t in tasks] for e in entries])
-        limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
-        kwargs = {"vmin": -limit, "vmax": limit} if cmap == "RdBu" else {}
-        ax.imshow(grid, cmap=cmap, aspect="auto", **kwargs)
+        shade = _per_column(grid, better, centred=cmap == "RdBu")
+        ax.imshow(shade, cmap=cmap, aspect="auto", vmin=-1 if cmap == "RdBu" else 0, vmax=1)
         ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
         ax.set_yticks(range(len(entries)), entries, fontsize=8)
         for i in range(len(entries)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -77,7 +77,7 @@ def _log_probs(model: nn.Module, batch: dict, device: torch.device) -> tuple[tor
 @torch.no_grad()
 def token_divergence(
     model: nn.Module, batches: list[dict], *, reference: nn.Module | None = None,
-    base_log_probs: list[torch.Tensor] | None = None,
+    base_log_probs: list[torch.Tensor] | None = None, progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Per-token KL(base || adapted) and both models' negative log-likelihoods over `batches`. The base is
     `reference`, or `model` with adapters disabled, or (`base_log_probs`, one tensor per batch) recorded
@@ -85,6 +85,8 @@ def token_divergence(
     device = next(model.parameters()).device
     kl, nll_base, nll_adapted = [], [], []
     for i, batch in enumerate(batches):
+        if progress is not None:
+            progress(f"[{i + 1}/{len(batches)}] scoring text batches with both models")
         if base_log_probs is not None:
             base = base_log_probs[i].to(device)
         else:
@@ -178,14 +180,18 @@ def _kept_prefix(adapted: list[int], base: list[int]) -> float:
 def forgetting_metrics(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], prompts: Sequence[str], *,
     reference: nn.Module | None = None, settings: ForgettingSettings | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
-    """All three measures for `model` against its base; also returns the per-token KL (for the histogram)."""
+    """All three measures for `model` against its base; also returns the per-token KL (for the histogram).
+    `progress` is told what runs, as it starts."""
     settings = settings or ForgettingSettings()
     with eval_mode(model):
         batches = text_batches(tokenizer, texts[: settings.texts], settings.max_tokens, settings.batch_size)
-        scores = token_divergence(model, batches, reference=reference)
+        scores = token_divergence(model, batches, reference=reference, progress=progress)
         metrics = {"text": divergence_summary(scores)}
         if settings.prompts:
+            if progress is not None:
+                progress(f"answering {min(settings.prompts, len(prompts))} general prompts with both models")
             metrics["answers"] = changed_answers(
                 model, tokenizer, list(prompts)[: settings.prompts], reference=reference,
                 new_tokens=settings.new_tokens,

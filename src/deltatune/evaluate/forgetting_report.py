@@ -3,6 +3,7 @@ general corpus, measure (`forgetting.py`) and write forgetting.json / .md / .png
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def measure_forgetting(
     settings: ForgettingSettings | None = None,
     out: str | Path | None = None,
     device: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Forgetting of `adapter` on `base`, or of the fully fine-tuned `model` folder against `base`: KL,
     perplexities and changed greedy answers (module docstring of forgetting.py); returns the report and
@@ -94,7 +96,9 @@ def measure_forgetting(
         reference = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).to(where).eval()
         subject = {"model": str(model), "model_sha256": _weights_sha256(Path(model))}
     tuned.to(where).eval()
-    metrics, kl = forgetting_metrics(tuned, tokenizer, texts, general, reference=reference, settings=settings)
+    metrics, kl = forgetting_metrics(
+        tuned, tokenizer, texts, general, reference=reference, settings=settings, progress=progress
+    )
     report = {
         **metrics,
         "settings": settings.as_dict(),

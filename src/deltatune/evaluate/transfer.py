@@ -71,10 +71,10 @@ def parse_named(items: list[str], what: str) -> list[tuple[str, Path]]:
     return named
 
 
-def load_tasks(specs: list[tuple[str, Path]]) -> list[Task]:
+def load_tasks(specs: list[tuple[str, Path]], overrides: list[str] | None = None) -> list[Task]:
     from ..train import load_train_config
 
-    return [Task(name, load_train_config(path)) for name, path in specs]
+    return [Task(name, load_train_config(path, overrides)) for name, path in specs]
 
 
 def _group_key(task: Task) -> tuple:
