@@ -404,7 +404,8 @@ def test_cli_combine_convert_and_export(llama_sources, tmp_path, capsys):
     base = str(tmp_path / "base")
     assert main(["combine", str(first), str(second), "--base", base, "--out", str(tmp_path / "c"),
                  "--method", "ties", "--density", "0.5", "--rank", "8", "--weights", "1", "0.5"]) == 0  # fmt: skip
-    assert "ties, r=8" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "ties, r=8" in said.out and "MiB (from " in said.out
     record = json.loads((tmp_path / "c" / "deltatune.json").read_text())["derived_from"]
     assert record["parameters"]["weights"] == [1.0, 0.5] and record["parameters"]["density"] == 0.5
     assert main(["inspect", str(tmp_path / "c")]) == 0
@@ -419,6 +420,16 @@ def test_cli_combine_convert_and_export(llama_sources, tmp_path, capsys):
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert main(["combine", str(first), "--base", base, "--out", str(tmp_path / "x")]) == 2
     assert "at least two adapters" in capsys.readouterr().err
+    # rank 1 for two adapters of ranks 2-4: much of each module's update is lost, and that is said
+    assert main(["combine", str(first), str(second), "--base", base, "--out", str(tmp_path / "r1"),
+                 "--method", "ties", "--rank", "1", "--no-logit-check"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: at these ranks" in err and "off their exact update by over 10%" in err
+    # rank 64 for the same: bigger than what it was made from, and that is said too
+    assert main(["combine", str(first), str(second), "--base", base, "--out", str(tmp_path / "r64"),
+                 "--rank", "64", "--no-logit-check"]) == 0  # fmt: skip
+    said = capsys.readouterr()
+    assert "warning: the written adapter is" in said.err and "warning: at these ranks" not in said.err
 
 
 def test_dora_and_ia3_combine_with_lora_through_their_exact_deltas(llama_sources, tmp_path):

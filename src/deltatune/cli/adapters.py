@@ -4,6 +4,7 @@ export (a merged transformers folder, a GGUF model, or a llama.cpp LoRA file).""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,36 @@ def _add_size_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_report(report: Any) -> int:
+TRUNCATION_WARNING = 0.10  # a module whose written update is off its exact one by more than this is named
+GROWTH_WARNING = 2.0  # an output this many times the inputs' size is said to have grown
+
+
+def _print_report(report: Any, inputs: list[Path]) -> int:
+    from ..core.io import WEIGHTS_NAME, resolve_safetensors_adapter
+
     logits = report.logits or {}
+    written = (report.path / WEIGHTS_NAME).stat().st_size
+    read = sum((resolve_safetensors_adapter(p) / WEIGHTS_NAME).stat().st_size for p in inputs)
     print(
         f"wrote {report.path}: {report.method}, r={report.rank} (ranks {min(report.ranks.values())}-"
-        f"{max(report.ranks.values())}), max relative truncation error {report.max_relative_error:.3g}"
+        f"{max(report.ranks.values())}), max relative truncation error {report.max_relative_error:.3g}; "
+        f"{_mib(written)} (from {_mib(read)}: {written / max(read, 1):.2f}x)"
     )
+    worst = max(report.relative_errors, key=report.relative_errors.get, default=None)
+    if worst is not None and report.relative_errors[worst] > TRUNCATION_WARNING:
+        lossy = sum(e > TRUNCATION_WARNING for e in report.relative_errors.values())
+        print(
+            f"warning: at these ranks {lossy} of {len(report.relative_errors)} modules are off their exact "
+            f"update by over {TRUNCATION_WARNING:.0%} (worst {worst}: {report.relative_errors[worst]:.0%}); raise "
+            "--rank, or give --energy 0.99 to choose each module's rank",
+            file=sys.stderr,
+        )
+    if written > GROWTH_WARNING * read:
+        print(
+            f"warning: the written adapter is {written / read:.1f}x the size of what it was made from; a lower "
+            "--rank or --energy makes it smaller, at the truncation error printed above",
+            file=sys.stderr,
+        )
     if logits:
         print(
             f"logits vs the exact combination on {logits['sample']}: max |error| {logits['max_abs_error']:.3g} "
@@ -81,7 +106,11 @@ def _combine(args: argparse.Namespace) -> int:
         energy=args.energy, density=args.density, sign_rule=args.sign_rule, seed=args.seed,
         check_logits=args.check_logits, tokenizer=tokenizer, allow_base_mismatch=args.allow_base_mismatch,
     )  # fmt: skip
-    return _print_report(report)
+    return _print_report(report, list(args.adapters))
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
 
 
 def _add_combine_parser(sub: Any) -> None:
@@ -113,7 +142,7 @@ def _convert(args: argparse.Namespace) -> int:
         modules_to_save=args.modules_to_save, check_logits=args.check_logits, tokenizer=tokenizer,
         allow_base_mismatch=args.allow_base_mismatch,
     )  # fmt: skip
-    return _print_report(report)
+    return _print_report(report, [args.adapter])
 
 
 def _add_convert_parser(sub: Any) -> None:
