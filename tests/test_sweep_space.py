@@ -179,3 +179,52 @@ def test_parallel_trials_split_the_cores_and_take_one_gpu_each():
     # a user's own device list is respected: slots go round it
     assert [slot_env(s, 3, 6, 2, visible="2,5")["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["2", "5", "2"]
     assert slot_env(0, jobs=8, cpus=4, gpus=0)["OMP_NUM_THREADS"] == "1"  # never zero threads
+
+
+def _trial_row(number, metric, r, lr, state="complete"):
+    return {"number": number, "state": state, "metric": metric, "params": {"adapter.r": r, "optim.lr": lr},
+            "trainable_params": 1000 * r, "adapter_bytes": 4096 * r, "s_per_step": 0.01, "peak_rss_mib": 400.0,
+            "duration_s": 1.0, "reason": None, "majority_baseline": {"label": "neg", "accuracy": 0.6}}  # fmt: skip
+
+
+def test_the_report_shows_the_majority_baseline_keeps_integers_and_plots_log_parameters_on_a_log_axis(
+    tmp_path,
+):
+    """A trial at 0.6 accuracy on a split that is 60% one class learned nothing: the report says so; counts
+    stay integers in trials.csv; a parameter sampled on a log scale gets a log axis."""
+    import csv
+
+    from deltatune.sweep.report import plot_params, write_reports
+
+    rows = [
+        _trial_row(0, 0.6, 2, 1e-4),
+        _trial_row(1, 0.85, 8, 3e-3),
+        _trial_row(2, 0.55, 4, 1e-3),
+        _trial_row(3, None, 4, 2e-3, "failed"),
+    ]
+    write_reports(tmp_path, rows, params=["adapter.r", "optim.lr"], metric="accuracy", mode="max",
+                  rule=BestRule(), header={"study": "s"}, log_scale={"optim.lr"})  # fmt: skip
+    md = (tmp_path / "sweep.md").read_text()
+    assert (
+        "Majority-class baseline: accuracy 0.6 (always 'neg'); trials at it learned nothing accuracy shows: [0, 2]"
+        in md
+    )
+    assert md.split("## All trials")[1].count("at the majority-class baseline") == 2  # trials 0 and 2
+    with (tmp_path / "trials.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [t["trainable_params"] for t in table] == ["2000", "8000", "4000", "4000"]
+    assert [t["at_majority_baseline"] for t in table] == ["True", "False", "True", "False"]
+    fig = plot_params(rows, tmp_path / "p.png", metric="accuracy", params=["adapter.r", "optim.lr"],
+                      log_scale={"optim.lr"})  # fmt: skip
+    scales = {ax.get_xlabel(): ax.get_xscale() for ax in fig.axes}
+    assert scales == {"adapter.r": "linear", "optim.lr": "log"}
+    loss = write_reports(tmp_path / "loss", rows, params=["adapter.r"], metric="loss", mode="min",
+                         rule=BestRule(), header={"study": "s"})  # fmt: skip
+    assert loss is not None and "Majority-class" not in (tmp_path / "loss" / "sweep.md").read_text()
+
+
+def test_majority_baseline_is_the_share_of_the_most_common_class():
+    from deltatune.train.loop import majority_baseline
+
+    assert majority_baseline({"neg": 30, "pos": 70}) == {"label": "pos", "accuracy": 0.7}
+    assert majority_baseline({}) is None and majority_baseline(None) is None

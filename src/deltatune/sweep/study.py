@@ -307,6 +307,8 @@ class Sweep:
             trial.set_user_attr(key, value)
         if outcome.adapter_dir:
             trial.set_user_attr("adapter_dir", outcome.adapter_dir)
+        if outcome.majority_baseline:
+            trial.set_user_attr("majority_baseline", outcome.majority_baseline)
         if outcome.state == "interrupted":
             with self.lock:
                 self._mark_interrupted(trial.number, trial.params)
@@ -423,7 +425,8 @@ class Sweep:
             value = t.values[0] if t.values else None
             rows.append({
                 "number": t.number, "state": state, "metric": value, "params": dict(t.params),
-                **{c: t.user_attrs.get(c) for c in COSTS},
+                **{c: _integral(t.user_attrs.get(c)) for c in COSTS},
+                "majority_baseline": t.user_attrs.get("majority_baseline"),
                 "duration_s": t.duration.total_seconds() if t.duration else None,
                 "reason": t.user_attrs.get("reason") or _pruned_at(t), "host": t.user_attrs.get("host"),
                 "trial_dir": t.user_attrs.get("trial_dir"), "adapter_dir": t.user_attrs.get("adapter_dir"),
@@ -438,7 +441,7 @@ class Sweep:
         }
         return write_reports(
             self.s.out, self.rows(), params=self.s.space.names, metric=self.metric, mode=self.mode,
-            rule=self.s.rule, header=header,
+            rule=self.s.rule, header=header, log_scale={p.name for p in self.s.space.params if p.log},
         )  # fmt: skip
 
     def write_best(self, best: dict[str, Any]) -> Path | None:
@@ -482,3 +485,8 @@ def load_base_config(path: str | Path, overrides: list[str] | None = None) -> di
     from ..train.config import load_train_config
 
     return load_train_config(path, overrides).to_dict()
+
+
+def _integral(value: Any) -> Any:
+    """A count stored as a float (studies written before counts were ints) reads back as an int."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value

@@ -33,6 +33,7 @@ class TrialOutcome:
     adapter_dir: str | None = None
     reason: str | None = None  # failed: "diverged: ...", "out_of_memory: ...", "error: ...", "killed by ..."
     reports: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) of each evaluation
+    majority_baseline: dict[str, Any] | None = None  # the run's summary.json says it (classification)
 
 
 def _new_evaluations(metrics_file: Path, seen: int, metric: str) -> tuple[list[tuple[int, float]], int]:
@@ -58,8 +59,8 @@ def adapter_bytes(folder: Path) -> int:
 def _costs(summary: dict[str, Any]) -> dict[str, float]:
     saved = Path(summary["saved_to"])
     return {
-        "trainable_params": float(summary.get("trainable_params") or 0),
-        "adapter_bytes": float(adapter_bytes(saved)),
+        "trainable_params": int(summary.get("trainable_params") or 0),
+        "adapter_bytes": int(adapter_bytes(saved)),
         "s_per_step": float(summary["seconds_per_step"]),
         "peak_rss_mib": float(summary["peak_rss_mib"]),
     }
@@ -153,4 +154,5 @@ def run_trial(
     outcome.metric = summary["best_metric"]
     outcome.costs = _costs(summary)
     outcome.adapter_dir = summary["saved_to"]
+    outcome.majority_baseline = summary.get("majority_baseline")
     return outcome

@@ -44,6 +44,15 @@ from .schedules import learning_rate_schedule
 from .shared_prefix import unavailable
 
 
+def majority_baseline(counts: dict[str, int] | None) -> dict[str, Any] | None:
+    """What always answering the most common class scores (accuracy), so a trial that learned nothing shows
+    as such; None without classes."""
+    if not counts or not sum(counts.values()):
+        return None
+    label = max(counts, key=counts.get)
+    return {"label": label, "accuracy": counts[label] / sum(counts.values())}
+
+
 class NonFiniteLossError(DeltatuneError, FloatingPointError):
     """The loss became NaN or infinite; the run stopped and the last checkpoint is intact."""
 
@@ -63,6 +72,8 @@ class RunResult:
     mean_seconds_per_step: float = 0.0
     peak_rss_mib: float = 0.0
     trainable: TrainableSummary | None = None
+    # classification: the accuracy of always answering the validation split's most common class
+    majority_baseline: dict[str, Any] | None = None
 
 
 @dataclass
@@ -109,7 +120,7 @@ def write_summary(result: RunResult, path: Path) -> None:
         "mean_seconds_per_step": result.mean_seconds_per_step,
         "peak_rss_mib": result.peak_rss_mib, "saved_to": str(result.saved_to),
         "trainable_params": t.trainable if t else None, "total_params": t.total if t else None,
-        "trainable_percent": t.percent if t else None,
+        "trainable_percent": t.percent if t else None, "majority_baseline": result.majority_baseline,
     }  # fmt: skip
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
@@ -446,6 +457,7 @@ class Trainer:
             mean_seconds_per_step=sum(step_times) / len(step_times) if step_times else math.nan,
             peak_rss_mib=peak_rss_mib(),
             trainable=trainable_summary(self.model),
+            majority_baseline=majority_baseline(self.splits.report.classes.get("validation")),
         )
         if self.info.is_main:
             plot_curves(self.log.records(), self.out / "curves.png", self.cfg.eval.metric)
