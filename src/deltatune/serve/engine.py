@@ -26,22 +26,22 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ..runtime import AdapterCache, CacheFullError, Completion, generate
+from ..runtime import AdapterCache, CacheFullError, Completion
 from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
 from ..runtime.mixed import mixable_refusal
 from ..runtime.prompt_pass import PromptPass
-from ..runtime.sampling import Sampling
-from .prompt_work import Pass, PromptWork
+from .fixed_batches import FixedBatches
+from .prompt_work import PromptRounds, PromptWork
 from .stops import StopWatch
 from .work import (
     Call,
     EngineStopped,
+    Live,
     RequestCancelled,
     RequestTimeout,
     Row,
@@ -49,25 +49,15 @@ from .work import (
     ServerBusy,
     Stats,
     stream_token,
-    streaming_callback,
 )
 
 log = logging.getLogger("deltatune.serve")
 
 
-@dataclass
-class _Live:
-    """A row in the decode batch: its adapter held resident (`pin`) and its new tokens so far."""
-
-    row: Row
-    pin: ExitStack
-    tokens: list[int] = field(default_factory=list)
-
-
 _WAKE_UP = object()  # put on the row queue so an idle engine turns to a newly submitted Call
 
 
-class Engine:
+class Engine(PromptRounds, FixedBatches):
     def __init__(
         self,
         model: nn.Module,
@@ -97,7 +87,7 @@ class Engine:
         )
         # False: fixed batches only (asked for, or the model keeps a KV cache the decode loop cannot merge)
         self.continuous = continuous
-        self._live: dict[int, _Live] = {}  # decode-batch handle -> row
+        self._live: dict[int, Live] = {}  # decode-batch handle -> row
         self._waiting: deque[Row | Score] = deque()  # taken from the queue, not yet in the batch
         self.prompts = PromptWork(prompt_tokens_per_round)  # long prompts running in chunks
         self._queue: queue.Queue[Row | Score | None] = queue.Queue(maxsize=max_queue)
@@ -320,55 +310,6 @@ class Engine:
             return True
         return False
 
-    # ---- prompts in chunks -----------------------------------------------------------------------------------
-    def _drop_abandoned_passes(self) -> None:
-        for p in list(self.prompts.passes):
-            if p.item.cancelled or p.item.overdue:
-                self.prompts.remove(p)
-                self._ended_before_start(p.item)
-
-    def _run_passes(self, results: Iterator[tuple[Pass, int, Exception | None]]) -> int:
-        """Run passes (a round's `short_round` or `long_round`); answer scored prompts that finished and move
-        finished prefills into the decode batch. Returns the prompt tokens run."""
-        spent = 0
-        for p, ran, error in results:
-            spent += ran
-            self.stats.prompt_chunks += 1
-            if error is not None:
-                self.prompts.remove(p)
-                self._fail(p.item, error)
-            elif p.run.finished:
-                self.prompts.passes.remove(p)  # the adapter stays pinned while the row decodes
-                if isinstance(p.item, Score):
-                    p.pin.close()
-                    self.stats.scored_prompts += 1
-                    if not p.item.future.done():
-                        p.item.future.set_result(p.run.scores)
-                else:
-                    self._join_prefilled(p)
-        return spent
-
-    def _join_prefilled(self, p: Pass) -> None:
-        row = p.item
-        try:
-            steps = self.decoding.add_prefilled(
-                p.run, max_new_tokens=row.max_new_tokens, sampling=row.sampling
-            )
-        except ContinuousBatchingUnsupported:
-            self.continuous = False  # the model's cache: every row from now on runs as fixed batches
-            p.pin.close()
-            self._run_rows([row])
-            return
-        except Exception as exc:
-            p.pin.close()
-            self._fail(row, exc)
-            return
-        self.stats.batches += 1
-        row.stop_reached = False
-        self._live[steps[0].row] = _Live(row, p.pin)
-        self._note_batch_size()
-        self._deliver(steps)
-
     def _join(self, joining: list[tuple[Row, ExitStack, str | None]]) -> None:
         try:
             steps = self.decoding.add(
@@ -395,7 +336,7 @@ class Engine:
         self.stats.batches += 1
         for step, (row, pin, _) in zip(steps, joining, strict=True):
             row.stop_reached = False
-            self._live[step.row] = _Live(row, pin)
+            self._live[step.row] = Live(row, pin)
         self._note_batch_size()
         self._deliver(steps)
 
@@ -469,71 +410,6 @@ class Engine:
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._live))
         adapters = {live.row.adapter for live in self._live.values()}
         self.stats.most_adapters_in_batch = max(self.stats.most_adapters_in_batch, len(adapters))
-
-    # ---- fixed batches (runtime.generate) --------------------------------------------------------------------
-    def _run_rows(self, rows: list[Row]) -> None:
-        groups: dict[Sampling, list[Row]] = {}  # a fixed batch shares its settings
-        for row in rows:
-            groups.setdefault(row.sampling, []).append(row)
-        for group in groups.values():
-            try:
-                results = self._generate(group)
-            except Exception as exc:
-                if len(group) == 1:
-                    self._fail(group[0], exc)
-                    continue
-                for row in group:  # find the row that fails; the others still get their answer
-                    if row.streamed:  # its client has part of an answer already: a rerun would repeat it
-                        self._fail(row, exc)
-                    else:
-                        self._run_row_alone(row)
-                continue
-            for row, result in zip(group, results, strict=True):
-                self._answer(row, result)
-
-    def _run_row_alone(self, row: Row) -> None:
-        try:
-            (result,) = self._generate([row])
-        except Exception as exc:
-            self._fail(row, exc)
-        else:
-            self._answer(row, result)
-
-    def _generate(self, rows: list[Row]) -> list[Completion]:
-        with self.cache.pinned(r.adapter for r in rows) as keys:
-            sampling = rows[0].sampling
-            results = generate(
-                self.model,
-                [r.prompt for r in rows],
-                [keys[r.adapter] if r.adapter is not None else None for r in rows],
-                max_new_tokens=[r.max_new_tokens for r in rows],
-                pad_token_id=self.pad_token_id,
-                eos_token_id=self.eos_token_id,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty,
-                seed=sampling.seed,
-                logprobs=sampling.logprobs,
-                logit_bias=dict(sampling.logit_bias),
-                on_token=streaming_callback(rows),
-                stop_rows=self._row_ends(rows),
-                continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge
-            )
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
-        self.stats.most_adapters_in_batch = max(self.stats.most_adapters_in_batch, len(keys))
-        return results
-
-    def _row_ends(self, rows: list[Row]) -> Callable[[int, list[int]], bool] | None:
-        """When a row of this batch ends early: its client went away or its text reached a stop string.
-        None (no check per token) when no row streams or has stop strings."""
-        for row in rows:
-            row.stop_reached = False  # a row rerun alone after its batch failed starts over
-        if not any(r.on_token or r.stops or r.deadline for r in rows):
-            return None
-
-        return lambda index, new_tokens: self._ends_early(rows[index], new_tokens)
 
     def _ends_early(self, row: Row, new_tokens: list[int]) -> bool:
         """Whether a row must end now: its client went away, its deadline passed, or its text has reached a

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from ..runtime.decode import ContinuousBatchingUnsupported
 from ..runtime.prompt_pass import PromptPass
-from .work import Row, Score
+from .work import Live, Row, Score
 
 
 @dataclass
@@ -97,3 +98,56 @@ def _advance(p: Pass, budget: int) -> tuple[int, Exception | None]:
     except Exception as exc:  # this prompt's own failure (non-finite scores, ...): it fails alone
         return before - p.run.remaining, exc
     return before - p.run.remaining, None
+
+
+class PromptRounds:
+    """Part of `Engine`: what happens to passes as they advance (which provides the decode batch, the live
+    rows, stats and the ways to answer a row)."""
+
+    def _drop_abandoned_passes(self) -> None:
+        for p in list(self.prompts.passes):
+            if p.item.cancelled or p.item.overdue:
+                self.prompts.remove(p)
+                self._ended_before_start(p.item)
+
+    def _run_passes(self, results: Iterator[tuple[Pass, int, Exception | None]]) -> int:
+        """Run passes (a round's `short_round` or `long_round`); answer scored prompts that finished and move
+        finished prefills into the decode batch. Returns the prompt tokens run."""
+        spent = 0
+        for p, ran, error in results:
+            spent += ran
+            self.stats.prompt_chunks += 1
+            if error is not None:
+                self.prompts.remove(p)
+                self._fail(p.item, error)
+            elif p.run.finished:
+                self.prompts.passes.remove(p)  # the adapter stays pinned while the row decodes
+                if isinstance(p.item, Score):
+                    p.pin.close()
+                    self.stats.scored_prompts += 1
+                    if not p.item.future.done():
+                        p.item.future.set_result(p.run.scores)
+                else:
+                    self._join_prefilled(p)
+        return spent
+
+    def _join_prefilled(self, p: Pass) -> None:
+        row = p.item
+        try:
+            steps = self.decoding.add_prefilled(
+                p.run, max_new_tokens=row.max_new_tokens, sampling=row.sampling
+            )
+        except ContinuousBatchingUnsupported:
+            self.continuous = False  # the model's cache: every row from now on runs as fixed batches
+            p.pin.close()
+            self._run_rows([row])
+            return
+        except Exception as exc:
+            p.pin.close()
+            self._fail(row, exc)
+            return
+        self.stats.batches += 1
+        row.stop_reached = False
+        self._live[steps[0].row] = Live(row, p.pin)
+        self._note_batch_size()
+        self._deliver(steps)

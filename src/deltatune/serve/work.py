@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,15 @@ class Row:
     @property
     def overdue(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+
+@dataclass
+class Live:
+    """A row in the decode batch: its adapter held resident (`pin`) and its new tokens so far."""
+
+    row: Row
+    pin: ExitStack
+    tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
