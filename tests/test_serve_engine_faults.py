@@ -4,6 +4,7 @@ have deadlines; if the thread ends anyway, that is visible and nothing waits for
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -228,3 +229,16 @@ def test_a_busy_adapter_drains_then_unloads_and_later_rows_load_it_again(engine,
     assert later.result(timeout=600).tokens == alone.tokens
     assert "alpha" in engine.cache  # loaded again for the later row
     assert engine.stats.failed_rows == 0
+
+
+def test_an_unexpected_error_logs_its_traceback_once(caplog):
+    """A broken adapter fails every request that uses it: its traceback once, then a line each time."""
+    from deltatune.serve.errors import status_of
+
+    with caplog.at_level(logging.ERROR, logger="deltatune.serve"):
+        for _ in range(3):
+            assert status_of(RuntimeError("value cannot be converted to type float")).status == 500
+        assert status_of(KeyError("another")).status == 500
+    records = [r for r in caplog.records if "request failed" in r.getMessage()]
+    assert [r.exc_info is not None for r in records] == [True, False, False, True]
+    assert "traceback logged before" in records[1].getMessage()

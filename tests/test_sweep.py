@@ -320,7 +320,9 @@ def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
     sweep.run(log=lambda line: None)
     assert [d.name for d in sweep.study.directions] == ["MAXIMIZE", "MINIMIZE"]
     rows = sweep.rows()  # counts are ints; a classification trial records its majority-class baseline
-    assert all(isinstance(r["trainable_params"], int) and r["majority_baseline"]["accuracy"] > 0 for r in rows)
+    assert all(
+        isinstance(r["trainable_params"], int) and r["majority_baseline"]["accuracy"] > 0 for r in rows
+    )
     for trial in sweep.study.trials:
         trained = json.loads((Path(trial.user_attrs["trial_dir"]) / "summary.json").read_text())
         assert trial.values == [trained["best_metric"], trained["trainable_params"]]
