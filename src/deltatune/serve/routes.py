@@ -88,14 +88,7 @@ async def completions(http: Request, request: CompletionRequest, s: Served) -> A
     results, scores = await s.complete_echoed(http, request, prompts)
     # off the event loop: a long echoed prompt's offsets and names take a while, and /health must answer
     choices = await asyncio.to_thread(completion_choices, s, request, prompts, results, scores)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": request.model,
-        "choices": choices,
-        "usage": usage(dict(enumerate(results)), request.n),
-    }
+    return _envelope("cmpl", "text_completion", request, choices, results)
 
 
 def completion_choices(
@@ -154,9 +147,20 @@ async def chat(http: Request, request: ChatRequest, s: Served) -> Any:
             chances = for_answer(chat_shape, s.tokenizer, result.tokens, result.logprobs, text)
         message = {"role": "assistant", "content": text}
         choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": chances})
+    return _envelope("chatcmpl", "chat.completion", request, choices, results)
+
+
+def _envelope(
+    prefix: str,
+    kind: str,
+    request: CompletionRequest | ChatRequest,
+    choices: list[dict],
+    results: list[Completion],
+) -> dict:
+    """OpenAI's answer around the choices: a fresh id, the object kind, the time, the model, the usage."""
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
         "created": int(time.time()),
         "model": request.model,
         "choices": choices,
