@@ -240,3 +240,15 @@ def test_malformed_rows_are_listed_in_line_order_one_clean_line_each(tmp_path, t
     )
     err = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600).stderr
     assert err == "deltatune: warning: 2 of 40 rows are malformed\n"
+
+
+def test_a_text_field_that_swallowed_records_is_kept_and_named(tmp_path, tokenizer):
+    """Valid CSV (the stray quote closes at a line's end), so the rows stand; with no label to give it away,
+    a warning names the lines."""
+    data = tmp_path / "d.csv"
+    data.write_text('source,text\na,one\nb,"two\nc,three\nd,four"\ne,five\nf,six\ng,seven\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = load_data(DataSpec(train=str(data), format="text", validation_fraction=0.3), tokenizer, 0)
+    (warning,) = [str(w.message) for w in caught if "quoted field spans" in str(w.message)]
+    assert "line 3 (3 lines)" in warning and splits.report.rows == 7
