@@ -131,6 +131,18 @@ class Service:
             )
         self.check_token_ids(ids)
 
+    def checked_prompts(
+        self, request: CompletionRequest | ChatRequest, prompts: list[list[int]]
+    ) -> str | None:
+        """The adapter the request names (None: the base), once the model and every prompt pass the limits."""
+        adapter = self.adapter_for(request.model)
+        self._check_prompts(prompts)
+        return adapter
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        for ids in prompts:
+            self._check_prompt(ids)
+
     def rows(self, request: CompletionRequest | ChatRequest, prompts: list[list[int]]) -> list[Row]:
         """The engine rows for a request, after every limit is checked: `n` per prompt, one after another
         (OpenAI's choice order), each seeded choice with its own seed."""
@@ -141,8 +153,7 @@ class Service:
             raise ApiError(
                 400, f"max_tokens {max_tokens} is over this server's limit of {limit}", code="max_tokens"
             )
-        for ids in prompts:
-            self._check_prompt(ids)
+        self._check_prompts(prompts)
         deadline = time.monotonic() + self.limits.request_timeout_s
         try:
             sampling = Sampling(request.temperature, request.top_p, request.presence_penalty,
@@ -161,9 +172,7 @@ class Service:
     def scorings(self, request: CompletionRequest, prompts: list[list[int]]) -> list[Score]:
         """Echo with logprobs: each prompt's own tokens scored once (its `n` choices share the scores), queued
         like rows."""
-        adapter = self.adapter_for(request.model)
-        for ids in prompts:
-            self._check_prompt(ids)
+        adapter = self.checked_prompts(request, prompts)
         deadline = time.monotonic() + self.limits.request_timeout_s
         return [Score(ids, adapter, request.logprobs or 0, deadline) for ids in prompts]
 
@@ -215,9 +224,7 @@ class Service:
         and scorings queued together, under the same limits, deadline and cancellation. max_tokens 0
         generates nothing (empty answers, n per prompt)."""
         if request.max_tokens == 0:
-            self.adapter_for(request.model)
-            for ids in prompts:
-                self._check_prompt(ids)
+            self.checked_prompts(request, prompts)
             rows = []
         else:
             rows = self.rows(request, prompts)
