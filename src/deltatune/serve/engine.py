@@ -251,9 +251,8 @@ class Engine(PromptRounds, FixedBatches):
         apart. Returns the prompt tokens run."""
         joining: list[tuple[Row, ExitStack, str | None]] = []
         apart: list[Row] = []
-        parked: list[
-            Row | Score
-        ] = []  # their adapter is draining: they wait, and load it afresh once unloaded
+        # their adapter is draining: they wait, and load it afresh once it is unloaded
+        parked: list[Row | Score] = []
         longest = 0
         while self._waiting and len(self._live) + len(self.prompts) + len(joining) < self.max_batch:
             item = self._waiting.popleft()
