@@ -252,3 +252,18 @@ def test_a_text_field_that_swallowed_records_is_kept_and_named(tmp_path, tokeniz
         splits = load_data(DataSpec(train=str(data), format="text", validation_fraction=0.3), tokenizer, 0)
     (warning,) = [str(w.message) for w in caught if "quoted field spans" in str(w.message)]
     assert "line 3 (3 lines)" in warning and splits.report.rows == 7
+
+
+def test_a_classification_text_that_swallowed_records_is_named_too(tmp_path, tokenizer):
+    """The label comes first, so the stray quote sits in the text: no label spans lines to give it away, and
+    the warning names the lines (before, classification data got no word of it)."""
+    rows = [f"{'ab'[i % 2]},text {i}" for i in range(20)]
+    rows[4] = rows[4].replace(",", ',"', 1)
+    rows[6] += '"'
+    data = tmp_path / "d.csv"
+    data.write_text("label,text\n" + "\n".join(rows) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_data(DataSpec(train=str(data), format="classification", validation_fraction=0.3), tokenizer, 0)
+    (warning,) = [str(w.message) for w in caught if "quoted field spans" in str(w.message)]
+    assert "line 6 (3 lines)" in warning

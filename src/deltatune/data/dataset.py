@@ -80,15 +80,6 @@ def _canonical(row: Row, columns: dict[str, str]) -> dict[str, Any]:
 def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
     rows, bad = read_rows(path, spec.encoding)
     report.rows += sum(r.spans for r in rows) + sum(b.records for b in bad)
-    suspect = [r for r in rows if r.spans > 1 and spec.format != "classification"]  # a label says it there
-    if suspect:
-        where = ", ".join(f"line {r.line} ({r.spans} lines)" for r in suspect[:5])
-        warnings.warn(
-            f"{path.name}: a quoted field spans lines that each look like a record at {where}; valid CSV, read as "
-            'one row each, but if a quote was left open there, close or escape it ("")',
-            DeltatuneWarning,
-            stacklevel=3,
-        )
     report.bad += [(path.name, b) for b in bad]
     _check_columns(path, columns_of(rows), spec)
     out = []
@@ -98,6 +89,17 @@ def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
         fields["__file__"] = path.name
         fields["__spans__"] = row.spans
         out.append(fields)
+    # a label spanning lines is reported as a malformed row, which names the quote; the others only warn
+    labelled = spec.format == "classification"
+    suspect = [f for f in out if f["__spans__"] > 1 and not (labelled and _spans_lines(f))]
+    if suspect:
+        where = ", ".join(f"line {f['__line__']} ({f['__spans__']} lines)" for f in suspect[:5])
+        warnings.warn(
+            f"{path.name}: a quoted field spans lines that each look like a record at {where}; valid CSV, read as "
+            'one row each, but if a quote was left open there, close or escape it ("")',
+            DeltatuneWarning,
+            stacklevel=3,
+        )
     return out
 
 
