@@ -173,7 +173,7 @@ class DecodeBatch:
             )
         prompt_tokens = [len(p) for p in prompts]
         return self._enter(cache_of(out), mask, out.logits[:, -1], prompt_tokens, adapters, max_new_tokens,
-                           sampling, layers)  # fmt: skip
+                           sampling, layers, wrappers)  # fmt: skip
 
     @torch.no_grad()
     def add_prefilled(
@@ -187,8 +187,9 @@ class DecodeBatch:
         prompt, adapter = prefilled.prompt, prefilled.adapter
         layers = self.check_joinable([prompt], [adapter], [max_new_tokens], [sampling])
         mask = torch.ones(1, len(prompt), dtype=torch.long, device=self.device)
+        wrappers = [w for _, w in all_wrappers(self.model)]
         return self._enter(prefilled.cache, mask, prefilled.last_logits, [len(prompt)], [adapter],
-                           [max_new_tokens], [sampling], layers)  # fmt: skip
+                           [max_new_tokens], [sampling], layers, wrappers)  # fmt: skip
 
     def check_joinable(
         self,
@@ -234,6 +235,7 @@ class DecodeBatch:
         max_new_tokens: Sequence[int],
         sampling: Sequence[Sampling],
         layers: list,
+        wrappers: list[nn.Module],
     ) -> list[Step]:
         """Rows whose prompts are in `cache` (padded on the left, `mask`) take their first token from
         `last_logits` (rows, vocab) and join the batch; a row whose scores are not finite never joins."""
@@ -261,7 +263,7 @@ class DecodeBatch:
             cache, mask = _select_rows(cache, mask, keep)
         if keep:
             self._merge(cache, mask)
-            self._wrappers = [w for _, w in all_wrappers(self.model)]
+            self._wrappers = wrappers
             self.rows += [joining[i] for i in keep]
             if self._updates is not None:
                 self._updates.append([adapters[i] for i in keep], layers)
