@@ -105,6 +105,10 @@ def _read(path: Path, spec: Any, report: DataReport) -> list[dict[str, Any]]:
 
 def required_columns(spec: Any) -> dict[str, str]:
     """The columns the data format reads (canonical name -> the file's column name, after data.columns)."""
+    answers = {"preference": ["chosen", "rejected"], "unpaired_preference": ["completion", "label"]}
+    if spec.format in answers and spec.instruction_template:
+        names = _placeholders(spec.instruction_template) + answers[spec.format]
+        return {name: spec.columns.get(name, name) for name in dict.fromkeys(names)}
     if spec.format == "instruction" and spec.instruction_template:
         names = _placeholders(spec.instruction_template)
         names += _placeholders(spec.output_template) if spec.output_template else ["output"]
@@ -113,6 +117,8 @@ def required_columns(spec: Any) -> dict[str, str]:
         "classification": ["text", "label"],
         "instruction": ["instruction", "output"],
         "chat": ["messages"],
+        "preference": ["prompt", "chosen", "rejected"],
+        "unpaired_preference": ["prompt", "completion", "label"],
     }.get(spec.format, ["text"])
     return {name: spec.columns.get(name, name) for name in canonical}
 

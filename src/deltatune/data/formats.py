@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IGNORE = -100
+PREFERENCE_FORMATS = ("preference", "unpaired_preference")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -28,6 +29,8 @@ class Example:
     prompt_ids: list[int] = field(default_factory=list)  # what generation starts from
     reference: str | None = None  # expected generated answer
     truncated: bool = False
+    rejected_ids: list[int] | None = None  # format preference: the rejected answer's ids (after prompt_ids)
+    desirable: bool | None = None  # format unpaired_preference: whether the answer is a desirable one
 
 
 def _text_field(fields: dict[str, Any], name: str, required: bool = True) -> str:
@@ -60,6 +63,10 @@ class Encoder:
 
     def _key(self, fields: dict[str, Any]) -> str:
         fmt = self.spec.format
+        if fmt in PREFERENCE_FORMATS:
+            from .preference import pair_key
+
+            return pair_key(fields)
         if fmt == "chat":
             return json.dumps(fields.get("messages"), sort_keys=True, default=str)
         if fmt == "instruction" and self.spec.instruction_template:
@@ -78,12 +85,20 @@ class Encoder:
             return self._prompt_response(self._render_prompt(messages, instruction, inp), output)
         if fmt == "chat":
             return self._chat(fields.get("messages"))
+        if fmt in PREFERENCE_FORMATS:
+            from .preference import encode_preference, encode_unpaired
+
+            return (encode_preference if fmt == "preference" else encode_unpaired)(self, fields)
         return self._plain_text(fields)
 
     def prompt_ids(self, fields: dict[str, Any]) -> list[int]:
         """The ids generation starts from for a row without its answer: the same rendering (templates, chat
         template, system prompt) as training's prompt part, so a trained adapter sees what it learned from."""
         fmt = self.spec.format
+        if fmt in PREFERENCE_FORMATS:
+            from .preference import render_prompt
+
+            return render_prompt(self, fields)[0]
         if fmt == "instruction":
             if self.spec.instruction_template:
                 try:
@@ -124,6 +139,8 @@ class Encoder:
             return {names[0]: text}
         if spec.format == "instruction":
             return {"instruction": text}
+        if spec.format in PREFERENCE_FORMATS:
+            return {"prompt": text}
         if spec.format == "chat":
             return {"messages": [{"role": "user", "content": text}]}
         return {"text": text}

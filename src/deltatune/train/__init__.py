@@ -110,11 +110,37 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     # resuming, the head's weights come from the checkpoint: saying it starts random would be wrong
     head_note = None if resume else NEW_HEAD_NOTE
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization, head_note=head_note)
-    adapter_config = prepare_trainable(model, cfg.adapter, cfg.model.task)
+    if cfg.training.init_adapter:
+        adapter_config = continue_adapter(model, cfg, tokenizer)
+    else:
+        adapter_config = prepare_trainable(model, cfg.adapter, cfg.model.task)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     device = pick_device(cfg.training.device, info)
     return Trainer(cfg, model, tokenizer, splits, info, device, adapter_config).run(resume=resume)
+
+
+def continue_adapter(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) -> Any:
+    """`training.init_adapter`: the saved adapter becomes the one trained; an objective with a reference gets a
+    frozen copy of it too, so the pairs are judged against where the run started, not the bare base."""
+    from ..core.adapters import adapter_configs, set_adapter
+    from ..core.io import load_adapter
+    from .objectives import uses_reference
+    from .preference import REFERENCE_ADAPTER
+
+    folder = cfg.training.init_adapter
+    load_adapter(model, folder, tokenizer=tokenizer, is_trainable=True)
+    config = adapter_configs(model)["default"]
+    if config.peft_type.lower() != cfg.adapter.method.lower():
+        raise ConfigError(
+            f"training.init_adapter {folder} is a {config.peft_type} adapter, but adapter.method is "
+            f"{cfg.adapter.method}; set adapter.method: {config.peft_type.lower()} (its other settings come from "
+            "the folder)"
+        )
+    if uses_reference(cfg.training.objective):
+        load_adapter(model, folder, REFERENCE_ADAPTER, tokenizer=tokenizer)
+    set_adapter(model, "default")
+    return config
 
 
 def evaluate_adapter(

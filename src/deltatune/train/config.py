@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..core.errors import DeltatuneError
+from .objectives import DATA_FORMATS, OBJECTIVES, misplaced_setting
 
 
 class ConfigError(DeltatuneError, ValueError):
@@ -54,7 +55,9 @@ class DataSpec(Section):
     # A .jsonl / .json / .csv / .tsv / .parquet file, or bundled:tweets / movie_reviews / product_reviews / news.
     train: str
     validation: str | None = None
-    format: Literal["classification", "instruction", "chat", "text"]
+    # preference: prompt, chosen, rejected (strings, or TRL's conversational lists of messages);
+    # unpaired_preference: prompt, completion, label (true: desirable), for training.objective kto
+    format: Literal["classification", "instruction", "chat", "text", "preference", "unpaired_preference"]
     encoding: str = "utf-8"
     # Canonical field -> column in the file, e.g. {label: sentiment}.
     columns: dict[str, str] = Field(default_factory=dict)
@@ -72,6 +75,10 @@ class DataSpec(Section):
 
 
 FULL_FINE_TUNING = "full"  # the adapter.method that is no adapter
+_FORMAT_FIELDS = {
+    "preference": "prompt, chosen and rejected",
+    "unpaired_preference": "prompt, completion and label (true for a desirable answer)",
+}
 
 
 class AdapterSpec(Section):
@@ -130,6 +137,27 @@ class TrainingSpec(Section):
     # that fits no single device trains. A single process ignores it.
     distributed: Literal["ddp", "fsdp"] = "ddp"
     fsdp: FsdpSpec = Field(default_factory=FsdpSpec)
+    # What the run optimises (train/objectives.py): sft, next-token loss on the answers; dpo, ipo, orpo, simpo
+    # on preference pairs; kto on answers marked desirable or not. The settings below are TRL's names; each
+    # belongs to the objectives that read it, and is an error for another.
+    objective: Literal[OBJECTIVES] = "sft"  # type: ignore[valid-type]
+    beta: float | None = Field(None, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "robust"] | None = None
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    simpo_gamma: float | None = None
+    cpo_alpha: float | None = Field(None, ge=0)
+    desirable_weight: float | None = Field(None, gt=0)
+    undesirable_weight: float | None = Field(None, gt=0)
+    # Start from a trained adapter (a folder) and keep training it; the preference objectives then take that
+    # adapter, frozen, as their reference (the policy the pairs are judged against), not the bare base.
+    init_adapter: str | None = None
+    # A fine-tune that forgets less: add kl_penalty x KL(base || adapted), per token, on every training batch's
+    # tokens, the base being the same model with its adapters off (one more forward, no gradients).
+    kl_penalty: float = Field(0.0, ge=0)
+    # ... and on this many texts of a general corpus each step (0: the batch's tokens only)
+    kl_penalty_corpus: str = "bundled:news"
+    kl_penalty_texts: int = Field(0, ge=0)
+    kl_penalty_max_tokens: int = Field(64, gt=0)
 
 
 class ForgettingSpec(Section):
@@ -177,8 +205,10 @@ class TrainConfig(Section):
                 f"data.format={self.data.format!r} needs model.task="
                 f"{'classification' if classification else 'causal_lm'!r}, got {self.model.task!r}"
             )
+        self._check_objective()
         allowed = {"loss"} | set(self.eval.generate_metrics)
         allowed |= {"accuracy", "f1"} if classification else set()
+        allowed |= {"reward_accuracy", "reward_margin"} if self.training.objective not in ("sft",) else set()
         if self.eval.metric not in allowed:
             raise ValueError(
                 f"eval.metric={self.eval.metric!r} is not computed by this config; choose one of "
@@ -205,6 +235,39 @@ class TrainConfig(Section):
                 "prompt_tuning."
             )
         return self
+
+    def _check_objective(self) -> None:
+        t = self.training
+        problem = misplaced_setting(t.objective, t.model_dump())
+        if problem:
+            raise ValueError(problem)
+        wanted = DATA_FORMATS.get(t.objective)
+        if wanted and self.data.format not in wanted:
+            raise ValueError(
+                f"training.objective={t.objective} learns from data.format {' or '.join(wanted)}, got "
+                f"{self.data.format!r}; give it rows of {_FORMAT_FIELDS[wanted[0]]}"
+            )
+        if self.data.format == "unpaired_preference" and t.objective != "kto":
+            raise ValueError(
+                "data.format=unpaired_preference (answers marked desirable or not) trains with "
+                "training.objective=kto; pairs of chosen and rejected answers are data.format=preference"
+            )
+        if t.init_adapter and self.adapter.full:
+            raise ValueError("training.init_adapter continues an adapter; adapter.method=full has none")
+        if t.kl_penalty and self.adapter.full:
+            raise ValueError(
+                "training.kl_penalty with adapter.method=full: the penalty needs the base model's next-token "
+                "distribution on every batch, and a full fine-tune overwrites the base, so it would take a second "
+                "copy of the whole model in memory. Train an adapter (e.g. method: lora), or watch forgetting "
+                "without a penalty with eval.forgetting."
+            )
+
+    @property
+    def objective_settings(self) -> dict[str, Any]:
+        """The settings the objective reads, each as given or at its default."""
+        from .objectives import resolved_settings
+
+        return resolved_settings(self.training)
 
     @property
     def metric_mode(self) -> Literal["min", "max"]:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core import provenance
 from ..core.allocator import release_freed_memory, return_large_blocks_to_os
-from ..core.atomic import staged_folder, write_text_atomic
+from ..core.atomic import atomic_path, staged_folder, write_text_atomic
 from ..core.config import AdapterConfig
 from ..core.errors import DeltatuneError
 from ..core.io import PROVENANCE_NAME, save_adapter
@@ -39,9 +40,13 @@ from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
+from .preference import PreferenceObjective, prompt_once_unavailable
+from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 from .schedules import learning_rate_schedule
 from .shared_prefix import unavailable
+
+REFERENCE_LOGPS = "reference_logps.safetensors"  # a full fine-tune's kept reference (preference objectives)
 
 
 def majority_baseline(counts: dict[str, int] | None) -> dict[str, Any] | None:
@@ -192,15 +197,30 @@ class Trainer:
             if info.is_main:
                 print(f"training.shared_prefix is off for this run: {why}", file=sys.stderr)
         self.lengths = tuple(len(e.input_ids) for e in splits.train)
+        self.step_metrics: dict[str, float] = {}
         self.out = Path(cfg.output_dir)
         self.log = MetricsLog(self.out / "metrics.jsonl", info.is_main)
         self.saved_to = self.out / ("model" if adapter_config is None else "adapter")
+        self.preference = self._preference_objective(adapter_config is None)
         spec = cfg.eval.forgetting
         self.monitor = (
             None
             if spec is None
             else ForgettingMonitor(spec, self.model, tokenizer, full_fine_tuning=adapter_config is None)
         )
+
+    def _preference_objective(self, full: bool) -> PreferenceObjective | None:
+        t = self.cfg.training
+        if t.objective == "sft":
+            return None
+        why = prompt_once_unavailable(self.cfg, self.model, self.info.enabled)
+        if why and self.info.is_main:
+            print(f"each pair's prompt runs once per answer in this run: {why}", file=sys.stderr)
+        return PreferenceObjective(
+            t.objective, self.cfg.objective_settings, pad_id=self.tokenizer.pad_token_id,
+            batch_size=t.batch_size, prompt_once=why is None, precompute=full,
+            train=self.splits.train, validation=self.splits.validation,
+        )  # fmt: skip
 
     # --- pieces ----------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -214,6 +234,7 @@ class Trainer:
         t = self.cfg.training
         accum = t.grad_accum
         losses, tokens = [], 0
+        rewards: dict[str, list[float]] = {}
         for a in range(accum):
             idx = micro_batch_indices(
                 len(self.splits.train),
@@ -227,22 +248,15 @@ class Trainer:
                 self.lengths,
                 t.length_grouping_steps,
             )
-            batch = collate(
-                [self.splits.train[i] for i in idx], self.tokenizer.pad_token_id, self.classification
-            )
-            batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._gradient_sync(model, last=a == accum - 1):
                 with self.autocast():
-                    loss_sum, count, _ = task_loss(
-                        model, batch, self.classification, share_prefix=self.share_prefix
-                    )
-                loss = loss_sum / max(count, 1)
+                    loss, batch_tokens = self._micro_batch_loss(model, idx, rewards)
                 mean_loss = all_mean(loss.detach(), self.info)  # every rank sees the same verdict below
                 if not torch.isfinite(mean_loss):
                     raise NonFiniteLossError(self._non_finite_message(step + 1, float(mean_loss)))
                 self.scaler.scale(loss / accum).backward()
             losses.append(float(mean_loss))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens
         self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
@@ -250,7 +264,23 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_metrics = {k: sum(v) / len(v) for k, v in rewards.items()}
         return sum(losses) / len(losses), tokens * self.info.world_size
+
+    def _micro_batch_loss(
+        self, model: nn.Module, idx: list[int], rewards: dict[str, list[float]]
+    ) -> tuple[torch.Tensor, int]:
+        """The objective's mean loss on these training rows, and how many tokens they hold; a preference
+        objective adds its reward statistics to `rewards`."""
+        if self.preference is not None:
+            out = self.preference.loss(model, "train", idx, self.device)
+            for key, value in preference_statistics(out).items():
+                rewards.setdefault(key, []).append(value)
+            return out.loss, self.preference.batch("train", idx).tokens()
+        batch = collate([self.splits.train[i] for i in idx], self.tokenizer.pad_token_id, self.classification)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss_sum, count, _ = task_loss(model, batch, self.classification, share_prefix=self.share_prefix)
+        return loss_sum / max(count, 1), int(batch["attention_mask"].sum())
 
     def _gradient_sync(self, model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
         """Ranks reduce gradients only on the last micro-batch of a step; before it they accumulate locally."""
@@ -267,19 +297,27 @@ class Trainer:
             if ckpts
             else "no checkpoint was written yet"
         )
+        objective = self.cfg.training.objective
         return (
-            f"training loss is {value} at step {step}; stopped. {where}. Try a lower optim.lr, "
-            "optim.max_grad_norm, or precision: fp32."
+            f"training loss ({objective} objective) is {value} at step {step}; stopped. {where}. Try a lower "
+            "optim.lr, optim.max_grad_norm, or precision: fp32."
         )
 
     def _evaluate(self, step: int, loss_only: bool = False) -> dict[str, float]:
         """The evaluation `eval` asks for, logged; `loss_only`: the validation loss alone (eval.loss_every)."""
         spec = self.cfg.eval.model_copy(update={"generate_metrics": []}) if loss_only else self.cfg.eval
-        metrics, _ = validation_metrics(
+        metrics: dict[str, float] = {}
+        if self.preference is not None:
+            with self.autocast():
+                metrics = self.preference.evaluate(
+                    self.model, self.device, spec.batch_size, spec.loss_samples
+                )
+        metrics |= validation_metrics(
             self.model, self.tokenizer, self.splits.validation, spec,
             classification=self.classification, n_classes=len(self.splits.label_names or []),
             device=self.device, autocast=self.autocast, share_prefix=self.share_prefix,
-        )  # fmt: skip
+            with_loss=self.preference is None,
+        )[0]  # fmt: skip
         if self.monitor is not None and not loss_only:
             metrics[KL_KEY] = self.monitor.measure(self.model)
         marker = {"loss_only": True} if loss_only else {}  # a sweep's pruner hears only full evaluations
@@ -404,6 +442,8 @@ class Trainer:
     def run(self, resume: bool = False) -> RunResult:
         t = self.cfg.training
         state = self._restore() if resume else RunState()
+        if self.preference is not None and self.preference.precompute:
+            self._keep_reference()
         self.log.truncate_after(state.step)
         model = self.model if self.sharded else wrap_model(self.model, self.info, self.device)
         bar = progress_bar(t.max_steps, state.step, t.progress and self.info.is_main)
@@ -429,6 +469,7 @@ class Trainer:
                         "loss": loss,
                         "lr": lr,
                         "tokens_per_s": tokens / step_times[-1],
+                        **self.step_metrics,
                     }
                 )
             if (every and step % every == 0) or step == t.max_steps:
@@ -465,6 +506,22 @@ class Trainer:
         if self.monitor is not None and state.best_step is None and state.forgetting:
             raise self.monitor.nothing_kept(state.forgetting)
         return result
+
+    def _keep_reference(self) -> None:
+        """A full fine-tune's reference log-probs: computed before step 1, while the model is the base, and
+        kept in the run folder, since a resumed run's model is no longer the base."""
+        path = self.out / REFERENCE_LOGPS
+        if path.is_file():
+            self.preference.kept = load_file(str(path))
+            return
+        if self.info.is_main:
+            print("scoring every pair with the base once: the reference of a full fine-tune", file=sys.stderr)
+        with self.autocast():
+            self.preference.keep_reference(self.model, self.device, self.cfg.eval.batch_size)
+        if self.info.is_main:
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in self.preference.kept.items()}, str(tmp))
+        barrier(self.info)
 
     def _judge(self, step: int, metrics: dict[str, float], state: RunState) -> None:
         """Keep these weights if they are the best so far within the forgetting budget; stop the run when

@@ -1,0 +1,67 @@
+"""Which training objective a run optimises, and the settings each one reads (named as TRL names them).
+
+sft is next-token loss on the labelled answer. The preference objectives learn from pairs (or, for KTO, from
+answers marked desirable or not):
+
+- dpo (Rafailov et al. 2023): -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))));
+  `loss_type` hinge: relu(1 - beta * delta); robust (Chowdhury et al. 2024): the sigmoid loss debiased for a
+  `label_smoothing` share of flipped labels.
+- ipo (Azar et al. 2023): (delta / tokens - 1 / (2 beta))^2, delta's log-ratios per completion token, as TRL does.
+- orpo (Hong et al. 2024): NLL of the chosen sequence minus beta * log sigmoid(log odds(y_w) - log odds(y_l)),
+  with per-token mean log-probs; no reference.
+- simpo (Meng et al. 2024): -log sigmoid(beta * (mean log pi(y_w) - mean log pi(y_l)) - simpo_gamma); no reference;
+  `cpo_alpha` > 0 adds that much NLL of the chosen answer (TRL's CPO).
+- kto (Ethayarajh et al. 2024): 1 - sigmoid(beta * (log-ratio - z)) for a desirable answer and
+  1 - sigmoid(beta * (z - log-ratio)) for an undesirable one, z the batch's KL estimate from mismatched pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+PAIRED = frozenset({"dpo", "ipo", "orpo", "simpo"})
+REFERENCE_FREE = frozenset({"sft", "orpo", "simpo"})
+
+# setting -> {objective: default}. A setting given for an objective not listed is an error naming its owners.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "beta": {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1},
+    "loss_type": {"dpo": "sigmoid"},
+    "label_smoothing": {"dpo": 0.0, "simpo": 0.0},
+    "simpo_gamma": {"simpo": 0.5},
+    "cpo_alpha": {"simpo": 0.0},
+    "desirable_weight": {"kto": 1.0},
+    "undesirable_weight": {"kto": 1.0},
+}
+
+# the data format each objective trains on
+DATA_FORMATS = {"kto": ("unpaired_preference", "preference")} | {o: ("preference",) for o in PAIRED}
+
+
+def misplaced_setting(objective: str, given: dict[str, Any]) -> str | None:
+    """The error for the first objective setting in `given` (set, not None) that `objective` does not read."""
+    for name, value in given.items():
+        owners = SETTINGS.get(name)
+        if value is None or owners is None or objective in owners:
+            continue
+        return (
+            f"training.{name} belongs to objective {' / '.join(owners)}, not training.objective={objective}; "
+            f"remove it or set training.objective to {' or '.join(owners)}"
+        )
+    return None
+
+
+def resolved_settings(training: Any) -> dict[str, Any]:
+    """The settings `training.objective` reads, each as given or at its default."""
+    objective = training.objective
+    settings = {}
+    for name, owners in SETTINGS.items():
+        if objective in owners:
+            value = getattr(training, name)
+            settings[name] = owners[objective] if value is None else value
+    return settings
+
+
+def uses_reference(objective: str) -> bool:
+    """Whether the objective compares against a reference policy (the base, with adapters off)."""
+    return objective not in REFERENCE_FREE
