@@ -116,7 +116,8 @@ class _Outputs:
         self.states = seen.hidden
 
     def logits(self, picked: torch.Tensor) -> torch.Tensor:
-        return (picked if self.head is None else self.head(picked)).float()
+        logits = picked if self.head is None else self.head(picked)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in fp32 at least
 
 
 def _call(model: nn.Module, ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
