@@ -36,7 +36,9 @@ DTYPE = torch.float64
 
 
 def _settings(objective: str, **given) -> dict:
-    return {name: given.get(name, owners[objective]) for name, owners in SETTINGS.items() if objective in owners}
+    return {
+        name: given.get(name, owners[objective]) for name, owners in SETTINGS.items() if objective in owners
+    }
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +137,7 @@ def _deltatune_model(tiny_causal_lm, adapters, with_reference: bool):
 
 
 def _pair_examples() -> list[Example]:
-    return [
-        Example(p + c, [IGNORE] * len(p) + c, list(p), rejected_ids=list(r)) for p, c, r in PAIRS
-    ]
+    return [Example(p + c, [IGNORE] * len(p) + c, list(p), rejected_ids=list(r)) for p, c, r in PAIRS]
 
 
 def _deltatune_run(model, objective, settings, examples, prompt_once, pad_id=0):
@@ -153,7 +153,9 @@ def _deltatune_run(model, objective, settings, examples, prompt_once, pad_id=0):
 def _assert_same(ours, theirs, tolerance=TOLERANCE):
     assert ours.keys() == theirs.keys() and ours
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=tolerance, rtol=tolerance, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            ours[key], theirs[key], atol=tolerance, rtol=tolerance, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 DPO_CASES = [
@@ -245,14 +247,14 @@ def test_orpo_and_simpo_match_trl(tiny_causal_lm, adapters, tmp_path, objective,
                                 tokenizer.pad_token_id)  # fmt: skip
     assert float(out.loss) == pytest.approx(float(their_loss), abs=TOLERANCE)
     assert float(out.chosen_rewards.mean()) == pytest.approx(float(metrics["rewards/chosen"]), abs=TOLERANCE)
-    assert float(out.rejected_rewards.mean()) == pytest.approx(float(metrics["rewards/rejected"]), abs=TOLERANCE)
+    assert float(out.rejected_rewards.mean()) == pytest.approx(
+        float(metrics["rewards/rejected"]), abs=TOLERANCE
+    )
     _assert_same(grads, _lora_grads(trainer.model))
 
 
 @pytest.mark.parametrize("prompt_once", [True, False], ids=["prompt-once", "whole-rows"])
-@pytest.mark.parametrize(
-    "weights", [(1.0, 1.0), (1.0, 1.33)], ids=["equal-weights", "undesirable-weighted"]
-)
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)], ids=["equal-weights", "undesirable-weighted"])
 def test_kto_matches_trl(tiny_causal_lm, adapters, tmp_path, weights, prompt_once):
     from transformers import AutoTokenizer
 

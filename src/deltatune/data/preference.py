@@ -29,7 +29,9 @@ def encode_preference(encoder: Encoder, fields: dict[str, Any]) -> Example:
     chosen = _answer_ids(encoder, fields, "chosen", conversational)
     rejected = _answer_ids(encoder, fields, "rejected", conversational)
     if chosen == rejected:
-        raise RowError("chosen and rejected are the same answer; a preference pair needs two different answers")
+        raise RowError(
+            "chosen and rejected are the same answer; a preference pair needs two different answers"
+        )
     room = _room(encoder, prompt_ids)
     if chosen[:room] == rejected[:room]:
         raise RowError(
@@ -67,7 +69,9 @@ def render_prompt(encoder: Encoder, fields: dict[str, Any]) -> tuple[list[int], 
     prompt = fields.get("prompt")
     if isinstance(prompt, list):
         if not encoder.has_chat_template:
-            raise RowError("a conversational prompt (a list of messages) needs a tokenizer with a chat template")
+            raise RowError(
+                "a conversational prompt (a list of messages) needs a tokenizer with a chat template"
+            )
         _check_messages(prompt, "prompt")
         text = encoder._apply_template(prompt, add_generation_prompt=True)
         return encoder._bos() + encoder._segment_ids(text), True
