@@ -254,6 +254,12 @@ class TrainConfig(Section):
             )
         if t.init_adapter and self.adapter.full:
             raise ValueError("training.init_adapter continues an adapter; adapter.method=full has none")
+        if t.kl_penalty and (t.objective != "sft" or self.model.task == "classification"):
+            raise ValueError(
+                f"training.kl_penalty applies to the next-token objective (sft) of a causal LM, not objective "
+                f"{t.objective} / task {self.model.task}: the preference objectives already hold the model to its "
+                "reference through training.beta"
+            )
         if t.kl_penalty and self.adapter.full:
             raise ValueError(
                 "training.kl_penalty with adapter.method=full: the penalty needs the base model's next-token "

@@ -40,6 +40,7 @@ from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
+from .kl_penalty import KLPenalty
 from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
@@ -202,6 +203,8 @@ class Trainer:
         self.log = MetricsLog(self.out / "metrics.jsonl", info.is_main)
         self.saved_to = self.out / ("model" if adapter_config is None else "adapter")
         self.preference = self._preference_objective(adapter_config is None)
+        self.kl_penalty = KLPenalty(cfg.training, tokenizer) if cfg.training.kl_penalty else None
+        self._step = 0
         spec = cfg.eval.forgetting
         self.monitor = (
             None
@@ -235,6 +238,7 @@ class Trainer:
         accum = t.grad_accum
         losses, tokens = [], 0
         rewards: dict[str, list[float]] = {}
+        self._step = step
         for a in range(accum):
             idx = micro_batch_indices(
                 len(self.splits.train),
@@ -279,8 +283,17 @@ class Trainer:
             return out.loss, self.preference.batch("train", idx).tokens()
         batch = collate([self.splits.train[i] for i in idx], self.tokenizer.pad_token_id, self.classification)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss_sum, count, _ = task_loss(model, batch, self.classification, share_prefix=self.share_prefix)
-        return loss_sum / max(count, 1), int(batch["attention_mask"].sum())
+        tokens = int(batch["attention_mask"].sum())
+        if self.kl_penalty is None:
+            loss_sum, count, _ = task_loss(model, batch, self.classification, share_prefix=self.share_prefix)
+            return loss_sum / max(count, 1), tokens
+        loss, parts = self.kl_penalty.task_loss(model, batch)
+        if self.kl_penalty.per_step:
+            general, kl = self.kl_penalty.general_loss(model, self._step, self.device)
+            loss, parts = loss + general, parts | {"kl_to_base_general": kl}
+        for key, value in parts.items():
+            rewards.setdefault(key, []).append(value)
+        return loss, tokens
 
     def _gradient_sync(self, model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
         """Ranks reduce gradients only on the last micro-batch of a step; before it they accumulate locally."""

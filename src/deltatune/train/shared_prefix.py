@@ -36,6 +36,8 @@ def unavailable(cfg: Any, distributed: bool) -> str | None:
         return f"{cfg.adapter.method}'s virtual tokens come before the prefix"
     if distributed:
         return "DDP and FSDP take one forward call per backward"
+    if cfg.training.kl_penalty:
+        return "training.kl_penalty scores every position of each row with the model and its base"
     return None
 
 
