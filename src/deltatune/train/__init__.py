@@ -166,15 +166,37 @@ def evaluate_adapter(
         load_adapter(model, adapter, tokenizer=tokenizer, allow_base_mismatch=allow_base_mismatch)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
+    preference = cfg.training.objective != "sft"
     metrics, answers = validation_metrics(
         model, tokenizer, splits.validation, cfg.eval, classification=cfg.model.task == "classification",
-        n_classes=len(splits.label_names or []), device=device, with_loss=loss, label_names=splits.label_names,
-        share_prefix=shares_in_evaluation(cfg, model),
+        n_classes=len(splits.label_names or []), device=device, with_loss=loss and not preference,
+        label_names=splits.label_names, share_prefix=shares_in_evaluation(cfg, model),
     )  # fmt: skip
+    if preference and loss:
+        metrics = preference_metrics(cfg, model, tokenizer, splits, device) | metrics
     result: dict[str, Any] = {**metrics, "examples": len(splits.validation)}
     if answers:
         result |= {"generated": len(answers), "sample_answers": answers[:3]}
     return result
+
+
+def preference_metrics(
+    cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, splits: Any, device: Any
+) -> dict:
+    """`deltatune eval` of a preference config: the objective's loss, reward accuracy and margin on the held-out
+    pairs, the reference being the model with its adapters off (a bare base scores rewards of 0)."""
+    from ..core.adapters import all_wrappers
+    from .preference import PreferenceObjective, prompt_once_unavailable
+
+    has_adapters = any(True for _ in all_wrappers(model))
+    objective = PreferenceObjective(
+        cfg.training.objective, cfg.objective_settings, pad_id=tokenizer.pad_token_id,
+        batch_size=cfg.training.batch_size, prompt_once=prompt_once_unavailable(cfg, model, False) is None,
+        precompute=not has_adapters, train=[], validation=splits.validation,
+    )  # fmt: skip
+    if not has_adapters:  # the base is its own reference
+        objective.keep_reference(model, device, cfg.eval.batch_size)
+    return objective.evaluate(model, device, cfg.eval.batch_size, cfg.eval.loss_samples)
 
 
 def _with_adapter_labels(cfg: TrainConfig, adapter: str | Path, saved: list[str] | None) -> TrainConfig:

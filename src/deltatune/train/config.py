@@ -320,6 +320,10 @@ def _format_errors(exc: ValidationError, source: str, overrides: list[str] | Non
             lines.append(f"  unknown key {key!r}; allowed here: {', '.join(allowed)}")
         elif error["type"] == "missing":
             lines.append(f"  missing required key {key!r}")
+        elif not error[
+            "loc"
+        ]:  # a check across sections: its message names the keys; the input is the whole file
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
         lines[-1] += _from_override(key, overrides or [])

@@ -41,6 +41,7 @@ from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
 from .kl_penalty import KLPenalty
+from .objectives import uses_reference
 from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
@@ -348,11 +349,25 @@ class Trainer:
                         self.model,
                         self.saved_to,
                         tokenizer=self.tokenizer,
-                        training_config=self.cfg.to_dict(),
+                        training_config=self._recorded_config(),
                         metrics=record,
                         data_sha256=self.splits.data_sha256,
                     )
         barrier(self.info)
+
+    def _recorded_config(self) -> dict[str, Any]:
+        """The run's config for deltatune.json, with what the objective resolved to: its settings at their
+        defaults where not given, and which reference it was judged against."""
+        t = self.cfg.training
+        reference = None
+        if self.preference is not None and uses_reference(t.objective):
+            reference = (
+                f"adapter {t.init_adapter} (frozen copy)" if t.init_adapter
+                else "base, log-probs kept before step 1" if self.preference.precompute
+                else "base (adapters off)"
+            )  # fmt: skip
+        objective = {"name": t.objective, "settings": self.cfg.objective_settings, "reference": reference}
+        return self.cfg.to_dict() | {"objective": objective}
 
     @contextlib.contextmanager
     def _whole_trainables(self):
@@ -371,7 +386,7 @@ class Trainer:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             record = provenance.record(
-                method=FULL_FINE_TUNING, training_config=self.cfg.to_dict(), metrics=metrics,
+                method=FULL_FINE_TUNING, training_config=self._recorded_config(), metrics=metrics,
                 data_sha256=self.splits.data_sha256,
             )  # fmt: skip
             (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")

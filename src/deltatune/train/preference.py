@@ -68,7 +68,7 @@ class PreferenceObjective:
             return
         with eval_mode(model):
             for split, rows in self.splits.items():
-                parts = []
+                parts = [torch.zeros(0, 2)]
                 for start in range(0, len(rows), batch_size):
                     indices = list(range(start, min(start + batch_size, len(rows))))
                     scores = answer_log_probs(
