@@ -1,0 +1,81 @@
+"""A preference run survives what an SFT run survives, through the real command in subprocesses: killed with
+SIGKILL and resumed it ends with the same adapter, bit for bit; two DDP ranks end where one process with twice
+the gradient accumulation ends; a full fine-tune resumes against the reference it kept before step 1."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import pytest
+from test_preference import pair_rows
+from test_resume_and_ddp import adapter_tensors, metric_records, run_train
+from train_helpers import causal_config, write_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", pair_rows(120, 7))
+
+
+def make_config(tmp_path, model, data, name, objective="dpo", dropout=0.1, **training):
+    raw = causal_config(model, data, tmp_path / name, max_steps=8, checkpoint_every=3, objective=objective,
+                        **training)  # fmt: skip
+    raw["data"]["format"] = "preference"
+    raw["adapter"]["lora_dropout"] = dropout  # > 0 exercises the restored RNG state
+    raw["eval"] = {"every": 4, "metric": "reward_accuracy"}
+    return write_config(tmp_path / f"{name}.yaml", raw)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_killed_preference_run_resumes_to_the_same_adapter(tmp_path, tiny_causal_lm, pairs, objective):
+    reference = make_config(tmp_path, tiny_causal_lm, pairs, "reference", objective)
+    assert run_train(reference).returncode == 0
+    crashed = make_config(tmp_path, tiny_causal_lm, pairs, "crashed", objective)
+    killed = run_train(crashed, fault="step:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_train(crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step-00000003 (step 3)" in resumed.stderr
+    want, got = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "crashed")
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert want[key].equal(got[key]), key
+    assert metric_records(tmp_path / "crashed") == metric_records(tmp_path / "reference")
+
+
+def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal_lm, pairs):
+    single = make_config(tmp_path, tiny_causal_lm, pairs, "single", dropout=0.0, grad_accum=2)
+    assert run_train(single).returncode == 0
+    ddp = make_config(tmp_path, tiny_causal_lm, pairs, "ddp", dropout=0.0)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "deltatune"]  # fmt: skip
+    result = run_train(ddp, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each pair's prompt runs once per answer in this run: DDP" in result.stderr
+    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert (want[key] - got[key]).abs().max() < 1e-5, key
+
+
+def test_a_full_fine_tune_resumes_against_the_reference_it_kept(tmp_path, tiny_causal_lm, pairs):
+    def full(name):
+        raw = causal_config(
+            tiny_causal_lm, pairs, tmp_path / name, max_steps=6, checkpoint_every=2, objective="dpo"
+        )
+        raw["data"]["format"] = "preference"
+        raw["adapter"] = {"method": "full"}
+        raw["optim"]["lr"] = 1e-3
+        raw["eval"] = {"every": 3, "metric": "reward_accuracy"}
+        return write_config(tmp_path / f"{name}.yaml", raw)
+
+    assert run_train(full("reference")).returncode == 0
+    crashed = full("crashed")
+    assert run_train(crashed, fault="step:3").returncode == -signal.SIGKILL
+    kept = (tmp_path / "crashed" / "reference_logps.safetensors").read_bytes()
+    resumed = run_train(crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "scoring every pair with the base once" not in resumed.stderr  # read back, not recomputed
+    assert (tmp_path / "crashed" / "reference_logps.safetensors").read_bytes() == kept
+    assert metric_records(tmp_path / "crashed") == metric_records(tmp_path / "reference")
