@@ -201,9 +201,13 @@ def _check_bad_fraction(report: DataReport, limit: float) -> None:
     warnings.warn(f"skipping malformed rows: {message}", DeltatuneWarning, stacklevel=3)
 
 
-def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
-    """Read, dedupe, split (seeded, when no validation file is given), subsample and encode."""
-    report = DataReport()
+def split_rows(
+    spec: Any, tokenizer: Any, seed: int, report: DataReport | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Path]]:
+    """The rows (columns renamed to the format's fields) a run trains and validates on, before encoding:
+    read, deduped, split (seeded, when no validation file is given) and subsampled exactly as `load_data`
+    does; and the files read. For scripts that build new data from a run's split (examples/preference_pairs.py)."""
+    report = report if report is not None else DataReport()
     train_path = resolve_data_path(spec.train)
     paths = [train_path]
     label_probe = Encoder(tokenizer, spec)
@@ -220,6 +224,14 @@ def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
         train_rows = [train_rows[i] for i in order[n_val:]]
     train_rows = _sample(train_rows, spec.max_train_samples, seed)
     val_rows = _sample(val_rows, spec.max_validation_samples, seed + 1)
+    return train_rows, val_rows, paths
+
+
+def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
+    """Read, dedupe, split (seeded, when no validation file is given), subsample and encode."""
+    report = DataReport()
+    train_rows, val_rows, paths = split_rows(spec, tokenizer, seed, report)
+    train_path = paths[0]
     label_names = _label_names(spec, train_rows, report) if spec.format == "classification" else None
     encoder = Encoder(tokenizer, spec, label_names)
     train = _encode(train_rows, encoder, report)
@@ -266,4 +278,4 @@ def _skipped_first(report: DataReport) -> str:
     return f". {report.malformed} of {report.rows} rows were skipped as malformed before that:\n{_listing(report)}"
 
 
-__all__ = ["DataError", "DataReport", "DataSplits", "load_data", "resolve_data_path"]
+__all__ = ["DataError", "DataReport", "DataSplits", "load_data", "resolve_data_path", "split_rows"]
