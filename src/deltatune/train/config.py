@@ -152,7 +152,8 @@ class TrainingSpec(Section):
     # adapter, frozen, as their reference (the policy the pairs are judged against), not the bare base.
     init_adapter: str | None = None
     # A fine-tune that forgets less: add kl_penalty x KL(base || adapted), per token, on every training batch's
-    # tokens, the base being the same model with its adapters off (one more forward, no gradients).
+    # prompt tokens (not where the answer is learned), the base being the same model with its adapters off
+    # (one more forward, no gradients).
     kl_penalty: float = Field(0.0, ge=0)
     # ... and on this many texts of a general corpus each step (0: the batch's tokens only)
     kl_penalty_corpus: str = "bundled:news"

@@ -1,6 +1,7 @@
 """A fine-tune that forgets less (`training.kl_penalty`): the task loss plus beta x KL(base || adapted), the
-mean over tokens of sum_v p_base(v) (log p_base(v) - log p_adapted(v)), on every training batch's tokens and,
-with `kl_penalty_texts`, on that many texts of a general corpus each step.
+mean over tokens of sum_v p_base(v) (log p_base(v) - log p_adapted(v)), on every training batch's prompt
+tokens (where the next token is the prompt's, not the answer the task must move the model to) and, with
+`kl_penalty_texts`, on that many texts of a general corpus each step.
 
 The base is the same model with its adapters off (or, after training.init_adapter, the adapter the run
 started from), run without gradients: one more forward per batch, no second model. The KL needs the whole
@@ -56,7 +57,9 @@ class KLPenalty:
         targets = batch["labels"][:, 1:]
         trained = targets != IGNORE
         loss = F.cross_entropy(logits[:, :-1][trained].float(), targets[trained])
-        kl = token_kl(logits, base, batch["attention_mask"].bool())
+        # where the next token is prompt text, not the answer the task must move the model to
+        prompt_text = batch["attention_mask"][:, 1:].bool() & ~trained
+        kl = token_kl(logits[:, :-1], base[:, :-1], prompt_text)
         return loss + self.beta * kl, {"task_loss": float(loss.detach()), "kl_to_base": float(kl.detach())}
 
     def general_loss(self, model: nn.Module, step: int, device: torch.device) -> tuple[torch.Tensor, float]:
