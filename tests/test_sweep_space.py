@@ -228,3 +228,28 @@ def test_majority_baseline_is_the_share_of_the_most_common_class():
 
     assert majority_baseline({"neg": 30, "pos": 70}) == {"label": "pos", "accuracy": 0.7}
     assert majority_baseline({}) is None and majority_baseline(None) is None
+
+
+PREFERENCE_BASE = {
+    "model": {"path": "some/model", "task": "causal_lm"},
+    "data": {"train": "pairs.jsonl", "format": "preference"},
+    "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]},
+    "optim": {"lr": 1e-3},
+    "training": {"max_steps": 10},
+    "eval": {"metric": "reward_accuracy"},
+}
+
+
+def test_objective_settings_are_searchable_and_a_setting_of_another_objective_is_named():
+    space = {
+        "training.objective": {"choices": ["dpo", "ipo", "simpo"]},
+        "training.beta": {"float": [0.05, 2.5], "log": True},
+        "training.simpo_gamma": {"float": [0.3, 1.5], "when": {"training.objective": ["simpo"]}},
+    }
+    # 3 objectives x 2 beta ends, and simpo's 2 gamma ends
+    assert check_space(parse_space(space), PREFERENCE_BASE) == 2 * 2 + 2 * 2
+    del space["training.simpo_gamma"]["when"]
+    with pytest.raises(
+        SpaceError, match="training.simpo_gamma belongs to objective simpo, not training.objective=dpo"
+    ):
+        check_space(parse_space(space), PREFERENCE_BASE)
