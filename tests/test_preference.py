@@ -233,6 +233,11 @@ def test_continuing_an_adapter_judges_pairs_against_a_frozen_copy_of_it(tiny_cau
     sft["data"]["format"] = "preference"  # sft on preference data trains on the chosen answers
     start = train(validate_config(sft)).saved_to
     raw = preference_config(tiny_causal_lm, pairs, tmp_path / "dpo", max_steps=10, init_adapter=str(start))
+    with pytest.raises(
+        ConfigError, match=r"brings its own adapter settings; remove \['lora_alpha', 'lora_dropout', 'r'"
+    ):
+        validate_config(raw)
+    raw["adapter"] = {"method": "lora"}
     raw["training"]["log_every"] = 1
     result = train(validate_config(raw))
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]

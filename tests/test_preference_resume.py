@@ -79,3 +79,29 @@ def test_a_full_fine_tune_resumes_against_the_reference_it_kept(tmp_path, tiny_c
     assert "scoring every pair with the base once" not in resumed.stderr  # read back, not recomputed
     assert (tmp_path / "crashed" / "reference_logps.safetensors").read_bytes() == kept
     assert metric_records(tmp_path / "crashed") == metric_records(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_causal_lm, pairs, objective):
+    """FSDP2 shards the model; the reference (adapters off) runs on the sharded model too."""
+    data = pairs
+    if objective == "kto":
+        from test_preference import kto_rows
+
+        data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(120, 8))
+
+    def make(name, **training):
+        path = make_config(tmp_path, tiny_causal_lm, data, name, objective, dropout=0.0, **training)
+        raw = __import__("yaml").safe_load(path.read_text())
+        raw["data"]["format"] = "unpaired_preference" if objective == "kto" else "preference"
+        return write_config(path, raw)
+
+    assert run_train(make("single", grad_accum=2)).returncode == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "deltatune"]  # fmt: skip
+    result = run_train(make("fsdp", distributed="fsdp"), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "fsdp")
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert (want[key] - got[key]).abs().max() < 1e-5, key

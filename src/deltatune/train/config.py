@@ -156,7 +156,7 @@ class TrainingSpec(Section):
     # (one more forward, no gradients).
     kl_penalty: float = Field(0.0, ge=0)
     # ... and on this many texts of a general corpus each step (0: the batch's tokens only)
-    kl_penalty_corpus: str = "bundled:news"
+    kl_penalty_corpus: str = "bundled:movie_reviews"  # not news, where `deltatune forgetting` measures
     kl_penalty_texts: int = Field(0, ge=0)
     kl_penalty_max_tokens: int = Field(64, gt=0)
 
@@ -364,8 +364,14 @@ def validate_config(
         raise ConfigError(_format_errors(exc, source, overrides)) from None
     from .setup import check_adapter_section  # setup imports this module
 
+    if cfg.training.init_adapter and cfg.adapter.model_extra:
+        raise ConfigError(
+            f"{source}: training.init_adapter {cfg.training.init_adapter} brings its own adapter settings; remove "
+            f"{sorted(cfg.adapter.model_extra)} from the adapter section (keep only its method)"
+        )
     try:
-        check_adapter_section(cfg.adapter)
+        if not cfg.training.init_adapter:
+            check_adapter_section(cfg.adapter)
     except ConfigError as exc:
         keys = getattr(exc, "keys", None) or ["method"]
         blame = next((b for k in keys if (b := _from_override(f"adapter.{k}", overrides or []))), "")
