@@ -118,6 +118,14 @@ def test_malformed_pairs_are_counted_and_named(tiny_causal_lm, tmp_path):
     assert len(splits.train) + len(splits.validation) == 30
 
 
+def test_duplicates_are_the_same_prompt_and_answers_also_through_a_template(tiny_causal_lm, tmp_path):
+    rows = [{"tweet": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pair_rows(30, 9)]
+    copies = rows + rows[:5] + [dict(rows[0], rejected="another answer")]  # 5 duplicates, 1 new pair
+    splits, _, _ = _splits(tiny_causal_lm, copies, tmp_path, instruction_template="Label: {tweet}")
+    assert splits.report.duplicates == 5
+    assert len(splits.train) + len(splits.validation) == 31
+
+
 def test_a_missing_column_is_named_with_the_fix(tiny_causal_lm, tmp_path):
     rows = [
         {"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pair_rows(10, 4)

@@ -66,7 +66,7 @@ class Encoder:
         if fmt in PREFERENCE_FORMATS:
             from .preference import pair_key
 
-            return pair_key(fields)
+            return pair_key(fields, self.spec.instruction_template)
         if fmt == "chat":
             return json.dumps(fields.get("messages"), sort_keys=True, default=str)
         if fmt == "instruction" and self.spec.instruction_template:

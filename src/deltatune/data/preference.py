@@ -19,9 +19,17 @@ from .formats import IGNORE, Encoder, Example, RowError, _text_field
 TRUE_WORDS, FALSE_WORDS = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no"})
 
 
-def pair_key(fields: dict[str, Any]) -> str:
-    """Two rows are duplicates when prompt and both answers are the same."""
-    return json.dumps([fields.get(k) for k in ("prompt", "chosen", "rejected", "completion")], default=str)
+def pair_key(fields: dict[str, Any], instruction_template: str | None = None) -> str:
+    """Two rows are duplicates when prompt (as the template builds it from the row's columns) and both answers
+    are the same."""
+    prompt = fields.get("prompt")
+    if instruction_template and not isinstance(prompt, list):
+        try:
+            prompt = instruction_template.format(**fields)
+        except (KeyError, IndexError, ValueError):
+            raise RowError("the row lacks a field instruction_template names") from None
+    answers = [fields.get(k) for k in ("chosen", "rejected", "completion", "label")]
+    return json.dumps([prompt, *answers], default=str)
 
 
 def encode_preference(encoder: Encoder, fields: dict[str, Any]) -> Example:
