@@ -2,19 +2,23 @@
 
 The quickstart's SFT adapter answers every tweet of the quickstart's training and held-out splits (greedy, as
 its evaluation does). Each tweet becomes a pair: chosen, the correct JSON; rejected, the adapter's own answer
-where it was wrong, else the JSON of a wrong label (the next class round the list). The held-out split is the
+where it was wrong, else the JSON of one of the two wrong labels, drawn at random (seeded), so that no class
+is pushed down more than another. (The first version always took the next class round the list; DPO then
+lost accuracy, examples/README §11.) The held-out split is the
 quickstart's 308 tweets, so accuracy before and after is measured on the same rows as §1.
 
     python examples/preference_pairs.py [ADAPTER] [--train N]   # default: outputs/quickstart/adapter, 1200
 
-Writes outputs/preference/{train,validation}.jsonl (columns text, chosen, rejected) and prints how many pairs
-carry the adapter's own mistake.
+Writes outputs/preference/{train,validation}.jsonl (columns text, chosen, rejected, and the adapter's answer)
+and prints how many pairs carry the adapter's own mistake. The answers are kept in outputs/preference/answers/
+and reused by a later run for the same adapter file (they take ~3 minutes to generate).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from deltatune.core.atomic import write_text_atomic
+from deltatune.core.hashing import sha256_file
 from deltatune.core.io import load_adapter
 from deltatune.data.dataset import split_rows
 from deltatune.data.formats import Encoder
@@ -34,7 +39,7 @@ LABELS = ["negative", "neutral", "positive"]
 OUT = Path("outputs/preference")
 
 
-def pair(row: dict, answer: str) -> tuple[dict, bool]:
+def pair(row: dict, answer: str, rng: random.Random) -> tuple[dict, bool]:
     """The pair for one tweet and whether its rejected answer is the adapter's own mistake."""
     label = str(row["sentiment"]).strip()
     chosen = json.dumps({"sentiment": label})
@@ -42,7 +47,7 @@ def pair(row: dict, answer: str) -> tuple[dict, bool]:
         own_mistake = json.loads(answer) != {"sentiment": label}
     except json.JSONDecodeError:
         own_mistake = bool(answer.strip())
-    wrong = LABELS[(LABELS.index(label) + 1) % len(LABELS)] if label in LABELS else "neutral"
+    wrong = rng.choice([name for name in LABELS if name != label])
     rejected = answer if own_mistake else json.dumps({"sentiment": wrong})
     return {"text": row["text"], "chosen": chosen, "rejected": rejected}, own_mistake
 
@@ -63,15 +68,23 @@ def main() -> None:
     model.eval()
     encoder = Encoder(tokenizer, cfg.data)
     OUT.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    weights = Path(args.adapter, "adapter_model.safetensors")
     for name, rows in (("train", train_rows), ("validation", validation_rows)):
         tick = time.perf_counter()
-        with torch.no_grad():
-            answers = generate_answers(
-                model, tokenizer, [encoder.prompt_ids(r) for r in rows], max_new_tokens=cfg.eval.max_new_tokens,
-                batch_size=cfg.eval.batch_size,
-            )  # fmt: skip
-        made = [pair(r, a) for r, a in zip(rows, answers, strict=True)]
-        text = "".join(json.dumps(p) + "\n" for p, _ in made)
+        cache = OUT / "answers" / f"{name}-{sha256_file(weights)[:16]}-{len(rows)}.json"
+        if cache.is_file():
+            answers = json.loads(cache.read_text())
+        else:
+            with torch.no_grad():
+                answers = generate_answers(
+                    model, tokenizer, [encoder.prompt_ids(r) for r in rows],
+                    max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                )  # fmt: skip
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache, json.dumps(answers))
+        made = [pair(r, a, rng) for r, a in zip(rows, answers, strict=True)]
+        text = "".join(json.dumps(p | {"answer": a}) + "\n" for (p, _), a in zip(made, answers, strict=True))
         write_text_atomic(OUT / f"{name}.jsonl", text)
         own = sum(mistake for _, mistake in made)
         print(f"{name}: {len(made)} pairs, {own} with the adapter's own wrong answer as rejected "
