@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     raw["eval"]["every"] = None
     with pytest.raises(
         NonFiniteLossError,
-        match=r"training loss is nan at step 5; stopped\. the last good checkpoint is .*step-00000004",
+        match=r"training loss \(sft objective\) is nan at step 5; stopped\. the last good checkpoint is .*step-00000004",
     ):
         train(validate_config(raw))
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "meta.json").exists()

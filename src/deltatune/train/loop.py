@@ -238,7 +238,7 @@ class Trainer:
         t = self.cfg.training
         accum = t.grad_accum
         losses, tokens = [], 0
-        rewards: dict[str, list[float]] = {}
+        logged: dict[str, list[float]] = {}
         self._step = step
         for a in range(accum):
             idx = micro_batch_indices(
@@ -255,7 +255,7 @@ class Trainer:
             )
             with self._gradient_sync(model, last=a == accum - 1):
                 with self.autocast():
-                    loss, batch_tokens = self._micro_batch_loss(model, idx, rewards)
+                    loss, batch_tokens = self._micro_batch_loss(model, idx, logged)
                 mean_loss = all_mean(loss.detach(), self.info)  # every rank sees the same verdict below
                 if not torch.isfinite(mean_loss):
                     raise NonFiniteLossError(self._non_finite_message(step + 1, float(mean_loss)))
@@ -269,18 +269,18 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step_metrics = {k: sum(v) / len(v) for k, v in rewards.items()}
+        self.step_metrics = {k: sum(v) / len(v) for k, v in logged.items()}  # logged with the step's loss
         return sum(losses) / len(losses), tokens * self.info.world_size
 
     def _micro_batch_loss(
-        self, model: nn.Module, idx: list[int], rewards: dict[str, list[float]]
+        self, model: nn.Module, idx: list[int], logged: dict[str, list[float]]
     ) -> tuple[torch.Tensor, int]:
-        """The objective's mean loss on these training rows, and how many tokens they hold; a preference
-        objective adds its reward statistics to `rewards`."""
+        """The objective's mean loss on these training rows, and how many tokens they hold; what the step
+        logs beside its loss (a preference objective's rewards, the KL penalty's parts) goes into `logged`."""
         if self.preference is not None:
             out = self.preference.loss(model, "train", idx, self.device)
             for key, value in preference_statistics(out).items():
-                rewards.setdefault(key, []).append(value)
+                logged.setdefault(key, []).append(value)
             return out.loss, self.preference.batch("train", idx).tokens()
         batch = collate([self.splits.train[i] for i in idx], self.tokenizer.pad_token_id, self.classification)
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -293,7 +293,7 @@ class Trainer:
             general, kl = self.kl_penalty.general_loss(model, self._step, self.device)
             loss, parts = loss + general, parts | {"kl_to_base_general": kl}
         for key, value in parts.items():
-            rewards.setdefault(key, []).append(value)
+            logged.setdefault(key, []).append(value)
         return loss, tokens
 
     def _gradient_sync(self, model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
