@@ -201,8 +201,12 @@ def test_each_paired_objective_learns_to_prefer_the_chosen_answer(tiny_causal_lm
 def test_kto_learns_from_unpaired_answers(tiny_causal_lm, tmp_path):
     data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(200, 6))
     raw = preference_config(tiny_causal_lm, data, tmp_path / "run", "kto", max_steps=60, batch_size=8)
+    corpus = tmp_path / "general.txt"
+    corpus.write_text("the movie was long and the day was so sad\nmy phone is a very good phone today\n")
+    raw["eval"]["forgetting"] = {"corpus": str(corpus), "texts": 2}  # the monitor runs beside any objective
     result = train(validate_config(raw))
     assert result.validation["reward_accuracy"] >= 0.8 and result.validation["reward_margin"] > 0
+    assert result.validation["forgetting_kl"] > 0
 
 
 def _parameter_bytes() -> int:
