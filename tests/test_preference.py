@@ -258,6 +258,9 @@ def test_continuing_an_adapter_judges_pairs_against_a_frozen_copy_of_it(tiny_cau
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == its reference at step 1
     record = json.loads((result.saved_to / "deltatune.json").read_text())["training_config"]
     assert record["objective"]["reference"] == f"adapter {start} (frozen copy)"
+    again = evaluate_adapter(validate_config(raw), result.saved_to)  # `deltatune eval` judges against it too
+    assert again["reward_accuracy"] == pytest.approx(result.validation["reward_accuracy"])
+    assert again["reward_margin"] == pytest.approx(result.validation["reward_margin"], rel=1e-4)
     from safetensors.torch import load_file
 
     saved = load_file(result.saved_to / "adapter_model.safetensors")

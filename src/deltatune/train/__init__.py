@@ -164,6 +164,7 @@ def evaluate_adapter(
     model = load_model(cfg.model, tokenizer, splits.label_names, cfg.quantization, head_note=head_note)
     if adapter is not None:
         load_adapter(model, adapter, tokenizer=tokenizer, allow_base_mismatch=allow_base_mismatch)
+        _load_reference(model, cfg, tokenizer)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
     preference = cfg.training.objective != "sft"
@@ -178,6 +179,18 @@ def evaluate_adapter(
     if answers:
         result |= {"generated": len(answers), "sample_answers": answers[:3]}
     return result
+
+
+def _load_reference(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) -> None:
+    """A run that continued `training.init_adapter` judged its pairs against that adapter: so does its eval."""
+    from ..core.adapters import set_adapter
+    from ..core.io import load_adapter
+    from .objectives import uses_reference
+    from .preference import REFERENCE_ADAPTER
+
+    if cfg.training.init_adapter and uses_reference(cfg.training.objective):
+        load_adapter(model, cfg.training.init_adapter, REFERENCE_ADAPTER, tokenizer=tokenizer)
+        set_adapter(model, "default")
 
 
 def preference_metrics(
