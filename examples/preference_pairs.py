@@ -1,10 +1,12 @@
 """Preference pairs from the bundled tweets, for examples/preference.yaml (examples/README §11).
 
 The quickstart's SFT adapter answers every tweet of the quickstart's training and held-out splits (greedy, as
-its evaluation does). Each tweet becomes a pair: chosen, the correct JSON; rejected, the adapter's own answer
-where it was wrong, else the JSON of one of the two wrong labels, drawn at random (seeded), so that no class
-is pushed down more than another. (The first version always took the next class round the list; DPO then
-lost accuracy, examples/README §11.) The held-out split is the
+its evaluation does). Each training tweet becomes two pairs, one per wrong label: chosen, the correct JSON; rejected, the JSON
+of a wrong label, the adapter's own answer standing in for its label where it was wrong. The answer is a
+choice among three classes, and a pair pushes down only its rejected one: with one pair per tweet the mass
+pushed off one wrong class lands partly on the other, and accuracy fell (examples/README §11 has the runs).
+A held-out tweet is one pair (the adapter's own wrong answer, else a wrong label drawn at random), so the
+generation metrics score each of the quickstart's held-out tweets once. The held-out split is the
 quickstart's 308 tweets, so accuracy before and after is measured on the same rows as §1.
 
     python examples/preference_pairs.py [ADAPTER] [--train N]   # default: outputs/quickstart/adapter, 1200
@@ -39,23 +41,35 @@ LABELS = ["negative", "neutral", "positive"]
 OUT = Path("outputs/preference")
 
 
-def pair(row: dict, answer: str, rng: random.Random) -> tuple[dict, bool]:
-    """The pair for one tweet and whether its rejected answer is the adapter's own mistake."""
+def pairs(row: dict, answer: str) -> tuple[list[dict], bool]:
+    """The pairs for one tweet, and whether the adapter's answer to it was wrong."""
     label = str(row["sentiment"]).strip()
     chosen = json.dumps({"sentiment": label})
     try:
-        own_mistake = json.loads(answer) != {"sentiment": label}
+        parsed = json.loads(answer)
     except json.JSONDecodeError:
-        own_mistake = bool(answer.strip())
-    wrong = rng.choice([name for name in LABELS if name != label])
-    rejected = answer if own_mistake else json.dumps({"sentiment": wrong})
-    return {"text": row["text"], "chosen": chosen, "rejected": rejected}, own_mistake
+        parsed = None
+    own_mistake = parsed != {"sentiment": label}
+    made = []
+    for wrong in (name for name in LABELS if name != label):
+        rejected = answer if parsed == {"sentiment": wrong} else json.dumps({"sentiment": wrong})
+        made.append({"text": row["text"], "chosen": chosen, "rejected": rejected, "answer": answer})
+    if own_mistake and parsed not in [{"sentiment": w} for w in LABELS]:  # not JSON of a class: a third pair
+        made.append({"text": row["text"], "chosen": chosen, "rejected": answer, "answer": answer})
+    return made, own_mistake
+
+
+def _held_out_pair(candidates: list[dict], rng: random.Random) -> dict:
+    """The adapter's own wrong answer where there is one, else a wrong label drawn at random (seeded)."""
+    own = [p for p in candidates if p["rejected"] == p["answer"]]
+    return own[0] if own else rng.choice(candidates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("adapter", nargs="?", default="outputs/quickstart/adapter")
     parser.add_argument("--train", type=int, default=1200, help="training tweets to make pairs of")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the pair files go")
     args = parser.parse_args()
     if not Path(args.adapter, "adapter_config.json").is_file():
         sys.exit(f"{args.adapter} holds no adapter: run `make demo` (or deltatune train {QUICKSTART}) first")
@@ -67,8 +81,7 @@ def main() -> None:
     load_adapter(model, args.adapter, tokenizer=tokenizer)
     model.eval()
     encoder = Encoder(tokenizer, cfg.data)
-    OUT.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
+    args.out.mkdir(parents=True, exist_ok=True)
     weights = Path(args.adapter, "adapter_model.safetensors")
     for name, rows in (("train", train_rows), ("validation", validation_rows)):
         tick = time.perf_counter()
@@ -83,12 +96,17 @@ def main() -> None:
                 )  # fmt: skip
             cache.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(cache, json.dumps(answers))
-        made = [pair(r, a, rng) for r, a in zip(rows, answers, strict=True)]
-        text = "".join(json.dumps(p | {"answer": a}) + "\n" for (p, _), a in zip(made, answers, strict=True))
-        write_text_atomic(OUT / f"{name}.jsonl", text)
+        made = [pairs(r, a) for r, a in zip(rows, answers, strict=True)]
+        if (
+            name == "validation"
+        ):  # one pair per held-out tweet, so the generation metrics score each tweet once
+            rng = random.Random(0)
+            made = [([_held_out_pair(p, rng)], mistake) for p, mistake in made]
+        text = "".join(json.dumps(p) + "\n" for rows_of_tweet, _ in made for p in rows_of_tweet)
+        write_text_atomic(args.out / f"{name}.jsonl", text)
         own = sum(mistake for _, mistake in made)
-        print(f"{name}: {len(made)} pairs, {own} with the adapter's own wrong answer as rejected "
-              f"({own / len(made):.1%}); {time.perf_counter() - tick:.0f}s", flush=True)  # fmt: skip
+        print(f"{name}: {sum(len(p) for p, _ in made)} pairs from {len(made)} tweets, {own} answered wrong by the "
+              f"adapter ({own / len(made):.1%}); {time.perf_counter() - tick:.0f}s", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
