@@ -29,7 +29,7 @@ define install
 	$(1)/bin/python -m deltatune.data
 endef
 
-.PHONY: setup demo test lint bench lock test-latest test-oldest gguf-check
+.PHONY: setup demo test test-quick lint bench lock test-latest test-oldest gguf-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
@@ -42,6 +42,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The quick tier: everything but the real-model and subprocess tests (a minute or two; `make test` runs all).
+test-quick: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not integration and not subprocess"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

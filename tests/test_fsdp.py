@@ -18,6 +18,7 @@ from train_helpers import causal_config, instruction_rows, write_config, write_j
 
 from deltatune.train import ConfigError, load_train_config, train, validate_config
 
+pytestmark = pytest.mark.subprocess
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 

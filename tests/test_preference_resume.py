@@ -12,6 +12,8 @@ from test_preference import pair_rows
 from test_resume_and_ddp import adapter_tensors, metric_records, run_train
 from train_helpers import causal_config, write_config, write_jsonl
 
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):

@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 from train_helpers import causal_config, instruction_rows, write_config, write_jsonl
 
+pytestmark = pytest.mark.subprocess
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
