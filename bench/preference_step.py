@@ -9,9 +9,10 @@ pairs in the same order, the same AdamW (lr 5e-4, torch's plain implementation f
 Also an SFT step (next-token loss on prompt + chosen, deltatune's trainer path) on the same pairs, for the ratio
 the arithmetic bounds.
 
-Reported: median seconds per step (the first step of each is a warm-up), the peak resident memory each step
-adds above what was resident before it (sampled every 2 ms), the loss at step 1 and the largest per-step loss
-difference over the run.
+Reported: median seconds per step (the first step of each is a warm-up), the loss at step 1 and the largest
+per-step loss difference over the run; and peak memory, which one process cannot split between two trainers
+(the heap one step freed serves the next one), so each side then runs alone in a subprocess (`--only`), with
+both models loaded as in the shared run, and reports how far its steps raised the peak resident set.
 
     python bench/preference_step.py [--steps 10] [--pairs 8]
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,9 +32,10 @@ from pathlib import Path
 
 import torch
 
+from deltatune.core.allocator import release_freed_memory
 from deltatune.core.io import load_adapter
 from deltatune.data.dataset import split_rows
-from deltatune.data.formats import Encoder
+from deltatune.data.formats import Encoder, RowError
 from deltatune.models import smollm2_path
 from deltatune.train import load_train_config
 from deltatune.train.batching import collate
@@ -41,10 +45,12 @@ from deltatune.train.setup import load_tokenizer
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
 LABELS = ["negative", "neutral", "positive"]
+SIDES = ("trl", "deltatune", "sft")
 
 
 class PeakRss:
-    """The largest resident set size seen while the block runs, above the size when it began (MiB)."""
+    """The largest resident set size while the block runs, sampled every 2 ms, and how far it rose (MiB) above
+    the size when the block began."""
 
     def __enter__(self) -> PeakRss:
         self.start = self.peak = self._rss()
@@ -75,11 +81,16 @@ def pairs(n: int):
     rows, _, _ = split_rows(cfg.data, tokenizer, 0)
     encoder = Encoder(tokenizer, spec)
     examples = []
-    for row in rows[:n]:
+    for row in rows:
         label = str(row["sentiment"]).strip()
         wrong = LABELS[(LABELS.index(label) + 1) % 3]
         fields = dict(row, chosen=json.dumps({"sentiment": label}), rejected=json.dumps({"sentiment": wrong}))
-        examples.append(encoder.encode(fields))
+        try:
+            examples.append(encoder.encode(fields))
+        except RowError:  # a tweet too long for max_length: skipped, as training skips it
+            continue
+        if len(examples) == n:
+            break
     return examples, tokenizer
 
 
@@ -110,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--only", choices=SIDES, help="one side alone, for its peak memory")
     args = parser.parse_args()
     torch.manual_seed(0)
     examples, tokenizer = pairs(args.steps * args.pairs)
@@ -127,30 +139,67 @@ def main() -> None:
     )  # fmt: skip
     theirs = trainer.model
     theirs.train()
-    optimizers = {
-        "trl": torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=5e-4, foreach=False),
-        "deltatune": torch.optim.AdamW(
-            [p for p in ours.parameters() if p.requires_grad], lr=5e-4, foreach=False
-        ),
-        "sft": None,
-    }
-    results = {name: {"seconds": [], "added_mib": [], "loss": []} for name in optimizers}
+    sides = Sides(trainer, theirs, ours, objective, tokenizer, examples)
+    if args.only:
+        release_freed_memory()  # what loading freed goes back to the OS, so the steps' growth shows
+        with PeakRss() as watch:
+            for indices in batches:
+                sides.step(args.only, indices)
+        print(json.dumps({"peak_added_mib": watch.added, "peak_mib": watch.peak / 2**20}))
+        return
+    results = {name: {"seconds": [], "loss": []} for name in SIDES}
     for step, indices in enumerate(batches):
-        for name in ["trl", "deltatune", "sft"] if step % 2 == 0 else ["deltatune", "trl", "sft"]:
+        for name in SIDES if step % 2 == 0 else SIDES[::-1]:
             tick = time.perf_counter()
-            with PeakRss() as memory:
-                loss = _step(name, indices, examples, trainer, theirs, ours, objective, tokenizer)
-                if optimizers[name] is not None:
-                    optimizers[name].step()
-                    optimizers[name].zero_grad(set_to_none=True)
-                else:
-                    ours.zero_grad(set_to_none=True)
+            results[name]["loss"].append(sides.step(name, indices))
             results[name]["seconds"].append(time.perf_counter() - tick)
-            results[name]["added_mib"].append(memory.added)
-            results[name]["loss"].append(loss)
     prompt = statistics.mean(len(e.prompt_ids) for e in examples)
     answer = statistics.mean(len(e.input_ids) - len(e.prompt_ids) for e in examples)
     report(results, prompt, answer)
+    memory(args)
+
+
+def memory(args: argparse.Namespace) -> None:
+    alone = {}
+    for name in SIDES:
+        command = [
+            sys.executable,
+            __file__,
+            "--steps",
+            str(args.steps),
+            "--pairs",
+            str(args.pairs),
+            "--only",
+            name,
+        ]
+        run = subprocess.run(command, capture_output=True, text=True, check=True)
+        alone[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{name} alone: its steps raised the peak RSS by {alone[name]['peak_added_mib']:.0f} MiB "
+              f"(peak {alone[name]['peak_mib']:.0f} MiB)")  # fmt: skip
+    ratio = alone["deltatune"]["peak_added_mib"] / max(alone["trl"]["peak_added_mib"], 1)
+    print(f"deltatune / TRL peak memory of the steps: {ratio:.2f}x")
+
+
+class Sides:
+    """One optimizer step of each side: TRL's DPO, deltatune's DPO, deltatune's SFT on prompt + chosen."""
+
+    def __init__(self, trainer, theirs, ours, objective, tokenizer, examples) -> None:
+        self.trainer, self.theirs, self.ours = trainer, theirs, ours
+        self.objective, self.tokenizer, self.examples = objective, tokenizer, examples
+        trainable = [p for p in theirs.parameters() if p.requires_grad]
+        mine = [p for p in ours.parameters() if p.requires_grad]
+        self.optimizers = {
+            "trl": torch.optim.AdamW(trainable, lr=5e-4, foreach=False),
+            "deltatune": torch.optim.AdamW(mine, lr=5e-4, foreach=False),
+        }
+
+    def step(self, name: str, indices: list[int]) -> float:
+        loss = _step(name, indices, self.examples, self.trainer, self.theirs, self.ours, self.objective,
+                     self.tokenizer)  # fmt: skip
+        if name in self.optimizers:
+            self.optimizers[name].step()
+        (self.theirs if name == "trl" else self.ours).zero_grad(set_to_none=True)
+        return loss
 
 
 def _step(name, indices, examples, trainer, theirs, ours, objective, tokenizer) -> float:
@@ -178,12 +227,10 @@ def report(results: dict, prompt: float, answer: float) -> None:
         return statistics.median(results[name][key][1:])
 
     print(f"mean prompt {prompt:.1f} tokens, mean answer {answer:.1f} tokens")
-    print(f"{'step':<12}{'s/step':>9}{'peak MiB added':>16}{'loss at step 1':>16}")
+    print(f"{'step':<12}{'s/step':>9}{'loss at step 1':>16}")
     for name in results:
-        print(f"{name:<12}{median(name, 'seconds'):>9.3f}{median(name, 'added_mib'):>16.0f}"
-              f"{results[name]['loss'][0]:>16.6f}")  # fmt: skip
-    print(f"deltatune / TRL time: {median('deltatune', 'seconds') / median('trl', 'seconds'):.2f}x, "
-          f"peak memory added: {median('deltatune', 'added_mib') / median('trl', 'added_mib'):.2f}x")  # fmt: skip
+        print(f"{name:<12}{median(name, 'seconds'):>9.3f}{results[name]['loss'][0]:>16.6f}")
+    print(f"deltatune / TRL time: {median('deltatune', 'seconds') / median('trl', 'seconds'):.2f}x")
     gaps = [abs(a - b) for a, b in zip(results["deltatune"]["loss"], results["trl"]["loss"], strict=True)]
     print(
         f"loss at step 1: |deltatune - TRL| = {gaps[0]:.2e}; largest per-step gap over the run {max(gaps):.2e}"
