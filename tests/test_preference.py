@@ -155,6 +155,7 @@ def test_unpaired_rows_read_their_label_and_refuse_a_bad_one(tiny_causal_lm, tmp
         ({"objective": "sft", "beta": 0.1}, "instruction", "training.beta belongs to objective dpo / ipo / orpo / simpo / kto"),
         ({"objective": "dpo"}, "instruction", "training.objective=dpo learns from data.format preference"),
         ({"objective": "ipo"}, "unpaired_preference", "learns from data.format preference, got 'unpaired_preference'"),
+        ({"objective": "kto"}, "preference", "objective=kto learns from data.format unpaired_preference, got 'preference'"),
         ({"objective": "dpo", "loss_type": "squared"}, "preference", "training.loss_type"),
         ({"objective": "dpo", "kl_penalty": 0.1}, "preference", "training.kl_penalty applies to the next-token objective"),
     ],

@@ -35,7 +35,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 # the data format each objective trains on
-DATA_FORMATS = {"kto": ("unpaired_preference", "preference")} | {o: ("preference",) for o in PAIRED}
+DATA_FORMATS = {"kto": ("unpaired_preference",)} | {o: ("preference",) for o in PAIRED}
 
 
 def misplaced_setting(objective: str, given: dict[str, Any]) -> str | None:
