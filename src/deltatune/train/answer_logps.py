@@ -75,15 +75,16 @@ def collate_answers(
         answers += [p.input_ids[len(p.prompt_ids) :] for p in partners]
     elif examples[0].rejected_ids is not None:
         answers += [e.rejected_ids for e in examples]
-    prompt_ids, prompt_mask = _right_padded(prompts, pad_id)
-    answer_ids, answer_mask = _right_padded(answers, pad_id)
+    prompt_ids, prompt_mask = right_padded(prompts, pad_id)
+    answer_ids, answer_mask = right_padded(answers, pad_id)
     desirable = None
     if examples[0].desirable is not None:
         desirable = torch.tensor([bool(e.desirable) for e in examples])
     return AnswerBatch(prompt_ids, prompt_mask, answer_ids, answer_mask, desirable)
 
 
-def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one right-padded (ids, attention mask) pair."""
     width = max(1, max(map(len, rows)))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -23,6 +23,7 @@ from torch import nn
 from ..data.formats import IGNORE
 from ..evaluate.forgetting import text_batches
 from ..evaluate.forgetting_report import read_corpus
+from .answer_logps import right_padded
 from .preference import reference_of
 
 
@@ -42,10 +43,13 @@ class KLPenalty:
     def __init__(self, training: Any, tokenizer: Any) -> None:
         self.beta = training.kl_penalty
         self.per_step = training.kl_penalty_texts
-        self.general: list[dict[str, torch.Tensor]] = []
+        self.general: list[list[int]] = []
         if self.per_step:
             texts, _ = read_corpus(training.kl_penalty_corpus)
-            self.general = text_batches(tokenizer, texts, training.kl_penalty_max_tokens, batch_size=1)
+            limit = training.kl_penalty_max_tokens
+            self.general = [
+                b["input_ids"][0].tolist() for b in text_batches(tokenizer, texts, limit, batch_size=1)
+            ]
 
     def task_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
@@ -65,19 +69,10 @@ class KLPenalty:
     def general_loss(self, model: nn.Module, step: int, device: torch.device) -> tuple[torch.Tensor, float]:
         """beta x the KL on this step's general texts (the corpus cycled in order), and the KL itself."""
         rows = [self.general[(step * self.per_step + i) % len(self.general)] for i in range(self.per_step)]
-        batch = _stack(rows, device)
+        ids, mask = right_padded(rows, pad_id=0)
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         logits = _logits(model, batch)
         with torch.no_grad(), reference_of(model):
             base = _logits(model, batch)
         kl = token_kl(logits, base, batch["attention_mask"].bool())
         return self.beta * kl, float(kl.detach())
-
-
-def _stack(rows: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(r["input_ids"].shape[1] for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = r["input_ids"].shape[1]
-        ids[i, :n], mask[i, :n] = r["input_ids"][0], r["attention_mask"][0]
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
