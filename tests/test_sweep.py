@@ -166,7 +166,7 @@ def test_failed_trials_keep_their_reason_and_the_sweep_goes_on(base, tmp_path):
     best = sweep.run(log=lines.append)
     rows = {r["params"]["case"]: r for r in sweep.rows()}
     assert rows["diverges"]["state"] == "failed"
-    assert rows["diverges"]["reason"].startswith("diverged: training loss is nan at step")
+    assert rows["diverges"]["reason"].startswith("diverged: training loss (sft objective) is nan at step")
     assert rows["no_data"]["state"] == "failed" and "missing.jsonl" in rows["no_data"]["reason"]
     assert rows["ok"]["state"] == "complete" and best["number"] == rows["ok"]["number"]
     assert any("trial 0 failed" in line and "diverged" in line for line in lines)
