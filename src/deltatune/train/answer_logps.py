@@ -155,9 +155,9 @@ def _prompt_once(model: nn.Module, batch: AnswerBatch, prompt_nll: bool) -> Answ
     first_logps = first_logps * batch.answer_mask[:, 0]
     follows = batch.answer_mask[:, 1:].bool()  # answer position t predicts answer token t + 1
     rest = _token_logps(answers.logits(answers.states[:, :-1][follows]), batch.answer_ids[:, 1:][follows])
-    logps = first_logps + torch.zeros_like(first_logps).index_put(
-        (row[:, None].expand_as(follows)[follows],), rest, accumulate=True
-    )
+    logps = first_logps + torch.zeros(follows.shape, dtype=rest.dtype, device=rest.device).masked_scatter(
+        follows, rest
+    ).sum(1)
     scores = AnswerScores(logps, batch.answer_mask.sum(1))
     if prompt_nll:
         inside = batch.prompt_mask[:, 1:].bool()

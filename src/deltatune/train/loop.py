@@ -278,10 +278,10 @@ class Trainer:
         """The objective's mean loss on these training rows, and how many tokens they hold; what the step
         logs beside its loss (a preference objective's rewards, the KL penalty's parts) goes into `logged`."""
         if self.preference is not None:
-            out = self.preference.loss(model, "train", idx, self.device)
+            out, tokens = self.preference.loss_and_tokens(model, "train", idx, self.device)
             for key, value in preference_statistics(out).items():
                 logged.setdefault(key, []).append(value)
-            return out.loss, self.preference.batch("train", idx).tokens()
+            return out.loss, tokens
         batch = collate([self.splits.train[i] for i in idx], self.tokenizer.pad_token_id, self.classification)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         tokens = int(batch["attention_mask"].sum())

@@ -90,12 +90,19 @@ class PreferenceObjective:
     def loss(
         self, model: nn.Module, split: str, indices: list[int], device: torch.device
     ) -> PreferenceOutput:
+        return self.loss_and_tokens(model, split, indices, device)[0]
+
+    def loss_and_tokens(
+        self, model: nn.Module, split: str, indices: list[int], device: torch.device
+    ) -> tuple[PreferenceOutput, int]:
+        """The objective's output on these rows, and how many tokens (each prompt once, the answers) they hold."""
         batch = self.batch(split, indices).to(device)
         reference = self.reference_logps(model, batch, split, indices)
         policy = answer_log_probs(
             model, batch, prompt_once=self.prompt_once, prompt_nll=self.objective == "orpo"
         )
-        return preference_loss(self.objective, self.settings, policy, reference, batch.desirable)
+        out = preference_loss(self.objective, self.settings, policy, reference, batch.desirable)
+        return out, batch.tokens()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, batch_size: int, limit: int | None) -> dict:
