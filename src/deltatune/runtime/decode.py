@@ -93,6 +93,7 @@ class _Row:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # kept when the row's Sampling asks for them
+    stop_token: int | None = None  # the end-of-sequence token it ended at
 
 
 class DecodeBatch:
@@ -325,6 +326,7 @@ class DecodeBatch:
                 ended.append((row, "error"))
                 continue
             if token in self.eos:
+                row.stop_token = token
                 steps.append(Step(row.handle, None, "stop"))
                 ended.append((row, "stop"))
                 continue
@@ -361,7 +363,9 @@ class DecodeBatch:
         if not ended:
             return
         for row, reason in ended:
-            self.finished[row.handle] = Completion(row.tokens, reason, row.prompt_tokens, row.logprobs)
+            self.finished[row.handle] = Completion(
+                row.tokens, reason, row.prompt_tokens, row.logprobs, row.stop_token
+            )
         gone = {row.handle for row, _ in ended}
         if not any(r.handle in gone for r in self.rows):
             return  # rows refused at `add` never joined

@@ -16,7 +16,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -167,8 +167,8 @@ class _ChooseTokens(LogitsProcessor):
     leaves it the only finite score, so `model.generate`, run greedy, takes exactly that token. Scores that
     are NaN or infinite raise `NonFiniteOutput`, as on the engine."""
 
-    def __init__(self, sampling: Sampling, adapters: list[str | None], prompt_width: int) -> None:
-        self.samplers = [Sampler(sampling) for _ in adapters]
+    def __init__(self, sampling: list[Sampling], adapters: list[str | None], prompt_width: int) -> None:
+        self.samplers = [Sampler(settings) for settings in sampling]
         self.adapters, self.prompt_width = adapters, prompt_width
         # each row's log-probabilities, step by step (past a row's end too: cut to its tokens afterwards)
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in adapters]
@@ -202,6 +202,7 @@ def generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     logprobs: int | None = None,
     logit_bias: dict[int, float] | None = None,
     on_token: OnToken | None = None,
@@ -211,7 +212,7 @@ def generate(
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling; the settings are OpenAI's (`Sampling`), the
     same for every row, and a seed seeds each row's own generator, so a row's tokens do not depend on its
-    neighbours. `logit_bias` ({token id: bias in [-100, 100]}) is added to those tokens' scores at every step.
+    neighbours; `seeds` gives every row a seed of its own instead (GRPO's G samples of one prompt). `logit_bias` ({token id: bias in [-100, 100]}) is added to those tokens' scores at every step.
     `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
     most likely tokens at its step. The model must be in eval mode.
     `on_token(row, token, logprob)` receives each row's new tokens as they are generated (for streaming),
@@ -233,7 +234,10 @@ def generate(
     bias = tuple(sorted((logit_bias or {}).items()))
     sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed, logprobs, bias)
     check_vocabulary(sampling, model)
-    call = _Rows(prompts, adapters, limits, eos, pad_token_id, sampling, on_token, stop_rows)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one per row")
+    per_row = [sampling] * len(prompts) if seeds is None else [replace(sampling, seed=s) for s in seeds]
+    call = _Rows(prompts, adapters, limits, eos, pad_token_id, per_row, on_token, stop_rows)
     results: dict[int, Completion] = {}
     # merged adapters keep a model off the engine only while they are merged
     engine = continuous and model not in _NOT_CONTINUOUS and not merged_adapter_names(model)
@@ -261,7 +265,7 @@ class _Rows:
     limits: list[int]
     eos: set[int]
     pad_token_id: int
-    sampling: Sampling
+    sampling: list[Sampling]  # each row's
     on_token: OnToken | None
     stop_rows: Callable[[int, list[int]], bool] | None
 
@@ -275,7 +279,7 @@ def _on_engine(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Comp
         [call.prompts[i] for i in rows],
         [call.adapters[i] for i in rows],
         max_new_tokens=[call.limits[i] for i in rows],
-        sampling=[call.sampling] * len(rows),
+        sampling=[call.sampling[i] for i in rows],
     )
     row_of = {step.row: row for step, row in zip(steps, rows, strict=True)}  # engine handle -> our row
     new: dict[int, list[int]] = {row: [] for row in rows}
@@ -306,7 +310,7 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
     ends = _RowsEnd(rows, limits, call.stop_rows, ids.shape[1])
     per_row_ends = call.stop_rows is not None or len({limits[i] for i in rows}) > 1
     adapters = [call.adapters[i] for i in rows]
-    choose = _ChooseTokens(call.sampling, adapters, ids.shape[1])
+    choose = _ChooseTokens([call.sampling[i] for i in rows], adapters, ids.shape[1])
     streamer = None
     if call.on_token is not None:
         streamer = _RowStreamer(rows, limits, eos, call.on_token, ends.ended_at, choose.logprobs)
@@ -328,7 +332,7 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
         done[row] = _finish(new[:ended_at], limits[row], eos, len(call.prompts[row]))
         if ended_at < limits[row] and done[row].finish_reason == "length":
             done[row].finish_reason = "cancelled"
-        if call.sampling.logprobs is not None:
+        if call.sampling[row].logprobs is not None:
             done[row].logprobs = choose.logprobs[j][: len(done[row].tokens)]
     return done
 
@@ -336,5 +340,5 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
 def _finish(new: list[int], limit: int, eos: set[int], prompt_tokens: int) -> Completion:
     for position, token in enumerate(new[:limit]):
         if token in eos:
-            return Completion(new[:position], "stop", prompt_tokens)
+            return Completion(new[:position], "stop", prompt_tokens, stop_token=token)
     return Completion(new[:limit], "length", prompt_tokens)

@@ -33,6 +33,7 @@ class Completion:
     # "cancelled": ended early on request (stop_rows), tokens up to then
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per token, when the row's Sampling asked for them
+    stop_token: int | None = None  # the end-of-sequence token that ended a "stop" row (not in `tokens`)
 
 
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty, either sign

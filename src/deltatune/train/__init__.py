@@ -96,7 +96,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
         _write_resolved_config(cfg, out)
     seed_everything(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
-    splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    splits = load_data(cfg.data, tokenizer, cfg.training.seed, row_check=usable_row(cfg))
     if splits.label_names is not None and cfg.data.labels is None:
         # the head's class order, as the data implied it, becomes part of the run's config
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": splits.label_names})})
@@ -120,6 +120,29 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     return Trainer(cfg, model, tokenizer, splits, info, device, adapter_config).run(resume=resume)
 
 
+def usable_row(cfg: TrainConfig) -> Any:
+    """GRPO: why a row cannot be trained on (a reward's field missing, a prompt too long to leave room for a
+    completion), so the data report names and counts it; None for the other objectives."""
+    if cfg.training.objective != "grpo":
+        return None
+    from .grpo import reward_fields
+    from .rewards import load_rewards, missing_field
+
+    completion = cfg.objective_settings["max_completion_length"]
+    rewards = load_rewards(cfg.training.rewards, completion)
+    room = cfg.data.max_length - completion
+
+    def check(example: Any) -> str | None:
+        if len(example.prompt_ids) > room:
+            return (
+                f"the prompt has {len(example.prompt_ids)} tokens; with training.max_completion_length={completion} "
+                f"it does not fit in data.max_length={cfg.data.max_length}"
+            )
+        return missing_field(rewards, reward_fields(example))
+
+    return check
+
+
 def continue_adapter(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) -> Any:
     """`training.init_adapter`: the saved adapter becomes the one trained; an objective with a reference gets a
     frozen copy of it too, so the pairs are judged against where the run started, not the bare base."""
@@ -137,7 +160,7 @@ def continue_adapter(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) -
             f"{cfg.adapter.method}; set adapter.method: {config.peft_type.lower()} (its other settings come from "
             "the folder)"
         )
-    if uses_reference(cfg.training.objective):
+    if uses_reference(cfg.training.objective, cfg.objective_settings.get("beta")):
         load_adapter(model, folder, REFERENCE_ADAPTER, tokenizer=tokenizer)
     set_adapter(model, "default")
     return config
@@ -188,7 +211,9 @@ def _load_reference(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) ->
     from .objectives import uses_reference
     from .preference import REFERENCE_ADAPTER
 
-    if cfg.training.init_adapter and uses_reference(cfg.training.objective):
+    if cfg.training.init_adapter and uses_reference(
+        cfg.training.objective, cfg.objective_settings.get("beta")
+    ):
         load_adapter(model, cfg.training.init_adapter, REFERENCE_ADAPTER, tokenizer=tokenizer)
         set_adapter(model, "default")
 

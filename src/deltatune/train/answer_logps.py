@@ -62,6 +62,7 @@ class AnswerScores:
     tokens: torch.Tensor  # (rows,) answer tokens per row
     prompt_nll: torch.Tensor | None = None  # summed NLL of the first answer set's prompt tokens (ORPO)
     prompt_tokens: int = 0
+    token_logps: torch.Tensor | None = None  # (rows, C) each answer token's own, 0 at padding (`per_token`)
 
 
 def collate_answers(
@@ -95,12 +96,19 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 def answer_log_probs(
-    model: nn.Module, batch: AnswerBatch, *, prompt_once: bool, prompt_nll: bool = False
-) -> AnswerScores:
-    """Per-row answer log-probabilities of `model` on `batch` (see the module docstring)."""
+    model: nn.Module, batch: AnswerBatch, *, prompt_once: bool, prompt_nll: bool = False,
+    per_token: bool = False, temperature: float = 1.0,
+) -> AnswerScores:  # fmt: skip
+    """Per-row answer log-probabilities of `model` on `batch` (see the module docstring). `per_token`: also
+    each answer token's (GRPO's ratio is per token); `temperature`: of the distribution the tokens are scored
+    under (GRPO scores its samples under the temperature they were drawn at, as TRL does)."""
     if prompt_once:
-        return _prompt_once(model, batch, prompt_nll)
-    return _whole_rows(model, batch, prompt_nll)
+        scores = _prompt_once(model, batch, prompt_nll, temperature)
+    else:
+        scores = _whole_rows(model, batch, prompt_nll, temperature)
+    if not per_token:
+        scores.token_logps = None
+    return scores
 
 
 class _Outputs:
@@ -127,11 +135,13 @@ def _call(model: nn.Module, ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[
     return out.logits[:, -ids.shape[1] :], kwargs.get(cache_argument(model))
 
 
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    if temperature != 1.0:
+        logits = logits / temperature
     return F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
-def _prompt_once(model: nn.Module, batch: AnswerBatch, prompt_nll: bool) -> AnswerScores:
+def _prompt_once(model: nn.Module, batch: AnswerBatch, prompt_nll: bool, temperature: float) -> AnswerScores:
     b, n = batch.prompts, batch.answers_per_prompt
     lengths = batch.prompt_mask.sum(1)
     name = cache_argument(model)
@@ -151,14 +161,15 @@ def _prompt_once(model: nn.Module, batch: AnswerBatch, prompt_nll: bool) -> Answ
     first = prompt.states[
         row % b, lengths.repeat(n) - 1
     ]  # the prompt's last token predicts the first answer token
-    first_logps = _token_logps(prompt.logits(first), batch.answer_ids[:, 0])
+    first_logps = _token_logps(prompt.logits(first), batch.answer_ids[:, 0], temperature)
     first_logps = first_logps * batch.answer_mask[:, 0]
     follows = batch.answer_mask[:, 1:].bool()  # answer position t predicts answer token t + 1
-    rest = _token_logps(answers.logits(answers.states[:, :-1][follows]), batch.answer_ids[:, 1:][follows])
-    logps = first_logps + torch.zeros(follows.shape, dtype=rest.dtype, device=rest.device).masked_scatter(
-        follows, rest
-    ).sum(1)
-    scores = AnswerScores(logps, batch.answer_mask.sum(1))
+    rest = _token_logps(
+        answers.logits(answers.states[:, :-1][follows]), batch.answer_ids[:, 1:][follows], temperature
+    )
+    later = torch.zeros(follows.shape, dtype=rest.dtype, device=rest.device).masked_scatter(follows, rest)
+    scores = AnswerScores(first_logps + later.sum(1), batch.answer_mask.sum(1))
+    scores.token_logps = torch.cat([first_logps[:, None].to(later.dtype), later], dim=1)
     if prompt_nll:
         inside = batch.prompt_mask[:, 1:].bool()
         nll = -_token_logps(
@@ -187,7 +198,7 @@ def whole_rows(batch: AnswerBatch, pad_id: int = 0) -> tuple[torch.Tensor, torch
     return ids, mask, answer
 
 
-def _whole_rows(model: nn.Module, batch: AnswerBatch, prompt_nll: bool) -> AnswerScores:
+def _whole_rows(model: nn.Module, batch: AnswerBatch, prompt_nll: bool, temperature: float) -> AnswerScores:
     ids, mask, answer = whole_rows(batch)
     out = _Outputs(model, ids, attention_mask=mask)
     predicts = answer[:, 1:].bool()  # position t predicts token t + 1
@@ -198,10 +209,16 @@ def _whole_rows(model: nn.Module, batch: AnswerBatch, prompt_nll: bool) -> Answe
         predicts_all = predicts | prompt_part
     else:
         predicts_all = predicts
-    token_logps = _token_logps(out.logits(out.states[:, :-1][predicts_all]), ids[:, 1:][predicts_all])
+    token_logps = _token_logps(
+        out.logits(out.states[:, :-1][predicts_all]), ids[:, 1:][predicts_all], temperature
+    )
     full = torch.zeros(predicts_all.shape, dtype=token_logps.dtype, device=ids.device)
     full = full.masked_scatter(predicts_all, token_logps)
     scores = AnswerScores((full * predicts).sum(1), answer.sum(1))
+    # each answer's tokens in order, moved to the answer's own columns (rows, C)
+    scores.token_logps = torch.zeros(
+        batch.answer_mask.shape, dtype=full.dtype, device=ids.device
+    ).masked_scatter(batch.answer_mask.bool(), full[predicts])
     if prompt_nll:
         scores.prompt_nll, scores.prompt_tokens = -(full * prompt_part).sum(), int(prompt_part.sum())
     return scores

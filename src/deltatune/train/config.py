@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..core.errors import DeltatuneError
-from .objectives import DATA_FORMATS, OBJECTIVES, misplaced_setting
+from .objectives import DATA_FORMATS, LOSS_TYPES, OBJECTIVES, misplaced_setting
 
 
 class ConfigError(DeltatuneError, ValueError):
@@ -78,6 +78,8 @@ FULL_FINE_TUNING = "full"  # the adapter.method that is no adapter
 _FORMAT_FIELDS = {
     "preference": "prompt, chosen and rejected",
     "unpaired_preference": "prompt, completion and label (true for a desirable answer)",
+    "instruction": "instruction and output (or data.instruction_template and output_template): the prompt, and "
+    "the reference answer the rewards check",
 }
 
 
@@ -114,6 +116,15 @@ class FsdpSpec(Section):
     cpu_offload: bool = False  # keep the shards (and optimizer state) in CPU memory; for GPUs short of memory
 
 
+class RewardSpec(Section):
+    """One GRPO reward (train/rewards.py): a built-in name or module:function, its weight in the sum, and the
+    keyword options it is called with (regex: pattern; length_penalty: max_tokens, soft_tokens)."""
+
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainingSpec(Section):
     max_steps: int = Field(gt=0)
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
@@ -141,13 +152,28 @@ class TrainingSpec(Section):
     # on preference pairs; kto on answers marked desirable or not. The settings below are TRL's names; each
     # belongs to the objectives that read it, and is an error for another.
     objective: Literal[OBJECTIVES] = "sft"  # type: ignore[valid-type]
-    beta: float | None = Field(None, gt=0)
-    loss_type: Literal["sigmoid", "hinge", "robust"] | None = None
+    beta: float | None = Field(
+        None, ge=0
+    )  # > 0 for the preference objectives; grpo: 0 (no reference) allowed
+    # dpo: sigmoid | hinge | robust; grpo: grpo | bnpo | dr_grpo | dapo (train/grpo_loss.py)
+    loss_type: Literal["sigmoid", "hinge", "robust", "grpo", "bnpo", "dr_grpo", "dapo"] | None = None
     label_smoothing: float | None = Field(None, ge=0, lt=0.5)
     simpo_gamma: float | None = None
     cpo_alpha: float | None = Field(None, ge=0)
     desirable_weight: float | None = Field(None, gt=0)
     undesirable_weight: float | None = Field(None, gt=0)
+    # grpo (TRL's GRPOConfig names): G completions sampled per prompt (training.batch_size counts prompts, so a
+    # micro-batch trains on batch_size x G completions; TRL's per-device batch counts completions), their
+    # length, temperature and top-p; the clipping range [1 - epsilon, 1 + epsilon_high]; how rewards are scaled
+    # into advantages (group | batch | none); and the rewards, each a name or {name, weight, options}.
+    num_generations: int | None = Field(None, ge=2)
+    max_completion_length: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    epsilon: float | None = Field(None, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    rewards: list[str | RewardSpec] | None = None
     # Start from a trained adapter (a folder) and keep training it; the preference objectives then take that
     # adapter, frozen, as their reference (the policy the pairs are judged against), not the bare base.
     init_adapter: str | None = None
@@ -207,9 +233,16 @@ class TrainConfig(Section):
                 f"{'classification' if classification else 'causal_lm'!r}, got {self.model.task!r}"
             )
         self._check_objective()
+        if self.training.objective == "grpo" and "metric" not in self.eval.model_fields_set:
+            self.eval.metric = "reward"  # GRPO has no held-out loss; its mean reward is what it raises
         allowed = {"loss"} | set(self.eval.generate_metrics)
         allowed |= {"accuracy", "f1"} if classification else set()
-        allowed |= {"reward_accuracy", "reward_margin"} if self.training.objective not in ("sft",) else set()
+        objective = self.training.objective
+        allowed |= {"reward_accuracy", "reward_margin"} if objective not in ("sft", "grpo") else set()
+        allowed |= {"reward"} if objective == "grpo" else set()
+        allowed -= (
+            {"loss"} if objective == "grpo" else set()
+        )  # its loss is on its own samples: no held-out loss
         if self.eval.metric not in allowed:
             raise ValueError(
                 f"eval.metric={self.eval.metric!r} is not computed by this config; choose one of "
@@ -242,6 +275,22 @@ class TrainConfig(Section):
         problem = misplaced_setting(t.objective, t.model_dump())
         if problem:
             raise ValueError(problem)
+        if t.loss_type is not None and t.loss_type not in LOSS_TYPES.get(t.objective, ()):
+            raise ValueError(
+                f"training.loss_type={t.loss_type} is not a loss of objective {t.objective}; choose one of "
+                f"{list(LOSS_TYPES[t.objective])}"
+            )
+        if t.beta == 0 and t.objective != "grpo":
+            raise ValueError(
+                f"training.beta must be > 0 for objective {t.objective}; 0 is allowed for grpo only"
+            )
+        if t.objective == "grpo":
+            self._check_grpo()
+        elif t.rewards is not None:
+            raise ValueError(
+                f"training.rewards score sampled completions for objective grpo, not training.objective="
+                f"{t.objective}; remove them or set training.objective: grpo"
+            )
         wanted = DATA_FORMATS.get(t.objective)
         if wanted and self.data.format not in wanted:
             raise ValueError(
@@ -267,6 +316,38 @@ class TrainConfig(Section):
                 "distribution on every batch, and a full fine-tune overwrites the base, so it would take a second "
                 "copy of the whole model in memory. Train an adapter (e.g. method: lora), or watch forgetting "
                 "without a penalty with eval.forgetting."
+            )
+
+    def _check_grpo(self) -> None:
+        t, settings = self.training, self.objective_settings
+        if not t.rewards:
+            raise ValueError(
+                "training.objective=grpo needs training.rewards: a list of built-in names (json_valid, "
+                "json_match, exact_match, regex, length_penalty) or module:function, e.g. rewards: [json_match]"
+            )
+        room = self.data.max_length - settings["max_completion_length"]
+        if room < 1:
+            raise ValueError(
+                f"training.max_completion_length={settings['max_completion_length']} leaves no room for a prompt "
+                f"under data.max_length={self.data.max_length}; a prompt and its completion must fit in "
+                "data.max_length: lower the one or raise the other"
+            )
+        if self.eval.loss_every:
+            raise ValueError(
+                "eval.loss_every: objective grpo has no held-out loss (its loss is on its own samples); evaluate "
+                "its rewards with eval.every"
+            )
+        if self.training.distributed == "fsdp":
+            raise ValueError(
+                "training.objective=grpo with training.distributed=fsdp: each rank samples its own completions, "
+                "for a different number of decode steps, and every FSDP forward is a collective all ranks must "
+                "join. Use distributed: ddp"
+            )
+        if settings["beta"] and self.adapter.full:
+            raise ValueError(
+                "training.objective=grpo with beta > 0 and adapter.method=full: the KL term needs the reference "
+                "model at every step, and a full fine-tune overwrites it (a second copy of the model). Train an "
+                "adapter, or set training.beta: 0"
             )
 
     @property
@@ -369,6 +450,13 @@ def validate_config(
             f"{source}: training.init_adapter {cfg.training.init_adapter} brings its own adapter settings; remove "
             f"{sorted(cfg.adapter.model_extra)} from the adapter section (keep only its method)"
         )
+    if cfg.training.objective == "grpo":  # an unknown reward or a failing import: now, before any model loads
+        from .rewards import RewardError, load_rewards
+
+        try:
+            load_rewards(cfg.training.rewards, cfg.objective_settings["max_completion_length"])
+        except RewardError as exc:
+            raise ConfigError(f"{source}: training.rewards: {exc}") from None
     try:
         if not cfg.training.init_adapter:
             check_adapter_section(cfg.adapter)

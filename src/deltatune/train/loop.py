@@ -40,11 +40,13 @@ from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
+from .grpo import GRPOObjective, Rollout
 from .kl_penalty import KLPenalty
 from .objectives import uses_reference
 from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
+from .rewards import load_rewards
 from .schedules import learning_rate_schedule
 from .shared_prefix import unavailable
 
@@ -204,6 +206,11 @@ class Trainer:
         self.log = MetricsLog(self.out / "metrics.jsonl", info.is_main)
         self.saved_to = self.out / ("model" if adapter_config is None else "adapter")
         self.preference = self._preference_objective(adapter_config is None)
+        self.grpo = self._grpo_objective()
+        self._rollout: Rollout | None = (
+            None  # GRPO: the step's samples, and the part the micro-batch trains on
+        )
+        self._prompts, self._dapo_tokens = range(0), None
         self.kl_penalty = KLPenalty(cfg.training, tokenizer) if cfg.training.kl_penalty else None
         self._step = 0
         spec = cfg.eval.forgetting
@@ -215,7 +222,7 @@ class Trainer:
 
     def _preference_objective(self, full: bool) -> PreferenceObjective | None:
         t = self.cfg.training
-        if t.objective == "sft":
+        if t.objective in ("sft", "grpo"):
             return None
         why = prompt_once_unavailable(self.cfg, self.model, self.info.enabled)
         if why and self.info.is_main:
@@ -224,6 +231,23 @@ class Trainer:
             t.objective, self.cfg.objective_settings, pad_id=self.tokenizer.pad_token_id,
             batch_size=t.batch_size, prompt_once=why is None, precompute=full,
             train=self.splits.train, validation=self.splits.validation,
+        )  # fmt: skip
+
+    def _grpo_objective(self) -> GRPOObjective | None:
+        t = self.cfg.training
+        if t.objective != "grpo":
+            return None
+        settings = self.cfg.objective_settings
+        why = prompt_once_unavailable(self.cfg, self.model, self.info.enabled)
+        if why and self.info.is_main:
+            print(
+                f"each completion runs with its prompt (not the prompt once per group): {why}",
+                file=sys.stderr,
+            )
+        return GRPOObjective(
+            settings, load_rewards(t.rewards, settings["max_completion_length"]), self.tokenizer,
+            train=self.splits.train, validation=self.splits.validation, seed=t.seed, prompt_once=why is None,
+            distributed=self.info.enabled,
         )  # fmt: skip
 
     # --- pieces ----------------------------------------------------------------------------------------------
@@ -240,19 +264,18 @@ class Trainer:
         losses, tokens = [], 0
         logged: dict[str, list[float]] = {}
         self._step = step
-        for a in range(accum):
-            idx = micro_batch_indices(
-                len(self.splits.train),
-                t.seed,
-                step,
-                a,
-                t.batch_size,
-                accum,
-                self.info.rank,
-                self.info.world_size,
-                self.lengths,
-                t.length_grouping_steps,
+        batches = [
+            micro_batch_indices(
+                len(self.splits.train), t.seed, step, a, t.batch_size, accum, self.info.rank,
+                self.info.world_size, self.lengths, t.length_grouping_steps,
             )
+            for a in range(accum)
+        ]  # fmt: skip
+        self._rollout = self._sample_step(model, step, batches, logged) if self.grpo is not None else None
+        first = 0
+        for a, idx in enumerate(batches):
+            self._prompts = range(first, first + len(idx))  # this micro-batch's prompts in the rollout
+            first += len(idx)
             with self._gradient_sync(model, last=a == accum - 1):
                 with self.autocast():
                     loss, batch_tokens = self._micro_batch_loss(model, idx, logged)
@@ -277,6 +300,13 @@ class Trainer:
     ) -> tuple[torch.Tensor, int]:
         """The objective's mean loss on these training rows, and how many tokens they hold; what the step
         logs beside its loss (a preference objective's rewards, the KL penalty's parts) goes into `logged`."""
+        if self.grpo is not None:
+            out = self.grpo.loss(model, self._rollout, self._prompts, self.device, self._dapo_tokens)
+            parts = {"clip_ratio/low": out.clip_low, "clip_ratio/high": out.clip_high,
+                     "clip_ratio/region": out.clip_region} | ({} if out.kl is None else {"kl": out.kl})  # fmt: skip
+            for key, value in parts.items():
+                logged.setdefault(key, []).append(value)
+            return out.loss, self._rollout.tokens(self._prompts)
         if self.preference is not None:
             out, tokens = self.preference.loss_and_tokens(model, "train", idx, self.device)
             for key, value in preference_statistics(out).items():
@@ -295,6 +325,20 @@ class Trainer:
         for key, value in parts.items():
             logged.setdefault(key, []).append(value)
         return loss, tokens
+
+    def _sample_step(
+        self, model: nn.Module, step: int, batches: list[list[int]], logged: dict[str, list[float]]
+    ) -> Rollout:
+        """GRPO: this step's completions, for every micro-batch at once (as TRL generates a whole step's), with
+        the adapter as it is before the step's update; their reward statistics go into `logged`."""
+        rollout = self.grpo.rollout(model, step, [i for idx in batches for i in idx], self.autocast)
+        for key, value in rollout.metrics.items():
+            logged.setdefault(key, []).append(value)
+        # dapo: every completion token of the step, on every rank, weighs alike
+        mask_tokens = torch.tensor(float(sum(map(len, rollout.completion_ids))), device=self.device)
+        total = all_mean(mask_tokens, self.info) * self.info.world_size
+        self._dapo_tokens = float(total) / (self.info.world_size * len(batches))
+        return rollout
 
     def _gradient_sync(self, model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
         """Ranks reduce gradients only on the last micro-batch of a step; before it they accumulate locally."""
@@ -321,6 +365,12 @@ class Trainer:
         """The evaluation `eval` asks for, logged; `loss_only`: the validation loss alone (eval.loss_every)."""
         spec = self.cfg.eval.model_copy(update={"generate_metrics": []}) if loss_only else self.cfg.eval
         metrics: dict[str, float] = {}
+        if self.grpo is not None:  # its own greedy samples give both the rewards and the generation metrics
+            metrics = self.grpo.evaluate(self.model, spec, self.autocast)
+            if self.monitor is not None and not loss_only:
+                metrics[KL_KEY] = self.monitor.measure(self.model)
+            self.log.write({"step": step, "split": "validation", **metrics})
+            return metrics
         if self.preference is not None:
             with self.autocast():
                 metrics = self.preference.evaluate(
@@ -360,6 +410,8 @@ class Trainer:
         defaults where not given, and which reference it was judged against."""
         t = self.cfg.training
         reference = None
+        if self.grpo is not None and uses_reference(t.objective, self.cfg.objective_settings["beta"]):
+            reference = f"adapter {t.init_adapter} (frozen copy)" if t.init_adapter else "base (adapters off)"
         if self.preference is not None and uses_reference(t.objective):
             reference = (
                 f"adapter {t.init_adapter} (frozen copy)" if t.init_adapter

@@ -13,29 +13,43 @@ answers marked desirable or not):
   `cpo_alpha` > 0 adds that much NLL of the chosen answer (TRL's CPO).
 - kto (Ethayarajh et al. 2024): 1 - sigmoid(beta * (log-ratio - z)) for a desirable answer and
   1 - sigmoid(beta * (z - log-ratio)) for an undesirable one, z the batch's KL estimate from mismatched pairs.
+
+grpo (Shao et al. 2024) learns from its own samples, scored by rewards a program checks (train/grpo.py,
+train/grpo_loss.py, train/rewards.py); its reference (the KL term) is used only when beta > 0.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
 PAIRED = frozenset({"dpo", "ipo", "orpo", "simpo"})
 REFERENCE_FREE = frozenset({"sft", "orpo", "simpo"})
 
 # setting -> {objective: default}. A setting given for an objective not listed is an error naming its owners.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "beta": {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1},
-    "loss_type": {"dpo": "sigmoid"},
+    "beta": {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1, "grpo": 0.0},
+    "loss_type": {"dpo": "sigmoid", "grpo": "dapo"},
     "label_smoothing": {"dpo": 0.0, "simpo": 0.0},
     "simpo_gamma": {"simpo": 0.5},
     "cpo_alpha": {"simpo": 0.0},
     "desirable_weight": {"kto": 1.0},
     "undesirable_weight": {"kto": 1.0},
+    # GRPO (TRL's defaults, but a completion of at most 128 tokens, not 512: this is a CPU-first tool)
+    "num_generations": {"grpo": 8},
+    "max_completion_length": {"grpo": 128},
+    "temperature": {"grpo": 1.0},
+    "top_p": {"grpo": 1.0},
+    "epsilon": {"grpo": 0.2},
+    "epsilon_high": {"grpo": None},  # None: epsilon (symmetric clipping)
+    "scale_rewards": {"grpo": "group"},
 }
+LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "robust"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
 
 # the data format each objective trains on
-DATA_FORMATS = {"kto": ("unpaired_preference",)} | {o: ("preference",) for o in PAIRED}
+DATA_FORMATS = {"kto": ("unpaired_preference",), "grpo": ("instruction",)} | {
+    o: ("preference",) for o in PAIRED
+}
 
 
 def misplaced_setting(objective: str, given: dict[str, Any]) -> str | None:
@@ -59,9 +73,14 @@ def resolved_settings(training: Any) -> dict[str, Any]:
         if objective in owners:
             value = getattr(training, name)
             settings[name] = owners[objective] if value is None else value
+    if objective == "grpo" and settings["epsilon_high"] is None:
+        settings["epsilon_high"] = settings["epsilon"]
     return settings
 
 
-def uses_reference(objective: str) -> bool:
-    """Whether the objective compares against a reference policy (the base, with adapters off)."""
+def uses_reference(objective: str, beta: float | None = None) -> bool:
+    """Whether the objective compares against a reference policy (the base, with adapters off); GRPO does
+    when its `beta` (as resolved) is not 0."""
+    if objective == "grpo":
+        return bool(beta)
     return objective not in REFERENCE_FREE

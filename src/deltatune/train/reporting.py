@@ -48,34 +48,56 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+TRAIN_PANELS = {  # what a GRPO run logs per step, each drawn against the step when present
+    "reward": "mean reward of the step's samples",
+    "completion_length": "completion tokens (mean)",
+    "kl": "KL(policy || reference), nats/token",
+    "clip_ratio/region": "share of tokens clipped",
+}
+
+
 def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path | None:
-    """Training loss and validation loss against the optimizer step; beside it the validation metric, and
-    the forgetting monitor's KL when the run had one."""
+    """Training loss and validation loss against the optimizer step; beside it the validation metric, the
+    forgetting monitor's KL when the run had one, and a GRPO run's reward (each reward function's too),
+    completion length, KL and clipped share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "validation"]
     if not train and not evals:
         return None
     panels = [key for key in (metric, "forgetting_kl") if key != "loss" and any(key in r for r in evals)]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 5 * len(panels), 4), squeeze=False)
+    steps = [key for key in TRAIN_PANELS if any(key in r for r in train)]
+    count = 1 + len(panels) + len(steps)
+    fig, axes = plt.subplots(1, count, figsize=(6 + 5 * (count - 1), 4), squeeze=False)
     loss_ax = axes[0][0]
     if train:
-        loss_ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.8)
-    if evals:
-        loss_ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.8)
+    if any("loss" in r for r in evals):
+        shown = [r for r in evals if "loss" in r]
+        loss_ax.plot([r["step"] for r in shown], [r["loss"] for r in shown], "o-", label="validation loss")
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
-    for ax, key in zip(axes[0][1:], panels, strict=True):
+    for ax, key in zip(axes[0][1:], panels, strict=False):
         ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-")
         ax.set_xlabel("step")
         ax.set_ylabel(
             "KL(base || model) on general text, nats/token" if key == "forgetting_kl" else f"validation {key}"
         )
+    for ax, key in zip(axes[0][1 + len(panels) :], steps, strict=True):
+        shown = [key] + sorted({k for r in train for k in r if key == "reward" and k.startswith("reward/")})
+        for name in shown:
+            ax.plot(
+                [r["step"] for r in train if name in r], [r[name] for r in train if name in r], label=name
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel(TRAIN_PANELS[key])
+        if len(shown) > 1:
+            ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
