@@ -29,7 +29,7 @@ from ..core.modes import eval_mode
 from ..data.formats import Example
 from ..runtime.generate import generate
 from ..runtime.mixed import mixable_refusal
-from ..runtime.sampling import end_of_sequence_ids
+from ..runtime.sampling import Completion, end_of_sequence_ids
 from .answer_logps import AnswerBatch, answer_log_probs, right_padded
 from .evaluate import answer_metrics
 from .grpo_loss import GRPOOutput, group_advantages, grpo_loss
@@ -90,6 +90,13 @@ class GRPOObjective:
             model, prompts, seeds=seeds, temperature=s["temperature"], top_p=s["top_p"],
             max_new_tokens=s["max_completion_length"], autocast=autocast,
         )  # fmt: skip
+        return self.judge(rows, completions)
+
+    def judge(self, rows: list[int], completions: list[Completion]) -> Rollout:
+        """Score the G completions of each row's prompt (G consecutive per row) and turn the rewards into
+        advantages: everything of a step but the sampling (the TRL oracle test gives fixed completions here)."""
+        s, g = self.settings, self.group
+        examples = [self.splits["train"][r] for r in rows]
         ids = [c.tokens + ([c.stop_token] if c.stop_token is not None else []) for c in completions]
         table = self._score(examples, g, completions, ids, "train", rows)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)

@@ -7,7 +7,9 @@ Per completion i of a group of G samples of one prompt, with rewards r:
 Per completion token t, with ratio rho = pi(t) / pi_old(t) (pi_old: the policy that sampled it, which is this
 step's policy before its update, so rho = 1 in value and carries only the gradient):
     l_t = -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t,
-    KL_t = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3 estimate of KL(pi || ref), never negative).
+    KL_t = rho * (exp(ref - logp) - (ref - logp) - 1): Schulman's k3 estimate of KL(pi || ref), never negative,
+    times the ratio, which is 1 in value but makes the gradient that of an unbiased estimate of the KL under
+    the sampling policy (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default).
 Reduced by `loss_type`: grpo, the mean over completions of each one's token mean; bnpo, the mean over the
 micro-batch's tokens; dr_grpo, the sum over tokens / (completions x max_completion_length); dapo (TRL's
 default), the sum over tokens / the step's mean completion tokens per micro-batch (every micro-batch and rank
@@ -63,7 +65,7 @@ def grpo_loss(
     kl = None
     if beta != 0.0:
         diff = ref_logps - logps
-        per_token_kl = torch.exp(diff) - diff - 1
+        per_token_kl = (torch.exp(diff) - diff - 1) * ratio  # 1 in value: the ratio's gradient is the point
         per_token = per_token + beta * per_token_kl
         kl = _masked_mean(per_token_kl, mask)
     loss = _reduce(per_token * mask, mask, loss_type, max_completion_length, dapo_tokens)
