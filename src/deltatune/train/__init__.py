@@ -178,7 +178,7 @@ def evaluate_adapter(
     if adapter is not None and cfg.model.task == "classification":
         cfg = _with_adapter_labels(cfg, adapter, saved_label_names(adapter))
     tokenizer = load_tokenizer(cfg.model)
-    splits = load_data(cfg.data, tokenizer, cfg.training.seed)
+    splits = load_data(cfg.data, tokenizer, cfg.training.seed, row_check=usable_row(cfg))
     print(splits.report.summary(), file=sys.stderr, flush=True)
     untrained = (
         "evaluating the base alone: its classification head is untrained (random), so expect chance level"
@@ -190,6 +190,9 @@ def evaluate_adapter(
         _load_reference(model, cfg, tokenizer)
     device = pick_device(cfg.training.device, Dist())
     model.to(device).eval()
+    if cfg.training.objective == "grpo":  # the rewards and generation metrics of one greedy answer per row
+        result = grpo_metrics(cfg, model, tokenizer, splits)
+        return {**result, "examples": len(splits.validation)}
     preference = cfg.training.objective != "sft"
     metrics, answers = validation_metrics(
         model, tokenizer, splits.validation, cfg.eval, classification=cfg.model.task == "classification",
@@ -235,6 +238,20 @@ def preference_metrics(
     if not has_adapters:  # the base is its own reference
         objective.keep_reference(model, device, cfg.eval.batch_size)
     return objective.evaluate(model, device, cfg.eval.batch_size, cfg.eval.loss_samples)
+
+
+def grpo_metrics(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, splits: Any) -> dict[str, Any]:
+    """`deltatune eval` of a GRPO config: each validation row's greedy answer, scored by the config's rewards
+    (their weighted mean, `reward`, and each one's), and the generation metrics the eval section lists."""
+    from .grpo import GRPOObjective
+    from .rewards import load_rewards
+
+    settings = cfg.objective_settings
+    objective = GRPOObjective(
+        settings, load_rewards(cfg.training.rewards, settings["max_completion_length"]), tokenizer, train=[],
+        validation=splits.validation, seed=cfg.training.seed, prompt_once=False, distributed=False,
+    )  # fmt: skip
+    return objective.evaluate(model, cfg.eval)
 
 
 def _with_adapter_labels(cfg: TrainConfig, adapter: str | Path, saved: list[str] | None) -> TrainConfig:

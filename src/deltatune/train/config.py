@@ -166,7 +166,7 @@ class TrainingSpec(Section):
     # micro-batch trains on batch_size x G completions; TRL's per-device batch counts completions), their
     # length, temperature and top-p; the clipping range [1 - epsilon, 1 + epsilon_high]; how rewards are scaled
     # into advantages (group | batch | none); and the rewards, each a name or {name, weight, options}.
-    num_generations: int | None = Field(None, ge=2)
+    num_generations: int | None = Field(None, ge=1)  # 1 is refused with the reason (no group to normalise)
     max_completion_length: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -324,6 +324,11 @@ class TrainConfig(Section):
             raise ValueError(
                 "training.objective=grpo needs training.rewards: a list of built-in names (json_valid, "
                 "json_match, exact_match, regex, length_penalty) or module:function, e.g. rewards: [json_match]"
+            )
+        if settings["num_generations"] < 2:
+            raise ValueError(
+                "training.num_generations=1 leaves no group to normalise: GRPO's advantage is a completion's reward "
+                "against the other samples of its prompt. Use 2 or more (TRL's default is 8)"
             )
         room = self.data.max_length - settings["max_completion_length"]
         if room < 1:
