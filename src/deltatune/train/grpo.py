@@ -102,8 +102,9 @@ class GRPOObjective:
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         per_function = torch.tensor(table, dtype=torch.float64)
         rewards = (per_function * weights).sum(1)
-        advantages, flat = group_advantages(self._all_ranks(rewards), g, s["scale_rewards"])
-        if self.distributed and dist.is_initialized():  # this rank's part of the gathered batch
+        gathered = self._all_ranks(rewards)
+        advantages, flat = group_advantages(gathered, g, s["scale_rewards"])
+        if len(gathered) > len(rewards):  # this rank's part of the gathered batch
             rank, size = dist.get_rank(), len(rewards)
             advantages = advantages[rank * size : (rank + 1) * size]
         metrics = {

@@ -1,0 +1,83 @@
+"""A GRPO run survives what an SFT run survives, through the real command in subprocesses: killed with SIGKILL
+mid-run and resumed, it samples the completions the uninterrupted run sampled (each completion's seed is a
+function of the run's seed, the step and the row: no generator state to lose) and ends with the same adapter,
+bit for bit; two DDP ranks, each sampling its own prompts, end where one process with twice the gradient
+accumulation ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_resume_and_ddp import ENV, adapter_tensors, metric_records
+from train_helpers import causal_config, instruction_rows, write_config, write_jsonl
+
+pytestmark = pytest.mark.subprocess
+TESTS = str(Path(__file__).parent)
+
+
+def run_train(config: Path, *args: str, fault: str | None = None, launcher: list[str] | None = None):
+    """The command, with this folder on the path (the rewards live in grpo_rewards.py)."""
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [TESTS, ENV.get("PYTHONPATH")])))
+    if fault:
+        env["DELTATUNE_FAULT"] = fault
+    command = [*(launcher or [sys.executable, "-m", "deltatune"]), "train", str(config), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", instruction_rows(60, 9))
+
+
+def make_config(tmp_path, model, data, name, **training):
+    settings = {"num_generations": 4, "max_completion_length": 5, "rewards": ["grpo_rewards:even_tokens"],
+                "max_steps": 7, "batch_size": 2, "checkpoint_every": 3, "beta": 0.1} | training  # fmt: skip
+    raw = causal_config(model, data, tmp_path / name, objective="grpo", **settings)
+    raw["optim"]["lr"] = 3e-2
+    raw["eval"] = {"every": 4, "generate_samples": 6, "max_new_tokens": 5}
+    return write_config(tmp_path / f"{name}.yaml", raw)
+
+
+def test_a_killed_grpo_run_resumes_to_the_same_samples_and_adapter(tmp_path, tiny_causal_lm, prompts):
+    reference = make_config(tmp_path, tiny_causal_lm, prompts, "reference")
+    done = run_train(reference)
+    assert done.returncode == 0, done.stderr[-2000:]
+    crashed = make_config(tmp_path, tiny_causal_lm, prompts, "crashed")
+    killed = run_train(crashed, fault="step:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_train(crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step-00000003 (step 3)" in resumed.stderr
+    want, got = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "crashed")
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert want[key].equal(got[key]), key
+    # every step's rewards, lengths and KL: the resumed steps 4 to 7 sampled what the reference sampled
+    records = metric_records(tmp_path / "crashed")
+    assert records == metric_records(tmp_path / "reference")
+    assert len({r["reward"] for r in records if r["split"] == "train"}) > 1
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal_lm, prompts, scale):
+    """scale_rewards batch: the rewards' std over every rank's samples, as one process sees them."""
+    single = make_config(
+        tmp_path, tiny_causal_lm, prompts, "single", grad_accum=2, max_steps=3, scale_rewards=scale
+    )
+    done = run_train(single)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ddp = make_config(tmp_path, tiny_causal_lm, prompts, "ddp", max_steps=3, scale_rewards=scale)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "deltatune"]  # fmt: skip
+    result = run_train(ddp, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each completion runs with its prompt (not the prompt once per group): DDP" in result.stderr
+    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert (want[key] - got[key]).abs().max() < 1e-5, key
