@@ -6,6 +6,7 @@ accumulation ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -81,3 +82,24 @@ def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal
     assert want.keys() == got.keys() and want
     for key in want:
         assert (want[key] - got[key]).abs().max() < 1e-5, key
+
+
+def test_a_sweep_searches_grpo_settings_and_keeps_the_best_reward(tmp_path, tiny_causal_lm, prompts):
+    from deltatune.cli.main import main
+
+    raw = causal_config(tiny_causal_lm, prompts, tmp_path / "run", objective="grpo", num_generations=2,
+                        max_completion_length=4, max_steps=2, batch_size=2,
+                        rewards=[{"name": "length_penalty", "options": {"max_tokens": 4, "soft_tokens": 3}}])  # fmt: skip
+    raw["eval"] = {"every": 2, "generate_samples": 4, "max_new_tokens": 4}
+    base = write_config(tmp_path / "base.yaml", raw)
+    space = write_config(tmp_path / "space.yaml", {"training.beta": {"choices": [0.0, 0.2]},
+                                                   "training.loss_type": {"choices": ["grpo", "dr_grpo"]}})  # fmt: skip
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(base), "--space", str(space), "--trials", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "trials.json").read_text())["trials"]
+    assert [r["state"] for r in rows] == ["complete"] * 2
+    for row in rows:
+        trained = json.loads((Path(row["trial_dir"]) / "summary.json").read_text())
+        assert row["metric"] == trained["best_metric"] == trained["validation"]["reward"]
+        config = json.loads((Path(row["adapter_dir"]) / "deltatune.json").read_text())["training_config"]
+        assert config["objective"]["settings"]["loss_type"] == row["params"]["training.loss_type"]
