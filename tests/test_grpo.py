@@ -270,3 +270,16 @@ def test_eval_scores_a_grpo_adapter_with_its_rewards(tiny_causal_lm, prompts, tm
     assert scored["reward"] == pytest.approx(result.validation["reward"], abs=1e-9)
     assert scored["json_valid"] == result.validation["json_valid"]
     assert "reward/grpo_rewards:even_tokens" in scored
+
+
+def test_the_forgetting_monitor_watches_a_grpo_run(tiny_causal_lm, prompts, tmp_path):
+    corpus = tmp_path / "general.txt"
+    corpus.write_text("the day was very good and the food was lovely\nmy phone is so bad today\na movie\n")
+    raw = grpo_config(tiny_causal_lm, prompts, tmp_path / "run", max_steps=4)
+    raw["eval"] |= {"every": 2, "forgetting": {"corpus": str(corpus), "texts": 3, "max_tokens": 16}}
+    train(validate_config(raw))
+    evals = _records(tmp_path / "run", "validation")
+    assert [r["step"] for r in evals] == [2, 4]
+    assert (
+        all(r["forgetting_kl"] > 0 for r in evals) and evals[1]["forgetting_kl"] != evals[0]["forgetting_kl"]
+    )
