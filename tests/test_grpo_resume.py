@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_resume_and_ddp import ENV, adapter_tensors, metric_records
+from test_resume_and_ddp import (
+    ENV,
+    TWO_RANKS,
+    assert_same_adapter,
+    kill_at_step_5_and_resume,
+    metric_records,
+)
 from train_helpers import causal_config, instruction_rows, write_config, write_jsonl
 
 pytestmark = pytest.mark.subprocess
@@ -49,15 +54,8 @@ def test_a_killed_grpo_run_resumes_to_the_same_samples_and_adapter(tmp_path, tin
     done = run_train(reference)
     assert done.returncode == 0, done.stderr[-2000:]
     crashed = make_config(tmp_path, tiny_causal_lm, prompts, "crashed")
-    killed = run_train(crashed, fault="step:5")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = run_train(crashed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step-00000003 (step 3)" in resumed.stderr
-    want, got = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "crashed")
-    assert want.keys() == got.keys() and want
-    for key in want:
-        assert want[key].equal(got[key]), key
+    kill_at_step_5_and_resume(crashed, run_train)
+    assert_same_adapter(tmp_path / "reference", tmp_path / "crashed", tolerance=0)
     # every step's rewards, lengths and KL: the resumed steps 4 to 7 sampled what the reference sampled
     records = metric_records(tmp_path / "crashed")
     assert records == metric_records(tmp_path / "reference")
@@ -73,15 +71,11 @@ def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal
     done = run_train(single)
     assert done.returncode == 0, done.stderr[-2000:]
     ddp = make_config(tmp_path, tiny_causal_lm, prompts, "ddp", max_steps=3, scale_rewards=scale)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "deltatune"]  # fmt: skip
+    launcher = TWO_RANKS
     result = run_train(ddp, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "each completion runs with its prompt (not the prompt once per group): DDP" in result.stderr
-    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
-    assert want.keys() == got.keys() and want
-    for key in want:
-        assert (want[key] - got[key]).abs().max() < 1e-5, key
+    assert_same_adapter(tmp_path / "single", tmp_path / "ddp")
 
 
 def test_a_sweep_searches_grpo_settings_and_keeps_the_best_reward(tmp_path, tiny_causal_lm, prompts):

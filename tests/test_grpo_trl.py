@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from train_helpers import lora_start_and_now
 
 from deltatune.core.adapters import set_adapter
 from deltatune.core.io import load_adapter
@@ -55,21 +56,7 @@ def table_reward(prompts, completions, completion_ids, **kwargs):
 def adapters(tiny_causal_lm, tmp_path_factory):
     """Non-identity LoRA adapters in PEFT's format: `start` (where a continued run began: a reference) and
     `now` (the policy; neither the base nor `start`, so the KL means something)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("grpo-adapters")
-    torch.manual_seed(3)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_causal_lm), config)
-    model.save_pretrained(folder / "start")
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator) * param.abs().mean())
-    model.save_pretrained(folder / "now")
-    return folder
+    return lora_start_and_now(tiny_causal_lm, tmp_path_factory.mktemp("grpo-adapters"), TARGETS, (3, 4))
 
 
 def _set_reference(model, adapters, with_reference: bool) -> None:

@@ -119,7 +119,9 @@ def test_malformed_pairs_are_counted_and_named(tiny_causal_lm, tmp_path):
 
 
 def test_duplicates_are_the_same_prompt_and_answers_also_through_a_template(tiny_causal_lm, tmp_path):
-    rows = [{"tweet": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pair_rows(30, 9)]
+    rows = [
+        {"tweet": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pair_rows(30, 9)
+    ]
     copies = rows + rows[:5] + [dict(rows[0], rejected="another answer")]  # 5 duplicates, 1 new pair
     splits, _, _ = _splits(tiny_causal_lm, copies, tmp_path, instruction_template="Label: {tweet}")
     assert splits.report.duplicates == 5

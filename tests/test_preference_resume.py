@@ -5,11 +5,16 @@ the gradient accumulation ends; a full fine-tune resumes against the reference i
 from __future__ import annotations
 
 import signal
-import sys
 
 import pytest
 from test_preference import pair_rows
-from test_resume_and_ddp import adapter_tensors, metric_records, run_train
+from test_resume_and_ddp import (
+    TWO_RANKS,
+    assert_same_adapter,
+    kill_at_step_5_and_resume,
+    metric_records,
+    run_train,
+)
 from train_helpers import causal_config, write_config, write_jsonl
 
 pytestmark = pytest.mark.subprocess
@@ -34,15 +39,8 @@ def test_a_killed_preference_run_resumes_to_the_same_adapter(tmp_path, tiny_caus
     reference = make_config(tmp_path, tiny_causal_lm, pairs, "reference", objective)
     assert run_train(reference).returncode == 0
     crashed = make_config(tmp_path, tiny_causal_lm, pairs, "crashed", objective)
-    killed = run_train(crashed, fault="step:5")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = run_train(crashed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step-00000003 (step 3)" in resumed.stderr
-    want, got = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "crashed")
-    assert want.keys() == got.keys() and want
-    for key in want:
-        assert want[key].equal(got[key]), key
+    kill_at_step_5_and_resume(crashed)
+    assert_same_adapter(tmp_path / "reference", tmp_path / "crashed", tolerance=0)
     assert metric_records(tmp_path / "crashed") == metric_records(tmp_path / "reference")
 
 
@@ -50,15 +48,11 @@ def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal
     single = make_config(tmp_path, tiny_causal_lm, pairs, "single", dropout=0.0, grad_accum=2)
     assert run_train(single).returncode == 0
     ddp = make_config(tmp_path, tiny_causal_lm, pairs, "ddp", dropout=0.0)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "deltatune"]  # fmt: skip
+    launcher = TWO_RANKS
     result = run_train(ddp, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "each pair's prompt runs once per answer in this run: DDP" in result.stderr
-    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
-    assert want.keys() == got.keys() and want
-    for key in want:
-        assert (want[key] - got[key]).abs().max() < 1e-5, key
+    assert_same_adapter(tmp_path / "single", tmp_path / "ddp")
 
 
 def test_a_full_fine_tune_resumes_against_the_reference_it_kept(tmp_path, tiny_causal_lm, pairs):
@@ -99,11 +93,7 @@ def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_causal_lm, pairs, objec
         return write_config(path, raw)
 
     assert run_train(make("single", grad_accum=2)).returncode == 0
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "deltatune"]  # fmt: skip
+    launcher = TWO_RANKS
     result = run_train(make("fsdp", distributed="fsdp"), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
-    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "fsdp")
-    assert want.keys() == got.keys() and want
-    for key in want:
-        assert (want[key] - got[key]).abs().max() < 1e-5, key
+    assert_same_adapter(tmp_path / "single", tmp_path / "fsdp")

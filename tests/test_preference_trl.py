@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from train_helpers import lora_start_and_now
 
 from deltatune.core.io import load_adapter
 from deltatune.data.formats import IGNORE, Example
@@ -45,21 +46,7 @@ def _settings(objective: str, **given) -> dict:
 def adapters(tiny_causal_lm, tmp_path_factory):
     """A non-identity LoRA adapter (`start`, where a run begins) and the same adapter moved on (`now`), both
     saved in PEFT's format."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("adapters")
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_causal_lm), config)
-    model.save_pretrained(folder / "start")
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator) * param.abs().mean())
-    model.save_pretrained(folder / "now")
-    return folder
+    return lora_start_and_now(tiny_causal_lm, tmp_path_factory.mktemp("adapters"), TARGETS, (1, 2))
 
 
 def _peft_model(tiny_causal_lm, adapters):

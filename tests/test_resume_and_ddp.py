@@ -30,6 +30,39 @@ def adapter_tensors(out: Path) -> dict:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+# two DDP (or FSDP) ranks of the real command on this machine
+TWO_RANKS = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "-m",
+    "deltatune",
+]
+
+
+def assert_same_adapter(want_run: Path, got_run: Path, tolerance: float = 1e-5) -> None:
+    """Two runs' adapters hold the same tensors, each within `tolerance` (0: bit for bit)."""
+    want, got = adapter_tensors(want_run), adapter_tensors(got_run)
+    assert want.keys() == got.keys() and want
+    for key in want:
+        if tolerance:
+            assert (want[key] - got[key]).abs().max() < tolerance, key
+        else:
+            assert want[key].equal(got[key]), key
+
+
+def kill_at_step_5_and_resume(config: Path, run=run_train) -> None:
+    """SIGKILL the run at step 5 (checkpoints every 3 steps), resume it, and check it resumed from step 3."""
+    killed = run(config, fault="step:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run(config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step-00000003 (step 3)" in resumed.stderr
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", instruction_rows(120, 3))
@@ -84,8 +117,7 @@ def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path, tiny_ca
     single = make_config(tmp_path, tiny_causal_lm, data, "single", dropout=0.0, grad_accum=2)
     assert run_train(single).returncode == 0
     ddp = make_config(tmp_path, tiny_causal_lm, data, "ddp", dropout=0.0)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "deltatune"]  # fmt: skip
+    launcher = TWO_RANKS
     result = run_train(ddp, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved:") == 1  # only rank 0 reports and writes
@@ -113,8 +145,7 @@ def test_ddp_with_gradient_checkpointing_matches_one_process(tmp_path, tiny_caus
                          gradient_checkpointing=True)  # fmt: skip
     assert run_train(single).returncode == 0
     ddp = make_config(tmp_path, tiny_causal_lm, data, "ddp", dropout=0.0, gradient_checkpointing=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "deltatune"]  # fmt: skip
+    launcher = TWO_RANKS
     result = run_train(ddp, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")

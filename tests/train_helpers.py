@@ -175,3 +175,22 @@ def classification_config(model: Path, data: dict, out: Path, **training) -> dic
         "eval": {"every": 50, "metric": "accuracy"},
         "output_dir": str(out),
     }
+
+
+def lora_start_and_now(model_path: Path, folder: Path, targets: list[str], seeds: tuple[int, int]) -> Path:
+    """Two non-identity LoRA adapters in PEFT's format, for the TRL oracle tests: `start` (where a continued
+    run began: a reference) and `now`, the same adapter moved on by seeded noise (the policy)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seeds[0])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+    model.save_pretrained(folder / "start")
+    generator = torch.Generator().manual_seed(seeds[1])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator) * param.abs().mean())
+    model.save_pretrained(folder / "now")
+    return folder
