@@ -81,7 +81,7 @@ def _trl_step(tiny_causal_lm, adapters, tmp_path, settings: dict, with_reference
         output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no",
         per_device_train_batch_size=len(PROMPTS) * G, num_generations=G, max_completion_length=MAX_COMPLETION,
         beta=settings["beta"], loss_type=settings["loss_type"], epsilon=settings["epsilon"],
-        scale_rewards=settings["scale_rewards"], temperature=settings["temperature"],
+        scale_rewards=settings["scale_rewards"], mask_truncated_completions=settings["mask_truncated_completions"], temperature=settings["temperature"],
         bf16=False,  # TRL trains in bf16 autocast by default; the oracle runs in float64
     )  # fmt: skip
     rows = [{"prompt": "a"}, {"prompt": "b"}]
@@ -160,13 +160,22 @@ CASES = [
     {"loss_type": "dr_grpo", "beta": 0.04, "scale_rewards": "none", "temperature": 1.0},
     {"loss_type": "dapo", "beta": 0.0, "scale_rewards": "group", "temperature": 0.9},
     {"loss_type": "dapo", "beta": 0.2, "scale_rewards": "batch", "temperature": 1.0},
+    {
+        "loss_type": "bnpo",
+        "beta": 0.04,
+        "scale_rewards": "group",
+        "temperature": 1.0,
+        "mask_truncated_completions": True,
+    },
 ]
 
 
 @pytest.mark.parametrize("with_reference", [False, True], ids=["base-reference", "adapter-reference"])
 @pytest.mark.parametrize("prompt_once", [True, False], ids=["prompt-once", "whole-rows"])
 @pytest.mark.parametrize(
-    "case", CASES, ids=lambda c: f"{c['loss_type']}-beta{c['beta']}-{c['scale_rewards']}"
+    "case",
+    CASES,
+    ids=lambda c: f"{c['loss_type']}-beta{c['beta']}-{c['scale_rewards']}" + "-masked" * (len(c) > 4),
 )
 def test_grpo_loss_and_gradients_match_trl(
     tiny_causal_lm, adapters, tmp_path, case, prompt_once, with_reference

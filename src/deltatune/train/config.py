@@ -173,6 +173,8 @@ class TrainingSpec(Section):
     epsilon: float | None = Field(None, gt=0, lt=1)
     epsilon_high: float | None = Field(None, gt=0)
     scale_rewards: Literal["group", "batch", "none"] | None = None
+    # leave completions cut at max_completion_length out of the loss (their reward judged an unfinished answer)
+    mask_truncated_completions: bool | None = None
     rewards: list[str | RewardSpec] | None = None
     # Start from a trained adapter (a folder) and keep training it; the preference objectives then take that
     # adapter, frozen, as their reference (the policy the pairs are judged against), not the bare base.

@@ -50,6 +50,7 @@ class Rollout:
     rows: list[int]  # data row per prompt
     prompt_ids: list[list[int]]  # per prompt
     completion_ids: list[list[int]]  # per completion; ends with its end-of-sequence token when it stopped
+    truncated: list[bool]  # per completion: cut at max_completion_length
     advantages: torch.Tensor  # (completions,)
     metrics: dict[str, float]
 
@@ -116,7 +117,8 @@ class GRPOObjective:
         }
         for k, reward in enumerate(self.rewards):
             metrics[f"reward/{reward.name}"] = float(per_function[:, k].mean())
-        return Rollout(rows, [e.prompt_ids for e in examples], ids, advantages.float(), metrics)
+        truncated = [c.stop_token is None for c in completions]
+        return Rollout(rows, [e.prompt_ids for e in examples], ids, truncated, advantages.float(), metrics)
 
     def _sample(
         self, model: nn.Module, prompts: list[list[int]], *, seeds: list[int] | None, temperature: float,
@@ -192,6 +194,9 @@ class GRPOObjective:
             reference = scored.token_logps[order].detach()
         mask = batch.answer_mask[order]
         completions = [j for i in prompts for j in _group(i, g)]
+        if s["mask_truncated_completions"]:
+            kept = torch.tensor([not rollout.truncated[j] for j in completions], device=device)
+            mask = mask * kept[:, None]
         return grpo_loss(
             logps, logps.detach(), reference, rollout.advantages[completions].to(device), mask,
             loss_type=s["loss_type"], beta=s["beta"], epsilon=s["epsilon"], epsilon_high=s["epsilon_high"],

@@ -43,6 +43,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "epsilon": {"grpo": 0.2},
     "epsilon_high": {"grpo": None},  # None: epsilon (symmetric clipping)
     "scale_rewards": {"grpo": "group"},
+    "mask_truncated_completions": {"grpo": False},
 }
 LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "robust"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
 
