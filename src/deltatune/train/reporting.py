@@ -89,7 +89,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> Path 
             "KL(base || model) on general text, nats/token" if key == "forgetting_kl" else f"validation {key}"
         )
     for ax, key in zip(axes[0][1 + len(panels) :], steps, strict=True):
-        shown = [key] + sorted({k for r in train for k in r if key == "reward" and k.startswith("reward/")})
+        functions = sorted({k for r in train for k in r if key == "reward" and k.startswith("reward/")})
+        shown = [key] + (functions if len(functions) > 1 else [])  # one reward: its curve is the total's
         for name in shown:
             ax.plot(
                 [r["step"] for r in train if name in r], [r[name] for r in train if name in r], label=name
