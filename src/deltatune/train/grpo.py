@@ -123,7 +123,7 @@ class GRPOObjective:
     def _sample(
         self, model: nn.Module, prompts: list[list[int]], *, seeds: list[int] | None, temperature: float,
         top_p: float, max_new_tokens: int, autocast: Callable[[], AbstractContextManager] = nullcontext,
-    ) -> list:  # fmt: skip
+    ) -> list[Completion]:  # fmt: skip
         inner = getattr(model, "module", model)
         adapter = adapter_in_use(inner)
         self._say_fallback(inner, adapter)
