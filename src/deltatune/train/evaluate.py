@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 from typing import Any
 
 import torch
@@ -172,28 +171,18 @@ def generate_answers(
     return [a.strip() for a in answers]
 
 
-def _as_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
-
-
 def answer_metrics(answers: list[str], references: list[str], names: list[str]) -> dict[str, float]:
     """exact_match: identical after stripping; json_valid: a JSON object with the reference's keys (the
-    required shape); json_match: equal as JSON values (whitespace and key order do not matter)."""
+    required shape); json_match: equal as JSON values (whitespace and key order do not matter). The rules are
+    GRPO's rewards of the same names (train/rewards.py), so a reward and its metric cannot disagree."""
+    from .rewards import BUILT_IN
+
     n = max(len(answers), 1)
-    metrics = {}
-    if "exact_match" in names:
-        metrics["exact_match"] = sum(a == r.strip() for a, r in zip(answers, references, strict=True)) / n
-    parsed = [(_as_json(a), _as_json(r)) for a, r in zip(answers, references, strict=True)]
-    if "json_valid" in names:
-        metrics["json_valid"] = (
-            sum(isinstance(a, dict) and isinstance(r, dict) and a.keys() == r.keys() for a, r in parsed) / n
-        )
-    if "json_match" in names:
-        metrics["json_match"] = sum(a is not None and a == r for a, r in parsed) / n
-    return metrics
+    return {
+        name: sum(BUILT_IN[name]([""] * len(answers), answers, references)) / n
+        for name in ("exact_match", "json_valid", "json_match")
+        if name in names
+    }
 
 
 def validation_metrics(
