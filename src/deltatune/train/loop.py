@@ -364,29 +364,29 @@ class Trainer:
     def _evaluate(self, step: int, loss_only: bool = False) -> dict[str, float]:
         """The evaluation `eval` asks for, logged; `loss_only`: the validation loss alone (eval.loss_every)."""
         spec = self.cfg.eval.model_copy(update={"generate_metrics": []}) if loss_only else self.cfg.eval
-        metrics: dict[str, float] = {}
-        if self.grpo is not None:  # its own greedy samples give both the rewards and the generation metrics
-            metrics = self.grpo.evaluate(self.model, spec, self.autocast)
-            if self.monitor is not None and not loss_only:
-                metrics[KL_KEY] = self.monitor.measure(self.model)
-            self.log.write({"step": step, "split": "validation", **metrics})
-            return metrics
-        if self.preference is not None:
-            with self.autocast():
-                metrics = self.preference.evaluate(
-                    self.model, self.device, spec.batch_size, spec.loss_samples
-                )
-        metrics |= validation_metrics(
-            self.model, self.tokenizer, self.splits.validation, spec,
-            classification=self.classification, n_classes=len(self.splits.label_names or []),
-            device=self.device, autocast=self.autocast, share_prefix=self.share_prefix,
-            with_loss=self.preference is None,
-        )[0]  # fmt: skip
+        metrics = self._task_metrics(spec)
         if self.monitor is not None and not loss_only:
             metrics[KL_KEY] = self.monitor.measure(self.model)
         marker = {"loss_only": True} if loss_only else {}  # a sweep's pruner hears only full evaluations
         self.log.write({"step": step, "split": "validation", **metrics, **marker})
         return metrics
+
+    def _task_metrics(self, spec: Any) -> dict[str, float]:
+        """What the objective reports on the validation rows under `spec` (an eval section)."""
+        if self.grpo is not None:  # its own greedy samples give both the rewards and the generation metrics
+            return self.grpo.evaluate(self.model, spec, self.autocast)
+        metrics: dict[str, float] = {}
+        if self.preference is not None:
+            with self.autocast():
+                metrics = self.preference.evaluate(
+                    self.model, self.device, spec.batch_size, spec.loss_samples
+                )
+        return metrics | validation_metrics(
+            self.model, self.tokenizer, self.splits.validation, spec,
+            classification=self.classification, n_classes=len(self.splits.label_names or []),
+            device=self.device, autocast=self.autocast, share_prefix=self.share_prefix,
+            with_loss=self.preference is None,
+        )[0]  # fmt: skip
 
     def _save_weights(self, step: int, metrics: dict[str, float]) -> None:
         with self._whole_trainables():
