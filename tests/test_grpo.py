@@ -283,3 +283,31 @@ def test_the_forgetting_monitor_watches_a_grpo_run(tiny_causal_lm, prompts, tmp_
     assert (
         all(r["forgetting_kl"] > 0 for r in evals) and evals[1]["forgetting_kl"] != evals[0]["forgetting_kl"]
     )
+
+
+def test_a_reward_taking_kwargs_gets_every_column_as_trl_passes_the_row():
+    from deltatune.train.rewards import load_rewards, score
+
+    seen = {}
+
+    def greedy(prompts, completions, **fields):
+        seen.update(fields)
+        return [1.0] * len(completions)
+
+    import types
+
+    module = types.ModuleType("kwargs_rewards")
+    module.greedy = greedy
+    import sys
+
+    sys.modules["kwargs_rewards"] = module
+    try:
+        rewards = load_rewards(["kwargs_rewards:greedy"], 8)
+        rows = [
+            {"text": "a", "reference": "r", "__line__": 3},
+            {"text": "b", "reference": "s", "__line__": 4},
+        ]
+        assert score(rewards, ["p", "q"], ["x", "y"], rows, [[1], [2]], str) == [[1.0], [1.0]]
+    finally:
+        del sys.modules["kwargs_rewards"]
+    assert seen == {"text": ["a", "b"], "reference": ["r", "s"], "completion_ids": [[1], [2]]}

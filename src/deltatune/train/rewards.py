@@ -108,6 +108,7 @@ class Reward:
     weight: float
     function: RewardFunction  # options bound
     fields: list[str] = field(default_factory=list)  # row fields it reads, besides prompts and completions
+    every_field: bool = False  # it takes **kwargs: it gets every column, as TRL passes the whole row
 
 
 def resolve_function(name: str) -> RewardFunction:
@@ -131,12 +132,13 @@ def resolve_function(name: str) -> RewardFunction:
     return function
 
 
-def _needed_fields(name: str, function: RewardFunction, options: dict[str, Any]) -> list[str]:
-    """The signature's parameters after (prompts, completions) without a default and not given as options."""
+def _needed_fields(name: str, function: RewardFunction, options: dict[str, Any]) -> tuple[list[str], bool]:
+    """The signature's parameters after (prompts, completions) without a default and not given as options,
+    and whether it takes **kwargs."""
     try:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
-        return []
+        return [], False
     named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if len(named) < 2 or named[0].kind is inspect.Parameter.KEYWORD_ONLY:
         raise RewardError(
@@ -147,7 +149,7 @@ def _needed_fields(name: str, function: RewardFunction, options: dict[str, Any])
     unknown = sorted(set(options) - allowed) if not takes_any else []
     if unknown:
         raise RewardError(f"reward {name!r} takes no option {unknown}; its parameters are {sorted(allowed)}")
-    return [p.name for p in named[2:] if p.default is p.empty and p.name not in options]
+    return [p.name for p in named[2:] if p.default is p.empty and p.name not in options], takes_any
 
 
 def load_rewards(specs: Sequence[Any], max_completion_length: int) -> list[Reward]:
@@ -160,9 +162,9 @@ def load_rewards(specs: Sequence[Any], max_completion_length: int) -> list[Rewar
         options = dict(spec.options)
         if function is length_penalty:
             options.setdefault("max_tokens", max_completion_length)
-        fields = _needed_fields(spec.name, function, options)
+        fields, every_field = _needed_fields(spec.name, function, options)
         bound = partial(function, **options) if options else function
-        rewards.append(Reward(spec.name, spec.weight, bound, fields))
+        rewards.append(Reward(spec.name, spec.weight, bound, fields, every_field))
     names = [r.name for r in rewards]
     if len(set(names)) < len(names):
         raise RewardError(f"rewards {names} name one reward twice; give it once, with its weight")
@@ -199,9 +201,9 @@ def score(
     the row (`where(i)` says which data row completion i came from), before anything trains on it."""
     table = [[0.0] * len(rewards) for _ in completions]
     for k, reward in enumerate(rewards):
-        everything = _passed_through(reward, rows)
+        everything = _other_columns(reward, rows) if reward.every_field else []
         columns = {name: [row.get(name) for row in rows] for name in everything + reward.fields}
-        if "completion_ids" in reward.fields or everything:
+        if "completion_ids" in reward.fields or reward.every_field:
             columns["completion_ids"] = completion_ids
         try:
             values = list(reward.function(prompts, completions, **columns))
@@ -225,12 +227,8 @@ def score(
     return table
 
 
-def _passed_through(reward: Reward, rows: list[dict[str, Any]]) -> list[str]:
-    """A reward taking **kwargs gets every column of the rows too (TRL passes the whole dataset row)."""
-    try:
-        parameters = inspect.signature(reward.function).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters) or not rows:
+def _other_columns(reward: Reward, rows: list[dict[str, Any]]) -> list[str]:
+    """The rows' columns a **kwargs reward gets besides those it names (not the __file__ / __line__ marks)."""
+    if not rows:
         return []
     return [name for name in rows[0] if not name.startswith("__") and name not in reward.fields]
