@@ -31,15 +31,16 @@ from transformers.cache_utils import DynamicLayer
 
 from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
-from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
-from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable, mixed_adapters
+from ..core.kv_cache import cache_argument, cache_of
+from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable
+from .prefill import pad_left, prefill
+from .prefix_cache import PrefixCache
 from .sampling import (
     Completion,
     Sampler,
     Sampling,
     TokenLogprob,
     check_vocabulary,
-    left_pad,
     next_tokens,
     scored,
 )
@@ -106,8 +107,10 @@ class DecodeBatch:
         pad_token_id: int,
         eos_token_id: int | Sequence[int] | None,
         capacity: int = 16,
+        prefixes: PrefixCache | None = None,
     ) -> None:
-        """`capacity`: the rows the LoRA stacks make room for up front (more are fine, at one rebuild)."""
+        """`capacity`: the rows the LoRA stacks make room for up front (more are fine, at one rebuild).
+        `prefixes`: prompt prefixes to reuse and add to (`runtime.prefix_cache`); None: every row runs whole."""
         if model.training:
             raise MixedBatchError("decoding is for inference; call model.eval() first")
         self.model = model
@@ -120,6 +123,7 @@ class DecodeBatch:
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 where the cache holds a real token
         self.finished: dict[int, Completion] = {}  # ended rows' results, until taken with `completion`
         self.capacity = capacity
+        self.prefixes = prefixes
         self._updates: RowUpdates | None = None  # the per-row LoRA stacks, in the rows' order
         self._wrappers: list[nn.Module] = []  # the model's adapter wrappers, collected at each join
         self._workspace = StackWorkspace()
@@ -152,28 +156,10 @@ class DecodeBatch:
         nothing) rows it cannot take."""
         sampling = list(sampling) if sampling is not None else [Sampling()] * len(prompts)
         layers = self.check_joinable(prompts, adapters, max_new_tokens, sampling)
-        ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
-        cache = new_dynamic_cache(self.model.config)
         wrappers = [w for _, w in all_wrappers(self.model)]
-        distinct = set(adapters)
-        if len(distinct) == 1:
-            rows_use = activated(wrappers, next(iter(distinct)))
-        else:
-            rows_use = mixed_adapters(self.model, list(adapters), keep_workspace=False)
-        accepts = inspect.signature(self.model.forward).parameters
-        with rows_use:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=_positions(mask),
-                use_cache=True,
-                **{cache_argument(self.model): cache},
-                # only the last position's scores are used: the output head over every prompt token was
-                # most of a prefill's time on SmolLM2 (its 49k-word vocabulary)
-                **({"logits_to_keep": 1} if "logits_to_keep" in accepts else {}),
-            )
+        done = prefill(self.model, prompts, adapters, pad_token_id=self.pad_token_id, prefixes=self.prefixes)
         prompt_tokens = [len(p) for p in prompts]
-        return self._enter(cache_of(out), mask, out.logits[:, -1], prompt_tokens, adapters, max_new_tokens,
+        return self._enter(done.cache, done.mask, done.last_logits, prompt_tokens, adapters, max_new_tokens,
                            sampling, layers, wrappers)  # fmt: skip
 
     @torch.no_grad()
@@ -276,9 +262,9 @@ class DecodeBatch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+            mine.keys = torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)])
+            mine.values = torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)])
+        self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -389,20 +375,6 @@ class DecodeBatch:
         self.mask = mask[:, start:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[:count, :, start:], layer.values[:count, :, start:]
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position among its row's real tokens (left padding gets position 0, masked anyway)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if not missing:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _select_rows(

@@ -33,6 +33,7 @@ from ..core.adapters import (
 )
 from .decode import ContinuousBatchingUnsupported, DecodeBatch, NonFiniteOutput
 from .mixed import mixable_refusal, mixed_adapters
+from .prefix_cache import PrefixCache
 from .sampling import (
     Completion,
     Sampler,
@@ -208,6 +209,7 @@ def generate(
     on_token: OnToken | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
     continuous: bool = True,
+    share_prefixes: bool = True,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
     None for the base). Greedy at temperature 0, else sampling; the settings are OpenAI's (`Sampling`), the
@@ -224,7 +226,9 @@ def generate(
     Rows that can share a mixed batch run on the decode engine (`runtime.decode.DecodeBatch`), where a row
     leaves as soon as it ends; the others, and every row when `continuous` is False (the reference path the
     tests compare with), run through transformers' `model.generate`. A row whose scores turn NaN or
-    infinite raises `NonFiniteOutput` on the engine rather than returning tokens chosen from them."""
+    infinite raises `NonFiniteOutput` on the engine rather than returning tokens chosen from them.
+    `share_prefixes`: on the engine, a long prefix that several rows under one adapter share (an instruction
+    every row repeats, the copies of one prompt) is run once for them (`runtime.prefill`)."""
     if len(prompts) != len(adapters):
         raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per row")
     if any(len(p) == 0 for p in prompts):
@@ -237,7 +241,7 @@ def generate(
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one per row")
     per_row = [sampling] * len(prompts) if seeds is None else [replace(sampling, seed=s) for s in seeds]
-    call = _Rows(prompts, adapters, limits, eos, pad_token_id, per_row, on_token, stop_rows)
+    call = _Rows(prompts, adapters, limits, eos, pad_token_id, per_row, on_token, stop_rows, share_prefixes)
     results: dict[int, Completion] = {}
     # merged adapters keep a model off the engine only while they are merged
     engine = continuous and model not in _NOT_CONTINUOUS and not merged_adapter_names(model)
@@ -268,12 +272,18 @@ class _Rows:
     sampling: list[Sampling]  # each row's
     on_token: OnToken | None
     stop_rows: Callable[[int, list[int]], bool] | None
+    share_prefixes: bool
 
 
 def _on_engine(model: nn.Module, rows: list[int], call: _Rows) -> dict[int, Completion]:
     """The rows as one continuous batch that starts together and loses each row as it ends."""
     batch = DecodeBatch(
-        model, pad_token_id=call.pad_token_id, eos_token_id=sorted(call.eos), capacity=len(rows)
+        model,
+        pad_token_id=call.pad_token_id,
+        eos_token_id=sorted(call.eos),
+        capacity=len(rows),
+        # this call's own: the weights may change before the next call (a GRPO step trains between rollouts)
+        prefixes=PrefixCache(keep_prompts=False) if call.share_prefixes else None,
     )
     steps = batch.add(
         [call.prompts[i] for i in rows],
