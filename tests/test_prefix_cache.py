@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_runtime import ADAPTERS, _with_adapters
+from test_runtime import ADAPTERS, _with_adapters, adapters_dir  # noqa: F401 (a fixture)
 
 from deltatune.runtime import generate
 from deltatune.runtime.decode import DecodeBatch
@@ -156,3 +156,44 @@ def test_generate_shares_prefixes_and_keeps_its_tokens(device):
     shared = generate(model, prompts, adapters, **kwargs)
     plain = generate(model, prompts, adapters, share_prefixes=False, **kwargs)
     assert [c.tokens for c in shared] == [c.tokens for c in plain]
+
+
+def test_a_server_reuses_a_shared_system_prompt_in_short_and_chunked_prompts_and_forgets_on_unload(
+    adapters_dir,
+):
+    """Requests that open with one system prompt run it once per adapter: a short one joining the batch and
+    a long one prefilled in chunks (`PromptPass`) both start after it, and answer as a server without the
+    cache does. Unloading the adapter drops its stored KV."""
+    from types import SimpleNamespace
+
+    from conftest import build_llama
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine, Row
+
+    g = torch.Generator().manual_seed(11)
+    system = torch.randint(1, 96, (20,), generator=g).tolist()
+    asks = [system + torch.randint(1, 96, (n,), generator=g).tolist() for n in (5, 3, 60, 7)]  # 80: chunked
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)
+
+    def answers(prefix_cache_bytes):
+        model = build_llama()
+        cache = AdapterCache(model, adapters_dir)
+        engine = Engine(model, tokenizer, cache, prompt_tokens_per_round=64,
+                        prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
+        try:  # one after another, so each finds what the ones before stored
+            done = [engine.submit(Row(ids, "r4", 5, logprobs=2)).result(timeout=600) for ids in asks]
+            stored = engine.prefixes and engine.prefixes.matched(cache.key_of("r4"), asks[0])
+            engine.call(lambda: cache.unload("r4")).result(timeout=600)
+        finally:
+            engine.close()
+        return done, engine, stored
+
+    reused, engine, stored = answers(1 << 20)
+    whole, plain, _ = answers(0)
+    _assert_same_answers(reused, whole)
+    assert stored == len(asks[0])
+    # the long prompt ran as a pass: 80 tokens in two chunks of at most 64, 60 after the stored prefix in one
+    assert (plain.stats.prompt_chunks, engine.stats.prompt_chunks) == (2, 1)
+    assert engine.prefixes.stats.hits == 3 and engine.prefixes.stats.tokens_reused >= 3 * 20
+    assert engine.prefixes.bytes_used == 0  # forgotten with the adapter

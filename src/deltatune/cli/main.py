@@ -169,6 +169,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.shutdown_grace_s <= 0:
         raise SystemExit(f"deltatune serve: --shutdown-grace-s must be positive, got {args.shutdown_grace_s}")
+    if args.prefix_cache_mb < 0:
+        raise SystemExit(
+            f"deltatune serve: --prefix-cache-mb must be 0 (off) or more, got {args.prefix_cache_mb}"
+        )
     if args.prompt_tokens_per_round < 2:
         raise SystemExit(
             f"deltatune serve: --prompt-tokens-per-round must be at least 2, got {args.prompt_tokens_per_round}"
@@ -195,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         batch_window_s=args.batch_window_ms / 1000,
         continuous=not args.fixed_batches,
         prompt_tokens_per_round=args.prompt_tokens_per_round,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         limits=limits,
         preload=args.preload,
         allow_base_mismatch=args.allow_base_mismatch,
@@ -380,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env", help="name of an environment variable holding the API key clients must send"
     )
     p.add_argument("--cache-mb", type=float, default=1024, help="memory budget for loaded adapters")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        help="memory for the KV of earlier prompts, reused by requests that open alike (a shared system "
+        "prompt runs once per adapter); 0 turns it off",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="most rows in one batched forward")
     p.add_argument("--batch-window-ms", type=float, default=10, help="how long to wait for requests to batch")
     p.add_argument(

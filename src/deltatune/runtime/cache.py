@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,6 +106,9 @@ class AdapterCache:
         self._tokenizer_sha256: str | None = None  # hashed once, at the first load
         self._counter = 0
         self._lock = threading.RLock()
+        # called with a model-side adapter name whose tensors are released or rewritten (what was computed
+        # under it, such as a prefix cache's KV, is stale)
+        self.on_release: list[Callable[[str], None]] = []
 
     # ---- names and paths -------------------------------------------------------------------------------------
     def resolve(self, name: str) -> Path:
@@ -219,6 +222,7 @@ class AdapterCache:
 
     def _overwrite(self, slot: AdapterSlot, folder: Path) -> str:
         """Copy the adapter at `folder` into a free slot; a refused copy leaves the slot free and unchanged."""
+        self._released(slot.adapter_name)
         try:
             slot.overwrite(
                 folder,
@@ -244,6 +248,7 @@ class AdapterCache:
             if self._pins.get(name):
                 raise CacheFullError(f"adapter {name!r} is in use by a running batch; unload it afterwards")
             del self._entries[name]
+            self._released(entry.key)
             try:
                 self._free[entry.key] = AdapterSlot(self.model, entry.key, self._fingerprints)
             except LayoutMismatch:  # not plain LoRA: nothing to reuse
@@ -276,7 +281,12 @@ class AdapterCache:
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name)
+        self._released(entry.key)
         delete_adapter(self.model, entry.key)
+
+    def _released(self, key: str) -> None:
+        for listener in self.on_release:
+            listener(key)
 
     def _delete_free_slot(self) -> None:
         key, _ = self._free.popitem(last=False)

@@ -21,6 +21,7 @@ from torch import nn
 from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
 from .decode import NonFiniteOutput
 from .generate import _rows_use
+from .prefix_cache import PrefixCache
 from .sampling import TokenLogprob
 
 
@@ -37,7 +38,10 @@ class PromptPass:
         *,
         top: int | None = None,
         whole: bool = False,
+        prefixes: PrefixCache | None = None,
     ) -> None:
+        """`prefixes`: a prefill pass starts after the longest prefix stored there, and stores its prompt
+        when done (when the cache keeps prompts)."""
         if not len(prompt):
             raise ValueError("a prompt has no tokens; every prompt needs at least one")
         self.model, self.adapter, self.top, self.whole = model, adapter, top, whole
@@ -45,8 +49,20 @@ class PromptPass:
         self.done = 0  # tokens of the prompt in the cache so far
         self.device = next(model.parameters()).device
         self.cache = new_dynamic_cache(model.config)
+        # scoring needs every position's scores, and a whole pass lets the adapter place the tokens itself
+        self.prefixes = prefixes if top is None and not whole else None
+        if self.prefixes is not None:
+            self._start_after_stored_prefix()
         self.last_logits: torch.Tensor | None = None  # (1, vocab): the scores after the last token run
         self.scores: list[TokenLogprob] = []  # with `top`: each token after the first, in order
+
+    def _start_after_stored_prefix(self) -> None:
+        match = self.prefixes.lookup(self.adapter, self.prompt, limit=len(self.prompt) - 1)
+        if match is None:
+            return
+        for layer, (keys, values) in enumerate(zip(match.keys, match.values, strict=True)):
+            self.cache.update(keys.unsqueeze(0), values.unsqueeze(0), layer)
+        self.done = match.length
 
     @property
     def remaining(self) -> int:
@@ -83,6 +99,11 @@ class PromptPass:
             self._score(logits, start)
         self.last_logits = logits[-1:]
         self.done = end
+        if self.finished and self.prefixes is not None and self.prefixes.keep_prompts:
+            keys = [layer.keys[0] for layer in self.cache.layers]
+            self.prefixes.insert(
+                self.adapter, self.prompt, keys, [layer.values[0] for layer in self.cache.layers]
+            )
         return count
 
     def _score(self, logits: torch.Tensor, start: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..runtime.prefix_cache import DEFAULT_BUDGET_BYTES
 from .app import Limits, create_app
 from .engine import Engine
 
@@ -23,6 +24,7 @@ def build_server(
     batch_window_s: float = 0.01,
     continuous: bool = True,
     prompt_tokens_per_round: int = 512,
+    prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES,
     limits: Limits | None = None,
     preload: list[str] | None = None,
     allow_base_mismatch: bool = False,
@@ -60,6 +62,7 @@ def build_server(
         batch_window_s=batch_window_s,
         continuous=continuous,
         prompt_tokens_per_round=prompt_tokens_per_round,
+        prefix_cache_bytes=prefix_cache_bytes,
     )
     app = create_app(engine, base_name=base_name or Path(str(base)).name, api_key=api_key, limits=limits)
     return app, engine

@@ -34,6 +34,7 @@ from ..runtime import AdapterCache, CacheFullError, Completion
 from ..runtime.cache import AdapterDraining
 from ..runtime.decode import ContinuousBatchingUnsupported, DecodeBatch, Step
 from ..runtime.mixed import mixable_refusal
+from ..runtime.prefix_cache import DEFAULT_BUDGET_BYTES, PrefixCache
 from ..runtime.prompt_pass import PromptPass
 from .fixed_batches import FixedBatches
 from .prompt_work import PromptRounds, PromptWork
@@ -69,9 +70,11 @@ class Engine(PromptRounds, FixedBatches):
         max_queue: int = 256,
         continuous: bool = True,
         prompt_tokens_per_round: int = 512,
+        prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         """`prompt_tokens_per_round`: the most prompt tokens (prefill and scoring) run between two decode
-        steps; longer prompts run in chunks (`prompt_work.PromptWork`)."""
+        steps; longer prompts run in chunks (`prompt_work.PromptWork`). `prefix_cache_bytes`: memory for the
+        KV of earlier prompts, reused by requests that open alike (`runtime.prefix_cache`; 0: none)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache = cache
@@ -82,8 +85,15 @@ class Engine(PromptRounds, FixedBatches):
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.eos_token_id = tokenizer.eos_token_id
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        if self.prefixes is not None:  # an adapter's KV goes with its weights
+            cache.on_release.append(self.prefixes.forget)
         self.decoding = DecodeBatch(
-            self.model, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, capacity=max_batch
+            self.model,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            capacity=max_batch,
+            prefixes=self.prefixes,
         )
         # False: fixed batches only (asked for, or the model keeps a KV cache the decode loop cannot merge)
         self.continuous = continuous
@@ -281,7 +291,9 @@ class Engine(PromptRounds, FixedBatches):
                 pin.close()
                 apart.append(item)
             elif not self.prompts.is_short(len(item.prompt)):
-                self.prompts.start(item, pin, PromptPass(self.model, item.prompt, key))
+                self.prompts.start(
+                    item, pin, PromptPass(self.model, item.prompt, key, prefixes=self.prefixes)
+                )
             elif joining and (len(joining) + 1) * max(longest, len(item.prompt)) > budget:
                 pin.close()  # no room in this round: first in line for the next
                 self._waiting.appendleft(item)

@@ -54,6 +54,9 @@ async def health_details(s: Served) -> dict:
         "decode_stack_bytes": engine.decoding.stack_bytes,
         "in_flight": engine.in_flight,
         "stats": asdict(engine.stats),
+        "prefix_cache": None
+        if engine.prefixes is None
+        else {"bytes": engine.prefixes.bytes_used, **asdict(engine.prefixes.stats)},
     }
 
 

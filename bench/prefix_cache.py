@@ -1,0 +1,149 @@
+"""Prefix caching, side by side in one process on the bundled SmolLM2-135M-Instruct (real weights, fp32).
+
+`ttft`: the server's engine with its prefix cache against one without. A request whose chat prompt opens
+with a system prompt an earlier request already sent (its KV stored) against the same request on an engine
+that runs every prompt whole; time to first token (one new token), median of interleaved repetitions (each
+with a ticket number of its own, so only the system prompt is shared), for user messages of several lengths.
+The answers' first tokens must agree.
+
+`evaluation`: the quickstart's evaluation (examples/quickstart.yaml: 308 held-out tweets, batches of 50,
+10 new tokens, greedy, `train.evaluate.generate_answers`) with the rows' shared instruction run once per batch
+against every row run whole; the answers must be identical.
+
+    python bench/prefix_cache.py ttft [--reps 7]
+    python bench/prefix_cache.py evaluation [--adapter outputs/quickstart/adapter] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deltatune.models import smollm2_path
+
+SYSTEM = (
+    "You are a support assistant for a phone shop. Answer in one short sentence, politely, and never invent "
+    "prices or stock levels."
+)  # 40 tokens with SmolLM2's chat template around it
+QUESTIONS = {
+    "short": "Is the blue case in stock?",
+    "medium": "My phone's battery drains overnight even when I close every app, and it got worse after the "
+    "last update. Should I bring it in?",
+    "long": " ".join(["I bought a phone from you last month and the screen flickers when the brightness is low."] * 8),
+}
+
+
+def _ttft(reps: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.runtime import AdapterCache
+    from deltatune.serve.engine import Engine
+    from deltatune.serve.work import Row
+
+    torch.set_grad_enabled(False)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def chat(question: str) -> list[int]:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    warm_up = chat("Hello")
+    shared = next(i for i, (a, b) in enumerate(zip(warm_up, chat("Bye"), strict=False)) if a != b)
+    engines = {}
+    with tempfile.TemporaryDirectory() as empty:
+        for name, budget in (("cached", 256 << 20), ("whole", 0)):
+            engines[name] = Engine(model, tokenizer, AdapterCache(model, Path(empty)), batch_window_s=0,
+                                   prefix_cache_bytes=budget)  # fmt: skip
+            engines[name].submit(Row(warm_up, None, 1)).result()  # stores the system prompt
+        results = {"shared_prefix_tokens": shared}
+        try:
+            for kind, question in QUESTIONS.items():
+                times: dict[str, list[float]] = {"cached": [], "whole": []}
+                first: dict[str, int] = {}
+                for rep in range(reps):
+                    # a ticket number of its own: only the system prompt is stored, not this prompt
+                    prompt = chat(f"Ticket {rep + 1}. {question}")
+                    for name in ("cached", "whole") if rep % 2 else ("whole", "cached"):
+                        started = time.perf_counter()
+                        done = engines[name].submit(Row(prompt, None, 1)).result()
+                        times[name].append(time.perf_counter() - started)
+                        first[name] = done.tokens[0]
+                assert first["cached"] == first["whole"], "the first tokens differ"
+                medians = {name: statistics.median(t) for name, t in times.items()}
+                results[kind] = {
+                    "prompt_tokens": len(prompt),
+                    "ttft_s": medians,
+                    "cached_x_whole": medians["cached"] / medians["whole"],
+                }
+                print(json.dumps({kind: results[kind]}), flush=True)
+        finally:
+            for engine in engines.values():
+                engine.close()
+    return results
+
+
+def _evaluation(adapter: str | None, reps: int) -> dict:
+    from deltatune.runtime import generate
+    from deltatune.train import evaluate as evaluation
+    from deltatune.train import evaluate_adapter, load_train_config
+
+    cfg = load_train_config(Path(__file__).parents[1] / "examples" / "quickstart.yaml", [])
+    ways = {"shared": generate, "whole": functools.partial(generate, share_prefixes=False)}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    answers: dict[str, list[str]] = {}
+    original = evaluation.generate_answers
+
+    def timed(name):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            times[name].append(time.perf_counter() - started)
+            answers[name] = out
+            return out
+
+        return run
+
+    metrics = {}
+    for rep in range(reps):
+        for name in ways if rep % 2 == 0 else reversed(list(ways)):
+            evaluation.generate, evaluation.generate_answers = ways[name], timed(name)
+            metrics[name] = evaluate_adapter(cfg, adapter, loss=False)
+    evaluation.generate, evaluation.generate_answers = generate, original
+    assert answers["shared"] == answers["whole"], "the answers differ"
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "adapter": adapter,
+        "generating_s": medians,
+        "whole_over_shared": medians["whole"] / medians["shared"],
+        "json_valid": metrics["shared"]["json_valid"],
+        "json_match": metrics["shared"]["json_match"],
+        "answers": len(answers["shared"]),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["ttft", "evaluation"])
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--adapter", default=None, help="evaluation: an adapter folder (default: the base)")
+    args = parser.parse_args()
+    if args.what == "ttft":
+        _ttft(args.reps or 7)
+    else:
+        _evaluation(args.adapter, args.reps or 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
