@@ -10,7 +10,12 @@ The answers' first tokens must agree.
 10 new tokens, greedy, `train.evaluate.generate_answers`) with the rows' shared instruction run once per batch
 against every row run whole; the answers must be identical.
 
+`copies`: GRPO's sampling, `examples/grpo.yaml`'s shape: 4 prompts x G=8 seeded samples at temperature 1, at most
+16 new tokens, under an adapter, through `runtime.generate` with the copies' shared prompt run once against
+every row run whole; the samples must be identical.
+
     python bench/prefix_cache.py ttft [--reps 7]
+    python bench/prefix_cache.py copies [--adapter outputs/quickstart/adapter] [--reps 5]
     python bench/prefix_cache.py evaluation [--adapter outputs/quickstart/adapter] [--reps 2]
 """
 
@@ -37,7 +42,9 @@ QUESTIONS = {
     "short": "Is the blue case in stock?",
     "medium": "My phone's battery drains overnight even when I close every app, and it got worse after the "
     "last update. Should I bring it in?",
-    "long": " ".join(["I bought a phone from you last month and the screen flickers when the brightness is low."] * 8),
+    "long": " ".join(
+        ["I bought a phone from you last month and the screen flickers when the brightness is low."] * 8
+    ),
 }
 
 
@@ -55,7 +62,9 @@ def _ttft(reps: int) -> dict:
 
     def chat(question: str) -> list[int]:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
 
     warm_up = chat("Hello")
     shared = next(i for i, (a, b) in enumerate(zip(warm_up, chat("Bye"), strict=False)) if a != b)
@@ -133,14 +142,73 @@ def _evaluation(adapter: str | None, reps: int) -> dict:
     return result
 
 
+def _copies(adapter: str | None, reps: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.core.io import load_adapter
+    from deltatune.runtime import generate
+
+    torch.set_grad_enabled(False)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    name = None
+    if adapter is not None:
+        name = "policy"
+        load_adapter(model, adapter, adapter_name=name)
+    instruction = (
+        "Classify the sentiment of this tweet as negative, neutral or positive. Reply with JSON only, like "
+        '{"sentiment": "neutral"}.\n\n'
+    )
+    tweets = ["my flight got cancelled again, third time this month", "lovely sunny morning at the lake with the dog",
+              "the new update moved every button I use", "watching the game tonight with friends"]  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "You label tweets."},
+                {"role": "user", "content": instruction + t},
+            ],
+            add_generation_prompt=True,
+            return_dict=True,
+        )["input_ids"]
+        for t in tweets
+    ]
+    rows = [p for p in prompts for _ in range(8)]
+    seeds = list(range(len(rows)))
+    ways = {"shared": True, "whole": False}
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    samples = {}
+    for rep in range(reps):
+        for way in ways if rep % 2 == 0 else reversed(list(ways)):
+            started = time.perf_counter()
+            done = generate(model, rows, [name] * len(rows), max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, temperature=1.0, seeds=seeds,
+                            share_prefixes=ways[way])  # fmt: skip
+            times[way].append(time.perf_counter() - started)
+            samples[way] = [c.tokens for c in done]
+    assert samples["shared"] == samples["whole"], "the samples differ"
+    medians = {w: statistics.median(t) for w, t in times.items()}
+    result = {
+        "rows": len(rows),
+        "prompt_tokens": sum(map(len, rows)),
+        "new_tokens": sum(map(len, samples["shared"])),
+        "sampling_s": medians,
+        "whole_over_shared": medians["whole"] / medians["shared"],
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["ttft", "evaluation"])
+    parser.add_argument("what", choices=["ttft", "evaluation", "copies"])
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--adapter", default=None, help="evaluation: an adapter folder (default: the base)")
+    parser.add_argument("--adapter", default=None, help="an adapter folder (default: the base)")
     args = parser.parse_args()
     if args.what == "ttft":
         _ttft(args.reps or 7)
+    elif args.what == "copies":
+        _copies(args.adapter, args.reps or 5)
     else:
         _evaluation(args.adapter, args.reps or 2)
 
