@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_runtime import ADAPTERS, _with_adapters, adapters_dir  # noqa: F401 (a fixture)
+from test_runtime import ADAPTERS, _with_adapters, save_adapters
 
 from deltatune.runtime import generate
 from deltatune.runtime.decode import DecodeBatch
@@ -158,9 +158,7 @@ def test_generate_shares_prefixes_and_keeps_its_tokens(device):
     assert [c.tokens for c in shared] == [c.tokens for c in plain]
 
 
-def test_a_server_reuses_a_shared_system_prompt_in_short_and_chunked_prompts_and_forgets_on_unload(
-    adapters_dir,
-):
+def test_a_server_reuses_a_shared_system_prompt_in_short_and_chunked_prompts_and_forgets_on_unload(tmp_path):
     """Requests that open with one system prompt run it once per adapter: a short one joining the batch and
     a long one prefilled in chunks (`PromptPass`) both start after it, and answer as a server without the
     cache does. Unloading the adapter drops its stored KV."""
@@ -175,6 +173,7 @@ def test_a_server_reuses_a_shared_system_prompt_in_short_and_chunked_prompts_and
     system = torch.randint(1, 96, (20,), generator=g).tolist()
     asks = [system + torch.randint(1, 96, (n,), generator=g).tolist() for n in (5, 3, 60, 7)]  # 80: chunked
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)
+    adapters_dir = save_adapters(tmp_path)
 
     def answers(prefix_cache_bytes):
         model = build_llama()

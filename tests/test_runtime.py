@@ -339,8 +339,11 @@ def test_training_evaluation_generates_with_the_active_adapter_on_the_one_path()
 # ---- the adapter cache ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory):
-    """Folders r2, r4, r8 (different ranks and targets) saved from the tiny llama."""
-    root = tmp_path_factory.mktemp("adapters")
+    return save_adapters(tmp_path_factory.mktemp("adapters"))
+
+
+def save_adapters(root):
+    """Folders r2, r4, r8 (different ranks and targets) saved from the tiny llama into `root`."""
     model = _with_adapters()
     for name, folder in (("a", "r2"), ("b", "r4"), ("c", "r8")):
         dt.save_adapter(model, root / folder, adapter_name=name)
