@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument, cache_of
+from .kv_room import with_room
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable
 from .prefill import pad_left, prefill
 from .prefix_cache import PrefixCache
@@ -258,12 +259,14 @@ class DecodeBatch:
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         if self.cache is None or not self.rows:
-            self.cache, self.mask = cache, mask
+            self.cache, self.mask = with_room(cache), mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)])
-            mine.values = torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)])
+            mine.hold(
+                torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)]),
+                torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)]),
+            )
         self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
 
     # ---- decoding ---------------------------------------------------------------------------------------------
@@ -374,7 +377,7 @@ class DecodeBatch:
         start = int((mask.sum(0) > 0).nonzero()[0])  # columns before this are padding in every live row
         self.mask = mask[:, start:]
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:count, :, start:], layer.values[:count, :, start:]
+            layer.keep(count, start)
 
 
 def _select_rows(
