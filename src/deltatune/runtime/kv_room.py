@@ -77,7 +77,8 @@ class RoomyLayer(DynamicLayer):
 def with_room(cache: DynamicCache) -> DynamicCache:
     """`cache` with each plain layer replaced by a `RoomyLayer` holding the same keys and values."""
     cache.layers = [
-        layer if isinstance(layer, RoomyLayer) else RoomyLayer(layer.keys, layer.values) for layer in cache.layers
+        layer if isinstance(layer, RoomyLayer) else RoomyLayer(layer.keys, layer.values)
+        for layer in cache.layers
     ]
     return cache
 
