@@ -196,3 +196,9 @@ def test_a_server_reuses_a_shared_system_prompt_in_short_and_chunked_prompts_and
     assert (plain.stats.prompt_chunks, engine.stats.prompt_chunks) == (2, 1)
     assert engine.prefixes.stats.hits == 3 and engine.prefixes.stats.tokens_reused >= 3 * 20
     assert engine.prefixes.bytes_used == 0  # forgotten with the adapter
+
+
+def test_a_cache_with_a_negative_budget_or_no_minimum_is_refused():
+    for bad in (dict(budget_bytes=-1), dict(min_tokens=0)):
+        with pytest.raises(ValueError, match="budget_bytes >= 0 and min_tokens >= 1"):
+            PrefixCache(**bad)

@@ -131,6 +131,23 @@ def test_concurrent_requests_are_batched_across_adapters(server, expected):
     assert stats["largest_batch"] > 1 and stats["most_adapters_in_batch"] >= 2
 
 
+def test_chats_sharing_a_system_prompt_reuse_its_kv(server):
+    """The server's prefix cache: the second chat under the same adapter and system prompt starts after it
+    (the engine-level equality of answers is tests/test_prefix_cache.py's)."""
+    system = "be calm"  # the test server takes prompts of up to 32 tokens
+
+    def chat(text):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        body = {"model": "alpha", "messages": messages, "max_tokens": 3, "temperature": 0}
+        response = server.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return server.get("/health/details").json()["prefix_cache"]
+
+    first, second = chat("good day"), chat("awful movie")
+    assert first["bytes"] > 0  # the first chat's prompt is stored
+    assert second["hits"] == first["hits"] + 1 and second["tokens_reused"] - first["tokens_reused"] >= 8
+
+
 def test_chat_and_prompt_lists(server, expected):
     chat = server.post(
         "/v1/chat/completions",
