@@ -34,7 +34,7 @@ from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument, cache_of
 from .kv_room import with_room
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable
-from .prefill import pad_left, prefill
+from .prefill import model_device, pad_left, prefill
 from .prefix_cache import PrefixCache
 from .sampling import (
     Completion,
@@ -115,8 +115,7 @@ class DecodeBatch:
         if model.training:
             raise MixedBatchError("decoding is for inference; call model.eval() first")
         self.model = model
-        first = next(model.parameters(), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = model_device(model)
         self.pad_token_id = pad_token_id
         self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         self.rows: list[_Row] = []  # in batch order

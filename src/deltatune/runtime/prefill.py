@@ -106,7 +106,7 @@ def _forward(
     pad_token_id: int,
 ) -> Prefilled:
     """One forward of every row's tokens after its stored prefix (`found[i]`; None: the whole prompt)."""
-    device = _device(model)
+    device = model_device(model)
     starts = [match.length if match else 0 for match in found]
     ids, mask = (t.to(device) for t in left_pad([p[s:] for p, s in zip(prompts, starts, strict=True)],
                                                 pad_token_id))  # fmt: skip
@@ -259,6 +259,7 @@ def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
