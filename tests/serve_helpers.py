@@ -25,12 +25,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(base: Path, adapters_dir: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
+def running_server(
+    base: Path, adapters_dir: Path, *options: str, python: Path | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """Start the server (API key KEY), wait until /health answers, yield (process, url); stop it after.
-    `server_log(process)` is what it wrote to stderr."""
+    `server_log(process)` is what it wrote to stderr. `python`: another interpreter to run it (default: this one)."""
     port = free_port()
     command = [
-        sys.executable, "-m", "deltatune", "serve", "--base", str(base), "--base-name", "base",
+        str(python or sys.executable), "-m", "deltatune", "serve", "--base", str(base), "--base-name", "base",
         "--adapters-dir", str(adapters_dir), "--port", str(port), "--api-key-env", "DT_TEST_KEY",
         "--log-level", "warning", *options,
     ]  # fmt: skip

@@ -216,6 +216,7 @@ def test_a_byte_order_mark_names_the_encoding(tmp_path, codec):
     assert rows[1].fields == {"text": "café", "label": "b"}
 
 
+@pytest.mark.slow
 def test_malformed_rows_are_listed_in_line_order_one_clean_line_each(tmp_path, tokenizer):
     """Rows refused when reading (bad JSON) and when encoding (no text) used to be listed in that order; and
     the command line printed each warning with Python's category, source path and code line."""

@@ -57,6 +57,7 @@ def classifier_run(tmp_path_factory, tiny_bert):
     return config, train(validate_config(raw)), val_rows
 
 
+@pytest.mark.slow
 def test_the_labels_are_saved_with_the_adapter_and_shown(classifier_run, capsys):
     _, result, _ = classifier_run
     record = json.loads((result.saved_to / "deltatune.json").read_text())
@@ -250,6 +251,7 @@ def test_the_whole_config_is_checked_before_anything_loads(tmp_path, tiny_causal
     assert "training.max_steps" in err and "from the command-line override 'training.max_steps=many'" in err
 
 
+@pytest.mark.slow
 def test_a_moved_run_folder_resumes_where_it_is(tmp_path, tiny_causal_lm, capsys):
     import shutil
 

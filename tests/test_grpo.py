@@ -175,6 +175,7 @@ def _records(out, split="train"):
     return [r for r in rows if r["split"] == split]
 
 
+@pytest.mark.slow
 def test_grpo_learns_a_dense_reward_and_logs_its_curves(tiny_causal_lm, prompts, tmp_path):
     raw = grpo_config(tiny_causal_lm, prompts, tmp_path / "run", max_steps=24, batch_size=4)
     raw["eval"]["every"] = 12
@@ -195,6 +196,7 @@ def test_grpo_learns_a_dense_reward_and_logs_its_curves(tiny_causal_lm, prompts,
     assert recorded["objective"]["settings"]["epsilon_high"] == 0.2
 
 
+@pytest.mark.slow
 def test_the_kl_term_holds_the_policy_to_the_base(tiny_causal_lm, prompts, tmp_path):
     raw = grpo_config(tiny_causal_lm, prompts, tmp_path / "kl", beta=0.5, max_steps=4)
     train(validate_config(raw))
@@ -205,6 +207,7 @@ def test_the_kl_term_holds_the_policy_to_the_base(tiny_causal_lm, prompts, tmp_p
     assert recorded["objective"]["reference"] == "base (adapters off)"
 
 
+@pytest.mark.slow
 def test_the_same_seed_samples_the_same_completions_and_ends_with_the_same_adapter(
     tiny_causal_lm, prompts, tmp_path
 ):
@@ -222,6 +225,7 @@ def test_the_same_seed_samples_the_same_completions_and_ends_with_the_same_adapt
     assert strip(runs["a"][0]) != strip(runs["c"][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_gradient_accumulation_takes_the_same_step(tiny_causal_lm, prompts, tmp_path, loss_type):
     """Two micro-batches of 2 prompts make the step that one batch of 4 makes: the same rows, the same
@@ -250,6 +254,7 @@ def test_gradient_accumulation_takes_the_same_step(tiny_causal_lm, prompts, tmp_
     ],
     ids=["ia3", "prompt_tuning"],
 )
+@pytest.mark.slow
 def test_adapters_the_engine_cannot_batch_sample_through_transformers_generate(
     tiny_causal_lm, prompts, tmp_path, method, capfd
 ):
@@ -261,6 +266,7 @@ def test_adapters_the_engine_cannot_batch_sample_through_transformers_generate(
     assert len(_records(tmp_path / "run")) == 2
 
 
+@pytest.mark.slow
 def test_eval_scores_a_grpo_adapter_with_its_rewards(tiny_causal_lm, prompts, tmp_path):
     raw = grpo_config(tiny_causal_lm, prompts, tmp_path / "run", max_steps=3)
     raw["eval"]["every"] = 3
@@ -272,6 +278,7 @@ def test_eval_scores_a_grpo_adapter_with_its_rewards(tiny_causal_lm, prompts, tm
     assert "reward/grpo_rewards:even_tokens" in scored
 
 
+@pytest.mark.slow
 def test_the_forgetting_monitor_watches_a_grpo_run(tiny_causal_lm, prompts, tmp_path):
     corpus = tmp_path / "general.txt"
     corpus.write_text("the day was very good and the food was lovely\nmy phone is so bad today\na movie\n")

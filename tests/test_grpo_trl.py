@@ -177,6 +177,7 @@ CASES = [
     CASES,
     ids=lambda c: f"{c['loss_type']}-beta{c['beta']}-{c['scale_rewards']}" + "-masked" * (len(c) > 4),
 )
+@pytest.mark.slow
 def test_grpo_loss_and_gradients_match_trl(
     tiny_causal_lm, adapters, tmp_path, case, prompt_once, with_reference
 ):

@@ -75,6 +75,7 @@ def test_unmerge_refuses_zero_scaling():
         dt.unmerge(model)
 
 
+@pytest.mark.slow
 def test_ia3_trains_through_the_pipeline(tiny_causal_lm, tmp_path):
     from deltatune.train import evaluate_adapter, train, validate_config
 

@@ -62,6 +62,7 @@ def _kl_on(tiny_causal_lm, adapter, corpus) -> float:
     return float(token_divergence(model.eval(), batches)["kl"].mean())
 
 
+@pytest.mark.slow
 def test_a_run_with_the_penalty_ends_nearer_its_base(tiny_causal_lm, data, corpus, tmp_path):
     plain = _run(tiny_causal_lm, data, tmp_path / "plain")
     held = _run(tiny_causal_lm, data, tmp_path / "held", kl_penalty=1.0, kl_penalty_texts=4,

@@ -63,6 +63,7 @@ def test_without_bitsandbytes_the_quantized_variant_is_skipped_with_the_reason(
     assert quantized.model is None and "pip install bitsandbytes" in quantized.skipped
 
 
+@pytest.mark.slow
 def test_the_report_is_consistent_with_its_timings(tiny_causal_lm, adapter, tmp_path):
     report = measure_latency(str(tiny_causal_lm), adapter, SMALL, out=tmp_path / "report", device="cpu")
     rows = [r for r in report["rows"] if "skipped" not in r]

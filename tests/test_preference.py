@@ -177,6 +177,7 @@ def test_kl_penalty_on_a_full_fine_tune_is_refused_with_the_reason(tiny_causal_l
 
 
 # --- training -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
 def test_each_paired_objective_learns_to_prefer_the_chosen_answer(tiny_causal_lm, pairs, tmp_path, objective):
     raw = preference_config(tiny_causal_lm, pairs, tmp_path / "run", objective, max_steps=60, batch_size=8)
@@ -201,6 +202,7 @@ def test_each_paired_objective_learns_to_prefer_the_chosen_answer(tiny_causal_lm
     assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin"} <= train_rows[-1].keys()
 
 
+@pytest.mark.slow
 def test_kto_learns_from_unpaired_answers(tiny_causal_lm, tmp_path):
     data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(200, 6))
     raw = preference_config(tiny_causal_lm, data, tmp_path / "run", "kto", max_steps=60, batch_size=8)
@@ -229,6 +231,7 @@ def _parameter_bytes() -> int:
     return total
 
 
+@pytest.mark.slow
 def test_the_reference_is_no_second_model(tiny_causal_lm, pairs, tmp_path, monkeypatch):
     """Counted during a DPO step: every parameter storage in the process belongs to the one model."""
     from deltatune.train import loop
@@ -250,6 +253,7 @@ def test_the_reference_is_no_second_model(tiny_causal_lm, pairs, tmp_path, monke
     assert seen["alive"] == seen["model"]
 
 
+@pytest.mark.slow
 def test_continuing_an_adapter_judges_pairs_against_a_frozen_copy_of_it(tiny_causal_lm, pairs, tmp_path):
     sft = causal_config(tiny_causal_lm, pairs, tmp_path / "sft", max_steps=10)
     sft["data"]["format"] = "preference"  # sft on preference data trains on the chosen answers
@@ -280,6 +284,7 @@ def test_continuing_an_adapter_judges_pairs_against_a_frozen_copy_of_it(tiny_cau
     )
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_keeps_its_reference_from_before_step_one(tiny_causal_lm, pairs, tmp_path):
     raw = preference_config(tiny_causal_lm, pairs, tmp_path / "run", max_steps=6)
     raw["adapter"] = {"method": "full"}

@@ -97,6 +97,7 @@ def _train(model, steps: int = 40) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_training_on_a_4bit_base_lowers_the_loss_like_a_float_base(tiny_causal_lm):
     from transformers import AutoModelForCausalLM
 
@@ -169,6 +170,7 @@ def test_export_merged_dequantizes_merges_in_float_and_reports_the_error(tmp_pat
     assert torch.equal(model(input_ids=IDS).logits, live)
 
 
+@pytest.mark.slow
 def test_export_merged_requantized_reloads_as_4bit_with_the_reported_error(tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -243,6 +245,7 @@ def test_bad_requests_are_refused():
         quantize_base(model, 4)
 
 
+@pytest.mark.slow
 def test_deltatune_train_with_a_quantization_section(tiny_causal_lm, tmp_path):
     from train_helpers import causal_config, instruction_rows, write_jsonl
 
@@ -313,6 +316,7 @@ def test_a_prequantized_transformers_checkpoint_takes_lora(tmp_path, bits):
     assert record["quantization"]["library"] == "bitsandbytes (loaded by transformers)"
 
 
+@pytest.mark.slow
 def test_a_prequantized_checkpoint_is_recognised_without_importing_deltatune_quant(tmp_path):
     """LoRA must not treat a packed bitsandbytes weight as a float one just because nobody imported our backend."""
     import subprocess
@@ -334,6 +338,7 @@ def test_a_prequantized_checkpoint_is_recognised_without_importing_deltatune_qua
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_deltatune_train_on_a_prequantized_checkpoint(tiny_causal_lm, tmp_path):
     from train_helpers import causal_config, instruction_rows, write_jsonl
     from transformers import AutoModelForCausalLM, AutoTokenizer

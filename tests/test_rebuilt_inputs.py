@@ -200,6 +200,7 @@ def test_nothing_is_recorded_without_grad(adoptions):
     assert rebuilt_inputs._scope_stack() == []  # every scope the MLPs opened was closed
 
 
+@pytest.mark.slow
 def test_the_hooks_do_not_break_a_whole_model_compile(adoptions):
     """torch.compile(fullgraph=True) traces the hooked model in one graph (the hooks step aside while Dynamo
     traces), and its gradients equal eager mode's."""

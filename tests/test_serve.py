@@ -97,6 +97,7 @@ def _complete(client, model, prompt, **extra):
     return client.post("/v1/completions", json=body)
 
 
+@pytest.mark.slow
 def test_models_and_auth(server):
     assert server.get("/health", headers={"Authorization": ""}).json() == {"status": "ok"}  # needs no key
     assert server.get("/health/details", headers={"Authorization": ""}).status_code == 401
@@ -108,6 +109,7 @@ def test_models_and_auth(server):
     assert ids == ["base", "alpha", "beta-v2", "broken"]
 
 
+@pytest.mark.slow
 def test_completions_equal_the_runtime_and_differ_per_adapter(server, expected):
     for (model_id, prompt), text in expected.items():
         response = _complete(server, model_id, prompt)
@@ -229,6 +231,7 @@ def _events(client, path: str, body: dict) -> list[dict]:
     return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
 
 
+@pytest.mark.slow
 def test_streamed_pieces_add_up_to_the_answer(server, expected):
     for model_id in ("base", "beta-v2"):
         for prompt in PROMPTS[:2]:
@@ -240,6 +243,7 @@ def test_streamed_pieces_add_up_to_the_answer(server, expected):
             assert len([c for c in choices if c["text"]]) >= 2  # in pieces, not all at the end
 
 
+@pytest.mark.slow
 def test_streaming_with_a_stop_string_and_in_chat(server, expected):
     (model_id, prompt), text = next(
         (job, text) for job, text in expected.items() if len(text) >= 6 and job[0] == "alpha"
@@ -263,6 +267,7 @@ def test_streaming_with_a_stop_string_and_in_chat(server, expected):
     assert all(c["choices"][0]["logprobs"] is None for c in chunks)  # OpenAI's chunks say null when not asked
 
 
+@pytest.mark.slow
 def test_stream_options_include_usage_counts_what_the_plain_answer_counts(server):
     """OpenAI's stream_options.include_usage: every chunk says usage: null, and one more chunk before [DONE],
     with no choices, carries the usage the same request gets unstreamed (stop strings included)."""
@@ -289,6 +294,7 @@ def test_stream_options_include_usage_counts_what_the_plain_answer_counts(server
     assert all("usage" not in c for c in off) and all(c["choices"] for c in off)
 
 
+@pytest.mark.slow
 def test_seed_and_penalties_reach_the_rows_and_seeded_answers_repeat_amid_traffic(
     server, tiny_causal_lm, adapters_dir
 ):
@@ -326,6 +332,7 @@ def test_seed_and_penalties_reach_the_rows_and_seeded_answers_repeat_amid_traffi
     assert len(others) > 1  # the seed chooses the draws
 
 
+@pytest.mark.slow
 def test_logprobs_are_the_runtimes_in_openais_shapes(server, tiny_causal_lm, adapters_dir, expected):
     """/v1/completions' and /v1/chat/completions' log-probabilities equal the runtime's for the same rows;
     a stop string's cut drops the tokens after it from the log-probabilities as from the text."""
@@ -382,6 +389,7 @@ def test_logprobs_are_the_runtimes_in_openais_shapes(server, tiny_causal_lm, ada
     assert refused.status_code == 400 and "needs logprobs" in refused.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_streamed_logprobs_add_up_to_the_non_streamed_ones(server, expected):
     """Each chunk carries the log-probabilities of the tokens whose text it completes; together they are the
     non-streamed answer's, stop string cut included, in both shapes."""
@@ -410,6 +418,7 @@ def test_streamed_logprobs_add_up_to_the_non_streamed_ones(server, expected):
     assert [e for c in chunks for e in c["choices"][0]["logprobs"]["content"]] == whole and whole
 
 
+@pytest.mark.slow
 def test_echo_scores_a_continuation_as_an_evaluation_harness_asks(server, tiny_causal_lm, adapters_dir):
     """lm-evaluation-harness' log-likelihood request (token ids, echo, logprobs=1, max_tokens=1, temperature
     0): the prompt's tokens come back scored as the runtime scores them, the first with None, then the new
@@ -464,6 +473,7 @@ def _joined(names: list[str]) -> str:
     return raw.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_logit_bias_reaches_the_rows(server, tiny_causal_lm):
     """OpenAI's logit_bias (token ids as strings): 100 makes its token the only choice, -100 bans the greedy
     answer's first token; in chat too."""
@@ -497,6 +507,7 @@ def test_chat_takes_max_completion_tokens_as_its_token_limit(server):
     assert over.status_code == 400 and "limit of 8" in over.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_n_choices_per_prompt_in_openais_order_each_seeded_apart(server, expected):
     """n rows per prompt, choice i*n+j for prompt i; the first choice is the n=1 answer, the others their
     own seeded draws, all repeating; usage counts each prompt once. Streamed, each choice's pieces add up to
@@ -596,6 +607,7 @@ def test_streamed_tokens_settle_with_their_text_at_the_offsets_a_whole_answer_gi
     assert "".join(untracked.add(b) for b in b"abc") == "abc" and untracked.prefixes is None
 
 
+@pytest.mark.slow
 def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     from transformers import AutoTokenizer
 
@@ -618,6 +630,7 @@ def test_engine_ends_a_row_whose_reader_left(tiny_causal_lm, adapters_dir):
     assert engine.stats.cancelled_rows == 1 and engine.stats.batches == 1
 
 
+@pytest.mark.slow
 def test_engine_ends_a_row_at_its_stop_string(tiny_causal_lm, adapters_dir):
     """Not streamed and not cut afterwards: the row stops generating at the token that completes its stop
     string, while a row without one in the same batch runs to its limit."""
@@ -680,6 +693,7 @@ def test_engine_rows_join_a_running_batch_and_leave_when_done(tiny_causal_lm, ad
     assert engine.decoding.stack_bytes > 0 and len(engine.decoding) == 0  # stacks kept for the next rows
 
 
+@pytest.mark.slow
 def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm, adapters_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -714,6 +728,7 @@ def test_engine_serves_adapters_that_cannot_join_the_decode_batch(tiny_causal_lm
     assert engine.stats.batches == 2  # the LoRA and base rows joined the decode batch; the IA3 row ran apart
 
 
+@pytest.mark.slow
 def test_engine_a_row_failing_its_prefill_fails_alone(tiny_causal_lm, adapters_dir):
     from transformers import AutoTokenizer
 
@@ -737,6 +752,7 @@ def test_engine_a_row_failing_its_prefill_fails_alone(tiny_causal_lm, adapters_d
     assert engine.stats.failed_rows == 1
 
 
+@pytest.mark.slow
 def test_engine_falls_back_to_fixed_batches_for_a_model_it_cannot_decode(
     tiny_causal_lm, adapters_dir, monkeypatch
 ):
@@ -808,7 +824,7 @@ def test_tokenizer_endpoints_match_what_the_completions_run(server, tiny_causal_
     asks): the ids are those a completion prompt or a chat would run, and they decode back."""
     from transformers import AutoTokenizer
 
-    from deltatune.serve.prompts import encode_chat
+    from deltatune.data.prompts import PromptRenderer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
     info = server.get("/tokenizer_info").json()
@@ -822,7 +838,9 @@ def test_tokenizer_endpoints_match_what_the_completions_run(server, tiny_causal_
     assert by_ids == _complete(server, "alpha", text).json()["choices"][0]["text"]
     messages = [{"role": "user", "content": "good day"}]
     chat = server.post("/tokenize", json={"messages": messages}).json()
-    assert chat["tokens"] == encode_chat(tokenizer, messages) and chat["count"] == len(chat["tokens"])
+    assert chat["tokens"] == PromptRenderer(tokenizer).chat_ids(messages) and chat["count"] == len(
+        chat["tokens"]
+    )
     for body, needle in (
         ({"tokens": [10**6]}, "outside the vocabulary"),
         ({"prompt": "x", "messages": messages}, "not both"),
@@ -858,6 +876,7 @@ def _metaspace_tokenizer():
     return tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["byte-level BPE", "WordPiece", "Metaspace", "bytes"])
 def test_token_offsets_take_linear_time_and_equal_decoding_every_prefix(kind, tiny_causal_lm, tiny_bert):
     """An echoed 2,000-token prompt's offsets once decoded every prefix (16.9 s stalls in the server): now a

@@ -73,6 +73,7 @@ def _answers(engine, rows):
     return out
 
 
+@pytest.mark.slow
 def test_a_tiny_temperature_is_greedy_and_the_engine_keeps_serving(engine):
     (greedy,) = _answers(engine, [_row(engine)])
     tiny, normal = _answers(engine, [_row(engine, temperature=1e-50), _row(engine, "beta")])
@@ -90,6 +91,7 @@ def test_sampling_settings_no_row_can_use_are_refused_before_the_engine(engine, 
         _row(engine, temperature=temperature, top_p=top_p)
 
 
+@pytest.mark.slow
 def test_a_row_with_non_finite_scores_fails_alone(engine):
     """An adapter whose weights turned NaN after loading (the load check refuses such files): its row fails
     with a message naming the adapter; the rows decoding beside it are not disturbed."""
@@ -109,6 +111,7 @@ def test_a_row_with_non_finite_scores_fails_alone(engine):
     assert _answers(engine, [_row(engine, "beta", n=8)])[0].tokens == reference.tokens
 
 
+@pytest.mark.slow
 def test_a_row_turning_non_finite_mid_decode_leaves_the_running_batch(engine, monkeypatch):
     from deltatune.runtime import decode
 
@@ -130,6 +133,7 @@ def test_a_row_turning_non_finite_mid_decode_leaves_the_running_batch(engine, mo
     assert len(engine.decoding) == 0 and not engine.decoding.finished
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_fails_the_rows_in_flight_and_the_loop_carries_on(engine, monkeypatch):
     from deltatune.serve.engine import Engine
 
@@ -148,6 +152,7 @@ def test_an_unexpected_error_fails_the_rows_in_flight_and_the_loop_carries_on(en
     assert len(engine.decoding) == 0 and not engine._live
 
 
+@pytest.mark.slow
 def test_rows_past_their_deadline_fail_and_free_the_batch(engine):
     from deltatune.serve.engine import RequestTimeout
 
@@ -164,6 +169,7 @@ class _Fatal(BaseException):
     """What no handler catches (like a MemoryError escalated by a C extension, or a thread-killing bug)."""
 
 
+@pytest.mark.slow
 def test_if_the_thread_dies_it_is_visible_and_nothing_hangs(engine, monkeypatch):
     from deltatune.serve.engine import Engine, EngineStopped
 
@@ -184,6 +190,7 @@ def test_if_the_thread_dies_it_is_visible_and_nothing_hangs(engine, monkeypatch)
     assert not engine._thread.is_alive()
 
 
+@pytest.mark.slow
 def test_close_fails_queued_and_running_rows_and_returns(engine):
     from deltatune.serve.engine import EngineStopped
 
@@ -196,6 +203,7 @@ def test_close_fails_queued_and_running_rows_and_returns(engine):
     assert not engine.alive
 
 
+@pytest.mark.slow
 def test_adapter_calls_run_ahead_of_queued_rows(engine):
     """Loading or unloading an adapter does not wait for the rows queued before it."""
     order = []
@@ -209,6 +217,7 @@ def test_adapter_calls_run_ahead_of_queued_rows(engine):
     assert order.index("call") < 20
 
 
+@pytest.mark.slow
 def test_a_busy_adapter_drains_then_unloads_and_later_rows_load_it_again(engine, monkeypatch):
     import threading
 

@@ -11,6 +11,8 @@ from serve_helpers import AUTH, running_server
 
 import deltatune as dt
 
+pytestmark = pytest.mark.slow  # a real server process and hypothesis' hundreds of requests
+
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("fastapi")
 from hypothesis import HealthCheck, settings  # noqa: E402  (hypothesis comes with schemathesis)

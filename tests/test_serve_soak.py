@@ -19,6 +19,7 @@ from serve_helpers import AUTH, running_server  # noqa: E402
 MAX_TOKENS = 8
 
 
+@pytest.mark.slow
 def test_soak(tiny_causal_lm, tmp_path):
     base, adapters = soak.make_base_and_adapters(tmp_path, str(tiny_causal_lm))
     with running_server(base, tmp_path / "adapters", "--max-tokens", str(MAX_TOKENS)) as (process, url):

@@ -87,6 +87,7 @@ def _run(tmp_path, model, data, name: str, shared: bool, loss_every: int | None)
     return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"), records
 
 
+@pytest.mark.slow
 def test_a_run_with_shared_prefixes_ends_where_the_plain_run_ends(
     tmp_path, tiny_causal_lm, data, monkeypatch
 ):
@@ -110,6 +111,7 @@ def test_a_run_with_shared_prefixes_ends_where_the_plain_run_ends(
     assert evals["plain"][-1]["loss"] < evals["plain"][0]["loss"]  # the curve the user watches falls
 
 
+@pytest.mark.slow
 def test_validation_losses_between_evaluations_change_nothing_else(tmp_path, tiny_causal_lm, data):
     """eval.loss_every only adds records: the same weights, bit for bit, and the best is still the final
     evaluation's, where `eval.every` is not set."""
@@ -149,6 +151,7 @@ def test_runs_that_cannot_share_a_prefix_run_without_it(
     assert why is None if reason is None else reason in why
 
 
+@pytest.mark.slow
 def test_deltatune_eval_shares_the_prefix_unless_the_adapter_brings_virtual_tokens(
     tmp_path, tiny_causal_lm, data, monkeypatch
 ):

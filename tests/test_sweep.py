@@ -104,6 +104,7 @@ def _processes_running(config: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_sweep_finds_a_good_adapter_and_best_follows_the_rule(base, tmp_path, capsys):
     out = tmp_path / "sweep"
     rc = main(["sweep", str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "4", "--jobs", "2",
@@ -149,6 +150,7 @@ def test_sweep_finds_a_good_adapter_and_best_follows_the_rule(base, tmp_path, ca
     assert "best/: trial" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_failed_trials_keep_their_reason_and_the_sweep_goes_on(base, tmp_path):
     space = {"case": {"presets": {
         "ok": {"optim.lr": 3e-3},
@@ -184,6 +186,7 @@ def test_failure_kinds_are_named():
     )
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path, monkeypatch):
     monkeypatch.setattr("deltatune.sweep.study.HEARTBEAT_S", 0.0)  # a heartbeat every poll
     config = load_base_config(base, ["training.max_steps=20000", "eval.every=10"])
@@ -203,6 +206,7 @@ def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path, monkeypatch):
     assert trial.user_attrs["heartbeat"] >= trial.datetime_start.timestamp() + 1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     out, space = tmp_path / "s", _space(tmp_path, LR_SPACE)
     args = [str(base), "--space", str(space), "--trials", "3", "--out", str(out)]
@@ -243,6 +247,7 @@ def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     assert [r["state"] for r in rows].count("interrupted") == 1
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_space(base, tmp_path):
     out = tmp_path / "s"
     assert main(["sweep", str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "1", "--out", str(out),
@@ -252,6 +257,7 @@ def test_resume_refuses_a_different_space(base, tmp_path):
             {"optim.lr": {"float": [1e-3, 1e-2]}}), out=out, trials=2, resume=True)).run()  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_after_the_running_trial_is_recorded(base, tmp_path):
     out = tmp_path / "s"
     sweep = _sweep_process(
@@ -270,6 +276,7 @@ def test_ctrl_c_ends_after_the_running_trial_is_recorded(base, tmp_path):
     assert json.loads((out / "trials.json").read_text())["counts"]["complete"] == 1
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(base, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     space = _space(tmp_path, LR_SPACE)
@@ -299,6 +306,7 @@ def test_an_invalid_space_fails_before_anything_is_written(base, tmp_path, capsy
     assert not out.exists()  # no study, no folder
 
 
+@pytest.mark.slow
 def test_timeout_starts_no_trial_after_it(base, tmp_path):
     config = load_base_config(base, ["training.max_steps=20"])
     settings = SweepSettings(
@@ -312,6 +320,7 @@ def test_timeout_starts_no_trial_after_it(base, tmp_path):
     assert Sweep(settings).run(log=lambda line: None)["state"] == "complete"
 
 
+@pytest.mark.slow
 def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
     config = load_base_config(base, ["training.max_steps=40", "eval.every=20"])
     settings = SweepSettings(config=config, space=parse_space(LR_SPACE), out=tmp_path / "s", trials=2,
@@ -331,6 +340,7 @@ def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
         )  # Optuna cannot prune multi-objective trials: nothing is reported
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_running_trial_and_requeues_it(base, tmp_path):
     out = tmp_path / "s"
     sweep = _sweep_process(str(base), "--space", str(_space(tmp_path, LR_SPACE)), "--trials", "3", "--out", str(out),
@@ -353,6 +363,7 @@ def test_sigterm_stops_the_running_trial_and_requeues_it(base, tmp_path):
     assert queued.system_attrs["fixed_params"] == stopped.params  # --resume trains exactly these again
 
 
+@pytest.mark.slow
 def test_the_final_evaluation_never_prunes(base, tmp_path):
     """At the last evaluation training is over: a trial the pruner dislikes then still completes."""
     config = load_base_config(base, ["training.max_steps=40", "eval.every=20"])
@@ -363,6 +374,7 @@ def test_the_final_evaluation_never_prunes(base, tmp_path):
     assert sorted(sweep.study.trials[0].intermediate_values) == [20, 40]  # both reported, neither pruned
 
 
+@pytest.mark.slow
 def test_a_dead_machines_trial_is_requeued_by_a_live_worker(base, tmp_path):
     """Another host's RUNNING trial with a stale heartbeat is taken for dead and redone here; one with a fresh
     heartbeat is left to its machine (and still counts toward the study's total)."""
@@ -386,6 +398,7 @@ def test_a_dead_machines_trial_is_requeued_by_a_live_worker(base, tmp_path):
     assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["host"] == sweep.host
 
 
+@pytest.mark.slow
 def test_an_orphan_is_claimed_once(base, tmp_path):
     """Two workers reclaiming the same dead trial: the database's state change decides; one retry is queued."""
     settings = SweepSettings(

@@ -187,6 +187,7 @@ def _trial_row(number, metric, r, lr, state="complete"):
             "duration_s": 1.0, "reason": None, "majority_baseline": {"label": "neg", "accuracy": 0.6}}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_majority_baseline_keeps_integers_and_plots_log_parameters_on_a_log_axis(
     tmp_path,
 ):

@@ -84,6 +84,7 @@ def test_a_budget_keeps_the_best_evaluation_within_it(tiny_causal_lm, files, fre
     assert [r["forgetting_kl"] for r in _evals(tmp_path / "run")] == [r["forgetting_kl"] for r in evals]
 
 
+@pytest.mark.slow
 def test_over_budget_stop_ends_the_run_at_the_first_evaluation_over_it(
     tiny_causal_lm, files, free_run, tmp_path
 ):

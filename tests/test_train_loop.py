@@ -23,6 +23,7 @@ def config(tiny_causal_lm, data, out, **training):
     return causal_config(tiny_causal_lm, data, out, **training)
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_held_out_loss_and_touches_only_the_adapter(tiny_causal_lm, data, tmp_path):
     raw = config(tiny_causal_lm, data, tmp_path / "run", max_steps=40)
     raw["optim"]["lr"] = 2e-2
@@ -99,6 +100,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "meta.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_gradient_checkpointing_run(tiny_causal_lm, data, tmp_path, precision):
     raw = config(
@@ -141,6 +143,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(
     )  # B starts at 0: A gets none yet
 
 
+@pytest.mark.slow
 def test_classification_lora_and_full_fine_tuning_learn_the_rule(tiny_bert, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(400, 0))
     accuracies = {}

@@ -280,6 +280,7 @@ def test_lora_and_prompt_tuning_mix_on_one_model(tmp_path):
     ],
     ids=["prompt_tuning", "prefix_tuning", "bottleneck"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_trains_through_the_pipeline(adapter, tiny_causal_lm, tmp_path):
     from deltatune.train import evaluate_adapter, train, validate_config
 

@@ -54,14 +54,6 @@ class Generator:
         self.encoder = Encoder(self.tokenizer, data_spec)
         return self
 
-    def render(self, prompt: str) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     def prompt_ids(self, prompt: str | dict[str, Any]) -> list[int]:
         """A text (or, with a config, a row of its fields) as the ids generation starts from."""
         if self.encoder is not None:
@@ -69,7 +61,9 @@ class Generator:
             return self.encoder.prompt_ids(fields)
         if isinstance(prompt, dict):
             raise ValueError("a prompt given as fields needs a training config (--config) to render it")
-        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+        from .data.prompts import PromptRenderer
+
+        return PromptRenderer(self.tokenizer, self.system_prompt).user_prompt_ids(prompt)
 
     def __call__(self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64, **sampling: Any) -> str:
         """The answer to one prompt: greedy, unless `sampling` says otherwise (`runtime.generate`'s

@@ -162,6 +162,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
+    from ..core.errors import require_extra
+
+    require_extra("serve", ("fastapi", "uvicorn"), "deltatune serve")
     import uvicorn
 
     from ..serve import Limits, build_server

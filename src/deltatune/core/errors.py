@@ -52,3 +52,17 @@ class GgufExportError(DeltatuneError, ValueError):
 
 class DeltatuneWarning(UserWarning):
     """What deltatune warns of (skipped rows, ignored keys, ...): the command line prints it as one plain line."""
+
+
+class MissingExtraError(DeltatuneError, ImportError):
+    """A command or feature needs an optional extra that is not installed; the message names the pip line."""
+
+
+def require_extra(extra: str, modules: tuple[str, ...], needed_by: str) -> None:
+    """Refuse early, naming the extra to install, when any of `modules` cannot be imported: a user without
+    the extra gets one line that says what to do, not a traceback from deep inside the feature."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(f"{needed_by} needs {', '.join(missing)}: pip install 'deltatune[{extra}]'")

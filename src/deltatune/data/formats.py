@@ -12,10 +12,10 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from .prompts import PromptRenderer, Rendered
+
 IGNORE = -100
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 class RowError(ValueError):
@@ -53,7 +53,8 @@ class Encoder:
         self.spec = spec
         self.max_length = spec.max_length
         self.label_index = {name: i for i, name in enumerate(label_names or [])}
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.prompts = PromptRenderer(tokenizer, spec.system_prompt)
+        self.has_chat_template = self.prompts.has_chat_template
 
     def key(self, fields: dict[str, Any]) -> str:
         """What makes two rows duplicates (the input, not the answer)."""
@@ -82,8 +83,7 @@ class Encoder:
             return self._classification(fields)
         if fmt == "instruction":
             instruction, inp, output = self._instruction_fields(fields)
-            messages = [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
-            return self._prompt_response(self._render_prompt(messages, instruction, inp), output)
+            return self._prompt_response(self._rendered(self.prompts.instruction, instruction, inp), output)
         if fmt == "chat":
             return self._chat(fields.get("messages"))
         if fmt in PREFERENCE_FORMATS:
@@ -113,18 +113,17 @@ class Encoder:
                     _text_field(fields, "instruction"),
                     _text_field(fields, "input", required=False),
                 )
-            messages = [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
-            return self._bos() + self._segment_ids(self._render_prompt(messages, instruction, inp))
+            return self._bos() + self._rendered(self.prompts.instruction, instruction, inp).ids()
         if fmt == "chat":
             messages = fields.get("messages")
             if not self.has_chat_template or not isinstance(messages, list):
                 raise RowError("format 'chat' needs 'messages' and a tokenizer with a chat template")
-            return self._bos() + self._segment_ids(self._apply_template(messages, add_generation_prompt=True))
+            return self._bos() + self._rendered(self.prompts.chat, messages).ids()
         if fmt == "classification":
             raise RowError(
                 "a classification config has no prompts to generate from; use `deltatune classify`"
             )
-        return self._bos() + self._segment_ids(_text_field(fields, "text"))
+        return self._bos() + self.prompts.text_ids(_text_field(fields, "text"))
 
     def prompt_fields(self, text: str) -> dict[str, Any]:
         """A plain text given as a prompt, as the row field(s) this format reads: the one field the
@@ -179,33 +178,30 @@ class Encoder:
             _text_field(fields, "output"),
         )
 
-    def _render_prompt(self, messages: list[dict[str, str]], instruction: str, inp: str) -> str:
-        if self.has_chat_template:
-            return self._apply_template(messages, add_generation_prompt=True)
-        template = ALPACA_PROMPT_WITH_INPUT if inp else ALPACA_PROMPT
-        return template.format(instruction=instruction, input=inp)
+    def _rendered(self, render: Any, *args: Any) -> Rendered:
+        """`render(*args)` of the prompt renderer, with its refusal as this row's error."""
+        try:
+            return render(*args)
+        except ValueError as exc:
+            raise RowError(str(exc)) from None
 
     def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if self.spec.system_prompt and messages and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.spec.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        return self._rendered(self.prompts.chat, messages, add_generation_prompt).text
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """A plain-text answer's ids: with a chat template, followed by the template's own end-of-turn
+        text (the model must learn to emit it); without one, by EOS."""
+        if not self.has_chat_template:
+            return self.prompts.text_ids(answer) + self._eos()
+        full = self._apply_template(
+            [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": answer}], False
         )
+        tail = full[full.rindex(answer) + len(answer) :] if answer in full else ""
+        return self._rendered(self.prompts.render, lambda t: t[0] + tail, [answer]).ids()
 
-    def _segment_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _prompt_response(self, prompt: str, output: str) -> Example:
-        prompt_ids = self._bos() + self._segment_ids(prompt)
-        if self.has_chat_template:
-            # The template's own end-of-turn text follows the answer; the model must learn to emit it.
-            full = self._apply_template(
-                [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": output}], False
-            )
-            tail = full[full.rindex(output) + len(output) :] if output in full else ""
-            response_ids = self._segment_ids(output + tail)
-        else:
-            response_ids = self._segment_ids(output) + self._eos()
+    def _prompt_response(self, prompt: Rendered, output: str) -> Example:
+        prompt_ids = self._bos() + prompt.ids()
+        response_ids = self.answer_ids(output)
         return self._assemble([(prompt_ids, False), (response_ids, True)], reference=output)
 
     def _chat(self, messages: Any) -> Example:
@@ -218,34 +214,33 @@ class Encoder:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise RowError("no assistant message to learn from")
+        # Each turn's prompt and answer are ranges of the whole conversation's rendering.
+        whole = self._rendered(self.prompts.chat, messages[: turns[-1] + 1], False)
         segments: list[tuple[list[int], bool]] = []
         rendered = ""
         for turn in turns:
             prompt = self._apply_template(messages[:turn], add_generation_prompt=True)
             full = self._apply_template(messages[: turn + 1], add_generation_prompt=False)
-            if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            if not (prompt.startswith(rendered) and full.startswith(prompt) and whole.text.startswith(full)):
                 raise RowError("the chat template does not render turns as prefixes; cannot mask per turn")
-            segments.append((self._segment_ids(prompt[len(rendered) :]), False))
-            segments.append((self._segment_ids(full[len(prompt) :]), True))
+            segments.append((whole.ids(len(rendered), len(prompt)), False))
+            segments.append((whole.ids(len(prompt), len(full)), True))
             rendered = full
         segments[0] = (self._bos() + segments[0][0], False)
         return self._assemble(segments, reference=messages[turns[-1]]["content"])
 
     def _plain_text(self, fields: dict[str, Any]) -> Example:
-        ids = self._bos() + self._segment_ids(_text_field(fields, "text")) + self._eos()
+        ids = self._bos() + self.prompts.text_ids(_text_field(fields, "text")) + self._eos()
         truncated = len(ids) > self.max_length
         ids = ids[: self.max_length]
         return Example(ids, list(ids), truncated=truncated)
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _bos(self) -> list[int]:
-        bos = self.tokenizer.bos_token_id
-        add = getattr(self.tokenizer, "add_bos_token", False) and not self.has_chat_template
-        return [bos] if bos is not None and add else []
+        return self.prompts.bos()
 
     def _eos(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return [eos] if eos is not None else []
+        return self.prompts.eos()
 
     def _assemble(self, segments: list[tuple[list[int], bool]], reference: str) -> Example:
         ids: list[int] = []

@@ -81,8 +81,7 @@ def render_prompt(encoder: Encoder, fields: dict[str, Any]) -> tuple[list[int], 
                 "a conversational prompt (a list of messages) needs a tokenizer with a chat template"
             )
         _check_messages(prompt, "prompt")
-        text = encoder._apply_template(prompt, add_generation_prompt=True)
-        return encoder._bos() + encoder._segment_ids(text), True
+        return encoder._bos() + encoder._rendered(encoder.prompts.chat, prompt).ids(), True
     if encoder.spec.instruction_template:
         try:
             instruction = encoder.spec.instruction_template.format(**fields)
@@ -90,23 +89,14 @@ def render_prompt(encoder: Encoder, fields: dict[str, Any]) -> tuple[list[int], 
             raise RowError(f"template field {exc} is not a column of this row") from None
     else:
         instruction = _text_field(fields, "prompt")
-    rendered = encoder._render_prompt([{"role": "user", "content": instruction}], instruction, "")
-    return encoder._bos() + encoder._segment_ids(rendered), False
+    return encoder._bos() + encoder._rendered(encoder.prompts.instruction, instruction).ids(), False
 
 
 def _answer_ids(encoder: Encoder, fields: dict[str, Any], name: str, conversational: bool) -> list[int]:
     answer = fields.get(name)
     if isinstance(answer, list) or conversational:
         return _conversational_answer(encoder, fields["prompt"], answer, name)
-    text = _text_field(fields, name)
-    if not encoder.has_chat_template:
-        return encoder._segment_ids(text) + encoder._eos()
-    # the template's end-of-turn text follows the answer: the model must learn (or unlearn) emitting it
-    full = encoder._apply_template(
-        [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": text}], False
-    )
-    tail = full[full.rindex(text) + len(text) :] if text in full else ""
-    return encoder._segment_ids(text + tail)
+    return encoder.answer_ids(_text_field(fields, name))
 
 
 def _conversational_answer(encoder: Encoder, prompt: Any, answer: Any, name: str) -> list[int]:
@@ -118,10 +108,10 @@ def _conversational_answer(encoder: Encoder, prompt: Any, answer: Any, name: str
     if not any(m["content"].strip() for m in answer):
         raise RowError(f"{name} is empty: its messages have no content")
     before = encoder._apply_template(prompt, add_generation_prompt=True)
-    full = encoder._apply_template([*prompt, *answer], add_generation_prompt=False)
-    if not full.startswith(before):
+    full = encoder._rendered(encoder.prompts.chat, [*prompt, *answer], False)
+    if not full.text.startswith(before):
         raise RowError("the chat template does not render the prompt as a prefix of prompt + answer")
-    return encoder._segment_ids(full[len(before) :])
+    return full.ids(len(before))
 
 
 def _check_messages(messages: list[Any], name: str) -> None:

@@ -123,11 +123,11 @@ def divergence_summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    from ..serve.prompts import encode_chat, encode_text
+    """General prompts as `deltatune generate` sends them (the one prompt renderer)."""
+    from ..data.prompts import PromptRenderer
 
-    if getattr(tokenizer, "chat_template", None):
-        return [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    return [encode_text(tokenizer, p) for p in prompts]
+    renderer = PromptRenderer(tokenizer)
+    return [renderer.user_prompt_ids(p) for p in prompts]
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse
 from ..runtime import Completion
 from ..runtime.sampling import TokenLogprob
 from .logprobs import chat_shape, completion_shape, for_answer, prompt_shape, with_prompt
-from .prompts import encode_text
 from .schemas import AdapterLoadRequest, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .service import Service, usage
 
@@ -191,7 +190,7 @@ async def tokenize(request: TokenizeRequest, s: Served) -> dict:
         ids = await s.chat_prompt(ChatRequest(model=s.base_name, messages=request.messages))
     else:
         s.check_length(len(request.prompt))
-        ids = await asyncio.to_thread(encode_text, s.tokenizer, request.prompt, request.add_special_tokens)
+        ids = await asyncio.to_thread(s.prompts.text_ids, request.prompt, request.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": s.limits.max_prompt_tokens}
 
 

@@ -14,12 +14,12 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..core.errors import AdapterNotFoundError
+from ..data.prompts import PromptRenderer
 from ..runtime import AdapterNameInvalid, Completion
 from ..runtime.sampling import Sampling, TokenLogprob
 from .engine import Engine
 from .errors import ApiError, PathsHidden
 from .logprobs import Shape
-from .prompts import encode_chat, encode_text
 from .schemas import ChatRequest, CompletionRequest
 from .stops import first_stop
 from .streaming import TextDeltas, TokenFeed, event
@@ -54,6 +54,7 @@ class Service:
     def __init__(self, engine: Engine, *, base_name: str, api_key: str | None, limits: Limits) -> None:
         self.engine, self.base_name, self.api_key, self.limits = engine, base_name, api_key, limits
         self.tokenizer, self.cache = engine.tokenizer, engine.cache
+        self.prompts = PromptRenderer(self.tokenizer)  # a client's messages carry their own system turn
         self.public = PathsHidden(self.cache.directory)  # errors as clients may see them
         self.vocabulary = len(self.tokenizer)
         self.started = time.time()
@@ -184,7 +185,7 @@ class Service:
         if not texts:
             return items
         # off the event loop: a long text takes a while, and /health must keep answering meanwhile
-        done = iter(await asyncio.to_thread(lambda: [encode_text(self.tokenizer, t) for t in texts]))
+        done = iter(await asyncio.to_thread(lambda: [self.prompts.text_ids(t) for t in texts]))
         return [next(done) if isinstance(t, str) else t for t in items]
 
     async def chat_prompt(self, request: ChatRequest) -> list[int]:
@@ -193,7 +194,7 @@ class Service:
         messages = [m.model_dump() for m in request.messages]
         self.check_text(request, 1, [m["content"] for m in messages])
         try:
-            return await asyncio.to_thread(encode_chat, self.tokenizer, messages)
+            return await asyncio.to_thread(self.prompts.chat_ids, messages)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 

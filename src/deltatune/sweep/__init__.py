@@ -12,12 +12,9 @@ from .study import Sweep, SweepError, SweepSettings, load_base_config
 
 
 def require_optuna() -> None:
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise SweepError(
-            "deltatune sweep needs Optuna: pip install 'deltatune[sweep]' (or pip install optuna)"
-        ) from None
+    from ..core.errors import require_extra
+
+    require_extra("sweep", ("optuna",), "deltatune sweep")
 
 
 __all__ = [
