@@ -91,7 +91,7 @@ def make_variant(name: str, base: torch.nn.Module, in_place: bool = False) -> to
 
 def uses_deltatune_loss(name: str) -> bool:
     """Whether a variant's training step takes its loss the way deltatune's trainer does (`task_loss`: the head
-    fused with the cross-entropy, train/head_loss.py) rather than as `model(**inputs).loss` (transformers' own
+    fused with the cross-entropy, task/head_loss.py) rather than as `model(**inputs).loss` (transformers' own
     loss, which PEFT with the transformers Trainer uses)."""
     return name == "floor-dt" or name.split(":")[0] in ("dt", "dt-saved")
 

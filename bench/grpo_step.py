@@ -35,10 +35,10 @@ from deltatune.data import load_data
 from deltatune.models import smollm2_path
 from deltatune.runtime.generate import generate
 from deltatune.runtime.sampling import end_of_sequence_ids
+from deltatune.task.loading import load_tokenizer
+from deltatune.task.rewards import json_match, load_rewards
 from deltatune.train import train, validate_config
 from deltatune.train.grpo import GRPOObjective, rollout_seed
-from deltatune.train.rewards import json_match, load_rewards
-from deltatune.train.setup import load_tokenizer
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "grpo.yaml"

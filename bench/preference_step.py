@@ -37,11 +37,11 @@ from deltatune.core.io import load_adapter
 from deltatune.data.dataset import split_rows
 from deltatune.data.formats import Encoder, RowError
 from deltatune.models import smollm2_path
+from deltatune.task.batching import collate
+from deltatune.task.loading import load_tokenizer
+from deltatune.task.loss import task_loss
 from deltatune.train import load_train_config
-from deltatune.train.batching import collate
-from deltatune.train.evaluate import task_loss
 from deltatune.train.preference import PreferenceObjective
-from deltatune.train.setup import load_tokenizer
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
 LABELS = ["negative", "neutral", "positive"]

@@ -7,7 +7,7 @@ with a ticket number of its own, so only the system prompt is shared), for user 
 The answers' first tokens must agree.
 
 `evaluation`: the quickstart's evaluation (examples/quickstart.yaml: 308 held-out tweets, batches of 50,
-10 new tokens, greedy, `train.evaluate.generate_answers`) with the rows' shared instruction run once per batch
+10 new tokens, greedy, `task.metrics.generate_answers`) with the rows' shared instruction run once per batch
 against every row run whole; the answers must be identical.
 
 `copies`: GRPO's sampling, `examples/grpo.yaml`'s shape: 4 prompts x G=8 seeded samples at temperature 1, at most
@@ -103,7 +103,7 @@ def _ttft(reps: int) -> dict:
 
 def _evaluation(adapter: str | None, reps: int) -> dict:
     from deltatune.runtime import generate
-    from deltatune.train import evaluate as evaluation
+    from deltatune.task import metrics as evaluation
     from deltatune.train import evaluate_adapter, load_train_config
 
     cfg = load_train_config(Path(__file__).parents[1] / "examples" / "quickstart.yaml", [])

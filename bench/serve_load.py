@@ -43,7 +43,7 @@ PROMPTS = [
 def make_adapters(root: Path, count: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    from deltatune.train.setup import resolve_model_path
+    from deltatune.models.loading import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.float32)
     for i in range(count):

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from deltatune.data import load_data
+from deltatune.task.batching import collate, micro_batch_indices
+from deltatune.task.loading import load_model, load_tokenizer
+from deltatune.task.loss import task_loss
 from deltatune.train import load_train_config
-from deltatune.train.batching import collate, micro_batch_indices
-from deltatune.train.evaluate import task_loss
 from deltatune.train.loop import build_optimizer
-from deltatune.train.setup import load_model, load_tokenizer, prepare_trainable
+from deltatune.train.setup import prepare_trainable
 
 CONFIG = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
 

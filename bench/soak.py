@@ -223,7 +223,7 @@ def make_base_and_adapters(folder: Path, base: str) -> tuple[Path | str, list[st
     from transformers import AutoModelForCausalLM
 
     import deltatune as dt
-    from deltatune.train.setup import resolve_model_path
+    from deltatune.models.loading import resolve_model_path
 
     if base == "tiny":
         from train_helpers import make_tiny_causal_lm

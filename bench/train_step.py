@@ -7,7 +7,7 @@ full fine-tuning, on the SmolLM2-135M shape (random init), batch 4 x 128. Ratios
     python bench/train_step.py inference --reps 9
 
 Each deltatune variant takes its loss as deltatune's trainer does (`task_loss`: the output head fused with the
-cross-entropy, train/head_loss.py); the floor and PEFT take transformers' `model(**inputs).loss`, as PEFT
+cross-entropy, task/head_loss.py); the floor and PEFT take transformers' `model(**inputs).loss`, as PEFT
 with the transformers Trainer does. `floor-dt` is the floor with deltatune's loss, `dt-hf-loss:<s>` deltatune
 LoRA with transformers' loss: side by side they split a ratio into the loss path and LoRA's own cost.
 
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import base_model, batch, interleaved, make_variant, median, uses_deltatune_loss  # noqa: E402
 
-from deltatune.train.evaluate import task_loss  # noqa: E402
+from deltatune.task.loss import task_loss  # noqa: E402
 
 TRAIN_VARIANTS = ["floor", "floor-dt", "full", "dt:qv-r8", "peft:qv-r8", "dt:all-r16", "peft:all-r16"]
 

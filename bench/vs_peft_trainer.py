@@ -46,11 +46,12 @@ from transformers import (
 from deltatune.core.io import save_adapter
 from deltatune.data import load_data
 from deltatune.data.formats import IGNORE
+from deltatune.task.batching import micro_batch_indices
+from deltatune.task.loading import load_model, load_tokenizer
 from deltatune.train import load_train_config, seed_everything
-from deltatune.train.batching import micro_batch_indices
 from deltatune.train.distributed import Dist
 from deltatune.train.loop import Trainer as DeltatuneTrainer
-from deltatune.train.setup import load_model, load_tokenizer, prepare_trainable
+from deltatune.train.setup import prepare_trainable
 
 CONFIG = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
 

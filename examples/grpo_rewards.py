@@ -10,7 +10,7 @@ quickstart adapter's answers towards "negative" (§12).
 
 from __future__ import annotations
 
-from deltatune.train.rewards import json_match
+from deltatune.task.rewards import json_match
 
 # the quickstart's training split: 851 negative, 800 neutral, 349 positive tweets
 TRAINING_COUNTS = {"negative": 851, "neutral": 800, "positive": 349}

@@ -161,8 +161,8 @@ def majority_share(task: str) -> float:
     from collections import Counter
 
     from deltatune.data import load_data
+    from deltatune.task.loading import load_tokenizer
     from deltatune.train import load_train_config
-    from deltatune.train.setup import load_tokenizer
 
     cfg = load_train_config(TASKS[task])
     held_out = load_data(cfg.data, load_tokenizer(cfg.model), cfg.training.seed).validation

@@ -32,9 +32,9 @@ from deltatune.core.hashing import sha256_file
 from deltatune.core.io import load_adapter
 from deltatune.data.dataset import split_rows
 from deltatune.data.formats import Encoder
+from deltatune.task.loading import load_model, load_tokenizer
+from deltatune.task.metrics import generate_answers
 from deltatune.train import load_train_config
-from deltatune.train.evaluate import generate_answers
-from deltatune.train.setup import load_model, load_tokenizer
 
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 LABELS = ["negative", "neutral", "positive"]

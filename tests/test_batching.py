@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from deltatune.train.batching import micro_batch_indices
+from deltatune.task.batching import micro_batch_indices
 
 
 def schedule(n, seed, steps, batch, accum, world, lengths=None, group=0):

@@ -122,3 +122,40 @@ def test_ia3_config_is_also_spelled_as_peft_spells_it():
     model = build_llama()
     dt.inject(model, dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
     assert dt.adapter_configs(model)["default"].peft_type == "IA3"
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_a_declared_shared_prefix_scores_as_the_whole_rows(variant):
+    """Declared: the rows' common prompt prefix run once gives the loss the whole rows give. Not declared:
+    evaluation and a training config both run without it, the config naming the method's own reason."""
+    from types import SimpleNamespace
+
+    from deltatune.data.formats import IGNORE
+    from deltatune.task.loss import task_loss
+    from deltatune.task.shared_prefix import shared_prefix_length, shares_in_evaluation, unavailable
+
+    model = build_llama()
+    config = _config(variant)
+    dt.inject(model, config)
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(task="causal_lm"),
+        adapter=SimpleNamespace(method=config.peft_type.lower(), full=False),
+        training=SimpleNamespace(shared_prefix=True, gradient_checkpointing=False, kl_penalty=0.0),
+    )
+    reason = capability_refusal(config, Capability.SHARE_PREFIX)
+    if reason is not None:
+        assert not shares_in_evaluation(cfg, model) and unavailable(cfg, distributed=False) == reason
+        return
+    assert shares_in_evaluation(cfg, model) and unavailable(cfg, distributed=False) is None
+    generator = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, 96, (1, 12), generator=generator).expand(3, -1)
+    ids = torch.cat([prefix, torch.randint(0, 96, (3, 6), generator=generator)], dim=1)
+    labels = ids.clone()
+    labels[:, :12] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert shared_prefix_length(batch) > 0
+    with torch.no_grad():
+        shared, count, _ = task_loss(model, batch, False, fuse_head=False, share_prefix=True)
+        whole, whole_count, _ = task_loss(model, batch, False, fuse_head=False, share_prefix=False)
+    assert count == whole_count == 18
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)

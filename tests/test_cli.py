@@ -34,6 +34,30 @@ def test_inspect_prints_config_provenance_and_counts(trained, capsys):
     assert "data sha256: " in out and "LlamaForCausalLM" in out
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("adapter_config.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("adapter_config.json", b"{" + b" " * (2 << 20) + b"}", "too large"),
+        ("deltatune.json", b"\xff\xfe", "not UTF-8"),
+        ("deltatune.json", b'{"schema_version": 99}', "newer than this deltatune understands"),
+    ],
+)
+def test_inspect_reads_a_downloaded_folder_through_the_bounded_readers(
+    trained, tmp_path, capsys, name, content, message
+):
+    """`deltatune inspect` reads other people's folders: a hostile or future file is one clear error line."""
+    import shutil
+
+    _, result = trained
+    folder = tmp_path / "downloaded"
+    shutil.copytree(result.saved_to, folder)
+    (folder / name).write_bytes(content)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
 def test_eval_reports_the_same_metrics_as_training(trained, capsys):
     config, result = trained
     assert main(["eval", str(config), "--adapter", str(result.saved_to)]) == 0

@@ -112,11 +112,11 @@ def test_the_report_folder(setup, report):
 
 def test_the_base_and_each_adapter_load_once_for_all_tasks(setup, monkeypatch):
     from deltatune.runtime.cache import AdapterCache
-    from deltatune.train import setup as train_setup
+    from deltatune.task import loading as task_loading
 
     loads, adapter_loads = [], []
-    real_model, real_load = train_setup.load_model, AdapterCache.load
-    monkeypatch.setattr(train_setup, "load_model", lambda *a, **k: loads.append(1) or real_model(*a, **k))
+    real_model, real_load = task_loading.load_model, AdapterCache.load
+    monkeypatch.setattr(task_loading, "load_model", lambda *a, **k: loads.append(1) or real_model(*a, **k))
     monkeypatch.setattr(
         AdapterCache, "load", lambda self, n, p=None: adapter_loads.append(n) or real_load(self, n, p)
     )
@@ -263,7 +263,7 @@ def test_a_task_that_shares_its_prompt_prefix_is_scored_the_same(setup, report, 
     `deltatune eval` does; the cell is the one the plain scoring gives."""
     import yaml
 
-    from deltatune.train import evaluate as evaluate_module
+    from deltatune.task import loss as evaluate_module
 
     raw = yaml.safe_load(setup["json"].read_text())
     raw["training"]["shared_prefix"] = True

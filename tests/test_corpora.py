@@ -47,7 +47,7 @@ def test_movie_reviews_train_as_instruction_data(tiny_causal_lm):
     from transformers import AutoTokenizer
 
     from deltatune.data import load_data
-    from deltatune.train.config import DataSpec
+    from deltatune.data.spec import DataSpec
 
     spec = DataSpec(train="bundled:movie_reviews", format="instruction", instruction_template="Review: {text}",
                     output_template="{sentiment}", max_train_samples=50, max_validation_samples=10, max_length=1024)  # fmt: skip

@@ -13,8 +13,9 @@ from train_helpers import sentiment_rows, write_jsonl
 
 from deltatune.data import DataError, load_data
 from deltatune.data.readers import read_rows
-from deltatune.train.config import DataSpec, ModelSpec
-from deltatune.train.setup import load_tokenizer
+from deltatune.data.spec import DataSpec
+from deltatune.models.spec import ModelSpec
+from deltatune.task.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

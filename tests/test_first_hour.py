@@ -117,8 +117,8 @@ def test_generate_on_a_classifier_points_to_classify(classifier_run, tiny_bert, 
 def test_training_explains_the_new_head_instead_of_the_load_report(
     classifier_run, tiny_bert, tmp_path, capfd
 ):
-    from deltatune.train.config import ModelSpec
-    from deltatune.train.setup import load_model, load_tokenizer
+    from deltatune.models.spec import ModelSpec
+    from deltatune.task.loading import load_model, load_tokenizer
 
     spec = ModelSpec(path=str(tiny_bert), task="classification")
     load_model(spec, load_tokenizer(spec), LABELS)
@@ -172,8 +172,8 @@ def templated_run(tmp_path_factory, tiny_causal_lm):
 def test_generate_with_a_config_renders_prompts_as_training_did(templated_run, tiny_causal_lm, capsys):
     from deltatune.data import load_data
     from deltatune.generation import Generator
+    from deltatune.task.loading import load_tokenizer
     from deltatune.train import load_train_config
-    from deltatune.train.setup import load_tokenizer
 
     config, raw, result = templated_run
     cfg = load_train_config(config)

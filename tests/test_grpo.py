@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from train_helpers import causal_config, instruction_rows, write_jsonl
 
 from deltatune.data.readers import DataError
+from deltatune.task.rewards import RewardError, json_match, json_valid, length_penalty, regex
 from deltatune.train import ConfigError, evaluate_adapter, train, validate_config
-from deltatune.train.rewards import RewardError, json_match, json_valid, length_penalty, regex
 
 EVEN = {"name": "grpo_rewards:even_tokens"}
 
@@ -293,7 +293,7 @@ def test_the_forgetting_monitor_watches_a_grpo_run(tiny_causal_lm, prompts, tmp_
 
 
 def test_a_reward_taking_kwargs_gets_every_column_as_trl_passes_the_row():
-    from deltatune.train.rewards import load_rewards, score
+    from deltatune.task.rewards import load_rewards, score
 
     seen = {}
 

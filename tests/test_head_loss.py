@@ -1,4 +1,4 @@
-"""The output head and the loss computed together, in chunks (train/head_loss.py): the loss and every gradient
+"""The output head and the loss computed together, in chunks (task/head_loss.py): the loss and every gradient
 equal the plain `cross_entropy(linear(...))` path's, and models whose logits are not just the head applied to
 the hidden states keep the plain path."""
 
@@ -11,8 +11,8 @@ from conftest import build_llama
 
 import deltatune as dt
 from deltatune.data.formats import IGNORE
-from deltatune.train import head_loss as hl
-from deltatune.train.evaluate import task_loss
+from deltatune.task import head_loss as hl
+from deltatune.task.loss import task_loss
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from deltatune.data import load_data
+from deltatune.task.loading import load_tokenizer
 from deltatune.train import evaluate_adapter, load_train_config, train
-from deltatune.train.setup import load_tokenizer
 
 pytestmark = pytest.mark.integration
 CONFIG = Path(__file__).parents[1] / "examples" / "sentiment_minilm.yaml"

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from train_helpers import causal_config, instruction_rows, write_jsonl
 
-from deltatune.evaluate.forgetting import text_batches, token_divergence
+from deltatune.task.kl import text_batches, token_divergence, token_kl
 from deltatune.train import train, validate_config
-from deltatune.train.kl_penalty import token_kl
 
 
 def test_token_kl_is_torchs_kl_divergence():

@@ -15,8 +15,8 @@ from train_helpers import causal_config, sentiment_rows, write_jsonl
 
 from deltatune.data import load_data
 from deltatune.data.formats import IGNORE
+from deltatune.task.loading import load_tokenizer
 from deltatune.train import ConfigError, NonFiniteLossError, evaluate_adapter, train, validate_config
-from deltatune.train.setup import load_tokenizer
 
 OPPOSITE = {"positive": "negative", "negative": "positive"}
 

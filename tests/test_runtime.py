@@ -307,10 +307,10 @@ def test_a_merged_adapter_generates_through_transformers_then_the_engine_again()
 
 
 def test_training_evaluation_generates_with_the_active_adapter_on_the_one_path():
-    """`train.evaluate.generate_answers` decodes what `runtime.generate` gives the active adapter; a model
+    """`task.metrics.generate_answers` decodes what `runtime.generate` gives the active adapter; a model
     with no adapters (full fine-tuning) generates with its own weights."""
     from deltatune.runtime.sampling import end_of_sequence_ids
-    from deltatune.train.evaluate import generate_answers
+    from deltatune.task.metrics import generate_answers
 
     class Letters:  # a stand-in tokenizer: decodes ids as letters
         pad_token_id, eos_token_id = 0, None

@@ -13,9 +13,9 @@ from train_helpers import causal_config, instruction_rows, write_config, write_j
 
 import deltatune as dt
 from deltatune.data.formats import IGNORE
+from deltatune.task.loss import task_loss
+from deltatune.task.shared_prefix import MIN_SHARED, shared_prefix_length, unavailable
 from deltatune.train import load_train_config, train, validate_config
-from deltatune.train.evaluate import task_loss
-from deltatune.train.shared_prefix import MIN_SHARED, shared_prefix_length, unavailable
 
 
 def ragged_batch(prefix: int = 12, rows: int = 4) -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def test_a_run_with_shared_prefixes_ends_where_the_plain_run_ends(
     tmp_path, tiny_causal_lm, data, monkeypatch
 ):
     """Training and the validation loss both share the prefix, and both equal the plain run's."""
-    from deltatune.train import evaluate as evaluate_module
+    from deltatune.task import loss as evaluate_module
 
     shared_lengths, real = [], evaluate_module.continuation
     monkeypatch.setattr(evaluate_module, "continuation", lambda *a: shared_lengths.append(a[2]) or real(*a))
@@ -159,7 +159,7 @@ def test_deltatune_eval_shares_the_prefix_unless_the_adapter_brings_virtual_toke
     whose virtual tokens go in front is evaluated on whole rows, whatever the config's own method says."""
     from transformers import AutoModelForCausalLM
 
-    from deltatune.train import evaluate as evaluate_module
+    from deltatune.task import loss as evaluate_module
     from deltatune.train import evaluate_adapter
 
     _run(tmp_path, tiny_causal_lm, data, "lora", True, loss_every=None)

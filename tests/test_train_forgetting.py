@@ -9,7 +9,7 @@ import json
 import pytest
 from train_helpers import causal_config, instruction_rows, write_jsonl
 
-from deltatune.evaluate.forgetting import text_batches, token_divergence
+from deltatune.task.kl import text_batches, token_divergence
 from deltatune.train import train, validate_config
 from deltatune.train.forgetting import ForgettingBudgetExceeded
 

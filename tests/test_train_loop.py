@@ -181,13 +181,13 @@ def test_classification_lora_and_full_fine_tuning_learn_the_rule(tiny_bert, tmp_
 
 def test_trimmed_and_fused_heads_give_the_same_loss_and_gradients(tiny_causal_lm):
     """The three ways task_loss runs the output head: on every position, on the labelled tail
-    (logits_to_keep), and fused with the loss on the labelled positions only (train/head_loss.py)."""
+    (logits_to_keep), and fused with the loss on the labelled positions only (task/head_loss.py)."""
     from transformers import AutoModelForCausalLM
 
     import deltatune as dt
     from deltatune.data.formats import Example
-    from deltatune.train.batching import collate
-    from deltatune.train.evaluate import task_loss
+    from deltatune.task.batching import collate
+    from deltatune.task.loss import task_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
     torch.manual_seed(0)

@@ -322,7 +322,19 @@ def _add_allow_base_mismatch(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_parsers(sub)
+    _add_generation_parsers(sub)
+    _add_sweep_parser(sub)
+    add_evaluation_parsers(sub)
+    add_adapter_parsers(sub)
+    p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
+    p.add_argument("adapter")
+    p.set_defaults(func=_inspect)
+    _add_serve_parser(sub)
+    return parser
 
+
+def _add_training_parsers(sub) -> None:
     p = sub.add_parser("train", help="train an adapter (or method: full) from a YAML config")
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=100")
@@ -338,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_base_mismatch(p)
     p.set_defaults(func=_eval)
 
+
+def _add_generation_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate with base + adapter; no prompt: read prompts from stdin")
     p.add_argument("--base", help="model folder, hub id, or a bundled name (smollm2)")
     p.add_argument("--adapter", type=Path)
@@ -361,14 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_io_flags(p, "texts", "label, probabilities")
     p.set_defaults(func=_classify)
 
-    _add_sweep_parser(sub)
-    add_evaluation_parsers(sub)
-    add_adapter_parsers(sub)
 
-    p = sub.add_parser("inspect", help="print an adapter's config, provenance, sizes and parameter counts")
-    p.add_argument("adapter")
-    p.set_defaults(func=_inspect)
-
+def _add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-style HTTP server: one base model, the adapters of one directory"
     )
@@ -415,6 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run each batch to its end before the next starts (no continuous batching)",
     )
+    _add_serve_limits(p)
+    p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
+    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda, cuda:N")
+    _add_allow_base_mismatch(p)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+
+def _add_serve_limits(p: argparse.ArgumentParser) -> None:
+    """What one request may ask for: every path (completions, chat, scoring) obeys the same bounds."""
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
@@ -429,12 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--request-timeout-s", type=float, default=300, help="a request not answered by then gets a 504"
     )
-    p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
-    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda, cuda:N")
-    _add_allow_base_mismatch(p)
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=_serve)
-    return parser
 
 
 def _plain_warnings() -> None:

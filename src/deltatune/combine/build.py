@@ -65,9 +65,9 @@ class Source:
 
     @property
     def rank(self) -> int | None:
-        """Its largest LoRA rank, None for other methods."""
+        """Its largest rank where its deltas come as low-rank factors (plain LoRA), else None."""
         ranks = [d.a.shape[0] for d in self.deltas.values() if d.low_rank]
-        return max(ranks) if ranks and self.config.peft_type == "LORA" else None
+        return max(ranks) if ranks else None
 
 
 def read_source(model: nn.Module, folder: str | Path, **load_options: Any) -> Source:

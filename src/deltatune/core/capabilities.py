@@ -23,8 +23,20 @@ class Capability(str, Enum):
     MERGE = "be merged into the base weights"  # merge, export_merged
     MIXED_BATCH = "share a mixed-adapter batch"  # runtime.mixed, runtime.decode (continuous batching)
     HOTSWAP = "be hot-swapped in place"  # core.hotswap: a saved adapter copied into a loaded one's tensors
+    # task.shared_prefix: rows' common prompt prefix runs once and its KV cache serves every row; a method
+    # that puts virtual tokens in front of the input (or the cache) changes what comes first
+    SHARE_PREFIX = "share a prompt prefix's KV cache across rows"
 
 
 def capability_refusal(config: AdapterConfig, capability: Capability) -> str | None:
     """Why an adapter with `config` cannot `capability` (as its method declares), or None when it can."""
     return get_method(config.peft_type).refusal(capability, config)
+
+
+def method_refusal(peft_type: str, capability: Capability) -> str | None:
+    """Why adapters of method `peft_type` cannot `capability` whatever their config (a config section
+    before any adapter exists), or None when the method declares it."""
+    method = get_method(peft_type)
+    if capability in method.capabilities:
+        return None
+    return method.lacks.get(capability) or f"{method.peft_type} adapters cannot {capability.value}"

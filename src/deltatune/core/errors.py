@@ -54,6 +54,10 @@ class DeltatuneWarning(UserWarning):
     """What deltatune warns of (skipped rows, ignored keys, ...): the command line prints it as one plain line."""
 
 
+class ConfigError(DeltatuneError, ValueError):
+    """A config is malformed: unknown key, wrong type or value, bad override."""
+
+
 class MissingExtraError(DeltatuneError, ImportError):
     """A command or feature needs an optional extra that is not installed; the message names the pip line."""
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .config import CONFIG_NAME
-from .errors import AdapterNotFoundError
-from .io import PROVENANCE_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, read_json_object
+from .errors import AdapterFormatError, AdapterNotFoundError
+from .io import WEIGHTS_NAME, read_provenance
 
 
 def _mib(n: int) -> str:
@@ -22,7 +22,8 @@ def describe_adapter(folder: Path) -> str:
         raise AdapterNotFoundError(
             f"{folder} has no {CONFIG_NAME}; point at a folder written by save_adapter or PEFT"
         )
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    # someone else's download: the bounded readers every loader uses (size, depth, duplicate keys)
+    config = read_json_object(folder / CONFIG_NAME, "an adapter config", AdapterFormatError)
     lines = [f"adapter: {folder}", f"method: {config.get('peft_type')}"]
     # Every field that shapes the adapter, whatever the method; bookkeeping and unset fields are left out.
     skip = {
@@ -44,9 +45,7 @@ def describe_adapter(folder: Path) -> str:
         lines.append(
             f"weights: {WEIGHTS_NAME}, {n_tensors} tensors, {count:,} parameters, {_mib(weights.stat().st_size)}"
         )
-    record = (
-        json.loads((folder / PROVENANCE_NAME).read_text()) if (folder / PROVENANCE_NAME).is_file() else None
-    )
+    record = read_provenance(folder)
     if record is None:
         lines.append("provenance: none (no deltatune.json; written by another tool)")
         return "\n".join(lines)

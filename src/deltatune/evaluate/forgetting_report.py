@@ -12,37 +12,9 @@ import torch
 from ..core import provenance
 from ..core.errors import AdapterNotFoundError
 from ..core.hashing import sha256_file
-from ..data.readers import DataError, read_rows
+from ..data.corpora import DEFAULT_CORPUS, read_corpus
 from .forgetting import GENERAL_PROMPTS, ForgettingSettings, forgetting_metrics
 from .report_folder import write_report_folder
-
-DEFAULT_CORPUS = "bundled:news"
-
-
-def read_corpus(source: str | Path = DEFAULT_CORPUS) -> tuple[list[str], str]:
-    """Texts of a corpus and the sha256 of its file. A .txt file is one text per non-empty line; a
-    .jsonl / .json / .csv / .tsv / .parquet file needs a `text` column. `bundled:news` (the default) is New
-    York Times editorial sentences (data/corpora.py)."""
-    from ..data.dataset import resolve_data_path
-
-    path = resolve_data_path(str(source))
-    if not path.is_file():
-        raise DataError(f"corpus {path} does not exist; pass a .txt file (one text per line) or a .jsonl / .csv "
-                        "file with a `text` column")  # fmt: skip
-    if path.suffix.lower() == ".txt":
-        try:
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise DataError(f"corpus {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it, "
-                            "e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
-    else:
-        rows, _ = read_rows(path)
-        if rows and not any("text" in r.fields for r in rows):
-            raise DataError(f"corpus {path} has no `text` column; its columns are {sorted(rows[0].fields)}")
-        texts = [str(r.fields["text"]).strip() for r in rows if str(r.fields.get("text") or "").strip()]
-    if not texts:
-        raise DataError(f"corpus {path} holds no text; give it at least one non-empty line or `text` value")
-    return texts, sha256_file(path)
 
 
 def read_prompts(source: str | Path | None) -> list[str]:

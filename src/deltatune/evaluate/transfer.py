@@ -87,7 +87,7 @@ def prepare_data(tasks: list[Task]) -> dict[tuple, Any]:
     """Tokenize every task's validation split once; returns each group's tokenizer. A task whose data
     cannot be read keeps its error, which every cell of its column will show."""
     from ..data import load_data
-    from ..train.setup import load_tokenizer
+    from ..task.loading import load_tokenizer
 
     tokenizers: dict[tuple, Any] = {}
     for task in tasks:
@@ -109,8 +109,8 @@ def _reason(exc: BaseException) -> str:
 
 def score(model: nn.Module, tokenizer: Any, task: Task, device: Any) -> dict[str, Any]:
     """The task's validation metrics (loss, and generation or classification metrics) for `model` as it is."""
-    from ..train.evaluate import validation_metrics
-    from ..train.shared_prefix import shares_in_evaluation
+    from ..task.metrics import validation_metrics
+    from ..task.shared_prefix import shares_in_evaluation
 
     metrics, answers = validation_metrics(
         model, tokenizer, task.examples, task.config.eval, classification=task.classification,
@@ -161,7 +161,7 @@ def _run_group(
     cells: Cells,
 ) -> None:  # fmt: skip
     from ..runtime.cache import AdapterCache
-    from ..train.setup import load_model
+    from ..task.loading import load_model
 
     spec, quant = tasks[0].config.model, tasks[0].config.quantization
     device = options.device
@@ -210,7 +210,7 @@ def _activation(model: nn.Module, cache: Any, entry: Entry, labels: tuple | None
 def _run_model_entry(
     entry: Entry, tasks: list[Task], tokenizer: Any, labels: tuple | None, options: RunOptions, cells: Cells
 ) -> None:
-    from ..train.setup import load_model
+    from ..task.loading import load_model
 
     try:
         spec = tasks[0].config.model.model_copy(update={"path": str(entry.path)})

@@ -149,7 +149,8 @@ class PrefixTuningMethod(VirtualTokenMethod):
     layer_class = PrefixTuningLayer
     lacks = {
         Capability.MERGE: "prefix tuning adds learned keys and values to every attention layer; attention over "
-        "extra positions is not a weight change"
+        "extra positions is not a weight change",
+        Capability.SHARE_PREFIX: "prefix tuning's virtual keys and values come before the prompt's prefix",
     }
 
     @classmethod

@@ -143,7 +143,8 @@ class PromptTuningMethod(VirtualTokenMethod):
     layer_class = PromptTuningLayer
     lacks = {
         Capability.MERGE: "prompt tuning prepends learned virtual tokens to the input, which no change of the "
-        "weights can express"
+        "weights can express",
+        Capability.SHARE_PREFIX: "prompt tuning's virtual tokens come before the prompt's prefix",
     }
 
     @classmethod

@@ -15,12 +15,13 @@ from ..core.atomic import write_text_atomic
 from ..core.errors import DeltatuneWarning
 from ..core.threads import oversubscription
 from ..data import load_data
+from ..task.loading import NEW_HEAD_NOTE, load_model, load_tokenizer
+from ..task.shared_prefix import shares_in_evaluation
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import ConfigError, TrainConfig, load_train_config, validate_config
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import NonFiniteLossError, RunResult, Trainer
-from .setup import NEW_HEAD_NOTE, enable_gradient_checkpointing, load_model, load_tokenizer, prepare_trainable
-from .shared_prefix import shares_in_evaluation
+from .setup import enable_gradient_checkpointing, prepare_trainable
 
 RESOLVED_CONFIG = "config.yaml"
 # May change between a run and its resumption without changing what is trained.
@@ -125,8 +126,8 @@ def usable_row(cfg: TrainConfig) -> Any:
     completion), so the data report names and counts it; None for the other objectives."""
     if cfg.training.objective != "grpo":
         return None
+    from ..task.rewards import load_rewards, missing_field
     from .grpo import reward_fields
-    from .rewards import load_rewards, missing_field
 
     completion = cfg.objective_settings["max_completion_length"]
     rewards = load_rewards(cfg.training.rewards, completion)
@@ -172,7 +173,7 @@ def evaluate_adapter(
     """Evaluate the base (adapter=None) or base + adapter on the config's validation split: the loss (unless
     loss=False) and the generation metrics the config lists."""
     from ..core.io import load_adapter, saved_label_names
-    from .evaluate import validation_metrics
+    from ..task.metrics import validation_metrics
 
     seed_everything(cfg.training.seed)
     if adapter is not None and cfg.model.task == "classification":
@@ -243,8 +244,8 @@ def preference_metrics(
 def grpo_metrics(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, splits: Any) -> dict[str, Any]:
     """`deltatune eval` of a GRPO config: each validation row's greedy answer, scored by the config's rewards
     (their weighted mean, `reward`, and each one's), and the generation metrics the eval section lists."""
+    from ..task.rewards import load_rewards
     from .grpo import GRPOObjective
-    from .rewards import load_rewards
 
     settings = cfg.objective_settings
     objective = GRPOObjective(

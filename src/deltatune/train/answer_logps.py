@@ -13,7 +13,7 @@ its mismatched partner). Rows are ordered answer-set first: row r continues prom
   (DDP and FSDP take one forward per backward, activation checkpointing recomputes it, virtual tokens go first).
 
 Either way the output head runs only on the positions that predict an answer token (and, for ORPO's NLL, a
-prompt token), where the model allows the head to be skipped (train/head_loss.py); the log-probabilities are
+prompt token), where the model allows the head to be skipped (task/head_loss.py); the log-probabilities are
 the same on both paths up to float rounding (tests/test_preference.py).
 """
 
@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from ..core.kv_cache import cache_argument
 from ..data.formats import Example
-from .head_loss import fusable_head, head_input
+from ..task.head_loss import fusable_head, head_input
 
 
 @dataclass

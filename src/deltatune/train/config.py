@@ -10,12 +10,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..core.errors import DeltatuneError
+from ..core.errors import ConfigError
+from ..core.section import Section
+from ..data.spec import DataSpec
+from ..models.spec import ModelSpec, QuantSpec
 from .objectives import DATA_FORMATS, LOSS_TYPES, OBJECTIVES, misplaced_setting
-
-
-class ConfigError(DeltatuneError, ValueError):
-    """The training config is malformed: unknown key, wrong type or value, bad override."""
 
 
 def resolve_precision(precision: str, device: Any) -> str:
@@ -29,49 +28,6 @@ def resolve_precision(precision: str, device: Any) -> str:
         if torch.cuda.is_bf16_supported():
             return "bf16"
     return "fp32"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ModelSpec(Section):
-    # A local folder, a hub id (loaded with from_pretrained), or a bundled name: "smollm2" | "minilm".
-    path: str
-    task: Literal["causal_lm", "classification"] = "causal_lm"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-
-
-class QuantSpec(Section):
-    # Store the frozen base's linear layers in 4-bit NF4 / FP4 or 8-bit (QLoRA; bitsandbytes, the `quant` extra).
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    skip_modules: list[str] | None = None  # default: the output head and classification heads
-
-
-class DataSpec(Section):
-    # A .jsonl / .json / .csv / .tsv / .parquet file, or bundled:tweets / movie_reviews / product_reviews / news.
-    train: str
-    validation: str | None = None
-    # preference: prompt, chosen, rejected (strings, or TRL's conversational lists of messages);
-    # unpaired_preference: prompt, completion, label (true: desirable), for training.objective kto
-    format: Literal["classification", "instruction", "chat", "text", "preference", "unpaired_preference"]
-    encoding: str = "utf-8"
-    # Canonical field -> column in the file, e.g. {label: sentiment}.
-    columns: dict[str, str] = Field(default_factory=dict)
-    # Build instruction/output from any columns with str.format (instruction format only).
-    instruction_template: str | None = None
-    output_template: str | None = None
-    system_prompt: str | None = None
-    labels: list[str] | None = None  # classification label order; default: sorted labels of the train file
-    validation_fraction: float = Field(0.1, gt=0, lt=1)
-    max_train_samples: int | None = Field(None, gt=0)
-    max_validation_samples: int | None = Field(None, gt=0)
-    dedupe: bool = True  # drop exact duplicate inputs before splitting (retweets would leak across the split)
-    max_length: int = Field(256, gt=0)
-    max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
 
 FULL_FINE_TUNING = "full"  # the adapter.method that is no adapter
@@ -117,7 +73,7 @@ class FsdpSpec(Section):
 
 
 class RewardSpec(Section):
-    """One GRPO reward (train/rewards.py): a built-in name or module:function, its weight in the sum, and the
+    """One GRPO reward (task/rewards.py): a built-in name or module:function, its weight in the sum, and the
     keyword options it is called with (regex: pattern; length_penalty: max_tokens, soft_tokens)."""
 
     name: str
@@ -136,7 +92,7 @@ class TrainingSpec(Section):
     length_grouping_steps: int = Field(0, ge=0)
     # Run the leading tokens every row of a batch shares (chat template, system prompt, instruction) once per
     # batch instead of once per row; same loss and gradients up to float rounding. Where a run cannot use it
-    # (see train/shared_prefix.py: `unavailable`), it runs without and says why.
+    # (see task/shared_prefix.py: `unavailable`), it runs without and says why.
     shared_prefix: bool = False
     seed: int = 0
     checkpoint_every: int | None = Field(None, gt=0)
@@ -191,7 +147,7 @@ class TrainingSpec(Section):
 
 class ForgettingSpec(Section):
     """The trainer's forgetting monitor: at each evaluation, the mean per-token KL(base || model) on a small
-    general corpus (evaluate/forgetting.py), logged as `forgetting_kl` beside the task metric."""
+    general corpus (task/kl.py), logged as `forgetting_kl` beside the task metric."""
 
     corpus: str = "bundled:news"  # .txt (one text per line), .jsonl / .csv with a text column, or bundled:
     texts: int = Field(16, gt=0)
@@ -458,7 +414,7 @@ def validate_config(
             f"{sorted(cfg.adapter.model_extra)} from the adapter section (keep only its method)"
         )
     if cfg.training.objective == "grpo":  # an unknown reward or a failing import: now, before any model loads
-        from .rewards import RewardError, load_rewards
+        from ..task.rewards import RewardError, load_rewards
 
         try:
             load_rewards(cfg.training.rewards, cfg.objective_settings["max_completion_length"])

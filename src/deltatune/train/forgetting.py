@@ -1,5 +1,5 @@
 """The trainer's forgetting monitor (`eval.forgetting`): at each evaluation, how far the model being trained
-has moved from its base on general text, as the mean per-token KL(base || model) (evaluate/forgetting.py).
+has moved from its base on general text, as the mean per-token KL(base || model) (task/kl.py).
 
 An adapter's base is the same model with its adapters disabled, so nothing is stored. A full fine-tune has no
 base left to ask, so the base's log-probabilities on the monitor's texts are recorded once, before the first
@@ -16,8 +16,8 @@ from torch import nn
 
 from ..core.errors import DeltatuneError
 from ..core.modes import eval_mode
-from ..evaluate.forgetting import record_log_probs, text_batches, token_divergence
-from ..evaluate.forgetting_report import read_corpus
+from ..data.corpora import read_corpus
+from ..task.kl import record_log_probs, text_batches, token_divergence
 
 KL_KEY = "forgetting_kl"
 

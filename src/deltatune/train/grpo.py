@@ -30,11 +30,11 @@ from ..data.formats import Example
 from ..runtime.generate import generate
 from ..runtime.mixed import mixable_refusal
 from ..runtime.sampling import Completion, end_of_sequence_ids
+from ..task.metrics import answer_metrics
+from ..task.rewards import Reward, score
 from .answer_logps import AnswerBatch, answer_log_probs, right_padded
-from .evaluate import answer_metrics
 from .grpo_loss import GRPOOutput, group_advantages, grpo_loss
 from .preference import reference_of
-from .rewards import Reward, score
 
 
 def rollout_seed(seed: int, step: int, row: int, sample: int) -> int:

@@ -20,18 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.corpora import read_corpus
 from ..data.formats import IGNORE
-from ..evaluate.forgetting import text_batches
-from ..evaluate.forgetting_report import read_corpus
+from ..task.kl import text_batches, token_kl
 from .answer_logps import right_padded
 from .preference import reference_of
-
-
-def token_kl(adapted_logits: torch.Tensor, base_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions `keep` selects of KL(base || adapted) of the next-token distributions."""
-    adapted = F.log_softmax(adapted_logits[keep].float(), dim=-1)
-    base = F.log_softmax(base_logits[keep].float(), dim=-1)
-    return (base.exp() * (base - adapted)).sum(-1).mean()
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

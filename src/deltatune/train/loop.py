@@ -26,7 +26,11 @@ from ..core.errors import DeltatuneError
 from ..core.io import PROVENANCE_NAME, save_adapter
 from ..core.summary import TrainableSummary, trainable_summary
 from ..data.dataset import DataSplits
-from .batching import collate, micro_batch_indices
+from ..task.batching import collate, micro_batch_indices
+from ..task.loss import task_loss
+from ..task.metrics import validation_metrics
+from ..task.rewards import load_rewards
+from ..task.shared_prefix import unavailable
 from .checkpoint import (
     CheckpointError,
     fault_point,
@@ -38,7 +42,6 @@ from .checkpoint import (
 )
 from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
-from .evaluate import task_loss, validation_metrics
 from .forgetting import KL_KEY, ForgettingMonitor
 from .grpo import GRPOObjective, Rollout
 from .kl_penalty import KLPenalty
@@ -46,9 +49,7 @@ from .objectives import uses_reference
 from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
-from .rewards import load_rewards
 from .schedules import learning_rate_schedule
-from .shared_prefix import unavailable
 
 REFERENCE_LOGPS = "reference_logps.safetensors"  # a full fine-tune's kept reference (preference objectives)
 

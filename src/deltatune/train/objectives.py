@@ -15,7 +15,7 @@ answers marked desirable or not):
   1 - sigmoid(beta * (z - log-ratio)) for an undesirable one, z the batch's KL estimate from mismatched pairs.
 
 grpo (Shao et al. 2024) learns from its own samples, scored by rewards a program checks (train/grpo.py,
-train/grpo_loss.py, train/rewards.py); its reference (the KL term) is used only when beta > 0.
+train/grpo_loss.py, task/rewards.py); its reference (the KL term) is used only when beta > 0.
 """
 
 from __future__ import annotations

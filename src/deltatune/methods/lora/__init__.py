@@ -30,7 +30,9 @@ class LoraMethod(AdapterMethod):
     config_class = LoraConfig
     layer_class = LoraLayer
     supported_modules = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D (and their subclasses)"
-    capabilities = frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.HOTSWAP})
+    capabilities = frozenset(
+        {Capability.MERGE, Capability.MIXED_BATCH, Capability.HOTSWAP, Capability.SHARE_PREFIX}
+    )
 
     @classmethod
     def refusal(cls, capability: Capability, config: AdapterConfig) -> str | None:

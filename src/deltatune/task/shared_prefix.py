@@ -18,12 +18,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.adapters import adapter_configs
+from ..core.capabilities import Capability, capability_refusal, method_refusal
 from ..core.kv_cache import cache_argument
 from ..data.formats import IGNORE
 
 MIN_SHARED = 8  # tokens: below this the second forward call costs more than it saves
-VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
-VIRTUAL_TOKEN_TYPES = {m.upper() for m in VIRTUAL_TOKEN_METHODS}  # as adapter configs name them
 
 
 def unavailable(cfg: Any, distributed: bool) -> str | None:
@@ -32,8 +31,10 @@ def unavailable(cfg: Any, distributed: bool) -> str | None:
         return "a classifier scores each row whole"
     if cfg.training.gradient_checkpointing:
         return "gradient checkpointing recomputes the forward, which cannot keep the prefix's cache"
-    if cfg.adapter.method in VIRTUAL_TOKEN_METHODS:
-        return f"{cfg.adapter.method}'s virtual tokens come before the prefix"
+    if not cfg.adapter.full and (
+        reason := method_refusal(cfg.adapter.method.upper(), Capability.SHARE_PREFIX)
+    ):
+        return reason
     if distributed:
         return "DDP and FSDP take one forward call per backward"
     if cfg.training.kl_penalty:
@@ -45,8 +46,8 @@ def shares_in_evaluation(cfg: Any, model: nn.Module) -> bool:
     """Whether scoring `model` on `cfg`'s task (deltatune eval, compare) shares the prefix: when the config asks
     for it and the adapters the model carries allow it. One that puts virtual tokens in front does not; what
     counts is the adapter loaded, whatever method the config names."""
-    virtual = any(c.peft_type in VIRTUAL_TOKEN_TYPES for c in adapter_configs(model).values())
-    return cfg.training.shared_prefix and cfg.model.task != "classification" and not virtual
+    refused = any(capability_refusal(c, Capability.SHARE_PREFIX) for c in adapter_configs(model).values())
+    return cfg.training.shared_prefix and cfg.model.task != "classification" and not refused
 
 
 def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
