@@ -34,7 +34,7 @@ from deltatune.core.modes import eval_mode
 from deltatune.data import load_data
 from deltatune.models import smollm2_path
 from deltatune.runtime.generate import generate
-from deltatune.runtime.sampling import end_of_sequence_ids
+from deltatune.runtime.sampling import Sampling, end_of_sequence_ids
 from deltatune.task.loading import load_tokenizer
 from deltatune.task.rewards import json_match, load_rewards
 from deltatune.train import train, validate_config
@@ -80,7 +80,7 @@ def sampling(cfg, repeats: int) -> dict:
         with torch.no_grad(), eval_mode(model):
             done = generate(
                 model, prompts, [adapter_in_use(model)] * len(prompts), max_new_tokens=16,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, temperature=1.0, seeds=seeds,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, sampling=Sampling(temperature=1.0), seeds=seeds,
             )  # fmt: skip
         return sum(len(c.tokens) + (c.stop_token is not None) for c in done)
 

@@ -147,6 +147,7 @@ def _copies(adapter: str | None, reps: int) -> dict:
 
     from deltatune.core.io import load_adapter
     from deltatune.runtime import generate
+    from deltatune.runtime.sampling import Sampling
 
     torch.set_grad_enabled(False)
     path = smollm2_path()
@@ -182,7 +183,7 @@ def _copies(adapter: str | None, reps: int) -> dict:
         for way in ways if rep % 2 == 0 else reversed(list(ways)):
             started = time.perf_counter()
             done = generate(model, rows, [name] * len(rows), max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, temperature=1.0, seeds=seeds,
+                            eos_token_id=tokenizer.eos_token_id, sampling=Sampling(temperature=1.0), seeds=seeds,
                             share_prefixes=ways[way])  # fmt: skip
             times[way].append(time.perf_counter() - started)
             samples[way] = [c.tokens for c in done]

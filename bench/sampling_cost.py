@@ -15,6 +15,7 @@ import json
 from common import generation_setup, interleaved, median
 
 from deltatune.runtime import generate
+from deltatune.runtime.sampling import Sampling
 
 VARIANTS = {
     "plain": {},
@@ -38,7 +39,7 @@ def main() -> None:
     def run(settings: dict) -> None:
         done = generate(
             model, prompts, ["default"] * args.rows, max_new_tokens=args.new_tokens, pad_token_id=0,
-            eos_token_id=None, temperature=1.0, top_p=0.9, **settings,
+            eos_token_id=None, sampling=Sampling(temperature=1.0, top_p=0.9, **settings),
         )  # fmt: skip
         assert all(len(c.tokens) == args.new_tokens for c in done)
 

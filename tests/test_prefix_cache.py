@@ -152,7 +152,9 @@ def test_generate_shares_prefixes_and_keeps_its_tokens(device):
     model = _with_adapters().to(device)
     prompts = _prompt_sets()["instruction"] * 2
     adapters = list(ADAPTERS) * 4
-    kwargs = dict(max_new_tokens=5, pad_token_id=0, eos_token_id=None, temperature=0.8, seed=3)
+    kwargs = dict(
+        max_new_tokens=5, pad_token_id=0, eos_token_id=None, sampling=Sampling(temperature=0.8, seed=3)
+    )
     shared = generate(model, prompts, adapters, **kwargs)
     plain = generate(model, prompts, adapters, share_prefixes=False, **kwargs)
     assert [c.tokens for c in shared] == [c.tokens for c in plain]
@@ -181,7 +183,9 @@ def test_a_server_reuses_a_shared_system_prompt_in_short_and_chunked_prompts_and
         engine = Engine(model, tokenizer, cache, prompt_tokens_per_round=64,
                         prefix_cache_bytes=prefix_cache_bytes)  # fmt: skip
         try:  # one after another, so each finds what the ones before stored
-            done = [engine.submit(Row(ids, "r4", 5, logprobs=2)).result(timeout=600) for ids in asks]
+            done = [
+                engine.submit(Row(ids, "r4", 5, Sampling(logprobs=2))).result(timeout=600) for ids in asks
+            ]
             stored = engine.prefixes and engine.prefixes.matched(cache.key_of("r4"), asks[0])
             engine.call(lambda: cache.unload("r4")).result(timeout=600)
         finally:

@@ -107,8 +107,7 @@ def test_every_row_equals_its_reference_run_alone(name, continuous, device):
     torch.manual_seed(0)  # unseeded rows must not matter; seeded ones ignore it
     done = generate(
         model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, continuous=continuous,
-        temperature=sampling.temperature, top_p=sampling.top_p, presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty, seed=sampling.seed, logit_bias=dict(sampling.logit_bias),
+        sampling=sampling,
     )  # fmt: skip
     for prompt, adapter, completion in zip(prompts, rows, done, strict=True):
         assert completion.tokens == _reference(model, prompt, adapter, sampling), (adapter, prompt)
@@ -132,8 +131,7 @@ def test_logprobs_are_the_models_own_for_each_chosen_token(continuous):
     streamed: dict[int, list] = {i: [] for i in range(len(rows))}
     done = generate(
         model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, continuous=continuous,
-        temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3,
-        on_token=lambda row, token, logprob: streamed[row].append(logprob),
+        sampling=sampling, on_token=lambda row, token, logprob: streamed[row].append(logprob),
     )  # fmt: skip
     assert [streamed[i] for i in range(len(rows))] == [
         c.logprobs for c in done
@@ -150,14 +148,20 @@ def test_logprobs_are_the_models_own_for_each_chosen_token(continuous):
     eos = done[0].tokens[2]  # a row that ends at end-of-sequence keeps the log-probabilities of its tokens
     (ended, *_) = generate(
         model, prompts, rows, max_new_tokens=STEPS, pad_token_id=0, eos_token_id=eos, continuous=continuous,
-        temperature=0.9, frequency_penalty=0.6, seed=4, logprobs=3,
+        sampling=sampling,
     )  # fmt: skip
     first_eos = done[0].tokens.index(eos)
     assert ended.finish_reason == "stop" and ended.logprobs == done[0].logprobs[:first_eos]
     (plain,) = generate(model, prompts[:1], ["a"], max_new_tokens=2, pad_token_id=0, eos_token_id=None)
     assert plain.logprobs is None  # not asked: not computed
     (bare,) = generate(
-        model, prompts[:1], ["a"], max_new_tokens=2, pad_token_id=0, eos_token_id=None, logprobs=0
+        model,
+        prompts[:1],
+        ["a"],
+        max_new_tokens=2,
+        pad_token_id=0,
+        eos_token_id=None,
+        sampling=Sampling(logprobs=0),
     )
     assert len(bare.logprobs) == 2 and all(t.top == [] for t in bare.logprobs)
 
@@ -169,7 +173,7 @@ def test_seeds_choose_the_draws_and_an_unseeded_row_still_samples():
     def sample(seed):
         (done,) = generate(
             model, [prompt], ["b"], max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None,
-            temperature=1.0, seed=seed,
+            sampling=Sampling(temperature=1.0, seed=seed),
         )  # fmt: skip
         return tuple(done.tokens)
 
@@ -200,7 +204,13 @@ def test_scoring_a_prompt_equals_the_logprobs_of_generating_it(adapter):
     model = _model()
     prompt = _prompts()[1]
     (done,) = generate(
-        model, [prompt], [adapter], max_new_tokens=STEPS, pad_token_id=0, eos_token_id=None, logprobs=3
+        model,
+        [prompt],
+        [adapter],
+        max_new_tokens=STEPS,
+        pad_token_id=0,
+        eos_token_id=None,
+        sampling=Sampling(logprobs=3),
     )
     (scored,) = prompt_logprobs(model, [prompt + done.tokens], [adapter], top=3)
     assert len(scored) == len(prompt) + STEPS - 1 and [s.token for s in scored] == prompt[1:] + done.tokens
@@ -218,10 +228,16 @@ def test_a_bias_of_100_forces_its_token_and_one_outside_the_vocabulary_is_refuse
     for continuous in (True, False):
         done = generate(
             model, prompts, ["a", None, "prompt"], max_new_tokens=4, pad_token_id=0, eos_token_id=None,
-            temperature=1.0, logit_bias={42: 100.0}, continuous=continuous,
+            sampling=Sampling(temperature=1.0, logit_bias=((42, 100.0),)), continuous=continuous,
         )  # fmt: skip
         assert [c.tokens for c in done] == [[42] * 4] * 3
     with pytest.raises(ValueError, match=r"outside the vocabulary \(0 to 95\)"):
         generate(
-            model, prompts, ["a"] * 3, max_new_tokens=2, pad_token_id=0, eos_token_id=None, logit_bias={96: 1}
+            model,
+            prompts,
+            ["a"] * 3,
+            max_new_tokens=2,
+            pad_token_id=0,
+            eos_token_id=None,
+            sampling=Sampling(logit_bias=((96, 1.0),)),
         )

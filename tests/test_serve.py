@@ -17,6 +17,7 @@ from serve_helpers import AUTH, running_server
 
 import deltatune as dt
 from deltatune.runtime import generate
+from deltatune.runtime.sampling import Sampling
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -315,7 +316,7 @@ def test_seed_and_penalties_reach_the_rows_and_seeded_answers_repeat_amid_traffi
     ids = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
     (done,) = generate(
         model, [ids], ["beta_v2"], max_new_tokens=6, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
-        **settings,
+        sampling=Sampling(**settings),
     )  # fmt: skip
     seeded = _complete(server, "beta-v2", PROMPTS[1], **settings).json()["choices"][0]["text"]
     assert seeded == tokenizer.decode(done.tokens, skip_special_tokens=True)
@@ -345,7 +346,7 @@ def test_logprobs_are_the_runtimes_in_openais_shapes(server, tiny_causal_lm, ada
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     (done,) = generate(
         model, [ids], ["alpha"], max_new_tokens=6, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
-        logprobs=2,
+        sampling=Sampling(logprobs=2),
     )  # fmt: skip
     choice = _complete(server, "alpha", prompt, logprobs=2).json()["choices"][0]
     chances = choice["logprobs"]

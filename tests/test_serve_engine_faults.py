@@ -56,10 +56,11 @@ def engine(tiny_causal_lm, adapters_dir):
     engine.close(timeout_s=10)
 
 
-def _row(engine, adapter="alpha", n=6, **kw):
+def _row(engine, adapter="alpha", n=6, *, deadline=None, on_token=None, **sampling):
+    from deltatune.runtime.sampling import Sampling
     from deltatune.serve.engine import Row
 
-    return Row(list(engine.ids), adapter, n, **kw)
+    return Row(list(engine.ids), adapter, n, Sampling(**sampling), deadline=deadline, on_token=on_token)
 
 
 def _answers(engine, rows):

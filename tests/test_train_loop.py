@@ -78,7 +78,7 @@ def test_best_weights_are_kept_and_patience_stops_the_run(tiny_causal_lm, data, 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     tiny_causal_lm, data, tmp_path, monkeypatch
 ):
-    from deltatune.train import evaluate as ev
+    from deltatune.task import loss as ev
     from deltatune.train import loop
 
     calls = {"n": 0}

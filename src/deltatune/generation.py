@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .core.errors import AdapterFormatError
+
+if TYPE_CHECKING:
+    from .runtime.sampling import Sampling
 
 
 class Generator:
@@ -65,9 +68,10 @@ class Generator:
 
         return PromptRenderer(self.tokenizer, self.system_prompt).user_prompt_ids(prompt)
 
-    def __call__(self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64, **sampling: Any) -> str:
-        """The answer to one prompt: greedy, unless `sampling` says otherwise (`runtime.generate`'s
-        temperature, top_p, presence_penalty, frequency_penalty, seed, logit_bias)."""
+    def __call__(
+        self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64, sampling: Sampling | None = None
+    ) -> str:
+        """The answer to one prompt: greedy, unless `sampling` says otherwise."""
         from .runtime import generate
         from .runtime.sampling import end_of_sequence_ids
 
@@ -79,6 +83,6 @@ class Generator:
             max_new_tokens=max_new_tokens,
             pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
             eos_token_id=end_of_sequence_ids(self.model, self.tokenizer),
-            **sampling,
+            sampling=sampling,
         )
         return self.tokenizer.decode(done.tokens, skip_special_tokens=True).strip()

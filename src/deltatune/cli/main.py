@@ -104,7 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..runtime.sampling import Sampling
 
     try:  # before the model loads: a typo in a flag should not cost a load
-        Sampling(args.temperature, args.top_p, seed=args.seed)
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except ValueError as exc:
         print(f"deltatune generate: error: {exc}", file=sys.stderr)
         return 2
@@ -125,12 +125,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if data_spec is not None:
         generator.for_config(data_spec)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     for number, prompt in enumerate(_prompts(args), start=1):
         answer = generator(
             _as_fields(prompt) if data_spec is not None else prompt,
             max_new_tokens=args.max_new_tokens,
-            **sampling,
+            sampling=sampling,
         )
         if args.jsonl:
             print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False), flush=True)

@@ -198,25 +198,19 @@ def generate(
     max_new_tokens: int | Sequence[int],
     pad_token_id: int,
     eos_token_id: int | Sequence[int] | None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    seed: int | None = None,
+    sampling: Sampling | None = None,
     seeds: Sequence[int] | None = None,
-    logprobs: int | None = None,
-    logit_bias: dict[int, float] | None = None,
     on_token: OnToken | None = None,
     stop_rows: Callable[[int, list[int]], bool] | None = None,
     continuous: bool = True,
     share_prefixes: bool = True,
 ) -> list[Completion]:
     """Continue each prompt (token ids) with the adapter named on its row (a model-side adapter name, or
-    None for the base). Greedy at temperature 0, else sampling; the settings are OpenAI's (`Sampling`), the
-    same for every row, and a seed seeds each row's own generator, so a row's tokens do not depend on its
-    neighbours; `seeds` gives every row a seed of its own instead (GRPO's G samples of one prompt). `logit_bias` ({token id: bias in [-100, 100]}) is added to those tokens' scores at every step.
-    `logprobs=k` fills each `Completion.logprobs`: every new token's log-probability and the k
-    most likely tokens at its step. The model must be in eval mode.
+    None for the base). `sampling`: OpenAI's settings, one `Sampling` for every row (None: greedy); its seed
+    seeds each row's own generator, so a row's tokens do not depend on its neighbours; `seeds` gives every
+    row a seed of its own instead (GRPO's G samples of one prompt). With `logprobs=k` in it, each
+    `Completion.logprobs` holds every new token's log-probability and the k most likely tokens at its step.
+    The model must be in eval mode.
     `on_token(row, token, logprob)` receives each row's new tokens as they are generated (for streaming),
     with their log-probability when asked (else None); together they are that row's `Completion.tokens`.
     `stop_rows(row, new_tokens)`, asked after every new token with the row's new tokens so far, ends the row
@@ -235,8 +229,7 @@ def generate(
         raise ValueError("a prompt has no tokens; every row needs at least one")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    bias = tuple(sorted((logit_bias or {}).items()))
-    sampling = Sampling(temperature, top_p, presence_penalty, frequency_penalty, seed, logprobs, bias)
+    sampling = (sampling or Sampling()).normalized()
     check_vocabulary(sampling, model)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one per row")

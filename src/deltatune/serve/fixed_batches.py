@@ -43,7 +43,6 @@ class FixedBatches:
 
     def _generate(self, rows: list[Row]) -> list[Completion]:
         with self.cache.pinned(r.adapter for r in rows) as keys:
-            sampling = rows[0].sampling
             results = generate(
                 self.model,
                 [r.prompt for r in rows],
@@ -51,13 +50,7 @@ class FixedBatches:
                 max_new_tokens=[r.max_new_tokens for r in rows],
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_id,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty,
-                seed=sampling.seed,
-                logprobs=sampling.logprobs,
-                logit_bias=dict(sampling.logit_bias),
+                sampling=rows[0].sampling,  # a fixed batch holds rows of one setting (`same_settings`)
                 on_token=streaming_callback(rows),
                 stop_rows=self._row_ends(rows),
                 continuous=self.continuous,  # False: a fixed-batch server, or a cache the engine cannot merge

@@ -8,7 +8,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -162,8 +162,7 @@ class Service:
                                 request.bias_pairs())  # fmt: skip
             self.check_token_ids([token for token, _ in sampling.logit_bias], "logit_bias token id")
             return [
-                Row(ids, adapter, max_tokens, **asdict(sampling.for_choice(j)), stops=request.stops(),
-                    deadline=deadline)
+                Row(ids, adapter, max_tokens, sampling.for_choice(j), stops=request.stops(), deadline=deadline)
                 for ids in prompts
                 for j in range(request.n)
             ]  # fmt: skip

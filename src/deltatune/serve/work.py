@@ -16,18 +16,13 @@ from .stops import StopWatch
 
 @dataclass
 class Row:
-    """One prompt to continue: token ids, the adapter folder name (None: base) and its sampling settings."""
+    """One prompt to continue: token ids, the adapter folder name (None: base) and its sampling settings
+    (`Sampling`, checked where it was built; with `logprobs`, each new token's log-probability)."""
 
     prompt: list[int]
     adapter: str | None
     max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    logprobs: int | None = None  # each new token's log-probability, with this many alternatives
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the scores
+    sampling: Sampling = field(default_factory=Sampling)
     # streaming: called on the engine thread per new token, with its log-probability when asked (else None)
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
     stops: list[str] = field(default_factory=list)  # the row ends with the token that completes one of these
@@ -37,21 +32,11 @@ class Row:
     cancelled: bool = False  # set from any thread (its client went away): the row ends at its next token
     stop_reached: bool = False  # ended at a stop string (its finish_reason is then "stop")
     watch: StopWatch | None = field(default=None, repr=False)  # the engine's incremental stop check
-    sampling: Sampling = field(init=False)  # the settings above, checked and normalized
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        # refused here, before the row reaches the engine
-        self.sampling = Sampling(
-            self.temperature,
-            self.top_p,
-            self.presence_penalty,
-            self.frequency_penalty,
-            self.seed,
-            self.logprobs,
-            self.logit_bias,
-        ).normalized()
+        self.sampling = self.sampling.normalized()
 
     @property
     def overdue(self) -> bool:

@@ -29,7 +29,7 @@ from ..core.modes import eval_mode
 from ..data.formats import Example
 from ..runtime.generate import generate
 from ..runtime.mixed import mixable_refusal
-from ..runtime.sampling import Completion, end_of_sequence_ids
+from ..runtime.sampling import Completion, Sampling, end_of_sequence_ids
 from ..task.metrics import answer_metrics
 from ..task.rewards import Reward, score
 from .answer_logps import AnswerBatch, answer_log_probs, right_padded
@@ -131,7 +131,7 @@ class GRPOObjective:
             return generate(
                 inner, prompts, [adapter] * len(prompts), max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=end_of_sequence_ids(inner, self.tokenizer),
-                temperature=temperature, top_p=top_p, seeds=seeds,
+                sampling=Sampling(temperature=temperature, top_p=top_p), seeds=seeds,
             )  # fmt: skip
 
     def _say_fallback(self, model: nn.Module, adapter: str | None) -> None:
