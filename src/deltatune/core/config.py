@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
-import numbers
 import types
 import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
+
+from annotated_types import MaxLen
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from .errors import AdapterConfigError, DeltatuneWarning
 
@@ -75,13 +76,14 @@ class AdapterConfig:
     def _check_types(self) -> None:
         """Every field holds what its annotation says (ints are no bools, floats are finite, lists are
         bounded), so a hostile or damaged file fails here with the field's name, not deep inside a model."""
-        hints = _field_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            problem = _type_problem(value, hints[f.name])
+        hints = typing.get_type_hints(type(self))
+        for name, checker in _field_checkers(type(self)).items():
+            value = getattr(self, name)
+            union = typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
+            problem = _type_problem(value, checker, union)
             if problem:
                 raise AdapterConfigError(
-                    f"{f.name} must be {_describe(hints[f.name])}, got {_shown(value)} ({problem})"
+                    f"{name} must be {_describe(hints[name])}, got {_shown(value)} ({problem})"
                 )
 
     def validate(self) -> None:
@@ -131,53 +133,48 @@ class AdapterConfig:
         return cls(**kwargs)
 
 
-@functools.cache
-def _field_hints(cls: type) -> dict[str, Any]:
-    """A config class's resolved field annotations (resolving them per instance repeated the work)."""
-    return typing.get_type_hints(cls)
+# pydantic checks the types: strict (an int is no bool, a float is no string), finite floats, lists bounded.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+_PLAIN = (bool, int, float, str, type(None))
 
 
-def _type_problem(value: Any, annotation: Any) -> str | None:
-    """Why `value` does not fit `annotation` (None: it fits). Covers the types config fields use."""
-    origin = typing.get_origin(annotation)
+def _checked(annotation: Any) -> Any:
+    """The annotation as pydantic checks it: lists and dicts bounded to MAX_LIST_ITEMS entries; a type other
+    than those JSON holds (a Literal, say) left to `validate()`, which names the allowed values."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        problems = [_type_problem(value, option) for option in typing.get_args(annotation)]
-        if None in problems:
-            return None
-        return next((p for p in problems if p != "wrong type"), "wrong type")  # the option of its shape
-    if annotation is Any:
-        return None
-    if annotation is type(None):
-        return None if value is None else "wrong type"
-    if annotation is bool:
-        return None if isinstance(value, bool) else "wrong type"
-    if annotation is int:
-        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "wrong type"
-    if annotation is float:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            return "wrong type"
-        return None if math.isfinite(value) else "not finite"
-    if annotation is str:
-        return None if isinstance(value, str) else "wrong type"
+        return typing.Union[tuple(_checked(a) for a in args)]  # noqa: UP007 (built from a tuple)
     if annotation is list or origin is list:
-        if not isinstance(value, list):
-            return "wrong type"
-        if len(value) > MAX_LIST_ITEMS:
-            return f"over {MAX_LIST_ITEMS} entries"
-        (item,) = typing.get_args(annotation) or (Any,)
-        return next((f"entry {i}: {p}" for i, v in enumerate(value) if (p := _type_problem(v, item))), None)
+        (item,) = args or (Any,)
+        return Annotated[list[_checked(item)], MaxLen(MAX_LIST_ITEMS)]
     if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            return "wrong type"
-        if len(value) > MAX_LIST_ITEMS:
-            return f"over {MAX_LIST_ITEMS} entries"
-        key_type, item = typing.get_args(annotation) or (Any, Any)
-        for k, v in value.items():
-            p = _type_problem(k, key_type) or _type_problem(v, item)
-            if p:
-                return f"entry {_shown(k)}: {p}"
+        key, item = args or (Any, Any)
+        return Annotated[dict[_checked(key), _checked(item)], MaxLen(MAX_LIST_ITEMS)]
+    return annotation if annotation in _PLAIN else Any
+
+
+@functools.cache
+def _field_checkers(cls: type) -> dict[str, TypeAdapter]:
+    """A config class's field checkers, built once per class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: TypeAdapter(_checked(hints[f.name]), config=_STRICT) for f in dataclasses.fields(cls)}
+
+
+def _type_problem(value: Any, checker: TypeAdapter, union: bool) -> str | None:
+    """Why `value` does not pass `checker` (None: it does), in a few words: the problem of the union member
+    of the value's own shape where there is one (a list with a bad entry, not "not a string")."""
+    try:
+        checker.validate_python(value)
         return None
-    return None  # a type this check does not know: validate() owns it
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = [part for part in error["loc"][1 if union else 0 :] if isinstance(part, (int, str))]
+            kind = {"finite_number": "not finite", "too_long": f"over {MAX_LIST_ITEMS} entries"}.get(
+                error["type"], "wrong type"
+            )
+            problems.append(f"entry {_shown(where[-1])}: {kind}" if where else kind)
+        return next((p for p in problems if p != "wrong type"), "wrong type")
 
 
 def _describe(annotation: Any) -> str:
