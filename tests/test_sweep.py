@@ -158,7 +158,10 @@ def test_failed_trials_keep_their_reason_and_the_sweep_goes_on(base, tmp_path):
         "no_data": {"data.train": str(tmp_path / "missing.jsonl")},
     }}}  # fmt: skip
     settings = SweepSettings(
-        config=load_base_config(base), space=parse_space(space), out=tmp_path / "s", trials=3
+        config=load_base_config(base, ["training.max_steps=40", "eval.every=20"]),
+        space=parse_space(space),
+        out=tmp_path / "s",
+        trials=3,
     )
     sweep = Sweep(settings)
     sweep.open_study()
@@ -209,7 +212,7 @@ def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     out, space = tmp_path / "s", _space(tmp_path, LR_SPACE)
-    args = [str(base), "--space", str(space), "--trials", "3", "--out", str(out)]
+    args = [str(base), "--space", str(space), "--trials", "2", "--out", str(out)]
     first = _sweep_process(*args)
     try:
         running = _wait_for(lambda: _training_trial(out, need_complete=1), what="a second trial training")
@@ -235,7 +238,7 @@ def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     trials = _study(out).trials
     states = [t.state for t in trials]
     assert (
-        states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.RUNNING not in states
+        states.count(optuna.trial.TrialState.COMPLETE) == 2 and optuna.trial.TrialState.RUNNING not in states
     )
     killed = trials[running.number]
     assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["interrupted"] is True
@@ -282,7 +285,7 @@ def test_two_processes_share_one_study(base, tmp_path):
     space = _space(tmp_path, LR_SPACE)
     workers = [
         _sweep_process(str(base), "--space", str(space), "--trials", "4", "--storage", storage, "--resume",
-                       "--out", str(tmp_path / f"worker{i}"), "training.max_steps=150",
+                       "--out", str(tmp_path / f"worker{i}"), "training.max_steps=40",
                        threads=1)  # two processes on two cores: oversubscribed torch threads spin
         for i in range(2)
     ]  # fmt: skip
