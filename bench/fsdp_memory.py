@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.core.allocator import release_freed_memory, return_large_blocks_to_os
-from deltatune.train.config import FsdpSpec
+from deltatune.task.config import FsdpSpec
 from deltatune.train.distributed import init_distributed, pick_device, shutdown, wrap_model
 from deltatune.train.fsdp import shard_model
 from deltatune.train.setup import enable_gradient_checkpointing

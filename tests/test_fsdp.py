@@ -167,7 +167,7 @@ def test_the_frozen_input_embedding_is_never_gathered_in_backward(one_rank_group
     from transformers import AutoModelForCausalLM
 
     import deltatune as dt
-    from deltatune.train.config import FsdpSpec
+    from deltatune.task.config import FsdpSpec
     from deltatune.train.fsdp import shard_model
     from deltatune.train.setup import enable_gradient_checkpointing
 

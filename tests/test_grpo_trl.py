@@ -21,9 +21,9 @@ from deltatune.core.adapters import set_adapter
 from deltatune.core.io import load_adapter
 from deltatune.data.formats import IGNORE, Example
 from deltatune.runtime.sampling import Completion
+from deltatune.task.objectives import SETTINGS
 from deltatune.task.rewards import Reward
 from deltatune.train.grpo import GRPOObjective
-from deltatune.train.objectives import SETTINGS
 from deltatune.train.preference import REFERENCE_ADAPTER
 
 trl = pytest.importorskip("trl")

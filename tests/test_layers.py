@@ -15,9 +15,8 @@ LAYERS = [
     {"methods", "quant", "models"},
     {"data", "runtime"},
     {"task", "combine"},
-    {"train", "gguf"},
-    {"evaluate", "sweep", "serve", "classification"},
-    {"generation"},
+    {"train", "evaluate", "serve", "gguf", "classification"},  # siblings: none imports another
+    {"sweep", "generation"},
     {"cli", "__init__"},  # the public API names lower layers lazily (PEP 562)
     {"__main__"},
 ]

@@ -15,7 +15,7 @@ from train_helpers import lora_start_and_now
 
 from deltatune.core.io import load_adapter
 from deltatune.data.formats import IGNORE, Example
-from deltatune.train.objectives import SETTINGS
+from deltatune.task.objectives import SETTINGS
 from deltatune.train.preference import REFERENCE_ADAPTER, PreferenceObjective, kto_partners
 
 trl = pytest.importorskip("trl")

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from deltatune.sweep import BestRule, SpaceError, check_space, choose_best, pareto_front, parse_space
-from deltatune.train.config import ConfigError, set_key
+from deltatune.task.config import ConfigError, set_key
 
 BASE = {
     "model": {"path": "some/model", "task": "classification"},

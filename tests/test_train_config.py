@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from train_helpers import causal_config, write_config
 
+from deltatune.task.config import apply_overrides
 from deltatune.train import ConfigError, load_train_config, validate_config
-from deltatune.train.config import apply_overrides
 from deltatune.train.setup import build_adapter_config
 
 
@@ -108,7 +108,7 @@ def test_adapter_section_is_validated_by_the_method(tmp_path, tiny_causal_lm):
 def test_precision_auto_is_bf16_on_a_gpu_that_supports_it_and_fp32_elsewhere(monkeypatch):
     import torch
 
-    from deltatune.train.config import resolve_precision
+    from deltatune.task.config import resolve_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_precision("auto", cpu) == "fp32"

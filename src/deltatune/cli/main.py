@@ -17,7 +17,7 @@ from .arguments import positive_int
 from .evaluate import add_evaluation_parsers
 
 if TYPE_CHECKING:
-    from ..train.config import TrainConfig
+    from ..task.config import TrainConfig
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ def parse_named(items: list[str], what: str) -> list[tuple[str, Path]]:
 
 
 def load_tasks(specs: list[tuple[str, Path]], overrides: list[str] | None = None) -> list[Task]:
-    from ..train import load_train_config
+    from ..task.config import load_train_config
 
     return [Task(name, load_train_config(path, overrides)) for name, path in specs]
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..core.errors import DeltatuneError
-from ..train.config import set_key
+from ..task.config import set_key
 
 if TYPE_CHECKING:
     import optuna
@@ -262,7 +262,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
 def check_space(space: SearchSpace, raw_config: dict[str, Any], source: str | None = None) -> int:
     """Validate every corner of the space as a training config; return how many were checked."""
-    from ..train.config import ConfigError, validate_config
+    from ..task.config import ConfigError, validate_config
 
     corners = space.corner_assignments()
     for chosen in corners:

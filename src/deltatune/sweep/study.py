@@ -109,7 +109,7 @@ class Sweep:
 
         self.s = settings
         self.optuna = optuna
-        from ..train.config import TrainConfig
+        from ..task.config import TrainConfig
 
         base = TrainConfig.model_validate(settings.config)
         self.metric, self.mode = base.eval.metric, base.metric_mode
@@ -482,7 +482,7 @@ def _pruned_at(trial) -> str | None:
 
 def load_base_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """The sweep's base config, validated as `deltatune train` would, with every default filled in."""
-    from ..train.config import load_train_config
+    from ..task.config import load_train_config
 
     return load_train_config(path, overrides).to_dict()
 

@@ -15,10 +15,10 @@ from ..core.atomic import write_text_atomic
 from ..core.errors import DeltatuneWarning
 from ..core.threads import oversubscription
 from ..data import load_data
+from ..task.config import ConfigError, TrainConfig, load_train_config, validate_config
 from ..task.loading import NEW_HEAD_NOTE, load_model, load_tokenizer
 from ..task.shared_prefix import shares_in_evaluation
 from .checkpoint import CheckpointError, list_checkpoints
-from .config import ConfigError, TrainConfig, load_train_config, validate_config
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import NonFiniteLossError, RunResult, Trainer
 from .setup import enable_gradient_checkpointing, prepare_trainable
@@ -149,7 +149,7 @@ def continue_adapter(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) -
     frozen copy of it too, so the pairs are judged against where the run started, not the bare base."""
     from ..core.adapters import adapter_configs, set_adapter
     from ..core.io import load_adapter
-    from .objectives import uses_reference
+    from ..task.objectives import uses_reference
     from .preference import REFERENCE_ADAPTER
 
     folder = cfg.training.init_adapter
@@ -212,7 +212,7 @@ def _load_reference(model: torch.nn.Module, cfg: TrainConfig, tokenizer: Any) ->
     """A run that continued `training.init_adapter` judged its pairs against that adapter: so does its eval."""
     from ..core.adapters import set_adapter
     from ..core.io import load_adapter
-    from .objectives import uses_reference
+    from ..task.objectives import uses_reference
     from .preference import REFERENCE_ADAPTER
 
     if cfg.training.init_adapter and uses_reference(

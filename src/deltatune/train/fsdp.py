@@ -28,7 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from ..core.adapters import all_wrappers
 from ..core.errors import DeltatuneError
 from ..core.layer import AdapterLayer
-from .config import FsdpSpec
+from ..task.config import FsdpSpec
 
 MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -27,8 +27,10 @@ from ..core.io import PROVENANCE_NAME, save_adapter
 from ..core.summary import TrainableSummary, trainable_summary
 from ..data.dataset import DataSplits
 from ..task.batching import collate, micro_batch_indices
+from ..task.config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from ..task.loss import task_loss
 from ..task.metrics import validation_metrics
+from ..task.objectives import uses_reference
 from ..task.rewards import load_rewards
 from ..task.shared_prefix import unavailable
 from .checkpoint import (
@@ -40,12 +42,10 @@ from .checkpoint import (
     remove_stale_staging,
     save_checkpoint,
 )
-from .config import FULL_FINE_TUNING, TrainConfig, resolve_precision
 from .distributed import Dist, all_mean, barrier, wrap_model
 from .forgetting import KL_KEY, ForgettingMonitor
 from .grpo import GRPOObjective, Rollout
 from .kl_penalty import KLPenalty
-from .objectives import uses_reference
 from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar

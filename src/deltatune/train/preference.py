@@ -21,8 +21,8 @@ from ..core.adapters import activated, all_wrappers, disable_adapter
 from ..core.input_hooks import rewrites_inputs
 from ..core.modes import eval_mode
 from ..data.formats import Example
+from ..task.objectives import uses_reference
 from .answer_logps import AnswerBatch, answer_log_probs, collate_answers
-from .objectives import uses_reference
 from .preference_loss import PreferenceOutput, preference_loss
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of training.init_adapter

@@ -1,4 +1,4 @@
-"""The preference objectives' losses from answer log-probabilities (train/objectives.py has the formulas and
+"""The preference objectives' losses from answer log-probabilities (task/objectives.py has the formulas and
 their papers). Pure functions of tensors, so each is checked against TRL's on the same numbers."""
 
 from __future__ import annotations

@@ -406,7 +406,7 @@ def validate_config(
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, overrides)) from None
-    from .setup import check_adapter_section  # setup imports this module
+    from .adapter_section import check_adapter_section  # it imports this module
 
     if cfg.training.init_adapter and cfg.adapter.model_extra:
         raise ConfigError(
@@ -414,7 +414,7 @@ def validate_config(
             f"{sorted(cfg.adapter.model_extra)} from the adapter section (keep only its method)"
         )
     if cfg.training.objective == "grpo":  # an unknown reward or a failing import: now, before any model loads
-        from ..task.rewards import RewardError, load_rewards
+        from .rewards import RewardError, load_rewards
 
         try:
             load_rewards(cfg.training.rewards, cfg.objective_settings["max_completion_length"])
