@@ -11,6 +11,7 @@ from safetensors import safe_open
 from .config import CONFIG_NAME, read_json_object
 from .errors import AdapterFormatError, AdapterNotFoundError
 from .io import WEIGHTS_NAME, read_provenance
+from .record import BaseModelRecord
 
 
 def _mib(n: int) -> str:
@@ -49,40 +50,33 @@ def describe_adapter(folder: Path) -> str:
     if record is None:
         lines.append("provenance: none (no deltatune.json; written by another tool)")
         return "\n".join(lines)
-    total = (record.get("parameters") or {}).get("model_total")
+    total = record.parameters.model_total if record.parameters is not None else None
     if total and weights.is_file():
         lines.append(f"trainable: {count:,} of {total:,} parameters ({100 * count / total:.4f}%)")
-    base = record.get("base_model") or {}
+    base = record.base_model or BaseModelRecord()
     lines += [
-        f"created: {record.get('created_at')}",
-        f"base model: {base.get('architecture')} {base.get('name_or_path') or ''} "
-        f"(target weights sha256 {str(base.get('target_weights_sha256', ''))[:16]})",
-        f"tokenizer sha256: {record.get('tokenizer_sha256')}",
-        f"data sha256: {record.get('data_sha256')}",
-        "labels: "
-        + (
-            json.dumps((record.get("labels") or {}).get("id2label"))
-            if record.get("labels")
-            else "none (not a classifier)"
-        ),
-        f"metrics: {json.dumps(record.get('metrics'))}",
-        f"environment: {json.dumps(record.get('environment'))}",
+        f"created: {record.created_at}",
+        f"base model: {base.architecture} {base.name_or_path or ''} "
+        f"(target weights sha256 {str(base.target_weights_sha256 or '')[:16]})",
+        f"tokenizer sha256: {record.tokenizer_sha256}",
+        f"data sha256: {record.data_sha256}",
+        "labels: " + (json.dumps(record.labels.id2label) if record.labels else "none (not a classifier)"),
+        f"metrics: {json.dumps(record.metrics)}",
+        f"environment: {json.dumps(record.environment)}",
     ]
-    if record.get("sweep"):  # best/ of a `deltatune sweep`
-        sweep = record["sweep"]
+    if record.sweep is not None:  # best/ of a `deltatune sweep`
+        sweep = record.sweep
         lines.append(
-            f"sweep: trial {sweep.get('trial')} of study {sweep.get('study')!r} ({sweep.get('storage')}), "
-            f"params {json.dumps(sweep.get('params'))}; chosen as {sweep.get('rule')}"
+            f"sweep: trial {sweep.trial} of study {sweep.study!r} ({sweep.storage}), "
+            f"params {json.dumps(sweep.params)}; chosen as {sweep.rule}"
         )
-    derived = record.get("derived_from")
-    if derived:  # made by `deltatune combine` / `convert`
-        sources = ", ".join(
-            f"{s.get('path')} ({str(s.get('sha256'))[:12]})" for s in derived.get("sources") or []
-        )
-        logits = derived.get("logits") or {}
+    derived = record.derived_from
+    if derived is not None:  # made by `deltatune combine` / `convert`
+        sources = ", ".join(f"{s.path} ({str(s.sha256)[:12]})" for s in derived.sources)
+        logits = derived.logits or {}
         lines.append(
-            f"derived from: {derived.get('method')} of {sources}; parameters {json.dumps(derived.get('parameters'))}; "
-            f"max relative truncation error {derived.get('max_relative_error', 0):.3g}"
+            f"derived from: {derived.method} of {sources}; parameters {json.dumps(derived.parameters)}; "
+            f"max relative truncation error {derived.max_relative_error or 0:.3g}"
             + (
                 f"; max |logit error| {logits['max_abs_error']:.3g} against the exact update "
                 f"(which moves them by up to {logits['exact_max_abs_effect']:.3g})"
@@ -90,6 +84,6 @@ def describe_adapter(folder: Path) -> str:
                 else ""
             )
         )
-    if record.get("training_config"):
-        lines.append("training config: " + json.dumps(record["training_config"], sort_keys=True))
+    if record.training_config:
+        lines.append("training config: " + json.dumps(record.training_config, sort_keys=True))
     return "\n".join(lines)

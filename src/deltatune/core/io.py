@@ -44,6 +44,7 @@ from .hashing import sha256_file
 from .inject import inject
 from .layer import weights_follow
 from .quantized import model_quantization
+from .record import Provenance
 from .registry import get_method
 from .state import adapter_state_dict, load_adapter_state_dict
 
@@ -97,7 +98,7 @@ def save_adapter(
             )
         (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        record = provenance.record(
+        record = Provenance.model_validate(provenance.record(
             adapter_name=adapter_name,
             peft_type=config.peft_type,
             base_model=provenance.base_fingerprint(model, _targets_of(model, adapter_name)),
@@ -118,10 +119,8 @@ def save_adapter(
                     "bytes": (staging / WEIGHTS_NAME).stat().st_size,
                 }
             },
-        )
-        (staging / PROVENANCE_NAME).write_text(
-            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-        )
+        ))  # fmt: skip
+        (staging / PROVENANCE_NAME).write_text(record.to_json() + "\n")
         _verify_written(staging / WEIGHTS_NAME, tensors)
     return path
 
@@ -140,10 +139,9 @@ def classifier_labels(model: nn.Module, config: AdapterConfig) -> dict[str, dict
 def saved_label_names(folder: str | Path) -> list[str] | None:
     """The class names, in index order, an adapter folder's deltatune.json records (None: none recorded)."""
     record = read_provenance(Path(folder))
-    labels = (record or {}).get("labels")
-    if not isinstance(labels, dict) or not isinstance(labels.get("id2label"), dict):
+    if record is None or record.labels is None:
         return None
-    id2label = labels["id2label"]
+    id2label = record.labels.id2label
     try:
         ordered = sorted(id2label.items(), key=lambda kv: int(kv[0]))
     except (TypeError, ValueError):
@@ -169,7 +167,7 @@ def _verify_written(file: Path, expected: dict[str, torch.Tensor]) -> None:
 
 
 def read_adapter_weights(
-    folder: Path, allow_pickle: bool = False, record: dict[str, Any] | None = None
+    folder: Path, allow_pickle: bool = False, record: Provenance | None = None
 ) -> dict[str, torch.Tensor]:
     """Load the weights file of an adapter folder, refusing pickles unless explicitly allowed.
 
@@ -201,9 +199,7 @@ def read_adapter_weights(
         raise AdapterFormatError(
             f"{file}: zero-size tensor(s) {empty[:3]}; the adapter was saved incorrectly"
         )
-    files = (record or {}).get("files")
-    entry = files.get(WEIGHTS_NAME) if isinstance(files, dict) else None
-    expected = entry.get("sha256") if isinstance(entry, dict) else None
+    expected = record.file_sha256(WEIGHTS_NAME) if record is not None else None
     if expected and hashlib.sha256(data).hexdigest() != expected:
         raise AdapterFormatError(f"{file}: contents changed since saving (sha256 mismatch)")
     check_finite(state, file)
@@ -220,7 +216,7 @@ def check_finite(state: dict[str, torch.Tensor], source: Path | str) -> None:
         )
 
 
-def read_provenance(folder: Path) -> dict[str, Any] | None:
+def read_provenance(folder: Path) -> Provenance | None:
     file = folder / PROVENANCE_NAME
     if not file.exists():
         return None
@@ -231,7 +227,7 @@ def read_provenance(folder: Path) -> dict[str, Any] | None:
             f"{file}: schema_version {version!r} is newer than this deltatune understands "
             f"({provenance.SCHEMA_VERSION}); upgrade deltatune"
         )
-    return record
+    return Provenance.parse(record, str(file))
 
 
 def resolve_adapter_folder(path: str | Path) -> Path:
@@ -310,26 +306,26 @@ def load_adapter(
     return model
 
 
-def _check_base_shape(model: nn.Module, record: dict, allow: bool, folder: Path) -> None:
+def _check_base_shape(model: nn.Module, record: Provenance, allow: bool, folder: Path) -> None:
     """Before injecting: the model is of the architecture the adapter was trained on and has the modules it
     targeted. The full comparison (shapes, weight hashes) follows once the adapter is in place."""
-    saved = record.get("base_model") or {}
-    if allow or not isinstance(saved, dict):
+    saved = record.base_model
+    if allow or saved is None:
         return
     problems = []
-    if saved.get("architecture") and saved["architecture"] != provenance.architecture(model):
+    if saved.architecture and saved.architecture != provenance.architecture(model):
         problems.append(
-            f"architecture {saved['architecture']} (adapter) vs {provenance.architecture(model)} (model)"
+            f"architecture {saved.architecture} (adapter) vs {provenance.architecture(model)} (model)"
         )
     names = dict(model.named_modules())
-    targets = saved.get("targets") if isinstance(saved.get("targets"), dict) else {}
+    targets = saved.targets
     absent = [name for name in targets if name not in names]
     if absent:
         problems.append(
             f"{len(absent)} of the {len(targets)} modules it adapts are not in the model (e.g. {absent[0]})"
         )
     if problems:
-        trained_on = saved.get("name_or_path") or saved.get("architecture")
+        trained_on = saved.name_or_path or saved.architecture
         raise BaseModelMismatchError(
             f"{folder} was trained on a different base model ({trained_on}): {'; '.join(problems)}. Load the base "
             "it was trained on, or pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway."
@@ -338,7 +334,7 @@ def _check_base_shape(model: nn.Module, record: dict, allow: bool, folder: Path)
 
 def check_base(
     model: nn.Module,
-    record: dict,
+    record: Provenance,
     adapter_name: str,
     allow: bool,
     folder: Path,
@@ -349,11 +345,11 @@ def check_base(
     """Refuse (or with `allow`, warn about) an adapter whose recorded base differs from `model`. `current`
     (the model's fingerprint for this adapter's targets) and `tokenizer_sha256` (the tokenizer's hash) are
     for callers that computed them already."""
-    saved = record.get("base_model") or {}
+    saved = record.base_model.fingerprint() if record.base_model is not None else {}
     if current is None:
         current = provenance.base_fingerprint(model, _targets_of(model, adapter_name))
     problems, notes = provenance.compare_fingerprints(saved, current)
-    saved_tokenizer = record.get("tokenizer_sha256")
+    saved_tokenizer = record.tokenizer_sha256
     if tokenizer_sha256 is None and tokenizer is not None and saved_tokenizer:
         tokenizer_sha256 = provenance.tokenizer_hash(tokenizer)
     if saved_tokenizer and tokenizer_sha256 is not None and tokenizer_sha256 != saved_tokenizer:

@@ -105,14 +105,16 @@ def _trained_tasks(folder: Path, tasks: list[Task], depth: int = 0) -> list[str]
     from ..core.io import read_provenance
 
     try:
-        record = read_provenance(folder) or {}
+        record = read_provenance(folder)
     except DeltatuneError:  # an unreadable record: the matrix is measured already, only this label is lost
         return []
-    sources = (record.get("derived_from") or {}).get("sources") or []
+    if record is None:
+        return []
+    sources = record.source_paths()
     if sources and depth < 4:  # a combination of combinations is followed a few levels, never in a cycle
-        found = [name for s in sources for name in _trained_tasks(Path(str(s.get("path"))), tasks, depth + 1)]
+        found = [name for s in sources for name in _trained_tasks(Path(s), tasks, depth + 1)]
         return list(dict.fromkeys(found))
-    trained = (record.get("training_config") or {}).get("data") or {}
+    trained = record.trained_data()
     for task in tasks:
         data = task.config.data.model_dump()
         if trained and all(trained.get(k) == data.get(k) for k in _TASK_IDENTITY):

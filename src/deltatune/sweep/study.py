@@ -447,7 +447,8 @@ class Sweep:
     def write_best(self, best: dict[str, Any]) -> Path | None:
         """best/: the chosen trial's adapter, its provenance extended with the study, trial and rule."""
         from ..core.atomic import staged_folder
-        from ..core.io import PROVENANCE_NAME
+        from ..core.io import PROVENANCE_NAME, read_provenance
+        from ..core.record import SweepRecord
 
         source = Path(best["adapter_dir"] or "")
         if not (source / PROVENANCE_NAME).is_file():
@@ -463,15 +464,13 @@ class Sweep:
             for item in source.iterdir():
                 if item.is_file():
                     shutil.copy2(item, staging / item.name)
-            record = json.loads((staging / PROVENANCE_NAME).read_text())
-            record["sweep"] = {
-                "study": self.s.study_name, "storage": redact(self.s.storage_url), "trial": best["number"],
-                "params": best["params"], "metric": {self.metric: best["metric"]},
-                "rule": self.s.rule.describe(self.metric), **_fingerprint(self.s),
-            }  # fmt: skip
-            (staging / PROVENANCE_NAME).write_text(
-                json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-            )
+            record = read_provenance(staging)
+            record.sweep = SweepRecord(
+                study=self.s.study_name, storage=redact(self.s.storage_url), trial=best["number"],
+                params=best["params"], metric={self.metric: best["metric"]},
+                rule=self.s.rule.describe(self.metric), **_fingerprint(self.s),
+            )  # fmt: skip
+            (staging / PROVENANCE_NAME).write_text(record.to_json() + "\n")
         return target
 
 

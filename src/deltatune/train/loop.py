@@ -24,6 +24,7 @@ from ..core.atomic import atomic_path, staged_folder, write_text_atomic
 from ..core.config import AdapterConfig
 from ..core.errors import DeltatuneError
 from ..core.io import PROVENANCE_NAME, save_adapter
+from ..core.record import Provenance
 from ..core.summary import TrainableSummary, trainable_summary
 from ..data.dataset import DataSplits
 from ..task.batching import collate, micro_batch_indices
@@ -438,11 +439,11 @@ class Trainer:
         with staged_folder(self.saved_to) as staging:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
-            record = provenance.record(
+            record = Provenance.model_validate(provenance.record(
                 method=FULL_FINE_TUNING, training_config=self._recorded_config(), metrics=metrics,
                 data_sha256=self.splits.data_sha256,
-            )  # fmt: skip
-            (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            ))  # fmt: skip
+            (staging / PROVENANCE_NAME).write_text(record.to_json() + "\n")
 
     def _checkpoint(self, step: int, state: RunState) -> None:
         if self.sharded:  # a collective: every rank takes part, rank 0 receives the full tensors
