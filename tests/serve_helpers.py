@@ -73,3 +73,35 @@ def server_log(process: subprocess.Popen) -> str:
     process.log.flush()
     process.log.seek(0)
     return process.log.read()
+
+
+def saved_lora_adapters(
+    base: Path,
+    root: Path,
+    adapters: dict[str, tuple[int, list[str] | str]],
+    *,
+    b_std: float | None = None,
+    init_lora_weights: bool = True,
+) -> Path:
+    """The adapters a server test serves: LoRA r (lora_alpha 4r) on the given targets of the tiny causal LM,
+    each seeded by its position and saved as root/NAME. `b_std`: draw lora_B from N(0, b_std), so that an
+    adapter changes the output; `init_lora_weights=False`: random A and B (PEFT's test init)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for seed, (name, (r, targets)) in enumerate(adapters.items()):
+        torch.manual_seed(seed)
+        key = name.replace("-", "_")
+        config = dt.LoraConfig(
+            r=r, lora_alpha=4 * r, target_modules=targets, init_lora_weights=init_lora_weights
+        )
+        dt.inject(model, config, key)
+        if b_std is not None:
+            for _, layer in dt.core.adapters.adapter_layers(model):
+                if key in layer.adapter_configs:
+                    torch.nn.init.normal_(layer.lora_B[key].weight, std=b_std)
+        dt.save_adapter(model, root / name, adapter_name=key)
+    return root

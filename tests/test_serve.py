@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICES
-from serve_helpers import AUTH, running_server
+from serve_helpers import AUTH, running_server, saved_lora_adapters
 
 import deltatune as dt
 from deltatune.runtime import generate
@@ -35,15 +35,9 @@ def _model(path: Path):
 
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_causal_lm, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("served")
-    model = _model(tiny_causal_lm)
-    for seed, (name, (r, targets)) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(seed)
-        key = name.replace("-", "_")
-        dt.inject(
-            model, dt.LoraConfig(r=r, lora_alpha=4 * r, target_modules=targets, init_lora_weights=False), key
-        )
-        dt.save_adapter(model, root / name, adapter_name=key)
+    root = saved_lora_adapters(
+        tiny_causal_lm, tmp_path_factory.mktemp("served"), ADAPTERS, init_lora_weights=False
+    )
     shutil.copytree(root / "alpha", root / "broken")  # weights that fail the sha256 check in deltatune.json
     weights = root / "broken" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -13,9 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serve_helpers import AUTH, running_server
-
-import deltatune as dt
+from serve_helpers import AUTH, running_server, saved_lora_adapters
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -25,13 +23,9 @@ PROMPT = "good day"
 
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_causal_lm, tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("attacked")
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    dt.inject(model, dt.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
-    dt.save_adapter(model, root / "good", adapter_name="a")
+    root = saved_lora_adapters(
+        tiny_causal_lm, tmp_path_factory.mktemp("attacked"), {"good": (2, ["q_proj", "v_proj"])}
+    )
 
     def hostile(name: str, config_text: str | bytes | None = None, poison: bool = False) -> None:
         folder = root / name

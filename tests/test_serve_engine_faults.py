@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serve_helpers import saved_lora_adapters
 
 import deltatune as dt
 
@@ -22,15 +23,8 @@ PROMPT = "good day"
 
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_causal_lm, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("engine-faults")
-    model = _model(tiny_causal_lm)
-    for seed, name in enumerate(["alpha", "beta"]):
-        torch.manual_seed(seed)
-        dt.inject(model, dt.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]), name)
-        for _, layer in dt.core.adapters.adapter_layers(model):
-            if name in layer.adapter_configs:
-                torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
-        dt.save_adapter(model, root / name, adapter_name=name)
+    both = {name: (2, ["q_proj", "v_proj"]) for name in ("alpha", "beta")}
+    root = saved_lora_adapters(tiny_causal_lm, tmp_path_factory.mktemp("engine-faults"), both, b_std=0.5)
     shutil.copytree(root / "alpha", root / "poisoned")
     return root
 

@@ -10,9 +10,8 @@ from concurrent.futures import Future
 
 import pytest
 import torch
+from serve_helpers import saved_lora_adapters
 from test_serve_engine_faults import _model
-
-import deltatune as dt
 
 pytest.importorskip("fastapi")
 
@@ -21,14 +20,8 @@ GUARD_S = 120  # a hang guard only: every wait below ends on an event
 
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_causal_lm, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fairness")
-    model = _model(tiny_causal_lm)
-    torch.manual_seed(0)
-    dt.inject(model, dt.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "alpha")
-    for _, layer in dt.core.adapters.adapter_layers(model):
-        torch.nn.init.normal_(layer.lora_B["alpha"].weight, std=0.5)
-    dt.save_adapter(model, root / "alpha", adapter_name="alpha")
-    return root
+    alpha = {"alpha": (2, ["q_proj", "v_proj"])}
+    return saved_lora_adapters(tiny_causal_lm, tmp_path_factory.mktemp("fairness"), alpha, b_std=0.5)
 
 
 def _engine(tiny_causal_lm, adapters_dir, **options):
