@@ -76,14 +76,12 @@ class AdapterConfig:
     def _check_types(self) -> None:
         """Every field holds what its annotation says (ints are no bools, floats are finite, lists are
         bounded), so a hostile or damaged file fails here with the field's name, not deep inside a model."""
-        hints = typing.get_type_hints(type(self))
-        for name, checker in _field_checkers(type(self)).items():
+        for name, (checker, annotation, union) in _field_checkers(type(self)).items():
             value = getattr(self, name)
-            union = typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
             problem = _type_problem(value, checker, union)
             if problem:
                 raise AdapterConfigError(
-                    f"{name} must be {_describe(hints[name])}, got {_shown(value)} ({problem})"
+                    f"{name} must be {_describe(annotation)}, got {_shown(value)} ({problem})"
                 )
 
     def validate(self) -> None:
@@ -154,10 +152,17 @@ def _checked(annotation: Any) -> Any:
 
 
 @functools.cache
-def _field_checkers(cls: type) -> dict[str, TypeAdapter]:
-    """A config class's field checkers, built once per class."""
+def _field_checkers(cls: type) -> dict[str, tuple[TypeAdapter, Any, bool]]:
+    """A config class's fields: (checker, annotation, whether it is a union), built once per class."""
     hints = typing.get_type_hints(cls)
-    return {f.name: TypeAdapter(_checked(hints[f.name]), config=_STRICT) for f in dataclasses.fields(cls)}
+    return {
+        f.name: (
+            TypeAdapter(_checked(hints[f.name]), config=_STRICT),
+            hints[f.name],
+            typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType),
+        )
+        for f in dataclasses.fields(cls)
+    }
 
 
 def _type_problem(value: Any, checker: TypeAdapter, union: bool) -> str | None:

@@ -186,7 +186,7 @@ class Encoder:
             raise RowError(str(exc)) from None
 
     def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self._rendered(self.prompts.chat, messages, add_generation_prompt).text
+        return self.prompts.chat_text(messages, add_generation_prompt)
 
     def answer_ids(self, answer: str) -> list[int]:
         """A plain-text answer's ids: with a chat template, followed by the template's own end-of-turn
@@ -197,6 +197,8 @@ class Encoder:
             [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": answer}], False
         )
         tail = full[full.rindex(answer) + len(answer) :] if answer in full else ""
+        if not self.prompts.typed([answer]):
+            return self.prompts.markup_ids(answer + tail)
         return self._rendered(self.prompts.render, lambda t: t[0] + tail, [answer]).ids()
 
     def _prompt_response(self, prompt: Rendered, output: str) -> Example:
@@ -214,17 +216,26 @@ class Encoder:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise RowError("no assistant message to learn from")
-        # Each turn's prompt and answer are ranges of the whole conversation's rendering.
-        whole = self._rendered(self.prompts.chat, messages[: turns[-1] + 1], False)
+        # Each turn's prompt and answer are ranges of the whole conversation's rendering; rendered once more
+        # as a whole only when a message holds a special token's text, which must stay text.
+        contents = [m["content"] for m in messages[: turns[-1] + 1]]
+        typed = self.prompts.typed(contents + ([self.spec.system_prompt] if self.spec.system_prompt else []))
+        whole = self._rendered(self.prompts.chat, messages[: turns[-1] + 1], False) if typed else None
         segments: list[tuple[list[int], bool]] = []
         rendered = ""
         for turn in turns:
             prompt = self._apply_template(messages[:turn], add_generation_prompt=True)
             full = self._apply_template(messages[: turn + 1], add_generation_prompt=False)
-            if not (prompt.startswith(rendered) and full.startswith(prompt) and whole.text.startswith(full)):
+            if not (prompt.startswith(rendered) and full.startswith(prompt)) or (
+                whole is not None and not whole.text.startswith(full)
+            ):
                 raise RowError("the chat template does not render turns as prefixes; cannot mask per turn")
-            segments.append((whole.ids(len(rendered), len(prompt)), False))
-            segments.append((whole.ids(len(prompt), len(full)), True))
+            if whole is None:
+                segments.append((self.prompts.markup_ids(prompt[len(rendered) :]), False))
+                segments.append((self.prompts.markup_ids(full[len(prompt) :]), True))
+            else:
+                segments.append((whole.ids(len(rendered), len(prompt)), False))
+                segments.append((whole.ids(len(prompt), len(full)), True))
             rendered = full
         segments[0] = (self._bos() + segments[0][0], False)
         return self._assemble(segments, reference=messages[turns[-1]]["content"])

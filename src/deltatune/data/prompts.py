@@ -13,6 +13,7 @@ searching the rendering for it: a typed "<|im_start|>" must not be confused with
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ class PromptRenderer:
         self.system_prompt = system_prompt
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.specials = special_strings(tokenizer)
+        self._any_special = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
 
     # ---- ids of pieces -------------------------------------------------------------------------------------
     def text_ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -86,10 +88,16 @@ class PromptRenderer:
         return [eos] if eos is not None else []
 
     # ---- renderings ----------------------------------------------------------------------------------------
+    def typed(self, texts: Sequence[str]) -> list[int]:
+        """Which of `texts` hold a special token's string (the ones that need care)."""
+        if self._any_special is None:
+            return []
+        return [i for i, t in enumerate(texts) if self._any_special.search(t)]
+
     def render(self, fill: Callable[[Sequence[str]], str], texts: Sequence[str]) -> Rendered:
         """`fill(texts)` (a template filled with users' texts), split so that the texts encode as text."""
         whole = fill(texts)
-        typed = [i for i, t in enumerate(texts) if any(s in t for s in self.specials)]
+        typed = self.typed(texts)
         if not typed:
             return Rendered(whole, ((whole, False),), self)
         marks = {i: f"\x00\x01{i}\x01\x00" for i in typed}
@@ -110,15 +118,24 @@ class PromptRenderer:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return list(messages)
 
+    def chat_text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat template's text over `messages` (the system prompt first when set and none is given)."""
+        return self.tokenizer.apply_chat_template(
+            self.with_system(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
     def chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> Rendered:
-        """The chat template over `messages` (the system prompt first when set and none is given)."""
+        """The chat template over `messages`, split so that their contents encode as text."""
         messages = self.with_system(messages)
+        if not self.typed([m["content"] for m in messages]):  # the common case: one rendering, no copies
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            return Rendered(text, ((text, False),), self)
 
         def fill(contents: Sequence[str]) -> str:
             filled = [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]
-            return self.tokenizer.apply_chat_template(
-                filled, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            return self.chat_text(filled, add_generation_prompt)
 
         return self.render(fill, [m["content"] for m in messages])
 
