@@ -5,6 +5,7 @@ the gradient accumulation ends; a full fine-tune resumes against the reference i
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 from test_preference import pair_rows
@@ -44,15 +45,22 @@ def test_a_killed_preference_run_resumes_to_the_same_adapter(tmp_path, tiny_caus
     assert metric_records(tmp_path / "crashed") == metric_records(tmp_path / "reference")
 
 
-def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal_lm, pairs):
-    single = make_config(tmp_path, tiny_causal_lm, pairs, "single", dropout=0.0, grad_accum=2)
-    assert run_train(single).returncode == 0
+@pytest.fixture(scope="module")
+def single_dpo(tiny_causal_lm, pairs, tmp_path_factory) -> Path:
+    """DPO in one process with twice the accumulation, no dropout: where DDP and FSDP ranks must end."""
+    folder = tmp_path_factory.mktemp("single")
+    config = make_config(folder, tiny_causal_lm, pairs, "single", dropout=0.0, grad_accum=2)
+    assert run_train(config).returncode == 0
+    return folder / "single"
+
+
+def test_two_ddp_ranks_match_one_process_with_accumulation(tmp_path, tiny_causal_lm, pairs, single_dpo):
     ddp = make_config(tmp_path, tiny_causal_lm, pairs, "ddp", dropout=0.0)
     launcher = TWO_RANKS
     result = run_train(ddp, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "each pair's prompt runs once per answer in this run: DDP" in result.stderr
-    assert_same_adapter(tmp_path / "single", tmp_path / "ddp")
+    assert_same_adapter(single_dpo, tmp_path / "ddp")
 
 
 def test_a_full_fine_tune_resumes_against_the_reference_it_kept(tmp_path, tiny_causal_lm, pairs):
@@ -78,7 +86,7 @@ def test_a_full_fine_tune_resumes_against_the_reference_it_kept(tmp_path, tiny_c
 
 
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_causal_lm, pairs, objective):
+def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_causal_lm, pairs, objective, request):
     """FSDP2 shards the model; the reference (adapters off) runs on the sharded model too."""
     data = pairs
     if objective == "kto":
@@ -92,8 +100,12 @@ def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_causal_lm, pairs, objec
         raw["data"]["format"] = "unpaired_preference" if objective == "kto" else "preference"
         return write_config(path, raw)
 
-    assert run_train(make("single", grad_accum=2)).returncode == 0
+    if objective == "dpo":  # the same run as the DDP test's reference
+        single = request.getfixturevalue("single_dpo")
+    else:
+        assert run_train(make("single", grad_accum=2)).returncode == 0
+        single = tmp_path / "single"
     launcher = TWO_RANKS
     result = run_train(make("fsdp", distributed="fsdp"), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_adapter(tmp_path / "single", tmp_path / "fsdp")
+    assert_same_adapter(single, tmp_path / "fsdp")

@@ -75,10 +75,25 @@ def make_config(tmp_path: Path, model: Path, data: Path, name: str, dropout: flo
     return write_config(tmp_path / f"{name}.yaml", raw)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_causal_lm, data, tmp_path_factory) -> Path:
+    """The uninterrupted run every killed-and-resumed one must end at (trained once for the module)."""
+    folder = tmp_path_factory.mktemp("reference")
+    assert run_train(make_config(folder, tiny_causal_lm, data, "reference")).returncode == 0
+    return folder / "reference"
+
+
+@pytest.fixture(scope="module")
+def single(tiny_causal_lm, data, tmp_path_factory) -> Path:
+    """One process with twice the accumulation and no dropout: where two ranks must end (trained once)."""
+    folder = tmp_path_factory.mktemp("single")
+    config = make_config(folder, tiny_causal_lm, data, "single", dropout=0.0, grad_accum=2)
+    assert run_train(config).returncode == 0
+    return folder / "single"
+
+
 @pytest.mark.parametrize("fault", ["step:5", "checkpoint:6"])
-def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_causal_lm, data, fault):
-    reference = make_config(tmp_path, tiny_causal_lm, data, "reference")
-    assert run_train(reference).returncode == 0
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_causal_lm, data, fault, reference):
     crashed = make_config(tmp_path, tiny_causal_lm, data, "crashed")
     killed = run_train(crashed, fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -91,11 +106,11 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_causal_lm, data, 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step-00000003 (step 3)" in resumed.stderr
     assert not [p for p in (tmp_path / "crashed" / "checkpoints").iterdir() if p.name.startswith(".")]
-    want, got = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "crashed")
+    want, got = adapter_tensors(reference), adapter_tensors(tmp_path / "crashed")
     assert want.keys() == got.keys()
     for key in want:
         assert want[key].equal(got[key]), key
-    assert metric_records(tmp_path / "crashed") == metric_records(tmp_path / "reference")
+    assert metric_records(tmp_path / "crashed") == metric_records(reference)
 
 
 def metric_records(out: Path) -> list[dict]:
@@ -112,16 +127,14 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_causal_lm, data):
     assert "differs from the run's (optim.lr)" in changed.stderr
 
 
-def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path, tiny_causal_lm, data):
+def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path, tiny_causal_lm, data, single):
     # No dropout: ranks draw their masks from identical RNG streams, one process from one stream.
-    single = make_config(tmp_path, tiny_causal_lm, data, "single", dropout=0.0, grad_accum=2)
-    assert run_train(single).returncode == 0
     ddp = make_config(tmp_path, tiny_causal_lm, data, "ddp", dropout=0.0)
     launcher = TWO_RANKS
     result = run_train(ddp, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved:") == 1  # only rank 0 reports and writes
-    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    want, got = adapter_tensors(single), adapter_tensors(tmp_path / "ddp")
     assert want.keys() == got.keys() and len(want) > 0
     for key in want:
         assert got[key].abs().sum() > 0 or "lora_B" not in key
@@ -154,11 +167,9 @@ def test_ddp_with_gradient_checkpointing_matches_one_process(tmp_path, tiny_caus
         assert (want[key] - got[key]).abs().max() < 1e-5, key
 
 
-def test_two_nodes_on_localhost_match_one_process(tmp_path, tiny_causal_lm, data):
+def test_two_nodes_on_localhost_match_one_process(tmp_path, tiny_causal_lm, data, single):
     """Multi-node as on a cluster: two torchrun launches (`--nnodes 2 --node_rank 0|1`) meeting through the
     c10d rendezvous, one process each, end where one process with twice the accumulation ends."""
-    single = make_config(tmp_path, tiny_causal_lm, data, "single", dropout=0.0, grad_accum=2)
-    assert run_train(single).returncode == 0
     nodes = make_config(tmp_path, tiny_causal_lm, data, "nodes", dropout=0.0)
     port = _free_port()
     launches = []
@@ -175,7 +186,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, tiny_causal_lm, data
     for process, (_, err) in zip(launches, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
     assert sum(out.count("saved:") for out, _ in outputs) == 1  # the global rank 0 alone writes
-    want, got = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "nodes")
+    want, got = adapter_tensors(single), adapter_tensors(tmp_path / "nodes")
     assert want.keys() == got.keys() and len(want) > 0
     for key in want:
         assert (want[key] - got[key]).abs().max() < 1e-5, key
