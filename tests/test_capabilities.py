@@ -159,3 +159,38 @@ def test_a_declared_shared_prefix_scores_as_the_whole_rows(variant):
         whole, whole_count, _ = task_loss(model, batch, False, fuse_head=False, share_prefix=False)
     assert count == whole_count == 18
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_a_declared_checkpointed_method_gets_the_gradients_it_gets_without(variant):
+    """Declared: with activations recomputed in the backward pass, the adapter's gradients are those of the
+    plain backward. Not declared: a training config asking for checkpointing is refused with the reason."""
+    from deltatune.task.config import ConfigError, validate_config
+    from deltatune.train.setup import enable_gradient_checkpointing
+
+    config = _config(variant)
+    reason = capability_refusal(config, Capability.CHECKPOINTED)
+    if reason is not None:
+        raw = {
+            "model": {"path": "unused"}, "data": {"train": "unused.jsonl", "format": "text"},
+            "adapter": {"method": config.peft_type.lower()},
+            "training": {"max_steps": 1, "gradient_checkpointing": True},
+            "output_dir": "unused",
+        }  # fmt: skip
+        with pytest.raises(ConfigError, match=f"cannot use training.gradient_checkpointing: {reason}"):
+            validate_config(raw)
+        return
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_llama()
+        dt.inject(model, _config(variant))
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -26,6 +26,8 @@ class Capability(str, Enum):
     # task.shared_prefix: rows' common prompt prefix runs once and its KV cache serves every row; a method
     # that puts virtual tokens in front of the input (or the cache) changes what comes first
     SHARE_PREFIX = "share a prompt prefix's KV cache across rows"
+    # train.setup: activations recomputed in the backward pass instead of stored
+    CHECKPOINTED = "train under gradient (activation) checkpointing"
 
 
 def capability_refusal(config: AdapterConfig, capability: Capability) -> str | None:

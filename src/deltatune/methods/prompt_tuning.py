@@ -141,6 +141,7 @@ def trim_sequence_logits(output: Any, length: int) -> Any:
 class PromptTuningMethod(VirtualTokenMethod):
     config_class = PromptTuningConfig
     layer_class = PromptTuningLayer
+    capabilities = frozenset({Capability.CHECKPOINTED})  # its virtual tokens are inputs: recomputing is exact
     lacks = {
         Capability.MERGE: "prompt tuning prepends learned virtual tokens to the input, which no change of the "
         "weights can express",

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..core.capabilities import Capability, method_refusal
 from ..core.errors import ConfigError
 from ..core.section import Section
 from ..data.spec import DataSpec
@@ -220,13 +221,22 @@ class TrainConfig(Section):
                 "cannot carry. Train the quantized base with distributed: ddp (every rank holds the small "
                 "quantized base) or drop the quantization section to shard the float base."
             )
-        if self.adapter.method == "prefix_tuning" and self.training.gradient_checkpointing:
+        if self.training.gradient_checkpointing and (reason := self._method_lacks(Capability.CHECKPOINTED)):
             raise ValueError(
-                "adapter.method=prefix_tuning cannot use training.gradient_checkpointing: the prefix travels in the "
-                "KV cache, which the recomputed forward would extend twice. Turn checkpointing off or use "
-                "prompt_tuning."
+                f"adapter.method={self.adapter.method} cannot use training.gradient_checkpointing: {reason}. Turn "
+                "checkpointing off or use a method that declares it (lora, ia3, bottleneck, prompt_tuning)."
             )
         return self
+
+    def _method_lacks(self, capability: Capability) -> str | None:
+        """Why the adapter section's method cannot `capability` (None: it can, it is `full`, or it is not a
+        registered method, which the adapter-section check reports by itself)."""
+        from ..core.registry import registered_methods
+
+        method = self.adapter.method.upper()
+        if self.adapter.full or method not in registered_methods():
+            return None
+        return method_refusal(method, capability)
 
     def _check_objective(self) -> None:
         t = self.training

@@ -31,7 +31,13 @@ class LoraMethod(AdapterMethod):
     layer_class = LoraLayer
     supported_modules = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D (and their subclasses)"
     capabilities = frozenset(
-        {Capability.MERGE, Capability.MIXED_BATCH, Capability.HOTSWAP, Capability.SHARE_PREFIX}
+        {
+            Capability.MERGE,
+            Capability.MIXED_BATCH,
+            Capability.HOTSWAP,
+            Capability.SHARE_PREFIX,
+            Capability.CHECKPOINTED,
+        }
     )
 
     @classmethod
