@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from annotated_types import MaxLen
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import AdapterConfigError, DeltatuneWarning
 
@@ -144,10 +143,10 @@ def _checked(annotation: Any) -> Any:
         return typing.Union[tuple(_checked(a) for a in args)]  # noqa: UP007 (built from a tuple)
     if annotation is list or origin is list:
         (item,) = args or (Any,)
-        return Annotated[list[_checked(item)], MaxLen(MAX_LIST_ITEMS)]
+        return Annotated[list[_checked(item)], Field(max_length=MAX_LIST_ITEMS)]
     if annotation is dict or origin is dict:
         key, item = args or (Any, Any)
-        return Annotated[dict[_checked(key), _checked(item)], MaxLen(MAX_LIST_ITEMS)]
+        return Annotated[dict[_checked(key), _checked(item)], Field(max_length=MAX_LIST_ITEMS)]
     return annotation if annotation in _PLAIN else Any
 
 

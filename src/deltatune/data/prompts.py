@@ -147,10 +147,7 @@ class PromptRenderer:
         """An instruction (and input) as a prompt: one user turn of the chat template when the tokenizer
         has one, else the Alpaca prompt."""
         if self.has_chat_template:
-            rendered = self.chat(
-                [{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}]
-            )
-            return rendered
+            return self.chat([{"role": "user", "content": f"{instruction}\n\n{inp}" if inp else instruction}])
         template = ALPACA_PROMPT_WITH_INPUT if inp else ALPACA_PROMPT
         return self.render(lambda t: template.format(instruction=t[0], input=t[1]), [instruction, inp])
 
