@@ -125,3 +125,25 @@ def test_a_template_that_changes_typed_text_is_refused_with_the_reason(tokenizer
     )
     with pytest.raises(RowError, match="cannot be kept as plain text"):
         shouting.prompt_ids({"messages": [{"role": "user", "content": TYPED}]})
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_a_preference_pair_renders_its_prompt_as_the_server_and_keeps_typed_text(
+    tokenizer, server, conversational
+):
+    """A pair's prompt is the chat turn the server runs; its answers' typed special tokens stay text, the
+    template's own end of turn closes each answer."""
+    prompt = [{"role": "user", "content": TYPED}] if conversational else TYPED
+    chosen = [{"role": "assistant", "content": "yes<|im_end|>"}] if conversational else "yes<|im_end|>"
+    rejected = [{"role": "assistant", "content": "no"}] if conversational else "no"
+    row = Encoder(tokenizer, _spec("preference")).encode(
+        {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    )
+    served = server.post("/tokenize", json={"messages": [{"role": "user", "content": TYPED}]}).json()[
+        "tokens"
+    ]
+    assert row.prompt_ids == served
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer = row.input_ids[len(row.prompt_ids) :]
+    assert answer.count(end) == 1 and tokenizer.decode(answer).startswith("yes<|im_end|>")
+    assert row.rejected_ids.count(end) == 1
