@@ -60,6 +60,10 @@ def work(tiny_causal_lm, tiny_bert, tmp_path_factory) -> dict[str, Path]:
         "bert": tiny_bert,
         "causal": write_config(folder / "causal.yaml", causal),
         "classifier": write_config(folder / "classifier.yaml", classifier),
+        "quantized": write_config(
+            folder / "quantized.yaml",
+            {**causal, "quantization": {"bits": 4}, "output_dir": str(folder / "qrun")},
+        ),
         "corpus": corpus,
     }
 
@@ -81,21 +85,28 @@ def test_every_core_command_runs_without_any_extra(work, tmp_path):
         ["export", "--base", model, "--adapter", adapter, "--out", str(tmp_path / "merged")],
         ["inspect", adapter],
         ["bench", "--base", model, "--adapter", adapter, "--batch-sizes", "1", "--prompt-tokens", "4",
-         "--new-tokens", "2", "--reps", "1", "--variants", "base", "unmerged", "--out", str(tmp_path / "bench")],
+         "--new-tokens", "2", "--reps", "1", "--variants", "base", "quantized", "--out", str(tmp_path / "bench")],
         ["train", str(work["classifier"])],
         ["classify", "--base", str(work["bert"]), "--adapter", str(folder / "classifier" / "adapter"), "good day"],
-        # the two commands that need an extra say which one
+        # the commands that need an extra say which one
+        ["export", "--base", model, "--adapter", adapter, "--out", str(tmp_path / "m.gguf"), "--format", "gguf"],
+        ["train", str(work["quantized"])],
         ["sweep", str(work["causal"]), "--space", str(work["causal"]), "--trials", "1"],
         ["serve", "--base", model, "--adapters-dir", str(folder)],
     ]  # fmt: skip
-    *core, sweep, serve = _run(python, commands)
+    *core, gguf, quantized, sweep, serve = _run(python, commands)
     failed = {r["argv"]: r["stderr"] for r in core if r["rc"] != 0}
     assert not failed, failed
+    assert gguf["rc"] != 0 and "pip install 'deltatune[models]'" in gguf["stderr"]
+    assert quantized["rc"] != 0 and "pip install 'deltatune[quant]'" in quantized["stderr"]
     assert sweep["rc"] != 0 and "pip install 'deltatune[sweep]'" in sweep["stderr"]
     assert serve["rc"] != 0 and "pip install 'deltatune[serve]'" in serve["stderr"]
     assert (tmp_path / "merged" / "config.json").exists() and (
         tmp_path / "forgetting" / "forgetting.json"
     ).exists()
+    rows = json.loads((tmp_path / "bench" / "latency.json").read_text())["rows"]
+    (skipped,) = [r for r in rows if r["variant"] == "quantized"]  # measured without it, and said why
+    assert "pip install 'deltatune[quant]'" in skipped["skipped"]
 
 
 def test_serve_runs_with_only_its_extra(work, tmp_path):

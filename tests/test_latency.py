@@ -60,7 +60,7 @@ def test_without_bitsandbytes_the_quantized_variant_is_skipped_with_the_reason(
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm).eval()
     (quantized,) = [v for v in build_variants(model, adapter, SMALL) if v.name == "quantized"]
-    assert quantized.model is None and "pip install bitsandbytes" in quantized.skipped
+    assert quantized.model is None and "pip install 'deltatune[quant]'" in quantized.skipped
 
 
 @pytest.mark.slow

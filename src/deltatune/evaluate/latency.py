@@ -72,11 +72,14 @@ def _quantized(model: nn.Module, adapter_dir: Path) -> Variant:
     import warnings
 
     from ..core.io import load_adapter
-    from ..quant import QuantizationError, quantize_base
 
     try:
+        from ..quant import QuantizationError, quantize_base
+    except ImportError as exc:  # the quant extra is not installed: the message names it
+        return Variant("quantized", None, None, skipped=str(exc))
+    try:
         quantize_base(model, bits=4)
-    except QuantizationError as exc:  # bitsandbytes (the quant extra) is not installed
+    except QuantizationError as exc:  # bitsandbytes without its CPU backend, say
         return Variant("quantized", None, None, skipped=str(exc))
     with warnings.catch_warnings():  # "trained on a float base": the point of this variant
         warnings.simplefilter("ignore")

@@ -24,7 +24,9 @@ def gguf_module() -> Any:
     try:
         import gguf
     except ImportError:
-        raise GgufExportError("GGUF export needs the `gguf` package: pip install 'gguf>=0.10'") from None
+        raise GgufExportError(
+            "GGUF export needs the `gguf` package: pip install 'deltatune[models]'"
+        ) from None
     return gguf
 
 

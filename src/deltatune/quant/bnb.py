@@ -75,8 +75,10 @@ class QuantizationSettings:
 def _bnb():
     try:
         import bitsandbytes
-    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
-        raise QuantizationError("quantize_base needs bitsandbytes: pip install bitsandbytes") from exc
+    except ImportError as exc:
+        raise QuantizationError(
+            "a quantized base needs bitsandbytes: pip install 'deltatune[quant]'"
+        ) from exc
     return bitsandbytes
 
 
