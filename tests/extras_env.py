@@ -37,12 +37,14 @@ def python_without(root: Path, *, keep_extras: tuple[str, ...] = ()) -> Path:
         if extra not in keep_extras:
             dropped |= names
     hidden = set().union(*(_top_level_entries(name) for name in dropped))
-    hidden |= {"__editable__.deltatune-0.1.0.pth", "__pycache__"}
+    hidden.add("__pycache__")
     site = Path(sysconfig.get_paths()["purelib"])
     shadow = root / "site"
     shadow.mkdir(parents=True)
     for entry in site.iterdir():
-        if entry.name not in hidden and not entry.name.startswith("__editable__"):
+        if entry.name not in hidden and not entry.name.startswith(
+            "__editable__"
+        ):  # deltatune: from src below
             (shadow / entry.name).symlink_to(entry)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
     python = root / "venv" / "bin" / "python"
