@@ -49,6 +49,7 @@ class Generator:
             self.adapter_name = "default"
         self.system_prompt = system_prompt
         self.encoder: Any = None
+        self._prompts: Any = None
 
     def for_config(self, data_spec: Any) -> Generator:
         """Render prompts with a training config's data section (format, templates, system prompt)."""
@@ -64,9 +65,15 @@ class Generator:
             return self.encoder.prompt_ids(fields)
         if isinstance(prompt, dict):
             raise ValueError("a prompt given as fields needs a training config (--config) to render it")
+        return self._renderer().user_prompt_ids(prompt)
+
+    def _renderer(self) -> Any:
+        """The prompt renderer for the current system prompt (built once; again if it changes)."""
         from .data.prompts import PromptRenderer
 
-        return PromptRenderer(self.tokenizer, self.system_prompt).user_prompt_ids(prompt)
+        if self._prompts is None or self._prompts.system_prompt != self.system_prompt:
+            self._prompts = PromptRenderer(self.tokenizer, self.system_prompt)
+        return self._prompts
 
     def __call__(
         self, prompt: str | dict[str, Any], *, max_new_tokens: int = 64, sampling: Sampling | None = None

@@ -128,9 +128,7 @@ class PromptRenderer:
         """The chat template over `messages`, split so that their contents encode as text."""
         messages = self.with_system(messages)
         if not self.typed([m["content"] for m in messages]):  # the common case: one rendering, no copies
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            text = self.chat_text(messages, add_generation_prompt)
             return Rendered(text, ((text, False),), self)
 
         def fill(contents: Sequence[str]) -> str:
