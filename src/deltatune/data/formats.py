@@ -197,8 +197,6 @@ class Encoder:
             [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": answer}], False
         )
         tail = full[full.rindex(answer) + len(answer) :] if answer in full else ""
-        if not self.prompts.typed([answer]):
-            return self.prompts.markup_ids(answer + tail)
         return self._rendered(self.prompts.render, lambda t: t[0] + tail, [answer]).ids()
 
     def _prompt_response(self, prompt: Rendered, output: str) -> Example:

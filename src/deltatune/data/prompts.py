@@ -127,9 +127,6 @@ class PromptRenderer:
     def chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> Rendered:
         """The chat template over `messages`, split so that their contents encode as text."""
         messages = self.with_system(messages)
-        if not self.typed([m["content"] for m in messages]):  # the common case: one rendering, no copies
-            text = self.chat_text(messages, add_generation_prompt)
-            return Rendered(text, ((text, False),), self)
 
         def fill(contents: Sequence[str]) -> str:
             filled = [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..core.allocator import release_freed_memory
-from ..core.errors import require_extra
 from ..core.inject import set_child
 from .bnb import (
     QuantizationError,
@@ -90,7 +89,6 @@ def load_quantized(
     AutoModelForCausalLM. Every weight must be in the checkpoint (tied ones excepted): a model whose head is
     newly initialised (a classifier on a base checkpoint) should go through from_pretrained and quantize_base.
     """
-    require_extra("quant", ("bitsandbytes", "accelerate"), "a quantized base")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
