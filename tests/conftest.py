@@ -3,8 +3,12 @@ LoRA variants the contract suite runs over. Everything is seeded, so failures re
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +17,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The experiment trackers' stores, caches and settings go to one temporary folder per session, never the
+# user's home or server: set before any test imports a tracker (Trackio reads TRACKIO_DIR at import), and the
+# variables that would send runs elsewhere are dropped.
+_TRACKERS_HOME = Path(tempfile.mkdtemp(prefix="deltatune-test-trackers-"))
+atexit.register(shutil.rmtree, _TRACKERS_HOME, ignore_errors=True)
+for _variable in (
+    "TRACKIO_DIR",
+    "WANDB_CACHE_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_DATA_DIR",
+    "WANDB_ARTIFACT_DIR",
+):
+    os.environ[_variable] = str(_TRACKERS_HOME / _variable.lower())
+for _variable in (
+    "MLFLOW_TRACKING_URI",
+    "WANDB_MODE",
+    "WANDB_API_KEY",
+    "TRACKIO_SPACE_ID",
+    "TRACKIO_SERVER_URL",
+):
+    os.environ.pop(_variable, None)
 
 
 class Conv2dStaticSamePadding(nn.Conv2d):

@@ -19,6 +19,10 @@ EXTRAS = {
     "quant": {"bitsandbytes", "accelerate"},
     "serve": {"fastapi", "uvicorn"},
     "sweep": {"optuna"},
+    "tensorboard": {"tensorboard"},
+    "mlflow": {"mlflow-skinny"},  # its sqlalchemy and alembic are the sweep's too
+    "wandb": {"wandb"},
+    "trackio": {"trackio"},
 }
 DEV_ONLY = {"peft", "trl", "httpx", "schemathesis", "hypothesis", "pytest", "ruff"}
 

@@ -65,6 +65,10 @@ def work(tiny_causal_lm, tiny_bert, tmp_path_factory) -> dict[str, Path]:
             {**causal, "quantization": {"bits": 4}, "output_dir": str(folder / "qrun")},
         ),
         "corpus": corpus,
+        "reported": write_config(
+            folder / "reported.yaml",
+            {**causal, "report": {"to": ["wandb", "mlflow"]}, "output_dir": str(folder / "rrun")},
+        ),
     }
 
 
@@ -93,14 +97,20 @@ def test_every_core_command_runs_without_any_extra(work, tmp_path):
         ["train", str(work["quantized"])],
         ["sweep", str(work["causal"]), "--space", str(work["causal"]), "--trials", "1"],
         ["serve", "--base", model, "--adapters-dir", str(folder)],
+        ["train", str(work["reported"])],
     ]  # fmt: skip
-    *core, gguf, quantized, sweep, serve = _run(python, commands)
+    *core, gguf, quantized, sweep, serve, reported = _run(python, commands)
     failed = {r["argv"]: r["stderr"] for r in core if r["rc"] != 0}
     assert not failed, failed
     assert gguf["rc"] != 0 and "pip install 'deltatune[models]'" in gguf["stderr"]
     assert quantized["rc"] != 0 and "pip install 'deltatune[quant]'" in quantized["stderr"]
     assert sweep["rc"] != 0 and "pip install 'deltatune[sweep]'" in sweep["stderr"]
     assert serve["rc"] != 0 and "pip install 'deltatune[serve]'" in serve["stderr"]
+    assert (
+        reported["rc"] != 0
+        and "report.to: wandb needs wandb: pip install 'deltatune[wandb]'" in reported["stderr"]
+    )
+    assert not (folder / "rrun" / "config.yaml").exists()  # refused before anything was written
     assert (tmp_path / "merged" / "config.json").exists() and (
         tmp_path / "forgetting" / "forgetting.json"
     ).exists()

@@ -13,7 +13,7 @@ ROOT = Path(deltatune.__file__).parent
 LAYERS = [
     {"core"},
     {"methods", "quant", "models"},
-    {"data", "runtime"},
+    {"data", "runtime", "trackers"},
     {"task", "combine"},
     {"train", "evaluate", "serve", "gguf", "classification"},  # siblings: none imports another
     {"sweep", "generation"},

@@ -309,6 +309,23 @@ def test_an_invalid_space_fails_before_anything_is_written(base, tmp_path, capsy
     assert not out.exists()  # no study, no folder
 
 
+def _each_trial_is_a_run_of_one_mlflow_experiment(sweep: Sweep) -> None:
+    """report.to in a sweep: the study is the experiment, each trial a run named by its number, in one store
+    beside the study, with the trial's settings as its parameters and its objective among its metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(sweep.s.out / 'trackers' / 'mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name("deltatune-sweep")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {f"deltatune-sweep-trial-{t.number:04d}" for t in sweep.study.trials}
+    for trial in sweep.study.trials:
+        run = runs[f"deltatune-sweep-trial-{trial.number:04d}"]
+        assert run.info.status == "FINISHED"
+        assert int(run.data.params["adapter.r"]) == trial.params["adapter.r"]
+        assert float(run.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
+        assert run.data.metrics["validation/accuracy"] == pytest.approx(trial.values[0])
+
+
 @pytest.mark.slow
 def test_timeout_starts_no_trial_after_it(base, tmp_path):
     config = load_base_config(base, ["training.max_steps=20"])
@@ -325,11 +342,12 @@ def test_timeout_starts_no_trial_after_it(base, tmp_path):
 
 @pytest.mark.slow
 def test_multi_objective_optimises_metric_and_cost_together(base, tmp_path):
-    config = load_base_config(base, ["training.max_steps=40", "eval.every=20"])
+    config = load_base_config(base, ["training.max_steps=40", "eval.every=20", "report.to=[mlflow]"])
     settings = SweepSettings(config=config, space=parse_space(LR_SPACE), out=tmp_path / "s", trials=2,
                              multi_objective=True, rule=BestRule(cost="trainable_params"))  # fmt: skip
     sweep = Sweep(settings)
     sweep.run(log=lambda line: None)
+    _each_trial_is_a_run_of_one_mlflow_experiment(sweep)
     assert [d.name for d in sweep.study.directions] == ["MAXIMIZE", "MINIMIZE"]
     rows = sweep.rows()  # counts are ints; a classification trial records its majority-class baseline
     assert all(

@@ -39,6 +39,20 @@ class DataReport:
         text = f"{self.rows} rows, {self.malformed} malformed, {self.duplicates} duplicates dropped"
         return text + (f", {self.truncated} truncated to max_length" if self.truncated else "")
 
+    def to_dict(self, named: int = 100) -> dict[str, Any]:
+        """The same as JSON, for data_summary.json and the trackers: counts, and the first `named` bad rows
+        by file and line (the rest counted)."""
+        return {
+            "rows": self.rows, "malformed": self.malformed, "duplicates": self.duplicates,
+            "truncated": self.truncated, "examples": dict(self.examples),
+            "classes": {split: dict(counts) for split, counts in self.classes.items()},
+            "bad_rows": [
+                {"file": name, "line": bad.line, "reason": bad.reason, "records": bad.records}
+                for name, bad in self.bad[:named]
+            ],
+            "bad_rows_not_named": max(0, len(self.bad) - named),
+        }  # fmt: skip
+
     def summary(self) -> str:
         """What every run prints: how much of the data it uses, and how the classes are spread."""
         lines = [f"data: {self.describe()}"]

@@ -265,6 +265,13 @@ class Sweep:
         raw = self.s.space.apply(self.s.config, chosen)
         raw["output_dir"] = str(folder.resolve())
         raw.setdefault("training", {})["progress"] = False
+        report = raw.get("report") or {}
+        if report.get("to"):  # every trial a run of one experiment, named by its number, in one store
+            raw["report"] = report | {
+                "project": report.get("project") or self.s.study_name,
+                "dir": report.get("dir") or str((self.s.out / "trackers").resolve()),
+                "run_name": f"{self.s.study_name}-trial-{folder.name}",
+            }
         return raw
 
     def _run_one(self, trial, slot: int) -> TrialOutcome:

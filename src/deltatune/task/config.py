@@ -15,6 +15,7 @@ from ..core.errors import ConfigError
 from ..core.section import Section
 from ..data.spec import DataSpec
 from ..models.spec import ModelSpec, QuantSpec
+from ..trackers.registry import TRACKERS
 from .objectives import DATA_FORMATS, LOSS_TYPES, OBJECTIVES, misplaced_setting
 
 
@@ -31,6 +32,7 @@ def resolve_precision(precision: str, device: Any) -> str:
     return "fp32"
 
 
+TRACKER_NAMES = tuple(TRACKERS)
 FULL_FINE_TUNING = "full"  # the adapter.method that is no adapter
 _FORMAT_FIELDS = {
     "preference": "prompt, chosen and rejected",
@@ -173,6 +175,23 @@ class EvalSpec(Section):
     forgetting: ForgettingSpec | None = None
 
 
+class ReportSpec(Section):
+    """Experiment trackers the run reports to (names as transformers' `report_to`); each is an extra."""
+
+    to: list[Literal[TRACKER_NAMES]] = Field(default_factory=list)  # type: ignore[valid-type]
+    # MLflow's experiment, W&B's and Trackio's project; None: "deltatune" (in a sweep: the study's name)
+    project: str | None = Field(None, min_length=1)
+    run_name: str | None = Field(None, min_length=1)  # None: the output folder's name
+    dir: str | None = None  # local stores and offline files; None: OUTPUT_DIR/trackers
+    artifacts: bool = True  # the saved adapter as an artifact, where the tracker keeps artifacts
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> ReportSpec:
+        if len(set(self.to)) != len(self.to):
+            raise ValueError(f"report.to names a tracker twice: {self.to}")
+        return self
+
+
 class TrainConfig(Section):
     model: ModelSpec
     data: DataSpec
@@ -181,6 +200,7 @@ class TrainConfig(Section):
     training: TrainingSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
     quantization: QuantSpec | None = None
+    report: ReportSpec = Field(default_factory=ReportSpec)
     output_dir: str = "outputs/run"
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import warnings
@@ -18,9 +19,10 @@ from ..data import load_data
 from ..task.config import ConfigError, TrainConfig, load_train_config, validate_config
 from ..task.loading import NEW_HEAD_NOTE, load_model, load_tokenizer
 from ..task.shared_prefix import shares_in_evaluation
+from ..trackers import require_trackers
 from .checkpoint import CheckpointError, list_checkpoints
 from .distributed import Dist, init_distributed, pick_device, shutdown
-from .loop import NonFiniteLossError, RunResult, Trainer
+from .loop import DATA_SUMMARY, NonFiniteLossError, RunResult, Trainer
 from .setup import enable_gradient_checkpointing, prepare_trainable
 
 RESOLVED_CONFIG = "config.yaml"
@@ -67,12 +69,14 @@ def _check_resumable(cfg: TrainConfig, out: Path) -> None:
     ):  # the run wrote the order its data implied; the same data implies it
         current["data.labels"] = saved.get("data.labels")
     differing = sorted(
-        k for k in saved.keys() | current.keys() if k not in RESUME_MUTABLE and saved.get(k) != current.get(k)
+        k
+        for k in saved.keys() | current.keys()
+        if k not in RESUME_MUTABLE and not k.startswith("report.") and saved.get(k) != current.get(k)
     )
     if differing:
         raise CheckpointError(
             f"--resume with a config that differs from the run's ({', '.join(differing)}); resume with the "
-            f"same settings (only {', '.join(sorted(RESUME_MUTABLE))} may change)"
+            f"same settings (only {', '.join(sorted(RESUME_MUTABLE))} and the report section may change)"
         )
 
 
@@ -93,6 +97,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
         raise CheckpointError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it, or pick another output_dir"
         )
+    require_trackers(cfg.report.to)  # before the minutes of loading, not after them
     if info.is_main:
         _write_resolved_config(cfg, out)
     seed_everything(cfg.training.seed)
@@ -105,6 +110,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
             _write_resolved_config(cfg, out)
     if info.is_main:
         print(splits.report.summary(), file=sys.stderr, flush=True)
+        write_text_atomic(out / DATA_SUMMARY, json.dumps(splits.report.to_dict(), indent=1) + "\n")
         crowded = oversubscription(torch.get_num_threads())
         if crowded:
             warnings.warn(crowded, DeltatuneWarning, stacklevel=2)

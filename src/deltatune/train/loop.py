@@ -21,7 +21,7 @@ from torch import nn
 from ..core import provenance
 from ..core.allocator import release_freed_memory, return_large_blocks_to_os
 from ..core.atomic import atomic_path, staged_folder, write_text_atomic
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, read_json_object
 from ..core.errors import DeltatuneError
 from ..core.io import PROVENANCE_NAME, save_adapter
 from ..core.record import Provenance
@@ -34,6 +34,7 @@ from ..task.metrics import validation_metrics
 from ..task.objectives import uses_reference
 from ..task.rewards import load_rewards
 from ..task.shared_prefix import unavailable
+from ..trackers import IDS_FILE, Outcome, Reporter, RunDescription
 from .checkpoint import (
     CheckpointError,
     fault_point,
@@ -53,6 +54,8 @@ from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 from .schedules import learning_rate_schedule
 
 REFERENCE_LOGPS = "reference_logps.safetensors"  # a full fine-tune's kept reference (preference objectives)
+DATA_SUMMARY = "data_summary.json"  # the data report of the run, as JSON (rows, malformed, classes)
+TRACKERS_DIR = "trackers"  # report.dir's default, inside the run folder
 
 
 def majority_baseline(counts: dict[str, int] | None) -> dict[str, Any] | None:
@@ -122,9 +125,13 @@ class RunState:
 
 
 def write_summary(result: RunResult, path: Path) -> None:
+    write_text_atomic(path, json.dumps(summary_record(result), indent=2) + "\n")
+
+
+def summary_record(result: RunResult) -> dict[str, Any]:
     """summary.json: what a comparison across runs needs (counts, speed, memory, best metrics)."""
     t = result.trainable
-    record = {
+    return {
         "steps": result.steps, "best_step": result.best_step, "best_metric": result.best_metric,
         "stopped_early": result.stopped_early, "stop_reason": result.stop_reason, "validation": result.validation,
         "train_seconds": result.train_seconds, "seconds_per_step": result.seconds_per_step,
@@ -133,7 +140,6 @@ def write_summary(result: RunResult, path: Path) -> None:
         "trainable_params": t.trainable if t else None, "total_params": t.total if t else None,
         "trainable_percent": t.percent if t else None, "majority_baseline": result.majority_baseline,
     }  # fmt: skip
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -522,8 +528,15 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
-        t = self.cfg.training
         state = self._restore() if resume else RunState()
+        with self._trackers(state.step if resume else None) as reporter:
+            result = self._run(state)
+            if reporter is not None:
+                reporter.finish(self._outcome(result))
+        return result
+
+    def _run(self, state: RunState) -> RunResult:
+        t = self.cfg.training
         if self.preference is not None and self.preference.precompute:
             self._keep_reference()
         self.log.truncate_after(state.step)
@@ -588,6 +601,42 @@ class Trainer:
         if self.monitor is not None and state.best_step is None and state.forgetting:
             raise self.monitor.nothing_kept(state.forgetting)
         return result
+
+    @contextlib.contextmanager
+    def _trackers(self, resumed_at: int | None):
+        """The trackers of `report.to`, hearing every metrics.jsonl event; a run that raises closes their runs
+        as failed (killed on Ctrl-C or a termination signal) before the error goes on."""
+        reporter = self._open_reporter(resumed_at)
+        self.log.listener = None if reporter is None else reporter.log_record
+        try:
+            yield reporter
+        except BaseException as exc:
+            if reporter is not None:
+                killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+                reporter.finish(Outcome("killed" if killed else "failed", artifacts=False))
+            raise
+        finally:
+            self.log.listener = None
+
+    def _open_reporter(self, resumed_at: int | None) -> Reporter | None:
+        report = self.cfg.report
+        if not (report.to and self.info.is_main):
+            return None
+        run = RunDescription(
+            project=report.project or "deltatune", run_name=report.run_name or self.out.resolve().name,
+            store=Path(report.dir) if report.dir else self.out / TRACKERS_DIR, config=self.cfg.to_dict(),
+            data_summary=self.splits.report.to_dict(), resumed_at=resumed_at,
+        )  # fmt: skip
+        return Reporter(report.to, run, self.out / IDS_FILE)
+
+    def _outcome(self, result: RunResult) -> Outcome:
+        """What the trackers record of a finished run: summary.json, the kept adapter and its provenance."""
+        record = self.saved_to / PROVENANCE_NAME
+        provenance = read_json_object(record, "a provenance record") if record.is_file() else None
+        return Outcome(
+            "finished", summary=summary_record(result), provenance=provenance,
+            saved_to=self.saved_to if self.saved_to.is_dir() else None, artifacts=self.cfg.report.artifacts,
+        )  # fmt: skip
 
     def _keep_reference(self) -> None:
         """A full fine-tune's reference log-probs: computed before step 1, while the model is the base, and

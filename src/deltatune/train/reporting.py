@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path = path
         self.enabled = enabled
+        self.listener: Callable[[dict[str, Any]], None] | None = None  # the trackers hear every event
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events from steps the resumed run will redo."""
@@ -31,6 +33,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.listener is not None:
+                self.listener(record)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
