@@ -11,12 +11,16 @@ per step (evaluations and logging included), each variant's median over rounds, 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from deltatune.train import load_train_config, train
+SCRATCH = tempfile.TemporaryDirectory()  # Trackio's store too (it reads TRACKIO_DIR at import): not the user's
+os.environ["TRACKIO_DIR"] = str(Path(SCRATCH.name) / "trackio")
+
+from deltatune.train import load_train_config, train  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 ALL = ["tensorboard", "mlflow", "wandb", "trackio"]
@@ -38,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     times: dict[str, list[tuple[float, float]]] = {"none": [], "all four": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    with SCRATCH as tmp:
         for round_ in range(args.rounds):
             order = [("none", []), ("all four", ALL)]
             for name, trackers in order if round_ % 2 == 0 else order[::-1]:

@@ -40,6 +40,9 @@ class Tracker(ABC):
 
     name: ClassVar[str]
 
+    def prepare(self, store: Path) -> None:  # noqa: B027 (an optional hook)
+        """The slow part that needs no run yet (imports, opening the store), done while the model loads."""
+
     @abstractmethod
     def start(self, run: RunDescription) -> str:
         """Open (or, resuming, reopen) the run; returns its id, which trackers.json keeps for --resume."""

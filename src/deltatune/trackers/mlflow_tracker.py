@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from .base import Outcome, RunDescription, Tracker, flatten
@@ -16,21 +17,26 @@ _BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch
 _PARAM_CHARS = 6000  # the longest param value MLflow stores
 
 
-def tracking_uri(run: RunDescription) -> str:
+def tracking_uri(store: Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    run.store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(run.store / 'mlflow.db').resolve()}"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(store / 'mlflow.db').resolve()}"
 
 
 class MlflowTracker(Tracker):
     name = "mlflow"
 
-    def start(self, run: RunDescription) -> str:
-        from mlflow.entities import Param
+    def prepare(self, store: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = client = MlflowClient(tracking_uri=tracking_uri(run))
+        self.client = MlflowClient(tracking_uri=tracking_uri(store))
+        self.client.search_experiments(max_results=1)  # a new local store creates its tables here
+
+    def start(self, run: RunDescription) -> str:
+        from mlflow.entities import Param
+
+        client = self.client
         if run.resume_id and self._reopen(run.resume_id):
             return self.run_id
         experiment = client.get_experiment_by_name(run.project)

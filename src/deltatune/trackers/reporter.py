@@ -33,22 +33,28 @@ class Reporter:
     def __init__(
         self,
         names: list[str],
-        run: RunDescription,
+        store: Path,
         ids_path: Path,
         *,
         factory: Callable[[str], type[Tracker]] = tracker_class,
     ):
+        """Prepare the trackers at once (their imports, their stores) in the background, while the caller
+        loads data and model; their runs open at `start`."""
         self.names = list(names)
         self.failures: dict[str, str] = {}  # tracker -> what failed, in its words
         self.dropped = 0
         self._ids_path = ids_path
-        earlier = _read_ids(ids_path) if run.resumed_at is not None else {}
         self._queue: queue.Queue = queue.Queue(QUEUE_BOUND)
         self._live: dict[str, Tracker] = {}
         self._thread = threading.Thread(
-            target=self._drain, args=(run, earlier, factory), name="deltatune-trackers", daemon=True
+            target=self._drain, args=(store, factory), name="deltatune-trackers", daemon=True
         )
         self._thread.start()
+
+    def start(self, run: RunDescription) -> None:
+        """Open every tracker's run (resuming, the runs trackers.json names)."""
+        earlier = _read_ids(self._ids_path) if run.resumed_at is not None else {}
+        self._put(("start", run, earlier))
 
     # --- the training loop's side: never blocks ---------------------------------------------------------------
     def log_record(self, record: dict[str, Any]) -> None:
@@ -93,28 +99,38 @@ class Reporter:
         return True
 
     # --- the reporter's thread ----------------------------------------------------------------------------------
-    def _drain(self, run: RunDescription, earlier: dict[str, str], factory) -> None:
-        ids = dict(earlier)
+    def _drain(self, store: Path, factory) -> None:
         for name in self.names:
-            self._guarded(
-                name, "start", self._start, name, factory, replace(run, resume_id=earlier.get(name)), ids
-            )
-        if self._live:
-            self._write_ids(ids)
+            self._guarded(name, "setup", self._prepare, name, factory, store)
         while True:
             event = self._queue.get()
-            if event[0] == "finish":
+            if event[0] == "start":
+                self._start_runs(*event[1:])
+            elif event[0] == "finish":
                 for name, tracker in list(self._live.items()):
                     self._guarded(name, "finish", tracker.finish, event[1])
                 return
-            _, step, metrics = event
-            for name, tracker in list(self._live.items()):
-                self._guarded(name, f"step {step}", tracker.log, step, metrics)
+            else:
+                _, step, metrics = event
+                for name, tracker in list(self._live.items()):
+                    self._guarded(name, f"step {step}", tracker.log, step, metrics)
 
-    def _start(self, name: str, factory, run: RunDescription, ids: dict[str, str]) -> None:
+    def _prepare(self, name: str, factory, store: Path) -> None:
         tracker = factory(name)()
-        ids[name] = tracker.start(run)
+        tracker.prepare(store)
         self._live[name] = tracker
+
+    def _start_runs(self, run: RunDescription, earlier: dict[str, str]) -> None:
+        ids = dict(earlier)
+        for name, tracker in list(self._live.items()):
+            resumed = replace(run, resume_id=earlier.get(name))
+            self._guarded(name, "start", self._start_one, name, tracker, resumed, ids)
+        if self._live:
+            self._write_ids(ids)
+
+    @staticmethod
+    def _start_one(name: str, tracker: Tracker, run: RunDescription, ids: dict[str, str]) -> None:
+        ids[name] = tracker.start(run)
 
     def _guarded(self, name: str, what: str, call: Callable[..., None], *args: Any) -> None:
         try:

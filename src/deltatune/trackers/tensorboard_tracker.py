@@ -4,6 +4,7 @@ keeps no artifacts: the config, data summary, provenance and outcome go in as te
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .base import Outcome, RunDescription, Tracker
 
@@ -16,14 +17,17 @@ def _block(value: object) -> str:
 class TensorBoardTracker(Tracker):
     name = "tensorboard"
 
-    def start(self, run: RunDescription) -> str:
+    def prepare(self, store: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        self.writer_class = SummaryWriter
+
+    def start(self, run: RunDescription) -> str:
         log_dir = run.store / "tensorboard" / run.run_name
         # resuming, the steps after the checkpoint are redone: TensorBoard hides what the killed attempt
         # logged from there on (purge_step), as metrics.jsonl drops them
         purge = None if run.resumed_at is None else run.resumed_at + 1
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        self.writer = self.writer_class(log_dir=str(log_dir), purge_step=purge)
         if run.resumed_at is None:
             self.writer.add_text("config", _block(run.config), 0)
             self.writer.add_text("data", _block(run.data_summary), 0)

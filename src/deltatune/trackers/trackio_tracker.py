@@ -3,11 +3,16 @@ project per `report.project` and a run per training run, the adapter as an artif
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import Outcome, RunDescription, Tracker
 
 
 class TrackioTracker(Tracker):
     name = "trackio"
+
+    def prepare(self, store: Path) -> None:
+        import trackio  # noqa: F401 (its import is the slow part)
 
     def start(self, run: RunDescription) -> str:
         import trackio

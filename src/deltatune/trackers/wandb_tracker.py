@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from .base import Outcome, RunDescription, Tracker
 
@@ -17,6 +18,11 @@ def artifact_name(run_name: str) -> str:
 
 class WandbTracker(Tracker):
     name = "wandb"
+
+    def prepare(self, store: Path) -> None:
+        import wandb
+
+        wandb.setup()  # starts W&B's service process
 
     def start(self, run: RunDescription) -> str:
         import wandb

@@ -19,11 +19,13 @@ from ..data import load_data
 from ..task.config import ConfigError, TrainConfig, load_train_config, validate_config
 from ..task.loading import NEW_HEAD_NOTE, load_model, load_tokenizer
 from ..task.shared_prefix import shares_in_evaluation
-from ..trackers import require_trackers
+from ..trackers import Reporter, require_trackers
 from .checkpoint import CheckpointError, list_checkpoints
 from .distributed import Dist, init_distributed, pick_device, shutdown
 from .loop import DATA_SUMMARY, NonFiniteLossError, RunResult, Trainer
+from .run_record import claim_run
 from .setup import enable_gradient_checkpointing, prepare_trainable
+from .tracking import closed_on_error, open_reporter
 
 RESOLVED_CONFIG = "config.yaml"
 # May change between a run and its resumption without changing what is trained.
@@ -84,20 +86,24 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
     """Run (or resume) one training job; under torchrun every process calls this and rank 0 writes."""
     info = init_distributed()
     try:
-        return _train(cfg, resume, info)
+        out = Path(cfg.output_dir)
+        if resume:
+            _check_resumable(cfg, out)
+        elif list_checkpoints(out / "checkpoints"):
+            raise CheckpointError(
+                f"{out} already holds checkpoints of a run; pass --resume to continue it, or pick another "
+                "output_dir"
+            )
+        require_trackers(cfg.report.to)  # before the minutes of loading, not after them
+        reporter = open_reporter(cfg, info.is_main)  # prepares while the data and the model load
+        with claim_run(out, info.is_main), closed_on_error(reporter):
+            return _train(cfg, resume, info, reporter)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
+def _train(cfg: TrainConfig, resume: bool, info: Dist, reporter: Reporter | None) -> RunResult:
     out = Path(cfg.output_dir)
-    if resume:
-        _check_resumable(cfg, out)
-    elif list_checkpoints(out / "checkpoints"):
-        raise CheckpointError(
-            f"{out} already holds checkpoints of a run; pass --resume to continue it, or pick another output_dir"
-        )
-    require_trackers(cfg.report.to)  # before the minutes of loading, not after them
     if info.is_main:
         _write_resolved_config(cfg, out)
     seed_everything(cfg.training.seed)
@@ -124,7 +130,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> RunResult:
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     device = pick_device(cfg.training.device, info)
-    return Trainer(cfg, model, tokenizer, splits, info, device, adapter_config).run(resume=resume)
+    return Trainer(cfg, model, tokenizer, splits, info, device, adapter_config, reporter).run(resume=resume)
 
 
 def usable_row(cfg: TrainConfig) -> Any:

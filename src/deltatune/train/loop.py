@@ -34,7 +34,7 @@ from ..task.metrics import validation_metrics
 from ..task.objectives import uses_reference
 from ..task.rewards import load_rewards
 from ..task.shared_prefix import unavailable
-from ..trackers import IDS_FILE, Outcome, Reporter, RunDescription
+from ..trackers import Outcome, Reporter, RunDescription
 from .checkpoint import (
     CheckpointError,
     fault_point,
@@ -52,10 +52,10 @@ from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 from .schedules import learning_rate_schedule
+from .tracking import TRACKERS_DIR
 
 REFERENCE_LOGPS = "reference_logps.safetensors"  # a full fine-tune's kept reference (preference objectives)
 DATA_SUMMARY = "data_summary.json"  # the data report of the run, as JSON (rows, malformed, classes)
-TRACKERS_DIR = "trackers"  # report.dir's default, inside the run folder
 
 
 def majority_baseline(counts: dict[str, int] | None) -> dict[str, Any] | None:
@@ -175,9 +175,12 @@ class Trainer:
         info: Dist,
         device: torch.device,
         adapter_config: AdapterConfig | None,
+        reporter: Reporter | None = None,
     ):
-        """`adapter_config`: the adapter being trained, as injected; None for full fine-tuning."""
+        """`adapter_config`: the adapter being trained, as injected; None for full fine-tuning. `reporter`:
+        the trackers of report.to, prepared (their runs open when training starts)."""
         self.cfg, self.tokenizer, self.splits, self.info, self.device = cfg, tokenizer, splits, info, device
+        self.reporter = reporter
         self.adapter_config = adapter_config
         self.precision = resolve_precision(cfg.training.precision, device)
         self.sharded = info.enabled and cfg.training.distributed == "fsdp"
@@ -529,10 +532,12 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
         state = self._restore() if resume else RunState()
-        with self._trackers(state.step if resume else None) as reporter:
-            result = self._run(state)
-            if reporter is not None:
-                reporter.finish(self._outcome(result))
+        if self.reporter is not None:
+            self.reporter.start(self._run_description(state.step if resume else None))
+            self.log.listener = self.reporter.log_record
+        result = self._run(state)
+        if self.reporter is not None:
+            self.reporter.finish(self._outcome(result))
         return result
 
     def _run(self, state: RunState) -> RunResult:
@@ -602,32 +607,13 @@ class Trainer:
             raise self.monitor.nothing_kept(state.forgetting)
         return result
 
-    @contextlib.contextmanager
-    def _trackers(self, resumed_at: int | None):
-        """The trackers of `report.to`, hearing every metrics.jsonl event; a run that raises closes their runs
-        as failed (killed on Ctrl-C or a termination signal) before the error goes on."""
-        reporter = self._open_reporter(resumed_at)
-        self.log.listener = None if reporter is None else reporter.log_record
-        try:
-            yield reporter
-        except BaseException as exc:
-            if reporter is not None:
-                killed = isinstance(exc, KeyboardInterrupt | SystemExit)
-                reporter.finish(Outcome("killed" if killed else "failed", artifacts=False))
-            raise
-        finally:
-            self.log.listener = None
-
-    def _open_reporter(self, resumed_at: int | None) -> Reporter | None:
+    def _run_description(self, resumed_at: int | None) -> RunDescription:
         report = self.cfg.report
-        if not (report.to and self.info.is_main):
-            return None
-        run = RunDescription(
+        return RunDescription(
             project=report.project or "deltatune", run_name=report.run_name or self.out.resolve().name,
             store=Path(report.dir) if report.dir else self.out / TRACKERS_DIR, config=self.cfg.to_dict(),
             data_summary=self.splits.report.to_dict(), resumed_at=resumed_at,
         )  # fmt: skip
-        return Reporter(report.to, run, self.out / IDS_FILE)
 
     def _outcome(self, result: RunResult) -> Outcome:
         """What the trackers record of a finished run: summary.json, the kept adapter and its provenance."""

@@ -1,0 +1,110 @@
+"""Training runs the studio starts, stops and resumes: each is `deltatune train` in its own process (its own
+session, so a stop reaches torchrun's workers too), printing into the run folder's train.log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..task.config import ConfigError, TrainConfig, validate_config
+from ..train.checkpoint import list_checkpoints
+from ..train.run_record import read_run_record, writer_alive
+from .form import config_yaml
+from .runs import LOG_NAME, OutsideRoot, resolve_run
+
+LAUNCH_NAME = "launch.yaml"  # the config as the form gave it; the run writes its resolved config.yaml
+
+
+class LaunchRefused(ValueError):
+    """The launch would clash with a run, or its folder is not under the studio's root."""
+
+
+def checked_config(root: Path, raw: dict[str, Any]) -> tuple[TrainConfig, Path]:
+    """The config the form describes, checked as `deltatune train` checks it, with its output folder placed
+    under `root` (the form names it relative to the root; anything leading outside is refused)."""
+    name = str(raw.get("output_dir") or "").strip().strip("/")
+    if not name:
+        raise LaunchRefused("output_dir: name the run's folder (under the studio's runs folder)")
+    try:
+        out = resolve_run(root, name)
+    except OutsideRoot as exc:
+        raise LaunchRefused(f"output_dir: {exc}") from None
+    placed = raw | {"output_dir": str(out)}
+    return validate_config(placed, str(out / LAUNCH_NAME)), out
+
+
+def _busy(out: Path) -> str | None:
+    """Why a new run may not start in `out`, or None."""
+    try:
+        record = read_run_record(out)
+    except ValueError:
+        record = None
+    if record and record.get("state") == "running" and writer_alive(record):
+        return f"{out.name} is being written by a running trainer (pid {record['pid']}); stop it first"
+    if list_checkpoints(out / "checkpoints"):
+        return f"{out.name} already holds a run with checkpoints; resume it from its page, or pick another name"
+    return None
+
+
+def launch(root: Path, raw: dict[str, Any]) -> Path:
+    """Start a new run from the form's raw config; returns its folder. Raises ConfigError (the CLI's message)
+    or LaunchRefused."""
+    cfg, out = checked_config(root, raw)
+    if why := _busy(out):
+        raise LaunchRefused(why)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / LAUNCH_NAME
+    config.write_text(config_yaml(cfg.to_dict() | {"output_dir": str(out)}))
+    _start(out, [str(config)])
+    return out
+
+
+def resume(root: Path, name: str) -> Path:
+    """Continue a stopped or killed run from its last checkpoint, with the config it wrote."""
+    out = resolve_run(root, name)
+    try:
+        record = read_run_record(out)
+    except ValueError:
+        record = None
+    if record and record.get("state") == "running" and writer_alive(record):
+        raise LaunchRefused(f"{name} is still running")
+    if not list_checkpoints(out / "checkpoints"):
+        raise LaunchRefused(f"{name} has no checkpoint to resume from (training.checkpoint_every)")
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"{out / 'config.yaml'} is missing: this folder was not written by a deltatune run")
+    _start(out, [str(out / "config.yaml"), "--resume"])
+    return out
+
+
+def _start(out: Path, args: list[str]) -> subprocess.Popen:
+    with (out / LOG_NAME).open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deltatune", "train", *args], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=out,
+        )  # fmt: skip
+
+
+def stop(root: Path, name: str) -> bool:
+    """Ask a running trainer to stop (Ctrl-C: it records itself as killed and closes its trackers' runs); its
+    last checkpoint stays, so it can be resumed. False when nothing of it is running."""
+    out = resolve_run(root, name)
+    try:
+        record = read_run_record(out)
+    except ValueError:
+        return False
+    if not (record and record.get("state") == "running" and writer_alive(record)):
+        return False
+    pid = record["pid"]
+    try:
+        group = os.getpgid(pid)
+        if group == pid:  # launched here: its own session, torchrun's workers included
+            os.killpg(group, signal.SIGINT)
+        else:
+            os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,35 @@
+"""The run's side of `report.to`: the trackers are prepared as the run starts (their imports and stores load
+while the data and the model do), hear every metrics.jsonl event, and record how the run ended."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..task.config import TrainConfig
+from ..trackers import IDS_FILE, Outcome, Reporter
+
+TRACKERS_DIR = "trackers"  # report.dir's default, inside the run folder
+
+
+def open_reporter(cfg: TrainConfig, enabled: bool) -> Reporter | None:
+    """The trackers of `report.to`, on the rank that writes; None when there are none."""
+    report = cfg.report
+    if not (report.to and enabled):
+        return None
+    out = Path(cfg.output_dir)
+    return Reporter(report.to, Path(report.dir) if report.dir else out / TRACKERS_DIR, out / IDS_FILE)
+
+
+@contextlib.contextmanager
+def closed_on_error(reporter: Reporter | None) -> Iterator[None]:
+    """A run that raises closes its trackers' runs as failed (killed on Ctrl-C or a caught signal) before the
+    error goes on."""
+    try:
+        yield
+    except BaseException as exc:
+        if reporter is not None:
+            killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+            reporter.finish(Outcome("killed" if killed else "failed", artifacts=False))
+        raise
