@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SCRATCH = tempfile.TemporaryDirectory()  # Trackio's store too (it reads TRACKIO_DIR at import): not the user's
+SCRATCH = (
+    tempfile.TemporaryDirectory()
+)  # Trackio's store too (it reads TRACKIO_DIR at import): not the user's
 os.environ["TRACKIO_DIR"] = str(Path(SCRATCH.name) / "trackio")
 
 from deltatune.train import load_train_config, train  # noqa: E402

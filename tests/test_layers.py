@@ -16,7 +16,7 @@ LAYERS = [
     {"data", "runtime", "trackers"},
     {"task", "combine"},
     {"train", "evaluate", "serve", "gguf", "classification"},  # siblings: none imports another
-    {"sweep", "generation"},
+    {"sweep", "generation", "studio"},
     {"cli", "__init__"},  # the public API names lower layers lazily (PEP 562)
     {"__main__"},
 ]

@@ -138,7 +138,9 @@ def test_a_stalled_tracker_never_blocks_the_loop_and_the_end_waits_only_so_long(
             warnings.simplefilter("always")
             for step in range(1, 201):  # the tracker holds the first event: the queue fills, then events drop
                 reporter.log_record({"step": step, "split": "train", "loss": 1.0})
-            assert 149 <= reporter.dropped <= 151  # 50 queued; the start event and one held log may be in or out
+            assert (
+                149 <= reporter.dropped <= 151
+            )  # 50 queued; the start event and one held log may be in or out
             assert reporter.finish(Outcome("finished"), wait_s=0.05) is False
         said = [str(w.message) for w in caught]
         assert sum("events behind" in m for m in said) == 1  # warned once, not per dropped event

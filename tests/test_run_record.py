@@ -37,9 +37,9 @@ def test_a_second_writer_is_refused_while_the_first_lives_and_welcome_after(tmp_
         record = {"pid": child.pid, "pid_start": process_start(child.pid), "host": os.uname().nodename,
                   "started": 0.0, "state": "running"}  # fmt: skip
         (tmp_path / "run.json").write_text(json.dumps(record))
-        with pytest.raises(RunInUseError, match=rf"being written by another run \(pid {child.pid}"):
-            with claim_run(tmp_path, True):
-                pass
+        refused = pytest.raises(RunInUseError, match=rf"being written by another run \(pid {child.pid}")
+        with refused, claim_run(tmp_path, True):
+            pass
         assert json.loads((tmp_path / "run.json").read_text()) == record  # the live run's record is untouched
     finally:
         child.communicate(b"")

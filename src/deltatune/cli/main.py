@@ -15,6 +15,7 @@ from ..core.errors import DeltatuneError, DeltatuneWarning
 from .adapters import add_adapter_parsers
 from .arguments import positive_int
 from .evaluate import add_evaluation_parsers
+from .studio import add_studio_parser
 
 if TYPE_CHECKING:
     from ..task.config import TrainConfig
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.set_defaults(func=_inspect)
     _add_serve_parser(sub)
+    add_studio_parser(sub)
     return parser
 
 

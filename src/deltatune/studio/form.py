@@ -138,6 +138,15 @@ def _parse(field: FormField, text: str) -> Any:
         raise FormError(f"{field.name}: {text!r} is not one of {list(field.options)}")
     if field.kind == "text":
         return text
+    if field.kind == "number":  # as Python reads numbers: YAML would take 3e-3 for a string
+        for kind in (int, float):
+            try:
+                return kind(text.strip())
+            except ValueError:
+                continue
+        if text.strip() in ("null", "None", "~"):
+            return None
+        raise FormError(f"{field.name}: {text!r} is not a number")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -46,7 +46,9 @@ def _busy(out: Path) -> str | None:
     if record and record.get("state") == "running" and writer_alive(record):
         return f"{out.name} is being written by a running trainer (pid {record['pid']}); stop it first"
     if list_checkpoints(out / "checkpoints"):
-        return f"{out.name} already holds a run with checkpoints; resume it from its page, or pick another name"
+        return (
+            f"{out.name} already holds a run with checkpoints; resume it from its page, or pick another name"
+        )
     return None
 
 

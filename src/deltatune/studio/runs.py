@@ -51,8 +51,12 @@ class Run:
 def resolve_run(root: Path, name: str) -> Path:
     """The folder of run `name`, refused when it is not inside `root` once links are followed."""
     root = root.resolve()
-    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in name.split("/")):
-        raise OutsideRoot(f"not a run name: {name!r}")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise OutsideRoot(f"{name!r} leads outside the studio's runs folder")
+    if not name or "\\" in name or any(p in ("", ".") for p in name.split("/")):
+        raise OutsideRoot(
+            f"not a run name: {name!r} (a folder under the studio's runs folder, like group/run)"
+        )
     path = (root / name).resolve()
     if not path.is_relative_to(root) or path == root:
         raise OutsideRoot(f"{name!r} is outside the studio's runs folder")
@@ -71,7 +75,9 @@ def find_runs(root: Path) -> list[Run]:
     while pending:
         folder, depth = pending.pop()
         try:
-            entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and e.name not in SKIPPED]
+            entries = [
+                e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and e.name not in SKIPPED
+            ]
         except OSError:
             continue
         for entry in entries:
@@ -145,6 +151,14 @@ def _yaml(path: Path) -> Any:
 
 def _json(path: Path) -> dict[str, Any]:
     return read_json_object(path, path.name, ValueError)
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """A page's JSON file, or None when it is missing or unreadable (the runs list says why)."""
+    try:
+        return _json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:

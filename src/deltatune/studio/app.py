@@ -1,0 +1,222 @@
+"""The studio's web app: server-rendered pages over the run folders (FastAPI + Jinja2, with one small script
+for the live curves and the YAML preview; nothing is fetched from outside, so it works offline).
+
+Guards: with an API key (required beyond loopback) every page and call needs it, as a cookie set by /login
+or an `Authorization: Bearer` header, as `deltatune serve` takes it; bound to loopback, requests must name a
+loopback host (a page elsewhere cannot reach it by DNS rebinding); every POST carries the app's token (a page
+elsewhere cannot post a launch to it)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from ..task.config import ConfigError
+from . import launcher
+from .form import FormError, config_yaml, form_sections, raw_config
+from .runs import (
+    LOG_NAME,
+    OutsideRoot,
+    find_runs,
+    read_json_file,
+    read_metrics,
+    read_run,
+    read_text,
+    resolve_run,
+    tail_text,
+)
+
+HERE = Path(__file__).parent
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+COOKIE = "deltatune_studio"
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):
+        return header.split("]")[0] + "]"
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(runs_dir: Path, *, api_key: str | None = None, loopback_only: bool = True) -> FastAPI:
+    root = Path(runs_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)  # what every POST must carry
+    session = hmac.new((api_key or "").encode(), b"deltatune-studio", hashlib.sha256).hexdigest()
+    app = FastAPI(title="deltatune studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    pages = Jinja2Templates(directory=HERE / "templates")
+    pages.env.globals["token"] = token
+    pages.env.filters["json"] = lambda value: json.dumps(value, indent=1, default=str)
+    pages.env.filters["size"] = _size
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if loopback_only and _host_name(request.headers.get("host", "")) not in LOOPBACK:
+            return Response("studio answers on its loopback address only", status_code=421)
+        public = request.url.path.startswith("/static/") or request.url.path == "/login"
+        if api_key and not public and not _authorized(request, api_key, session):
+            if request.url.path.startswith("/api/") or request.method != "GET":
+                return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
+            return RedirectResponse("/login", status_code=303)
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    async def page_token(request: Request) -> None:
+        """Every POST but /login carries the token of a page this app served (header or form field)."""
+        given = request.headers.get("x-studio-token")
+        if given is None:
+            given = str((await request.form()).get("token", ""))
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(403, "missing or stale page token: reload the page")
+
+    posted = [Depends(page_token)]
+
+    def run_or_404(name: str):
+        try:
+            path = resolve_run(root, name)
+        except OutsideRoot as exc:
+            raise HTTPException(404, str(exc)) from None
+        if not path.is_dir():
+            raise HTTPException(404, f"no run {name!r}")
+        return read_run(root, path)
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request):
+        return pages.TemplateResponse(request, "login.html", {"error": None})
+
+    @app.post("/login")
+    def login(request: Request, key: str = Form("")):
+        if not api_key or not hmac.compare_digest(key.encode(), api_key.encode()):
+            return pages.TemplateResponse(request, "login.html", {"error": "wrong key"}, status_code=401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, session, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def runs_page(request: Request):
+        return pages.TemplateResponse(request, "runs.html", {"runs": find_runs(root), "root": root})
+
+    @app.get("/api/runs")
+    def runs_api():
+        return [_run_json(r) for r in find_runs(root)]
+
+    @app.get("/runs/{name:path}", response_class=HTMLResponse)
+    def run_page(request: Request, name: str):
+        run = run_or_404(name)
+        files = {
+            "config": _text(run.path / "config.yaml"),
+            "data": read_json_file(run.path / "data_summary.json"),
+            "summary": read_json_file(run.path / "summary.json"),
+            "provenance": read_json_file(run.path / "adapter" / "deltatune.json")
+            or read_json_file(run.path / "model" / "deltatune.json"),
+        }
+        log = tail_text(run.path / LOG_NAME) if run.status in ("failed", "killed", "running") else ""
+        return pages.TemplateResponse(request, "run.html", {"run": run, "files": files, "log": log})
+
+    @app.get("/api/runs/{name:path}/metrics")
+    def metrics_api(name: str, offset: int = 0):
+        run = run_or_404(name)
+        records, end = read_metrics(run.path / "metrics.jsonl", max(0, offset))
+        return {"records": records, "offset": end, "status": run.status, "steps": run.steps}
+
+    @app.post("/runs/{name:path}/stop", dependencies=posted)
+    def stop_run(name: str):
+        run = run_or_404(name)
+        launcher.stop(root, run.name)
+        return RedirectResponse(f"/runs/{run.name}", status_code=303)
+
+    @app.post("/runs/{name:path}/resume", dependencies=posted)
+    def resume_run(request: Request, name: str):
+        run = run_or_404(name)
+        try:
+            launcher.resume(root, run.name)
+        except (launcher.LaunchRefused, ConfigError) as exc:
+            return pages.TemplateResponse(
+                request, "run.html", {"run": run, "files": {}, "log": "", "error": str(exc)}, status_code=409
+            )
+        return RedirectResponse(f"/runs/{run.name}", status_code=303)
+
+    @app.get("/launch", response_class=HTMLResponse)
+    def launch_page(request: Request):
+        return pages.TemplateResponse(request, "launch.html", _launch_context({}, None))
+
+    @app.post("/launch/preview", dependencies=posted)
+    async def preview(request: Request):
+        values = _form_values(await request.form())
+        try:
+            raw = raw_config(values)
+            launcher.checked_config(root, raw)
+            return {"yaml": config_yaml(raw), "error": None}
+        except (FormError, ConfigError, launcher.LaunchRefused) as exc:
+            return {"yaml": _yaml_or_empty(values), "error": str(exc)}
+
+    @app.post("/launch", dependencies=posted)
+    async def launch(request: Request):
+        values = _form_values(await request.form())
+        try:
+            out = launcher.launch(root, raw_config(values))
+        except (FormError, ConfigError, launcher.LaunchRefused) as exc:
+            return pages.TemplateResponse(
+                request, "launch.html", _launch_context(values, str(exc)), status_code=400
+            )
+        return RedirectResponse(f"/runs/{out.relative_to(root).as_posix()}", status_code=303)
+
+    return app
+
+
+def _authorized(request: Request, api_key: str, session: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), api_key.encode()):
+        return True
+    return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session.encode())
+
+
+def _form_values(form) -> dict[str, str]:
+    return {k: str(v) for k, v in form.items() if k != "token"}
+
+
+def _yaml_or_empty(values: dict[str, str]) -> str:
+    try:
+        return config_yaml(raw_config(values))
+    except FormError:
+        return ""
+
+
+def _launch_context(values: dict[str, str], error: str | None) -> dict[str, Any]:
+    return {"sections": form_sections(), "values": values, "error": error, "yaml": _yaml_or_empty(values)}
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return read_text(path)
+    except OSError:
+        return None
+
+
+def _size(count: int | None) -> str:
+    if not count:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def _run_json(run) -> dict[str, Any]:
+    return {
+        "name": run.name, "status": run.status, "objective": run.objective, "method": run.method,
+        "metric": run.metric, "best_metric": run.best_metric, "steps": run.steps, "max_steps": run.max_steps,
+        "adapter_bytes": run.adapter_bytes, "problems": run.problems, "error": run.error,
+    }  # fmt: skip
