@@ -19,12 +19,13 @@ EXTRAS = {
     "quant": {"bitsandbytes", "accelerate"},
     "serve": {"fastapi", "uvicorn"},
     "sweep": {"optuna"},
+    "studio": {"python-multipart"},  # and serve's fastapi and uvicorn; jinja2 is transformers' too
     "tensorboard": {"tensorboard"},
     "mlflow": {"mlflow-skinny"},  # its sqlalchemy and alembic are the sweep's too
     "wandb": {"wandb"},
     "trackio": {"trackio"},
 }
-DEV_ONLY = {"peft", "trl", "httpx", "schemathesis", "hypothesis", "pytest", "ruff"}
+DEV_ONLY = {"peft", "trl", "httpx", "schemathesis", "hypothesis", "pytest", "ruff", "playwright"}
 
 
 def _top_level_entries(distribution: str) -> set[str]:

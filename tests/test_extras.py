@@ -98,8 +98,9 @@ def test_every_core_command_runs_without_any_extra(work, tmp_path):
         ["sweep", str(work["causal"]), "--space", str(work["causal"]), "--trials", "1"],
         ["serve", "--base", model, "--adapters-dir", str(folder)],
         ["train", str(work["reported"])],
+        ["studio", "--runs", str(tmp_path / "studio-runs")],
     ]  # fmt: skip
-    *core, gguf, quantized, sweep, serve, reported = _run(python, commands)
+    *core, gguf, quantized, sweep, serve, reported, studio = _run(python, commands)
     failed = {r["argv"]: r["stderr"] for r in core if r["rc"] != 0}
     assert not failed, failed
     assert gguf["rc"] != 0 and "pip install 'deltatune[models]'" in gguf["stderr"]
@@ -111,6 +112,7 @@ def test_every_core_command_runs_without_any_extra(work, tmp_path):
         and "report.to: wandb needs wandb: pip install 'deltatune[wandb]'" in reported["stderr"]
     )
     assert not (folder / "rrun" / "config.yaml").exists()  # refused before anything was written
+    assert studio["rc"] != 0 and "pip install 'deltatune[studio]'" in studio["stderr"]
     assert (tmp_path / "merged" / "config.json").exists() and (
         tmp_path / "forgetting" / "forgetting.json"
     ).exists()

@@ -3,6 +3,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const POLL_MS = 1000;
+const MAX_DRAWN = 2000; // points per line drawn; every point is still counted
 
 function el(name, attrs, parent) {
   const node = document.createElementNS(SVG, name);
@@ -23,8 +24,10 @@ function drawPanel(holder, id, title, series) {
   svg.setAttribute("data-points", all.length);
   el("text", { x: 8, y: 14 }, svg).textContent = title;
   if (!all.length) return;
-  const [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
-  const [y0, y1] = [Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1]))];
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const [x, y] of all) {  // loops, not Math.min(...): a long run has more points than call arguments
+    x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+  }
   const W = 420, H = 240, L = 48, B = 24, T = 22;
   const sx = (x) => L + ((x - x0) / (x1 - x0 || 1)) * (W - L - 8);
   const sy = (y) => H - B - ((y - y0) / (y1 - y0 || 1)) * (H - B - T);
@@ -37,7 +40,9 @@ function drawPanel(holder, id, title, series) {
   const colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
   Object.entries(series).forEach(([label, points], i) => {
     const color = colors[i % colors.length];
-    const d = points.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ");
+    const every = Math.max(1, Math.floor(points.length / MAX_DRAWN));  // the SVG stays light on long runs
+    const drawn = points.filter((p, j) => j % every === 0 || j === points.length - 1);
+    const d = drawn.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ");
     el("path", { d, fill: "none", stroke: color, "stroke-width": 1.5, class: "series", "data-label": label }, svg);
     if (points.length === 1) el("circle", { cx: sx(points[0][0]), cy: sy(points[0][1]), r: 3, fill: color }, svg);
     el("text", { x: W - 150, y: T + 14 * (i + 1), fill: color }, svg).textContent = label + " (" + points.length + ")";
@@ -80,7 +85,7 @@ function watchRun(section) {
       return;
     }
     if (status) status.textContent = reply.status;
-    if (reply.status === "running" || reply.status === "unknown") setTimeout(poll, POLL_MS); // unknown: starting
+    setTimeout(poll, POLL_MS); // an ended run too: it may be resumed, here or from a terminal
   }
   poll();
 }

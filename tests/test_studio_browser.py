@@ -1,0 +1,188 @@
+"""The studio in a real browser (Playwright driving Debian's chromium; `.ci/run` installs it): launch a tiny
+run from the form and watch its curve gain points, stop it, resume it, open its adapter's provenance, be
+refused a second launch into its folder, and see a bad value refused with the CLI's message.
+
+Set DELTATUNE_SCREENSHOTS=FOLDER to keep a screenshot of each page (the README's come from here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import free_port
+from train_helpers import instruction_rows, write_jsonl
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+GUARD_S = 900  # hang guard only: every wait below ends on an event
+sync_api.expect.set_options(timeout=GUARD_S * 1000)
+
+
+def _chromium() -> str:
+    found = (
+        os.environ.get("DELTATUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("no chromium on a CI machine: .ci/run installs it with apt-get install chromium")
+    pytest.skip("no chromium here: apt-get install chromium (or set DELTATUNE_CHROMIUM)")
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    port = free_port()
+    with (root.parent / "studio.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deltatune", "studio", "--runs", str(root), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + GUARD_S
+        while True:
+            assert process.poll() is None, (root.parent / "studio.log").read_text()
+            try:
+                if httpx.get(url + "/api/runs").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the studio did not start"
+            time.sleep(0.2)
+        try:
+            yield root, url
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium())
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(GUARD_S * 1000)
+        yield context.new_page()
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    folder = os.environ.get("DELTATUNE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=False)
+
+
+def _number(page, selector: str, attribute: str | None = None) -> int:
+    """An integer the page shows (0 while the page is between loads)."""
+    try:
+        node = page.locator(selector)
+        text = node.get_attribute(attribute, timeout=2000) if attribute else node.text_content(timeout=2000)
+        return int(text or 0)
+    except (sync_api.Error, ValueError):
+        return 0
+
+
+def _until(page, condition, what: str):
+    deadline = time.monotonic() + GUARD_S
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        page.wait_for_timeout(100)  # the page polls its run each second; this only re-reads the DOM
+    return value
+
+
+def _fill_launch(page, model: Path, data: Path, out: str, **extra: str) -> None:
+    page.goto(page.url.split("/runs")[0].split("/launch")[0] + "/launch")
+    fields = {
+        "model.path": str(model), "data.train": str(data), "data.max_length": "64",
+        "adapter.settings": "r: 4\nlora_alpha: 8\ntarget_modules: all-linear", "training.max_steps": "100000",
+        "training.batch_size": "4", "training.log_every": "1", "training.checkpoint_every": "3",
+        "eval.every": "4", "eval.batch_size": "8", "output_dir": out, **extra,
+    }  # fmt: skip
+    for name, value in fields.items():
+        page.fill(f'[name="{name}"]', value)
+    page.select_option('[name="data.format"]', "instruction")
+    page.select_option('[name="training.progress"]', "False")
+
+
+def test_launch_watch_stop_resume_and_provenance(studio, page, tiny_causal_lm, tmp_path):
+    root, url = studio
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_rows(80, 0))
+    page.goto(url + "/launch")
+    _fill_launch(page, tiny_causal_lm, data, "tiny")
+    sync_api.expect(page.locator("#preview")).to_contain_text("max_steps: 100000")  # the YAML it will run
+    _shot(page, "launch")
+    page.click("#start")
+    page.wait_for_url(f"{url}/runs/tiny")
+    sync_api.expect(page.locator("#status")).to_have_text("running")
+    first = _until(
+        page, lambda: _number(page, "#curve-loss", "data-points") >= 3 and _number(page, "#steps"), "3 points"
+    )
+    _until(page, lambda: _number(page, "#steps") > first + 2, "the curve to gain points")  # live, no reload
+    _until(page, lambda: (root / "tiny" / "adapter" / "deltatune.json").is_file(), "the first kept adapter")
+    _shot(page, "run-live")
+
+    page.click("#stop")
+    sync_api.expect(page.locator("#status")).to_have_text("killed")
+    stopped_at = _number(page, "#steps")
+    assert stopped_at > first and (root / "tiny" / "checkpoints").is_dir()
+    sync_api.expect(page.locator("#resume")).to_be_visible()
+
+    page.click("#resume")
+    sync_api.expect(page.locator("#status")).to_have_text("running")
+    _until(page, lambda: _number(page, "#steps") > stopped_at, "the resumed run to pass the stop")
+
+    second = page.context.new_page()  # a second launch into the live run's folder is refused
+    second.goto(url + "/launch")
+    _fill_launch(second, tiny_causal_lm, data, "tiny")
+    second.click("#start")
+    sync_api.expect(second.locator("#error")).to_contain_text("being written by a running trainer")
+    second.close()
+
+    page.reload()
+    page.click("#provenance summary")
+    sync_api.expect(page.locator("#provenance pre")).to_contain_text("data_sha256")
+    sync_api.expect(page.locator("#provenance pre")).to_contain_text('"peft_type": "LORA"')
+    page.click("#stop")
+    sync_api.expect(page.locator("#status")).to_have_text("killed")
+
+    page.goto(url + "/")
+    row = page.locator('tr[data-run="tiny"]')
+    sync_api.expect(row.locator(".status")).to_have_text("killed")
+    sync_api.expect(row).to_contain_text("lora")
+    _shot(page, "runs")
+
+
+def test_a_bad_value_shows_the_command_lines_message(studio, page, tiny_causal_lm, tmp_path):
+    root, url = studio
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_rows(20, 0))
+    page.goto(url + "/launch")
+    _fill_launch(page, tiny_causal_lm, data, "bad", **{"training.max_steps": "-5"})
+    sync_api.expect(page.locator("#preview-error")).to_contain_text("training.max_steps")  # as you type
+    page.click("#start")
+    message = page.locator("#error").text_content()
+    config = tmp_path / "bad.yaml"
+    shown = (root / "bad" / "launch.yaml").exists()
+    assert not shown  # nothing was written
+    import yaml
+
+    from deltatune.studio.form import raw_config
+
+    values = {"model.path": str(tiny_causal_lm), "data.train": str(data), "data.max_length": "64",
+              "data.format": "instruction", "adapter.settings": "r: 4\nlora_alpha: 8\ntarget_modules: all-linear",
+              "training.max_steps": "-5"}  # fmt: skip
+    config.write_text(yaml.safe_dump(raw_config(values) | {"output_dir": str(root / "bad")}))
+    cli = subprocess.run(
+        [sys.executable, "-m", "deltatune", "train", str(config)], capture_output=True, text=True
+    )
+    said = cli.stderr.strip().split("error: ", 1)[1]
+    assert cli.returncode == 2 and message.strip() == said.replace(
+        str(config), str(root / "bad" / "launch.yaml")
+    )
+    _shot(page, "launch-error")
