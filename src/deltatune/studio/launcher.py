@@ -86,7 +86,7 @@ def _start(out: Path, args: list[str]) -> subprocess.Popen:
     with (out / LOG_NAME).open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "deltatune", "train", *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, cwd=out,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # relative paths: from where the studio runs
         )  # fmt: skip
 
 
