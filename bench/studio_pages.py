@@ -95,7 +95,9 @@ def lag(url: str, folder: Path, lines: int) -> list[float]:
             with (folder / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, "split": "train", "loss": 0.5}) + "\n")
             tick = time.perf_counter()
-            page.wait_for_function(f"() => document.getElementById('steps').textContent === '{step}'", polling=20)
+            page.wait_for_function(
+                f"() => document.getElementById('steps').textContent === '{step}'", polling=20
+            )
             seen.append(time.perf_counter() - tick)
         browser.close()
     return seen

@@ -177,3 +177,6 @@ def test_a_bad_value_is_refused_with_the_message_the_command_line_gives(tmp_path
     outside = client.post("/launch", data={**values, "training.max_steps": "3", "output_dir": "../x",
                                            "token": _token(client)})  # fmt: skip
     assert outside.status_code == 400 and "outside the studio" in outside.text
+    absolute = client.post("/launch", data={**values, "training.max_steps": "3", "output_dir": "/tmp/x",
+                                            "token": _token(client)})  # fmt: skip
+    assert absolute.status_code == 400 and "outside the studio" in absolute.text

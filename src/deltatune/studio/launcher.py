@@ -26,7 +26,7 @@ class LaunchRefused(ValueError):
 def checked_config(root: Path, raw: dict[str, Any]) -> tuple[TrainConfig, Path]:
     """The config the form describes, checked as `deltatune train` checks it, with its output folder placed
     under `root` (the form names it relative to the root; anything leading outside is refused)."""
-    name = str(raw.get("output_dir") or "").strip().strip("/")
+    name = str(raw.get("output_dir") or "").strip().rstrip("/")
     if not name:
         raise LaunchRefused("output_dir: name the run's folder (under the studio's runs folder)")
     try:

@@ -95,9 +95,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
                 "output_dir"
             )
         require_trackers(cfg.report.to)  # before the minutes of loading, not after them
-        reporter = open_reporter(cfg, info.is_main)  # prepares while the data and the model load
-        with claim_run(out, info.is_main), closed_on_error(reporter):
-            return _train(cfg, resume, info, reporter)
+        with claim_run(out, info.is_main):
+            reporter = open_reporter(cfg, info.is_main)  # prepares while the data and the model load
+            with closed_on_error(reporter):
+                return _train(cfg, resume, info, reporter)
     finally:
         shutdown(info)
 
