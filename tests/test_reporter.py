@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from deltatune.core.errors import MissingExtraError
+from deltatune.core.errors import DeltatuneWarning, MissingExtraError
 from deltatune.task.config import ConfigError, validate_config
 from deltatune.trackers import Outcome, Reporter, RunDescription, Tracker, require_trackers
 from deltatune.trackers import reporter as reporter_module
@@ -148,7 +148,8 @@ def test_a_stalled_tracker_never_blocks_the_loop_and_the_end_waits_only_so_long(
         assert any("stalled had not finished after 0 s" in m for m in said)
     finally:
         gate.set()  # the tracker catches up; a second finish is queued this time, and ends its thread
-        assert reporter.finish(Outcome("finished"), wait_s=600)
+        with pytest.warns(DeltatuneWarning, match=r"report.to: 1[45]\d events were dropped"):
+            assert reporter.finish(Outcome("finished"), wait_s=600)
     assert stalled.calls[-1] == ("finish", "finished")
 
 
