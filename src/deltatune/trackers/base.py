@@ -54,15 +54,3 @@ class Tracker(ABC):
     @abstractmethod
     def finish(self, outcome: Outcome) -> None:
         """Record the outcome, log the artifact, close the run."""
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"training": {"max_steps": 5}} -> {"training.max_steps": 5}: the trackers whose parameters are flat."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .base import Outcome, RunDescription, Tracker, flatten
+from ..core.section import flatten
+from .base import Outcome, RunDescription, Tracker
 
 _STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call

@@ -14,6 +14,7 @@ import yaml
 
 from ..core.atomic import write_text_atomic
 from ..core.errors import DeltatuneWarning
+from ..core.section import flatten
 from ..core.threads import oversubscription
 from ..data import load_data
 from ..task.config import ConfigError, TrainConfig, load_train_config, validate_config
@@ -49,23 +50,13 @@ def _write_resolved_config(cfg: TrainConfig, out: Path) -> None:
     write_text_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_resumable(cfg: TrainConfig, out: Path) -> None:
     saved_path = out / RESOLVED_CONFIG
     if not saved_path.exists():
         raise CheckpointError(
             f"--resume: {saved_path} is missing; this folder was not written by a deltatune run"
         )
-    saved, current = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
+    saved, current = flatten(yaml.safe_load(saved_path.read_text())), flatten(cfg.to_dict())
     if (
         current.get("data.labels") is None
     ):  # the run wrote the order its data implied; the same data implies it
