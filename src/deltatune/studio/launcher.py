@@ -12,7 +12,7 @@ from typing import Any
 
 from ..task.config import ConfigError, TrainConfig, validate_config
 from ..train.checkpoint import list_checkpoints
-from ..train.run_record import read_run_record, writer_alive
+from ..train.run_record import live_writer
 from .form import config_yaml
 from .runs import LOG_NAME, OutsideRoot, resolve_run
 
@@ -39,11 +39,7 @@ def checked_config(root: Path, raw: dict[str, Any]) -> tuple[TrainConfig, Path]:
 
 def _busy(out: Path) -> str | None:
     """Why a new run may not start in `out`, or None."""
-    try:
-        record = read_run_record(out)
-    except ValueError:
-        record = None
-    if record and record.get("state") == "running" and writer_alive(record):
+    if record := live_writer(out):
         return f"{out.name} is being written by a running trainer (pid {record['pid']}); stop it first"
     if list_checkpoints(out / "checkpoints"):
         return (
@@ -68,11 +64,7 @@ def launch(root: Path, raw: dict[str, Any]) -> Path:
 def resume(root: Path, name: str) -> Path:
     """Continue a stopped or killed run from its last checkpoint, with the config it wrote."""
     out = resolve_run(root, name)
-    try:
-        record = read_run_record(out)
-    except ValueError:
-        record = None
-    if record and record.get("state") == "running" and writer_alive(record):
+    if live_writer(out):
         raise LaunchRefused(f"{name} is still running")
     if not list_checkpoints(out / "checkpoints"):
         raise LaunchRefused(f"{name} has no checkpoint to resume from (training.checkpoint_every)")
@@ -94,11 +86,8 @@ def stop(root: Path, name: str) -> bool:
     """Ask a running trainer to stop (Ctrl-C: it records itself as killed and closes its trackers' runs); its
     last checkpoint stays, so it can be resumed. False when nothing of it is running."""
     out = resolve_run(root, name)
-    try:
-        record = read_run_record(out)
-    except ValueError:
-        return False
-    if not (record and record.get("state") == "running" and writer_alive(record)):
+    record = live_writer(out)
+    if record is None:
         return False
     pid = record["pid"]
     try:

@@ -49,19 +49,27 @@ def read_run_record(out: Path) -> dict[str, Any] | None:
     return read_json_object(path, "a run record", ValueError)
 
 
+def live_writer(out: Path) -> dict[str, Any] | None:
+    """The record of the live process writing `out`, or None (no record, a corrupt one, or a run that ended or
+    whose process is gone)."""
+    try:
+        record = read_run_record(out)
+    except ValueError:
+        return None
+    return record if record and record.get("state") == "running" and writer_alive(record) else None
+
+
 @contextlib.contextmanager
 def claim_run(out: Path, enabled: bool) -> Iterator[None]:
     """Mark `out` as written by this process for the block, and record how the block ended."""
     if not enabled:
         yield
         return
-    with contextlib.suppress(ValueError):  # a corrupt record is overwritten, never trusted
-        earlier = read_run_record(out)
-        if earlier and earlier.get("state") == "running" and writer_alive(earlier):
-            raise RunInUseError(
-                f"{out} is being written by another run (pid {earlier['pid']}, started {earlier.get('started')}); "
-                "wait for it to end or stop it, or pick another output_dir"
-            )
+    if earlier := live_writer(out):  # a corrupt record is overwritten, never trusted
+        raise RunInUseError(
+            f"{out} is being written by another run (pid {earlier['pid']}, started {earlier.get('started')}); "
+            "wait for it to end or stop it, or pick another output_dir"
+        )
     pid = os.getpid()
     record = {"pid": pid, "pid_start": process_start(pid), "host": socket.gethostname(),
               "started": time.time(), "state": "running", "error": None, "ended": None}  # fmt: skip
