@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,3 +137,65 @@ def status_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(f"{field} is not in /proc/self/status")
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+StepTimes = tuple[float, float]  # (median step, whole loop per step), seconds
+
+
+def quickstart_step_times(folder: Path, steps: int, overrides: list[str] = ()) -> StepTimes:
+    """The quickstart's config (bundled SmolLM2, bundled tweets) trained `steps` steps, every step logged, no
+    generation metrics: its median step and its whole loop (evaluations, logging, checkpoints) per step."""
+    from deltatune.train import load_train_config, train
+
+    base = [
+        f"training.max_steps={steps}", "training.log_every=1", "training.progress=false",
+        "eval.generate_metrics=[]", "eval.metric=loss", f"output_dir={folder}",
+    ]  # fmt: skip
+    result = train(load_train_config(QUICKSTART, [*base, *overrides]))
+    return result.seconds_per_step, result.train_seconds / result.steps
+
+
+def alternated(variants: dict[str, Callable[[int], StepTimes]], rounds: int) -> dict[str, list[StepTimes]]:
+    """Every variant once per round (called with the round's number), in reverse order on odd rounds."""
+    times: dict[str, list[StepTimes]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        order = list(variants) if round_ % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            times[name].append(variants[name](round_))
+            step, loop = times[name][-1]
+            print(f"round {round_} {name}: {step:.3f} s/step (median), {loop:.3f} s/step (loop)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return times
+
+
+def step_ratio_table(first_column: str, times: dict[str, list[StepTimes]]) -> str:
+    """Medians over the rounds, and their ratios to the first variant's."""
+    baseline = next(iter(times))
+    base_step = statistics.median(t[0] for t in times[baseline])
+    base_loop = statistics.median(t[1] for t in times[baseline])
+    lines = [
+        f"| {first_column} | median step (s) | loop per step (s) | step / {baseline} | loop / {baseline} |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in times.items():
+        step, loop = statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs)
+        lines.append(
+            f"| {name} | {step:.4f} | {loop:.4f} | {step / base_step:.3f} | {loop / base_loop:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def start_studio(root: Path, port: int) -> subprocess.Popen:
+    """`deltatune studio` over `root`, once it answers."""
+    import httpx
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deltatune", "studio", "--runs", str(root), "--port", str(port)]
+    )
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=60).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)

@@ -18,14 +18,13 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import yaml
+from common import start_studio
 
 from deltatune.task.config import validate_config
 from deltatune.train.run_record import process_start
@@ -57,18 +56,6 @@ def make_run(folder: Path, i: int, state: str = "finished", pid: int | None = No
         (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
         (adapter / "deltatune.json").write_text(json.dumps({"peft_type": "LORA", "data_sha256": "0" * 64}))
     (folder / "data_summary.json").write_text(json.dumps({"rows": 1000, "examples": {"train": 900}}))
-
-
-def start_studio(root: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "deltatune", "studio", "--runs", str(root), "--port", str(port)]
-    )
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=60).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
 
 
 def timed(url: str, times: int = 20) -> tuple[float, float]:
