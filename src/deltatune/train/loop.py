@@ -52,7 +52,7 @@ from .preference import PreferenceObjective, prompt_once_unavailable
 from .preference_loss import preference_statistics
 from .reporting import MetricsLog, peak_rss_mib, plot_curves, progress_bar
 from .schedules import learning_rate_schedule
-from .tracking import TRACKERS_DIR
+from .tracking import tracker_store
 
 REFERENCE_LOGPS = "reference_logps.safetensors"  # a full fine-tune's kept reference (preference objectives)
 DATA_SUMMARY = "data_summary.json"  # the data report of the run, as JSON (rows, malformed, classes)
@@ -611,7 +611,7 @@ class Trainer:
         report = self.cfg.report
         return RunDescription(
             project=report.project or "deltatune", run_name=report.run_name or self.out.resolve().name,
-            store=Path(report.dir) if report.dir else self.out / TRACKERS_DIR, config=self.cfg.to_dict(),
+            store=tracker_store(self.cfg), config=self.cfg.to_dict(),
             data_summary=self.splits.report.to_dict(), resumed_at=resumed_at,
         )  # fmt: skip
 

@@ -13,13 +13,17 @@ from ..trackers import IDS_FILE, Outcome, Reporter
 TRACKERS_DIR = "trackers"  # report.dir's default, inside the run folder
 
 
+def tracker_store(cfg: TrainConfig) -> Path:
+    """Where the trackers' local stores and offline files go: report.dir, else OUTPUT_DIR/trackers."""
+    return Path(cfg.report.dir) if cfg.report.dir else Path(cfg.output_dir) / TRACKERS_DIR
+
+
 def open_reporter(cfg: TrainConfig, enabled: bool) -> Reporter | None:
     """The trackers of `report.to`, on the rank that writes; None when there are none."""
     report = cfg.report
     if not (report.to and enabled):
         return None
-    out = Path(cfg.output_dir)
-    return Reporter(report.to, Path(report.dir) if report.dir else out / TRACKERS_DIR, out / IDS_FILE)
+    return Reporter(report.to, tracker_store(cfg), Path(cfg.output_dir) / IDS_FILE)
 
 
 @contextlib.contextmanager
