@@ -7,6 +7,7 @@ Set DELTATUNE_SCREENSHOTS=FOLDER to keep a screenshot of each page (the README's
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,46 @@ def test_a_bad_value_shows_the_command_lines_message(studio, page, tiny_causal_l
         str(config), str(root / "bad" / "launch.yaml")
     )
     _shot(page, "launch-error")
+
+
+def test_chat_with_a_runs_adapter_streams_its_answer(studio, page, tiny_causal_lm, tmp_path):
+    """From a run's page to the playground: its base loads, its adapter is ticked, and a message streams an
+    answer into the base's column and the adapter's, each what the same chat asked without streaming gets."""
+    import yaml
+    from serve_helpers import saved_lora_adapters
+
+    root, url = studio
+    saved_lora_adapters(tiny_causal_lm, tmp_path, {"adapter": (4, "all-linear")}, b_std=0.5)
+    (root / "chatty").mkdir()
+    shutil.move(tmp_path / "adapter", root / "chatty" / "adapter")
+    config = {"model": {"path": str(tiny_causal_lm)}, "data": {"system_prompt": "be brief"}}
+    (root / "chatty" / "config.yaml").write_text(yaml.safe_dump(config))
+
+    page.goto(url + "/runs/chatty")
+    page.click("#chat")
+    sync_api.expect(page.locator("#base-state")).to_have_text("ready")
+    sync_api.expect(page.locator('[data-adapter="chatty"]')).to_be_checked()
+    sync_api.expect(page.locator("#system")).to_have_value("be brief")  # the run's own system prompt
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    page.fill("#message", "good day to you")
+    page.click("#send")
+    answers = {}
+    for model in (str(tiny_causal_lm), "chatty"):
+        bubble = page.locator(f'.column[data-model="{model}"] .turn.assistant')
+        sync_api.expect(bubble).to_have_attribute("data-finish", re.compile(r"stop|length"))
+        answers[model] = (
+            bubble.locator(".text").text_content(),
+            int(bubble.get_attribute("data-chunks") or 0),
+        )
+    _shot(page, "playground")
+
+    token = page.locator('meta[name="studio-token"]').get_attribute("content")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "good day to you"}]
+    for model, (text, chunks) in answers.items():
+        body = {"model": model, "messages": messages, "max_tokens": 12, "temperature": 0}
+        reply = httpx.post(url + "/playground/api/v1/chat/completions", json=body,
+                           headers={"x-studio-token": token}, timeout=GUARD_S)  # fmt: skip
+        assert reply.status_code == 200 and text == reply.json()["choices"][0]["message"]["content"]
+        assert chunks > 1  # it came in pieces
+    assert answers["chatty"][0] != answers[str(tiny_causal_lm)][0]

@@ -56,6 +56,15 @@ class CachedAdapter:
     peft_type: str
     loaded_at: float
     last_used: float
+    stamp: tuple[int, int] | None = None  # the weights file's (mtime_ns, size) when it was loaded
+
+
+def _stamp(folder: Path) -> tuple[int, int] | None:
+    try:
+        info = (folder / WEIGHTS_NAME).stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 def adapter_bytes(model: nn.Module, key: str) -> int:
@@ -91,6 +100,7 @@ class AdapterCache:
         tokenizer: Any = None,
         allow_base_mismatch: bool = False,
         max_free_slots: int = 4,
+        reload_changed: bool = False,
     ) -> None:
         self.model = model
         self.directory = Path(directory).resolve() if directory is not None else None
@@ -101,6 +111,9 @@ class AdapterCache:
         self._pins: dict[str, int] = {}
         self._draining: dict[str, list[Future]] = {}  # unloads waiting for the adapter's pins to go
         self.max_free_slots = max_free_slots
+        # an adapter whose weights file changed on disk (a run still training rewrites it at each checkpoint)
+        # loads afresh at its next use that no running batch shares
+        self.reload_changed = reload_changed
         self._free: OrderedDict[str, AdapterSlot] = OrderedDict()  # model key -> slot, oldest first
         self._fingerprints: dict[tuple[str, ...], dict] = {}  # shared by the slots (the base stays frozen)
         self._tokenizer_sha256: str | None = None  # hashed once, at the first load
@@ -123,6 +136,10 @@ class AdapterCache:
         folder = self.directory / name
         if not folder.exists():
             raise AdapterNotFoundError(f"no adapter {name!r} in {self.directory}")
+        return self.contained(name, folder)
+
+    def contained(self, name: str, folder: Path) -> Path:
+        """`folder` resolved, refused when it or its files are links that leave the directory."""
         resolved = folder.resolve()
         files = [resolved] + [resolved / f for f in (CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_NAME)]
         for item in files:
@@ -183,6 +200,8 @@ class AdapterCache:
                     f"adapter {name!r} is being unloaded once its running requests end; retry shortly (it then "
                     "loads again on demand)"
                 )
+            if name in self._entries and self._stale(name):
+                self.unload(name)
             if name in self._entries:
                 self.key_of(name)
                 return self._entries[name]
@@ -211,6 +230,7 @@ class AdapterCache:
                 peft_type=adapter_configs(self.model)[key].peft_type,
                 loaded_at=now,
                 last_used=now,
+                stamp=_stamp(folder),
             )
             self._entries[name] = entry
             try:
@@ -219,6 +239,11 @@ class AdapterCache:
                 self._drop(name)
                 raise
             return entry
+
+    def _stale(self, name: str) -> bool:
+        """Its file changed since it loaded, and no batch uses it."""
+        entry = self._entries[name]
+        return self.reload_changed and not self._pins.get(name) and _stamp(entry.path) != entry.stamp
 
     def _overwrite(self, slot: AdapterSlot, folder: Path) -> str:
         """Copy the adapter at `folder` into a free slot; a refused copy leaves the slot free and unchanged."""
@@ -298,6 +323,8 @@ class AdapterCache:
         names = list(dict.fromkeys(n for n in names if n is not None))
         with self._lock:
             for name in names:
+                if name in self._entries and self._stale(name):
+                    self.unload(name)  # its tensors become a free slot the new file loads into
                 self._pins[name] = self._pins.get(name, 0) + 1
             try:
                 keys = {name: self.load(name).key for name in names}

@@ -32,19 +32,12 @@ def build_server(
 ) -> tuple[Any, Engine]:
     """Load the base model and tokenizer, and return (FastAPI app, engine). `device`: auto (a GPU when torch
     sees one), cpu, cuda, cuda:N; adapters load onto it, and every batch runs there."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..core.devices import resolve_device
-    from ..models.loading import load_pretrained, load_tokenizer_from
     from ..runtime import AdapterCache
 
     directory = Path(adapters_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapters directory {directory} does not exist; create it or pass another")
-    tokenizer = load_tokenizer_from(base)
-    where = resolve_device(device)
-    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).to(where).eval()
+    model, tokenizer = load_base(base, device)
     cache = AdapterCache(
         model,
         directory,
@@ -68,4 +61,17 @@ def build_server(
     return app, engine
 
 
-__all__ = ["Engine", "Limits", "build_server", "create_app"]
+def load_base(base: str, device: str = "auto") -> tuple[Any, Any]:
+    """The frozen base a server answers with (float32, in eval mode, on `device`) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..core.devices import resolve_device
+    from ..models.loading import load_pretrained, load_tokenizer_from
+
+    tokenizer = load_tokenizer_from(base)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).to(resolve_device(device))
+    return model.eval(), tokenizer
+
+
+__all__ = ["Engine", "Limits", "build_server", "create_app", "load_base"]

@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from fastapi.templating import Jinja2Templates
 from ..task.config import ConfigError
 from . import launcher
 from .form import FormError, config_yaml, form_sections, raw_config
+from .playground import MAX_ADAPTERS, Playground, build_chat_app, chat_runs
 from .runs import (
     LOG_NAME,
     OutsideRoot,
@@ -38,6 +41,7 @@ from .runs import (
 HERE = Path(__file__).parent
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 COOKIE = "deltatune_studio"
+CHAT_API = "/playground/api"  # `deltatune serve`'s endpoints over the playground's base model
 
 
 def _host_name(header: str) -> str:
@@ -46,13 +50,31 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def create_app(runs_dir: Path, *, api_key: str | None = None, loopback_only: bool = True) -> FastAPI:
+def create_app(
+    runs_dir: Path,
+    *,
+    api_key: str | None = None,
+    loopback_only: bool = True,
+    build_chat: Callable[[Path, str], tuple[Any, Any]] = build_chat_app,
+) -> FastAPI:
+    """The studio over `runs_dir`; `build_chat(root, base)` makes the playground's (serve app, engine)."""
     root = Path(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)  # what every POST must carry
     session = hmac.new((api_key or "").encode(), b"deltatune-studio", hashlib.sha256).hexdigest()
-    app = FastAPI(title="deltatune studio", docs_url=None, redoc_url=None, openapi_url=None)
+    playground = Playground(root, build_chat)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        playground.close()
+
+    app = FastAPI(
+        title="deltatune studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.state.playground = playground
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount(CHAT_API, playground)
     pages = Jinja2Templates(directory=HERE / "templates")
     pages.env.globals["token"] = token
     pages.env.filters["json"] = lambda value: json.dumps(value, indent=1, default=str)
@@ -67,6 +89,8 @@ def create_app(runs_dir: Path, *, api_key: str | None = None, loopback_only: boo
             if request.url.path.startswith("/api/") or request.method != "GET":
                 return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
             return RedirectResponse("/login", status_code=303)
+        if _foreign_chat(request, token):
+            return JSONResponse({"error": "missing or stale page token: reload the page"}, status_code=403)
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -147,6 +171,29 @@ def create_app(runs_dir: Path, *, api_key: str | None = None, loopback_only: boo
             )
         return RedirectResponse(f"/runs/{run.name}", status_code=303)
 
+    @app.get("/playground", response_class=HTMLResponse)
+    def playground_page(request: Request, run: str | None = None):
+        runs = chat_runs(root)
+        chosen = next((r for r in runs if r.name == run), None)
+        if chosen is not None and playground.state != "loading" and playground.base != chosen.base:
+            playground.load(chosen.base)
+        context = {"runs": runs, "bases": sorted({r.base for r in runs}), "chosen": chosen,
+                   "playground": playground.describe(), "api": CHAT_API, "most": MAX_ADAPTERS}  # fmt: skip
+        return pages.TemplateResponse(request, "playground.html", context)
+
+    @app.get("/api/playground")
+    def playground_state():
+        on_base = [r.name for r in chat_runs(root) if r.base == playground.base]
+        return playground.describe() | {"runs": on_base}
+
+    @app.post("/playground/base", dependencies=posted)
+    def playground_base(base: str = Form("")):
+        try:
+            playground.load(base)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RedirectResponse("/playground", status_code=303)
+
     @app.get("/launch", response_class=HTMLResponse)
     def launch_page(request: Request):
         return pages.TemplateResponse(request, "launch.html", _launch_context({}, None))
@@ -173,6 +220,13 @@ def create_app(runs_dir: Path, *, api_key: str | None = None, loopback_only: boo
         return RedirectResponse(f"/runs/{out.relative_to(root).as_posix()}", status_code=303)
 
     return app
+
+
+def _foreign_chat(request: Request, token: str) -> bool:
+    """A chat posted without the token of a page this app served (by a page elsewhere)."""
+    if not request.url.path.startswith(CHAT_API + "/") or request.method == "GET":
+        return False
+    return not hmac.compare_digest(request.headers.get("x-studio-token", "").encode(), token.encode())
 
 
 def _authorized(request: Request, api_key: str, session: str) -> bool:

@@ -14,11 +14,12 @@ from typing import Any
 
 import yaml
 
-from ..core.config import read_json_object
+from ..core.config import CONFIG_NAME, read_json_object
 from ..train.run_record import RUN_RECORD, read_run_record, writer_alive
 
 MAX_DEPTH = 3  # runs/NAME, runs/GROUP/NAME, runs/SWEEP/trials/NNNN
 SKIPPED = {"checkpoints", "adapter", "model", "trackers", "wandb", "mlruns", "mlartifacts", "tensorboard"}
+ADAPTER_FOLDER = "adapter"  # where a run keeps its adapter
 LOG_NAME = "train.log"  # what a run the studio launched printed (stdout and stderr)
 MAX_TEXT_BYTES = 1 << 20  # the most of a config, log tail or metrics chunk one page reads
 
@@ -41,6 +42,10 @@ class Run:
     steps: int | None = None
     max_steps: int | None = None
     adapter_bytes: int | None = None
+    base: str | None = None  # the config's model.path
+    task: str | None = None  # causal_lm | classification
+    system_prompt: str | None = None  # the data's, which a chat with its adapter starts from
+    has_adapter: bool = False  # an adapter/ folder a playground can load (one is kept at each checkpoint)
     updated: float = 0.0  # the newest file's time
 
     @property
@@ -96,7 +101,11 @@ def read_run(root: Path, path: Path) -> Run:
     run.updated = max((f.stat().st_mtime for f in _top_files(path)), default=0.0)
     config = _guarded(run, "config.yaml", lambda: _yaml(path / "config.yaml"))
     if isinstance(config, dict):
-        training, adapter, evaluation = (config.get(k) or {} for k in ("training", "adapter", "eval"))
+        training, adapter, evaluation, model = (
+            _section(config, k) for k in ("training", "adapter", "eval", "model")
+        )
+        run.base, run.task = model.get("path"), model.get("task", "causal_lm")
+        run.system_prompt = _section(config, "data").get("system_prompt")
         run.objective = training.get("objective", "sft")
         run.max_steps = training.get("max_steps")
         run.method = adapter.get("method")
@@ -108,6 +117,7 @@ def read_run(root: Path, path: Path) -> Run:
         run.steps = last_step(path / "metrics.jsonl")
     weights = [f for name in ("adapter", "model") for f in (path / name).glob("*.safetensors")]
     run.adapter_bytes = sum(f.stat().st_size for f in weights) or None
+    run.has_adapter = (path / ADAPTER_FOLDER / CONFIG_NAME).is_file()
     record = _guarded(run, RUN_RECORD, lambda: read_run_record(path))
     run.status = _status(record, summary)
     if isinstance(record, dict) and record.get("state") == "failed":
@@ -125,6 +135,12 @@ def _status(record: Any, summary: Any) -> str:
         if state in ("finished", "failed", "killed"):
             return state
     return "finished" if isinstance(summary, dict) else "unknown"
+
+
+def _section(config: dict, key: str) -> dict:
+    """A config section as a dict ({} when it is missing or not a mapping: the problems list says so)."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _top_files(path: Path):

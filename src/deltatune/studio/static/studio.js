@@ -1,4 +1,5 @@
-// deltatune studio: live curves on a run's page, the YAML preview on the launch page. No libraries.
+// deltatune studio: live curves on a run's page, the YAML preview on the launch page, the playground's
+// streamed chats. No libraries.
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -109,9 +110,170 @@ function previewLaunch(form) {
   });
 }
 
+// ---- playground: the base and up to three adapters answer each message side by side, streamed ----------
+function playground(section) {
+  const api = section.dataset.api + "/v1/chat/completions";
+  const most = Number(section.dataset.most);
+  const token = document.querySelector('meta[name="studio-token"]').content;
+  const columns = document.getElementById("columns");
+  const chats = new Map(); // model -> [{role, content}], its own answers in its own history
+  let base = null, chosen = section.dataset.chosen, controllers = [];
+
+  function node(tag, cls, text, parent) {
+    const n = document.createElement(tag);
+    if (cls) n.className = cls;
+    if (text !== undefined) n.textContent = text;
+    if (parent) parent.appendChild(n);
+    return n;
+  }
+
+  function shownModels() {
+    const picked = [...document.querySelectorAll("#adapters input:checked")].map((i) => i.value);
+    return base ? [base, ...picked] : [];
+  }
+
+  function layColumns() {
+    const models = shownModels();
+    for (const col of [...columns.children]) if (!models.includes(col.dataset.model)) col.remove();
+    for (const model of models) {
+      if (columns.querySelector(`[data-model="${CSS.escape(model)}"]`)) continue;
+      const col = node("div", "column", undefined, columns);
+      col.dataset.model = model;
+      node("h3", "", model === base ? model + " (base)" : model, col);
+      node("div", "turns", undefined, col);
+      for (const turn of chats.get(model) || []) node("div", "turn " + turn.role, turn.content, col.lastChild);
+    }
+  }
+
+  function showAdapters(names) {
+    const box = document.getElementById("adapters");
+    const legend = box.querySelector("legend");
+    box.replaceChildren(legend);
+    if (!names.length) node("span", "", "No run on this base has kept an adapter yet.", box).id = "no-adapters";
+    for (const name of names) {
+      const label = node("label", "", undefined, box);
+      const input = node("input", "", undefined, label);
+      Object.assign(input, { type: "checkbox", value: name, checked: name === chosen });
+      input.dataset.adapter = name;
+      label.append(" " + name);
+      input.addEventListener("change", () => {
+        if (document.querySelectorAll("#adapters input:checked").length > most) input.checked = false;
+        layColumns();
+      });
+    }
+    layColumns();
+  }
+
+  async function watchBase() {
+    const reply = await (await fetch("/api/playground")).json();
+    const state = document.getElementById("base-state");
+    state.textContent = reply.state;
+    state.className = "status " + reply.state;
+    document.getElementById("base-error").textContent = reply.error || "";
+    if (reply.state === "loading") return setTimeout(watchBase, 500);
+    if (reply.state === "ready" && reply.base !== base) {
+      base = reply.base;
+      chats.clear();
+      columns.replaceChildren();
+      showAdapters(reply.runs);
+    }
+  }
+
+  function settings() {
+    const number = (id) => document.getElementById(id).value.trim();
+    const body = { temperature: Number(number("temperature")), top_p: Number(number("top-p")),
+                   max_tokens: Number(number("max-tokens")) };
+    if (number("seed") !== "") body.seed = Number(number("seed"));
+    return body;
+  }
+
+  // One column's answer: POST with stream=true and append each delta as it arrives (server-sent events).
+  async function answer(model, bubble, history, controller) {
+    const system = document.getElementById("system").value.trim();
+    const messages = system ? [{ role: "system", content: system }, ...history] : history;
+    let text = "", chunks = 0, finish = null;
+    try {
+      const response = await fetch(api, {
+        method: "POST", signal: controller.signal,
+        headers: { "Content-Type": "application/json", "X-Studio-Token": token },
+        body: JSON.stringify({ model, messages, stream: true, ...settings() }),
+      });
+      if (!response.ok) {
+        const err = await response.json().catch(() => ({}));
+        throw new Error((err.error && err.error.message) || err.detail || "HTTP " + response.status);
+      }
+      const reader = response.body.getReader(), decoder = new TextDecoder();
+      let pending = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        pending += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = pending.indexOf("\n\n")) >= 0) {
+          const line = pending.slice(0, cut).replace(/^data: /, "");
+          pending = pending.slice(cut + 2);
+          if (line === "[DONE]") continue;
+          const event = JSON.parse(line);
+          if (event.error) throw new Error(event.error.message);
+          const choice = event.choices[0];
+          if (choice.delta && choice.delta.content) {
+            text += choice.delta.content;
+            chunks += 1;
+            bubble.firstChild.textContent = text;
+            bubble.dataset.chunks = chunks;
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    } catch (e) {
+      finish = controller.signal.aborted ? "stopped" : "error";
+      if (!controller.signal.aborted) node("div", "error", String(e.message || e), bubble);
+    }
+    history.push({ role: "assistant", content: text });
+    bubble.querySelector(".finish").textContent = finish || "";
+    bubble.dataset.finish = finish || "stop";
+  }
+
+  document.getElementById("chat-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const box = document.getElementById("message");
+    const message = box.value.trim();
+    if (!message || !base) return;
+    box.value = "";
+    controllers = [];
+    const send = document.getElementById("send");
+    send.disabled = true;
+    await Promise.all(shownModels().map((model) => {
+      const history = chats.get(model) || [];
+      chats.set(model, history);
+      history.push({ role: "user", content: message });
+      const turns = columns.querySelector(`[data-model="${CSS.escape(model)}"] .turns`);
+      node("div", "turn user", message, turns);
+      const bubble = node("div", "turn assistant", undefined, turns);
+      node("span", "text", "", bubble);
+      node("span", "finish", "", bubble);
+      const controller = new AbortController();
+      controllers.push(controller);
+      return answer(model, bubble, history, controller);
+    }));
+    send.disabled = false;
+  });
+  document.getElementById("message").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) {
+      event.preventDefault();
+      document.getElementById("chat-form").requestSubmit();
+    }
+  });
+  document.getElementById("stop-chat").addEventListener("click", () => controllers.forEach((c) => c.abort()));
+  document.getElementById("clear").addEventListener("click", () => { chats.clear(); columns.replaceChildren(); layColumns(); });
+  watchBase();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const curves = document.getElementById("curves");
   if (curves) watchRun(curves);
   const form = document.getElementById("launch-form");
   if (form) previewLaunch(form);
+  const chat = document.getElementById("playground");
+  if (chat) playground(chat);
 });
