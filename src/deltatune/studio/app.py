@@ -12,20 +12,22 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from ..task.config import ConfigError
-from . import launcher
+from . import jobs, launcher
 from .form import FormError, config_yaml, form_sections, raw_config
 from .playground import MAX_ADAPTERS, Playground, build_chat_app, chat_runs
+from .reports import KINDS, compare_heatmaps, find_reports, read_report, report_kind, sweep_tables
 from .runs import (
     LOG_NAME,
     OutsideRoot,
@@ -79,6 +81,7 @@ def create_app(
     pages.env.globals["token"] = token
     pages.env.filters["json"] = lambda value: json.dumps(value, indent=1, default=str)
     pages.env.filters["size"] = _size
+    pages.env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else ""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -194,6 +197,66 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
         return RedirectResponse("/playground", status_code=303)
 
+    @app.get("/reports", response_class=HTMLResponse)
+    def reports_page(request: Request):
+        context = {"reports": find_reports(root), "jobs": jobs.find_jobs(root), "kinds": KINDS}
+        return pages.TemplateResponse(request, "reports.html", context)
+
+    @app.get("/reports/new/{kind}", response_class=HTMLResponse)
+    def new_report_page(request: Request, kind: str):
+        return pages.TemplateResponse(request, "report_new.html", _new_report_context(root, kind, {}, None))
+
+    @app.post("/reports/new/{kind}", dependencies=posted)
+    async def new_report(request: Request, kind: str):
+        values = _form_values(await request.form())
+        try:
+            name = jobs.start(root, kind, values)
+        except jobs.JobRefused as exc:
+            context = _new_report_context(root, kind, values, str(exc))
+            return pages.TemplateResponse(request, "report_new.html", context, status_code=400)
+        return RedirectResponse(f"/jobs/{name}", status_code=303)
+
+    @app.get("/jobs/{name:path}", response_class=HTMLResponse)
+    def job_page(request: Request, name: str):
+        job = jobs.read_job(root, name)
+        if job is None:
+            raise HTTPException(404, f"no job writing {name!r}")
+        return pages.TemplateResponse(request, "job.html", {"job": job})
+
+    @app.get("/api/jobs/{name:path}")
+    def job_api(name: str):
+        job = jobs.read_job(root, name)
+        if job is None:
+            raise HTTPException(404, f"no job writing {name!r}")
+        return {"name": job.name, "kind": job.kind, "status": job.status, "log": job.log[-4000:]}
+
+    @app.post("/jobs/{name:path}/stop", dependencies=posted)
+    def stop_job(name: str):
+        jobs.stop(root, name)
+        return RedirectResponse(f"/jobs/{name}", status_code=303)
+
+    @app.get("/reports/{name:path}/pictures/{picture}")
+    def report_picture(name: str, picture: str):
+        report = report_or_404(name)
+        if picture not in report.pictures:
+            raise HTTPException(404, f"{name} has no picture {picture!r}")
+        return FileResponse(report.path / picture, media_type="image/png")
+
+    @app.get("/reports/{name:path}", response_class=HTMLResponse)
+    def report_page(request: Request, name: str):
+        report = report_or_404(name)
+        return pages.TemplateResponse(request, "report.html", _report_context(root, report))
+
+    def report_or_404(name: str):
+        try:
+            path = resolve_run(root, name)
+        except OutsideRoot as exc:
+            raise HTTPException(404, str(exc)) from None
+        kind = report_kind(path) if path.is_dir() else None
+        if kind is None:
+            raise HTTPException(404, f"no report {name!r}")
+        return read_report(root, path, kind)
+
     @app.get("/launch", response_class=HTMLResponse)
     def launch_page(request: Request):
         return pages.TemplateResponse(request, "launch.html", _launch_context({}, None))
@@ -249,6 +312,34 @@ def _yaml_or_empty(values: dict[str, str]) -> str:
 
 def _launch_context(values: dict[str, str], error: str | None) -> dict[str, Any]:
     return {"sections": form_sections(), "values": values, "error": error, "yaml": _yaml_or_empty(values)}
+
+
+def _new_report_context(root: Path, kind: str, values: dict[str, str], error: str | None) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise HTTPException(404, f"no report kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    runs = chat_runs(root)
+    return {"kind": kind, "values": values, "error": error, "runs": runs, "bases": sorted({r.base for r in runs}),
+            "command": jobs.COMMANDS[kind]}  # fmt: skip
+
+
+def _report_context(root: Path, report) -> dict[str, Any]:
+    context: dict[str, Any] = {"report": report, "data": report.data or {}}
+    if report.data and report.kind == "compare":
+        context["heat"] = compare_heatmaps(report.data)
+    if report.data and report.kind == "sweep":
+        context["sweep"] = sweep_tables(report.data)
+        context["trial_runs"] = _trial_runs(root, report.data)
+    return context
+
+
+def _trial_runs(root: Path, data: dict[str, Any]) -> dict[int, str]:
+    """Trial number -> its run's name in the studio, for the trials inside the root."""
+    found = {}
+    for trial in data.get("trials") or []:
+        folder = Path(str((trial or {}).get("trial_dir") or ""))
+        if folder.is_absolute() and folder.is_relative_to(root) and folder.is_dir():
+            found[trial.get("number")] = folder.relative_to(root).as_posix()
+    return found
 
 
 def _text(path: Path) -> str | None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,20 @@ def resume(root: Path, name: str) -> Path:
 
 
 def _start(out: Path, args: list[str]) -> subprocess.Popen:
-    with (out / LOG_NAME).open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "deltatune", "train", *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # relative paths: from where the studio runs
+    return spawn(["train", *args], out / LOG_NAME)
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    """`deltatune ARGS` in its own session (a stop reaches all its processes), printing into `log`; relative
+    paths resolve from where the studio runs. Its exit is collected on a thread, so an ended process never
+    lingers as a zombie that liveness checks would see."""
+    with log.open("ab") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deltatune", *args], stdout=handle, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+    threading.Thread(target=process.wait, name="studio-reaper", daemon=True).start()
+    return process
 
 
 def stop(root: Path, name: str) -> bool:

@@ -269,6 +269,20 @@ function playground(section) {
   watchBase();
 }
 
+// ---- a report job's page: its output as it prints, and the page anew when it ends ----------------------------
+function watchJob(section) {
+  const name = section.dataset.job, initial = section.dataset.status;
+  async function poll() {
+    try {
+      const reply = await (await fetch(`/api/jobs/${name}`)).json();
+      document.getElementById("job-log").textContent = reply.log;
+      if (reply.status !== initial) return window.location.reload();
+    } catch (e) { /* the studio restarting: try again */ }
+    setTimeout(poll, POLL_MS);
+  }
+  if (initial === "running") poll();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const curves = document.getElementById("curves");
   if (curves) watchRun(curves);
@@ -276,4 +290,6 @@ document.addEventListener("DOMContentLoaded", () => {
   if (form) previewLaunch(form);
   const chat = document.getElementById("playground");
   if (chat) playground(chat);
+  const job = document.getElementById("job");
+  if (job) watchJob(job);
 });
