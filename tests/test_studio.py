@@ -79,6 +79,39 @@ def test_the_runs_list_shows_each_state_and_never_breaks_on_a_bad_folder(tmp_pat
         assert client.get(f"/runs/{name}").status_code == 200
     crashed = client.get("/runs/crashed").text
     assert "NonFiniteLossError: loss is nan at step 3" in crashed and 'id="resume"' in crashed
+    assert (
+        runs["old"]["notes"]
+        == ["older format: no run.json (a deltatune from before it existed); status from summary.json"]
+        and not runs["done"]["notes"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("provenance", "problem", "note", "written_by"),
+    [
+        ({"schema_version": 1, "environment": {"deltatune": "0.1.0"}}, None, None, "0.1.0"),
+        ({"environment": {}}, None, "has no schema_version", None),
+        ({"schema_version": 99}, "schema_version 99 is newer than this deltatune reads (1)", None, None),
+        ("{half", "adapter/deltatune.json: ", None, None),
+    ],
+)
+def test_an_adapters_schema_shows_as_older_newer_or_unreadable(
+    tmp_path, provenance, problem, note, written_by
+):
+    folder = _run_folder(tmp_path, "r", state="finished", summary={"steps": 3})
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    text = provenance if isinstance(provenance, str) else json.dumps(provenance)
+    (folder / "adapter" / "deltatune.json").write_text(text)
+    client = _client(tmp_path)
+    (run,) = client.get("/api/runs").json()
+    assert run["written_by"] == written_by
+    assert (problem is None and not run["problems"]) or problem in " ".join(run["problems"])
+    assert (note is None and not run["notes"]) or note in " ".join(run["notes"])
+    page = client.get("/runs/r")
+    assert page.status_code == 200 and (
+        written_by is None or f"written by deltatune {written_by}" in page.text
+    )
 
 
 def test_metrics_come_in_complete_lines_from_an_offset(tmp_path):

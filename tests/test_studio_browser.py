@@ -1,6 +1,8 @@
 """The studio in a real browser (Playwright driving Debian's chromium; `.ci/run` installs it): launch a tiny
 run from the form and watch its curve gain points, stop it, resume it, open its adapter's provenance, be
-refused a second launch into its folder, and see a bad value refused with the CLI's message.
+refused a second launch into its folder, see a bad value refused with the CLI's message, chat with a run's
+adapter beside its base and see the answers stream, and start a compare report from its form and open its
+heatmap.
 
 Set DELTATUNE_SCREENSHOTS=FOLDER to keep a screenshot of each page (the README's come from here)."""
 
@@ -230,3 +232,45 @@ def test_chat_with_a_runs_adapter_streams_its_answer(studio, page, tiny_causal_l
         assert reply.status_code == 200 and text == reply.json()["choices"][0]["message"]["content"]
         assert chunks > 1  # it came in pieces
     assert answers["chatty"][0] != answers[str(tiny_causal_lm)][0]
+
+
+def test_start_a_compare_from_the_form_and_open_its_heatmap(studio, page, tiny_causal_lm, tmp_path):
+    """The reports page starts `deltatune compare` in its own process; its page follows the job to the end,
+    and the report's heatmaps show the numbers compare.json holds."""
+    import json
+
+    import yaml
+    from serve_helpers import saved_lora_adapters
+    from train_helpers import causal_config
+
+    root, url = studio
+    saved_lora_adapters(tiny_causal_lm, tmp_path, {"adapter": (4, "all-linear")}, b_std=0.5)
+    (root / "judged").mkdir()
+    shutil.move(tmp_path / "adapter", root / "judged" / "adapter")
+    (root / "judged" / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_causal_lm)}}))
+    task = causal_config(tiny_causal_lm, write_jsonl(tmp_path / "t.jsonl", instruction_rows(40, 0)), tmp_path)
+    task["eval"] = {"batch_size": 8, "metric": "loss"}
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))
+
+    page.goto(url + "/reports")
+    page.click("#new-compare")
+    page.fill('[name="tasks"]', f"json={tmp_path / 'task.yaml'}")
+    page.check('[data-run="judged"]')
+    page.fill('[name="out"]', "reports/cmp")
+    page.click("#start-report")
+    page.wait_for_url(url + "/jobs/reports/cmp")
+    sync_api.expect(page.locator("#job-status")).to_have_text("finished")  # the page reloads when it ends
+    page.click("#open-report")
+    page.wait_for_url(url + "/reports/reports/cmp")
+    written = json.loads((root / "reports" / "cmp" / "compare.json").read_text())
+    for entry in ("base", "judged"):
+        cell = page.locator(f'#heatmap-headline tr[data-entry="{entry}"] td')
+        sync_api.expect(cell).to_have_text(f"{written['headline'][entry]['json']:.4g}")
+        sync_api.expect(cell).to_have_class(re.compile(r"heat b\d+"))
+    gain = written["gain_vs_base"]["judged"]["json"]
+    sync_api.expect(page.locator('#heatmap-gain tr[data-entry="judged"] td')).to_have_text(f"{gain + 0.0:+.4g}")
+    sync_api.expect(page.locator("img.report-picture")).to_have_attribute("src", re.compile("compare.png$"))
+    _shot(page, "compare")
+    page.goto(url + "/reports")
+    sync_api.expect(page.locator('tr[data-report="reports/cmp"]')).to_contain_text("compare")
+    _shot(page, "reports")

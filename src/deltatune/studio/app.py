@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from jinja2 import TemplateError
 
 from ..task.config import ConfigError
 from . import jobs, launcher
@@ -81,6 +82,7 @@ def create_app(
     pages.env.globals["token"] = token
     pages.env.filters["json"] = lambda value: json.dumps(value, indent=1, default=str)
     pages.env.filters["size"] = _size
+    pages.env.filters["num"] = _num
     pages.env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else ""
 
     @app.middleware("http")
@@ -245,7 +247,12 @@ def create_app(
     @app.get("/reports/{name:path}", response_class=HTMLResponse)
     def report_page(request: Request, name: str):
         report = report_or_404(name)
-        return pages.TemplateResponse(request, "report.html", _report_context(root, report))
+        context = _report_context(root, report)
+        try:
+            return pages.TemplateResponse(request, "report.html", context)
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:  # fields it lacks
+            detail = f"{type(exc).__name__}: {exc}"
+            return pages.TemplateResponse(request, "report.html", context | {"raw": detail[:300]})
 
     def report_or_404(name: str):
         try:
@@ -349,6 +356,13 @@ def _text(path: Path) -> str | None:
         return None
 
 
+def _num(value: Any, spec: str) -> str:
+    """A number as `spec` formats it; anything else (missing, None, text) as nothing."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    return spec % value
+
+
 def _size(count: int | None) -> str:
     if not count:
         return ""
@@ -363,5 +377,6 @@ def _run_json(run) -> dict[str, Any]:
     return {
         "name": run.name, "status": run.status, "objective": run.objective, "method": run.method,
         "metric": run.metric, "best_metric": run.best_metric, "steps": run.steps, "max_steps": run.max_steps,
-        "adapter_bytes": run.adapter_bytes, "problems": run.problems, "error": run.error,
+        "adapter_bytes": run.adapter_bytes, "problems": run.problems, "notes": run.notes, "error": run.error,
+        "written_by": run.written_by,
     }  # fmt: skip

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from ..core.config import CONFIG_NAME, read_json_object
+from ..core.io import PROVENANCE_NAME
+from ..core.provenance import SCHEMA_VERSION
 from ..train.run_record import RUN_RECORD, read_run_record, writer_alive
 
 MAX_DEPTH = 3  # runs/NAME, runs/GROUP/NAME, runs/SWEEP/trials/NNNN
@@ -34,6 +36,8 @@ class Run:
     path: Path
     status: str = "unknown"  # running | finished | failed | killed | unknown
     problems: list[str] = field(default_factory=list)  # what could not be read, and why
+    notes: list[str] = field(default_factory=list)  # what an older or newer deltatune wrote differently
+    written_by: str | None = None  # the deltatune version the adapter's provenance names
     error: str | None = None  # a failed run's error, as run.json recorded it
     objective: str | None = None
     method: str | None = None
@@ -120,9 +124,33 @@ def read_run(root: Path, path: Path) -> Run:
     run.has_adapter = (path / ADAPTER_FOLDER / CONFIG_NAME).is_file()
     record = _guarded(run, RUN_RECORD, lambda: read_run_record(path))
     run.status = _status(record, summary)
+    if record is None and isinstance(summary, dict):
+        run.notes.append(
+            "older format: no run.json (a deltatune from before it existed); status from summary.json"
+        )
+    if run.has_adapter:
+        _read_schema(run, path / ADAPTER_FOLDER / PROVENANCE_NAME)
     if isinstance(record, dict) and record.get("state") == "failed":
         run.error = str(record.get("error"))
     return run
+
+
+def _read_schema(run: Run, file: Path) -> None:
+    """The provenance's schema version and the deltatune that wrote it, with a note when this version reads it
+    differently (none: older than provenance records; a higher one: newer than this deltatune)."""
+    provenance = _guarded(run, f"{ADAPTER_FOLDER}/{PROVENANCE_NAME}", lambda: _json(file))
+    if not isinstance(provenance, dict):
+        return
+    environment = provenance.get("environment")
+    run.written_by = environment.get("deltatune") if isinstance(environment, dict) else None
+    version = provenance.get("schema_version")
+    if version is None:
+        run.notes.append(f"older format: {ADAPTER_FOLDER}/{PROVENANCE_NAME} has no schema_version")
+    elif not isinstance(version, int) or version > SCHEMA_VERSION:
+        run.problems.append(
+            f"{ADAPTER_FOLDER}/{PROVENANCE_NAME}: schema_version {version!r} is newer than this deltatune reads "
+            f"({SCHEMA_VERSION}); upgrade deltatune to load this adapter"
+        )
 
 
 def _status(record: Any, summary: Any) -> str:
