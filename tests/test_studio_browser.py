@@ -268,7 +268,9 @@ def test_start_a_compare_from_the_form_and_open_its_heatmap(studio, page, tiny_c
         sync_api.expect(cell).to_have_text(f"{written['headline'][entry]['json']:.4g}")
         sync_api.expect(cell).to_have_class(re.compile(r"heat b\d+"))
     gain = written["gain_vs_base"]["judged"]["json"]
-    sync_api.expect(page.locator('#heatmap-gain tr[data-entry="judged"] td')).to_have_text(f"{gain + 0.0:+.4g}")
+    sync_api.expect(page.locator('#heatmap-gain tr[data-entry="judged"] td')).to_have_text(
+        f"{gain + 0.0:+.4g}"
+    )
     sync_api.expect(page.locator("img.report-picture")).to_have_attribute("src", re.compile("compare.png$"))
     _shot(page, "compare")
     page.goto(url + "/reports")
