@@ -171,6 +171,7 @@ def test_a_form_that_cannot_start_says_what_to_change(tmp_path, kind, form, need
     assert client.get("/reports/new/nope").status_code == 404
 
 
+@pytest.mark.subprocess
 def test_a_job_that_fails_shows_the_commands_own_message(tmp_path):
     _run_with_adapter(tmp_path, "r")
     client = _client(tmp_path)
@@ -190,6 +191,7 @@ def test_a_job_that_fails_shows_the_commands_own_message(tmp_path):
     assert 'data-job="reports/c"' in listing and "failed" in listing
 
 
+@pytest.mark.subprocess
 def test_a_running_job_refuses_a_second_into_its_folder_and_stops_on_request(tmp_path):
     _run_with_adapter(tmp_path, "r")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
