@@ -276,3 +276,55 @@ def test_start_a_compare_from_the_form_and_open_its_heatmap(studio, page, tiny_c
     page.goto(url + "/reports")
     sync_api.expect(page.locator('tr[data-report="reports/cmp"]')).to_contain_text("compare")
     _shot(page, "reports")
+
+
+@pytest.mark.parametrize(
+    ("kind", "form", "check"),
+    [
+        ("forgetting", {"texts": "8", "prompts": "2"}, ("#forgetting", "perplexity, base → adapted")),
+        ("latency", {"batch_sizes": "1", "reps": "2"}, ("#latency", "merged")),
+        ("sweep", {"trials": "2"}, ("#trials", "complete")),
+    ],
+)
+def test_start_each_other_report_from_its_form(studio, page, tiny_causal_lm, tmp_path, kind, form, check):
+    """Forgetting, latency and sweep start from their forms like compare, and their pages show what the
+    command wrote (a sweep's trials link to their run pages)."""
+    import yaml
+    from serve_helpers import saved_lora_adapters
+    from train_helpers import causal_config
+
+    root, url = studio
+    run = f"measured-{kind}"
+    saved_lora_adapters(tiny_causal_lm, tmp_path, {"adapter": (4, "all-linear")}, b_std=0.5)
+    (root / run).mkdir()
+    shutil.move(tmp_path / "adapter", root / run / "adapter")
+    (root / run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_causal_lm)}}))
+    if kind == "sweep":
+        task = causal_config(tiny_causal_lm, write_jsonl(tmp_path / "t.jsonl", instruction_rows(40, 0)), tmp_path)
+        task["training"] |= {"max_steps": 3}
+        task["eval"] = {"batch_size": 8, "metric": "loss"}
+        (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))
+        (tmp_path / "space.yaml").write_text("optim.lr: {float: [0.002, 0.01], log: true}\n")
+        form = form | {"config": str(tmp_path / "task.yaml"), "space": str(tmp_path / "space.yaml")}
+
+    page.goto(url + "/reports")
+    page.click(f"#new-{kind}")
+    if kind != "sweep":
+        page.select_option('[name="run"]', run)
+    for name, value in (form | {"out": f"reports/{kind}"}).items():
+        page.fill(f'[name="{name}"]', value)
+    page.click("#start-report")
+    page.wait_for_url(f"{url}/jobs/reports/{kind}")
+    sync_api.expect(page.locator("#job-status")).to_have_text("finished")
+    sync_api.expect(page.locator("#command")).to_contain_text(f"--out {root / 'reports' / kind}")
+    page.click("#open-report")
+    table, text = check
+    sync_api.expect(page.locator(table)).to_contain_text(text)
+    sync_api.expect(page.locator("img.report-picture").first).to_be_visible()
+    if kind == "sweep":
+        sync_api.expect(page.locator("#trials tr[data-trial]")).to_have_count(2)
+        page.click('#trials tr[data-trial="0"] a')
+        page.wait_for_url(f"{url}/runs/reports/sweep/trials/0000")
+        sync_api.expect(page.locator("#status")).to_have_text("finished")
+        page.go_back()
+    _shot(page, kind)
