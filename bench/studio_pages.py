@@ -54,7 +54,10 @@ def make_run(folder: Path, i: int, state: str = "finished", pid: int | None = No
         adapter = folder / "adapter"
         adapter.mkdir()
         (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
-        (adapter / "deltatune.json").write_text(json.dumps({"peft_type": "LORA", "data_sha256": "0" * 64}))
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+        provenance = {"schema_version": 1, "environment": {"deltatune": "0.1.0", "torch": "2.13.0"},
+                      "peft_type": "LORA", "data_sha256": "0" * 64}  # fmt: skip
+        (adapter / "deltatune.json").write_text(json.dumps(provenance))
     (folder / "data_summary.json").write_text(json.dumps({"rows": 1000, "examples": {"train": 900}}))
 
 
