@@ -300,7 +300,9 @@ def test_start_each_other_report_from_its_form(studio, page, tiny_causal_lm, tmp
     shutil.move(tmp_path / "adapter", root / run / "adapter")
     (root / run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_causal_lm)}}))
     if kind == "sweep":
-        task = causal_config(tiny_causal_lm, write_jsonl(tmp_path / "t.jsonl", instruction_rows(40, 0)), tmp_path)
+        task = causal_config(
+            tiny_causal_lm, write_jsonl(tmp_path / "t.jsonl", instruction_rows(40, 0)), tmp_path
+        )
         task["training"] |= {"max_steps": 3}
         task["eval"] = {"batch_size": 8, "metric": "loss"}
         (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))

@@ -168,3 +168,13 @@ def test_the_page_lists_bases_and_a_runs_page_links_its_chat(studio, tiny_causal
     assert client.get("/api/playground").json()["base"] == str(tiny_causal_lm)
     assert 'href="/playground?run=alpha"' in client.get("/runs/alpha").text
     assert 'id="chat"' not in client.get("/runs/bare").text
+
+
+def test_beyond_loopback_the_chat_api_needs_the_key(tiny_causal_lm, tmp_path):
+    with TestClient(
+        create_app(tmp_path, api_key="k", loopback_only=False), base_url="http://studio.lan"
+    ) as c:
+        assert c.post(CHAT, json={}).status_code == 401
+        assert c.get("/playground/api/v1/models").status_code == 401
+        with_key = c.get("/playground/api/v1/models", headers={"authorization": "Bearer k"})
+        assert with_key.status_code == 503 and "is not loaded" in with_key.text  # past the guard

@@ -91,7 +91,7 @@ def create_app(
             return Response("studio answers on its loopback address only", status_code=421)
         public = request.url.path.startswith("/static/") or request.url.path == "/login"
         if api_key and not public and not _authorized(request, api_key, session):
-            if request.url.path.startswith("/api/") or request.method != "GET":
+            if request.url.path.startswith(("/api/", CHAT_API + "/")) or request.method != "GET":
                 return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
             return RedirectResponse("/login", status_code=303)
         if _foreign_chat(request, token):
