@@ -157,7 +157,11 @@ def test_forms_turn_into_the_commands_a_terminal_would_run(tmp_path):
         ("latency", {"out": "../o", "run": "g/r1"}, "out: '../o' leads outside"),
         ("sweep", {"out": "o", "config": "c.yaml", "space": "s.yaml"}, "trials: how many trials"),
         ("forgetting", {"out": "g/r1", "run": "g/r1"}, "out: g/r1 already holds other files"),
-        ("compare", {"tasks": "t.yaml", "runs_1": "g/r1"}, "out: name the report's folder"),
+        (
+            "compare",
+            {"tasks": "t.yaml", "runs_1": "g/r1"},
+            "out: name the folder (under the studio's runs folder)",
+        ),
     ],
 )
 def test_a_form_that_cannot_start_says_what_to_change(tmp_path, kind, form, needle):

@@ -19,7 +19,7 @@ from ..core.atomic import write_text_atomic
 from ..train.run_record import process_start, writer_alive
 from .launcher import spawn
 from .reports import KINDS, report_kind
-from .runs import ADAPTER_FOLDER, OutsideRoot, read_run, resolve_run, tail_text
+from .runs import ADAPTER_FOLDER, OutsideRoot, placed, read_run, resolve_run, tail_text
 
 JOBS = ".studio-jobs"  # hidden: the runs and reports lists skip it
 LOG = "output.log"
@@ -115,13 +115,8 @@ def start(root: Path, kind: str, values: dict[str, str]) -> str:
     """Start the command for `kind`, writing its report into the folder the form names under `root`;
     returns that name. Refused while a job writes the same folder, and where a run or another kind of report
     already is."""
-    name = values.get("out", "").strip().strip("/")
-    if not name:
-        raise JobRefused("out: name the report's folder (under the studio's runs folder)")
-    try:
-        out = resolve_run(root, name)
-    except OutsideRoot as exc:
-        raise JobRefused(f"out: {exc}") from None
+    out = placed(root, values.get("out", ""), "out", JobRefused)
+    name = out.relative_to(root.resolve()).as_posix()
     argv = command_for(root, kind, values, out)
     found = report_kind(out) if out.is_dir() else None
     if out.is_dir() and found != kind and any(out.iterdir()):

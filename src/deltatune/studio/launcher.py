@@ -15,7 +15,7 @@ from ..task.config import ConfigError, TrainConfig, validate_config
 from ..train.checkpoint import list_checkpoints
 from ..train.run_record import live_writer
 from .form import config_yaml
-from .runs import LOG_NAME, OutsideRoot, resolve_run
+from .runs import LOG_NAME, placed, resolve_run
 
 LAUNCH_NAME = "launch.yaml"  # the config as the form gave it; the run writes its resolved config.yaml
 
@@ -27,15 +27,8 @@ class LaunchRefused(ValueError):
 def checked_config(root: Path, raw: dict[str, Any]) -> tuple[TrainConfig, Path]:
     """The config the form describes, checked as `deltatune train` checks it, with its output folder placed
     under `root` (the form names it relative to the root; anything leading outside is refused)."""
-    name = str(raw.get("output_dir") or "").strip().rstrip("/")
-    if not name:
-        raise LaunchRefused("output_dir: name the run's folder (under the studio's runs folder)")
-    try:
-        out = resolve_run(root, name)
-    except OutsideRoot as exc:
-        raise LaunchRefused(f"output_dir: {exc}") from None
-    placed = raw | {"output_dir": str(out)}
-    return validate_config(placed, str(out / LAUNCH_NAME)), out
+    out = placed(root, str(raw.get("output_dir") or ""), "output_dir", LaunchRefused)
+    return validate_config(raw | {"output_dir": str(out)}, str(out / LAUNCH_NAME)), out
 
 
 def _busy(out: Path) -> str | None:

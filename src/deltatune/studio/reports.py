@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runs import MAX_DEPTH, SKIPPED, is_run_folder, read_json_file
+from .runs import is_run_folder, read_json_file, walk
 
 # kind -> the JSON file that marks its folder, and the pictures the command draws beside it
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -45,22 +44,8 @@ def find_reports(root: Path) -> list[Report]:
     """Every report folder under `root` (up to MAX_DEPTH deep), newest first; run folders are not looked into
     (a sweep's trials are runs, listed on the runs page)."""
     root = root.resolve()
-    found: list[Report] = []
-    pending = [(root, 0)]
-    while pending:
-        folder, depth = pending.pop()
-        try:
-            entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            continue
-        for entry in entries:
-            path = Path(entry.path)
-            if entry.name.startswith(".") or entry.name in SKIPPED or is_run_folder(path):
-                continue
-            if kind := report_kind(path):
-                found.append(read_report(root, path, kind, load=False))
-            elif depth + 1 < MAX_DEPTH:
-                pending.append((path, depth + 1))
+    ends = walk(root, lambda path: is_run_folder(path) or report_kind(path) is not None)
+    found = [read_report(root, path, kind, load=False) for path in ends if (kind := report_kind(path))]
     return sorted(found, key=lambda r: r.updated, reverse=True)
 
 

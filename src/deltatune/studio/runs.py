@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,25 +80,40 @@ def is_run_folder(path: Path) -> bool:
 def find_runs(root: Path) -> list[Run]:
     """Every run folder under `root` (up to MAX_DEPTH deep), newest first."""
     root = root.resolve()
-    found: list[Run] = []
+    found = [read_run(root, path) for path in walk(root, is_run_folder)]
+    return sorted(found, key=lambda r: r.updated, reverse=True)
+
+
+def walk(root: Path, stop: Callable[[Path], bool]) -> Iterator[Path]:
+    """The folders under `root`, up to MAX_DEPTH deep, for which `stop(path)` holds (they are not looked into);
+    hidden folders (atomic writes' staging, the studio's jobs) and SKIPPED ones are left out."""
     pending = [(root, 0)]
     while pending:
         folder, depth = pending.pop()
         try:
-            entries = [
-                e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and e.name not in SKIPPED
-            ]
+            entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue  # staging folders of atomic writes
+            if entry.name.startswith(".") or entry.name in SKIPPED:
+                continue
             path = Path(entry.path)
-            if is_run_folder(path):
-                found.append(read_run(root, path))
+            if stop(path):
+                yield path
             elif depth + 1 < MAX_DEPTH:
                 pending.append((path, depth + 1))
-    return sorted(found, key=lambda r: r.updated, reverse=True)
+
+
+def placed(root: Path, name: str, key: str, error: type[Exception]) -> Path:
+    """The folder a form's `key` names under `root`; `error` (its message opening with the key) when it names
+    none or leads outside."""
+    name = name.strip().rstrip("/")
+    if not name:
+        raise error(f"{key}: name the folder (under the studio's runs folder)")
+    try:
+        return resolve_run(root, name)
+    except OutsideRoot as exc:
+        raise error(f"{key}: {exc}") from None
 
 
 def read_run(root: Path, path: Path) -> Run:
