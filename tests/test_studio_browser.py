@@ -221,7 +221,6 @@ def test_chat_with_a_runs_adapter_streams_its_answer(studio, page, tiny_causal_l
             bubble.locator(".text").text_content(),
             int(bubble.get_attribute("data-chunks") or 0),
         )
-    _shot(page, "playground")
 
     token = page.locator('meta[name="studio-token"]').get_attribute("content")
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "good day to you"}]
