@@ -159,7 +159,6 @@ def test_launch_watch_stop_resume_and_provenance(studio, page, tiny_causal_lm, t
     row = page.locator('tr[data-run="tiny"]')
     sync_api.expect(row.locator(".status")).to_have_text("killed")
     sync_api.expect(row).to_contain_text("lora")
-    _shot(page, "runs")
 
 
 def test_a_bad_value_shows_the_command_lines_message(studio, page, tiny_causal_lm, tmp_path):

@@ -1,6 +1,7 @@
-"""The README's playground screenshot: the bundled SmolLM2 beside the quickstart's adapter (run `make demo`
-first, which writes outputs/quickstart). The other screenshots come from tests/test_studio_browser.py with
-DELTATUNE_SCREENSHOTS=docs/studio. Usage: python docs/studio/playground_screenshot.py"""
+"""The README's runs and playground screenshots, over this checkout's outputs/ folder: the runs list, and the
+bundled SmolLM2 beside the quickstart's adapter (run `make demo` first, which writes outputs/quickstart). The
+other screenshots come from tests/test_studio_browser.py with DELTATUNE_SCREENSHOTS=docs/studio.
+Usage: python docs/studio/screenshots.py"""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main() -> None:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium")
             page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
             expect.set_options(timeout=600_000)
+            page.goto(URL + "/")
+            page.screenshot(path="docs/studio/runs.png")
             page.goto(URL + "/playground?run=quickstart")
             expect(page.locator("#base-state")).to_have_text("ready")
             page.fill("#temperature", "0")
