@@ -9,6 +9,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -213,3 +215,31 @@ def test_a_bad_value_is_refused_with_the_message_the_command_line_gives(tmp_path
     absolute = client.post("/launch", data={**values, "training.max_steps": "3", "output_dir": "/tmp/x",
                                             "token": _token(client)})  # fmt: skip
     assert absolute.status_code == 400 and "outside the studio" in absolute.text
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_stop_reaches_a_trainer_even_where_ctrl_c_was_ignored(tmp_path, tiny_causal_lm):
+    """A studio started as a shell's background job ignores SIGINT, and so would the trainers it starts: they
+    lead their own session, so they take SIGINT back (honour_interrupts) and the stop button works."""
+    from train_helpers import causal_config, instruction_rows, write_jsonl
+
+    config = causal_config(tiny_causal_lm, write_jsonl(tmp_path / "d.jsonl", instruction_rows(40, 0)), "run",
+                           max_steps=100_000)  # fmt: skip
+    config["eval"] = {"every": 100_000}
+    script = f"""
+import json, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `studio &` in a script leaves it
+from deltatune.studio import launcher
+root = Path({str(tmp_path / "runs")!r})
+out = launcher.launch(root, json.loads({json.dumps(json.dumps(config))}))
+while not (out / "metrics.jsonl").is_file():
+    time.sleep(0.1)
+assert launcher.stop(root, "run")
+while launcher.live_writer(out):
+    time.sleep(0.1)
+print(json.loads((out / "run.json").read_text())["state"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip() == "killed", done.stderr

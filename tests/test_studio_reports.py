@@ -25,6 +25,8 @@ from deltatune.studio.reports import compare_heatmaps, find_reports  # noqa: E40
 from deltatune.train.run_record import process_start  # noqa: E402
 
 GUARD_S = 600  # hang guard only
+# a stand-in for a report command: Ctrl-C ends it even where the test runner ignores SIGINT (a background job)
+SLEEPER = "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(600)"
 
 COMPARE = {
     "tasks": {"json": {"metric": "json_valid", "higher_is_better": True}, "word": {"metric": "loss", "higher_is_better": False}},
@@ -198,7 +200,7 @@ def test_a_job_that_fails_shows_the_commands_own_message(tmp_path):
 @pytest.mark.subprocess
 def test_a_running_job_refuses_a_second_into_its_folder_and_stops_on_request(tmp_path):
     _run_with_adapter(tmp_path, "r")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
     try:
         folder = tmp_path / jobs.JOBS / "busy"
         folder.mkdir(parents=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -465,7 +467,20 @@ def _plain_warnings() -> None:
     warnings.formatwarning = formatted
 
 
+def honour_interrupts() -> None:
+    """Ctrl-C semantics (KeyboardInterrupt) for a deltatune process that leads its own session, even when its
+    parent ignored SIGINT (a shell's background job ignores it, and so does all it starts): no terminal can
+    send such a process SIGINT, so an inherited ignore would only make the studio's stop button do nothing."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        and os.getsid(0) == os.getpid()
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    honour_interrupts()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow the flags (`train c.yaml --resume optim.lr=0.1`), which argparse won't intermix.
