@@ -41,7 +41,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The quick tier: the unit tests under ~1.5 s each, no real model, no subprocess (under 90 s on 2 cores;
 # `make test` runs everything, and CI runs `make test`).
