@@ -178,3 +178,56 @@ def test_beyond_loopback_the_chat_api_needs_the_key(tiny_causal_lm, tmp_path):
         assert c.get("/playground/api/v1/models").status_code == 401
         with_key = c.get("/playground/api/v1/models", headers={"authorization": "Bearer k"})
         assert with_key.status_code == 503 and "is not loaded" in with_key.text  # past the guard
+
+
+def test_a_chat_whose_page_goes_away_ends_at_its_next_token(studio, tiny_causal_lm, monkeypatch):
+    """Stop (or a closed tab) drops the stream's connection; through the studio's own middleware the row is
+    cancelled in the engine as a served one is, instead of decoding on to max_tokens."""
+    import asyncio
+
+    from deltatune.runtime.decode import DecodeBatch
+
+    root, client = studio
+    _ready(client, tiny_causal_lm)
+    real_step = DecodeBatch.step
+
+    def slow_step(self):
+        time.sleep(0.02)  # 512 tokens would take 10 s
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slow_step)
+    body = {"model": "alpha", "messages": MESSAGES, "max_tokens": 512, "temperature": 0, "stream": True}
+    raw = json.dumps(body).encode()
+
+    async def page_that_leaves() -> list[bytes]:
+        pieces: list[bytes] = []
+        first = asyncio.Event()
+        request = [{"type": "http.request", "body": raw, "more_body": False}]
+
+        async def receive() -> dict:
+            if request:
+                return request.pop(0)
+            await first.wait()  # connected until the first piece of the answer arrives
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                pieces.append(message["body"])
+                first.set()
+
+        headers = [(b"host", b"127.0.0.1:7860"), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(raw)).encode()), (b"x-studio-token", client.headers["x-studio-token"].encode())]  # fmt: skip
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
+                 "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 7860)}  # fmt: skip
+        await client.app(scope, receive, send)
+        return pieces
+
+    pieces = asyncio.run(page_that_leaves())
+    assert pieces and b"[DONE]" not in b"".join(pieces)
+    details = "/playground/api/health/details"
+    deadline = time.monotonic() + GUARD_S  # a hang guard: the row ends at its next token
+    while (stats := client.get(details).json()["stats"])["cancelled_rows"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert stats["cancelled_rows"] == 1 and client.get(details).json()["in_flight"] == 0
