@@ -244,6 +244,18 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
 
+    def __getattr__(self, name: str):
+        """What the wrapper lacks, the wrapped layer answers (`weight`, `bias`, `in_features`, ...): models read
+        those of the layer they built (T5's feed-forward casts to `self.wo.weight.dtype`), and must keep working
+        once it is wrapped. Called only after normal lookup failed, so the wrapper's own state comes first."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer") if name != "base_layer" else None
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module and one trainable copy per adapter (PEFT's `modules_to_save`).

@@ -95,6 +95,20 @@ def suggest_names(missing: str, names: list[str]) -> list[str]:
     return difflib.get_close_matches(missing, pool, n=5, cutoff=0.4)
 
 
+def uncalled_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose weight the model uses without calling them, so a wrapper on one would never run: name ->
+    why. nn.MultiheadAttention hands `out_proj.weight` straight to the functional attention (SigLIP's and
+    CLIP-style pooling heads use it)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj": (
+            f"{type(module).__name__} passes out_proj's weight to its functional attention without calling "
+            "out_proj, so an adapter there would never run (its in_proj_weight is a bare parameter too)"
+        )
+        for name, module in modules_outside_adapters(model)
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def candidate_modules(
     model: nn.Module, is_wrapper: Callable[[nn.Module], bool]
 ) -> list[tuple[str, nn.Module]]:
@@ -124,12 +138,13 @@ def select_targets(
     named = candidate_modules(model, is_wrapped)
     names = [n for n, _ in named]
     all_linear = spec == ALL_LINEAR or (isinstance(spec, list) and spec == [ALL_LINEAR])
+    uncalled = uncalled_layers(model)
     if all_linear:
         heads = _output_head_names(model) | set(config.modules_to_save or [])
         hits = [
             (n, m) for n, m in named if (is_linear_like(m) or isinstance(m, AdapterLayer)) and n not in heads
         ]
-        hits = [(n, m) for n, m in hits if not name_matches(n, sorted(heads))]
+        hits = [(n, m) for n, m in hits if not name_matches(n, sorted(heads)) and n not in uncalled]
     else:
         hits = [(n, m) for n, m in named if name_matches(n, spec)]
         if isinstance(spec, list):
@@ -154,6 +169,12 @@ def select_targets(
         keep = set(config.layers_to_transform)
         skipped = [n for n, _ in hits if _layer_index(n, config.layers_pattern) not in keep]
         hits = [(n, m) for n, m in hits if n not in skipped]
+    refused = [n for n, _ in hits if n in uncalled]
+    if refused:
+        raise TargetingError(
+            f"target_modules={spec!r} selects {refused[0]!r}, which cannot be adapted: {uncalled[refused[0]]}. "
+            "Leave it out (all-linear does), e.g. with exclude_modules"
+        )
     foreign = [(n, m) for n, m in hits if isinstance(m, AdapterLayer) and not is_wrapped(m)]
     if foreign:
         n, m = foreign[0]
