@@ -119,7 +119,8 @@ class Pooled(nn.Module):
 def test_an_uncalled_layer_is_left_out_of_all_linear_and_refused_by_name():
     model = Pooled()
     preview = dt.preview_targets(model, dt.LoraConfig(r=2, target_modules="all-linear"))
-    assert list(preview.targets) == ["proj"]  # not attention.out_proj
+    assert list(preview.targets) == ["proj"]  # not attention.out_proj, and the preview says why
+    assert "left out: attention.out_proj: MultiheadAttention passes out_proj's weight" in str(preview)
     for spec in (["out_proj"], ["proj", "attention.out_proj"], ".*proj"):
         with pytest.raises(TargetingError, match=r"selects 'attention.out_proj', which cannot be adapted: "
                            r"MultiheadAttention passes out_proj's weight to its functional attention"):  # fmt: skip

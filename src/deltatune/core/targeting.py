@@ -13,7 +13,7 @@ import difflib
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -43,6 +43,7 @@ class TargetPreview:
     targets: dict[str, str]
     excluded: list[str]
     skipped_by_layer: list[str]
+    left_out: dict[str, str] = field(default_factory=dict)  # linear layers all-linear did not take, and why
 
     def __str__(self) -> str:
         lines = [f"{len(self.targets)} module(s) targeted:"]
@@ -57,6 +58,7 @@ class TargetPreview:
             lines.append(f"  excluded by exclude_modules: {len(self.excluded)}")
         if self.skipped_by_layer:
             lines.append(f"  outside layers_to_transform: {len(self.skipped_by_layer)}")
+        lines += [f"  left out: {name}: {why}" for name, why in self.left_out.items()]
         return "\n".join(lines)
 
 
@@ -194,4 +196,5 @@ def select_targets(
         raise TargetingError(
             f"target_modules={spec!r} matched modules, but exclude_modules / layers_to_transform removed all of them"
         )
-    return TargetPreview({n: type(m).__name__ for n, m in hits}, excluded, skipped)
+    left_out = {n: uncalled[n] for n, m in named if all_linear and n in uncalled and is_linear_like(m)}
+    return TargetPreview({n: type(m).__name__ for n, m in hits}, excluded, skipped, left_out)
