@@ -5,9 +5,9 @@ command and its process; output.log), and the jobs list reads it from there."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from ..core.atomic import write_text_atomic
 from ..train.run_record import process_start, writer_alive
-from .launcher import spawn
+from .launcher import interrupt, spawn
 from .reports import KINDS, report_kind
 from .runs import ADAPTER_FOLDER, OutsideRoot, placed, read_run, resolve_run, tail_text
 
@@ -162,7 +162,9 @@ def _read_job(root: Path, folder: Path) -> Job | None:
     if writer_alive(record):
         status = "running"
     else:
-        written = (out / KINDS[record["kind"]][0]).stat().st_mtime if report_kind(out) else 0.0
+        written = 0.0
+        with contextlib.suppress(OSError):  # a report being swapped in this instant: read again next poll
+            written = (out / KINDS[record["kind"]][0]).stat().st_mtime
         status = "finished" if written >= float(record.get("started") or 0) else "failed"
     return Job(name, record["kind"], list(record.get("command") or []), float(record.get("started") or 0),
                status, tail_text(folder / LOG))  # fmt: skip
@@ -184,10 +186,4 @@ def stop(root: Path, name: str) -> bool:
         record: dict[str, Any] = json.loads(job_record.read_text())
     except (OSError, ValueError):
         return False
-    if not writer_alive(record):
-        return False
-    try:
-        os.killpg(record["pid"], signal.SIGINT)
-    except ProcessLookupError:
-        return False
-    return True
+    return writer_alive(record) and interrupt(record["pid"])

@@ -88,14 +88,16 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
 def stop(root: Path, name: str) -> bool:
     """Ask a running trainer to stop (Ctrl-C: it records itself as killed and closes its trackers' runs); its
     last checkpoint stays, so it can be resumed. False when nothing of it is running."""
-    out = resolve_run(root, name)
-    record = live_writer(out)
-    if record is None:
-        return False
-    pid = record["pid"]
+    record = live_writer(resolve_run(root, name))
+    return record is not None and interrupt(record["pid"])
+
+
+def interrupt(pid: int) -> bool:
+    """Ctrl-C to process `pid`: to its whole session when it leads one (started here, torchrun's workers and a
+    sweep's trials included), else to it alone (started from a terminal). False when it is gone."""
     try:
         group = os.getpgid(pid)
-        if group == pid:  # launched here: its own session, torchrun's workers included
+        if group == pid:
             os.killpg(group, signal.SIGINT)
         else:
             os.kill(pid, signal.SIGINT)
