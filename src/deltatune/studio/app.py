@@ -111,11 +111,14 @@ def create_app(
 
     posted = [Depends(page_token)]
 
-    def run_or_404(name: str):
+    def folder_or_404(name: str) -> Path:
         try:
-            path = resolve_run(root, name)
+            return resolve_run(root, name)
         except OutsideRoot as exc:
             raise HTTPException(404, str(exc)) from None
+
+    def run_or_404(name: str):
+        path = folder_or_404(name)
         if not path.is_dir():
             raise HTTPException(404, f"no run {name!r}")
         return read_run(root, path)
@@ -255,10 +258,7 @@ def create_app(
             return pages.TemplateResponse(request, "report.html", context | {"raw": detail[:300]})
 
     def report_or_404(name: str):
-        try:
-            path = resolve_run(root, name)
-        except OutsideRoot as exc:
-            raise HTTPException(404, str(exc)) from None
+        path = folder_or_404(name)
         kind = report_kind(path) if path.is_dir() else None
         if kind is None:
             raise HTTPException(404, f"no report {name!r}")

@@ -19,7 +19,7 @@ from ..core.atomic import write_text_atomic
 from ..train.run_record import process_start, writer_alive
 from .launcher import interrupt, spawn
 from .reports import KINDS, report_kind
-from .runs import ADAPTER_FOLDER, OutsideRoot, placed, read_run, resolve_run, tail_text
+from .runs import NoAdapter, OutsideRoot, adapter_folder, placed, read_run, resolve_run, tail_text
 
 JOBS = ".studio-jobs"  # hidden: the runs and reports lists skip it
 LOG = "output.log"
@@ -51,12 +51,9 @@ def _lines(text: str) -> list[str]:
 def _adapter_of(root: Path, run: str) -> str:
     """A run's adapter folder (the form offers runs by name)."""
     try:
-        folder = resolve_run(root, run) / ADAPTER_FOLDER
-    except OutsideRoot as exc:
+        return str(adapter_folder(root, run))
+    except (OutsideRoot, NoAdapter) as exc:
         raise JobRefused(str(exc)) from None
-    if not folder.is_dir():
-        raise JobRefused(f"run {run!r} has no adapter yet (one is kept at each checkpoint)")
-    return str(folder)
 
 
 def _base_of(root: Path, run: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.errors import AdapterNotFoundError
 from ..runtime import AdapterCache, AdapterNameInvalid
-from .runs import ADAPTER_FOLDER, OutsideRoot, Run, find_runs, resolve_run
+from .runs import NoAdapter, OutsideRoot, Run, adapter_folder, find_runs
 
 MAX_ADAPTERS = 3  # columns beside the base's
 CACHE_BYTES = 1 << 30  # adapters kept loaded; the least recently used go beyond it
@@ -27,11 +27,11 @@ class RunAdapters(AdapterCache):
 
     def resolve(self, name: str) -> Path:
         try:  # the directory is always the studio's root
-            folder = resolve_run(self.directory, name) / ADAPTER_FOLDER
+            folder = adapter_folder(self.directory, name)
         except OutsideRoot as exc:
             raise AdapterNameInvalid(str(exc)) from None
-        if not folder.is_dir():
-            raise AdapterNotFoundError(f"run {name!r} has no adapter yet (one is kept at each checkpoint)")
+        except NoAdapter as exc:
+            raise AdapterNotFoundError(str(exc)) from None
         return self.contained(name, folder)
 
     def available(self) -> list[str]:

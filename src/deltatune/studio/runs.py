@@ -31,6 +31,10 @@ class OutsideRoot(ValueError):
     """A run name that leads outside the studio's root (`..`, an absolute path, a symlink out)."""
 
 
+class NoAdapter(LookupError):
+    """A run that has kept no adapter yet."""
+
+
 @dataclass
 class Run:
     name: str  # the folder relative to the root, with "/" between parts: the run's id in URLs
@@ -71,6 +75,15 @@ def resolve_run(root: Path, name: str) -> Path:
     if not path.is_relative_to(root) or path == root:
         raise OutsideRoot(f"{name!r} is outside the studio's runs folder")
     return path
+
+
+def adapter_folder(root: Path, name: str) -> Path:
+    """Run `name`'s adapter folder: OutsideRoot for a name leading outside `root`, NoAdapter when the run has
+    kept none yet."""
+    folder = resolve_run(root, name) / ADAPTER_FOLDER
+    if not folder.is_dir():
+        raise NoAdapter(f"run {name!r} has no adapter yet (one is kept at each checkpoint)")
+    return folder
 
 
 def is_run_folder(path: Path) -> bool:
