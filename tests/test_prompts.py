@@ -24,6 +24,7 @@ def _spec(fmt: str, system_prompt: str | None = None) -> SimpleNamespace:
         system_prompt=system_prompt,
         instruction_template=None,
         output_template=None,
+        assistant_turns="all",
     )
 
 

@@ -133,6 +133,7 @@ def required_columns(spec: Any) -> dict[str, str]:
         "classification": ["text", "label"],
         "instruction": ["instruction", "output"],
         "chat": ["messages"],
+        "sharegpt": ["conversations"],
         "preference": ["prompt", "chosen", "rejected"],
         "unpaired_preference": ["prompt", "completion", "label"],
     }.get(spec.format, ["text"])

@@ -12,10 +12,13 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from .conversations import Conversation, ConversationError, from_messages, from_sharegpt
 from .prompts import PromptRenderer, Rendered
+from .readers import DataError
 
 IGNORE = -100
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")
+CONVERSATION_FORMATS = ("chat", "sharegpt")
 
 
 class RowError(ValueError):
@@ -69,8 +72,8 @@ class Encoder:
             from .preference import pair_key
 
             return pair_key(fields, self.spec.instruction_template)
-        if fmt == "chat":
-            return json.dumps(fields.get("messages"), sort_keys=True, default=str)
+        if fmt in CONVERSATION_FORMATS:
+            return self.conversation(fields).key()
         if fmt == "instruction" and self.spec.instruction_template:
             return self._templated(fields)[0]
         if fmt == "instruction":
@@ -84,8 +87,8 @@ class Encoder:
         if fmt == "instruction":
             instruction, inp, output = self._instruction_fields(fields)
             return self._prompt_response(self._rendered(self.prompts.instruction, instruction, inp), output)
-        if fmt == "chat":
-            return self._chat(fields.get("messages"))
+        if fmt in CONVERSATION_FORMATS:
+            return self._chat(self.conversation(fields))
         if fmt in PREFERENCE_FORMATS:
             from .preference import encode_preference, encode_unpaired
 
@@ -114,11 +117,12 @@ class Encoder:
                     _text_field(fields, "input", required=False),
                 )
             return self._bos() + self._rendered(self.prompts.instruction, instruction, inp).ids()
-        if fmt == "chat":
-            messages = fields.get("messages")
-            if not self.has_chat_template or not isinstance(messages, list):
-                raise RowError("format 'chat' needs 'messages' and a tokenizer with a chat template")
-            return self._bos() + self._rendered(self.prompts.chat, messages).ids()
+        if fmt in CONVERSATION_FORMATS:
+            conversation = self.conversation(fields)
+            return (
+                self._bos()
+                + self._rendered(self.prompts.chat, conversation.messages, True, conversation.tools).ids()
+            )
         if fmt == "classification":
             raise RowError(
                 "a classification config has no prompts to generate from; use `deltatune classify`"
@@ -143,7 +147,39 @@ class Encoder:
             return {"prompt": text}
         if spec.format == "chat":
             return {"messages": [{"role": "user", "content": text}]}
+        if spec.format == "sharegpt":
+            return {"conversations": [{"from": "human", "value": text}]}
         return {"text": text}
+
+    def conversation(self, fields: dict[str, Any]) -> Conversation:
+        """The row's conversation (format chat: `messages`; sharegpt: `conversations`; either: `tools`),
+        checked, and renderable by this tokenizer's chat template."""
+        if not self.has_chat_template:
+            raise RowError(
+                f"format {self.spec.format!r} needs a tokenizer with a chat template; use format: instruction"
+            )
+        try:
+            if self.spec.format == "sharegpt":
+                conversation = from_sharegpt(fields.get("conversations"), fields.get("tools"))
+            else:
+                conversation = from_messages(fields.get("messages"), fields.get("tools"))
+        except ConversationError as exc:
+            raise RowError(str(exc)) from None
+        missing = (
+            self.prompts.unrendered_tool_parts() if conversation.calls_tools or conversation.tools else []
+        )
+        missing = [
+            p
+            for p in missing
+            if p == "tool_calls" and conversation.calls_tools or p == "tools" and conversation.tools
+        ]
+        if missing:
+            raise DataError(
+                f"the tokenizer's chat template does not render {' or '.join(missing)}: rows with tool calls would "
+                "train on turns with the calls left out. Use a model whose chat template renders tools (Qwen2.5, "
+                "Llama 3.1 and later), or set its tokenizer's chat_template to one that does"
+            )
+        return conversation
 
     # --- formats -------------------------------------------------------------------------------------------
     def _classification(self, fields: dict[str, Any]) -> Example:
@@ -185,8 +221,13 @@ class Encoder:
         except ValueError as exc:
             raise RowError(str(exc)) from None
 
-    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.prompts.chat_text(messages, add_generation_prompt)
+    def _apply_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any = None
+    ) -> str:
+        try:
+            return self.prompts.chat_text(messages, add_generation_prompt, tools)
+        except ValueError as exc:
+            raise RowError(str(exc)) from None
 
     def answer_ids(self, answer: str) -> list[int]:
         """A plain-text answer's ids: with a chat template, followed by the template's own end-of-turn
@@ -204,39 +245,59 @@ class Encoder:
         response_ids = self.answer_ids(output)
         return self._assemble([(prompt_ids, False), (response_ids, True)], reference=output)
 
-    def _chat(self, messages: Any) -> Example:
-        if not self.has_chat_template:
-            raise RowError("format 'chat' needs a tokenizer with a chat template; use format: instruction")
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages
-        ):
-            raise RowError("'messages' must be a list of {role, content} objects")
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    def _chat(self, conversation: Conversation) -> Example:
+        turns = [i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"]
         if not turns:
             raise RowError("no assistant message to learn from")
+        trained = set(turns[-1:] if self.spec.assistant_turns == "last" else turns)
+        messages, tools = conversation.messages[: turns[-1] + 1], conversation.tools
+        self._check_tool_text(messages, tools)
         # Each turn's prompt and answer are ranges of the whole conversation's rendering; rendered once more
         # as a whole only when a message holds a special token's text, which must stay text.
-        contents = [m["content"] for m in messages[: turns[-1] + 1]]
+        contents = [m["content"] for m in messages]
         typed = self.prompts.typed(contents + ([self.spec.system_prompt] if self.spec.system_prompt else []))
-        whole = self._rendered(self.prompts.chat, messages[: turns[-1] + 1], False) if typed else None
+        whole = self._rendered(self.prompts.chat, messages, False, tools) if typed else None
         segments: list[tuple[list[int], bool]] = []
-        rendered = ""
+        rendered = prompt = full = ""
         for turn in turns:
-            prompt = self._apply_template(messages[:turn], add_generation_prompt=True)
-            full = self._apply_template(messages[: turn + 1], add_generation_prompt=False)
+            prompt = self._apply_template(messages[:turn], True, tools)
+            full = self._apply_template(messages[: turn + 1], False, tools)
             if not (prompt.startswith(rendered) and full.startswith(prompt)) or (
                 whole is not None and not whole.text.startswith(full)
             ):
                 raise RowError("the chat template does not render turns as prefixes; cannot mask per turn")
             if whole is None:
                 segments.append((self.prompts.markup_ids(prompt[len(rendered) :]), False))
-                segments.append((self.prompts.markup_ids(full[len(prompt) :]), True))
+                segments.append((self.prompts.markup_ids(full[len(prompt) :]), turn in trained))
             else:
                 segments.append((whole.ids(len(rendered), len(prompt)), False))
-                segments.append((whole.ids(len(prompt), len(full)), True))
+                segments.append((whole.ids(len(prompt), len(full)), turn in trained))
             rendered = full
         segments[0] = (self._bos() + segments[0][0], False)
-        return self._assemble(segments, reference=messages[turns[-1]]["content"])
+        last = messages[turns[-1]]
+        reference = self._rendered_call(full[len(prompt) :]) if last.get("tool_calls") else last["content"]
+        return self._assemble(segments, reference=reference)
+
+    def _check_tool_text(self, messages: list[dict[str, Any]], tools: Any) -> None:
+        """Tool calls and schemas are rendered by the template as they are: a special token's text in them
+        would become a control token, so such a row is refused (contents are kept as text instead)."""
+        calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+        if calls or tools:
+            found = self.prompts.typed([json.dumps([calls, tools], ensure_ascii=False)])
+            if found:
+                raise RowError(
+                    "a tool call or tool schema holds a special token's text, which the template would turn into "
+                    "a control token; remove it"
+                )
+
+    def _rendered_call(self, answer: str) -> str:
+        """A tool-calling turn as the model should write it: the template's rendering of the calls, without
+        the end-of-turn text that follows every answer."""
+        closed = self._apply_template(
+            [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x01"}], False, None
+        )
+        tail = closed[closed.rindex("\x01") + 1 :] if "\x01" in closed else ""
+        return answer.removesuffix(tail) if tail else answer
 
     def _plain_text(self, fields: dict[str, Any]) -> Example:
         ids = self._bos() + self.prompts.text_ids(_text_field(fields, "text")) + self._eos()

@@ -64,6 +64,7 @@ class PromptRenderer:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.specials = special_strings(tokenizer)
         self._any_special = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
+        self._unrendered_tool_parts: list[str] | None = None
 
     # ---- ids of pieces -------------------------------------------------------------------------------------
     def text_ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -118,21 +119,63 @@ class PromptRenderer:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return list(messages)
 
-    def chat_text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat template's text over `messages` (the system prompt first when set and none is given)."""
-        return self.tokenizer.apply_chat_template(
-            self.with_system(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    def chat_text(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The chat template's text over `messages` (the system prompt first when set and none is given) and
+        the tool schemas it shows the model. A template that raises (roles it cannot render) is a ValueError
+        carrying the template's own message."""
+        from jinja2 import TemplateError
 
-    def chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> Rendered:
+        try:
+            return self.tokenizer.apply_chat_template(
+                self.with_system(messages),
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except TemplateError as exc:
+            raise ValueError(f"the chat template refuses this conversation: {exc}") from None
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Rendered:
         """The chat template over `messages`, split so that their contents encode as text."""
         messages = self.with_system(messages)
 
         def fill(contents: Sequence[str]) -> str:
             filled = [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]
-            return self.chat_text(filled, add_generation_prompt)
+            return self.chat_text(filled, add_generation_prompt, tools)
 
         return self.render(fill, [m["content"] for m in messages])
+
+    def unrendered_tool_parts(self) -> list[str]:
+        """What of a tool-using conversation this chat template leaves out of its text ("tool_calls",
+        "tools"), found by rendering a probe; many templates (SmolLM2's among them) drop both without a word,
+        and a model trained on such renderings learns empty answers where the calls were."""
+        if self._unrendered_tool_parts is None:
+            name, schema = "probe_function_7f3a", "probe_tool_schema_7f3a"
+            probe = [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": name, "arguments": {"a": 1}}}
+                ]},
+            ]  # fmt: skip
+            tools = [{"type": "function", "function": {"name": schema, "parameters": {"type": "object"}}}]
+            try:
+                text = self.chat_text(probe, add_generation_prompt=False, tools=tools)
+            except ValueError:
+                text = ""
+            self._unrendered_tool_parts = [
+                part for part, mark in (("tool_calls", name), ("tools", schema)) if mark not in text
+            ]
+        return self._unrendered_tool_parts
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Ids of the chat template over `messages` with an assistant turn opened: what the server runs."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..core.section import Section
 
@@ -15,7 +15,10 @@ class DataSpec(Section):
     validation: str | None = None
     # preference: prompt, chosen, rejected (strings, or TRL's conversational lists of messages);
     # unpaired_preference: prompt, completion, label (true: desirable), for training.objective kto
-    format: Literal["classification", "instruction", "chat", "text", "preference", "unpaired_preference"]
+    # chat: messages (OpenAI's, tool calls included) and optional tools; sharegpt: conversations of {from, value}
+    format: Literal[
+        "classification", "instruction", "chat", "sharegpt", "text", "preference", "unpaired_preference"
+    ]
     encoding: str = "utf-8"
     # Canonical field -> column in the file, e.g. {label: sentiment}.
     columns: dict[str, str] = Field(default_factory=dict)
@@ -30,3 +33,14 @@ class DataSpec(Section):
     dedupe: bool = True  # drop exact duplicate inputs before splitting (retweets would leak across the split)
     max_length: int = Field(256, gt=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # chat / sharegpt: which assistant turns carry loss; the earlier ones stay in the prompt either way
+    assistant_turns: Literal["all", "last"] = "all"
+
+    @model_validator(mode="after")
+    def _check_assistant_turns(self) -> DataSpec:
+        if self.assistant_turns != "all" and self.format not in ("chat", "sharegpt"):
+            raise ValueError(
+                f"data.assistant_turns chooses the trained turns of a conversation (format chat or sharegpt); "
+                f"format {self.format!r} has none: remove it"
+            )
+        return self
