@@ -17,6 +17,7 @@ from .config import AdapterConfig
 from .errors import AdapterNameError, DeltatuneWarning, TargetingError
 from .input_hooks import remove_input_hooks
 from .layer import AdapterLayer, ModulesToSaveWrapper, modules_outside_adapters
+from .param_targets import wrapped_parameters
 from .rebuilt_inputs import forget_rebuildable
 from .registry import get_method
 from .targeting import TargetPreview, candidate_modules, name_matches, suggest_names
@@ -86,11 +87,41 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> nn.Mo
         # New modules start in training mode; an eval model must not get adapter dropout at inference.
         wrapper.train(mode)
         wrappers.append(wrapper)
+    wrappers += _wrap_parameters(model, method, preview.parameters, config, adapter_name)
     method.attach(model, wrappers)
     _wrap_modules_to_save(model, config, adapter_name)
     store_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
     return model
+
+
+def _wrap_parameters(
+    model: nn.Module, method, selected: dict[str, tuple[str, ...]], config: AdapterConfig, adapter_name: str
+) -> list[AdapterLayer]:
+    """One wrapper per selected parameter, nested around the module that holds them in its registration
+    order (PEFT's keys encode that nesting); a module's wrappers are shared by every adapter that adapts its
+    parameters, which must then adapt the same ones (PEFT's rule, which keeps the keys of each the same)."""
+    wrappers = []
+    for owner_name, params in selected.items():
+        outer = model.get_submodule(owner_name)
+        mode = outer.training
+        present = wrapped_parameters(outer)
+        if present and present != list(params):
+            raise TargetingError(
+                f"{owner_name!r} already has adapters on its parameters {present}; another adapter on it must adapt "
+                f"the same parameters, not {list(params)} (PEFT's rule for target_parameters)"
+            )
+        if not present:
+            for param in params:
+                outer = method.wrap_parameter(outer, param)
+            set_child(model, owner_name, outer)
+        layer = outer
+        while getattr(layer, "parameter_name", None):
+            layer.add_adapter(adapter_name, config, f"{owner_name}.{layer.parameter_name}")
+            layer.train(mode)
+            wrappers.append(layer)
+            layer = layer.base_layer
+    return wrappers
 
 
 def _wrap_modules_to_save(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
@@ -125,7 +156,8 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         merging.merge(model)
     else:
         merging.unmerge(model)
-    for name, wrapper in list(all_wrappers(model)):
+    # innermost first: a parameter wrapper inside another is taken out of it before the outer one goes
+    for name, wrapper in sorted(all_wrappers(model), key=lambda item: -item[0].count(".")):
         if isinstance(wrapper, AdapterLayer):
             replacement = wrapper.base_layer
         else:

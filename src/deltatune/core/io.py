@@ -319,7 +319,8 @@ def _check_base_shape(model: nn.Module, record: Provenance, allow: bool, folder:
         )
     names = dict(model.named_modules())
     targets = saved.targets
-    absent = [name for name in targets if name not in names]
+    # a parameter wrapper nested in another is recorded under its place inside it ("experts.base_layer")
+    absent = [name for name in targets if _unwrapped(name) not in names]
     if absent:
         problems.append(
             f"{len(absent)} of the {len(targets)} modules it adapts are not in the model (e.g. {absent[0]})"
@@ -330,6 +331,12 @@ def _check_base_shape(model: nn.Module, record: Provenance, allow: bool, folder:
             f"{folder} was trained on a different base model ({trained_on}): {'; '.join(problems)}. Load the base "
             "it was trained on, or pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway."
         )
+
+
+def _unwrapped(name: str) -> str:
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    return name
 
 
 def check_base(

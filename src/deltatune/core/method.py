@@ -9,6 +9,7 @@ from torch import nn
 
 from .capabilities import Capability
 from .config import AdapterConfig
+from .errors import TargetingError
 from .layer import AdapterLayer
 from .targeting import TargetPreview, select_targets
 
@@ -73,6 +74,11 @@ class AdapterMethod:
     def wrap(cls, module: nn.Module, module_name: str) -> AdapterLayer:
         """Return a new wrapper around `module` with no adapters yet."""
         raise NotImplementedError
+
+    @classmethod
+    def wrap_parameter(cls, module: nn.Module, parameter_name: str) -> AdapterLayer:
+        """Return a new wrapper that adapts `module`'s parameter `parameter_name` (LoRA's target_parameters)."""
+        raise TargetingError(f"{cls.peft_type} adapts layers, not parameters; target_parameters is LoRA's")
 
     @classmethod
     def reserved_names(cls) -> set[str]:

@@ -48,8 +48,12 @@ def base_fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any
         "shapes_sha256": hashlib.sha256(repr(shapes).encode()).hexdigest(),
         "targets": {
             n: {
-                "shape": logical_shape(layer.base_layer),
-                "dtype": storage_dtype(layer.base_layer),
+                "shape": logical_shape(layer.base_layer)
+                if layer.quantized
+                else list(layer.base_weight.shape),
+                "dtype": storage_dtype(layer.base_layer)
+                if layer.quantized
+                else str(layer.base_weight.dtype).removeprefix("torch."),
             }
             for n, layer in zip(names, layers, strict=True)
         },

@@ -38,15 +38,22 @@ def is_linear_like(module: nn.Module) -> bool:
 
 @dataclass
 class TargetPreview:
-    """What a config selects: `targets` maps module name -> module type name."""
+    """What a config selects: `targets` maps module name -> module type name; `parameters` (LoRA's
+    target_parameters, and fused experts under all-linear) maps a module name -> the parameters of it adapted."""
 
     targets: dict[str, str]
     excluded: list[str]
     skipped_by_layer: list[str]
     left_out: dict[str, str] = field(default_factory=dict)  # linear layers all-linear did not take, and why
+    parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{len(self.targets)} module(s) targeted:"]
+        if self.parameters:
+            keys = [f"{owner}.{p}" for owner, params in self.parameters.items() for p in params]
+            shown = keys if len(keys) <= 8 else keys[:4] + ["..."] + keys[-3:]
+            lines = [f"{len(keys)} parameter(s) targeted (fused experts, target_parameters):"]
+            lines += [f"  {k}" for k in shown] + [f"{len(self.targets)} module(s) targeted:"]
         by_type: dict[str, int] = {}
         for type_name in self.targets.values():
             by_type[type_name] = by_type.get(type_name, 0) + 1
@@ -144,7 +151,10 @@ def select_targets(
     if all_linear:
         heads = _output_head_names(model) | set(config.modules_to_save or [])
         hits = [
-            (n, m) for n, m in named if (is_linear_like(m) or isinstance(m, AdapterLayer)) and n not in heads
+            (n, m)
+            for n, m in named
+            if (is_linear_like(m) or (isinstance(m, AdapterLayer) and not getattr(m, "parameter_name", None)))
+            and n not in heads
         ]
         hits = [(n, m) for n, m in hits if not name_matches(n, sorted(heads)) and n not in uncalled]
     else:

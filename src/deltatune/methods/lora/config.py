@@ -15,7 +15,7 @@ _PEFT_ONLY = frozenset(
     {
         "alora_invocation_tokens", "arrow_config", "corda_config", "ensure_weight_tying", "eva_config",
         "kasa_config", "layer_replication", "loftq_config", "lora_bias", "lora_ga_config", "megatron_config",
-        "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+        "monteclora_config", "trainable_token_indices", "use_bdlora", "use_qalora",
         "velora_config",
     }
 )  # fmt: skip
@@ -65,6 +65,9 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    # Parameters adapted by name (PEFT's rule: "<module>.<parameter>" equal to or ending with an entry): fused
+    # MoE experts (experts x out x in, transformers 5) and routers' bare weights, which no layer holds.
+    target_parameters: list[str] | None = None
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -83,9 +86,30 @@ class LoraConfig(AdapterConfig):
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise AdapterConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if self.target_parameters:
+            self._check_target_parameters()
         for name, alpha in [("lora_alpha", self.lora_alpha), *(
             (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:  # fmt: skip
             _check_alpha(name, alpha)
+
+    def _check_target_parameters(self) -> None:
+        """What PEFT refuses for parameter targets, refused here too (an adapter PEFT cannot load is no PEFT
+        adapter): each changes a layer's input or output, and a parameter target has only its weight."""
+        if any(not isinstance(e, str) or not e.strip() for e in self.target_parameters):
+            raise AdapterConfigError(
+                f"target_parameters must be parameter names, got {self.target_parameters!r}"
+            )
+        for field_name, value, why in (
+            ("lora_dropout", self.lora_dropout, "dropout acts on a layer's input, and a parameter target's LoRA is "
+             "folded into the weight"),
+            ("use_dora", self.use_dora, "DoRA's per-output norm of a fused expert stack is not defined"),
+            ("fan_in_fan_out", self.fan_in_fan_out, "the layout of a parameter target comes from its shape"),
+        ):  # fmt: skip
+            if value:
+                raise AdapterConfigError(
+                    f"{field_name}={value!r} with target_parameters {self.target_parameters}: {why}; PEFT refuses "
+                    f"it as well. Set {field_name} to {0.0 if field_name == 'lora_dropout' else False}"
+                )
 
     def rank_for(self, module_name: str) -> int:
         value = _pattern_value(self.rank_pattern, module_name)
