@@ -31,10 +31,12 @@ from ..core.inject import eject, inject
 from ..core.io import WEIGHTS_NAME, load_adapter, resolve_safetensors_adapter, save_adapter
 from ..core.layer import weights_follow
 from ..core.modes import eval_mode
+from ..core.param_targets import parameter_owner, unwrapped_name
 from ..core.quantized import is_quantized
 from ..core.targeting import name_matches
 from ..methods.lora import LoraConfig
-from .deltas import ModuleDelta, adapter_deltas, modules_to_save_state, weight_layout
+from ..methods.lora.parameters import LoraParameter
+from .deltas import ModuleDelta, adapter_deltas, modules_to_save_state, split_parameter_key, weight_layout
 from .lowrank import Factors
 
 RESULT_NAME = "combined"  # the new adapter's name while it is in the model
@@ -95,8 +97,18 @@ def read_source(model: nn.Module, folder: str | Path, **load_options: Any) -> So
 
 
 def in_model_order(model: nn.Module, names: set[str]) -> list[str]:
+    """Module (and parameter-delta) keys in the order the model holds them: the same order every run, which
+    seeded rules (dare) rely on."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return sorted(names, key=lambda n: order.get(n, len(order)))
+
+    def place(key: str) -> tuple[int, str, int]:
+        split = split_parameter_key(key)
+        if split is None:
+            return order.get(key, len(order)), "", 0
+        owner, parameter, expert = split
+        return order.get(owner, len(order)), parameter, expert
+
+    return sorted(names, key=place)
 
 
 def target_list(model: nn.Module, names: set[str]) -> list[str]:
@@ -107,12 +119,17 @@ def target_list(model: nn.Module, names: set[str]) -> list[str]:
     return suffixes if selected == names else in_model_order(model, names)
 
 
-def plain_lora_config(model: nn.Module, ranks: dict[str, int], like: AdapterConfig) -> LoraConfig:
+def plain_lora_config(
+    model: nn.Module, ranks: dict[str, int], like: AdapterConfig, parameters: frozenset[str] = frozenset()
+) -> LoraConfig:
+    """`ranks`: module name, or for the `parameters` targets "<module>.<parameter>", -> its rank."""
     r = Counter(ranks.values()).most_common(1)[0][0]
+    modules = set(ranks) - parameters
     return LoraConfig(
         r=r,
         lora_alpha=r,
-        target_modules=target_list(model, set(ranks)),
+        target_modules=target_list(model, modules) if modules else None,
+        target_parameters=sorted(parameters) or None,
         rank_pattern={re.escape(name): rank for name, rank in ranks.items() if rank != r},
         task_type=like.task_type,
         base_model_name_or_path=like.base_model_name_or_path,
@@ -120,17 +137,47 @@ def plain_lora_config(model: nn.Module, ranks: dict[str, int], like: AdapterConf
 
 
 def inject_factors(model: nn.Module, factors: dict[str, Factors], like: AdapterConfig) -> LoraConfig:
-    """Add the plain LoRA adapter RESULT_NAME holding `factors` (scaling folded into B) to the bare `model`."""
-    config = plain_lora_config(model, {name: f.rank for name, f in factors.items()}, like)
+    """Add the plain LoRA adapter RESULT_NAME holding `factors` (scaling folded into B) to the bare `model`.
+    A parameter's experts share one rank (PEFT's layout): each is padded with zero factors to the largest."""
+    experts = by_parameter(factors)
+    ranks = {name: f.rank for name, f in factors.items() if split_parameter_key(name) is None}
+    ranks |= {key: max(f.rank for f in fs) for key, fs in experts.items()}
+    config = plain_lora_config(model, ranks, like, frozenset(experts))
     with weights_follow():
         inject(model, config, RESULT_NAME)
     with torch.no_grad():
         for name, layer in adapter_layers(model):
-            f = factors[name]
             a, b = layer.factors(RESULT_NAME)
-            a.copy_(f.a.reshape(a.shape))
-            b.copy_((f.b / layer.scaling[RESULT_NAME]).reshape(b.shape))
+            if isinstance(layer, LoraParameter):
+                key = f"{unwrapped_name(name)}.{layer.parameter_name}"
+                fa, fb = _expert_stack(experts[key], ranks[key])
+            else:
+                fa, fb = factors[name].a, factors[name].b
+            a.copy_(fa.reshape(a.shape))
+            b.copy_((fb / layer.scaling[RESULT_NAME]).reshape(b.shape))
     return config
+
+
+def by_parameter(factors: dict[str, Any]) -> dict[str, list[Any]]:
+    """The parameter targets' factors, "<module>.<parameter>" -> one per expert, in expert order."""
+    grouped: dict[str, dict[int, Factors]] = {}
+    for name, f in factors.items():
+        split = split_parameter_key(name)
+        if split is not None:
+            owner, parameter, expert = split
+            grouped.setdefault(f"{owner}.{parameter}", {})[expert] = f
+    return {key: [found[e] for e in sorted(found)] for key, found in grouped.items()}
+
+
+def _expert_stack(factors: list[Factors], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert factors (padded to `rank`) in PEFT's layout: A (rank*E, in) with expert e's rows at
+    [e*rank, (e+1)*rank); B (out, rank*E) with expert e's columns at e, E + e, ..."""
+    a_e, b_e = [], []
+    for f in factors:
+        pad = rank - f.rank
+        a_e.append(torch.cat([f.a, f.a.new_zeros(pad, f.a.shape[1])]) if pad else f.a)
+        b_e.append(torch.cat([f.b, f.b.new_zeros(f.b.shape[0], pad)], 1) if pad else f.b)
+    return torch.cat(a_e), torch.stack(b_e, dim=-1).flatten(1)
 
 
 @contextmanager
@@ -164,10 +211,33 @@ def deltas_added(model: nn.Module, deltas: dict[str, ModuleDelta]) -> Iterator[N
 
     with ExitStack() as stack:
         for name, delta in deltas.items():
+            if split_parameter_key(name) is not None:
+                continue
             wrapper = modules[name]
             target = getattr(wrapper, "base_layer", wrapper)
             stack.callback(target.register_forward_hook(hook_for(delta)).remove)
+        for key, per_expert in by_parameter(deltas).items():
+            _add_to_parameter(stack, model, key, per_expert)
         yield
+
+
+def _add_to_parameter(stack: ExitStack, model: nn.Module, key: str, per_expert: list[ModuleDelta]) -> None:
+    """Add the per-expert deltas to parameter `key` ("<module>.<parameter>") in place until `stack` closes:
+    a mixture of experts is not linear in its weights, so the delta goes into the weight, not the output."""
+    owner_name, _, parameter_name = key.rpartition(".")
+    outer = model.get_submodule(owner_name)
+    parameter = getattr(parameter_owner(outer), parameter_name)
+    layer = outer
+    while getattr(layer, "parameter_name", parameter_name) != parameter_name:
+        layer = layer.base_layer
+    dense = torch.stack([d.dense() for d in per_expert])  # (E, out, in)
+    if getattr(layer, "transposed", False):
+        dense = dense.transpose(1, 2)
+    dense = dense.reshape(parameter.shape).to(parameter.device, parameter.dtype)
+    original = parameter.detach().clone()
+    with torch.no_grad():
+        parameter.add_(dense)
+    stack.callback(lambda: parameter.data.copy_(original))
 
 
 @torch.no_grad()

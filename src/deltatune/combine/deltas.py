@@ -7,6 +7,10 @@ kernels flattened into `in` and embeddings transposed, so the result factors str
 A plain LoRA's delta stays low-rank (B, A with the scaling folded into B); any other mergeable method (DoRA,
 IA3, a linear bottleneck) gives its exact dense delta, merged_weight(W) - W, computed from the dequantized
 reference weight when the base is quantized.
+
+A LoRA on a parameter (target_parameters: fused MoE experts, a router's weight) gives one delta per expert,
+each a plain low-rank matrix, keyed "<module>.<parameter>#<expert>" (a 2-D parameter is expert 0): every rule
+then combines expert with expert, and the result goes back into PEFT's per-expert layout.
 """
 
 from __future__ import annotations
@@ -20,8 +24,26 @@ from ..core.adapters import adapter_layers, all_wrappers
 from ..core.capabilities import Capability, capability_refusal
 from ..core.errors import CombineError
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
+from ..core.param_targets import unwrapped_name
 from ..core.targeting import is_hf_conv1d
 from ..methods.lora.layers import LoraLayer
+from ..methods.lora.parameters import LoraParameter
+
+EXPERT_MARK = "#"
+
+
+def parameter_key(owner: str, parameter: str, expert: int) -> str:
+    """The delta key of expert `expert` of parameter `parameter` of module `owner`."""
+    return f"{owner}.{parameter}{EXPERT_MARK}{expert}"
+
+
+def split_parameter_key(key: str) -> tuple[str, str, int] | None:
+    """(owner module, parameter, expert) of a parameter delta's key; None for a module's."""
+    if EXPERT_MARK not in key:
+        return None
+    path, _, expert = key.rpartition(EXPERT_MARK)
+    owner, _, parameter = path.rpartition(".")
+    return owner, parameter, int(expert)
 
 
 @dataclass
@@ -95,7 +117,14 @@ def adapter_deltas(model: nn.Module, adapter_name: str) -> dict[str, ModuleDelta
         for module_name, layer in adapter_layers(model):
             if adapter_name not in layer.adapter_configs:
                 continue
-            if isinstance(layer, LoraLayer) and not layer.is_dora(adapter_name):
+            if isinstance(layer, LoraParameter):
+                b_e, a_e = layer.expert_factors(adapter_name)
+                owner = unwrapped_name(module_name)
+                for expert in range(layer.num_experts):
+                    deltas[parameter_key(owner, layer.parameter_name, expert)] = ModuleDelta(
+                        b=b_e[expert].detach().float().cpu(), a=a_e[expert].detach().float().cpu()
+                    )
+            elif isinstance(layer, LoraLayer) and not layer.is_dora(adapter_name):
                 a, b = layer.factors(adapter_name)
                 deltas[module_name] = ModuleDelta(
                     b=b.detach().float().flatten(1).cpu() * layer.scaling[adapter_name],

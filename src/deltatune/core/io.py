@@ -43,6 +43,7 @@ from .errors import (
 from .hashing import sha256_file
 from .inject import inject
 from .layer import weights_follow
+from .param_targets import unwrapped_name
 from .quantized import model_quantization
 from .record import Provenance
 from .registry import get_method
@@ -320,7 +321,7 @@ def _check_base_shape(model: nn.Module, record: Provenance, allow: bool, folder:
     names = dict(model.named_modules())
     targets = saved.targets
     # a parameter wrapper nested in another is recorded under its place inside it ("experts.base_layer")
-    absent = [name for name in targets if _unwrapped(name) not in names]
+    absent = [name for name in targets if unwrapped_name(name) not in names]
     if absent:
         problems.append(
             f"{len(absent)} of the {len(targets)} modules it adapts are not in the model (e.g. {absent[0]})"
@@ -331,12 +332,6 @@ def _check_base_shape(model: nn.Module, record: Provenance, allow: bool, folder:
             f"{folder} was trained on a different base model ({trained_on}): {'; '.join(problems)}. Load the base "
             "it was trained on, or pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway."
         )
-
-
-def _unwrapped(name: str) -> str:
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
-    return name
 
 
 def check_base(

@@ -92,6 +92,13 @@ def select_parameters(model: nn.Module, entries: list[str]) -> dict[str, tuple[s
     return {name: tuple(params) for name, params in selected.items()}
 
 
+def unwrapped_name(name: str) -> str:
+    """A nested parameter wrapper's module name ("experts.base_layer") as the module's own ("experts")."""
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    return name
+
+
 def wrapper_names(owner_name: str, params: tuple[str, ...]) -> dict[str, str]:
     """Where each parameter's wrapper sits once all of `params` are wrapped: the last registered outermost,
     at the owner's own name; each earlier one a `.base_layer` deeper."""
