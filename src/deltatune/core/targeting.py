@@ -131,6 +131,13 @@ def candidate_modules(
     return [(n, m) for n, m in modules_outside_adapters(model, stop_at=wraps) if n]
 
 
+def _shown(spec: str | list[str]) -> str:
+    """target_modules as an error shows it: a long list (a saved config names every module) by its start."""
+    if isinstance(spec, list) and len(spec) > 4:
+        return f"[{', '.join(map(repr, spec[:3]))}, ... {len(spec)} names]"
+    return repr(spec)
+
+
 def select_targets(
     model: nn.Module,
     config: AdapterConfig,
@@ -169,7 +176,7 @@ def select_targets(
                 )
     if not hits:
         raise TargetingError(
-            f"target_modules={spec!r} matches no module of {type(model).__name__}; "
+            f"target_modules={_shown(spec)} matches no module of {type(model).__name__}; "
             f"nearest module names: {suggest_names(str(spec), names)}"
         )
     excluded = []
@@ -184,7 +191,7 @@ def select_targets(
     refused = [n for n, _ in hits if n in uncalled]
     if refused:
         raise TargetingError(
-            f"target_modules={spec!r} selects {refused[0]!r}, which cannot be adapted: {uncalled[refused[0]]}. "
+            f"{refused[0]!r} cannot be adapted: {uncalled[refused[0]]}; target_modules={_shown(spec)} selects it. "
             "Leave it out (all-linear does), e.g. with exclude_modules"
         )
     foreign = [(n, m) for n, m in hits if isinstance(m, AdapterLayer) and not is_wrapped(m)]
@@ -199,12 +206,12 @@ def select_targets(
     if bad:
         n, m = bad[0]
         raise TargetingError(
-            f"target_modules={spec!r} selects {n!r} of type {type(m).__name__}, which this method cannot wrap "
+            f"target_modules={_shown(spec)} selects {n!r} of type {type(m).__name__}, which this method cannot wrap "
             f"({len(bad)} such module(s)); it supports {supported}. Narrow target_modules to those layers."
         )
     if not hits:
         raise TargetingError(
-            f"target_modules={spec!r} matched modules, but exclude_modules / layers_to_transform removed all of them"
+            f"target_modules={_shown(spec)} matched modules, but exclude_modules / layers_to_transform removed all of them"
         )
     left_out = {n: uncalled[n] for n, m in named if all_linear and n in uncalled and is_linear_like(m)}
     return TargetPreview({n: type(m).__name__ for n, m in hits}, excluded, skipped, left_out)

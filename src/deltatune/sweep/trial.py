@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..core.atomic import write_text_atomic
-from .worker import ERROR_FILE
+from .worker import ERROR_FILE, serve_trial
 
 POLL_S = 0.5
 TERMINATE_GRACE_S = 10.0
@@ -78,14 +78,57 @@ def _failure_reason(trial_dir: Path, returncode: int) -> str:
     return f"error: the trainer exited with status {returncode}; see {trial_dir / 'train.log'}"
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+class TrainerProcess:
+    """A trial's trainer process: forked from a server that has imported the trainer (worker.serve_trial),
+    or, where multiprocessing has no forkserver, a fresh interpreter. `wait(timeout)` returns as soon as the
+    process ends; `returncode` is negative for a signal, as subprocess gives it."""
+
+    def __init__(self, config_file: Path, log_file: Path, env: dict[str, str]) -> None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (the first trial)
+            self._child = context.Process(
+                target=serve_trial, args=(str(config_file), str(log_file), env, os.getpid()), daemon=False
+            )
+            self._child.start()
+            self._popen = None
+        else:
+            command = [sys.executable, "-m", "deltatune.sweep.worker", str(config_file), str(os.getpid())]
+            with log_file.open("w") as log:  # own session: a Ctrl-C at the terminal reaches the sweep
+                self._popen = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll() if self._popen is not None else self._child.exitcode
+
+    def wait(self, timeout: float | None) -> int | None:
+        if self._popen is not None:
+            try:
+                return self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        self._child.join(timeout)
+        return self._child.exitcode
+
+    def terminate(self) -> None:
+        (self._popen or self._child).terminate()
+
+    def kill(self) -> None:
+        (self._popen or self._child).kill()
+
+
+# What the fork server imports once, so that each trial forked from it starts with them loaded.
+PRELOAD = ["deltatune.sweep.worker", "torch", "transformers", "deltatune.train"]
+
+
+def _stop(process: TrainerProcess) -> None:
+    if process.returncode is None:
         process.terminate()
-        try:
-            process.wait(TERMINATE_GRACE_S)
-        except subprocess.TimeoutExpired:
+        if process.wait(TERMINATE_GRACE_S) is None:
             process.kill()
-            process.wait()
+            process.wait(None)
 
 
 def slot_env(slot: int, jobs: int, cpus: int, gpus: int, visible: str | None = None) -> dict[str, str]:
@@ -117,28 +160,22 @@ def run_trial(
     config_file = trial_dir / "trial.yaml"
     write_text_atomic(config_file, yaml.safe_dump(raw_config, sort_keys=False))
     env = {**os.environ, **(env or {})}
-    command = [sys.executable, "-m", "deltatune.sweep.worker", str(config_file), str(os.getpid())]
     outcome = TrialOutcome(state="complete")
     seen = 0
-    with (trial_dir / "train.log").open("w") as log:
-        # Own session: a Ctrl-C at the terminal reaches the sweep, which decides what its trials do.
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            while process.poll() is None:
-                time.sleep(POLL_S)
-                heartbeat()
-                found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)
-                outcome.reports += found
-                if any(should_prune(step, value) for step, value in found):
-                    outcome.state = "pruned"
-                    break
-                if abandoned():
-                    outcome.state, outcome.reason = "interrupted", "the sweep was interrupted"
-                    break
-        finally:
-            _stop(process)
+    process = TrainerProcess(config_file, trial_dir / "train.log", env)
+    try:
+        while process.wait(POLL_S) is None:
+            heartbeat()
+            found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)
+            outcome.reports += found
+            if any(should_prune(step, value) for step, value in found):
+                outcome.state = "pruned"
+                break
+            if abandoned():
+                outcome.state, outcome.reason = "interrupted", "the sweep was interrupted"
+                break
+    finally:
+        _stop(process)
     if outcome.state != "complete":
         return outcome
     found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)

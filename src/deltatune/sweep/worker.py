@@ -1,12 +1,19 @@
-"""The process one trial runs in: `python -m deltatune.sweep.worker CONFIG.yaml PARENT_PID`.
+"""The process one trial runs in: `deltatune train` plus what a sweep needs.
 
-It is `deltatune train` plus two things a sweep needs. It dies with the sweep (Linux: PR_SET_PDEATHSIG), so a
-sweep killed with SIGKILL leaves no orphan trainer writing into a trial folder. And it records why it failed in
-`trial_error.json` (diverged, out of memory, or the error itself), so the study stores a reason, not a log.
+It dies with the sweep (Linux: PR_SET_PDEATHSIG), so a sweep killed with SIGKILL leaves no orphan trainer
+writing into a trial folder. It records why it failed in `trial_error.json` (diverged, out of memory, or the
+error itself), so the study stores a reason, not a log.
+
+A sweep forks its trials from a server process that imported torch, transformers and the trainer once
+(`serve_trial`, through multiprocessing's forkserver): a fresh interpreter spends ~2 s on those imports, which
+is most of a short trial. Each trial is still a process of its own, forked from that pristine server, never
+from a process that ran a trial. Where forkserver is missing, `python -m deltatune.sweep.worker CONFIG.yaml
+PARENT_PID` runs it in a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
@@ -41,9 +48,40 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
     return "error", text
 
 
+def serve_trial(config: str, log: str, env: dict[str, str], sweep_pid: int) -> None:
+    """A trial in a child of the fork server: its own session (a Ctrl-C at the terminal reaches the sweep,
+    which decides), its output in `log`, the sweep's environment for it, and death with the server (which
+    exits when the sweep does)."""
+    server_pid = os.getppid()
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    _die_with_parent(server_pid)
+    try:
+        os.kill(sweep_pid, 0)
+    except ProcessLookupError:  # the sweep died before the server noticed
+        os._exit(1)
+    import torch
+
+    if env.get("OMP_NUM_THREADS", "").isdigit():  # the server's thread pool was sized before the slot's share
+        torch.set_num_threads(max(1, int(env["OMP_NUM_THREADS"])))
+    code = train_trial(Path(config))
+    atexit._run_exitfuncs()  # what an interpreter runs at its exit; a forked child ends with os._exit
+    sys.exit(code)
+
+
 def main(argv: list[str]) -> int:
     config, parent_pid = Path(argv[0]), int(argv[1])
     _die_with_parent(parent_pid)
+    return train_trial(config)
+
+
+def train_trial(config: Path) -> int:
+    """Train the trial's config; on failure record why for the study and return 1."""
     from ..train import load_train_config, train
 
     try:
