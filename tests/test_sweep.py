@@ -27,7 +27,7 @@ from deltatune.sweep import (
     parse_space,
 )
 from deltatune.sweep.trial import _failure_reason
-from deltatune.sweep.worker import classify_failure
+from deltatune.sweep.worker import TRAINER_PID_FILE, classify_failure
 
 LR_SPACE = {"optim.lr": {"float": [2e-3, 1e-2], "log": True}, "adapter.r": {"int": [2, 8]}}
 
@@ -94,14 +94,16 @@ def _training_trial(out: Path, need_complete: int):
 
 
 def _processes_running(config: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and str(config) in (entry / "cmdline").read_text():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    """The trial's trainer (the pid it wrote beside its config), if that process is alive and not a zombie."""
+    pid_file = config.parent / TRAINER_PID_FILE
+    if not pid_file.exists():
+        return []
+    pid = int(pid_file.read_text())
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return []
+    return [] if state == "Z" else [pid]
 
 
 @pytest.mark.slow
@@ -224,6 +226,7 @@ def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
     _wait_for(
         lambda: True if not _processes_running(trial_config) else None, 300, "the orphaned trainer to die"
     )
+    assert not (trial_config.parent / "summary.json").exists()  # it died with the sweep, not at its end
     finished = {t.number: t for t in _study(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
     stamps = {
         n: (Path(t.user_attrs["trial_dir"]) / "summary.json").stat().st_mtime_ns for n, t in finished.items()

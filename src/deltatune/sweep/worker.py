@@ -17,12 +17,16 @@ import atexit
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
 ERROR_FILE = "trial_error.json"
+TRAINER_PID_FILE = "trainer.pid"
 PR_SET_PDEATHSIG = 1
 
 
@@ -34,6 +38,38 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
+
+
+def _die_with(pid: int) -> None:
+    """End this process when process `pid` (the sweep, not its parent) ends: a thread waits on a pidfd for
+    it. The fork server cannot be relied on to go first: every process it forks holds its liveness pipe,
+    so it outlives the sweep for as long as any trial runs."""
+    try:
+        watched = os.pidfd_open(pid)
+    except ProcessLookupError:  # already gone
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3, other systems): ask every second
+        watched = None
+
+    def watch() -> None:
+        if watched is not None:
+            select.select([watched], [], [])
+        else:
+            while _alive(pid):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-sweep", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def classify_failure(exc: BaseException) -> tuple[str, str]:
@@ -61,10 +97,7 @@ def serve_trial(config: str, log: str, env: dict[str, str], sweep_pid: int) -> N
     os.environ.clear()
     os.environ.update(env)
     _die_with_parent(server_pid)
-    try:
-        os.kill(sweep_pid, 0)
-    except ProcessLookupError:  # the sweep died before the server noticed
-        os._exit(1)
+    _die_with(sweep_pid)
     import torch
 
     if env.get("OMP_NUM_THREADS", "").isdigit():  # the server's thread pool was sized before the slot's share
@@ -81,7 +114,9 @@ def main(argv: list[str]) -> int:
 
 
 def train_trial(config: Path) -> int:
-    """Train the trial's config; on failure record why for the study and return 1."""
+    """Train the trial's config; on failure record why for the study and return 1. The process's pid goes
+    beside the config first: which process trains a trial is there to see (and to check that it ended)."""
+    (Path(config).parent / TRAINER_PID_FILE).write_text(f"{os.getpid()}\n")
     from ..train import load_train_config, train
 
     try:
