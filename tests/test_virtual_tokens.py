@@ -226,8 +226,12 @@ def test_refusals_name_the_problem():
         dt.inject(model, _config("prefix", case), adapter_name="x")
     with pytest.raises(dt.AdapterConfigError, match="remove 'target_modules'"):
         dt.PromptTuningConfig(target_modules=["q_proj"])
-    with pytest.raises(dt.AdapterConfigError, match="encoder-decoder"):
-        dt.PrefixTuningConfig(num_transformer_submodules=2)
+    with pytest.raises(dt.AdapterConfigError, match="num_transformer_submodules=3: 1 .* or 2 "):
+        dt.PrefixTuningConfig(num_transformer_submodules=3)
+    with pytest.raises(
+        dt.AdapterConfigError, match="LlamaForCausalLM is a decoder-only or encoder-only model"
+    ):
+        dt.inject(case.build(), dt.PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2))
     with pytest.raises(dt.TargetingError, match="needs? a transformers model"):
         dt.inject(CASES["cnn"].build(), dt.PromptTuningConfig(num_virtual_tokens=2))
     from deltatune.train import ConfigError, validate_config

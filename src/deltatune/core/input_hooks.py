@@ -96,26 +96,29 @@ def rewrites_inputs(model: nn.Module) -> bool:
 
 
 def remove_input_hooks(model: nn.Module) -> None:
-    state = getattr(model, _HOOKS_ATTR, None)
-    if state is not None:
-        state[0].remove()
-        state[1].remove()
-        object.__delattr__(model, _HOOKS_ATTR)
+    """Remove the hooks from `model` and from any submodule that has them (an encoder-decoder's encoder)."""
+    for module in model.modules():
+        state = module.__dict__.get(_HOOKS_ATTR)
+        if state is not None:
+            state[0].remove()
+            state[1].remove()
+            object.__delattr__(module, _HOOKS_ATTR)
 
 
 def strip_copied_input_hooks(copied: nn.Module) -> None:
     """Drop the input hooks a `copy.deepcopy` carried over. They close over the original model's layers and
     handles, so they must never run on, or be removed through, the copy."""
-    state = copied.__dict__.pop(_HOOKS_ATTR, None)
-    if state is None:
-        return
-    registries = (
-        copied._forward_pre_hooks, copied._forward_pre_hooks_with_kwargs, copied._forward_hooks,
-        copied._forward_hooks_with_kwargs, copied._forward_hooks_always_called,
-    )  # fmt: skip
-    for handle in state[:2]:
-        for registry in registries:
-            registry.pop(handle.id, None)
+    for module in copied.modules():
+        state = module.__dict__.pop(_HOOKS_ATTR, None)
+        if state is None:
+            continue
+        registries = (
+            module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, module._forward_hooks,
+            module._forward_hooks_with_kwargs, module._forward_hooks_always_called,
+        )  # fmt: skip
+        for handle in state[:2]:
+            for registry in registries:
+                registry.pop(handle.id, None)
 
 
 def _positional_names(model: nn.Module) -> list[str]:

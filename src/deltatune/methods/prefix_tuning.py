@@ -38,7 +38,7 @@ from ..core.input_hooks import (
 from ..core.kv_cache import cache_in, new_dynamic_cache, put_cache, takes_cache
 from ..core.layer import initialization_skipped
 from ..core.registry import register
-from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, text_config
+from .virtual_tokens import VirtualTokenConfig, VirtualTokenMethod, is_encoder_decoder, text_config
 
 
 @dataclass
@@ -177,6 +177,11 @@ class PrefixTuningMethod(VirtualTokenMethod):
 
     @classmethod
     def preview(cls, model: nn.Module, config: AdapterConfig):
+        if is_encoder_decoder(model):
+            raise TargetingError(
+                f"{type(model).__name__} is an encoder-decoder model; deltatune's prefix tuning feeds decoder-only "
+                "and encoder-only models. Use prompt tuning (PEFT's layout for encoder-decoders) or LoRA"
+            )
         if not takes_cache(model):
             import transformers
 

@@ -2,8 +2,10 @@
 model's shape into them, and where the method lives (a wrapper around the input embeddings).
 
 Supported models: transformers decoder-only and encoder-only models that accept `inputs_embeds` (and, for
-prefix tuning, a KV cache: `cache`, or `past_key_values` before transformers 5.24). Encoder-decoder models
-are refused with an error.
+prefix tuning, a KV cache: `cache`, or `past_key_values` before transformers 5.24), and for prompt tuning
+encoder-decoder models whose encoder reads token ids (T5, BART, mBART). An encoder-decoder adapter has
+`num_transformer_submodules` 2, as PEFT writes it: its weights hold a second set of virtual tokens for the
+decoder, which PEFT's prompt tuning never uses, and neither does deltatune (it is kept so files load both ways).
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ class VirtualTokenConfig(AdapterConfig):
                 raise AdapterConfigError(
                     f"{self.peft_type} acts on the model's input, not on chosen layers: remove {key!r}"
                 )
-        if self.num_transformer_submodules not in (None, 1):
+        if self.num_transformer_submodules not in (None, 1, 2):
             raise AdapterConfigError(
-                f"num_transformer_submodules={self.num_transformer_submodules}: encoder-decoder models are not "
-                "supported by deltatune's virtual-token methods (decoder-only and encoder-only are)"
+                f"num_transformer_submodules={self.num_transformer_submodules}: 1 (decoder-only and encoder-only "
+                "models) or 2 (encoder-decoder models)"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,12 +71,11 @@ def text_config(model: nn.Module) -> Any:
         raise TargetingError(
             f"{type(model).__name__} has no transformers `config`; virtual-token methods need a transformers model"
         )
-    if getattr(config, "is_encoder_decoder", False):
-        raise TargetingError(
-            f"{type(model).__name__} is an encoder-decoder model; prompt and prefix tuning support decoder-only "
-            "and encoder-only models"
-        )
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _first(config: Any, *names: str) -> Any:
@@ -103,6 +104,8 @@ def model_shape(model: nn.Module) -> dict[str, int]:
 
 def task_type_of(model: nn.Module) -> str | None:
     name = type(model).__name__
+    if is_encoder_decoder(model):
+        return "SEQ_2_SEQ_LM"
     for suffix, task in (
         ("ForCausalLM", "CAUSAL_LM"),
         ("LMHeadModel", "CAUSAL_LM"),
@@ -143,7 +146,13 @@ class VirtualTokenMethod(AdapterMethod):
         assert isinstance(config, VirtualTokenConfig)
         updates = cls.shape_fields(model, config)
         if config.num_transformer_submodules is None:
-            updates["num_transformer_submodules"] = 1
+            updates["num_transformer_submodules"] = 2 if is_encoder_decoder(model) else 1
+        elif config.num_transformer_submodules != (2 if is_encoder_decoder(model) else 1):
+            kind = "an encoder-decoder" if is_encoder_decoder(model) else "a decoder-only or encoder-only"
+            raise AdapterConfigError(
+                f"num_transformer_submodules={config.num_transformer_submodules}, but {type(model).__name__} is "
+                f"{kind} model (1 for those, 2 for encoder-decoders); the adapter was made for another model"
+            )
         if config.task_type is None and task_type_of(model) is not None:
             updates["task_type"] = task_type_of(model)
         return dataclasses.replace(config, **updates) if updates else config

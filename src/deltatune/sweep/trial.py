@@ -83,8 +83,10 @@ class TrainerProcess:
     or, where multiprocessing has no forkserver, a fresh interpreter. `wait(timeout)` returns as soon as the
     process ends; `returncode` is negative for a signal, as subprocess gives it."""
 
-    def __init__(self, config_file: Path, log_file: Path, env: dict[str, str]) -> None:
-        if "forkserver" in multiprocessing.get_all_start_methods():
+    def __init__(
+        self, config_file: Path, log_file: Path, env: dict[str, str], fork_server: bool = True
+    ) -> None:
+        if fork_server and "forkserver" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (the first trial)
             self._child = context.Process(
