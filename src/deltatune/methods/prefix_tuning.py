@@ -122,6 +122,8 @@ class PrefixTuningLayer(InputRewritingLayer):
         self.copy_checked(self.adapter_state_dict(name), state, where, hint)
 
     def rewrite_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> OutputFix | None:
+        if is_encoder_decoder(model):
+            return self._rewrite_decoder(model, inputs)
         name = self.unmerged_active[0]
         n, layers, heads, head_dim = self.layouts[name]
         extend_attention_mask(inputs, n)
@@ -143,6 +145,44 @@ class PrefixTuningLayer(InputRewritingLayer):
         put_cache(model, inputs, cache)
         return None
 
+    def _rewrite_decoder(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """An encoder-decoder, as PEFT does it: the prefix goes into the decoder's self-attention cache only
+        (the encoder and the cross-attention see none), and a decoder attention mask gets its n positions."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        name = self.unmerged_active[0]
+        n, layers, heads, head_dim = self.layouts[name]
+        mask = inputs.get("decoder_attention_mask")
+        if mask is not None:
+            ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
+            inputs["decoder_attention_mask"] = torch.cat([ones, mask], dim=1)
+        cache = cache_in(inputs)
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
+            raise TypeError(
+                f"an encoder-decoder's cache is an EncoderDecoderCache, got {type(cache).__name__}"
+            )
+        if cache is not None and cached_length(cache.self_attention_cache) > 0:
+            return  # a generation step: the prefix is in the cache
+        reference = next(
+            (inputs[k] for k in ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")
+             if inputs.get(k) is not None),
+            None,
+        )  # fmt: skip
+        if reference is None:
+            reference = inputs["encoder_outputs"][0]
+        dtype = self.base_layer.weight.dtype
+        kv = self.prefix(name).to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
+        kv = kv.expand(-1, reference.shape[0], -1, -1, -1)
+        # PEFT's layout for two submodules: the layers' keys and values twice over, in groups of four per
+        # decoder layer (self key, self value, cross key, cross value; it then empties the cross part). So decoder
+        # layer i reads entries 4i and 4i + 1 of the doubled list, which is not layer i's own pair.
+        doubled = torch.cat([kv, kv])
+        if cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        for layer in range(layers):
+            cache.self_attention_cache.update(doubled[4 * layer], doubled[4 * layer + 1], layer)
+        put_cache(model, inputs, cache)
+
 
 class PrefixTuningMethod(VirtualTokenMethod):
     config_class = PrefixTuningConfig
@@ -158,6 +198,10 @@ class PrefixTuningMethod(VirtualTokenMethod):
     @classmethod
     def saved_width(cls, config: VirtualTokenConfig) -> int:
         return config.num_layers * 2 * config.token_dim
+
+    @classmethod
+    def saved_rows(cls, config: VirtualTokenConfig) -> int:
+        return config.num_virtual_tokens  # one prefix, whatever num_transformer_submodules says
 
     @classmethod
     def shape_fields(cls, model: nn.Module, config: VirtualTokenConfig) -> dict[str, Any]:
@@ -177,11 +221,6 @@ class PrefixTuningMethod(VirtualTokenMethod):
 
     @classmethod
     def preview(cls, model: nn.Module, config: AdapterConfig):
-        if is_encoder_decoder(model):
-            raise TargetingError(
-                f"{type(model).__name__} is an encoder-decoder model; deltatune's prefix tuning feeds decoder-only "
-                "and encoder-only models. Use prompt tuning (PEFT's layout for encoder-decoders) or LoRA"
-            )
         if not takes_cache(model):
             import transformers
 

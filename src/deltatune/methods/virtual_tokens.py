@@ -163,6 +163,11 @@ class VirtualTokenMethod(AdapterMethod):
         raise NotImplementedError
 
     @classmethod
+    def saved_rows(cls, config: VirtualTokenConfig) -> int:
+        """Rows of the saved `prompt_embeddings`: one virtual token each, per transformer submodule."""
+        return config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+
+    @classmethod
     def check_saved_state(
         cls, model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], source: str
     ) -> None:
@@ -177,10 +182,7 @@ class VirtualTokenMethod(AdapterMethod):
                 f"{found} under that name"
             )
         config = cls.resolve_config(model, config)
-        expected = (
-            config.num_virtual_tokens * (config.num_transformer_submodules or 1),
-            cls.saved_width(config),
-        )
+        expected = (cls.saved_rows(config), cls.saved_width(config))
         if tuple(saved.shape) != expected:
             raise AdapterFormatError(
                 f"{source}: the config implies prompt_embeddings of shape {expected} (num_virtual_tokens, "
