@@ -86,7 +86,7 @@ SEQ2SEQ = {"vocab_size": V, "d_model": 32, "encoder_layers": 2, "decoder_layers"
 
 ARCHITECTURES = [
     Arch("llama", "causal", _causal("llama", **TEXT), _ids),
-    Arch("mistral", "causal", _causal("mistral", **TEXT, head_dim=8), _ids),
+    Arch("mistral", "causal", _causal("mistral", **TEXT, head_dim=8, sliding_window=4), _ids),
     Arch("qwen2", "causal", _causal("qwen2", **TEXT), _ids),
     Arch("qwen3", "causal", _causal("qwen3", **TEXT, head_dim=8), _ids),
     Arch("gemma", "causal", _causal("gemma", **TEXT, head_dim=8), _ids),

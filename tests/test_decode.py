@@ -65,6 +65,32 @@ def test_rows_joining_a_running_batch_equal_each_row_alone(build, device):
     assert batch.finished == {}
 
 
+def _windowed_and_alibi():
+    """Tiny Mistral and Gemma-2 with a sliding window of 4 (Gemma-2: every other layer; prompts and answers
+    run past it), and BLOOM, whose ALiBi reads each row's positions from its attention mask."""
+    from architectures import ARCHITECTURES
+
+    by_name = {a.name: a for a in ARCHITECTURES}
+    qv = {"a": (2, ["q_proj", "v_proj"]), "b": (4, "all-linear")}
+    fused = {"a": (2, ["query_key_value"]), "b": (4, "all-linear")}
+    return [("mistral", by_name["mistral"].build, qv), ("gemma2", by_name["gemma2"].build, qv),
+            ("bloom", by_name["bloom"].build, fused), ("falcon", by_name["falcon"].build, fused)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, build, adapters", _windowed_and_alibi(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_sliding_window_and_alibi_rows_joining_a_running_batch_equal_each_row_alone(name, build, adapters):
+    model = _with_adapters(build, adapters)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (6, 2, 9, 5)]
+    jobs = list(zip(prompts, ["a", None, "b", "a"], [8, 10, 6, 9], strict=True))
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None)
+    streamed = _drive(batch, {0: jobs[:2], 3: jobs[2:3], 5: jobs[3:]})
+    for i, (prompt, adapter, limit) in enumerate(jobs):
+        assert streamed[i] == _alone(model, prompt, adapter, limit).tokens, (name, i)
+
+
 def test_rows_leave_at_end_of_sequence_and_on_request():
     model = _with_adapters()
     prompts = _prompts()[:3]

@@ -68,3 +68,34 @@ def new_dynamic_cache(config: Any) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=config)
+
+
+# Models whose forward takes no position_ids: each row's positions come from its attention mask (ALiBi), so
+# left-padded rows need nothing more.
+POSITIONS_FROM_MASK = frozenset({"bloom"})
+
+
+def takes_positions(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def positions_from_mask(model: nn.Module) -> bool:
+    """Whether `model` reads each row's positions from its attention mask rather than from position_ids."""
+    config = getattr(model, "config", None)
+    return not takes_positions(model) and getattr(config, "model_type", None) in POSITIONS_FROM_MASK
+
+
+def position_argument(model: nn.Module, positions: Any) -> dict[str, Any]:
+    """`{"position_ids": positions}` for a model that takes them; nothing for one that reads them from its
+    attention mask."""
+    return {"position_ids": positions} if takes_positions(model) else {}
+
+
+def full_dynamic_cache() -> Any:
+    """An empty `DynamicCache` whose every layer keeps all its tokens. The decode engine merges and pads rows'
+    caches column by column, which a sliding-window layer (it drops the oldest columns as it goes) does not
+    allow; with full layers, the model still limits a sliding-window layer to its window through the attention
+    mask it builds per layer type (Mistral, Gemma 2/3), so the outputs are those of the windowed cache."""
+    from transformers import DynamicCache
+
+    return DynamicCache()

@@ -18,7 +18,6 @@ as a request states its own settings.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,7 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
-from ..core.kv_cache import cache_argument, cache_of
+from ..core.kv_cache import cache_argument, cache_of, position_argument, positions_from_mask, takes_positions
 from .kv_room import with_room
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable
 from .prefill import model_device, pad_left, prefill
@@ -200,7 +199,7 @@ class DecodeBatch:
             layers = check_mixable(self.model, adapters)
         except MixedBatchError as exc:
             raise ContinuousBatchingUnsupported(str(exc)) from exc
-        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+        if not takes_positions(self.model) and not positions_from_mask(self.model):
             raise ContinuousBatchingUnsupported(
                 f"{type(self.model).__name__}.forward takes no position_ids, which rows padded to a common "
                 "length need"
@@ -291,7 +290,7 @@ class DecodeBatch:
             out = self.model(
                 input_ids=last,
                 attention_mask=self.mask,
-                position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                **position_argument(self.model, self.mask.sum(-1, keepdim=True) - 1),
                 use_cache=True,
                 **{cache_argument(self.model): self.cache},
             )

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.adapters import activated, all_wrappers
-from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
+from ..core.kv_cache import cache_argument, cache_of, full_dynamic_cache, position_argument
 from .mixed import mixed_adapters
 from .prefix_cache import PrefixCache, PrefixMatch, common_length
 from .sampling import left_pad
@@ -110,7 +110,7 @@ def _forward(
     starts = [match.length if match else 0 for match in found]
     ids, mask = (t.to(device) for t in left_pad([p[s:] for p, s in zip(prompts, starts, strict=True)],
                                                 pad_token_id))  # fmt: skip
-    cache = new_dynamic_cache(model.config)
+    cache = full_dynamic_cache()
     width = max(starts)
     if width:
         prefix_mask = torch.zeros(len(prompts), width, dtype=mask.dtype, device=device)
@@ -129,7 +129,7 @@ def _forward(
         out = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions,
+            **position_argument(model, positions),
             use_cache=True,
             **{cache_argument(model): cache},
             # only the last position's scores are used: the output head over every prompt token was most of a

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..core.kv_cache import cache_argument, cache_of, new_dynamic_cache
+from ..core.kv_cache import cache_argument, cache_of, full_dynamic_cache, position_argument
 from .decode import NonFiniteOutput
 from .generate import _rows_use
 from .prefix_cache import PrefixCache
@@ -48,7 +48,7 @@ class PromptPass:
         self.prompt = list(prompt)
         self.done = 0  # tokens of the prompt in the cache so far
         self.device = next(model.parameters()).device
-        self.cache = new_dynamic_cache(model.config)
+        self.cache = full_dynamic_cache()
         # scoring needs every position's scores, and a whole pass lets the adapter place the tokens itself
         self.prefixes = prefixes if top is None and not whole else None
         if self.prefixes is not None:
@@ -84,7 +84,7 @@ class PromptPass:
         if not self.whole:  # continue the cached positions; `whole` lets the adapter place its own
             extra = {
                 "attention_mask": torch.ones(1, end, dtype=torch.long, device=self.device),
-                "position_ids": torch.arange(start, end, device=self.device).unsqueeze(0),
+                **position_argument(self.model, torch.arange(start, end, device=self.device).unsqueeze(0)),
                 "use_cache": True,
                 cache_argument(self.model): self.cache,
             }

@@ -247,6 +247,15 @@ class LoraLayer(AdapterLayer):
         return (scale - 1) * plain + scale * update
 
 
+def computes_linear(cls: type) -> bool:
+    """nn.Linear, or a subclass whose own forward is exactly x W^T + b (transformers' FalconLinear writes it out
+    by hand), so the low-rank path, the fused kernel and mixed-adapter batches apply to it as they are."""
+    if cls.forward is nn.Linear.forward:
+        return True
+    falcon = sys.modules.get("transformers.models.falcon.modeling_falcon")
+    return falcon is not None and cls.forward is falcon.FalconLinear.forward
+
+
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear (weight (out, in)) or transformers Conv1D (weight (in, out), `fan_in_fan_out`).
 
@@ -263,7 +272,7 @@ class LoraLinear(LoraLayer):
         )
         if self.quantized:  # packed storage: the logical shape is on the layer
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        plain = type(base_layer).forward is nn.Linear.forward
+        plain = computes_linear(type(base_layer))
         if fan_in_fan_out:
             plain = type(base_layer).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
         # A quantized layer's own forward is the only way to use its weight: take the low-rank path.
@@ -308,6 +317,9 @@ class LoraLinear(LoraLayer):
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
             and not (base._forward_hooks or base._forward_pre_hooks)
+            # the kernel's output is a view of its result, which autograd forbids modifying in place; Falcon,
+            # the one user of a linear-equivalent subclass here, edits its fused qkv output in place
+            and (self.quantized or self.fan_in_fan_out or type(base).forward is nn.Linear.forward)
         )
 
     def delta_weight(self, name: str) -> torch.Tensor:
