@@ -1,8 +1,8 @@
 """What starting a sweep trial costs (issue 43): a trial forked from the fork server that imported torch,
 transformers and the trainer once, against a trial in a fresh interpreter (`python -m deltatune.sweep.worker`),
 alternating, in one process. The trial's config names a data file that does not exist, so each trainer starts,
-reads its config, fails at the data and records why: the time measured is the start and the config, nothing
-of the training. The fork server's own start (its imports, once per sweep) is measured apart.
+reads its config, loads the tokenizer, fails at the data and records why: the time measured is the start,
+nothing of the training. The fork server's own start (its imports, once per sweep) is measured apart.
 
     python bench/sweep_trial_start.py [--rounds 10]
 """
@@ -28,6 +28,7 @@ def trial(folder: Path, fork_server: bool) -> float:
     config = {
         "model": {"path": "smollm2", "task": "causal_lm"},
         "data": {"train": str(folder / "missing.jsonl"), "format": "instruction"},
+        "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
         "training": {"max_steps": 1},
         "output_dir": str(folder),
     }
@@ -37,7 +38,7 @@ def trial(folder: Path, fork_server: bool) -> float:
     process.wait(None)
     elapsed = time.perf_counter() - start
     reason = json.loads((folder / ERROR_FILE).read_text())["message"]
-    assert process.returncode == 1 and "does not exist" in reason, (process.returncode, reason)
+    assert process.returncode == 1 and "missing.jsonl does not exist" in reason, (process.returncode, reason)
     return elapsed
 
 

@@ -130,12 +130,7 @@ class PromptTuningLayer(InputRewritingLayer):
         if cached_length(cache_in(inputs)) > 0:  # a generation step: the prompt is in the cache
             shift_positions(inputs, n, prepend=False)
             return None
-        ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.base_layer(ids)
-        batch, length = embeds.shape[:2]
-        inputs["input_ids"] = None
-        inputs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+        batch, length = self._prepend(prompt, inputs)
         shift_positions(inputs, n, prepend=True)
         labels = inputs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
@@ -145,15 +140,20 @@ class PromptTuningLayer(InputRewritingLayer):
             inputs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
         return lambda output: trim_sequence_logits(output, length)
 
-    def _rewrite_encoder(self, prompt: torch.Tensor, inputs: dict[str, Any]) -> None:
-        """The encoder's input with the virtual tokens in front, and its attention mask with them (unless the
-        model's own call extended it already)."""
+    def _prepend(self, prompt: torch.Tensor, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The input as embeddings with the virtual tokens in front; returns the caller's (batch, length)."""
         ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
         if embeds is None:
             embeds = self.base_layer(ids)
         batch, length = embeds.shape[:2]
         inputs["input_ids"] = None
         inputs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+        return batch, length
+
+    def _rewrite_encoder(self, prompt: torch.Tensor, inputs: dict[str, Any]) -> None:
+        """The encoder's input with the virtual tokens in front, and its attention mask with them (unless the
+        model's own call extended it already)."""
+        _, length = self._prepend(prompt, inputs)
         mask = inputs.get("attention_mask")
         if mask is not None and mask.shape[-1] == length:
             extend_attention_mask(inputs, prompt.shape[0])

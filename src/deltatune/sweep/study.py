@@ -26,6 +26,7 @@ from ..core.errors import DeltatuneError
 from .report import COSTS, BestRule, write_reports
 from .space import SearchSpace, check_space
 from .trial import TrialOutcome, run_trial, slot_env
+from .worker import pid_alive
 
 HEARTBEAT_S = 30.0  # how often a running trial's worker says it is alive
 STATE_NAMES = {
@@ -91,16 +92,6 @@ def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()  # counted without creating a CUDA context in this process
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Sweep:
@@ -200,7 +191,7 @@ class Sweep:
         heartbeat is older than stale_after_s."""
         attrs = trial.user_attrs
         if attrs.get("host") == self.host and attrs.get("sweep_pid") is not None:
-            return not _pid_alive(int(attrs["sweep_pid"]))
+            return not pid_alive(int(attrs["sweep_pid"]))
         beat = attrs.get("heartbeat")
         return beat is not None and time.time() - float(beat) > self.s.stale_after_s
 

@@ -55,14 +55,15 @@ def _die_with(pid: int) -> None:
         if watched is not None:
             select.select([watched], [], [])
         else:
-            while _alive(pid):
+            while pid_alive(pid):
                 time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="die-with-sweep", daemon=True).start()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
