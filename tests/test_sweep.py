@@ -388,8 +388,13 @@ def test_sigterm_stops_the_running_trial_and_requeues_it(base, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_final_evaluation_never_prunes(base, tmp_path):
-    """At the last evaluation training is over: a trial the pruner dislikes then still completes."""
+def test_the_final_evaluation_never_prunes(base, tmp_path, monkeypatch):
+    """At the last evaluation training is over: a trial the pruner dislikes then still completes. The sweep
+    looks at the trainer only when it ends here (no poll in between), so both evaluations are read after it
+    exited, and must reach the study all the same (they were lost when a trial outran the poll)."""
+    from deltatune.sweep import trial as trial_module
+
+    monkeypatch.setattr(trial_module, "POLL_S", None)  # wait for the process to end, nothing before
     config = load_base_config(base, ["training.max_steps=40", "eval.every=20"])
     settings = SweepSettings(config=config, space=parse_space({"optim.lr": {"choices": [3e-3]}}), out=tmp_path / "s",
                              trials=1, pruner=optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=30))  # fmt: skip

@@ -157,7 +157,9 @@ def run_trial(
     heartbeat: Callable[[], None] = lambda: None,
 ) -> TrialOutcome:
     """Train `raw_config` in `trial_dir` (its output_dir); after each evaluation ask `should_prune(step,
-    value)`; stop the process if it says so, or if `abandoned()` turns true. `heartbeat()` runs every poll."""
+    value)` (which also reports it to the study); stop the process if it says so, or if `abandoned()` turns
+    true. Every evaluation is asked, those the trainer wrote after the last poll too. `heartbeat()` runs every
+    poll."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     config_file = trial_dir / "trial.yaml"
     write_text_atomic(config_file, yaml.safe_dump(raw_config, sort_keys=False))
@@ -182,6 +184,8 @@ def run_trial(
         return outcome
     found, seen = _new_evaluations(trial_dir / "metrics.jsonl", seen, metric)
     outcome.reports += found
+    for step, value in found:  # evaluations written after the last poll reach the study too (it ended:
+        should_prune(step, value)  # nothing is left to prune)
     if process.returncode != 0:
         return TrialOutcome(
             state="failed", reason=_failure_reason(trial_dir, process.returncode), reports=outcome.reports
