@@ -180,7 +180,7 @@ def _train(arch: Arch) -> str:
                 return f"no gradient reaches {len(silent)} factor(s), e.g. {silent[0]}"
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return "ok" if losses[-1] < losses[0] else f"loss did not fall: {losses}"
 
 

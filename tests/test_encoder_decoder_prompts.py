@@ -129,7 +129,7 @@ def test_prompt_tuning_trains_a_t5():
         )  # PEFT's decoder set: unused
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
 
 

@@ -122,7 +122,7 @@ def test_every_expert_trains_and_the_loss_falls():
                 assert (per_expert > 0).all(), per_expert  # every expert's adapter receives gradient
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
