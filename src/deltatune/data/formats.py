@@ -165,14 +165,12 @@ class Encoder:
                 conversation = from_messages(fields.get("messages"), fields.get("tools"))
         except ConversationError as exc:
             raise RowError(str(exc)) from None
+        used = {"tool_calls": conversation.calls_tools, "tools": bool(conversation.tools)}
         missing = (
-            self.prompts.unrendered_tool_parts() if conversation.calls_tools or conversation.tools else []
+            [part for part in self.prompts.unrendered_tool_parts() if used[part]]
+            if any(used.values())
+            else []
         )
-        missing = [
-            p
-            for p in missing
-            if p == "tool_calls" and conversation.calls_tools or p == "tools" and conversation.tools
-        ]
         if missing:
             raise DataError(
                 f"the tokenizer's chat template does not render {' or '.join(missing)}: rows with tool calls would "
