@@ -97,6 +97,9 @@ def test_the_preview_names_what_all_linear_adapts_on_an_moe_model():
     assert "4 parameter(s) targeted (fused experts, target_parameters):" in text
     assert "model.layers.1.mlp.experts.down_proj" in text and "8 module(s) targeted" in text
     assert not any(name.rsplit(".", 1)[-1] == "gate" for name in preview.targets)  # the router is left alone
+    named_too = dt.LoraConfig(r=2, target_modules="all-linear", target_parameters=["experts.down_proj"])
+    nested = dt.preview_targets(model, named_too).parameters["model.layers.0.mlp.experts"]
+    assert nested == ("gate_up_proj", "down_proj")  # the module's own order, which PEFT's keys follow
 
 
 def test_every_expert_trains_and_the_loss_falls():

@@ -104,7 +104,9 @@ class LoraMethod(AdapterMethod):
         selected = select_parameters(model, entries) if entries else {}
         if _all_linear(config.target_modules):
             for owner, params in fused_experts(model).items():
-                selected[owner] = tuple(dict.fromkeys([*selected.get(owner, ()), *params]))
+                wanted = {*selected.get(owner, ()), *params}
+                order = parameter_owner(model.get_submodule(owner))._parameters  # PEFT nests in this order
+                selected[owner] = tuple(p for p in order if p in wanted)
         both = [name for name in selected if name in preview.targets]
         if both:
             raise TargetingError(
