@@ -40,7 +40,8 @@ def test_inspect_prints_config_provenance_and_counts(trained, capsys):
         ("adapter_config.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
         ("adapter_config.json", b"{" + b" " * (2 << 20) + b"}", "too large"),
         ("deltatune.json", b"\xff\xfe", "not UTF-8"),
-        ("deltatune.json", b'{"schema_version": 99}', "newer than this deltatune understands"),
+        ("deltatune.json", b'{"schema_version": 99}', "newer than this deltatune reads"),
+        ("deltatune.json", b'{"base_model": null}', "has no schema_version: it was written before"),
     ],
 )
 def test_inspect_reads_a_downloaded_folder_through_the_bounded_readers(

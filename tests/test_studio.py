@@ -93,7 +93,8 @@ def test_the_runs_list_shows_each_state_and_never_breaks_on_a_bad_folder(tmp_pat
     [
         ({"schema_version": 1, "environment": {"deltatune": "0.1.0"}}, None, None, "0.1.0"),
         ({"environment": {}}, None, "has no schema_version", None),
-        ({"schema_version": 99}, "schema_version 99 is newer than this deltatune reads (1)", None, None),
+        ({"schema_version": 99}, "schema_version 99, newer than this deltatune reads (1)", None, None),
+        ({"schema_version": "1"}, "schema_version '1', which is not a version number", None, None),
         ("{half", "adapter/deltatune.json: ", None, None),
     ],
 )

@@ -222,11 +222,10 @@ def read_provenance(folder: Path) -> Provenance | None:
     if not file.exists():
         return None
     record = read_json_object(file, "a provenance record", AdapterFormatError)
-    version = record.get("schema_version")
-    if not isinstance(version, int) or version > provenance.SCHEMA_VERSION:
+    problem = provenance.schema_problem(record.get("schema_version"))
+    if problem:
         raise AdapterFormatError(
-            f"{file}: schema_version {version!r} is newer than this deltatune understands "
-            f"({provenance.SCHEMA_VERSION}); upgrade deltatune"
+            f"{file} {problem}. (Without the file the folder loads as a plain PEFT adapter, its base unchecked.)"
         )
     return Provenance.parse(record, str(file))
 

@@ -20,6 +20,21 @@ from .state import plain_state_dict
 SCHEMA_VERSION = 1
 
 
+def schema_problem(version: Any) -> str | None:
+    """Why a deltatune.json with this `schema_version` is not one this deltatune reads (None: it is). Full
+    fine-tunes' records carried none before 2026-11-30; every adapter's has."""
+    if version is None:
+        return "has no schema_version: it was written before deltatune recorded one, or edited by hand"
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return f"has schema_version {version!r}, which is not a version number"
+    if version > SCHEMA_VERSION:
+        return (
+            f"has schema_version {version}, newer than this deltatune reads ({SCHEMA_VERSION}); upgrade deltatune "
+            "to load it"
+        )
+    return None
+
+
 def architecture(model: nn.Module) -> str:
     """The model's class name. FSDP2's `fully_shard` swaps in a subclass named "FSDP<class>"; the architecture
     is the class it wraps, so an adapter trained under FSDP loads into the plain model."""

@@ -17,7 +17,7 @@ import yaml
 
 from ..core.config import CONFIG_NAME, read_json_object
 from ..core.io import PROVENANCE_NAME
-from ..core.provenance import SCHEMA_VERSION
+from ..core.provenance import schema_problem
 from ..train.run_record import RUN_RECORD, read_run_record, writer_alive
 
 MAX_DEPTH = 3  # runs/NAME, runs/GROUP/NAME, runs/SWEEP/trials/NNNN
@@ -173,13 +173,11 @@ def _read_schema(run: Run, file: Path) -> None:
     environment = provenance.get("environment")
     run.written_by = environment.get("deltatune") if isinstance(environment, dict) else None
     version = provenance.get("schema_version")
-    if version is None:
-        run.notes.append(f"older format: {ADAPTER_FOLDER}/{PROVENANCE_NAME} has no schema_version")
-    elif not isinstance(version, int) or version > SCHEMA_VERSION:
-        run.problems.append(
-            f"{ADAPTER_FOLDER}/{PROVENANCE_NAME}: schema_version {version!r} is newer than this deltatune reads "
-            f"({SCHEMA_VERSION}); upgrade deltatune to load this adapter"
-        )
+    problem = schema_problem(version)
+    if version is None:  # a full fine-tune's record from before schema versions: shown, and nothing wrong
+        run.notes.append(f"older format: {ADAPTER_FOLDER}/{PROVENANCE_NAME} {problem}")
+    elif problem:
+        run.problems.append(f"{ADAPTER_FOLDER}/{PROVENANCE_NAME} {problem}")
 
 
 def _status(record: Any, summary: Any) -> str:
