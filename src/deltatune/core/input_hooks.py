@@ -151,9 +151,10 @@ def shift_positions(inputs: dict[str, Any], offset: int, prepend: bool) -> None:
         inputs[key] = shifted
 
 
-def extend_attention_mask(inputs: dict[str, Any], count: int) -> None:
-    """Prepend `count` attended positions to a 2-D attention mask (the virtual tokens are always visible)."""
-    mask = inputs.get("attention_mask")
+def extend_attention_mask(inputs: dict[str, Any], count: int, key: str = "attention_mask") -> None:
+    """Prepend `count` attended positions to a 2-D attention mask (the virtual tokens are always visible);
+    `key`: which mask (an encoder-decoder's decoder has its own)."""
+    mask = inputs.get(key)
     if mask is None:
         return
     if mask.dim() != 2:
@@ -161,4 +162,4 @@ def extend_attention_mask(inputs: dict[str, Any], count: int) -> None:
             f"virtual-token adapters need a 2-D (batch, length) attention_mask, got shape {tuple(mask.shape)}"
         )
     ones = torch.ones(mask.shape[0], count, dtype=mask.dtype, device=mask.device)
-    inputs["attention_mask"] = torch.cat([ones, mask], dim=1)
+    inputs[key] = torch.cat([ones, mask], dim=1)

@@ -134,10 +134,7 @@ class PrefixTuningLayer(InputRewritingLayer):
         reference = inputs.get("inputs_embeds")
         if reference is None:
             reference = inputs["input_ids"]
-        dtype = self.base_layer.weight.dtype
-        # (n, layers*2*heads*head_dim) -> (layers*2, 1, heads, n, head_dim)
-        kv = self.prefix(name).to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
-        kv = kv.expand(-1, reference.shape[0], -1, -1, -1)
+        kv = self._prefix_kv(name, reference.shape[0])
         if cache is None:
             cache = new_dynamic_cache(text_config(model))
         for layer in range(layers):
@@ -145,17 +142,22 @@ class PrefixTuningLayer(InputRewritingLayer):
         put_cache(model, inputs, cache)
         return None
 
+    def _prefix_kv(self, name: str, rows: int) -> torch.Tensor:
+        """The prefix as keys and values, (layers*2, rows, heads, n, head_dim): layer l's keys at 2l, values
+        at 2l + 1."""
+        n, layers, heads, head_dim = self.layouts[name]
+        prefix = self.prefix(name).to(self.base_layer.weight.dtype)
+        kv = prefix.view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
+        return kv.expand(-1, rows, -1, -1, -1)
+
     def _rewrite_decoder(self, model: nn.Module, inputs: dict[str, Any]) -> None:
         """An encoder-decoder, as PEFT does it: the prefix goes into the decoder's self-attention cache only
         (the encoder and the cross-attention see none), and a decoder attention mask gets its n positions."""
         from transformers import DynamicCache, EncoderDecoderCache
 
         name = self.unmerged_active[0]
-        n, layers, heads, head_dim = self.layouts[name]
-        mask = inputs.get("decoder_attention_mask")
-        if mask is not None:
-            ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
-            inputs["decoder_attention_mask"] = torch.cat([ones, mask], dim=1)
+        n, layers = self.layouts[name][:2]
+        extend_attention_mask(inputs, n, key="decoder_attention_mask")
         cache = cache_in(inputs)
         if cache is not None and not isinstance(cache, EncoderDecoderCache):
             raise TypeError(
@@ -170,9 +172,7 @@ class PrefixTuningLayer(InputRewritingLayer):
         )  # fmt: skip
         if reference is None:
             reference = inputs["encoder_outputs"][0]
-        dtype = self.base_layer.weight.dtype
-        kv = self.prefix(name).to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
-        kv = kv.expand(-1, reference.shape[0], -1, -1, -1)
+        kv = self._prefix_kv(name, reference.shape[0])
         # PEFT's layout for two submodules: the layers' keys and values twice over, in groups of four per
         # decoder layer (self key, self value, cross key, cross value; it then empties the cross part). So decoder
         # layer i reads entries 4i and 4i + 1 of the doubled list, which is not layer i's own pair.
