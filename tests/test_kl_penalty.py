@@ -105,6 +105,54 @@ def test_the_penalty_leaves_the_answer_tokens_free(tiny_causal_lm, data, monkeyp
     ids = torch.tensor([[3, 4, 5, 7, 8, 0], [3, 4, 5, 6, 9, 4]])
     cfg = validate_config(causal_config(tiny_causal_lm, data, "/tmp/unused", kl_penalty=0.5))
     module.KLPenalty(cfg.training, None).task_loss(
-        model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, share_prefix=False
     )
     assert seen["keep"].tolist() == [[True, True, False, False, False], [True, False, False, False, False]]
+
+
+def test_prompts_left_free_hold_the_model_on_general_texts_alone(tiny_causal_lm, data, corpus, tmp_path):
+    """kl_penalty_prompts=false: the batch's loss is the plain next-token loss (its shared prefix kept), the
+    penalty the general texts' KL alone; without general texts there is nothing to penalise, said up front."""
+    import deltatune as dt
+    from deltatune.task.loss import task_loss
+    from deltatune.task.shared_prefix import unavailable
+    from deltatune.train import kl_penalty as module
+
+    with pytest.raises(ValueError, match="kl_penalty_texts to how many general texts"):
+        validate_config(
+            causal_config(tiny_causal_lm, data, "/tmp/unused", kl_penalty=0.5, kl_penalty_prompts=False)
+        )
+    cfg = validate_config(
+        causal_config(
+            tiny_causal_lm,
+            data,
+            "/tmp/unused",
+            kl_penalty=0.5,
+            kl_penalty_prompts=False,
+            kl_penalty_texts=2,
+            kl_penalty_corpus=str(corpus),
+        )  # fmt: skip
+    )
+    assert unavailable(cfg, distributed=False) is None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    labels = torch.tensor([[-100, -100, -100, 7, 8, -100], [-100, -100, 5, 6, 9, 4]])
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 7, 8, 0], [3, 4, 5, 6, 9, 4]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]), "labels": labels}  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    loss, parts = module.KLPenalty(cfg.training, tokenizer).task_loss(model, batch, share_prefix=False)
+    loss_sum, count, _ = task_loss(model, batch, False, share_prefix=False)
+    assert float(loss) == pytest.approx(float(loss_sum / count), abs=1e-7)
+    assert parts == {"task_loss": pytest.approx(float(loss))}
+
+    raw = causal_config(tiny_causal_lm, data, tmp_path / "free", max_steps=4, kl_penalty=1.0,
+                        kl_penalty_prompts=False, kl_penalty_texts=2, kl_penalty_corpus=str(corpus))  # fmt: skip
+    raw["optim"]["lr"] = 2e-2
+    raw["training"]["log_every"] = 1
+    train(validate_config(raw))
+    logged = [json.loads(line) for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if r["split"] == "train"][-1]
+    assert "kl_to_base" not in last and last["kl_to_base_general"] > 0
+    assert last["loss"] == pytest.approx(last["task_loss"] + last["kl_to_base_general"], rel=1e-5)

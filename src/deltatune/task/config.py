@@ -146,6 +146,9 @@ class TrainingSpec(Section):
     kl_penalty_corpus: str = "bundled:movie_reviews"  # not news, where `deltatune forgetting` measures
     kl_penalty_texts: int = Field(0, ge=0)
     kl_penalty_max_tokens: int = Field(64, gt=0)
+    # false: the general texts alone, leaving the task's own prompts free to move (and the step one forward
+    # cheaper: the batch keeps the fused loss and its shared prefix)
+    kl_penalty_prompts: bool = True
 
 
 class ForgettingSpec(Section):
@@ -297,6 +300,11 @@ class TrainConfig(Section):
                 f"training.kl_penalty applies to the next-token objective (sft) of a causal LM, not objective "
                 f"{t.objective} / task {self.model.task}: the preference objectives already hold the model to its "
                 "reference through training.beta"
+            )
+        if t.kl_penalty and not t.kl_penalty_prompts and not t.kl_penalty_texts:
+            raise ValueError(
+                "training.kl_penalty_prompts=false with training.kl_penalty_texts=0 leaves the penalty nothing "
+                "to hold the model on: set training.kl_penalty_texts to how many general texts to score each step"
             )
         if t.kl_penalty and self.adapter.full:
             raise ValueError(

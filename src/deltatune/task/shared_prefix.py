@@ -37,7 +37,7 @@ def unavailable(cfg: Any, distributed: bool) -> str | None:
         return reason
     if distributed:
         return "DDP and FSDP take one forward call per backward"
-    if cfg.training.kl_penalty:
+    if cfg.training.kl_penalty and cfg.training.kl_penalty_prompts:
         return "training.kl_penalty scores every position of each row with the model and its base"
     return None
 

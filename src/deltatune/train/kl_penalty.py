@@ -1,7 +1,7 @@
 """A fine-tune that forgets less (`training.kl_penalty`): the task loss plus beta x KL(base || adapted), the
 mean over tokens of sum_v p_base(v) (log p_base(v) - log p_adapted(v)), on every training batch's prompt
-tokens (where the next token is the prompt's, not the answer the task must move the model to) and, with
-`kl_penalty_texts`, on that many texts of a general corpus each step.
+tokens (where the next token is the prompt's, not the answer the task must move the model to; off with
+`kl_penalty_prompts: false`) and, with `kl_penalty_texts`, on that many texts of a general corpus each step.
 
 The base is the same model with its adapters off (or, after training.init_adapter, the adapter the run
 started from), run without gradients: one more forward per batch, no second model. The KL needs the whole
@@ -23,6 +23,7 @@ from torch import nn
 from ..data.corpora import read_corpus
 from ..data.formats import IGNORE
 from ..task.kl import text_batches, token_kl
+from ..task.loss import task_loss as next_token_loss
 from .answer_logps import right_padded
 from .preference import reference_of
 
@@ -36,6 +37,7 @@ class KLPenalty:
     def __init__(self, training: Any, tokenizer: Any) -> None:
         self.beta = training.kl_penalty
         self.per_step = training.kl_penalty_texts
+        self.on_prompts = training.kl_penalty_prompts
         self.general: list[list[int]] = []
         if self.per_step:
             texts, _ = read_corpus(training.kl_penalty_corpus)
@@ -45,9 +47,14 @@ class KLPenalty:
             ]
 
     def task_loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
+        self, model: nn.Module, batch: dict[str, torch.Tensor], share_prefix: bool
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Next-token loss on the labelled tokens plus beta x the KL on every real token of the batch."""
+        """Next-token loss on the labelled tokens plus beta x the KL on the batch's prompt tokens (the loss
+        alone, computed as without a penalty, when the prompts are left free)."""
+        if not self.on_prompts:
+            loss_sum, count, _ = next_token_loss(model, batch, False, share_prefix=share_prefix)
+            loss = loss_sum / max(count, 1)
+            return loss, {"task_loss": float(loss.detach())}
         logits = _logits(model, batch)
         with torch.no_grad(), reference_of(model):
             base = _logits(model, batch)

@@ -329,7 +329,7 @@ class Trainer:
         if self.kl_penalty is None:
             loss_sum, count, _ = task_loss(model, batch, self.classification, share_prefix=self.share_prefix)
             return loss_sum / max(count, 1), tokens
-        loss, parts = self.kl_penalty.task_loss(model, batch)
+        loss, parts = self.kl_penalty.task_loss(model, batch, self.share_prefix)
         if self.kl_penalty.per_step:
             general, kl = self.kl_penalty.general_loss(model, self._step, self.device)
             loss, parts = loss + general, parts | {"kl_to_base_general": kl}
