@@ -59,6 +59,7 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._norm_at_merge: dict[str, torch.Tensor] = {}
+        self._b_rows: dict[str, tuple[tuple, torch.Tensor]] = {}  # the lean inference path's B^T: b_rows
 
     # ---- factors, per kind ---------------------------------------------------------------------------------
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -108,6 +109,7 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
+        self._b_rows.pop(name, None)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
 
@@ -277,11 +279,15 @@ class LoraLinear(LoraLayer):
             plain = type(base_layer).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
         # A quantized layer's own forward is the only way to use its weight: take the low-rank path.
         self.weight_path = not plain and not self.quantized
+        # what the lean inference path computes exactly as the general one does: x W^T + b, W (out, in)
+        self.plain_linear = type(base_layer).forward is nn.Linear.forward and not self.quantized
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
 
     def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self._lean(active, x):
+            return self._inference_forward(x, active[0])
         if not self._fusable(active, x):
             return super()._lowrank_forward(x, active)
         name = active[0]
@@ -303,6 +309,50 @@ class LoraLinear(LoraLayer):
         return fused_lora_linear(
             x, x_d, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
         )
+
+    def _lean(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
+        """Whether `_inference_forward` computes this call as the general path would: one plain adapter, in
+        x's dtype, on an nn.Linear without hooks, no dropout to apply."""
+        if len(active) != 1 or not self.plain_linear:
+            return False
+        name = active[0]
+        base = self.base_layer
+        return (
+            base.weight.dtype == x.dtype
+            and self.lora_A[name].weight.dtype == x.dtype
+            and not self.is_dora(name)
+            and not (self.training and self.dropout[name])
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        )
+
+    def _inference_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x W^T + b + s (x A^T) B^T as three calls and nothing around them. A decode step runs this in each
+        of SmolLM2's 210 adapted layers for every token; the general path's bookkeeping (the base layer's
+        module call, dropout, DoRA and dtype checks, reshapes) cost ~2 ms of a token's 42 (bench/README §27)."""
+        base = self.base_layer
+        out = F.linear(x, base.weight, base.bias)
+        h = F.linear(x, self.lora_A[name].weight)
+        flat = out.view(-1, out.shape[-1])  # a fresh tensor: the update is added in place
+        flat.addmm_(h.view(-1, h.shape[-1]), self.b_rows(name), alpha=self.scaling[name])
+        return out
+
+    def b_rows(self, name: str) -> torch.Tensor:
+        """B^T (r, out) as its own contiguous tensor: the few-row product against it costs less than against
+        B's transposed view (bench/README §27). A frozen adapter's (loaded to serve, generate, evaluate) is
+        kept until B changes (its storage, version counter or shape: a load, a hot swap), at B's size again
+        in memory; a trainable B's is made afresh each call, as a fused optimizer step writes B without
+        bumping its version counter. Both ways the same numbers: a saved and reloaded adapter answers bit
+        for bit as it did in training."""
+        b = self.lora_B[name].weight
+        if b.requires_grad or b.is_inference() or torch.distributed.is_initialized():
+            # nor can an inference tensor's change be told (no version counter), nor FSDP's gathered
+            # parameters' (refilled keeping theirs)
+            return b.t().contiguous()
+        key = (b.data_ptr(), b._version, b.shape)
+        held = self._b_rows.get(name)
+        if held is None or held[0] != key:
+            held = self._b_rows[name] = (key, b.t().contiguous())
+        return held[1]
 
     def _fusable(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
         """The fused kernel skips base_layer.__call__ and weight gradients: use it only when that changes

@@ -1,0 +1,109 @@
+"""LoRA's lean inference path (LoraLinear._inference_forward): the output the general path gives, taken only
+where it computes the same thing, and its copy of B^T follows every change of B (an optimizer step, a load, a
+hot swap, a new tensor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.methods.lora.layers import LoraLinear
+
+
+def _layer(dtype=torch.float32, **lora):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24).to(dtype))
+    settings = dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False) | lora
+    dt.inject(model, dt.LoraConfig(**settings))
+    return model[0]
+
+
+def _lean_and_general(layer, x):
+    """(the no-grad output, the gradient path's output) of the same layer and input."""
+    with torch.no_grad():
+        lean = layer(x)
+    return lean, layer(x).detach()
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    calls = []
+    real = LoraLinear._inference_forward
+
+    def spy(self, x, name):
+        calls.append(name)
+        return real(self, x, name)
+
+    monkeypatch.setattr(LoraLinear, "_inference_forward", spy)
+    return calls
+
+
+def test_the_lean_path_equals_the_general_one_and_follows_every_step(lean_calls):
+    """A trainable B: fused AdamW writes it without bumping its version counter; evaluation between steps
+    must still see each step (the training loop evaluates under no_grad)."""
+    layer = _layer()
+    x = torch.randn(3, 5, 16)
+    lean, general = _lean_and_general(layer, x)
+    assert lean_calls == ["default"]
+    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=True)
+    for _ in range(2):
+        before = lean
+        layer(x).square().sum().backward()
+        optimizer.step()
+        lean, general = _lean_and_general(layer, x)
+        torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
+        assert (lean - before).abs().max() > 1e-2  # the step moved the output, and the lean path saw it
+
+
+def test_a_frozen_adapters_copy_of_b_follows_loads_and_swaps():
+    layer = _layer()
+    layer.requires_grad_(False)  # as loaded to serve or evaluate
+    x = torch.randn(3, 16)
+    b = layer.lora_B["default"].weight
+    with torch.no_grad():
+        layer(x)
+        held = layer.b_rows("default")
+        layer(x)
+    assert layer.b_rows("default") is held  # made once, reused between tokens
+    assert held.is_contiguous() and held.shape == (4, 24)
+
+    with torch.inference_mode():  # a hot swap copies under inference mode
+        b.copy_(torch.randn_like(b))
+    lean, general = _lean_and_general(layer, x)
+    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
+    layer.load_state_dict(
+        {k: torch.randn_like(v) if "lora_B" in k else v for k, v in layer.state_dict().items()}
+    )
+    lean, general = _lean_and_general(layer, x)
+    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
+    layer.lora_B["default"].weight = nn.Parameter(torch.randn_like(b), requires_grad=False)  # a new tensor
+    lean, general = _lean_and_general(layer, x)
+    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
+
+    layer.delete_adapter("default")
+    assert "default" not in layer._b_rows
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dropout in train mode", "hook on the base layer", "two adapters", "DoRA", "half base, float32 adapter"],
+)
+def test_the_general_path_serves_what_the_lean_one_would_change(case, lean_calls):
+    dtype = torch.bfloat16 if case.startswith("half") else torch.float32
+    layer = _layer(dtype, **({"lora_dropout": 0.5} if case.startswith("dropout") else {}))
+    if case == "DoRA":
+        layer = _layer(use_dora=True)
+    if case == "two adapters":
+        layer.add_adapter("second", layer.adapter_configs["default"], "0")
+        layer.set_active(["default", "second"])
+    if case.startswith("hook"):
+        layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
+    if case.startswith("dropout"):
+        layer.train()
+    x = torch.randn(3, 16, dtype=dtype)
+    with torch.no_grad():
+        layer(x)
+    assert lean_calls == []
