@@ -1,6 +1,6 @@
 """LoRA's lean inference path (LoraLinear._inference_forward): the output the general path gives, taken only
-where it computes the same thing, and its copy of B^T follows every change of B (an optimizer step, a load, a
-hot swap, a new tensor)."""
+where it computes the same thing, and every change of the adapter seen (nothing of it may be kept between
+calls: a fused optimizer step writes the factors without bumping their version counters)."""
 
 from __future__ import annotations
 
@@ -56,35 +56,6 @@ def test_the_lean_path_equals_the_general_one_and_follows_every_step(lean_calls)
         lean, general = _lean_and_general(layer, x)
         torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
         assert (lean - before).abs().max() > 1e-2  # the step moved the output, and the lean path saw it
-
-
-def test_a_frozen_adapters_copy_of_b_follows_loads_and_swaps():
-    layer = _layer()
-    layer.requires_grad_(False)  # as loaded to serve or evaluate
-    x = torch.randn(3, 16)
-    b = layer.lora_B["default"].weight
-    with torch.no_grad():
-        layer(x)
-        held = layer.b_rows("default")
-        layer(x)
-    assert layer.b_rows("default") is held  # made once, reused between tokens
-    assert held.is_contiguous() and held.shape == (4, 24)
-
-    with torch.inference_mode():  # a hot swap copies under inference mode
-        b.copy_(torch.randn_like(b))
-    lean, general = _lean_and_general(layer, x)
-    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
-    layer.load_state_dict(
-        {k: torch.randn_like(v) if "lora_B" in k else v for k, v in layer.state_dict().items()}
-    )
-    lean, general = _lean_and_general(layer, x)
-    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
-    layer.lora_B["default"].weight = nn.Parameter(torch.randn_like(b), requires_grad=False)  # a new tensor
-    lean, general = _lean_and_general(layer, x)
-    torch.testing.assert_close(lean, general, rtol=0, atol=1e-6)
-
-    layer.delete_adapter("default")
-    assert "default" not in layer._b_rows
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,6 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._norm_at_merge: dict[str, torch.Tensor] = {}
-        self._b_rows: dict[str, tuple[tuple, torch.Tensor]] = {}  # the lean inference path's B^T: b_rows
 
     # ---- factors, per kind ---------------------------------------------------------------------------------
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -109,7 +108,6 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        self._b_rows.pop(name, None)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
 
@@ -328,31 +326,13 @@ class LoraLinear(LoraLayer):
     def _inference_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x W^T + b + s (x A^T) B^T as three calls and nothing around them. A decode step runs this in each
         of SmolLM2's 210 adapted layers for every token; the general path's bookkeeping (the base layer's
-        module call, dropout, DoRA and dtype checks, reshapes) cost ~2 ms of a token's 42 (bench/README §27)."""
+        module call, dropout, DoRA and dtype checks, reshapes) cost 5% of a token (bench/README §27)."""
         base = self.base_layer
         out = F.linear(x, base.weight, base.bias)
         h = F.linear(x, self.lora_A[name].weight)
         flat = out.view(-1, out.shape[-1])  # a fresh tensor: the update is added in place
-        flat.addmm_(h.view(-1, h.shape[-1]), self.b_rows(name), alpha=self.scaling[name])
+        flat.addmm_(h.view(-1, h.shape[-1]), self.lora_B[name].weight.t(), alpha=self.scaling[name])
         return out
-
-    def b_rows(self, name: str) -> torch.Tensor:
-        """B^T (r, out) as its own contiguous tensor: the few-row product against it costs less than against
-        B's transposed view (bench/README §27). A frozen adapter's (loaded to serve, generate, evaluate) is
-        kept until B changes (its storage, version counter or shape: a load, a hot swap), at B's size again
-        in memory; a trainable B's is made afresh each call, as a fused optimizer step writes B without
-        bumping its version counter. Both ways the same numbers: a saved and reloaded adapter answers bit
-        for bit as it did in training."""
-        b = self.lora_B[name].weight
-        if b.requires_grad or b.is_inference() or torch.distributed.is_initialized():
-            # nor can an inference tensor's change be told (no version counter), nor FSDP's gathered
-            # parameters' (refilled keeping theirs)
-            return b.t().contiguous()
-        key = (b.data_ptr(), b._version, b.shape)
-        held = self._b_rows.get(name)
-        if held is None or held[0] != key:
-            held = self._b_rows[name] = (key, b.t().contiguous())
-        return held[1]
 
     def _fusable(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
         """The fused kernel skips base_layer.__call__ and weight gradients: use it only when that changes
