@@ -151,6 +151,11 @@ DPO_CASES = [
     ("dpo", {"beta": 0.2, "loss_type": "robust", "label_smoothing": 0.1},
      {"beta": 0.2, "loss_type": ["robust"], "label_smoothing": 0.1}),
     ("ipo", {"beta": 0.3}, {"beta": 0.3, "loss_type": ["ipo"]}),
+    # TRL's multi-loss: DPO plus the chosen answers' NLL (RPO), and two pairwise losses weighted
+    ("dpo", {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.7]},
+     {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.7]}),
+    ("dpo", {"beta": 0.2, "loss_type": ["hinge", "robust"], "loss_weights": [0.3, 1.0], "label_smoothing": 0.1},
+     {"beta": 0.2, "loss_type": ["hinge", "robust"], "loss_weights": [0.3, 1.0], "label_smoothing": 0.1}),
 ]  # fmt: skip
 
 

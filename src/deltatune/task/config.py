@@ -16,7 +16,7 @@ from ..core.section import Section
 from ..data.spec import DataSpec
 from ..models.spec import ModelSpec, QuantSpec
 from ..trackers.registry import TRACKERS
-from .objectives import DATA_FORMATS, LOSS_TYPES, OBJECTIVES, misplaced_setting
+from .objectives import DATA_FORMATS, LOSS_TYPES, OBJECTIVES, LossType, misplaced_setting
 
 
 def resolve_precision(precision: str, device: Any) -> str:
@@ -114,8 +114,10 @@ class TrainingSpec(Section):
     beta: float | None = Field(
         None, ge=0
     )  # > 0 for the preference objectives; grpo: 0 (no reference) allowed
-    # dpo: sigmoid | hinge | robust; grpo: grpo | bnpo | dr_grpo | dapo (train/grpo_loss.py)
-    loss_type: Literal["sigmoid", "hinge", "robust", "grpo", "bnpo", "dr_grpo", "dapo"] | None = None
+    # dpo: sigmoid | hinge | robust, or a list of them and sft, summed with loss_weights (TRL's multi-loss:
+    # [sigmoid, sft] adds the chosen answers' NLL to DPO); grpo: grpo | bnpo | dr_grpo | dapo (train/grpo_loss.py)
+    loss_type: LossType | list[LossType] | None = None
+    loss_weights: list[float] | None = None  # one per loss_type entry; default 1.0 each
     label_smoothing: float | None = Field(None, ge=0, lt=0.5)
     simpo_gamma: float | None = None
     cpo_alpha: float | None = Field(None, ge=0)
@@ -261,16 +263,37 @@ class TrainConfig(Section):
             return None
         return method_refusal(method, capability)
 
+    def _check_loss_types(self) -> None:
+        t = self.training
+        if t.loss_type is None:
+            return
+        several = isinstance(t.loss_type, list)
+        types = t.loss_type if several else [t.loss_type]
+        allowed = LOSS_TYPES.get(t.objective, ())
+        wrong = [kind for kind in types if kind not in allowed]
+        if wrong or not types:
+            which = f"={t.loss_type}" if not several else f"={t.loss_type}: {', '.join(wrong) or 'nothing'}"
+            raise ValueError(
+                f"training.loss_type{which} is not a loss of objective {t.objective}; choose one of "
+                f"{list(allowed)}"
+            )
+        if several and (t.objective != "dpo" or len(set(types)) != len(types)):
+            raise ValueError(
+                f"training.loss_type={t.loss_type}: a list of losses (summed, each weighted by "
+                "training.loss_weights) is for objective dpo, each loss named once"
+            )
+        if t.loss_weights is not None and len(t.loss_weights) != len(types):
+            raise ValueError(
+                f"training.loss_weights={t.loss_weights} gives {len(t.loss_weights)} weight(s) for "
+                f"{len(types)} loss(es) in training.loss_type={t.loss_type}: give one weight per loss"
+            )
+
     def _check_objective(self) -> None:
         t = self.training
         problem = misplaced_setting(t.objective, t.model_dump())
         if problem:
             raise ValueError(problem)
-        if t.loss_type is not None and t.loss_type not in LOSS_TYPES.get(t.objective, ()):
-            raise ValueError(
-                f"training.loss_type={t.loss_type} is not a loss of objective {t.objective}; choose one of "
-                f"{list(LOSS_TYPES[t.objective])}"
-            )
+        self._check_loss_types()
         if t.beta == 0 and t.objective != "grpo":
             raise ValueError(
                 f"training.beta must be > 0 for objective {t.objective}; 0 is allowed for grpo only"

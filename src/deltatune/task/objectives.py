@@ -5,7 +5,8 @@ answers marked desirable or not):
 
 - dpo (Rafailov et al. 2023): -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))));
   `loss_type` hinge: relu(1 - beta * delta); robust (Chowdhury et al. 2024): the sigmoid loss debiased for a
-  `label_smoothing` share of flipped labels.
+  `label_smoothing` share of flipped labels. A list of them, and sft (the chosen answers' NLL, their token
+  mean: RPO, Pang et al. 2024), is their sum weighted by `loss_weights`, as TRL's multi-loss DPO.
 - ipo (Azar et al. 2023): (delta / tokens - 1 / (2 beta))^2, delta's log-ratios per completion token, as TRL does.
 - orpo (Hong et al. 2024): NLL of the chosen sequence minus beta * log sigmoid(log odds(y_w) - log odds(y_l)),
   with per-token mean log-probs; no reference.
@@ -20,8 +21,9 @@ train/grpo_loss.py, task/rewards.py); its reference (the KL term) is used only w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+LossType = Literal["sigmoid", "hinge", "robust", "sft", "grpo", "bnpo", "dr_grpo", "dapo"]
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
 PAIRED = frozenset({"dpo", "ipo", "orpo", "simpo"})
 REFERENCE_FREE = frozenset({"sft", "orpo", "simpo"})
@@ -30,6 +32,7 @@ REFERENCE_FREE = frozenset({"sft", "orpo", "simpo"})
 SETTINGS: dict[str, dict[str, Any]] = {
     "beta": {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1, "grpo": 0.0},
     "loss_type": {"dpo": "sigmoid", "grpo": "dapo"},
+    "loss_weights": {"dpo": None},  # None: 1.0 for each loss_type
     "label_smoothing": {"dpo": 0.0, "simpo": 0.0},
     "simpo_gamma": {"simpo": 0.5},
     "cpo_alpha": {"simpo": 0.0},
@@ -45,7 +48,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "scale_rewards": {"grpo": "group"},
     "mask_truncated_completions": {"grpo": False},
 }
-LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "robust"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
+LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "robust", "sft"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
 
 # the data format each objective trains on
 DATA_FORMATS = {"kto": ("unpaired_preference",), "grpo": ("instruction",)} | {

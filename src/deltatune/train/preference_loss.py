@@ -42,14 +42,36 @@ def preference_loss(
     if objective == "ipo":  # per completion token, as TRL (confirmed with the IPO authors)
         per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
         losses = (per_token - 1 / (2 * beta)) ** 2
-    elif settings["loss_type"] == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif settings["loss_type"] == "robust":
-        eps = settings["label_smoothing"]
-        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+        loss, extra = losses.mean(), {}
     else:
-        losses = -F.logsigmoid(beta * delta)
-    return PreferenceOutput(losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), {})
+        loss, extra = _dpo_losses(settings, delta, chosen, chosen_tokens)
+    return PreferenceOutput(loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), extra)
+
+
+def _dpo_losses(
+    settings: dict[str, Any], delta: torch.Tensor, chosen: torch.Tensor, chosen_tokens: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO's loss_type, or the weighted sum of a list of them (TRL's multi-loss), and what to log beside it.
+    delta: (pairs,) the chosen answer's log-ratio minus the rejected one's."""
+    kinds = settings["loss_type"]
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    weights = settings["loss_weights"] or [1.0] * len(kinds)
+    beta, total, extra = settings["beta"], 0.0, {}
+    for kind, weight in zip(kinds, weights, strict=True):
+        if kind == "sft":  # the chosen answers' NLL, a token mean over the batch
+            term = -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+            extra["nll"] = float(term.detach())
+        elif kind == "hinge":
+            term = torch.relu(1 - beta * delta).mean()
+        elif kind == "robust":
+            eps = settings["label_smoothing"]
+            term = (
+                (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+            ).mean()
+        else:
+            term = -F.logsigmoid(beta * delta).mean()
+        total = total + weight * term
+    return total, extra
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
