@@ -163,6 +163,8 @@ def test_unpaired_rows_read_their_label_and_refuse_a_bad_one(tiny_causal_lm, tmp
         ({"objective": "dpo", "loss_type": ["sigmoid", "dapo"]}, "preference", "training.loss_type=['sigmoid', 'dapo']: dapo is not a loss of objective dpo; choose one of ['sigmoid', 'hinge', 'robust', 'sft']"),
         ({"objective": "dpo", "loss_type": ["sigmoid", "sigmoid"]}, "preference", "each loss named once"),
         ({"objective": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "preference", "training.loss_weights=[1.0] gives 1 weight(s) for 2 loss(es)"),
+        ({"objective": "dpo", "loss_weights": [1.0, 0.5]}, "preference", "gives 2 weight(s) for 1 loss(es) in training.loss_type=sigmoid"),
+        ({"objective": "dpo", "loss_type": []}, "preference", "each loss named once"),
         ({"objective": "ipo", "loss_weights": [1.0]}, "preference", "training.loss_weights belongs to objective dpo, not training.objective=ipo"),
         ({"objective": "dpo", "kl_penalty": 0.1}, "preference", "training.kl_penalty applies to the next-token objective"),
     ],

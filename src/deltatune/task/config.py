@@ -265,27 +265,26 @@ class TrainConfig(Section):
 
     def _check_loss_types(self) -> None:
         t = self.training
-        if t.loss_type is None:
+        if t.loss_type is None and t.loss_weights is None:
             return
         several = isinstance(t.loss_type, list)
-        types = t.loss_type if several else [t.loss_type]
-        allowed = LOSS_TYPES.get(t.objective, ())
+        types = t.loss_type if several else [t.loss_type or "sigmoid"]  # only dpo reads loss_weights
+        allowed = list(LOSS_TYPES.get(t.objective, ()))
         wrong = [kind for kind in types if kind not in allowed]
-        if wrong or not types:
-            which = f"={t.loss_type}" if not several else f"={t.loss_type}: {', '.join(wrong) or 'nothing'}"
+        if wrong:
+            named = f"{t.loss_type}: {', '.join(wrong)}" if several else t.loss_type
             raise ValueError(
-                f"training.loss_type{which} is not a loss of objective {t.objective}; choose one of "
-                f"{list(allowed)}"
+                f"training.loss_type={named} is not a loss of objective {t.objective}; choose one of {allowed}"
             )
-        if several and (t.objective != "dpo" or len(set(types)) != len(types)):
+        if several and (t.objective != "dpo" or not types or len(set(types)) != len(types)):
             raise ValueError(
                 f"training.loss_type={t.loss_type}: a list of losses (summed, each weighted by "
-                "training.loss_weights) is for objective dpo, each loss named once"
+                f"training.loss_weights) is for objective dpo, each loss named once, from {allowed}"
             )
         if t.loss_weights is not None and len(t.loss_weights) != len(types):
             raise ValueError(
                 f"training.loss_weights={t.loss_weights} gives {len(t.loss_weights)} weight(s) for "
-                f"{len(types)} loss(es) in training.loss_type={t.loss_type}: give one weight per loss"
+                f"{len(types)} loss(es) in training.loss_type={t.loss_type or 'sigmoid'}: give one weight per loss"
             )
 
     def _check_objective(self) -> None:
