@@ -60,8 +60,11 @@ def test_the_lean_path_equals_the_general_one_and_follows_every_step(lean_calls)
 
 @pytest.mark.parametrize(
     "case",
-    ["dropout in train mode", "hook on the base layer", "two adapters", "DoRA", "half base, float32 adapter"],
-)
+    [
+        "dropout in train mode", "hook on the base layer", "two adapters", "DoRA", "half base, float32 adapter",
+        "bf16 autocast",
+    ],
+)  # fmt: skip
 def test_the_general_path_serves_what_the_lean_one_would_change(case, lean_calls):
     dtype = torch.bfloat16 if case.startswith("half") else torch.float32
     layer = _layer(dtype, **({"lora_dropout": 0.5} if case.startswith("dropout") else {}))
@@ -75,6 +78,12 @@ def test_the_general_path_serves_what_the_lean_one_would_change(case, lean_calls
     if case.startswith("dropout"):
         layer.train()
     x = torch.randn(3, 16, dtype=dtype)
-    with torch.no_grad():
-        layer(x)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.endswith("autocast"))
+    with torch.no_grad(), autocast:
+        general = layer(x)
     assert lean_calls == []
+    if not case.startswith("dropout"):  # (random masks)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.endswith("autocast")):
+            torch.testing.assert_close(
+                general, layer(x).detach(), rtol=1e-6, atol=1e-6
+            )  # the gradient path's

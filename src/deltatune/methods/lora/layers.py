@@ -310,9 +310,9 @@ class LoraLinear(LoraLayer):
 
     def _lean(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
         """Whether `_inference_forward` computes this call as the general path would: one plain adapter, in
-        x's dtype, on an nn.Linear without hooks, no dropout to apply."""
-        if len(active) != 1 or not self.plain_linear:
-            return False
+        x's dtype and no autocast, on an nn.Linear without hooks, no dropout to apply."""
+        if len(active) != 1 or not self.plain_linear or torch.is_autocast_enabled(x.device.type):
+            return False  # (autocast would give the products a dtype of its own)
         name = active[0]
         base = self.base_layer
         return (
