@@ -35,6 +35,26 @@ def _logits(model, inputs):
         return model(**inputs).logits
 
 
+def _ours_read_by_peft(arch, model, inputs, tmp_path):
+    """Our adapter saved and loaded by PEFT gives our logits; returns PEFT's model."""
+    dt.save_adapter(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(theirs, inputs), _logits(model, inputs))
+    return theirs
+
+
+def _peft_read_by_us(arch, config, inputs, tmp_path, **load):
+    """PEFT's adapter (initialised under seed 2) saved and loaded by us gives PEFT's logits; returns our model."""
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(arch.build(), config).eval()
+    expected = _logits(theirs, inputs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    model = arch.build()
+    dt.load_adapter(model, tmp_path / "theirs", **load)
+    torch.testing.assert_close(_logits(model, inputs), expected)
+    return model
+
+
 @pytest.mark.parametrize("name", ["t5", "bart", "mbart"])
 def test_prompt_tuning_on_an_encoder_decoder_matches_peft_both_ways(name, tmp_path):
     arch, inputs = BY_NAME[name], _inputs(BY_NAME[name])
@@ -44,24 +64,16 @@ def test_prompt_tuning_on_an_encoder_decoder_matches_peft_both_ways(name, tmp_pa
     dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3))
     ours = _logits(model, inputs)
     assert ours.shape == base.shape and not torch.allclose(ours, base)  # decoder logits, moved
-    dt.save_adapter(model, tmp_path / "ours")
+    theirs = _ours_read_by_peft(arch, model, inputs, tmp_path)
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert saved["num_transformer_submodules"] == 2 and saved["task_type"] == "SEQ_2_SEQ_LM"
-    theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path / "ours").eval()
-    torch.testing.assert_close(_logits(theirs, inputs), ours)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     settings = {"max_new_tokens": 6, "do_sample": False}
     expected = theirs.generate(input_ids=ids, attention_mask=mask, **settings)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings), expected)
 
-    torch.manual_seed(2)
     config = peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
-    theirs = peft.get_peft_model(arch.build(), config).eval()
-    expected = _logits(theirs, inputs)
-    theirs.save_pretrained(tmp_path / "theirs")
-    model = arch.build()
-    dt.load_adapter(model, tmp_path / "theirs")
-    torch.testing.assert_close(_logits(model, inputs), expected)
+    model = _peft_read_by_us(arch, config, inputs, tmp_path)
     dt.eject(model, merge=False)
     torch.testing.assert_close(_logits(model, inputs), base)
     assert not model._forward_pre_hooks_with_kwargs and not model.get_encoder()._forward_pre_hooks_with_kwargs
@@ -77,9 +89,7 @@ def test_prefix_tuning_on_an_encoder_decoder_matches_peft_both_ways(name, tmp_pa
     dt.inject(model, dt.PrefixTuningConfig(num_virtual_tokens=3))
     ours = _logits(model, inputs)
     assert not torch.allclose(ours, base)
-    dt.save_adapter(model, tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path / "ours").eval()
-    torch.testing.assert_close(_logits(theirs, inputs), ours)
+    _ours_read_by_peft(arch, model, inputs, tmp_path)
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
@@ -89,14 +99,8 @@ def test_prefix_tuning_on_an_encoder_decoder_matches_peft_both_ways(name, tmp_pa
         decoded = torch.cat([decoded, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, decoded)
 
-    torch.manual_seed(2)
     config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
-    theirs = peft.get_peft_model(arch.build(), config).eval()
-    expected = _logits(theirs, inputs)
-    theirs.save_pretrained(tmp_path / "theirs")
-    model = arch.build()
-    dt.load_adapter(model, tmp_path / "theirs", is_trainable=True)
-    torch.testing.assert_close(_logits(model, inputs), expected)
+    model = _peft_read_by_us(arch, config, inputs, tmp_path, is_trainable=True)
     model(**inputs, labels=inputs["decoder_input_ids"]).loss.backward()
     assert model.get_input_embeddings().prefix_embeddings["default"].grad.abs().sum() > 0
 
