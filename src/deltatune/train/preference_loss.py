@@ -58,8 +58,8 @@ def _dpo_losses(
     weights = settings["loss_weights"] or [1.0] * len(kinds)
     beta, total, extra = settings["beta"], 0.0, {}
     for kind, weight in zip(kinds, weights, strict=True):
-        if kind == "sft":  # the chosen answers' NLL, a token mean over the batch
-            term = -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+        if kind == "sft":
+            term = _chosen_nll(chosen, chosen_tokens)
             extra["nll"] = float(term.detach())
         elif kind == "hinge":
             term = torch.relu(1 - beta * delta).mean()
@@ -72,6 +72,11 @@ def _dpo_losses(
             term = -F.logsigmoid(beta * delta).mean()
         total = total + weight * term
     return total, extra
+
+
+def _chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' NLL, a token mean over the batch (DPO's sft term, CPO's cpo_alpha term)."""
+    return -chosen.sum() / chosen_tokens.sum().clamp(min=1)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ def _reference_free(
         losses = -F.logsigmoid(margin) * (1 - eps) - F.logsigmoid(-margin) * eps
         loss, extra = losses.mean(), {}
         if settings["cpo_alpha"]:
-            nll = -chosen.sum() / chosen_tokens.sum()
+            nll = _chosen_nll(chosen, chosen_tokens)
             loss = loss + settings["cpo_alpha"] * nll
             extra["nll"] = float(nll.detach())
     return PreferenceOutput(loss, beta * chosen_mean.detach(), beta * rejected_mean.detach(), extra)
