@@ -26,6 +26,9 @@ class Capability(str, Enum):
     # task.shared_prefix: rows' common prompt prefix runs once and its KV cache serves every row; a method
     # that puts virtual tokens in front of the input (or the cache) changes what comes first
     SHARE_PREFIX = "share a prompt prefix's KV cache across rows"
+    # runtime.compiled: a fixed-length static KV cache whose positions are the prompt's own; a method that puts
+    # virtual tokens in front of the input (or the cache) moves every position
+    STATIC_CACHE = "decode through a static KV cache (the compiled decode step)"
     # train.setup: activations recomputed in the backward pass instead of stored
     CHECKPOINTED = "train under gradient (activation) checkpointing"
 

@@ -187,7 +187,9 @@ class BottleneckMethod(AdapterMethod):
     config_class = BottleneckConfig
     layer_class = BottleneckLayer
     supported_modules = "nn.Linear, transformers Conv1D (the output projection of a sub-layer)"
-    capabilities = frozenset({Capability.MERGE, Capability.SHARE_PREFIX, Capability.CHECKPOINTED})
+    capabilities = frozenset(
+        {Capability.MERGE, Capability.SHARE_PREFIX, Capability.STATIC_CACHE, Capability.CHECKPOINTED}
+    )
 
     @classmethod
     def refusal(cls, capability: Capability, config: AdapterConfig) -> str | None:

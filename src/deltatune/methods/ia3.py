@@ -127,7 +127,9 @@ class Ia3Method(AdapterMethod):
     config_class = Ia3Config
     layer_class = Ia3Linear
     supported_modules = "nn.Linear, transformers Conv1D"
-    capabilities = frozenset({Capability.MERGE, Capability.SHARE_PREFIX, Capability.CHECKPOINTED})
+    capabilities = frozenset(
+        {Capability.MERGE, Capability.SHARE_PREFIX, Capability.STATIC_CACHE, Capability.CHECKPOINTED}
+    )
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:

@@ -191,6 +191,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
         Capability.MERGE: "prefix tuning adds learned keys and values to every attention layer; attention over "
         "extra positions is not a weight change",
         Capability.SHARE_PREFIX: "prefix tuning's virtual keys and values come before the prompt's prefix",
+        Capability.STATIC_CACHE: "prefix tuning's virtual keys and values take cache positions before the prompt",
         Capability.CHECKPOINTED: "the prefix travels in the KV cache, which the recomputed forward would extend "
         "twice",
     }

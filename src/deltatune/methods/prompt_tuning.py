@@ -194,6 +194,7 @@ class PromptTuningMethod(VirtualTokenMethod):
         Capability.MERGE: "prompt tuning prepends learned virtual tokens to the input, which no change of the "
         "weights can express",
         Capability.SHARE_PREFIX: "prompt tuning's virtual tokens come before the prompt's prefix",
+        Capability.STATIC_CACHE: "prompt tuning's virtual tokens take positions before the prompt",
     }
 
     @classmethod

@@ -38,6 +38,7 @@ class LoraMethod(AdapterMethod):
             Capability.MIXED_BATCH,
             Capability.HOTSWAP,
             Capability.SHARE_PREFIX,
+            Capability.STATIC_CACHE,
             Capability.CHECKPOINTED,
         }
     )

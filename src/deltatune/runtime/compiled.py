@@ -1,0 +1,217 @@
+"""A compiled decode step over a static KV cache: one row at a time, its adapter fixed, for single streams.
+
+Why: decoding one row eagerly on a CPU spends each token in ~210 matrix-vector products that read the weights
+at a third of what the memory delivers, plus the Python and dispatch around 30 layers. Inductor with freezing
+packs the weights and writes its own matrix-vector kernels (max-autotune's C++ templates), one compiled graph
+per token: ~3x the eager rate on SmolLM2 here, the adapter included (bench/README §28). That needs
+- shapes that never change: a transformers `StaticCache` of a fixed length, the smallest of `LENGTHS` that
+  holds the prompt and its token limit; each length compiles once and keeps its cache for the next request;
+- weights that never change: freezing folds the base and the adapter into the compiled step as constants. A
+  decoder is a snapshot: build it once the model and adapter are loaded, and a new one after changing them.
+The prompt runs eagerly (its length varies); only the per-token step is compiled. A compile that fails falls
+back to the same step run eagerly over the same static cache, once and with a warning, so answers stay the
+eager model's. Tokens are chosen by the engine's own code (`sampling.next_tokens`); processors from the
+model's generation_config are not applied, as in `runtime.decode`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..core.adapters import activated, adapter_configs, all_wrappers
+from ..core.capabilities import Capability, capability_refusal
+from ..core.errors import DeltatuneError
+from ..core.kv_cache import cache_argument
+from .decode import NonFiniteOutput
+from .prefill import model_device
+from .sampling import Completion, Sampler, Sampling, check_vocabulary, next_tokens, scored
+
+LENGTHS = (256, 512, 1024, 2048, 4096)  # static cache lengths, each compiled at its first use
+# freezing makes the weights constants (what the C++ GEMM templates need to pack them); max_autotune picks
+# those templates over ATen's kernels where they are faster
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True}
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CompiledDecodingUnsupported(DeltatuneError, ValueError):
+    """This model, adapter or request cannot decode through a static cache; use the eager engine."""
+
+
+class CompiledDecoder:
+    """Single-row decoding of `model` with adapter `adapter` (None: the base) by a compiled step.
+
+    `lengths`: the static cache lengths to choose from (ascending; capped at the model's
+    max_position_embeddings). `compile=False` runs the same static-cache step eagerly (a reference, and what
+    a failed compile falls back to). Not thread-safe: one thread decodes at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: str | None = None,
+        *,
+        lengths: Sequence[int] = LENGTHS,
+        compile: bool = True,
+    ) -> None:
+        if model.training:
+            raise CompiledDecodingUnsupported("decoding is for inference; call model.eval() first")
+        if not getattr(model, "_can_compile_fullgraph", False):
+            raise CompiledDecodingUnsupported(
+                f"{type(model).__name__} does not support transformers' static KV cache, which a compiled "
+                "decode step needs; decode it eagerly (drop --compile)"
+            )
+        if adapter is not None:
+            config = adapter_configs(model).get(adapter)
+            if config is None:
+                raise CompiledDecodingUnsupported(
+                    f"no adapter named {adapter!r}; this model has {sorted(adapter_configs(model))}"
+                )
+            reason = capability_refusal(config, Capability.STATIC_CACHE)
+            if reason:
+                raise CompiledDecodingUnsupported(f"adapter {adapter!r} ({config.peft_type}): {reason}")
+        self.lengths = _usable_lengths(model, lengths)
+        self.model = model
+        self.adapter = adapter
+        self.device = model_device(model)
+        self.compile = compile
+        self.fell_back: str | None = None  # why compiling failed, once it has (every step is eager since)
+        self._wrappers = [w for _, w in all_wrappers(model)]
+        self._caches: dict[int, object] = {}
+        self._steps: dict[int, Step] = {}
+        self._compiled: set[int] = set()  # lengths whose compiled step has run once
+        self._cache_name = cache_argument(model)
+        self._last_only = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None,
+        sampling: Sampling | None = None,
+    ) -> Completion:
+        """The completion of one prompt (token ids): up to `max_new_tokens` tokens, ending early at an
+        end-of-sequence token. Raises `NonFiniteOutput` when the scores hold NaN or +inf."""
+        if not prompt:
+            raise ValueError("a prompt has no tokens; it needs at least one")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        sampling = sampling or Sampling()
+        check_vocabulary(sampling, self.model)
+        length = self._length_for(len(prompt) + max_new_tokens)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        sampler = Sampler(sampling)
+        tokens: list[int] = []
+        logprobs = [] if sampler.sampling.logprobs is not None else None
+        cache = self._cache(length)
+        with activated(self._wrappers, self.adapter):
+            logits = self._prefill(prompt, cache)
+            position = len(prompt)
+            while True:
+                (token,), broken = next_tokens(logits, [sampler], [tokens])
+                if broken:
+                    raise NonFiniteOutput.of(broken[0], self.adapter)
+                if token in eos:
+                    return Completion(tokens, "stop", len(prompt), logprobs, token)
+                tokens.append(token)
+                if logprobs is not None:
+                    logprobs.append(scored(logits, [sampler], [token])[0])
+                if len(tokens) >= max_new_tokens:
+                    return Completion(tokens, "length", len(prompt), logprobs)
+                logits = self._step(length, token, position)
+                position += 1
+
+    # ---- the static cache and its steps -----------------------------------------------------------------------
+    def _length_for(self, needed: int) -> int:
+        for length in self.lengths:
+            if length >= needed:
+                return length
+        raise CompiledDecodingUnsupported(
+            f"the prompt and max_new_tokens need {needed} positions; the longest static cache here holds "
+            f"{self.lengths[-1]}: shorten the prompt or max_new_tokens, or decode eagerly (drop --compile)"
+        )
+
+    def _cache(self, length: int):
+        from transformers import StaticCache
+
+        cache = self._caches.get(length)
+        if cache is None:
+            config = self.model.config
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            cache = self._caches[length] = StaticCache(config=text, max_cache_len=length)
+        else:
+            cache.reset()  # in place: the compiled step keeps reading these tensors
+        return cache
+
+    def _forward(self, cache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Last-position logits (1, vocab) of `ids` (1, n) at `positions` (n,), written into `cache`."""
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            use_cache=True,
+            **{self._cache_name: cache},
+            **self._last_only,
+        )
+        return out.logits[:, -1]
+
+    def _prefill(self, prompt: Sequence[int], cache) -> torch.Tensor:
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prompt), device=self.device)
+        return self._forward(cache, ids, positions).float()
+
+    def _step(self, length: int, token: int, position: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        at = torch.tensor([position], dtype=torch.long, device=self.device)
+        step = self._steps.get(length) or self._built_step(length)
+        if length in self._compiled or not self.compile or self.fell_back is not None:
+            return step(ids, at).float()
+        try:  # the first call compiles
+            logits = step(ids, at)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager step gives the answer
+            self._fall_back(exc)
+            return self._built_step(length)(ids, at).float()  # rewrites the same cache column
+        self._compiled.add(length)
+        return logits.float()
+
+    def _built_step(self, length: int) -> Step:
+        cache = self._caches[length]
+
+        def step(ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+            return self._forward(cache, ids, at)
+
+        if self.compile and self.fell_back is None:
+            step = torch.compile(step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+        self._steps[length] = step
+        return step
+
+    def _fall_back(self, exc: Exception) -> None:
+        lines = str(exc).strip().splitlines()
+        self.fell_back = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        self._steps = {}  # rebuilt eager
+        warnings.warn(
+            f"compiling the decode step failed ({self.fell_back}); decoding eagerly from now on (the same "
+            "answers, at the eager speed)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _usable_lengths(model: nn.Module, lengths: Sequence[int]) -> tuple[int, ...]:
+    """`lengths` sorted, those beyond the model's positions replaced by its last position count."""
+    if not lengths or any(n < 2 for n in lengths):
+        raise ValueError(f"static cache lengths must be at least 2 each; got {list(lengths)}")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    usable = sorted({min(n, limit) if limit else n for n in lengths})
+    return tuple(usable)

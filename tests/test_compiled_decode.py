@@ -1,0 +1,124 @@
+"""The compiled decode step (runtime.compiled): a static KV cache and torch.compile with frozen weights give
+each row the tokens transformers' `generate` gives it, with its adapter inside the graph; a compile that fails
+falls back to the eager step once, saying so; what cannot decode through a static cache is refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import build_llama
+from test_decode import _alone
+from test_runtime import _with_adapters
+
+import deltatune as dt
+from deltatune.runtime import compiled as compiled_module
+from deltatune.runtime.compiled import CompiledDecoder, CompiledDecodingUnsupported
+from deltatune.runtime.decode import NonFiniteOutput
+from deltatune.runtime.sampling import Sampling
+
+PROMPTS = [[5, 17, 3, 44, 9], [71, 2, 2, 30, 8, 61, 19]]
+
+
+def _decode(decoder, prompt, limit, **kwargs):
+    return decoder.generate(prompt, max_new_tokens=limit, eos_token_id=kwargs.pop("eos", None), **kwargs)
+
+
+@pytest.mark.slow
+def test_compiled_rows_equal_transformers_generate_across_cache_lengths():
+    """All-linear LoRA inside the frozen graph; the second request needs the longer cache and compiles it."""
+    model = _with_adapters()
+    decoder = CompiledDecoder(model, "b", lengths=(16, 32))
+    for prompt, limit in ((PROMPTS[0], 8), (PROMPTS[1], 20), (PROMPTS[0], 8)):
+        done = _decode(decoder, prompt, limit)
+        reference = _alone(model, prompt, "b", limit)
+        assert done.tokens == reference.tokens and done.finish_reason == "length"
+        assert done.prompt_tokens == len(prompt)
+    assert decoder.fell_back is None and decoder._compiled == {16, 32}
+
+
+@pytest.mark.parametrize("adapter", [None, "a", "c"])
+def test_the_static_cache_step_equals_generate_for_each_adapter(adapter):
+    """The same step uncompiled (what a failed compile falls back to): the base with adapters loaded beside
+    it, and each adapter."""
+    model = _with_adapters()
+    decoder = CompiledDecoder(model, adapter, lengths=(16, 32), compile=False)
+    for prompt in PROMPTS:
+        assert _decode(decoder, prompt, 9).tokens == _alone(model, prompt, adapter, 9).tokens
+
+
+def test_a_row_ends_at_end_of_sequence_and_samples_as_the_engine_does():
+    model = _with_adapters()
+    decoder = CompiledDecoder(model, "b", lengths=(32,), compile=False)
+    reference = _alone(model, PROMPTS[0], "b", 12).tokens
+    first_new = next(i for i in range(1, 12) if reference[i] not in reference[:i])  # a token not seen before
+    done = _decode(decoder, PROMPTS[0], 12, eos=reference[first_new])
+    assert done.finish_reason == "stop" and done.stop_token == reference[first_new]
+    assert done.tokens == reference[:first_new]
+    sampling = Sampling(temperature=1.0, seed=7, logprobs=0)
+    (engine,) = dt.runtime.generate(
+        model, [PROMPTS[1]], ["b"], max_new_tokens=10, pad_token_id=0, eos_token_id=None, sampling=sampling
+    )
+    sampled = _decode(decoder, PROMPTS[1], 10, sampling=sampling)
+    assert sampled.tokens == engine.tokens and sampled.tokens != _alone(model, PROMPTS[1], "b", 10).tokens
+    torch.testing.assert_close(
+        [c.logprob for c in sampled.logprobs], [c.logprob for c in engine.logprobs], rtol=0, atol=1e-5
+    )
+
+
+def test_a_failed_compile_falls_back_to_the_eager_step_once_and_says_so(monkeypatch):
+    model = _with_adapters()
+    compiles = []
+
+    def broken_compile(fn, **options):
+        compiles.append(options)
+
+        def run(*args):
+            raise RuntimeError("the backend exploded\nlong traceback")
+
+        return run
+
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    decoder = CompiledDecoder(model, "b", lengths=(16, 32))
+    with pytest.warns(RuntimeWarning, match=r"compiling the decode step failed \(RuntimeError: the backend "):
+        done = _decode(decoder, PROMPTS[0], 8)
+    assert done.tokens == _alone(model, PROMPTS[0], "b", 8).tokens
+    assert decoder.fell_back == "RuntimeError: the backend exploded"
+    assert compiles == [{"dynamic": False, "fullgraph": True, "options": compiled_module.COMPILE_OPTIONS}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second try, for any length
+        assert _decode(decoder, PROMPTS[1], 20).tokens == _alone(model, PROMPTS[1], "b", 20).tokens
+    assert len(compiles) == 1
+
+
+def test_non_finite_scores_are_an_error_naming_the_adapter():
+    model = _with_adapters()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("lora_B.a"):
+                module.weight.fill_(float("nan"))
+    decoder = CompiledDecoder(model, "a", lengths=(16,), compile=False)
+    with pytest.raises(NonFiniteOutput, match="adapter 'a' are NaN"):
+        _decode(decoder, PROMPTS[0], 4)
+
+
+def test_what_a_static_cache_cannot_take_is_refused():
+    model = _with_adapters()
+    dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3), adapter_name="prompt")
+    with pytest.raises(CompiledDecodingUnsupported, match="virtual tokens take positions before the prompt"):
+        CompiledDecoder(model.eval(), "prompt")
+    with pytest.raises(CompiledDecodingUnsupported, match=r"no adapter named 'z'; this model has \['a'"):
+        CompiledDecoder(model, "z")
+    decoder = CompiledDecoder(model, "a", lengths=(16, 32), compile=False)
+    with pytest.raises(CompiledDecodingUnsupported, match="need 33 positions; the longest static cache here"):
+        _decode(decoder, PROMPTS[0], 28)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        _decode(decoder, PROMPTS[0], 0)
+    plain = build_llama()
+    plain._can_compile_fullgraph = False
+    with pytest.raises(CompiledDecodingUnsupported, match="does not support transformers' static KV cache"):
+        CompiledDecoder(plain)
+    with pytest.raises(CompiledDecodingUnsupported, match="call model.eval"):
+        CompiledDecoder(build_llama().train())
+    assert CompiledDecoder(build_llama(), lengths=(64, 8, 100000)).lengths == (8, 64, 2048)
