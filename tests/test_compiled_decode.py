@@ -14,7 +14,7 @@ from test_runtime import _with_adapters
 
 import deltatune as dt
 from deltatune.runtime import compiled as compiled_module
-from deltatune.runtime.compiled import CompiledDecoder, CompiledDecodingUnsupported
+from deltatune.runtime.compiled import CompiledDecoder, CompiledDecodingUnsupported, StaleCompiledStep
 from deltatune.runtime.decode import NonFiniteOutput
 from deltatune.runtime.sampling import Sampling
 
@@ -26,30 +26,42 @@ def _decode(decoder, prompt, limit, **kwargs):
 
 
 @pytest.mark.slow
-def test_compiled_rows_equal_transformers_generate_across_cache_lengths():
-    """All-linear LoRA inside the frozen graph; the second request needs the longer cache and compiles it."""
-    model = _with_adapters()
-    decoder = CompiledDecoder(model, "b", lengths=(16, 32))
-    for prompt, limit in ((PROMPTS[0], 8), (PROMPTS[1], 20), (PROMPTS[0], 8)):
+def test_compiled_rows_equal_transformers_generate_and_a_decoder_is_a_snapshot():
+    """All-linear LoRA inside the frozen graph, two requests through one compiled step and its cache."""
+    model = _with_adapters().requires_grad_(False)
+    decoder = CompiledDecoder(model, "b", lengths=(32,))
+    for prompt, limit in ((PROMPTS[0], 8), (PROMPTS[1], 20)):
         done = _decode(decoder, prompt, limit)
         reference = _alone(model, prompt, "b", limit)
         assert done.tokens == reference.tokens and done.finish_reason == "length"
         assert done.prompt_tokens == len(prompt)
-    assert decoder.fell_back is None and decoder._compiled == {16, 32}
+    assert decoder.fell_back is None and decoder._compiled == {32}
+    # the weights are constants of the compiled step: once they change, the decoder refuses, and a new one
+    # compiles its own step (none of the first decoder's graphs, whose guards would pass, is taken)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("lora_B.b"):
+                module.weight.zero_()
+    with pytest.raises(StaleCompiledStep, match="build a new CompiledDecoder"):
+        _decode(decoder, PROMPTS[1], 20)
+    fresh = CompiledDecoder(model, "b", lengths=(32,))
+    assert _decode(fresh, PROMPTS[1], 20).tokens == _alone(model, PROMPTS[1], None, 20).tokens
+    assert fresh._compiled == {32}
 
 
 @pytest.mark.parametrize("adapter", [None, "a", "c"])
-def test_the_static_cache_step_equals_generate_for_each_adapter(adapter):
+def test_the_static_cache_step_equals_generate_for_each_adapter_and_length(adapter):
     """The same step uncompiled (what a failed compile falls back to): the base with adapters loaded beside
-    it, and each adapter."""
-    model = _with_adapters()
+    it, and each adapter; requests in the shorter cache, the longer one, then the shorter again."""
+    model = _with_adapters().requires_grad_(False)
     decoder = CompiledDecoder(model, adapter, lengths=(16, 32), compile=False)
-    for prompt in PROMPTS:
-        assert _decode(decoder, prompt, 9).tokens == _alone(model, prompt, adapter, 9).tokens
+    for prompt, limit in ((PROMPTS[0], 9), (PROMPTS[1], 20), (PROMPTS[1], 9)):
+        assert _decode(decoder, prompt, limit).tokens == _alone(model, prompt, adapter, limit).tokens
+    assert sorted(decoder._caches) == [16, 32]
 
 
 def test_a_row_ends_at_end_of_sequence_and_samples_as_the_engine_does():
-    model = _with_adapters()
+    model = _with_adapters().requires_grad_(False)
     decoder = CompiledDecoder(model, "b", lengths=(32,), compile=False)
     reference = _alone(model, PROMPTS[0], "b", 12).tokens
     first_new = next(i for i in range(1, 12) if reference[i] not in reference[:i])  # a token not seen before
@@ -68,7 +80,7 @@ def test_a_row_ends_at_end_of_sequence_and_samples_as_the_engine_does():
 
 
 def test_a_failed_compile_falls_back_to_the_eager_step_once_and_says_so(monkeypatch):
-    model = _with_adapters()
+    model = _with_adapters().requires_grad_(False)
     compiles = []
 
     def broken_compile(fn, **options):
@@ -85,7 +97,7 @@ def test_a_failed_compile_falls_back_to_the_eager_step_once_and_says_so(monkeypa
         done = _decode(decoder, PROMPTS[0], 8)
     assert done.tokens == _alone(model, PROMPTS[0], "b", 8).tokens
     assert decoder.fell_back == "RuntimeError: the backend exploded"
-    assert compiles == [{"dynamic": False, "fullgraph": True, "options": compiled_module.COMPILE_OPTIONS}]
+    assert compiles == [{"dynamic": False, "fullgraph": True}]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning, no second try, for any length
         assert _decode(decoder, PROMPTS[1], 20).tokens == _alone(model, PROMPTS[1], "b", 20).tokens
@@ -93,7 +105,7 @@ def test_a_failed_compile_falls_back_to_the_eager_step_once_and_says_so(monkeypa
 
 
 def test_non_finite_scores_are_an_error_naming_the_adapter():
-    model = _with_adapters()
+    model = _with_adapters().requires_grad_(False)
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith("lora_B.a"):
@@ -106,6 +118,7 @@ def test_non_finite_scores_are_an_error_naming_the_adapter():
 def test_what_a_static_cache_cannot_take_is_refused():
     model = _with_adapters()
     dt.inject(model, dt.PromptTuningConfig(num_virtual_tokens=3), adapter_name="prompt")
+    model.requires_grad_(False)
     with pytest.raises(CompiledDecodingUnsupported, match="virtual tokens take positions before the prompt"):
         CompiledDecoder(model.eval(), "prompt")
     with pytest.raises(CompiledDecodingUnsupported, match=r"no adapter named 'z'; this model has \['a'"):
@@ -115,10 +128,16 @@ def test_what_a_static_cache_cannot_take_is_refused():
         _decode(decoder, PROMPTS[0], 28)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         _decode(decoder, PROMPTS[0], 0)
-    plain = build_llama()
+    plain = build_llama().requires_grad_(False)
     plain._can_compile_fullgraph = False
     with pytest.raises(CompiledDecodingUnsupported, match="does not support transformers' static KV cache"):
         CompiledDecoder(plain)
     with pytest.raises(CompiledDecodingUnsupported, match="call model.eval"):
         CompiledDecoder(build_llama().train())
-    assert CompiledDecoder(build_llama(), lengths=(64, 8, 100000)).lengths == (8, 64, 2048)
+    with pytest.raises(CompiledDecodingUnsupported, match=r"trainable \(model.embed_tokens.weight, ...\)"):
+        CompiledDecoder(build_llama())
+    assert CompiledDecoder(build_llama().requires_grad_(False), lengths=(64, 8, 100000)).lengths == (
+        8,
+        64,
+        2048,
+    )
