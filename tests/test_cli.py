@@ -92,6 +92,28 @@ def test_generate_with_adapter(trained, tiny_causal_lm, capsys):
     assert main([*sampled, "--top-p", "0"]) == 2 and "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_generate_compiled_answers_as_the_engine_does(trained, tiny_causal_lm, capsys, monkeypatch):
+    """`--compile`: the same answers through the compiled step with the adapter inside (frozen weights without
+    max-autotune here, to compile in seconds: test_compiled_decode runs the configuration as shipped)."""
+    from deltatune.runtime import compiled
+
+    monkeypatch.setattr(compiled, "COMPILE_OPTIONS", {"freezing": True})
+    compiles, real_compile = [], compiled.torch.compile
+    monkeypatch.setattr(
+        compiled.torch, "compile", lambda fn, **kw: compiles.append(fn) or real_compile(fn, **kw)
+    )
+    _, result = trained
+    args = ["generate", "--base", str(tiny_causal_lm), "--adapter", str(result.saved_to), "--jsonl"]
+    prompts = ["Sentiment of: good day", "Sentiment of: bad day", "Sentiment of: good day"]
+    answers = []
+    for extra in ([], ["--compile"]):
+        assert main([*args, *extra, "--max-new-tokens", "12", *prompts]) == 0
+        answers.append([json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()])
+    assert answers[1] == answers[0] and len(answers[0]) == 3 and answers[0][0]
+    assert len(compiles) == 1  # one step, compiled at the first prompt, for all three
+
+
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     bad = write_config(tmp_path / "bad.yaml", {"model": {"path": "x"}, "training": {"max_steps": 1}})
     assert main(["train", str(bad)]) == 2

@@ -124,7 +124,11 @@ def _generate(args: argparse.Namespace) -> int:
     if base is None:
         raise SystemExit("deltatune generate: give --base (or --config)")
     generator = Generator(
-        base, args.adapter, system_prompt=system, allow_base_mismatch=args.allow_base_mismatch
+        base,
+        args.adapter,
+        system_prompt=system,
+        allow_base_mismatch=args.allow_base_mismatch,
+        compiled=args.compile,
     )
     if data_spec is not None:
         generator.for_config(data_spec)
@@ -369,6 +373,12 @@ def _add_generation_parsers(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampled answers repeat with the same seed")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a compiled step over a static KV cache: ~2.6x the tokens a second on a CPU (SmolLM2), "
+        "after the first prompt has compiled it (2-4 minutes on 2 cores; inductor caches part of it)",
+    )
     _add_io_flags(p, "prompts", "answer")
     p.set_defaults(func=_generate)
 
