@@ -10,7 +10,11 @@ per token: ~3x the eager rate on SmolLM2 here, the adapter included (bench/READM
   decoder is a snapshot: build it once the model and adapter are loaded (nothing trainable), and a new one
   after changing them; a decoder whose weights were changed or replaced since (by version counter and
   storage) refuses to decode (`StaleCompiledStep`) rather than mix its constants with the live weights.
-The prompt runs eagerly (its length varies); only the per-token step is compiled. A compile that fails falls
+Dynamo's guards are cut to the inputs' tensor checks: checking the model's modules before every call cost 2.5
+ms a token on the base and 4.8 with an adapter's 210 wrappers (10-19% of a compiled token), and what they
+would check the decoder keeps itself (a code object per step, the adapter set around every call, the weights'
+versions compared before every request). The prompt runs eagerly (its length varies); only the per-token
+step is compiled. A compile that fails falls
 back to the same step run eagerly over the same static cache, once and with a warning, so answers stay the
 eager model's. Tokens are chosen by the engine's own code (`sampling.next_tokens`); processors from the
 model's generation_config are not applied, as in `runtime.decode`.
@@ -70,7 +74,7 @@ class CompiledDecoder:
         if model.training:
             raise CompiledDecodingUnsupported("decoding is for inference; call model.eval() first")
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        if trainable:
+        if compile and trainable:
             raise CompiledDecodingUnsupported(
                 f"{len(trainable)} parameters are trainable ({trainable[0]}, ...): a compiled decode step holds the "
                 "weights as constants, which training would leave behind; call model.requires_grad_(False) "
@@ -125,11 +129,13 @@ class CompiledDecoder:
             raise ValueError("max_new_tokens must be at least 1")
         sampling = sampling or Sampling()
         check_vocabulary(sampling, self.model)
-        if _weights_state(self.model) != self._weights:
+        weights = _weights_state(self.model)
+        if weights != self._weights and self._compiled:
             raise StaleCompiledStep(
-                "the model's weights changed after this decoder was built, and its compiled step holds the old "
-                "ones as constants: build a new CompiledDecoder"
+                "the model's weights changed after this decoder compiled its step, which holds the old ones as "
+                "constants: build a new CompiledDecoder"
             )
+        self._weights = weights  # (nothing compiled yet, or the eager step: it reads the live weights)
         length = self._length_for(len(prompt) + max_new_tokens)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         sampler = Sampler(sampling)
@@ -215,7 +221,10 @@ class CompiledDecoder:
             return self._forward(cache, ids, at)
 
         if self.compile and self.fell_back is None:
-            step = _under_options(torch.compile(_own_code(step), dynamic=False, fullgraph=True))
+            guards = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+            step = _under_options(
+                torch.compile(_own_code(step), dynamic=False, fullgraph=True, options=guards)
+            )
         self._steps[length] = step
         return step
 

@@ -328,6 +328,11 @@ class LoraLinear(LoraLayer):
         of SmolLM2's 210 adapted layers for every token; the general path's bookkeeping (the base layer's
         module call, dropout, DoRA and dtype checks, reshapes) cost 5% of a token (bench/README §27)."""
         base = self.base_layer
+        if _folding_constants():  # W + s B A is a constant of the frozen graph: folded once, at compile time
+            weight = torch.addmm(
+                base.weight, self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name]
+            )
+            return F.linear(x, weight, base.bias)
         out = F.linear(x, base.weight, base.bias)
         h = F.linear(x, self.lora_A[name].weight)
         flat = out.view(-1, out.shape[-1])  # a fresh tensor: the update is added in place
@@ -421,3 +426,13 @@ class LoraConv(LoraLayer):
         a, b = self.factors(name)
         delta = b.flatten(1) @ a.flatten(1)
         return delta.view(self.base_layer.weight.shape) * self.scaling[name]
+
+
+def _folding_constants() -> bool:
+    """Whether this forward is being traced by a compile that freezes the weights into constants
+    (`runtime.compiled`): an expression of the weights alone is then computed once, when the graph is built."""
+    if not torch.compiler.is_compiling():
+        return False
+    from torch._inductor import config
+
+    return bool(config.freezing)
