@@ -28,7 +28,7 @@ class Generator:
         allow_base_mismatch: bool = False,
         compiled: bool = False,
     ):
-        """`compiled`: decode through a compiled step over a static KV cache (`runtime.compiled`), ~2.6x the
+        """`compiled`: decode through a compiled step over a static KV cache (`runtime.compiled`), ~3x the
         tokens a second on a CPU once the first prompt has compiled it (minutes)."""
         from transformers import AutoModelForCausalLM
 

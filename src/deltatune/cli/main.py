@@ -376,8 +376,8 @@ def _add_generation_parsers(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="decode with a compiled step over a static KV cache: ~2.6x the tokens a second on a CPU (SmolLM2), "
-        "after the first prompt has compiled it (2-4 minutes on 2 cores; inductor caches part of it)",
+        help="decode with a compiled step over a static KV cache: ~3x the tokens a second on a CPU (SmolLM2), "
+        "after the first prompt has compiled it (1.5-2 minutes on 2 cores)",
     )
     _add_io_flags(p, "prompts", "answer")
     p.set_defaults(func=_generate)

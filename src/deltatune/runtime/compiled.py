@@ -6,7 +6,8 @@ packs the weights and writes its own matrix-vector kernels (max-autotune's C++ t
 per token: ~3x the eager rate on SmolLM2 here, the adapter included (bench/README §28). That needs
 - shapes that never change: a transformers `StaticCache` of a fixed length, the smallest of `LENGTHS` that
   holds the prompt and its token limit; each length compiles once and keeps its cache for the next request;
-- weights that never change: freezing folds the base and the adapter into the compiled step as constants. A
+- weights that never change: freezing makes the base and the adapter constants of the compiled step (a LoRA
+  update folded into its layer's weight, W + s B A, once at compile time: `LoraLinear._inference_forward`). A
   decoder is a snapshot: build it once the model and adapter are loaded (nothing trainable), and a new one
   after changing them; a decoder whose weights were changed or replaced since (by version counter and
   storage) refuses to decode (`StaleCompiledStep`) rather than mix its constants with the live weights.
@@ -14,9 +15,8 @@ Dynamo's guards are cut to the inputs' tensor checks: checking the model's modul
 ms a token on the base and 4.8 with an adapter's 210 wrappers (10-19% of a compiled token), and what they
 would check the decoder keeps itself (a code object per step, the adapter set around every call, the weights'
 versions compared before every request). The prompt runs eagerly (its length varies); only the per-token
-step is compiled. A compile that fails falls
-back to the same step run eagerly over the same static cache, once and with a warning, so answers stay the
-eager model's. Tokens are chosen by the engine's own code (`sampling.next_tokens`); processors from the
+step is compiled. A compile that fails falls back to the same step run eagerly over the same static cache,
+once and with a warning, so answers stay the eager model's. Tokens are chosen by the engine's own code (`sampling.next_tokens`); processors from the
 model's generation_config are not applied, as in `runtime.decode`.
 """
 
