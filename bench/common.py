@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import subprocess
@@ -199,3 +200,30 @@ def start_studio(root: Path, port: int) -> subprocess.Popen:
                 return process
         except httpx.TransportError:
             time.sleep(0.2)
+
+
+def one_stream_setup(description: str, reps: int) -> tuple[argparse.Namespace, torch.nn.Module, list[int]]:
+    """The single-stream decode benchmarks' common start: their flags (--adapter, --tokens, --reps,
+    --threads), the bundled SmolLM2-135M-Instruct in fp32 with the adapter loaded as "tuned", and one chat
+    prompt's ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.models.bundled import smollm2_path
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--adapter", type=Path, default=Path("outputs/quickstart/adapter"))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dt.load_adapter(model, args.adapter, adapter_name="tuned")
+    messages = [{"role": "user", "content": "Tell me about this tweet: my flight got cancelled again"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
+    return args, model, prompt

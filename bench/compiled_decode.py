@@ -13,7 +13,6 @@ memory before and after, whether the greedy tokens are the eager engine's, and t
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, status_mib  # noqa: E402
+from common import interleaved, one_stream_setup, status_mib  # noqa: E402
 
 
 def streaming_bound(weight_bytes: int) -> dict[str, float]:
@@ -44,29 +43,10 @@ def _timed(fn) -> float:
 
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import deltatune as dt
-    from deltatune.models.bundled import smollm2_path
     from deltatune.runtime.compiled import CompiledDecoder
     from deltatune.runtime.decode import DecodeBatch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", type=Path, default=Path("outputs/quickstart/adapter"))
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    dt.load_adapter(model, args.adapter, adapter_name="tuned")
-    messages = [{"role": "user", "content": "Tell me about this tweet: my flight got cancelled again"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
-        "input_ids"
-    ]
+    args, model, prompt = one_stream_setup(__doc__.splitlines()[0], reps=3)
 
     def eager(adapter):
         batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None, capacity=1)

@@ -16,7 +16,6 @@ Then a torch.profiler table of 40 decode steps, base and adapter, for the operat
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -26,33 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved  # noqa: E402
+from common import interleaved, one_stream_setup  # noqa: E402
 
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import deltatune as dt
     from deltatune.methods.lora import layers
-    from deltatune.models.bundled import smollm2_path
     from deltatune.runtime.decode import DecodeBatch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", type=Path, default=Path("outputs/quickstart/adapter"))
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    dt.load_adapter(model, args.adapter, adapter_name="tuned")
-    messages = [{"role": "user", "content": "Tell me about this tweet: my flight got cancelled again"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
-        "input_ids"
-    ]
+    args, model, prompt = one_stream_setup(__doc__.splitlines()[0], reps=5)
 
     copies: dict[int, torch.Tensor] = {}
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from .registry import get_method
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .config import AdapterConfig
 
 
@@ -45,3 +47,14 @@ def method_refusal(peft_type: str, capability: Capability) -> str | None:
     if capability in method.capabilities:
         return None
     return method.lacks.get(capability) or f"{method.peft_type} adapters cannot {capability.value}"
+
+
+def adapter_refusal(model: nn.Module, name: str, capability: Capability) -> str | None:
+    """Why adapter `name` loaded in `model` cannot `capability` (or is not there), or None when it can."""
+    from .adapters import adapter_configs
+
+    config = adapter_configs(model).get(name)
+    if config is None:
+        return f"no adapter named {name!r}; this model has {sorted(adapter_configs(model))}"
+    reason = capability_refusal(config, capability)
+    return f"adapter {name!r} ({config.peft_type}): {reason}" if reason else None

@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..core.adapters import activated, adapter_configs, all_wrappers
-from ..core.capabilities import Capability, capability_refusal
+from ..core.adapters import activated, all_wrappers
+from ..core.capabilities import Capability, adapter_refusal
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument
 from .decode import NonFiniteOutput
@@ -85,15 +85,9 @@ class CompiledDecoder:
                 f"{type(model).__name__} does not support transformers' static KV cache, which a compiled "
                 "decode step needs; decode it eagerly (drop --compile)"
             )
-        if adapter is not None:
-            config = adapter_configs(model).get(adapter)
-            if config is None:
-                raise CompiledDecodingUnsupported(
-                    f"no adapter named {adapter!r}; this model has {sorted(adapter_configs(model))}"
-                )
-            reason = capability_refusal(config, Capability.STATIC_CACHE)
-            if reason:
-                raise CompiledDecodingUnsupported(f"adapter {adapter!r} ({config.peft_type}): {reason}")
+        refusal = adapter is not None and adapter_refusal(model, adapter, Capability.STATIC_CACHE)
+        if refusal:
+            raise CompiledDecodingUnsupported(refusal)
         self.lengths = _usable_lengths(model, lengths)
         self.model = model
         self.adapter = adapter

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapters import activated, adapter_configs, adapter_layers, disable_adapter
-from ..core.capabilities import Capability, capability_refusal
+from ..core.capabilities import Capability, adapter_refusal
 from ..core.errors import AdapterNameError
 from ..methods.lora.layers import LoraLinear
 
@@ -39,12 +39,9 @@ def mixable_refusal(
     model: nn.Module, name: str, layers: Sequence[tuple[str, nn.Module]] | None = None
 ) -> str | None:
     """Why adapter `name` cannot take part in a mixed batch, or None when it can."""
-    config = adapter_configs(model).get(name)
-    if config is None:
-        return f"no adapter named {name!r}; this model has {sorted(adapter_configs(model))}"
-    reason = capability_refusal(config, Capability.MIXED_BATCH)
+    reason = adapter_refusal(model, name, Capability.MIXED_BATCH)
     if reason:
-        return f"adapter {name!r} ({config.peft_type}): {reason}"
+        return reason
     for layer_name, layer in adapter_layers(model) if layers is None else layers:
         if name not in layer.adapter_configs:
             continue
