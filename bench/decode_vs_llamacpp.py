@@ -5,7 +5,9 @@ with it unmerged on the fp32 base (`DecodeBatch`, what the server, `generate` an
 alone; llama.cpp (llama-cpp-python, built once into ~/.cache/deltatune/wheels by `make gguf-check`) decodes the
 GGUF files `deltatune export` writes of the merged model, f16 and q8_0, with 2 threads. One chat prompt, greedy,
 `--tokens` new tokens; the rate is taken from the first new token to the last (the prompt's prefill apart),
-median of interleaved repetitions. Then 16 streams at once on deltatune's engine (16 different tweets), in
+median of interleaved repetitions; deltatune also through its compiled decode step (`runtime.compiled`, the
+adapter unmerged in the model and folded into the compiled step's constants; its compiling is done before the
+timed rounds). Then 16 streams at once on deltatune's engine (16 different tweets), in
 aggregate. The greedy tokens of deltatune and llama.cpp's f16 file are compared up to the first difference.
 
     python bench/decode_vs_llamacpp.py [--adapter outputs/quickstart/adapter] [--tokens 64] [--reps 3]
@@ -49,6 +51,14 @@ def _deltatune_rate(model, prompts: list[list[int]], adapter: str | None, tokens
     return steps * len(prompts) / (time.perf_counter() - started)
 
 
+def _compiled_rate(decoder, prompt: list[int], tokens: int) -> float:
+    marks: list[float] = []
+    decoder.generate(
+        prompt, max_new_tokens=tokens, eos_token_id=None, on_token=lambda _: marks.append(time.perf_counter())
+    )
+    return (tokens - 1) / (marks[-1] - marks[0])
+
+
 def _llama_rate(llm, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
     llm.reset()
     out, first = [], None
@@ -69,6 +79,7 @@ def main() -> int:
     from deltatune.gguf import write_gguf_model
     from deltatune.models.bundled import smollm2_path
     from deltatune.runtime import generate
+    from deltatune.runtime.compiled import CompiledDecoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, default=Path("outputs/quickstart/adapter"))
@@ -99,12 +110,16 @@ def main() -> int:
             model_path=str(files / f"merged-{kind}.gguf"), n_ctx=512, n_threads=2, verbose=False
         )
 
+    compiled = CompiledDecoder(model, "tuned")
+    _compiled_rate(compiled, prompt, 8)  # compiles
     rates: dict[str, list[float]] = {"deltatune lora": [], "deltatune base": [], "deltatune lora x16": []}
+    rates["deltatune lora compiled"] = []
     rates |= {f"llama.cpp {kind}": [] for kind in kinds}
     theirs = []
     for _ in range(args.reps):
         rates["deltatune lora"].append(_deltatune_rate(model, [prompt], "tuned", args.tokens))
         rates["deltatune base"].append(_deltatune_rate(model, [prompt], None, args.tokens))
+        rates["deltatune lora compiled"].append(_compiled_rate(compiled, prompt, args.tokens))
         for kind, llm in llamas.items():
             rate, theirs_now = _llama_rate(llm, prompt, args.tokens)
             rates[f"llama.cpp {kind}"].append(rate)
@@ -124,6 +139,7 @@ def main() -> int:
     for kind in kinds:
         single = medians[f"llama.cpp {kind}"]
         result[f"deltatune_lora_x_llama_{kind}"] = medians["deltatune lora"] / single
+        result[f"deltatune_lora_compiled_x_llama_{kind}"] = medians["deltatune lora compiled"] / single
         result[f"sixteen_streams_x_llama_{kind}_single"] = medians["deltatune lora x16"] / single
     print(json.dumps(result, indent=2))
     return 0
