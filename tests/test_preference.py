@@ -240,7 +240,8 @@ def _parameter_bytes() -> int:
 
 @pytest.mark.slow
 def test_the_reference_is_no_second_model(tiny_causal_lm, pairs, tmp_path, monkeypatch):
-    """Counted during a DPO step: every parameter storage in the process belongs to the one model."""
+    """Counted during a DPO step: every parameter storage made since the run started belongs to the one model
+    (what earlier tests left alive, such as a compiled decode step's frozen constants, is counted before)."""
     from deltatune.train import loop
 
     seen = {}
@@ -256,8 +257,10 @@ def test_the_reference_is_no_second_model(tiny_causal_lm, pairs, tmp_path, monke
         return real(self, model, idx, rewards)
 
     monkeypatch.setattr(loop.Trainer, "_micro_batch_loss", counting)
+    gc.collect()
+    before = _parameter_bytes()
     train(validate_config(preference_config(tiny_causal_lm, pairs, tmp_path / "run", max_steps=1)))
-    assert seen["alive"] == seen["model"]
+    assert seen["alive"] - before == seen["model"] > 0
 
 
 @pytest.mark.slow

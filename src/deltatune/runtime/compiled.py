@@ -60,7 +60,9 @@ class CompiledDecoder:
 
     `lengths`: the static cache lengths to choose from (ascending; capped at the model's
     max_position_embeddings). `compile=False` runs the same static-cache step eagerly (a reference, and what
-    a failed compile falls back to). Not thread-safe: one thread decodes at a time.
+    a failed compile falls back to). Not thread-safe: one thread decodes at a time. The frozen constants of a
+    compiled step stay loaded for the rest of the process (inductor keeps the modules it generates, and their
+    constants, in sys.modules): build one decoder per model and adapter and keep it, not one per request.
     """
 
     def __init__(
