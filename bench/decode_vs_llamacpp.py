@@ -14,7 +14,8 @@ aggregate. The greedy tokens of deltatune and llama.cpp's f16 file are compared 
                                        [--kinds f16,q8_0]
 
 llama-cpp-python 0.3.36 built on a machine with AMX (Sapphire Rapids and later) segfaults decoding a q8_0 file
-(2026-12-06, with 1 or 2 threads; f16 runs): pass `--kinds f16` there.
+(2026-12-06, with 1 or 2 threads; f16 runs): pass `--kinds f16` there. On an AMD EPYC (AVX-512, no AMX) both
+run (2026-12-07).
 """
 
 from __future__ import annotations
