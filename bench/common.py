@@ -227,3 +227,13 @@ def one_stream_setup(description: str, reps: int) -> tuple[argparse.Namespace, t
         "input_ids"
     ]
     return args, model, prompt
+
+
+def compiled_decode(decoder, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
+    """A `CompiledDecoder`'s seconds per token from its first new token to its last (the prefill apart), and
+    its `tokens` greedy tokens (no end-of-sequence)."""
+    marks: list[float] = []
+    done = decoder.generate(
+        prompt, max_new_tokens=tokens, eos_token_id=None, on_token=lambda _: marks.append(time.perf_counter())
+    )
+    return (marks[-1] - marks[0]) / (tokens - 1), done.tokens

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, one_stream_setup, status_mib  # noqa: E402
+from common import compiled_decode, interleaved, one_stream_setup, status_mib  # noqa: E402
 
 
 def streaming_bound(weight_bytes: int) -> dict[str, float]:
@@ -58,14 +58,7 @@ def main() -> int:
         return (time.perf_counter() - started) / (args.tokens - 1), tokens
 
     def compiled(decoder):
-        marks: list[float] = []
-        done = decoder.generate(
-            prompt,
-            max_new_tokens=args.tokens,
-            eos_token_id=None,
-            on_token=lambda _: marks.append(time.perf_counter()),
-        )
-        return (marks[-1] - marks[0]) / (args.tokens - 1), done.tokens
+        return compiled_decode(decoder, prompt, args.tokens)
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rss_before = status_mib("VmRSS")

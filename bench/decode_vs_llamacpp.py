@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import compiled_decode  # noqa: E402
+
 TWEETS = [
     "my flight got cancelled again", "lovely morning at the lake", "the update moved every button",
     "watching the game tonight", "worst customer service ever", "new shoes feel great", "meh, it rained",
@@ -50,14 +53,6 @@ def _deltatune_rate(model, prompts: list[list[int]], adapter: str | None, tokens
         batch.step()
         steps += 1
     return steps * len(prompts) / (time.perf_counter() - started)
-
-
-def _compiled_rate(decoder, prompt: list[int], tokens: int) -> float:
-    marks: list[float] = []
-    decoder.generate(
-        prompt, max_new_tokens=tokens, eos_token_id=None, on_token=lambda _: marks.append(time.perf_counter())
-    )
-    return (tokens - 1) / (marks[-1] - marks[0])
 
 
 def _llama_rate(llm, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
@@ -112,7 +107,7 @@ def main() -> int:
         )
 
     compiled = CompiledDecoder(model, "tuned")
-    _compiled_rate(compiled, prompt, 8)  # compiles
+    compiled_decode(compiled, prompt, 8)  # compiles
     rates: dict[str, list[float]] = {"deltatune lora": [], "deltatune base": [], "deltatune lora x16": []}
     rates["deltatune lora compiled"] = []
     rates |= {f"llama.cpp {kind}": [] for kind in kinds}
@@ -120,7 +115,7 @@ def main() -> int:
     for _ in range(args.reps):
         rates["deltatune lora"].append(_deltatune_rate(model, [prompt], "tuned", args.tokens))
         rates["deltatune base"].append(_deltatune_rate(model, [prompt], None, args.tokens))
-        rates["deltatune lora compiled"].append(_compiled_rate(compiled, prompt, args.tokens))
+        rates["deltatune lora compiled"].append(1 / compiled_decode(compiled, prompt, args.tokens)[0])
         for kind, llm in llamas.items():
             rate, theirs_now = _llama_rate(llm, prompt, args.tokens)
             rates[f"llama.cpp {kind}"].append(rate)

@@ -27,6 +27,7 @@ import itertools
 import types
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from ..core.adapters import activated, all_wrappers
 from ..core.capabilities import Capability, adapter_refusal
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument
+from ..methods.virtual_tokens import text_config
 from .decode import NonFiniteOutput
 from .prefill import model_device
 from .sampling import Completion, Sampler, Sampling, check_vocabulary, next_tokens, scored
@@ -90,7 +92,8 @@ class CompiledDecoder:
         refusal = adapter is not None and adapter_refusal(model, adapter, Capability.STATIC_CACHE)
         if refusal:
             raise CompiledDecodingUnsupported(refusal)
-        self.lengths = _usable_lengths(model, lengths)
+        self._text_config = text_config(model)  # the decoder's, in a multimodal model
+        self.lengths = _usable_lengths(self._text_config, lengths)
         self.model = model
         self.adapter = adapter
         self.device = model_device(model)
@@ -172,9 +175,7 @@ class CompiledDecoder:
 
         cache = self._caches.get(length)
         if cache is None:
-            config = self.model.config
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            cache = self._caches[length] = StaticCache(config=text, max_cache_len=length)
+            cache = self._caches[length] = StaticCache(config=self._text_config, max_cache_len=length)
         else:
             cache.reset()  # in place: the compiled step keeps reading these tensors
         return cache
@@ -265,12 +266,10 @@ def _weights_state(model: nn.Module) -> list[tuple[int, int, int]]:
     return [(id(p), p.data_ptr(), p._version) for p in model.parameters()]
 
 
-def _usable_lengths(model: nn.Module, lengths: Sequence[int]) -> tuple[int, ...]:
-    """`lengths` sorted, those beyond the model's positions replaced by its last position count."""
+def _usable_lengths(config: Any, lengths: Sequence[int]) -> tuple[int, ...]:
+    """`lengths` sorted, those beyond the (text) config's positions replaced by its last position count."""
     if not lengths or any(n < 2 for n in lengths):
         raise ValueError(f"static cache lengths must be at least 2 each; got {list(lengths)}")
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     usable = sorted({min(n, limit) if limit else n for n in lengths})
     return tuple(usable)
