@@ -31,6 +31,7 @@ from ..core.adapters import (
     merged_adapter_names,
     set_adapter,
 )
+from ..core.head_input import contiguous_head_input
 from .decode import ContinuousBatchingUnsupported, DecodeBatch, NonFiniteOutput
 from .mixed import mixable_refusal, mixed_adapters
 from .prefix_cache import PrefixCache
@@ -317,7 +318,7 @@ def _with_transformers(model: nn.Module, rows: list[int], call: _Rows) -> dict[i
     streamer = None
     if call.on_token is not None:
         streamer = _RowStreamer(rows, limits, eos, call.on_token, ends.ended_at, choose.logprobs)
-    with _rows_use(model, adapters):
+    with _rows_use(model, adapters), contiguous_head_input(model):  # its prefill keeps 1 position per row
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.adapters import activated, all_wrappers
+from ..core.head_input import contiguous_head_input
 from ..core.kv_cache import cache_argument, cache_of, full_dynamic_cache, position_argument
 from .mixed import mixed_adapters
 from .prefix_cache import PrefixCache, PrefixMatch, common_length
@@ -125,7 +126,7 @@ def _forward(
     new = mask[:, width:]
     positions = torch.tensor(starts, device=device).unsqueeze(1) + positions_of(new)
     accepts = inspect.signature(model.forward).parameters
-    with adapters_of_rows(model, owners):
+    with adapters_of_rows(model, owners), contiguous_head_input(model):
         out = model(
             input_ids=ids,
             attention_mask=mask,

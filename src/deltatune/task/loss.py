@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.head_input import contiguous_head_input
 from ..data.formats import IGNORE
 from .head_loss import fusable_head, head_loss
 from .shared_prefix import continuation, shared_prefix_length
@@ -60,7 +61,8 @@ def task_loss(
     first = int(trained.any(dim=0).nonzero()[0]) if count else targets.shape[1] - 1
     owner = type(getattr(model, "module", model))  # under DDP, the wrapped model's signature
     if trim_logits and first > 0 and _accepts_logits_to_keep(owner):
-        logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - first, **extra).logits
+        with contiguous_head_input(model):
+            logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - first, **extra).logits
         targets, trained = targets[:, first:], trained[:, first:]
     else:
         logits = model(input_ids=ids, **extra).logits
