@@ -39,7 +39,9 @@ def _head(reps: int) -> list[dict]:
             times = interleaved(
                 {
                     "strided": lambda s=strided, w=weight: F.linear(s, w),
-                    "contiguous": lambda s=strided, w=weight: F.linear(s.contiguous(), w),
+                    "contiguous": lambda s=strided, w=weight: F.linear(
+                        s.clone(memory_format=torch.contiguous_format), w
+                    ),
                 },
                 reps,
                 progress=False,

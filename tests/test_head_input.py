@@ -9,7 +9,7 @@ import torch
 from conftest import build_llama
 from test_runtime import _with_adapters
 
-from deltatune.core.head_input import contiguous_head_input
+from deltatune.core.head_input import contiguous_head_input, has_row_major_strides
 from deltatune.data.formats import IGNORE
 from deltatune.runtime import generate
 from deltatune.task.loss import task_loss
@@ -18,10 +18,11 @@ PROMPTS = [[5, 9, 14, 3, 8, 21, 7], [11, 4, 6], [30, 2, 19, 25, 40]]
 
 
 def _head_inputs(model) -> list[tuple[tuple[int, ...], bool]]:
-    """Records the (shape, contiguous) of every input the output head computes on, after its pre-hooks."""
+    """Records the (shape, row-major strides) of every input the output head computes on, after its
+    pre-hooks."""
     seen: list[tuple[tuple[int, ...], bool]] = []
     model.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: seen.append((tuple(args[0].shape), args[0].is_contiguous()))
+        lambda module, args, out: seen.append((tuple(args[0].shape), has_row_major_strides(args[0])))
     )
     return seen
 
@@ -31,7 +32,17 @@ def test_a_plain_forward_keeping_one_position_hands_the_head_a_strided_view():
     model = build_llama()
     seen = _head_inputs(model)
     model(input_ids=torch.tensor([p[:3] for p in PROMPTS]), logits_to_keep=1)
-    assert seen == [((3, 1, 32), False)]
+    model(input_ids=torch.tensor([PROMPTS[0]]), logits_to_keep=1)  # one row: "contiguous", odd strides
+    assert seen == [((3, 1, 32), False), ((1, 1, 32), False)]
+
+
+def test_row_major_strides_count_size_one_dimensions():
+    hidden = torch.zeros(2, 5, 8)
+    assert has_row_major_strides(hidden) and has_row_major_strides(hidden[:1])
+    one_row = torch.zeros(1, 5, 8)[:, -1:]
+    assert one_row.is_contiguous() and not has_row_major_strides(one_row)
+    assert has_row_major_strides(one_row.clone(memory_format=torch.contiguous_format))
+    assert not has_row_major_strides(hidden.transpose(1, 2))
 
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["engine", "transformers-generate"])
@@ -43,9 +54,13 @@ def test_batched_prefill_gives_the_head_contiguous_rows_and_the_same_tokens(cont
         model, PROMPTS, rows, max_new_tokens=4, pad_token_id=0, eos_token_id=None, continuous=continuous,
         share_prefixes=False,
     )  # fmt: skip
-    prefills = [contiguous for shape, contiguous in seen if shape[0] == 3]
+    prefills = [row_major for shape, row_major in seen if shape[0] == 3]
     assert prefills and all(prefills)
     assert len(seen) >= 4  # a prefill and three decode steps at least
+    seen.clear()
+    generate(model, PROMPTS[:1], rows[:1], max_new_tokens=2, pad_token_id=0, eos_token_id=None,
+             continuous=continuous)  # fmt: skip
+    assert seen and all(row_major for _, row_major in seen)  # one row's prefill too
     with torch.no_grad():
         for prompt, row, completion in zip(PROMPTS, rows, done, strict=True):
             alone = generate(

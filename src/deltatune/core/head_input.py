@@ -5,7 +5,8 @@ last hidden states whenever the batch has more than one row. torch's linear take
 (a batched product against the weight, expanded per row, instead of one matrix product): on SmolLM2's
 49,152 x 576 head, measured here for 50 rows and k=1, 275 ms against 38 ms for the same rows contiguous in
 fp32, and 2.6 s against 11 ms in bf16 (bench/README §29). One copy of the kept rows (k x hidden floats per
-row) avoids it. Decode steps (one position per row) are contiguous already and pass through unchanged.
+row) avoids it, for one row too: its size-1 dimensions keep the prompt's strides, which bf16 products read
+slowly. Decode steps (one position per row) are row-major already and pass through unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
 
 
 def _contiguous_first(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
+    if args and isinstance(args[0], torch.Tensor) and not has_row_major_strides(args[0]):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
     return None
+
+
+def has_row_major_strides(tensor: torch.Tensor) -> bool:
+    """Whether every stride is the row-major one for the shape, size-1 dimensions included. `is_contiguous`
+    ignores those, and `contiguous()` keeps them as they are: one row sliced from a prompt of n positions is
+    "contiguous" with strides (n x hidden, hidden, 1), and torch's bf16 linear still took 54-86 ms on it for
+    SmolLM2's head against 3.4 ms with the strides (hidden, hidden, 1)."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride()), strict=True):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

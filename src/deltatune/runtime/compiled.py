@@ -35,6 +35,7 @@ from torch import nn
 from ..core.adapters import activated, all_wrappers
 from ..core.capabilities import Capability, adapter_refusal
 from ..core.errors import DeltatuneError
+from ..core.head_input import contiguous_head_input
 from ..core.kv_cache import cache_argument
 from ..methods.virtual_tokens import text_config
 from .decode import NonFiniteOutput
@@ -195,7 +196,8 @@ class CompiledDecoder:
     def _prefill(self, prompt: Sequence[int], cache) -> torch.Tensor:
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
-        return self._forward(cache, ids, positions).float()
+        with contiguous_head_input(self.model):  # (the compiled step's head input is row-major already)
+            return self._forward(cache, ids, positions).float()
 
     def _step(self, length: int, token: int, position: int) -> torch.Tensor:
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
