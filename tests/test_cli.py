@@ -114,6 +114,32 @@ def test_generate_compiled_answers_as_the_engine_does(trained, tiny_causal_lm, c
     assert len(compiles) == 1  # one step, compiled at the first prompt, for all three
 
 
+def test_generate_in_bfloat16_loads_the_base_so_and_answers_as_transformers(trained, tiny_causal_lm, capsys):
+    """`--dtype bfloat16`: the base in bf16, the adapter kept in float32 (as training keeps it on a half base),
+    and the answers transformers' own `generate` gives on that model."""
+    import torch
+
+    from deltatune.generation import Generator
+    from deltatune.runtime import generate
+    from deltatune.runtime.sampling import end_of_sequence_ids
+
+    _, result = trained
+    prompt = "Sentiment of: good day"
+    generator = Generator(str(tiny_causal_lm), result.saved_to, dtype="bfloat16")
+    assert generator.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in generator.model.named_parameters() if "lora_" in n} == {torch.float32}
+    (reference,) = generate(
+        generator.model, [generator.prompt_ids(prompt)], ["default"], max_new_tokens=12,
+        pad_token_id=generator.tokenizer.pad_token_id or 0,
+        eos_token_id=end_of_sequence_ids(generator.model, generator.tokenizer), continuous=False,
+    )  # fmt: skip
+    args = ["generate", "--base", str(tiny_causal_lm), "--adapter", str(result.saved_to), "--jsonl"]
+    assert main([*args, "--dtype", "bfloat16", "--max-new-tokens", "12", prompt]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    expected = generator.tokenizer.decode(reference.tokens, skip_special_tokens=True).strip()
+    assert json.loads(line)["answer"] == expected and expected
+
+
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     bad = write_config(tmp_path / "bad.yaml", {"model": {"path": "x"}, "training": {"max_steps": 1}})
     assert main(["train", str(bad)]) == 2

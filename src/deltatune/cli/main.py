@@ -129,6 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
         system_prompt=system,
         allow_base_mismatch=args.allow_base_mismatch,
         compiled=args.compile,
+        dtype=args.dtype,
     )
     if data_spec is not None:
         generator.for_config(data_spec)
@@ -213,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
         preload=args.preload,
         allow_base_mismatch=args.allow_base_mismatch,
         device=args.device,
+        dtype=args.dtype,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print("deltatune serve: warning: listening beyond loopback without an API key", file=sys.stderr)
@@ -358,6 +360,17 @@ def _add_training_parsers(sub) -> None:
     p.set_defaults(func=_eval)
 
 
+def _add_dtype_flag(p) -> None:
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the base model's dtype (adapters keep theirs). bfloat16 halves the bytes per token and, on a CPU "
+        "with AVX512-BF16 or AMX, runs batches ~1.7x and a compiled stream ~1.6x faster than float32; answers "
+        "may differ slightly (a few percent of greedy answers on the quickstart's tweets)",
+    )
+
+
 def _add_generation_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate with base + adapter; no prompt: read prompts from stdin")
     p.add_argument("--base", help="model folder, hub id, or a bundled name (smollm2)")
@@ -379,6 +392,7 @@ def _add_generation_parsers(sub) -> None:
         help="decode with a compiled step over a static KV cache: ~3x the tokens a second on a CPU (SmolLM2), "
         "after the first prompt has compiled it (1.5-2 minutes on 2 cores)",
     )
+    _add_dtype_flag(p)
     _add_io_flags(p, "prompts", "answer")
     p.set_defaults(func=_generate)
 
@@ -439,6 +453,7 @@ def _add_serve_parser(sub) -> None:
     _add_serve_limits(p)
     p.add_argument("--preload", nargs="*", default=[], help="adapters to load at start")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda, cuda:N")
+    _add_dtype_flag(p)
     _add_allow_base_mismatch(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)

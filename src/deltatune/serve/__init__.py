@@ -29,15 +29,17 @@ def build_server(
     preload: list[str] | None = None,
     allow_base_mismatch: bool = False,
     device: str = "auto",
+    dtype: str = "float32",
 ) -> tuple[Any, Engine]:
     """Load the base model and tokenizer, and return (FastAPI app, engine). `device`: auto (a GPU when torch
-    sees one), cpu, cuda, cuda:N; adapters load onto it, and every batch runs there."""
+    sees one), cpu, cuda, cuda:N; adapters load onto it, and every batch runs there. `dtype`: the base's
+    (float32, bfloat16, float16; adapters keep their own, float32 on a half-precision base)."""
     from ..runtime import AdapterCache
 
     directory = Path(adapters_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapters directory {directory} does not exist; create it or pass another")
-    model, tokenizer = load_base(base, device)
+    model, tokenizer = load_base(base, device, dtype)
     cache = AdapterCache(
         model,
         directory,
@@ -61,16 +63,17 @@ def build_server(
     return app, engine
 
 
-def load_base(base: str, device: str = "auto") -> tuple[Any, Any]:
-    """The frozen base a server answers with (float32, in eval mode, on `device`) and its tokenizer."""
-    import torch
+def load_base(base: str, device: str = "auto", dtype: str = "float32") -> tuple[Any, Any]:
+    """The frozen base a server answers with (in `dtype`, in eval mode, on `device`) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from ..core.devices import resolve_device
+    from ..core.devices import inference_dtype, resolve_device
     from ..models.loading import load_pretrained, load_tokenizer_from
 
+    where = resolve_device(device)
+    torch_dtype = inference_dtype(dtype, where)
     tokenizer = load_tokenizer_from(base)
-    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).to(resolve_device(device))
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch_dtype).to(where)
     return model.eval(), tokenizer
 
 
