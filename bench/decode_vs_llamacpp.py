@@ -8,7 +8,9 @@ GGUF files `deltatune export` writes of the merged model, f16 and q8_0, with 2 t
 median of interleaved repetitions; deltatune also through its compiled decode step (`runtime.compiled`, the
 adapter unmerged in the model and folded into the compiled step's constants; its compiling is done before the
 timed rounds). Then 16 streams at once on deltatune's engine (16 different tweets), in
-aggregate. The greedy tokens of deltatune and llama.cpp's f16 file are compared up to the first difference.
+aggregate. The same again on a bf16 base (`--dtype bfloat16`: the base loaded in bf16, the adapter kept in
+float32), compiled and 16 streams. The greedy tokens of deltatune (fp32, compiled; bf16 compiled) and
+llama.cpp's f16 file are compared up to the first difference.
 
     python bench/decode_vs_llamacpp.py [--adapter outputs/quickstart/adapter] [--tokens 64] [--reps 3]
                                        [--kinds f16,q8_0]
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,6 +92,12 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dt.load_adapter(model, args.adapter, adapter_name="tuned")
+    half = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16
+    ).eval()  # what --dtype bfloat16 loads
+    with warnings.catch_warnings():  # (that the adapter was saved on an fp32 base: known here)
+        warnings.simplefilter("ignore")
+        dt.load_adapter(half, args.adapter, adapter_name="tuned")
 
     def chat(text: str) -> list[int]:
         messages = [{"role": "user", "content": f"Tell me about this tweet: {text}"}]
@@ -108,35 +117,54 @@ def main() -> int:
 
     compiled = CompiledDecoder(model, "tuned")
     compiled_decode(compiled, prompt, 8)  # compiles
+    compiled_half = CompiledDecoder(half.requires_grad_(False), "tuned")
+    compiled_decode(compiled_half, prompt, 8)
     rates: dict[str, list[float]] = {"deltatune lora": [], "deltatune base": [], "deltatune lora x16": []}
-    rates["deltatune lora compiled"] = []
+    rates |= {
+        "deltatune lora compiled": [],
+        "deltatune bf16 lora compiled": [],
+        "deltatune bf16 lora x16": [],
+    }
     rates |= {f"llama.cpp {kind}": [] for kind in kinds}
     theirs = []
     for _ in range(args.reps):
         rates["deltatune lora"].append(_deltatune_rate(model, [prompt], "tuned", args.tokens))
         rates["deltatune base"].append(_deltatune_rate(model, [prompt], None, args.tokens))
-        rates["deltatune lora compiled"].append(1 / compiled_decode(compiled, prompt, args.tokens)[0])
+        seconds, compiled_tokens = compiled_decode(compiled, prompt, args.tokens)
+        rates["deltatune lora compiled"].append(1 / seconds)
+        seconds, half_tokens = compiled_decode(compiled_half, prompt, args.tokens)
+        rates["deltatune bf16 lora compiled"].append(1 / seconds)
         for kind, llm in llamas.items():
             rate, theirs_now = _llama_rate(llm, prompt, args.tokens)
             rates[f"llama.cpp {kind}"].append(rate)
             theirs = theirs_now if kind == "f16" else theirs
         many = [chat(t) for t in TWEETS]
         rates["deltatune lora x16"].append(_deltatune_rate(model, many, "tuned", args.tokens))
+        rates["deltatune bf16 lora x16"].append(_deltatune_rate(half, many, "tuned", args.tokens))
     medians = {name: statistics.median(r) for name, r in rates.items()}
     (ours,) = generate(
         model, [prompt], ["tuned"], max_new_tokens=args.tokens, pad_token_id=0, eos_token_id=None
     )
-    same = next((i for i, (a, b) in enumerate(zip(ours.tokens, theirs, strict=False)) if a != b), len(theirs))
+
+    def agreeing(mine: list[int], other: list[int]) -> str:
+        same = next((i for i, (a, b) in enumerate(zip(mine, other, strict=False)) if a != b), len(other))
+        return f"{same}/{len(other)}"
+
     result = {
         "tokens_per_s": medians,
         "lora_time_per_token_x_base": medians["deltatune base"] / medians["deltatune lora"],
-        "greedy_tokens_equal_f16": f"{same}/{len(theirs)}" if "f16" in kinds else None,
+        "greedy_tokens_equal_f16": agreeing(ours.tokens, theirs) if "f16" in kinds else None,
+        "compiled_tokens_equal_f16": agreeing(compiled_tokens, theirs) if "f16" in kinds else None,
+        "bf16_compiled_tokens_equal_f16": agreeing(half_tokens, theirs) if "f16" in kinds else None,
+        "bf16_compiled_tokens_equal_fp32": agreeing(half_tokens, ours.tokens),
     }
     for kind in kinds:
         single = medians[f"llama.cpp {kind}"]
         result[f"deltatune_lora_x_llama_{kind}"] = medians["deltatune lora"] / single
         result[f"deltatune_lora_compiled_x_llama_{kind}"] = medians["deltatune lora compiled"] / single
         result[f"sixteen_streams_x_llama_{kind}_single"] = medians["deltatune lora x16"] / single
+        result[f"bf16_lora_compiled_x_llama_{kind}"] = medians["deltatune bf16 lora compiled"] / single
+        result[f"bf16_sixteen_streams_x_llama_{kind}_single"] = medians["deltatune bf16 lora x16"] / single
     print(json.dumps(result, indent=2))
     return 0
 

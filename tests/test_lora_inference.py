@@ -87,3 +87,23 @@ def test_the_general_path_serves_what_the_lean_one_would_change(case, lean_calls
             torch.testing.assert_close(
                 general, layer(x).detach(), rtol=1e-6, atol=1e-6
             )  # the gradient path's
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_graph_folds_the_update_in_the_adapters_precision(base_dtype, lean_calls, monkeypatch):
+    """While a compile that freezes the weights traces the layer (runtime.compiled), W + s B A becomes one
+    constant weight: summed in the adapter's dtype (float32 on a bf16 base) and rounded to the base's once."""
+    from deltatune.methods.lora import layers
+
+    layer = _layer(base_dtype)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(3, 16, dtype=base_dtype)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    folded = (layer.base_layer.weight.float() + layer.scaling["default"] * b @ a).to(base_dtype)
+    monkeypatch.setattr(layers, "_folding_constants", lambda: True)
+    with torch.no_grad():
+        out = layer(x)
+    assert lean_calls == ["default"]
+    torch.testing.assert_close(
+        out, torch.nn.functional.linear(x, folded, layer.base_layer.bias), rtol=0, atol=0
+    )

@@ -32,7 +32,7 @@ class Generator:
         """`compiled`: decode through a compiled step over a static KV cache (`runtime.compiled`), ~3x the
         tokens a second on a CPU once the first prompt has compiled it (minutes). `dtype`: the base's (float32,
         bfloat16, float16; the adapter keeps its own): bfloat16 on a CPU with AVX512-BF16 or AMX decodes a
-        compiled single stream ~1.6x faster than float32 (bench/README §30), with answers that may differ."""
+        compiled single stream ~1.3x faster than float32 (bench/README §30), with answers that may differ."""
         from transformers import AutoModelForCausalLM
 
         from .classification import adapter_task

@@ -366,7 +366,7 @@ def _add_dtype_flag(p) -> None:
         default="float32",
         choices=["float32", "bfloat16", "float16"],
         help="the base model's dtype (adapters keep theirs). bfloat16 halves the bytes per token and, on a CPU "
-        "with AVX512-BF16 or AMX, runs batches ~1.7x and a compiled stream ~1.6x faster than float32; answers "
+        "with AVX512-BF16 or AMX, runs batches ~1.7x and a compiled stream ~1.3x faster than float32; answers "
         "may differ slightly (a few percent of greedy answers on the quickstart's tweets)",
     )
 

@@ -317,7 +317,8 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         return (
             base.weight.dtype == x.dtype
-            and self.lora_A[name].weight.dtype == x.dtype
+            # a frozen graph folds the update into the weight in the adapter's precision (float32 on a half base)
+            and (self.lora_A[name].weight.dtype == x.dtype or _folding_constants())
             and not self.is_dora(name)
             and not (self.training and self.dropout[name])
             and not (base._forward_hooks or base._forward_pre_hooks)
@@ -329,9 +330,10 @@ class LoraLinear(LoraLayer):
         module call, dropout, DoRA and dtype checks, reshapes) cost 5% of a token (bench/README §27)."""
         base = self.base_layer
         if _folding_constants():  # W + s B A is a constant of the frozen graph: folded once, at compile time
-            weight = torch.addmm(
-                base.weight, self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name]
-            )
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            # in the adapter's dtype, rounded to the base's once: a float32 adapter on a bf16 base keeps its
+            # precision up to the sum, and the graph has no products of its own to run (bench/README §30)
+            weight = torch.addmm(base.weight.to(a.dtype), b, a, alpha=self.scaling[name]).to(base.weight.dtype)
             return F.linear(x, weight, base.bias)
         out = F.linear(x, base.weight, base.bias)
         h = F.linear(x, self.lora_A[name].weight)
