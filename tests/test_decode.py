@@ -213,3 +213,32 @@ def test_decoding_leaves_the_models_adapter_state_alone():
     ] == before
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     assert all("forward" not in vars(layer) for _, layer in dt.core.adapters.adapter_layers(model))
+
+
+def test_mixed_float32_adapters_on_a_bfloat16_base_score_as_each_row_alone():
+    """`serve --dtype bfloat16`: adapters stay float32 on the half base, and a mixed batch (each row its own
+    adapter) scores each row's tokens as that row does alone through transformers' generate, within bf16's
+    precision (the two paths round in different places, so equality is not asked of bf16)."""
+    model = _with_adapters().to(torch.bfloat16)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.float()
+    model.lm_head.weight.data *= (
+        40  # a random model's scores are nearly uniform: spread them well past bf16's noise
+    )
+    prompts, rows = _prompts()[:3], ["a", "b", None]
+    asked = Sampling(logprobs=3)
+    together = generate(
+        model, prompts, rows, max_new_tokens=3, pad_token_id=0, eos_token_id=None, sampling=asked
+    )
+    for prompt, row, mixed in zip(prompts, rows, together, strict=True):
+        (alone,) = generate(
+            model, [prompt], [row], max_new_tokens=3, pad_token_id=0, eos_token_id=None, sampling=asked,
+            continuous=False,
+        )  # fmt: skip
+        assert len(mixed.logprobs) == len(alone.logprobs) == 3
+        first, reference = mixed.logprobs[0], alone.logprobs[0]
+        assert [token for token, _ in first.top] == [token for token, _ in reference.top]
+        spread = reference.top[0][1] - reference.top[-1][1]
+        for (_, logprob), (_, expected) in zip(first.top, reference.top, strict=True):
+            assert abs(logprob - expected) < 0.1 < spread, (row, logprob, expected, spread)
