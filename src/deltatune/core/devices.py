@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+from .errors import DeltatuneWarning
 
 
 def resolve_device(name: str) -> torch.device:
@@ -22,10 +26,6 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     and, on a CPU with AVX512-BF16 or AMX, runs matrix products ~2.7x faster (bench/README §30); a CPU without
     those instructions emulates them, slower than float32, which is said (a warning, not a refusal: the
     answers are right, only slow)."""
-    import warnings
-
-    from .errors import DeltatuneWarning
-
     if name not in INFERENCE_DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(INFERENCE_DTYPES)}")
     dtype = INFERENCE_DTYPES[name]
