@@ -151,3 +151,26 @@ def test_what_a_static_cache_cannot_take_is_refused():
         64,
         2048,
     )
+
+
+def test_a_compiled_decoder_on_busy_cores_says_to_give_it_fewer_threads(monkeypatch):
+    """The compiled step's parallel regions wait for every thread: on cores other work keeps busy it slowed
+    3.2-5.5x, like or worse than the eager engine (3.3-3.6x; bench/README §31), so building one there warns; an eager
+    static-cache decoder, a quiet machine or a thread count the user set do not."""
+    from deltatune.core.errors import DeltatuneWarning
+
+    model = build_llama().requires_grad_(False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("os.getloadavg", lambda: (4.0, 4.0, 4.0))
+    with pytest.warns(DeltatuneWarning, match="load is 4.0 on 2 cores.*compiled decode step suffers most"):
+        CompiledDecoder(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompiledDecoder(model, compile=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        CompiledDecoder(model)
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr("os.getloadavg", lambda: (0.3, 0.3, 0.3))
+        CompiledDecoder(model)

@@ -390,7 +390,9 @@ def _add_generation_parsers(sub) -> None:
         "--compile",
         action="store_true",
         help="decode with a compiled step over a static KV cache: ~3x the tokens a second on a CPU (SmolLM2), "
-        "after the first prompt has compiled it (1.5-2 minutes on 2 cores)",
+        "after the first prompt has compiled it (1.5-2 minutes on 2 cores). It needs its cores to itself: "
+        "on cores other processes keep busy, give it fewer threads (OMP_NUM_THREADS=1: 1.8-3.3x the tokens a "
+        "second of 2 threads beside two busy processes on 2 cores)",
     )
     _add_dtype_flag(p)
     _add_io_flags(p, "prompts", "answer")

@@ -34,9 +34,10 @@ from torch import nn
 
 from ..core.adapters import activated, all_wrappers
 from ..core.capabilities import Capability, adapter_refusal
-from ..core.errors import DeltatuneError
+from ..core.errors import DeltatuneError, DeltatuneWarning
 from ..core.head_input import contiguous_head_input
 from ..core.kv_cache import cache_argument
+from ..core.threads import oversubscription
 from ..methods.virtual_tokens import text_config
 from .decode import NonFiniteOutput
 from .prefill import model_device
@@ -93,6 +94,14 @@ class CompiledDecoder:
         refusal = adapter is not None and adapter_refusal(model, adapter, Capability.STATIC_CACHE)
         if refusal:
             raise CompiledDecodingUnsupported(refusal)
+        crowded = compile and oversubscription(torch.get_num_threads())
+        if crowded:  # its hundreds of parallel regions a token each wait for every thread (bench/README §31)
+            warnings.warn(
+                f"{crowded}. A compiled decode step suffers most: beside two busy processes on 2 cores it ran "
+                "8-13 tokens/s with 2 threads against 23-26 with 1 (41-43 and 36 on idle cores)",
+                DeltatuneWarning,
+                stacklevel=2,
+            )
         self._text_config = text_config(model)  # the decoder's, in a multimodal model
         self.lengths = _usable_lengths(self._text_config, lengths)
         self.model = model

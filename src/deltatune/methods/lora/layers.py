@@ -333,7 +333,9 @@ class LoraLinear(LoraLayer):
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             # in the adapter's dtype, rounded to the base's once: a float32 adapter on a bf16 base keeps its
             # precision up to the sum, and the graph has no products of its own to run (bench/README §30)
-            weight = torch.addmm(base.weight.to(a.dtype), b, a, alpha=self.scaling[name]).to(base.weight.dtype)
+            weight = torch.addmm(base.weight.to(a.dtype), b, a, alpha=self.scaling[name]).to(
+                base.weight.dtype
+            )
             return F.linear(x, weight, base.bias)
         out = F.linear(x, base.weight, base.bias)
         h = F.linear(x, self.lora_A[name].weight)
