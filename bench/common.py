@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,3 +238,31 @@ def compiled_decode(decoder, prompt: list[int], tokens: int) -> tuple[float, lis
         prompt, max_new_tokens=tokens, eos_token_id=None, on_token=lambda _: marks.append(time.perf_counter())
     )
     return (marks[-1] - marks[0]) / (tokens - 1), done.tokens
+
+
+def bf16_with_adapter(adapter: Path) -> torch.nn.Module:
+    """The bundled SmolLM2-135M-Instruct loaded in bf16, as `--dtype bfloat16` loads it, with `adapter` as
+    "tuned" (kept in float32, as loading keeps it on a half base), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.models.bundled import smollm2_path
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.bfloat16).eval()
+    with warnings.catch_warnings():  # (that the adapter was saved on an fp32 base: known here)
+        warnings.simplefilter("ignore")
+        dt.load_adapter(model, adapter, adapter_name="tuned")
+    return model
+
+
+def engine_rate(model, prompts: list[list[int]], adapter: str | None, tokens: int) -> float:
+    """New tokens per second over all rows of the eager engine (`DecodeBatch`), from the first token to the last."""
+    from deltatune.runtime.decode import DecodeBatch
+
+    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None, capacity=len(prompts))
+    batch.add(prompts, [adapter] * len(prompts), max_new_tokens=[tokens] * len(prompts))
+    started = time.perf_counter()
+    steps = 0
+    while len(batch):
+        batch.step()
+        steps += 1
+    return steps * len(prompts) / (time.perf_counter() - started)

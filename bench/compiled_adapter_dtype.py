@@ -14,29 +14,21 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compiled_decode, one_stream_setup  # noqa: E402
+from common import bf16_with_adapter, compiled_decode, one_stream_setup  # noqa: E402
 
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM
-
-    import deltatune as dt
-    from deltatune.models.bundled import smollm2_path
     from deltatune.runtime.compiled import CompiledDecoder
 
     args, _, prompt = one_stream_setup(__doc__.splitlines()[0], reps=3)
     decoders, compile_s = {}, {}
     for adapter_dtype in (torch.float32, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.bfloat16).eval()
-        with warnings.catch_warnings():  # (that the adapter was saved on an fp32 base: known here)
-            warnings.simplefilter("ignore")
-            dt.load_adapter(model, args.adapter, adapter_name="tuned")
+        model = bf16_with_adapter(args.adapter)
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.data = parameter.data.to(adapter_dtype)

@@ -1,7 +1,7 @@
 """The compiled decode step and the eager engine on idle cores and beside busy processes, one thread count.
 
 The bundled SmolLM2-135M-Instruct (fp32) with the quickstart's adapter, one chat prompt, 16 greedy tokens, the
-rate from the first new token to the last, median of 2: first on idle cores, then with `--hogs` processes
+rate from the first new token to the last, median of 2: first on idle cores, then with HOGS processes
 spinning in a Python loop beside it (on a 2-core machine, 2 hogs: every core shared). Inductor's C++ kernels
 open an OpenMP parallel region per kernel, hundreds a token, and each waits for every thread; run once per
 thread count (inductor fixes it when it compiles), and with OMP_WAIT_POLICY set to compare waiting policies.
@@ -17,34 +17,26 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compiled_decode, one_stream_setup  # noqa: E402
+from common import compiled_decode, engine_rate, one_stream_setup  # noqa: E402
 
 
 def main() -> int:
     from deltatune.runtime.compiled import CompiledDecoder
-    from deltatune.runtime.decode import DecodeBatch
 
     hogs = int(os.environ.get("HOGS", "2"))
     args, model, prompt = one_stream_setup(__doc__.splitlines()[0], reps=2)
-
-    def eager(tokens: int = 16) -> float:
-        batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None, capacity=1)
-        batch.add([prompt], ["tuned"], max_new_tokens=[tokens])
-        started = time.perf_counter()
-        while len(batch):
-            batch.step()
-        return (tokens - 1) / (time.perf_counter() - started)
 
     decoder = CompiledDecoder(model, "tuned")
     compiled_decode(decoder, prompt, 8)  # compiles
 
     def rates() -> dict[str, float]:
         return {
-            "eager": round(statistics.median(eager() for _ in range(args.reps)), 1),
+            "eager": round(
+                statistics.median(engine_rate(model, [prompt], "tuned", 16) for _ in range(args.reps)), 1
+            ),
             "compiled": round(
                 statistics.median(1 / compiled_decode(decoder, prompt, 16)[0] for _ in range(args.reps)), 1
             ),

@@ -28,13 +28,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compiled_decode  # noqa: E402
+from common import bf16_with_adapter, compiled_decode, engine_rate  # noqa: E402
 
 TWEETS = [
     "my flight got cancelled again", "lovely morning at the lake", "the update moved every button",
@@ -42,20 +41,6 @@ TWEETS = [
     "finally finished my thesis", "traffic is a nightmare", "coffee tastes burnt today", "best concert of my life",
     "the bus never came", "my cat knocked the plant over", "got the job!!", "lost my keys again", "quiet sunday",
 ]  # fmt: skip
-
-
-def _deltatune_rate(model, prompts: list[list[int]], adapter: str | None, tokens: int) -> float:
-    """New tokens per second over all rows, from the first token to the last."""
-    from deltatune.runtime.decode import DecodeBatch
-
-    batch = DecodeBatch(model, pad_token_id=0, eos_token_id=None, capacity=len(prompts))
-    batch.add(prompts, [adapter] * len(prompts), max_new_tokens=[tokens] * len(prompts))
-    started = time.perf_counter()
-    steps = 0
-    while len(batch):
-        batch.step()
-        steps += 1
-    return steps * len(prompts) / (time.perf_counter() - started)
 
 
 def _llama_rate(llm, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
@@ -92,12 +77,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dt.load_adapter(model, args.adapter, adapter_name="tuned")
-    half = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16
-    ).eval()  # what --dtype bfloat16 loads
-    with warnings.catch_warnings():  # (that the adapter was saved on an fp32 base: known here)
-        warnings.simplefilter("ignore")
-        dt.load_adapter(half, args.adapter, adapter_name="tuned")
+    half = bf16_with_adapter(args.adapter)  # what --dtype bfloat16 loads
 
     def chat(text: str) -> list[int]:
         messages = [{"role": "user", "content": f"Tell me about this tweet: {text}"}]
@@ -128,8 +108,8 @@ def main() -> int:
     rates |= {f"llama.cpp {kind}": [] for kind in kinds}
     theirs = []
     for _ in range(args.reps):
-        rates["deltatune lora"].append(_deltatune_rate(model, [prompt], "tuned", args.tokens))
-        rates["deltatune base"].append(_deltatune_rate(model, [prompt], None, args.tokens))
+        rates["deltatune lora"].append(engine_rate(model, [prompt], "tuned", args.tokens))
+        rates["deltatune base"].append(engine_rate(model, [prompt], None, args.tokens))
         seconds, compiled_tokens = compiled_decode(compiled, prompt, args.tokens)
         rates["deltatune lora compiled"].append(1 / seconds)
         seconds, half_tokens = compiled_decode(compiled_half, prompt, args.tokens)
@@ -139,8 +119,8 @@ def main() -> int:
             rates[f"llama.cpp {kind}"].append(rate)
             theirs = theirs_now if kind == "f16" else theirs
         many = [chat(t) for t in TWEETS]
-        rates["deltatune lora x16"].append(_deltatune_rate(model, many, "tuned", args.tokens))
-        rates["deltatune bf16 lora x16"].append(_deltatune_rate(half, many, "tuned", args.tokens))
+        rates["deltatune lora x16"].append(engine_rate(model, many, "tuned", args.tokens))
+        rates["deltatune bf16 lora x16"].append(engine_rate(half, many, "tuned", args.tokens))
     medians = {name: statistics.median(r) for name, r in rates.items()}
     (ours,) = generate(
         model, [prompt], ["tuned"], max_new_tokens=args.tokens, pad_token_id=0, eos_token_id=None
