@@ -1,6 +1,7 @@
 """LoRA's lean inference path (LoraLinear._inference_forward): the output the general path gives, taken only
-where it computes the same thing, and every change of the adapter seen (nothing of it may be kept between
-calls: a fused optimizer step writes the factors without bumping their version counters)."""
+where it computes the same thing, and every change of the adapter seen. Of a trainable adapter nothing may be
+kept between calls (a fused optimizer step writes the factors without bumping their version counters); a
+frozen adapter in another dtype than its base keeps its casts while its factors are unchanged."""
 
 from __future__ import annotations
 
@@ -61,12 +62,11 @@ def test_the_lean_path_equals_the_general_one_and_follows_every_step(lean_calls)
 @pytest.mark.parametrize(
     "case",
     [
-        "dropout in train mode", "hook on the base layer", "two adapters", "DoRA", "half base, float32 adapter",
-        "bf16 autocast",
+        "dropout in train mode", "hook on the base layer", "two adapters", "DoRA", "bf16 autocast",
     ],
 )  # fmt: skip
 def test_the_general_path_serves_what_the_lean_one_would_change(case, lean_calls):
-    dtype = torch.bfloat16 if case.startswith("half") else torch.float32
+    dtype = torch.float32
     layer = _layer(dtype, **({"lora_dropout": 0.5} if case.startswith("dropout") else {}))
     if case == "DoRA":
         layer = _layer(use_dora=True)
@@ -107,3 +107,77 @@ def test_a_frozen_graph_folds_the_update_in_the_adapters_precision(base_dtype, l
     torch.testing.assert_close(
         out, torch.nn.functional.linear(x, folded, layer.base_layer.bias), rtol=0, atol=0
     )
+
+
+def _general(layer, x):
+    """The general low-rank path's output (what the layer computed before the lean path took this case)."""
+    with torch.no_grad():
+        return super(LoraLinear, layer)._lowrank_forward(x, ("default",))
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_float32_adapter_on_a_half_base_keeps_its_casts_while_unchanged(half, lean_calls):
+    """The lean path serves a frozen float32 adapter on a half base with the general path's exact output,
+    casting A and B once; any write to them (a load's copy_, a new tensor, `.data =`) is cast again."""
+    layer = _layer(half)
+    layer.requires_grad_(False)  # as load_adapter leaves an adapter for inference
+    x = torch.randn(3, 5, 16, dtype=half)
+    with torch.no_grad():
+        first = layer(x)
+        kept = layer._cast_factors["default"].a
+        second = layer(x)
+    assert lean_calls == ["default", "default"]
+    assert first.dtype == half and torch.equal(first, _general(layer, x)) and torch.equal(second, first)
+    assert layer._cast_factors["default"].a is kept  # cast once, not per call
+
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    changes = [
+        lambda: a.weight.copy_(torch.randn_like(a.weight)),  # what loading an adapter's file does
+        lambda: setattr(b, "weight", nn.Parameter(torch.randn_like(b.weight), requires_grad=False)),
+        lambda: setattr(a.weight, "data", torch.randn_like(a.weight)),
+    ]
+    before = first
+    for change in changes:
+        with torch.no_grad():
+            change()
+            now = layer(x)
+        assert torch.equal(now, _general(layer, x))
+        assert (now.float() - before.float()).abs().max() > 1e-2  # the change moved the output, and was seen
+        before = now
+
+
+def test_a_trainable_float32_adapter_on_a_half_base_is_cast_per_call(lean_calls):
+    """Trainable (training's evaluation under no_grad): no cast is kept, so fused AdamW's steps, which leave
+    the version counters alone, are seen; an adapter frozen, evaluated, then trained is seen too."""
+    layer = _layer(torch.bfloat16)
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    with torch.no_grad():
+        before = layer(x)
+    assert layer._cast_factors == {} and torch.equal(before, _general(layer, x))
+    optimizer = torch.optim.AdamW(trainable, lr=0.1, fused=True)
+
+    def step_and_compare(previous):
+        layer(x).float().square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            now = layer(x)
+        assert torch.equal(now, _general(layer, x))
+        assert (now.float() - previous.float()).abs().max() > 1e-2
+        return now
+
+    before = step_and_compare(before)
+    for p in trainable:  # frozen: its casts are kept ...
+        p.requires_grad_(False)
+    with torch.no_grad():
+        before = layer(x)
+    assert "default" in layer._cast_factors
+    for p in trainable:  # ... and dropped by the next training forward, before fused AdamW writes the factors
+        p.requires_grad_(True)
+    after = step_and_compare(before)
+    for p in trainable:  # frozen again: what it computes is the factors as trained, not the casts kept before
+        p.requires_grad_(False)
+    with torch.no_grad():
+        now = layer(x)
+    assert torch.equal(now, after) and torch.equal(now, _general(layer, x))

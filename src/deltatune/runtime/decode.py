@@ -19,6 +19,7 @@ as a request states its own settings.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from ..core.adapters import activated, all_wrappers, merged_adapter_names
 from ..core.errors import DeltatuneError
 from ..core.kv_cache import cache_argument, cache_of, position_argument, positions_from_mask, takes_positions
+from .decode_attention import attending_in_float32, decode_kv_dtype
 from .kv_room import with_room
 from .mixed import MixedBatchError, RowUpdates, StackWorkspace, check_mixable
 from .prefill import model_device, pad_left, prefill
@@ -127,6 +129,8 @@ class DecodeBatch:
         self._wrappers: list[nn.Module] = []  # the model's adapter wrappers, collected at each join
         self._workspace = StackWorkspace()
         self._handles = 0
+        # float32 for a half-precision model on a CPU: its steps attend in float32 (runtime.decode_attention)
+        self._kv_dtype = decode_kv_dtype(model)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -257,13 +261,14 @@ class DecodeBatch:
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         if self.cache is None or not self.rows:
-            self.cache, self.mask = with_room(cache), mask
+            self.cache, self.mask = with_room(cache, self._kv_dtype), mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            dtype = mine.dtype
             mine.hold(
-                torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)]),
-                torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)]),
+                torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys.to(dtype), width, -2)]),
+                torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values.to(dtype), width, -2)]),
             )
         self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
 
@@ -286,7 +291,7 @@ class DecodeBatch:
                 layers = check_mixable(self.model, names)
                 self._updates = RowUpdates(self.model, names, layers, self._workspace, self.capacity)
             rows_use = self._updates.installed(self._wrappers)
-        with rows_use:
+        with rows_use, self._attention():
             out = self.model(
                 input_ids=last,
                 attention_mask=self.mask,
@@ -299,6 +304,9 @@ class DecodeBatch:
         samplers = [r.sampler for r in rows]
         tokens, broken = next_tokens(out.logits[:, -1], samplers, [r.tokens for r in rows])
         return self._advance(rows, tokens, broken, scored(out.logits[:, -1], samplers, tokens))
+
+    def _attention(self) -> AbstractContextManager:
+        return attending_in_float32(self.model) if self._kv_dtype is not None else nullcontext()
 
     def _advance(
         self, rows: list[_Row], tokens: list[int], broken: dict[int, str], chances: list[TokenLogprob | None]

@@ -20,10 +20,12 @@ MIN_ROOM = 32  # columns added at the least when a buffer grows
 class RoomyLayer(DynamicLayer):
     """A `DynamicLayer` whose buffers (rows, heads, capacity, head_dim) hold `length` columns in front."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the buffers' (default: the keys'); each update's keys and values are cast into it."""
         super().__init__()
         self.device = keys.device
         self.is_initialized = True
+        self.dtype = dtype or keys.dtype
         self.hold(keys, values)
 
     # transformers reads and assigns `keys` / `values` (selecting rows, cropping): an assignment holds the new
@@ -52,8 +54,8 @@ class RoomyLayer(DynamicLayer):
         (default: half as many again, at least MIN_ROOM)."""
         length = keys.shape[-2]
         room = max(MIN_ROOM, length // 2) if room is None else room
-        self._keys = _with_room(keys, room)
-        self._values = _with_room(values, room)
+        self._keys = _with_room(keys, room, self.dtype)
+        self._values = _with_room(values, room, self.dtype)
         self.length = length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -74,17 +76,18 @@ class RoomyLayer(DynamicLayer):
         self.length -= start
 
 
-def with_room(cache: DynamicCache) -> DynamicCache:
-    """`cache` with each plain layer replaced by a `RoomyLayer` holding the same keys and values."""
+def with_room(cache: DynamicCache, dtype: torch.dtype | None = None) -> DynamicCache:
+    """`cache` with each plain layer replaced by a `RoomyLayer` holding the same keys and values (in `dtype`,
+    default their own)."""
     cache.layers = [
-        layer if isinstance(layer, RoomyLayer) else RoomyLayer(layer.keys, layer.values)
+        layer if isinstance(layer, RoomyLayer) else RoomyLayer(layer.keys, layer.values, dtype)
         for layer in cache.layers
     ]
     return cache
 
 
-def _with_room(held: torch.Tensor, room: int) -> torch.Tensor:
+def _with_room(held: torch.Tensor, room: int, dtype: torch.dtype) -> torch.Tensor:
     rows, heads, length, dim = held.shape
-    buffer = held.new_empty(rows, heads, length + room, dim)
+    buffer = held.new_empty(rows, heads, length + room, dim, dtype=dtype)
     buffer[:, :, :length] = held
     return buffer

@@ -108,7 +108,7 @@ class _LayerStacks:
         factors = {n: layer.factors(n) for n in distinct}
         self.r_max = max(a.shape[0] for a, _ in factors.values())
         a_any, b_any = next(iter(factors.values()))
-        dtype, device = a_any.dtype, a_any.device
+        dtype, device = _stack_dtype(layer, a_any), a_any.device
         in_features, out_features = a_any.shape[1], b_any.shape[0]
         a_shape, b_shape = (capacity, self.r_max, in_features), (capacity, out_features, self.r_max)
         a_numel, b_numel = math.prod(a_shape), math.prod(b_shape)
@@ -159,6 +159,14 @@ class _LayerStacks:
 
     def factors(self, rows: int) -> RowFactors:
         return RowFactors(self.a[:rows].transpose(1, 2), self.b[:rows].transpose(1, 2))
+
+
+def _stack_dtype(layer: LoraLinear, factor: torch.Tensor) -> torch.dtype:
+    """The stacks' dtype: the base weight's where it is a float (bf16 on a bf16 base: the rows' products run
+    in the dtype of the input, as a single adapter's do, with no casts per forward), else the adapter's (a
+    quantized base)."""
+    weight = layer.base_weight
+    return weight.dtype if weight.is_floating_point() else factor.dtype
 
 
 class RowFactors(NamedTuple):

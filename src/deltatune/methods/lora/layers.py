@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,32 @@ class _Weight(nn.Module):
     def __init__(self, tensor: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(tensor)
+
+
+class _CastFactors(NamedTuple):
+    """A frozen adapter's A and B cast to a forward's dtype, and what they were cast from: each source tensor
+    with its storage and version counter (every in-place write bumps it: an optimizer step, `copy_`, a load)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    sources: tuple[tuple[torch.Tensor, int, int], ...]
+
+    @staticmethod
+    def of(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> _CastFactors:
+        return _CastFactors(a.to(dtype), b.to(dtype), (_stamp(a), _stamp(b)))
+
+    def fits(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+        (held_a, ptr_a, version_a), (held_b, ptr_b, version_b) = self.sources
+        return (
+            self.a.dtype == dtype
+            and held_a is a
+            and held_b is b
+            and (ptr_a, version_a, ptr_b, version_b) == (*_stamp(a)[1:], *_stamp(b)[1:])
+        )
+
+
+def _stamp(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    return t, t.data_ptr(), t._version
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -59,6 +86,7 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._norm_at_merge: dict[str, torch.Tensor] = {}
+        self._cast_factors: dict[str, _CastFactors] = {}  # see LoraLinear._inference_factors
 
     # ---- factors, per kind ---------------------------------------------------------------------------------
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -110,6 +138,7 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(name)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
+        self._cast_factors.pop(name, None)
 
     def reconfigure(self, name: str, config: LoraConfig, module_name: str) -> None:
         self.adapter_configs[name] = config
@@ -284,7 +313,11 @@ class LoraLinear(LoraLayer):
         return (r, self.in_features), (self.out_features, r)
 
     def _lowrank_forward(self, x: torch.Tensor, active: tuple[str, ...]) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self._lean(active, x):
+        if torch.is_grad_enabled():
+            # a training forward: the adapter may have been made trainable after its casts were kept, and a
+            # fused optimizer step writes it without bumping its version; cast again when inference resumes
+            self._cast_factors.clear()
+        elif self._lean(active, x):
             return self._inference_forward(x, active[0])
         if not self._fusable(active, x):
             return super()._lowrank_forward(x, active)
@@ -309,16 +342,15 @@ class LoraLinear(LoraLayer):
         )
 
     def _lean(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
-        """Whether `_inference_forward` computes this call as the general path would: one plain adapter, in
-        x's dtype and no autocast, on an nn.Linear without hooks, no dropout to apply."""
+        """Whether `_inference_forward` computes this call as the general path would: one plain adapter, a base
+        weight in x's dtype and no autocast, on an nn.Linear without hooks, no dropout to apply. (An adapter
+        in another dtype, float32 on a half base, is cast to x's as the general path casts it.)"""
         if len(active) != 1 or not self.plain_linear or torch.is_autocast_enabled(x.device.type):
             return False  # (autocast would give the products a dtype of its own)
         name = active[0]
         base = self.base_layer
         return (
             base.weight.dtype == x.dtype
-            # a frozen graph folds the update into the weight in the adapter's precision (float32 on a half base)
-            and (self.lora_A[name].weight.dtype == x.dtype or _folding_constants())
             and not self.is_dora(name)
             and not (self.training and self.dropout[name])
             and not (base._forward_hooks or base._forward_pre_hooks)
@@ -337,11 +369,28 @@ class LoraLinear(LoraLayer):
                 base.weight.dtype
             )
             return F.linear(x, weight, base.bias)
+        a, b = self._inference_factors(name, x.dtype)
         out = F.linear(x, base.weight, base.bias)
-        h = F.linear(x, self.lora_A[name].weight)
+        h = F.linear(x, a)
         flat = out.view(-1, out.shape[-1])  # a fresh tensor: the update is added in place
-        flat.addmm_(h.view(-1, h.shape[-1]), self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        flat.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
         return out
+
+    def _inference_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `name`'s A and B in `dtype`, rounded as the general path rounds them. A frozen adapter in
+        another dtype (float32 on a bf16 base, as loading keeps it) is cast once and the casts kept while its
+        factors are the same tensors with the same storage and version: cast per call, they and the general
+        path made a 16-row bf16 decode step 1.25x slower (bench/README §32). A trainable adapter is cast per
+        call: nothing of a tensor an optimizer steps is kept."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a.dtype == dtype and b.dtype == dtype:
+            return a, b
+        if a.requires_grad or b.requires_grad:
+            return a.to(dtype), b.to(dtype)
+        held = self._cast_factors.get(name)
+        if held is None or not held.fits(a, b, dtype):
+            held = self._cast_factors[name] = _CastFactors.of(a, b, dtype)
+        return held.a, held.b
 
     def _fusable(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
         """The fused kernel skips base_layer.__call__ and weight gradients: use it only when that changes
