@@ -104,7 +104,7 @@ def main() -> None:
         first = statistics.median(rates[workload, variants[0]])
         for variant in variants:
             rate = statistics.median(rates[workload, variant])
-            same = sum(a == b for a, b in zip(tokens[workload, variant], tokens[workload, variants[0]]))
+            same = sum(a == b for a, b in zip(tokens[workload, variant], tokens[workload, variants[0]], strict=True))
             print(f"| {workload} | {variant} | {rate:.1f} | {rate / first:.2f} | {same}/{args.rows} |")
 
 

@@ -207,8 +207,9 @@ def test_a_pruned_trial_stops_its_trainer_early(base, tmp_path, monkeypatch):
     assert max(steps) < 20000 and not (folder / "summary.json").exists()
     assert sweep.study.trials[0].intermediate_values  # the pruner was fed the evaluations
     assert not _processes_running(folder / "trial.yaml")
-    (trial,) = sweep.study.trials  # the worker said it was alive while the trainer ran
-    assert trial.user_attrs["heartbeat"] >= trial.datetime_start.timestamp() + 1
+    (trial,) = sweep.study.trials  # the worker said it was alive while the trainer ran: a heartbeat
+    # written after the trial's config (which the trainer starts from), not only the one written when it was asked
+    assert trial.user_attrs["heartbeat"] >= (folder / "trial.yaml").stat().st_mtime
 
 
 @pytest.mark.slow
@@ -251,6 +252,26 @@ def test_sigkill_then_resume_repeats_no_finished_trial(base, tmp_path):
         assert (Path(finished[number].user_attrs["trial_dir"]) / "summary.json").stat().st_mtime_ns == stamp
     rows = json.loads((out / "trials.json").read_text())["trials"]
     assert [r["state"] for r in rows].count("interrupted") == 1
+
+
+def test_a_second_worker_meets_the_first_writing_the_study_fingerprint(base, tmp_path):
+    """Workers starting together: one may find the study's fingerprint half written (one attribute at a
+    time). What is there and agrees is not a different sweep; the rest is written. A value that differs is."""
+    settings = SweepSettings(config=load_base_config(base, []), space=parse_space(LR_SPACE), out=tmp_path / "s",
+                             trials=1)  # fmt: skip
+    sweep = Sweep(settings)
+    study = optuna.create_study(study_name="deltatune-sweep")
+    sweep._check_same_sweep(study)
+    whole = dict(study.user_attrs)
+    assert set(whole) >= {"config_sha256", "space_sha256", "metric", "multi_objective"}
+    half = optuna.create_study(study_name="deltatune-sweep")
+    half.set_user_attr("config_sha256", whole["config_sha256"])  # the first worker is this far
+    sweep._check_same_sweep(half)
+    assert half.user_attrs == whole
+    other = optuna.create_study(study_name="deltatune-sweep")
+    other.set_user_attr("space_sha256", "0" * 64)
+    with pytest.raises(SweepError, match="different space_sha256"):
+        sweep._check_same_sweep(other)
 
 
 @pytest.mark.slow

@@ -174,17 +174,19 @@ class Sweep:
     def _check_same_sweep(self, study) -> None:
         mine = {**_fingerprint(self.s), "metric": self.metric, "multi_objective": self.s.multi_objective}
         saved = study.user_attrs
-        if not saved:
+        # a key not saved yet is written, not compared: another worker starting at the same moment may be
+        # half-way through writing them (one attribute at a time), with the same values
+        differing = [k for k, v in mine.items() if k in saved and saved[k] != v]
+        if not differing:
             for key, value in mine.items():
-                study.set_user_attr(key, value)
+                if key not in saved:
+                    study.set_user_attr(key, value)
             return
-        differing = [k for k, v in mine.items() if saved.get(k) != v]
-        if differing:
-            raise SweepError(
+        raise SweepError(
                 f"study {self.s.study_name!r} was started with a different {', '.join(differing)}; a study's "
-                "trials are only comparable under one config, search space and metric. Use the same files, "
-                "or a new --study-name"
-            )
+            "trials are only comparable under one config, search space and metric. Use the same files, "
+            "or a new --study-name"
+        )
 
     def _orphaned(self, trial) -> bool:
         """A RUNNING trial nobody is running: its sweep process on this host is gone, or (any host) its
