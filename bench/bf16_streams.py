@@ -84,7 +84,9 @@ def main() -> None:
     dt.load_adapter(model, args.adapter, adapter_name="other")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     messages = [{"role": "user", "content": "Tell me about this tweet: my flight got cancelled again"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     workloads = {"one adapter": ["tuned"] * args.rows, "two adapters": ["tuned", "other"] * (args.rows // 2)}
     rates = {(w, v): [] for w in workloads for v in variants}
     tokens = {}
@@ -104,7 +106,9 @@ def main() -> None:
         first = statistics.median(rates[workload, variants[0]])
         for variant in variants:
             rate = statistics.median(rates[workload, variant])
-            same = sum(a == b for a, b in zip(tokens[workload, variant], tokens[workload, variants[0]], strict=True))
+            same = sum(
+                a == b for a, b in zip(tokens[workload, variant], tokens[workload, variants[0]], strict=True)
+            )
             print(f"| {workload} | {variant} | {rate:.1f} | {rate / first:.2f} | {same}/{args.rows} |")
 
 

@@ -27,6 +27,7 @@ import itertools
 import types
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from ..core.kv_cache import cache_argument
 from ..core.threads import oversubscription
 from ..methods.virtual_tokens import text_config
 from .decode import NonFiniteOutput
+from .decode_attention import attending_in_float32, decode_kv_dtype, with_float32_layers
 from .prefill import model_device
 from .sampling import Completion, Sampler, Sampling, check_vocabulary, next_tokens, scored
 
@@ -112,6 +114,8 @@ class CompiledDecoder:
         self._wrappers = [w for _, w in all_wrappers(model)]
         self._weights = _weights_state(model)
         self._caches: dict[int, object] = {}
+        # a half-precision model on a CPU attends in float32 over a float32 static cache (runtime.decode_attention)
+        self._float32_kv = decode_kv_dtype(model) is not None
         self._steps: dict[int, Step] = {}
         self._compiled: set[int] = set()  # lengths whose compiled step has run once
         self._cache_name = cache_argument(model)
@@ -151,7 +155,7 @@ class CompiledDecoder:
         tokens: list[int] = []
         logprobs = [] if sampler.sampling.logprobs is not None else None
         cache = self._cache(length)
-        with activated(self._wrappers, self.adapter):
+        with activated(self._wrappers, self.adapter), self._attention(cache):
             logits = self._prefill(prompt, cache)
             position = len(prompt)
             while True:
@@ -186,9 +190,15 @@ class CompiledDecoder:
         cache = self._caches.get(length)
         if cache is None:
             cache = self._caches[length] = StaticCache(config=self._text_config, max_cache_len=length)
+            cache.float32_kv = self._float32_kv and with_float32_layers(cache)
         else:
             cache.reset()  # in place: the compiled step keeps reading these tensors
         return cache
+
+    def _attention(self, cache) -> AbstractContextManager:
+        """float32 attention around the prompt and every step, outside the compiled step (whose graph is
+        traced with it): the static cache holds float32 keys and values."""
+        return attending_in_float32(self.model) if cache.float32_kv else nullcontext()
 
     def _forward(self, cache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Last-position logits (1, vocab) of `ids` (1, n) at `positions` (n,), written into `cache`."""

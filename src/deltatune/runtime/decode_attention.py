@@ -10,7 +10,10 @@ the one-token queries to float32 and rounds the output back. That is also the mo
 kernel rounds its probabilities to bf16 before weighting the values; here only the output is rounded.
 
 The prompt pass keeps the model's own attention and cache dtype: many queries per row is what the bf16 kernel
-is fast at. The price is the decode cache's memory: twice the bf16 cache, what a float32 model holds.
+is fast at. The price is the decode cache's memory: twice the bf16 cache, what a float32 model holds. The
+compiled single-row step (`runtime.compiled`) keeps its static cache in float32 the same way
+(`Float32StaticLayer`): its prompt and its steps attend in float32, one row over 256 cached columns taking 37
+against 223 us a layer.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -86,3 +90,23 @@ def _configs(config) -> list:
     for key in getattr(config, "sub_configs", {}) or {}:
         found += _configs(getattr(config, key, None))
     return found
+
+
+class Float32StaticLayer(StaticLayer):
+    """A transformers `StaticLayer` whose fixed buffers are float32: the half-precision keys and values each
+    update writes are cast into them (exactly)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states.float(), value_states.float())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return super().update(key_states.float(), value_states.float(), *args, **kwargs)
+
+
+def with_float32_layers(cache) -> bool:
+    """Give a transformers `StaticCache` float32 layers in place of its plain static ones, before its first
+    use. False, and `cache` unchanged, where any layer is of another kind (a sliding window, ...)."""
+    if any(type(layer) is not StaticLayer or layer.is_initialized for layer in cache.layers):
+        return False
+    cache.layers = [Float32StaticLayer(max_cache_len=layer.max_cache_len) for layer in cache.layers]
+    return True

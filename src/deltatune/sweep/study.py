@@ -183,7 +183,7 @@ class Sweep:
                     study.set_user_attr(key, value)
             return
         raise SweepError(
-                f"study {self.s.study_name!r} was started with a different {', '.join(differing)}; a study's "
+            f"study {self.s.study_name!r} was started with a different {', '.join(differing)}; a study's "
             "trials are only comparable under one config, search space and metric. Use the same files, "
             "or a new --study-name"
         )
