@@ -72,6 +72,21 @@ def test_which_models_decode_over_a_float32_cache():
     assert decode_kv_dtype(model) is None
 
 
+def test_a_model_that_computes_sdpa_in_its_own_code_keeps_its_cache_and_decodes():
+    """Falcon branches on "sdpa" itself instead of calling transformers' attention interface: switching its
+    attention would send it down its eager branch with float32 keys; it keeps its own dtype and decodes."""
+    from architectures import ARCHITECTURES
+
+    falcon = next(a for a in ARCHITECTURES if a.name == "falcon").build().to(torch.bfloat16)
+    assert falcon.config._attn_implementation == "sdpa" and decode_kv_dtype(falcon) is None
+    batch = DecodeBatch(falcon, pad_token_id=0, eos_token_id=None, capacity=2)
+    batch.add([[3, 4, 5], [7]], [None, None], max_new_tokens=[4, 4])
+    assert {layer.keys.dtype for layer in batch.cache.layers} == {torch.bfloat16}
+    while len(batch):
+        batch.step()
+    assert [len(batch.completion(h).tokens) for h in range(2)] == [4, 4]
+
+
 def test_the_attention_setting_is_switched_for_the_block_and_put_back():
     from transformers import LlavaConfig
 
@@ -91,7 +106,7 @@ def test_the_attention_setting_is_switched_for_the_block_and_put_back():
 
 def _exact_attention(module, query, key, value, attention_mask, scaling, **kwargs):
     """Attention in float64 on the model's own (half-precision) queries, keys and values, rounded once."""
-    groups = module.num_key_value_groups
+    groups = getattr(module, "num_key_value_groups", 1)
     key, value = (t.repeat_interleave(groups, dim=1).double() for t in (key, value))
     scores = query.double() @ key.transpose(-1, -2) * scaling
     if attention_mask is None:  # (transformers leaves it out where causal order is all there is)

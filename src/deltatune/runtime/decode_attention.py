@@ -55,11 +55,14 @@ AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
 
 def decode_kv_dtype(model: nn.Module) -> torch.dtype | None:
     """float32 where the decode batch should keep its cache in float32 (a bf16 or fp16 model on a CPU with
-    transformers' sdpa attention in its config and every sub-config), else None: the cache keeps the model's
-    own dtype."""
+    transformers' sdpa attention in its config and every sub-config, reached through transformers' attention
+    interface), else None: the cache keeps the model's own dtype. (A model that branches on "sdpa" in its own
+    code, such as Falcon, lacks `_supports_attention_backend` and is left as it is.)"""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if not getattr(type(model), "_supports_attention_backend", False):
         return None
     configs = _configs(getattr(model, "config", None))
     if not configs or any(c._attn_implementation_internal != "sdpa" for c in configs):
