@@ -316,7 +316,8 @@ class LoraLinear(LoraLayer):
         if torch.is_grad_enabled():
             # a training forward: the adapter may have been made trainable after its casts were kept, and a
             # fused optimizer step writes it without bumping its version; cast again when inference resumes
-            self._cast_factors.clear()
+            if self._cast_factors:  # (tested, not cleared, when empty: no side effect for a compiled forward)
+                self._cast_factors.clear()
         elif self._lean(active, x):
             return self._inference_forward(x, active[0])
         if not self._fusable(active, x):
