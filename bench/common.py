@@ -203,10 +203,12 @@ def start_studio(root: Path, port: int) -> subprocess.Popen:
             time.sleep(0.2)
 
 
-def one_stream_setup(description: str, reps: int) -> tuple[argparse.Namespace, torch.nn.Module, list[int]]:
+def one_stream_setup(
+    description: str, reps: int, with_model: bool = True
+) -> tuple[argparse.Namespace, torch.nn.Module | None, list[int]]:
     """The single-stream decode benchmarks' common start: their flags (--adapter, --tokens, --reps,
-    --threads), the bundled SmolLM2-135M-Instruct in fp32 with the adapter loaded as "tuned", and one chat
-    prompt's ids."""
+    --threads), the bundled SmolLM2-135M-Instruct in fp32 with the adapter loaded as "tuned" (None without
+    `with_model`), and one chat prompt's ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltatune.models.bundled import smollm2_path
@@ -221,8 +223,10 @@ def one_stream_setup(description: str, reps: int) -> tuple[argparse.Namespace, t
     torch.set_num_threads(args.threads)
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    dt.load_adapter(model, args.adapter, adapter_name="tuned")
+    model = None
+    if with_model:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        dt.load_adapter(model, args.adapter, adapter_name="tuned")
     messages = [{"role": "user", "content": "Tell me about this tweet: my flight got cancelled again"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
         "input_ids"
@@ -238,6 +242,25 @@ def compiled_decode(decoder, prompt: list[int], tokens: int) -> tuple[float, lis
         prompt, max_new_tokens=tokens, eos_token_id=None, on_token=lambda _: marks.append(time.perf_counter())
     )
     return (marks[-1] - marks[0]) / (tokens - 1), done.tokens
+
+
+def race_decoders(
+    decoders: dict, prompt: list[int], tokens: int, reps: int
+) -> tuple[dict[str, float], dict[str, int], dict[str, list[int]]]:
+    """`CompiledDecoder`s side by side: each compiled first (8 tokens, timed), then `reps` interleaved rounds
+    of `tokens` greedy tokens. Returns each one's median tokens/s, first-compile seconds and tokens."""
+    compile_s = {}
+    for name, decoder in decoders.items():
+        started = time.perf_counter()
+        compiled_decode(decoder, prompt, 8)
+        compile_s[name] = round(time.perf_counter() - started)
+    rates: dict[str, list[float]] = {name: [] for name in decoders}
+    made = {}
+    for round_ in range(reps):
+        for name in decoders if round_ % 2 == 0 else list(decoders)[::-1]:
+            seconds, made[name] = compiled_decode(decoders[name], prompt, tokens)
+            rates[name].append(1 / seconds)
+    return {name: round(median(r), 1) for name, r in rates.items()}, compile_s, made
 
 
 def bf16_with_adapter(adapter: Path) -> torch.nn.Module:

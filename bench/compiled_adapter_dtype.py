@@ -11,22 +11,20 @@ W + s B A in float32 and rounds once), the other has it cast to bf16. One chat p
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bf16_with_adapter, compiled_decode, one_stream_setup  # noqa: E402
+from common import bf16_with_adapter, one_stream_setup, race_decoders  # noqa: E402
 
 
 def main() -> int:
     from deltatune.runtime.compiled import CompiledDecoder
 
-    args, _, prompt = one_stream_setup(__doc__.splitlines()[0], reps=3)
-    decoders, compile_s = {}, {}
+    args, _, prompt = one_stream_setup(__doc__.splitlines()[0], reps=3, with_model=False)
+    decoders = {}
     for adapter_dtype in (torch.float32, torch.bfloat16):
         model = bf16_with_adapter(args.adapter)
         for name, parameter in model.named_parameters():
@@ -34,21 +32,9 @@ def main() -> int:
                 parameter.data = parameter.data.to(adapter_dtype)
         name = str(adapter_dtype).removeprefix("torch.")
         decoders[name] = CompiledDecoder(model.requires_grad_(False), "tuned")
-        started = time.perf_counter()
-        compiled_decode(decoders[name], prompt, 8)
-        compile_s[name] = round(time.perf_counter() - started)
-    rates: dict[str, list[float]] = {name: [] for name in decoders}
-    tokens = {}
-    for _ in range(args.reps):
-        for name, decoder in decoders.items():
-            seconds, tokens[name] = compiled_decode(decoder, prompt, args.tokens)
-            rates[name].append(1 / seconds)
-    result = {
-        "tokens_per_s_by_adapter_dtype": {name: round(statistics.median(r), 1) for name, r in rates.items()},
-        "compile_s": compile_s,
-        "same_tokens": tokens["float32"] == tokens["bfloat16"],
-    }
-    print(json.dumps(result))
+    rates, compile_s, tokens = race_decoders(decoders, prompt, args.tokens, args.reps)
+    print(json.dumps({"tokens_per_s_by_adapter_dtype": rates, "compile_s": compile_s,
+                      "same_tokens": tokens["float32"] == tokens["bfloat16"]}))  # fmt: skip
     return 0
 
 

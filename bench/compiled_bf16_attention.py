@@ -12,43 +12,29 @@ whether the tokens are the same.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bf16_with_adapter, compiled_decode, one_stream_setup  # noqa: E402
+from common import bf16_with_adapter, one_stream_setup, race_decoders  # noqa: E402
 
 
 def main() -> int:
     from deltatune.runtime import compiled
     from deltatune.runtime.compiled import CompiledDecoder
 
-    args, _, prompt = one_stream_setup(__doc__.splitlines()[0], reps=3)
+    args, _, prompt = one_stream_setup(__doc__.splitlines()[0], reps=3, with_model=False)
     model = bf16_with_adapter(args.adapter).requires_grad_(False)
-    decoders, compile_s = {}, {}
+    decoders = {}
     for kv in ("float32", "bfloat16"):
         with mock.patch.object(compiled, "decode_kv_dtype", compiled.decode_kv_dtype if kv == "float32" else
                                (lambda model: None)):  # fmt: skip
             decoders[kv] = CompiledDecoder(model, "tuned")
-        started = time.perf_counter()
-        compiled_decode(decoders[kv], prompt, 8)
-        compile_s[kv] = round(time.perf_counter() - started)
-    rates: dict[str, list[float]] = {kv: [] for kv in decoders}
-    tokens = {}
-    for round_ in range(args.reps):
-        for kv in decoders if round_ % 2 == 0 else list(decoders)[::-1]:
-            seconds, tokens[kv] = compiled_decode(decoders[kv], prompt, args.tokens)
-            rates[kv].append(1 / seconds)
-    result = {
-        "tokens_per_s_by_cache_dtype": {kv: round(statistics.median(r), 1) for kv, r in rates.items()},
-        "compile_s": compile_s,
-        "same_tokens": f"{sum(a == b for a, b in zip(tokens['float32'], tokens['bfloat16'], strict=True))}"
-        f"/{args.tokens}",
-    }
-    print(json.dumps(result))
+    rates, compile_s, tokens = race_decoders(decoders, prompt, args.tokens, args.reps)
+    same = sum(a == b for a, b in zip(tokens["float32"], tokens["bfloat16"], strict=True))
+    print(json.dumps({"tokens_per_s_by_cache_dtype": rates, "compile_s": compile_s,
+                      "same_tokens": f"{same}/{args.tokens}"}))  # fmt: skip
     return 0
 
 
