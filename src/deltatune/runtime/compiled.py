@@ -116,6 +116,7 @@ class CompiledDecoder:
         self._caches: dict[int, object] = {}
         # a half-precision model on a CPU attends in float32 over a float32 static cache (runtime.decode_attention)
         self._float32_kv = decode_kv_dtype(model) is not None
+        self._float32_lengths: set[int] = set()  # the static caches that hold float32 keys and values
         self._steps: dict[int, Step] = {}
         self._compiled: set[int] = set()  # lengths whose compiled step has run once
         self._cache_name = cache_argument(model)
@@ -155,7 +156,7 @@ class CompiledDecoder:
         tokens: list[int] = []
         logprobs = [] if sampler.sampling.logprobs is not None else None
         cache = self._cache(length)
-        with activated(self._wrappers, self.adapter), self._attention(cache):
+        with activated(self._wrappers, self.adapter), self._attention(length):
             logits = self._prefill(prompt, cache)
             position = len(prompt)
             while True:
@@ -190,15 +191,16 @@ class CompiledDecoder:
         cache = self._caches.get(length)
         if cache is None:
             cache = self._caches[length] = StaticCache(config=self._text_config, max_cache_len=length)
-            cache.float32_kv = self._float32_kv and with_float32_layers(cache)
+            if self._float32_kv and with_float32_layers(cache):
+                self._float32_lengths.add(length)
         else:
             cache.reset()  # in place: the compiled step keeps reading these tensors
         return cache
 
-    def _attention(self, cache) -> AbstractContextManager:
-        """float32 attention around the prompt and every step, outside the compiled step (whose graph is
-        traced with it): the static cache holds float32 keys and values."""
-        return attending_in_float32(self.model) if cache.float32_kv else nullcontext()
+    def _attention(self, length: int) -> AbstractContextManager:
+        """float32 attention around the prompt and every step over a float32 static cache, outside the
+        compiled step (whose graph is traced with it)."""
+        return attending_in_float32(self.model) if length in self._float32_lengths else nullcontext()
 
     def _forward(self, cache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Last-position logits (1, vocab) of `ids` (1, n) at `positions` (n,), written into `cache`."""
