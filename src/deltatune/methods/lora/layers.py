@@ -49,17 +49,18 @@ class _CastFactors(NamedTuple):
         return _CastFactors(a.to(dtype), b.to(dtype), (_stamp(a), _stamp(b)))
 
     def fits(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-        (held_a, ptr_a, version_a), (held_b, ptr_b, version_b) = self.sources
-        return (
-            self.a.dtype == dtype
-            and held_a is a
-            and held_b is b
-            and (ptr_a, version_a, ptr_b, version_b) == (*_stamp(a)[1:], *_stamp(b)[1:])
-        )
+        stamp_a, stamp_b = self.sources
+        return self.a.dtype == dtype and _unchanged(stamp_a, a) and _unchanged(stamp_b, b)
 
 
 def _stamp(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return t, t.data_ptr(), t._version
+
+
+def _unchanged(stamp: tuple[torch.Tensor, int, int], t: torch.Tensor) -> bool:
+    """Whether `t` is the tensor `stamp` was taken of, with the same storage and no write since."""
+    held, pointer, version = stamp
+    return held is t and pointer == t.data_ptr() and version == t._version
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
