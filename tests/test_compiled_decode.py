@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from conftest import build_llama
-from test_decode import _alone
+from test_decode import _alone, bf16_with_float32_adapters
 from test_runtime import _with_adapters
 
 import deltatune as dt
@@ -176,24 +176,13 @@ def test_a_compiled_decoder_on_busy_cores_says_to_give_it_fewer_threads(monkeypa
         CompiledDecoder(model)
 
 
-def _bf16_with_float32_adapter():
-    """The test model in bf16 with adapter "b" kept float32 (as loading keeps it on a half base), its scores
-    spread past bf16's noise."""
-    model = _with_adapters().to(torch.bfloat16).requires_grad_(False)
-    for name, parameter in model.named_parameters():
-        if "lora_" in name:
-            parameter.data = parameter.data.float()
-    model.lm_head.weight.data *= 40
-    return model
-
-
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_bf16_model_decodes_over_a_float32_static_cache_as_the_engine_does(compile):
     """A half-precision model on a CPU: the static cache holds float32 keys and values and the prompt and
     steps attend in float32, as the engine's decode steps do; each row's greedy tokens are the engine's, and
     the model's attention setting is its own again after. (Scores are not compared: the engine's prompt pass
     attends in bf16, so the two caches differ by bf16's rounding.)"""
-    model = _bf16_with_float32_adapter()
+    model = bf16_with_float32_adapters().requires_grad_(False)
     decoder = CompiledDecoder(model, "b", lengths=(32,), compile=compile)
     for prompt in PROMPTS:
         engine = dt.runtime.generate(

@@ -215,17 +215,22 @@ def test_decoding_leaves_the_models_adapter_state_alone():
     assert all("forward" not in vars(layer) for _, layer in dt.core.adapters.adapter_layers(model))
 
 
-def test_mixed_float32_adapters_on_a_bfloat16_base_score_as_each_row_alone():
-    """`serve --dtype bfloat16`: adapters stay float32 on the half base, and a mixed batch (each row its own
-    adapter) scores each row's tokens as that row does alone through transformers' generate, within bf16's
-    precision (the two paths round in different places, so equality is not asked of bf16)."""
+def bf16_with_float32_adapters():
+    """The test model in bf16 with its adapters kept float32 (as loading keeps them on a half base), its
+    scores spread past bf16's noise (a random model's are nearly uniform)."""
     model = _with_adapters().to(torch.bfloat16)
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             parameter.data = parameter.data.float()
-    model.lm_head.weight.data *= (
-        40  # a random model's scores are nearly uniform: spread them well past bf16's noise
-    )
+    model.lm_head.weight.data *= 40
+    return model
+
+
+def test_mixed_float32_adapters_on_a_bfloat16_base_score_as_each_row_alone():
+    """`serve --dtype bfloat16`: adapters stay float32 on the half base, and a mixed batch (each row its own
+    adapter) scores each row's tokens as that row does alone through transformers' generate, within bf16's
+    precision (the two paths round in different places, so equality is not asked of bf16)."""
+    model = bf16_with_float32_adapters()
     prompts, rows = _prompts()[:3], ["a", "b", None]
     asked = Sampling(logprobs=3)
     together = generate(
