@@ -140,6 +140,39 @@ def test_generate_in_bfloat16_loads_the_base_so_and_answers_as_transformers(trai
     assert json.loads(line)["answer"] == expected and expected
 
 
+def test_generate_on_an_int8_base_packs_it_in_bfloat16_and_answers_as_the_engine(
+    trained, tiny_causal_lm, capsys
+):
+    """`--quantize int8`: the base's linear layers packed (runtime.weight_only), bf16 activations without
+    --dtype, the adapter loaded unmerged on top; the answer is the engine's on that same packed model."""
+    import torch
+
+    from deltatune.generation import Generator
+    from deltatune.runtime import generate
+    from deltatune.runtime.sampling import end_of_sequence_ids
+    from deltatune.runtime.weight_only import Int8Linear
+
+    _, result = trained
+    prompt = "Sentiment of: good day"
+    generator = Generator(str(tiny_causal_lm), result.saved_to, dtype="bfloat16", quantize="int8")
+    q_proj = generator.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, Int8Linear) and isinstance(generator.model.lm_head, Int8Linear)
+    assert (
+        q_proj.base_layer.weight.dtype == torch.int8
+        and q_proj.lora_A["default"].weight.dtype == torch.float32
+    )
+    (reference,) = generate(
+        generator.model, [generator.prompt_ids(prompt)], ["default"], max_new_tokens=12,
+        pad_token_id=generator.tokenizer.pad_token_id or 0,
+        eos_token_id=end_of_sequence_ids(generator.model, generator.tokenizer),
+    )  # fmt: skip
+    args = ["generate", "--base", str(tiny_causal_lm), "--adapter", str(result.saved_to), "--jsonl"]
+    assert main([*args, "--quantize", "int8", "--max-new-tokens", "12", prompt]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    expected = generator.tokenizer.decode(reference.tokens, skip_special_tokens=True).strip()
+    assert json.loads(line)["answer"] == expected and expected
+
+
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     bad = write_config(tmp_path / "bad.yaml", {"model": {"path": "x"}, "training": {"max_steps": 1}})
     assert main(["train", str(bad)]) == 2

@@ -70,3 +70,36 @@ def test_a_bfloat16_server_answers_as_transformers_does_on_that_base(tiny_causal
     finally:
         engine.close()
     assert reply["choices"][0]["message"]["content"] == expected and expected
+
+
+def test_an_int4_server_packs_its_base_and_answers_as_the_engine_on_it(tiny_causal_lm, tmp_path):
+    """`serve --quantize int4`: the base packed (layers whose shape int4 cannot take named in a warning and
+    kept in bf16), and a chat completion is the engine's greedy answer on that packed base."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from deltatune.core.errors import DeltatuneWarning
+    from deltatune.runtime import generate
+    from deltatune.runtime.sampling import end_of_sequence_ids
+    from deltatune.runtime.weight_only import Int4Linear
+    from deltatune.serve import build_server
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    messages = [{"role": "user", "content": "Sentiment of: good day"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    with pytest.warns(DeltatuneWarning, match="stay in bfloat16: lm_head"):
+        app, engine = build_server(
+            str(tiny_causal_lm), tmp_path, device="cpu", dtype="bfloat16", quantize="int4"
+        )
+    try:
+        assert isinstance(engine.model.model.layers[0].mlp.gate_proj, Int4Linear)
+        eos = end_of_sequence_ids(engine.model, tokenizer)
+        (done,) = generate(engine.model, [ids], [None], max_new_tokens=8, pad_token_id=0, eos_token_id=eos)
+        with TestClient(app) as client:
+            body = {"model": tiny_causal_lm.name, "messages": messages, "max_tokens": 8, "temperature": 0}
+            reply = client.post("/v1/chat/completions", json=body).json()
+    finally:
+        engine.close()
+    expected = tokenizer.decode(done.tokens, skip_special_tokens=True)
+    assert reply["choices"][0]["message"]["content"] == expected and expected

@@ -179,3 +179,33 @@ def test_a_report_whose_tail_says_the_machine_was_busy_warns():
               "adapter_load_s": {"median": 0.1, "min": 0.1, "max": 0.1}, "noisy": ["unmerged batch 4"],
               "provenance": {"hardware": {"cpu": "x", "cores": 2, "torch_threads": 2, "device": "cpu"}}}  # fmt: skip
     assert "warning: the machine was busy while unmerged batch 4 ran" in table(report)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_packed_quantized_variant_reports_its_logit_error_against_the_float_adapter(
+    tiny_causal_lm, adapter, scheme
+):
+    """`bench --quantize int8 | int4`: the quantized variant is `serve --quantize`'s packed bf16 base with the
+    adapter on top, and the report says how far its next-token logits are from the float32 adapter's."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.evaluate.latency import logit_errors
+    from deltatune.runtime.weight_only import PackedLinear
+
+    settings = LatencySettings(batch_sizes=(1, 3), prompt_tokens=6, new_tokens=4, reps=1, quantize=scheme)
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm).eval()
+    variants = build_variants(model, adapter, settings)
+    quantized = next(v for v in variants if v.name == "quantized")
+    assert quantized.skipped is None
+    assert any(isinstance(m, PackedLinear) for m in quantized.model.modules())
+    errors = logit_errors(variants, settings, torch.device("cpu"), model.config.vocab_size)
+    assert set(errors) == {"merged", "quantized"}
+    assert errors["merged"]["max_abs"] < 1e-4 and errors["merged"]["top1_agreement"] == 1.0
+    assert 0 < errors["quantized"]["mean_abs"] <= errors["quantized"]["max_abs"]
+    assert errors["quantized"]["max_abs"] > 100 * errors["merged"]["max_abs"]
+    assert 0 <= errors["quantized"]["top1_agreement"] <= 1
+
+
+def test_an_unknown_quantized_base_is_refused():
+    with pytest.raises(ValueError, match=r"quantize 'int2' is not one of nf4, int8, int4"):
+        LatencySettings(quantize="int2")

@@ -28,27 +28,27 @@ class Generator:
         allow_base_mismatch: bool = False,
         compiled: bool = False,
         dtype: str = "float32",
+        quantize: str | None = None,
     ):
         """`compiled`: decode through a compiled step over a static KV cache (`runtime.compiled`), ~3x the
         tokens a second on a CPU once the first prompt has compiled it (minutes). `dtype`: the base's (float32,
         bfloat16, float16; the adapter keeps its own): bfloat16 on a CPU with AVX512-BF16 or AMX decodes a
-        compiled single stream ~1.3x faster than float32 (bench/README §30), with answers that may differ."""
-        from transformers import AutoModelForCausalLM
-
+        compiled single stream ~1.3x faster than float32 (bench/README §30), with answers that may differ.
+        `quantize`: int8 or int4 packs the base's linear layers for torch's CPU kernels (runtime.weight_only;
+        with a half `dtype`), the adapter loaded on top unmerged."""
         from .classification import adapter_task
-        from .core.devices import inference_dtype
         from .core.io import load_adapter, saved_label_names
-        from .models.loading import load_pretrained, load_tokenizer_from
+        from .models.loading import load_tokenizer_from
+        from .runtime.inference_model import load_inference_model
 
-        self.tokenizer = load_tokenizer_from(base)
         if adapter is not None and adapter_task(adapter) == "SEQ_CLS":
             labels = saved_label_names(adapter)
             raise AdapterFormatError(
                 f"{adapter} is a classifier ({'labels ' + ', '.join(labels) if labels else 'task SEQ_CLS'}), not "
                 f"a text generator: use `deltatune classify --base {base} --adapter {adapter}`"
             )
-        torch_dtype = inference_dtype(dtype, torch.device("cpu"))
-        self.model = load_pretrained(AutoModelForCausalLM, base, dtype=torch_dtype).eval()
+        self.model = load_inference_model(base, torch.device("cpu"), dtype, quantize)
+        self.tokenizer = load_tokenizer_from(base)
         self.adapter_name: str | None = None  # the model-side name; None: the base alone
         if adapter is not None:
             load_adapter(

@@ -24,7 +24,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         settings = LatencySettings(
             batch_sizes=tuple(args.batch_sizes), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-            reps=args.reps, variants=tuple(args.variants),
+            reps=args.reps, variants=tuple(args.variants), quantize=args.quantize,
         )  # fmt: skip
     except ValueError as exc:
         print(f"deltatune bench: error: {exc}", file=sys.stderr)
@@ -46,7 +46,7 @@ def _add_device_and_out(p: argparse.ArgumentParser, stem: str) -> None:
 
 
 def _add_bench_parser(sub: Any) -> None:
-    from ..evaluate.settings import VARIANTS
+    from ..evaluate.settings import QUANTIZED_BASES, VARIANTS
 
     p = sub.add_parser(
         "bench", help="latency of base / unmerged / merged / quantized-base on this machine, side by side"
@@ -58,6 +58,13 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=16)
     p.add_argument("--reps", type=positive_int, default=5, help="interleaved rounds after a warm-up round")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZED_BASES,
+        default="nf4",
+        help="the quantized variant's base: nf4 (bitsandbytes 4-bit, the quant extra), or int8 / int4 packed "
+        "for torch's CPU kernels in bfloat16, as `serve --quantize` runs it",
+    )
     _add_device_and_out(p, "latency")
     p.set_defaults(func=_bench)
 

@@ -57,7 +57,7 @@ def build_variants(model: nn.Module, adapter_dir: Path, settings: LatencySetting
     if "merged" in wanted:
         variants.append(Variant("merged", eject(copy.deepcopy(model), merge=True).eval(), None))
     if quantized_source is not None:
-        variants.append(_quantized(quantized_source, adapter_dir))
+        variants.append(_quantized(quantized_source, adapter_dir, settings.quantize))
     for variant in variants:
         if variant.model is not None:
             variant.weight_bytes = sum(
@@ -67,12 +67,24 @@ def build_variants(model: nn.Module, adapter_dir: Path, settings: LatencySetting
     return sorted(variants, key=lambda v: order[v.name])
 
 
-def _quantized(model: nn.Module, adapter_dir: Path) -> Variant:
-    """The adapter on a 4-bit NF4 copy of the base (QLoRA's serving setup), or why it cannot be measured."""
+def _quantized(model: nn.Module, adapter_dir: Path, scheme: str = "nf4") -> Variant:
+    """The adapter on a quantized copy of the base: 4-bit NF4 (QLoRA's serving setup) or, for int8 / int4,
+    runtime.weight_only's packed CPU layers in bf16 (`serve --quantize`); or why it cannot be measured."""
     import warnings
 
     from ..core.io import load_adapter
 
+    if scheme != "nf4":
+        from ..runtime.weight_only import WeightQuantizationUnsupported, quantize_weights
+
+        try:
+            quantize_weights(model.to(torch.bfloat16).requires_grad_(False), scheme)
+        except WeightQuantizationUnsupported as exc:
+            return Variant("quantized", None, None, skipped=str(exc))
+        with warnings.catch_warnings():  # "saved on a float32 base": the point of this variant
+            warnings.simplefilter("ignore")
+            load_adapter(model, adapter_dir)
+        return Variant("quantized", model.eval(), "default")
     try:
         from ..quant import QuantizationError, quantize_base
     except ImportError as exc:  # the quant extra is not installed: the message names it
@@ -112,6 +124,37 @@ def measure(
             for b in settings.batch_sizes:
                 v.timings[b]["first_token_s"].append(_call(v, prompts[b], 1, device))
                 v.timings[b]["request_s"].append(_call(v, prompts[b], settings.new_tokens, device))
+
+
+def logit_errors(
+    variants: list[Variant], settings: LatencySettings, device: torch.device, vocab_size: int
+) -> dict:
+    """Each adapted variant's next-token logits against the unmerged float32 adapter's, over the largest batch
+    of prompts (drawn as `measure` draws them, another seed): max and mean absolute difference, and the share
+    of positions whose top token is the same. What the merge or the quantized base changes in the answers."""
+    g = torch.Generator().manual_seed(settings.seed + 1)
+    rows = max(settings.batch_sizes)
+    ids = torch.randint(3, vocab_size, (rows, settings.prompt_tokens), generator=g, device=device)
+    reference = next(v for v in variants if v.name == "unmerged")
+    want = _logits(reference, ids)
+    errors = {}
+    for v in variants:
+        if v.model is None or v.name in ("base", "unmerged"):
+            continue
+        got = _logits(v, ids)
+        errors[v.name] = {
+            "max_abs": (got - want).abs().max().item(),
+            "mean_abs": (got - want).abs().mean().item(),
+            "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+        }
+    return errors
+
+
+def _logits(variant: Variant, ids: torch.Tensor) -> torch.Tensor:
+    from ..core.adapters import activated, all_wrappers
+
+    with activated([wrapper for _, wrapper in all_wrappers(variant.model)], variant.adapter):
+        return variant.model(input_ids=ids).logits.float()
 
 
 def _call(variant: Variant, prompts: list[list[int]], new_tokens: int, device: torch.device) -> float:

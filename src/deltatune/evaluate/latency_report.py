@@ -17,6 +17,7 @@ from .latency import (
     adapter_load_seconds,
     build_variants,
     hardware,
+    logit_errors,
     measure,
     summarize,
 )  # fmt: skip
@@ -47,7 +48,9 @@ def measure_latency(
     with torch.no_grad():
         measure(wanted, settings, where, model.config.vocab_size)
         load_s = adapter_load_seconds(model, adapter_dir, settings.reps)  # `model` is the unmerged variant
+        errors = logit_errors(variants, settings, where, model.config.vocab_size)
     report = summarize(wanted, settings, load_s)
+    report["logit_error_vs_unmerged"] = {name: e for name, e in errors.items() if name in settings.variants}
     report["provenance"] = provenance.record(
         base=base, adapter=str(adapter_dir), adapter_sha256=sha256_file(adapter_dir / WEIGHTS_NAME),
         hardware=hardware(where),
@@ -85,6 +88,11 @@ def table(report: dict[str, Any]) -> str:
         "extra peak MiB: the resident peak while the variant ran, above what was resident before it (CUDA: "
         "the allocator's peak); on CPU the allocator reuses memory earlier variants freed, so it is a lower bound"
     )
+    for name, e in report.get("logit_error_vs_unmerged", {}).items():
+        lines.append(
+            f"{name} against unmerged float32, next-token logits: max |diff| {e['max_abs']:.3g}, mean "
+            f"{e['mean_abs']:.3g}, same top token at {100 * e['top1_agreement']:.1f}% of positions"
+        )
     if report.get("noisy"):
         lines.append(
             f"warning: the machine was busy while {', '.join(report['noisy'])} ran (p99 over "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 VARIANTS = ("base", "unmerged", "merged", "quantized")
+QUANTIZED_BASES = ("nf4", "int8", "int4")
 
 
 @dataclass
@@ -16,8 +17,13 @@ class LatencySettings:
     reps: int = 5
     variants: tuple[str, ...] = VARIANTS
     seed: int = 0
+    # the "quantized" variant's base: nf4 (bitsandbytes 4-bit, QLoRA's serving setup; the quant extra) or
+    # int8 / int4 (runtime.weight_only's packed CPU kernels, bf16 activations: what `serve --quantize` runs)
+    quantize: str = "nf4"
 
     def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZED_BASES:
+            raise ValueError(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZED_BASES)}")
         unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")

@@ -164,7 +164,9 @@ class _LayerStacks:
 def _stack_dtype(layer: LoraLinear, factor: torch.Tensor) -> torch.dtype:
     """The stacks' dtype: the base weight's where it is a float (bf16 on a bf16 base: the rows' products run
     in the dtype of the input, as a single adapter's do, with no casts per forward), else the adapter's (a
-    quantized base)."""
+    quantized base, unless it is a packed inference base: its output is in its compute dtype)."""
+    if layer.packed_base:
+        return layer.base_layer.compute_dtype
     weight = layer.base_weight
     return weight.dtype if weight.is_floating_point() else factor.dtype
 

@@ -30,16 +30,18 @@ def build_server(
     allow_base_mismatch: bool = False,
     device: str = "auto",
     dtype: str = "float32",
+    quantize: str | None = None,
 ) -> tuple[Any, Engine]:
     """Load the base model and tokenizer, and return (FastAPI app, engine). `device`: auto (a GPU when torch
     sees one), cpu, cuda, cuda:N; adapters load onto it, and every batch runs there. `dtype`: the base's
-    (float32, bfloat16, float16; adapters keep their own, float32 on a half-precision base)."""
+    (float32, bfloat16, float16; adapters keep their own, float32 on a half-precision base). `quantize`:
+    int8 or int4 packs the base's linear layers for torch's CPU kernels (runtime.weight_only)."""
     from ..runtime import AdapterCache
 
     directory = Path(adapters_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapters directory {directory} does not exist; create it or pass another")
-    model, tokenizer = load_base(base, device, dtype)
+    model, tokenizer = load_base(base, device, dtype, quantize)
     cache = AdapterCache(
         model,
         directory,
@@ -63,18 +65,16 @@ def build_server(
     return app, engine
 
 
-def load_base(base: str, device: str = "auto", dtype: str = "float32") -> tuple[Any, Any]:
-    """The frozen base a server answers with (in `dtype`, in eval mode, on `device`) and its tokenizer."""
-    from transformers import AutoModelForCausalLM
+def load_base(
+    base: str, device: str = "auto", dtype: str = "float32", quantize: str | None = None
+) -> tuple[Any, Any]:
+    """The frozen base a server answers with (in `dtype`, in eval mode, on `device`, packed as `quantize`
+    says) and its tokenizer."""
+    from ..models.loading import load_tokenizer_from
+    from ..runtime.inference_model import load_inference_model
 
-    from ..core.devices import inference_dtype, resolve_device
-    from ..models.loading import load_pretrained, load_tokenizer_from
-
-    where = resolve_device(device)
-    torch_dtype = inference_dtype(dtype, where)
-    tokenizer = load_tokenizer_from(base)
-    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch_dtype).to(where)
-    return model.eval(), tokenizer
+    model = load_inference_model(base, device, dtype, quantize)
+    return model, load_tokenizer_from(base)
 
 
 __all__ = ["Engine", "Limits", "build_server", "create_app", "load_base"]

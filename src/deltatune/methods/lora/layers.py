@@ -309,6 +309,8 @@ class LoraLinear(LoraLayer):
         self.weight_path = not plain and not self.quantized
         # what the lean inference path computes exactly as the general one does: x W^T + b, W (out, in)
         self.plain_linear = type(base_layer).forward is nn.Linear.forward and not self.quantized
+        # a packed int8 / int4 inference base (runtime.weight_only): its own kernel, then the same update
+        self.packed_base = getattr(base_layer, "packed_inference", False)
 
     def factor_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -347,12 +349,14 @@ class LoraLinear(LoraLayer):
         """Whether `_inference_forward` computes this call as the general path would: one plain adapter, a base
         weight in x's dtype and no autocast, on an nn.Linear without hooks, no dropout to apply. (An adapter
         in another dtype, float32 on a half base, is cast to x's as the general path casts it.)"""
-        if len(active) != 1 or not self.plain_linear or torch.is_autocast_enabled(x.device.type):
+        if len(active) != 1 or torch.is_autocast_enabled(x.device.type):
             return False  # (autocast would give the products a dtype of its own)
+        if not (self.plain_linear or self.packed_base):
+            return False
         name = active[0]
         base = self.base_layer
         return (
-            base.weight.dtype == x.dtype
+            (base.compute_dtype if self.packed_base else base.weight.dtype) == x.dtype
             and not self.is_dora(name)
             and not (self.training and self.dropout[name])
             and not (base._forward_hooks or base._forward_pre_hooks)
@@ -363,7 +367,11 @@ class LoraLinear(LoraLayer):
         of SmolLM2's 210 adapted layers for every token; the general path's bookkeeping (the base layer's
         module call, dropout, DoRA and dtype checks, reshapes) cost 5% of a token (bench/README §27)."""
         base = self.base_layer
-        if _folding_constants():  # W + s B A is a constant of the frozen graph: folded once, at compile time
+        if self.packed_base:  # a packed base's kernel stays in the graph; the adapter's products beside it
+            out = base(x)
+        elif (
+            _folding_constants()
+        ):  # W + s B A is a constant of the frozen graph: folded once, at compile time
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             # in the adapter's dtype, rounded to the base's once: a float32 adapter on a bf16 base keeps its
             # precision up to the sum, and the graph has no products of its own to run (bench/README §30)
@@ -371,8 +379,9 @@ class LoraLinear(LoraLayer):
                 base.weight.dtype
             )
             return F.linear(x, weight, base.bias)
+        else:
+            out = F.linear(x, base.weight, base.bias)
         a, b = self._inference_factors(name, x.dtype)
-        out = F.linear(x, base.weight, base.bias)
         h = F.linear(x, a)
         flat = out.view(-1, out.shape[-1])  # a fresh tensor: the update is added in place
         flat.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
