@@ -191,3 +191,20 @@ def test_a_bf16_model_decodes_over_a_float32_static_cache_as_the_engine_does(com
         assert _decode(decoder, prompt, 12).tokens == engine.tokens
     assert {layer.keys.dtype for layer in decoder._caches[32].layers} == {torch.float32}
     assert model.config._attn_implementation == "sdpa" and decoder.fell_back is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_packed_base_compiles_with_its_adapter_and_decodes_as_the_engine_does(scheme):
+    """`generate --quantize int8 --compile`: the packed layers' kernels (inductor lowers them to its own
+    weight-only templates) and the adapter's products in the compiled graph; each row's greedy tokens are the
+    top tokens of transformers' forward on the same packed model up to bf16's rounding (the compiled kernels
+    round in other places than the eager ones), and nothing fell back to eager."""
+    from test_weight_only import _packed_llama, assert_top_tokens
+    from test_weight_only import _with_adapters as with_float32_adapters
+
+    model = with_float32_adapters(_packed_llama(scheme, spread=True), ("a", "b"))
+    decoder = CompiledDecoder(model, "b", lengths=(32,))
+    for prompt in PROMPTS:
+        assert_top_tokens(model, "b", prompt, _decode(decoder, prompt, 12).tokens)
+    assert decoder.fell_back is None

@@ -396,7 +396,9 @@ class LoraLinear(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if a.dtype == dtype and b.dtype == dtype:
             return a, b
-        if a.requires_grad or b.requires_grad:
+        if a.requires_grad or b.requires_grad or torch.compiler.is_compiling():
+            # (a compiled graph casts its frozen factors once, as constants: nothing to keep, nor can dynamo
+            # trace the kept casts' storage checks)
             return a.to(dtype), b.to(dtype)
         held = self._cast_factors.get(name)
         if held is None or not held.fits(a, b, dtype):
