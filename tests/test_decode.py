@@ -230,20 +230,25 @@ def test_mixed_float32_adapters_on_a_bfloat16_base_score_as_each_row_alone():
     """`serve --dtype bfloat16`: adapters stay float32 on the half base, and a mixed batch (each row its own
     adapter) scores each row's tokens as that row does alone through transformers' generate, within bf16's
     precision (the two paths round in different places, so equality is not asked of bf16)."""
-    model = bf16_with_float32_adapters()
-    prompts, rows = _prompts()[:3], ["a", "b", None]
+    assert_mixed_rows_score_as_alone(bf16_with_float32_adapters(), _prompts()[:3], ["a", "b", None])
+
+
+def assert_mixed_rows_score_as_alone(model, prompts, rows, steps: int = 3) -> None:
+    """A half-precision mixed batch of `steps` tokens a row: each row's top 3 first tokens are those of the
+    row run alone through transformers' generate, their log-probabilities within 0.1 (bf16's precision, and
+    narrower than their spread; later steps follow caches that differ by bf16's rounding)."""
     asked = Sampling(logprobs=3)
     together = generate(
-        model, prompts, rows, max_new_tokens=3, pad_token_id=0, eos_token_id=None, sampling=asked
+        model, prompts, rows, max_new_tokens=steps, pad_token_id=0, eos_token_id=None, sampling=asked
     )
     for prompt, row, mixed in zip(prompts, rows, together, strict=True):
         (alone,) = generate(
-            model, [prompt], [row], max_new_tokens=3, pad_token_id=0, eos_token_id=None, sampling=asked,
+            model, [prompt], [row], max_new_tokens=steps, pad_token_id=0, eos_token_id=None, sampling=asked,
             continuous=False,
         )  # fmt: skip
-        assert len(mixed.logprobs) == len(alone.logprobs) == 3
+        assert len(mixed.logprobs) == len(alone.logprobs) == steps
         first, reference = mixed.logprobs[0], alone.logprobs[0]
-        assert [token for token, _ in first.top] == [token for token, _ in reference.top]
+        assert [token for token, _ in first.top] == [token for token, _ in reference.top], row
         spread = reference.top[0][1] - reference.top[-1][1]
         for (_, logprob), (_, expected) in zip(first.top, reference.top, strict=True):
             assert abs(logprob - expected) < 0.1 < spread, (row, logprob, expected, spread)

@@ -12,13 +12,13 @@ import warnings
 import pytest
 import torch
 from conftest import build_llama
+from test_decode import assert_mixed_rows_score_as_alone
 from torch import nn
 
 import deltatune as dt
 from deltatune.core.errors import DeltatuneWarning
 from deltatune.core.quantized import float_weight, is_quantized, model_quantization
 from deltatune.runtime import generate
-from deltatune.runtime.sampling import Sampling
 from deltatune.runtime.weight_only import (
     Int4Linear,
     Int8Linear,
@@ -213,20 +213,9 @@ def assert_top_tokens(model: nn.Module, adapter: str | None, prompt: list[int], 
 def test_a_mixed_batch_on_a_packed_base_scores_each_row_as_it_alone(scheme):
     """Each row its own adapter (the server's batches), within bf16's precision of the row alone."""
     model = _with_adapters(_packed_llama(scheme, spread=True))
-    prompts, rows = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]], ["a", "b", None]
-    asked = Sampling(logprobs=3)
-    together = generate(
-        model, prompts, rows, max_new_tokens=3, pad_token_id=0, eos_token_id=None, sampling=asked
+    assert_mixed_rows_score_as_alone(
+        model, [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]], ["a", "b", None]
     )
-    for prompt, row, mixed in zip(prompts, rows, together, strict=True):
-        (alone,) = generate(
-            model, [prompt], [row], max_new_tokens=3, pad_token_id=0, eos_token_id=None, sampling=asked,
-            continuous=False,
-        )  # fmt: skip
-        for step, reference in zip(mixed.logprobs, alone.logprobs, strict=True):
-            assert [token for token, _ in step.top] == [token for token, _ in reference.top], row
-            for (_, logprob), (_, expected) in zip(step.top, reference.top, strict=True):
-                assert abs(logprob - expected) < 0.1, (row, logprob, expected)
 
 
 def _active(model: nn.Module, name: str):
