@@ -367,9 +367,10 @@ def _add_dtype_flag(p) -> None:
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
-        help="the base model's dtype (adapters keep theirs; default float32, bfloat16 with --quantize). bfloat16 halves the bytes per token and, on a CPU "
-        "with AVX512-BF16 or AMX, runs batches ~1.7x and a compiled stream ~1.3x faster than float32; answers "
-        "may differ slightly (a few percent of greedy answers on the quickstart's tweets)",
+        help="the base model's dtype (adapters keep theirs; default float32, bfloat16 with --quantize). "
+        "bfloat16 halves the bytes per token and, on a CPU with AVX512-BF16 or AMX, runs batches ~1.7x and a "
+        "compiled stream ~1.3x faster than float32; answers may differ slightly (a few percent of greedy "
+        "answers on the quickstart's tweets)",
     )
 
 
