@@ -76,6 +76,22 @@ def test_a_float32_input_is_multiplied_in_the_layers_dtype_and_given_back_in_flo
     assert out.dtype == torch.float32 and torch.equal(out, packed(x.bfloat16()).float())
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_packed_layer_cast_to_another_dtype_multiplies_in_it(scheme):
+    """`.to(dtype)` casts the scales (never the packed integers); the kernel's dtype is read off them, so the
+    layer computes in the new dtype, by the same dequantized weight up to the scales' rounding."""
+    source = _linear(48, 64)
+    packed = Int8Linear(source) if scheme == "int8" else Int4Linear(source, 32)
+    before = packed.dequantized()
+    packed.to(torch.float32)
+    assert packed.compute_dtype == torch.float32 and packed.weight.dtype in (torch.int8, torch.uint8)
+    x = torch.randn(3, 64)
+    out = packed(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, x @ packed.dequantized().t(), atol=1e-4)
+    assert torch.equal(packed.dequantized(), before)  # bf16 scales are exact in float32
+
+
 def _packed_llama(scheme: str, hidden: int = 64, spread: bool = False) -> nn.Module:
     """The test Llama in bf16, packed; `spread`: its scores spread past bf16's noise (a random model's are
     nearly uniform, and two paths that round in different places would pick different near-ties)."""

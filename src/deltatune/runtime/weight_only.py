@@ -30,10 +30,10 @@ class WeightQuantizationUnsupported(DeltatuneError, ValueError):
 
 
 class PackedLinear(nn.Linear):
-    """A frozen linear layer whose weight is stored packed; `compute_dtype` is the dtype its kernel multiplies
-    in (an input in another dtype is cast to it, the output cast back)."""
+    """A frozen linear layer whose weight is stored packed; `compute_dtype`, its scales' dtype, is the dtype its
+    kernel multiplies in (an input in another dtype is cast to it, the output cast back). Read off the scales,
+    it follows the layer through `.to(dtype)`."""
 
-    compute_dtype: torch.dtype
     # Its forward returns a fresh tensor in the input's dtype: an adapter's lean inference path adds its update
     # into it in place, as it does into F.linear's output (methods.lora.layers.LoraLinear._lean).
     packed_inference = True
@@ -41,7 +41,6 @@ class PackedLinear(nn.Linear):
     def _init_packed(self, source: nn.Linear, packed: torch.Tensor) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = source.in_features, source.out_features
-        self.compute_dtype = source.weight.dtype
         self.weight = nn.Parameter(packed, requires_grad=False)
         bias = source.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -54,6 +53,10 @@ class PackedLinear(nn.Linear):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        raise NotImplementedError
 
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -76,6 +79,10 @@ class Int8Linear(PackedLinear):
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self._init_packed(source, q)
         self.register_buffer("scales", scales)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales.dtype
 
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.weight, self.scales)
@@ -102,6 +109,10 @@ class Int4Linear(PackedLinear):
         self.group_size = group_size
         # (groups, out, 2): scale and zero of each group of each output row
         self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
 
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
