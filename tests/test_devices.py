@@ -73,8 +73,8 @@ def test_a_bfloat16_server_answers_as_transformers_does_on_that_base(tiny_causal
 
 
 def test_an_int4_server_packs_its_base_and_answers_as_the_engine_on_it(tiny_causal_lm, tmp_path):
-    """`serve --quantize int4`: the base packed (layers whose shape int4 cannot take named in a warning and
-    kept in bf16), and a chat completion is the engine's greedy answer on that packed base."""
+    """`serve --quantize int4`: the base packed (its output head in int8), and a chat completion is the
+    engine's greedy answer on that packed base."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
@@ -82,18 +82,20 @@ def test_an_int4_server_packs_its_base_and_answers_as_the_engine_on_it(tiny_caus
     from deltatune.core.errors import DeltatuneWarning
     from deltatune.runtime import generate
     from deltatune.runtime.sampling import end_of_sequence_ids
-    from deltatune.runtime.weight_only import Int4Linear
+    from deltatune.runtime.weight_only import Int4Linear, Int8Linear
     from deltatune.serve import build_server
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
     messages = [{"role": "user", "content": "Sentiment of: good day"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    with pytest.warns(DeltatuneWarning, match="stay in bfloat16: lm_head"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeltatuneWarning)  # every layer of this model packs
         app, engine = build_server(
             str(tiny_causal_lm), tmp_path, device="cpu", dtype="bfloat16", quantize="int4"
         )
     try:
         assert isinstance(engine.model.model.layers[0].mlp.gate_proj, Int4Linear)
+        assert isinstance(engine.model.lm_head, Int8Linear)  # 385 outputs: int8 takes them, int4 could not
         eos = end_of_sequence_ids(engine.model, tokenizer)
         (done,) = generate(engine.model, [ids], [None], max_new_tokens=8, pad_token_id=0, eos_token_id=eos)
         with TestClient(app) as client:

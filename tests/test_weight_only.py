@@ -113,10 +113,13 @@ def test_every_linear_layer_is_packed_and_the_logits_stay_near_the_half_models(s
     expected_out = {n for n in linears if n.endswith("down_proj")} if scheme == "int4" else set()
     assert packed == linears - expected_out and "lm_head" in packed
     assert all(is_quantized(model.get_submodule(n)) for n in packed)
+    assert type(model.lm_head) is Int8Linear  # under int4 too: the head keeps 8 bits
+    assert type(model.model.layers[0].self_attn.q_proj) is (Int8Linear if scheme == "int8" else Int4Linear)
     assert model_quantization(model) == {
         "backend": "torch-packed",
         "scheme": scheme,
         "group_size": 32 if scheme == "int4" else None,
+        "head": "int8" if scheme == "int4" else None,
     }
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
