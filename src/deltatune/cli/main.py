@@ -388,8 +388,8 @@ def _add_quantize_flag(p) -> None:
         default=None,
         help="store the base's linear layers as int8 (per-row scales) or int4 (groups of 32) for torch's CPU "
         "kernels, with --dtype bfloat16 (or float16) for the activations; adapters stay unmerged on top. A "
-        "compiled SmolLM2 stream with the quickstart's LoRA decodes 1.6x (int8) and 1.8x (int4) as fast as "
-        "in bfloat16 (bench/README §34); answers may differ more than bfloat16's",
+        "compiled SmolLM2 stream with the quickstart's LoRA decodes 1.5-1.6x (int8) and 1.7x (int4, its head "
+        "in int8) as fast as in bfloat16 (bench/README §34); answers may differ more than bfloat16's",
     )
 
 
