@@ -74,29 +74,34 @@ def _quantized(model: nn.Module, adapter_dir: Path, scheme: str = "nf4") -> Vari
 
     from ..core.io import load_adapter
 
+    why_not = _quantize(model, scheme)
+    if why_not is not None:
+        return Variant("quantized", None, None, skipped=why_not)
+    with warnings.catch_warnings():  # "trained on a float base": the point of this variant
+        warnings.simplefilter("ignore")
+        load_adapter(model, adapter_dir)
+    return Variant("quantized", model.eval(), "default")
+
+
+def _quantize(model: nn.Module, scheme: str) -> str | None:
+    """Quantize `model` in place as `scheme` says; None, or why it cannot be done here."""
     if scheme != "nf4":
         from ..runtime.weight_only import WeightQuantizationUnsupported, quantize_weights
 
         try:
             quantize_weights(model.to(torch.bfloat16).requires_grad_(False), scheme)
         except WeightQuantizationUnsupported as exc:
-            return Variant("quantized", None, None, skipped=str(exc))
-        with warnings.catch_warnings():  # "saved on a float32 base": the point of this variant
-            warnings.simplefilter("ignore")
-            load_adapter(model, adapter_dir)
-        return Variant("quantized", model.eval(), "default")
+            return str(exc)
+        return None
     try:
         from ..quant import QuantizationError, quantize_base
     except ImportError as exc:  # the quant extra is not installed: the message names it
-        return Variant("quantized", None, None, skipped=str(exc))
+        return str(exc)
     try:
         quantize_base(model, bits=4)
     except QuantizationError as exc:  # bitsandbytes without its CPU backend, say
-        return Variant("quantized", None, None, skipped=str(exc))
-    with warnings.catch_warnings():  # "trained on a float base": the point of this variant
-        warnings.simplefilter("ignore")
-        load_adapter(model, adapter_dir)
-    return Variant("quantized", model.eval(), "default")
+        return str(exc)
+    return None
 
 
 def measure(

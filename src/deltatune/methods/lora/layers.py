@@ -347,8 +347,9 @@ class LoraLinear(LoraLayer):
 
     def _lean(self, active: tuple[str, ...], x: torch.Tensor) -> bool:
         """Whether `_inference_forward` computes this call as the general path would: one plain adapter, a base
-        weight in x's dtype and no autocast, on an nn.Linear without hooks, no dropout to apply. (An adapter
-        in another dtype, float32 on a half base, is cast to x's as the general path casts it.)"""
+        weight (a packed base: its compute dtype) in x's dtype and no autocast, on an nn.Linear or a packed
+        int8 / int4 layer without hooks, no dropout to apply. (An adapter in another dtype, float32 on a half
+        base, is cast to x's as the general path casts it.)"""
         if len(active) != 1 or torch.is_autocast_enabled(x.device.type):
             return False  # (autocast would give the products a dtype of its own)
         if not (self.plain_linear or self.packed_base):
@@ -369,9 +370,8 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if self.packed_base:  # a packed base's kernel stays in the graph; the adapter's products beside it
             out = base(x)
-        elif (
-            _folding_constants()
-        ):  # W + s B A is a constant of the frozen graph: folded once, at compile time
+        elif _folding_constants():
+            # W + s B A is a constant of the frozen graph: folded once, at compile time
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             # in the adapter's dtype, rounded to the base's once: a float32 adapter on a bf16 base keeps its
             # precision up to the sum, and the graph has no products of its own to run (bench/README §30)
