@@ -89,7 +89,8 @@ def test_an_int4_server_packs_its_base_and_answers_as_the_engine_on_it(tiny_caus
     messages = [{"role": "user", "content": "Sentiment of: good day"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DeltatuneWarning)  # every layer of this model packs
+        # every layer of this model packs (on a CPU without native bf16 the dtype's own warning still comes)
+        warnings.filterwarnings("error", message="--quantize", category=DeltatuneWarning)
         app, engine = build_server(
             str(tiny_causal_lm), tmp_path, device="cpu", dtype="bfloat16", quantize="int4"
         )
