@@ -164,7 +164,9 @@ class _LayerStacks:
 def _stack_dtype(layer: LoraLinear, factor: torch.Tensor) -> torch.dtype:
     """The stacks' dtype: the base weight's where it is a float (bf16 on a bf16 base: the rows' products run
     in the dtype of the input, as a single adapter's do, with no casts per forward), else the adapter's (a
-    quantized base; on a packed inference base the products run in it, as a single adapter's do there)."""
+    quantized base, unless it is a packed inference base: its output is in its compute dtype)."""
+    if layer.packed_base:
+        return layer.base_layer.compute_dtype
     weight = layer.base_weight
     return weight.dtype if weight.is_floating_point() else factor.dtype
 
@@ -183,7 +185,6 @@ def _rowwise_forward(layer: LoraLinear, factors: RowFactors) -> Callable[..., to
     a_t, b_t = factors  # (batch, in, r_max), (batch, r_max, out)
     batch = a_t.shape[0]
     base = layer.base_layer
-    in_adapter_dtype = layer.packed_base  # the update in the stacks' dtype, added with one rounding
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         output = base(x, *args, **kwargs)  # (batch, ..., out)
@@ -194,11 +195,6 @@ def _rowwise_forward(layer: LoraLinear, factors: RowFactors) -> Callable[..., to
             )
         h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a_t.dtype), a_t)  # (batch, tokens, r_max)
         out = output.reshape(batch, -1, output.shape[-1])  # (batch, tokens, out)
-        if in_adapter_dtype:
-            update = torch.bmm(h, b_t)
-            if torch.is_grad_enabled():
-                return torch.add(out, update).to(out.dtype).view(output.shape)
-            return out.add_(update).view(output.shape)
         if h.dtype != out.dtype:
             h = h.to(out.dtype)
         factor = b_t if b_t.dtype == out.dtype else b_t.to(out.dtype)

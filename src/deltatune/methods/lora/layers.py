@@ -76,10 +76,6 @@ class LoraLayer(AdapterLayer):
     adapter_attributes = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     out_axis = 0  # axis of base_layer.weight that indexes output features
     weight_path = True  # subclasses with a low-rank forward set this per instance
-    # A packed int8 / int4 inference base (runtime.weight_only): the adapter's products run in its own dtype
-    # (float32 as loaded) and the update is added to the base output with one rounding, as PEFT computes an
-    # adapter on a half base. LoraLinear sets it per instance.
-    packed_base = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -255,12 +251,8 @@ class LoraLayer(AdapterLayer):
             if self.is_dora(name):
                 result = result + self._dora_update(name, h, base_out).to(result.dtype)
                 continue
-            _, b = self.factors(name)  # (out, r)
-            if self.packed_base:  # (h is in the adapter's dtype: see `packed_base`)
-                update = F.linear(h, b)
-                result = torch.add(result, update, alpha=self.scaling[name]).to(result.dtype)
-                continue
             # result + s h B^T as one GEMM, in the output's dtype (adapters may be float32 on a half base)
+            _, b = self.factors(name)  # (out, r)
             flat = torch.addmm(
                 result.reshape(-1, result.shape[-1]),  # (n, out)
                 h.reshape(-1, h.shape[-1]).to(result.dtype),  # (n, r)
@@ -377,8 +369,8 @@ class LoraLinear(LoraLayer):
         module call, dropout, DoRA and dtype checks, reshapes) cost 5% of a token (bench/README §27)."""
         base = self.base_layer
         if self.packed_base:  # a packed base's kernel stays in the graph; the adapter's products beside it
-            return self._packed_inference_forward(x, name)
-        if _folding_constants():
+            out = base(x)
+        elif _folding_constants():
             # W + s B A is a constant of the frozen graph: folded once, at compile time
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             # in the adapter's dtype, rounded to the base's once: a float32 adapter on a bf16 base keeps its
@@ -387,21 +379,12 @@ class LoraLinear(LoraLayer):
                 base.weight.dtype
             )
             return F.linear(x, weight, base.bias)
-        out = F.linear(x, base.weight, base.bias)
+        else:
+            out = F.linear(x, base.weight, base.bias)
         a, b = self._inference_factors(name, x.dtype)
         h = F.linear(x, a)
         flat = out.view(-1, out.shape[-1])  # a fresh tensor: the update is added in place
         flat.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
-        return out
-
-    def _packed_inference_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The packed kernel's output plus s (x A^T) B^T computed in the adapter's dtype and added with one
-        rounding. Rank-16 products in bf16 cost 3-10x float32's at 16-50 rows on a CPU without native bf16
-        (AVX2) and more than float32's at one row on one with it (bench/README §35); PEFT rounds the same way."""
-        out = self.base_layer(x)  # a fresh tensor in x's dtype
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        update = F.linear(F.linear(x.to(a.dtype), a), b)
-        out.view(-1, out.shape[-1]).add_(update.view(-1, update.shape[-1]), alpha=self.scaling[name])
         return out
 
     def _inference_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,8 +430,6 @@ class LoraLinear(LoraLayer):
 
     def lowrank(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight
-        if self.packed_base:  # in the adapter's dtype (see `packed_base`)
-            return F.linear(x.to(a.dtype), a)
         return F.linear(
             x, a if a.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else a.to(x.dtype)
         )
