@@ -16,6 +16,10 @@ def test_a_cpu_without_native_bfloat16_is_warned_and_still_served(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     with pytest.warns(DeltatuneWarning, match="no native bfloat16.*AVX512-BF16 or AMX.*--dtype float32"):
         assert inference_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    # a packed base needs the half dtype: the advice is not to leave it, but when to drop --quantize
+    with pytest.warns(DeltatuneWarning, match="no native bfloat16.*--quantize int8 still pays for one stream.*"
+                      "many streams drop --quantize and use --dtype float32"):  # fmt: skip
+        assert inference_dtype("bfloat16", torch.device("cpu"), quantize="int8") is torch.bfloat16
 
 
 def test_native_bfloat16_float32_and_gpus_pass_quietly(monkeypatch):

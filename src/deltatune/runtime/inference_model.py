@@ -20,7 +20,7 @@ def load_inference_model(
     from ..models.loading import load_pretrained
 
     where = resolve_device(device) if isinstance(device, str) else device
-    torch_dtype = inference_dtype(dtype, where)
+    torch_dtype = inference_dtype(dtype, where, quantize)
     if quantize is not None:
         check_scheme(quantize, where, torch_dtype)
     model = load_pretrained(AutoModelForCausalLM, name, dtype=torch_dtype).to(where).eval()
