@@ -31,7 +31,7 @@ def inference_dtype(name: str, device: torch.device, quantize: str | None = None
     dtype = INFERENCE_DTYPES[name]
     if device.type == "cpu" and dtype != torch.float32 and not _native_on_cpu(dtype):
         advice = (
-            f"--quantize {quantize} still pays for one stream (a quarter of float32's bytes a token), but "
+            f"--quantize {quantize} still pays for one stream (it reads a fraction of float32's bytes a token), but "
             "batches of many rows decode slower than on a float32 base; for many streams drop --quantize and "
             "use --dtype float32"
             if quantize
